@@ -1,0 +1,211 @@
+//! The command line: the product's face for operators and for systemd.
+
+use crate::config::{self, Loaded, LoadOptions, UserData};
+use crate::error::{Error, EXIT_OK, EXIT_USAGE};
+use crate::telemetry::{self, LogFormat};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const ABOUT: &str = "Bootstraps and looks after self-managed kubeadm clusters on EC2 Auto Scaling Groups.";
+
+const LONG_ABOUT: &str = "\
+Bootstraps and looks after self-managed kubeadm clusters (stacked etcd) on EC2 Auto \
+Scaling Groups. It runs on every node, started by systemd.
+
+Configuration is merged from, lowest precedence first: built-in defaults, the file \
+(--config), drop-ins in config.d/ next to it (lexical order), the kubeboot part of the \
+instance user-data (MIME type application/kubeboot+toml, or a plain TOML body), and \
+KUBEBOOT_<SECTION>_<KEY> environment variables. `kubeboot config show` prints the result \
+and where each value came from.";
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  failure that a retry or restart may fix (AWS, etcd, kubeadm, instance metadata)
+  2  configuration or usage error: fix the input; systemd does not restart on it";
+
+/// `kubeboot` command line.
+#[derive(Debug, Parser)]
+#[command(name = "kubeboot", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Configuration file; drop-ins are read from config.d/*.toml beside it.
+    #[arg(long, global = true, env = "KUBEBOOT_CONFIG", value_name = "PATH", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+
+    /// Log format (stderr): json for journald/CloudWatch, text for people, auto = text on a terminal.
+    /// Overrides log.format from the configuration.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate or print the merged configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `kubeboot config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate every source and print every problem (not just the first). Exits 2 on any problem.
+    Check(ConfigArgs),
+    /// Print the merged configuration, secrets redacted, with the source of each value.
+    Show(ConfigArgs),
+}
+
+/// Options shared by the config commands.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Read user-data from FILE instead of the instance metadata service (check a launch template offline).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_user_data")]
+    pub user_data: Option<PathBuf>,
+
+    /// Ignore user-data (off EC2, or to see the baked configuration alone).
+    #[arg(long)]
+    pub no_user_data: bool,
+
+    /// Output format for the printed data.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+impl ConfigArgs {
+    fn user_data(&self) -> UserData {
+        match (&self.user_data, self.no_user_data) {
+            (Some(path), _) => UserData::File(path.clone()),
+            (None, true) => UserData::Skip,
+            (None, false) => UserData::FromImds,
+        }
+    }
+}
+
+/// How data is printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Parses the process arguments, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version exit 0; usage errors exit 2 (clap's own code).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return report(&cli, &Error::Runtime(e)),
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(code) => code,
+        Err(e) => report(&cli, &e),
+    }
+}
+
+/// Logs a failure with its hint, initializing logging if the command had not.
+fn report(cli: &Cli, err: &Error) -> ExitCode {
+    let _ = telemetry::init(cli.log_format.unwrap_or(LogFormat::Auto), "info");
+    if let Error::Config(config::Error::Invalid { problems }) = err {
+        for p in problems {
+            tracing::error!(kind = ?p.kind, source = %p.source, key = %p.key, "{p}");
+        }
+    }
+    tracing::error!(exit_code = err.exit_code(), hint = %err.hint(), "{err}");
+    err.to_exit_code()
+}
+
+/// Runs one command.
+pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
+    match &cli.command {
+        Command::Config(ConfigCommand::Check(args)) => config_check(cli, args).await,
+        Command::Config(ConfigCommand::Show(args)) => {
+            let loaded = load(cli, args.user_data()).await?;
+            let out = match args.output {
+                Output::Text => loaded.show_text(),
+                Output::Json => format!("{:#}\n", loaded.show_json()),
+            };
+            print(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads the configuration and starts logging as it asks (flag wins over log.format).
+async fn load(cli: &Cli, user_data: UserData) -> Result<Loaded, Error> {
+    let loaded = config::load(&LoadOptions::from_process(cli.config.clone(), user_data)).await?;
+    let format = cli
+        .log_format
+        .or_else(|| LogFormat::parse(&loaded.config.log.format))
+        .unwrap_or(LogFormat::Auto);
+    telemetry::init(format, &loaded.config.log.level)?;
+    Ok(loaded)
+}
+
+async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {
+    let result = config::load(&LoadOptions::from_process(cli.config.clone(), args.user_data())).await;
+    let problems = match &result {
+        Ok(_) => Vec::new(),
+        Err(config::Error::Invalid { problems }) => problems.clone(),
+        Err(_) => return result.map(|_| ExitCode::SUCCESS).map_err(Error::from),
+    };
+    let out = match args.output {
+        Output::Json => format!(
+            "{:#}\n",
+            serde_json::json!({ "ok": problems.is_empty(), "problems": problems })
+        ),
+        Output::Text => check_report(result.as_ref().ok(), &problems),
+    };
+    print(&out)?;
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_USAGE) })
+}
+
+fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String {
+    if let Some(l) = loaded {
+        let mut sources: Vec<String> = l.entries.values().map(|e| e.source.to_string()).collect();
+        sources.retain(|s| !s.starts_with("default"));
+        sources.sort();
+        sources.dedup();
+        return format!(
+            "configuration OK: cluster {}, role {}, from {}\n",
+            l.config.cluster.name,
+            l.config.node.role.as_str(),
+            if sources.is_empty() { "defaults only".to_string() } else { sources.join(", ") }
+        );
+    }
+    let mut out = format!(
+        "configuration has {} problem{}:\n",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for (i, p) in problems.iter().enumerate() {
+        out.push_str(&format!("{:>3}. {p}\n", i + 1));
+    }
+    out
+}
+
+fn print(s: &str) -> Result<(), Error> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()).map_err(Error::Output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

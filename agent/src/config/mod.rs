@@ -1,0 +1,694 @@
+//! Configuration: sources, merge order, validation and display.
+//!
+//! Sources, lowest precedence first:
+//! 1. built-in defaults ([`schema::KEYS`]);
+//! 2. the file (`--config`, `KUBEBOOT_CONFIG`, default `/etc/kubeboot/config.toml`);
+//! 3. drop-ins: `config.d/*.toml` next to the file, in lexical order;
+//! 4. the kubeboot part of the instance user-data (see [`userdata`]);
+//! 5. `KUBEBOOT_<SECTION>_<KEY>` environment variables.
+//!
+//! Every source is checked key by key against the schema before merging, and
+//! every problem is collected (not just the first) with the source, key, value
+//! and expected form, so one `kubeboot config check` tells an operator all
+//! that is wrong.
+
+pub mod model;
+pub mod schema;
+pub mod userdata;
+pub mod value;
+
+pub use model::{Config, MetricsSink, Role};
+
+use crate::secret::REDACTED;
+use schema::{Key, Kind};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use value::Refusal;
+
+/// Default location of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/kubeboot/config.toml";
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    /// Computed from another key (e.g. SSM prefix from the cluster name).
+    Derived(&'static str),
+    File(PathBuf),
+    DropIn(PathBuf),
+    /// Part of the instance user-data; the string says which part.
+    UserData(&'static str),
+    Env(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::Derived(from) => write!(f, "default (derived from {from})"),
+            Source::File(p) => write!(f, "file {}", p.display()),
+            Source::DropIn(p) => write!(f, "drop-in {}", p.display()),
+            Source::UserData(part) => write!(f, "user-data ({part})"),
+            Source::Env(var) => write!(f, "env {var}"),
+        }
+    }
+}
+
+/// The class of a configuration problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProblemKind {
+    Syntax,
+    UnknownKey,
+    WrongType,
+    OutOfRange,
+    Invalid,
+    Missing,
+    /// Two sources disagree on a key that must not be overridden, or a
+    /// source sets a key it may not set.
+    Conflict,
+    /// Keys that are fine alone but not together.
+    Inconsistent,
+}
+
+/// One thing wrong with the configuration, with everything needed to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    #[serde(serialize_with = "display")]
+    pub source: Source,
+    pub key: String,
+    /// The offending value as written (secrets redacted); `None` when absent.
+    pub value: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+    /// What would be accepted.
+    pub expected: String,
+}
+
+fn display<S: serde::Serializer>(v: &Source, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.source, self.key)?;
+        if let Some(v) = &self.value {
+            write!(f, " = {v}")?;
+        }
+        write!(f, ": {}; expected {}", self.reason, self.expected)
+    }
+}
+
+/// Failure to produce a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration is invalid ({} problem{})", problems.len(), if problems.len() == 1 { "" } else { "s" })]
+    Invalid { problems: Vec<Problem> },
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot list drop-in directory {}: {source}", path.display())]
+    DropInDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot read user-data from instance metadata: {source}")]
+    Imds { source: crate::identity::Error },
+    #[error("configuration deserialization failed after validation (a kubeboot bug): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Invalid { .. } => "fix every key listed above; `kubeboot config check` prints them all, \
+                `kubeboot config show` prints the merged result and where each value came from"
+                .into(),
+            Error::Read { path, source } if source.kind() == std::io::ErrorKind::NotFound => format!(
+                "create {} (the AMI installs one), or point --config / KUBEBOOT_CONFIG at the right file",
+                path.display()
+            ),
+            Error::Read { .. } | Error::DropInDir { .. } => {
+                "check the path exists and is readable by the kubeboot service user".into()
+            }
+            Error::Imds { .. } => "on EC2: check the instance metadata service is enabled with IMDSv2 and reachable \
+                (hop limit); off EC2: pass --user-data FILE or --no-user-data, or set imds.user_data = false"
+                .into(),
+            Error::Internal(_) => "report this with the output of `kubeboot config show`".into(),
+        }
+    }
+
+    /// Whether the failure is the operator's input (exit 2) rather than the environment (exit 1).
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Error::Imds { .. } | Error::Internal(_))
+    }
+}
+
+/// A value together with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub value: toml::Value,
+    pub source: Source,
+}
+
+/// The entries one source contributes, already checked against the schema.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub source: Source,
+    pub entries: Vec<(&'static Key, toml::Value)>,
+}
+
+/// Parses and checks one TOML document. Problems are appended, good entries kept.
+pub fn parse_toml(source: Source, text: &str, problems: &mut Vec<Problem>) -> Layer {
+    let mut layer = Layer { source: source.clone(), entries: Vec::new() };
+    match text.parse::<toml::Table>() {
+        Ok(table) => flatten(&source, &table, "", &mut layer.entries, problems),
+        Err(e) => problems.push(syntax_problem(source, text, &e)),
+    }
+    layer
+}
+
+fn syntax_problem(source: Source, text: &str, e: &toml::de::Error) -> Problem {
+    let (key, value) = match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line_start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+            let column = span.start.saturating_sub(line_start) + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            (format!("line {line_no}, column {column}"), Some(redact_line(line)))
+        }
+        None => ("document".to_string(), None),
+    };
+    Problem {
+        kind: ProblemKind::Syntax,
+        source,
+        key,
+        value,
+        reason: format!("TOML syntax error: {}", e.message()),
+        expected: "valid TOML (strings in double quotes, one key = value per line, [section] headers)".into(),
+    }
+}
+
+/// A broken line may hold a secret we could not yet attribute to a key.
+fn redact_line(line: &str) -> String {
+    let lower = line.to_ascii_lowercase();
+    if lower.contains("token") || lower.contains("key") || lower.contains("secret") {
+        format!("`{}`", line.split('=').next().unwrap_or("").trim().to_string() + " = " + REDACTED)
+    } else {
+        format!("`{line}`")
+    }
+}
+
+fn flatten(
+    source: &Source,
+    table: &toml::Table,
+    prefix: &str,
+    out: &mut Vec<(&'static Key, toml::Value)>,
+    problems: &mut Vec<Problem>,
+) {
+    for (name, value) in table {
+        let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+        if let Some(key) = schema::find(&path) {
+            if key.not_from_user_data && matches!(source, Source::UserData(_)) {
+                problems.push(Problem {
+                    kind: ProblemKind::Conflict,
+                    source: source.clone(),
+                    key: path,
+                    value: Some(show_value(key, value)),
+                    reason: "cannot be set from user-data, which is read through it".into(),
+                    expected: "this key in the config file, a drop-in or the environment".into(),
+                });
+                continue;
+            }
+            match value::check(key.kind, value) {
+                Ok(()) => out.push((key, value.clone())),
+                Err(refusal) => problems.push(refused(source.clone(), key, value, &refusal)),
+            }
+        } else if schema::is_section(&path) {
+            match value.as_table() {
+                Some(inner) => flatten(source, inner, &path, out, problems),
+                None => problems.push(Problem {
+                    kind: ProblemKind::WrongType,
+                    source: source.clone(),
+                    key: path.clone(),
+                    value: Some(value.to_string()),
+                    reason: "is a section, not a value".into(),
+                    expected: format!("a [{path}] table with keys {}", schema::children(&path).join(", ")),
+                }),
+            }
+        } else {
+            problems.push(unknown_key(source.clone(), &path, prefix, Some(value.to_string())));
+        }
+    }
+}
+
+fn unknown_key(source: Source, path: &str, section: &str, value: Option<String>) -> Problem {
+    let expected = match schema::suggest(path) {
+        Some(near) => format!("a known key (did you mean `{near}`?)"),
+        None if section.is_empty() => format!("a known section: {}", schema::children("").join(", ")),
+        None => format!("a key of [{section}]: {}", schema::children(section).join(", ")),
+    };
+    Problem { kind: ProblemKind::UnknownKey, source, key: path.to_string(), value, reason: "unknown key".into(), expected }
+}
+
+fn refused(source: Source, key: &Key, value: &toml::Value, refusal: &Refusal) -> Problem {
+    let (kind, reason) = match refusal {
+        Refusal::WrongType { .. } => (ProblemKind::WrongType, format!("wrong type ({})", type_name(value))),
+        Refusal::OutOfRange { .. } => (ProblemKind::OutOfRange, "out of range".to_string()),
+        Refusal::Invalid { .. } => (ProblemKind::Invalid, "invalid value".to_string()),
+    };
+    Problem {
+        kind,
+        source,
+        key: key.path.to_string(),
+        value: Some(show_value(key, value)),
+        reason,
+        expected: refusal.expected().to_string(),
+    }
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "text",
+        toml::Value::Integer(_) => "integer",
+        toml::Value::Float(_) => "float",
+        toml::Value::Boolean(_) => "boolean",
+        toml::Value::Datetime(_) => "datetime",
+        toml::Value::Array(_) => "array",
+        toml::Value::Table(_) => "table",
+    }
+}
+
+/// A value as it may appear in output: secrets never do.
+fn show_value(key: &Key, value: &toml::Value) -> String {
+    if key.secret {
+        REDACTED.to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+/// Builds the environment layer from `KUBEBOOT_*` variables.
+pub fn parse_env<I, K, V>(vars: I, problems: &mut Vec<Problem>) -> Vec<Layer>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    let mut vars: Vec<(String, String)> = vars
+        .into_iter()
+        .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+        .filter(|(k, _)| k.starts_with(schema::ENV_PREFIX) && !schema::ENV_RESERVED.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    let mut layers = Vec::new();
+    for (var, raw) in vars {
+        let source = Source::Env(var.clone());
+        let Some(key) = schema::KEYS.iter().find(|k| schema::env_var(k.path) == var) else {
+            let near = schema::suggest_env(&var);
+            problems.push(Problem {
+                kind: ProblemKind::UnknownKey,
+                source,
+                key: var.clone(),
+                value: None,
+                reason: "unknown kubeboot variable".into(),
+                expected: match near {
+                    Some(near) => format!("a key override (did you mean {near}?)"),
+                    None => "KUBEBOOT_CONFIG or KUBEBOOT_<SECTION>_<KEY> for a key in the reference".into(),
+                },
+            });
+            continue;
+        };
+        let value = env_value(key.kind, &raw);
+        match value::check(key.kind, &value) {
+            Ok(()) => layers.push(Layer { source, entries: vec![(key, value)] }),
+            Err(refusal) => problems.push(refused(source, key, &value, &refusal)),
+        }
+    }
+    layers
+}
+
+/// Environment values are text; read them as the key's type expects.
+fn env_value(kind: Kind, raw: &str) -> toml::Value {
+    let raw = raw.trim();
+    match kind {
+        Kind::Int { .. } => raw.parse::<i64>().map_or_else(|_| toml::Value::String(raw.into()), toml::Value::Integer),
+        Kind::Bool => match raw {
+            "true" => toml::Value::Boolean(true),
+            "false" => toml::Value::Boolean(false),
+            _ => toml::Value::String(raw.into()),
+        },
+        Kind::CaCertHashes => toml::Value::Array(
+            raw.split(',').map(|s| toml::Value::String(s.trim().into())).filter(|v| v.as_str() != Some("")).collect(),
+        ),
+        _ => toml::Value::String(raw.into()),
+    }
+}
+
+/// The merged result: typed config plus every value's provenance.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub entries: BTreeMap<&'static str, Entry>,
+}
+
+/// Merges layers (lowest precedence first) over the defaults, then checks
+/// required keys and cross-key rules. Returns every problem found.
+pub fn merge(layers: &[Layer], mut problems: Vec<Problem>) -> Result<Loaded, Error> {
+    let mut entries: BTreeMap<&'static str, Entry> = BTreeMap::new();
+    for key in schema::KEYS {
+        if let Some(lit) = key.default {
+            match toml::Value::deserialize_literal(lit) {
+                Some(value) => {
+                    entries.insert(key.path, Entry { value, source: Source::Default });
+                }
+                None => return Err(Error::Internal(format!("default of {} is not TOML: {lit}", key.path))),
+            }
+        }
+    }
+    for layer in layers {
+        for (key, value) in &layer.entries {
+            if let Some(prev) = entries.get(key.path) {
+                if key.identity && prev.source != Source::Default && prev.value != *value {
+                    problems.push(Problem {
+                        kind: ProblemKind::Conflict,
+                        source: layer.source.clone(),
+                        key: key.path.to_string(),
+                        value: Some(show_value(key, value)),
+                        reason: format!(
+                            "conflicts with {} from {}; this key names the cluster and may not be overridden",
+                            show_value(key, &prev.value),
+                            prev.source
+                        ),
+                        expected: "every source that sets it to agree (fix the launch template or the baked config)".into(),
+                    });
+                    continue;
+                }
+            }
+            entries.insert(key.path, Entry { value: value.clone(), source: layer.source.clone() });
+        }
+    }
+    derive_defaults(&mut entries);
+    // A document that did not parse may well hold the "missing" keys: listing
+    // them would bury the one real problem.
+    let unparsed = problems.iter().any(|p| p.kind == ProblemKind::Syntax);
+    for key in schema::KEYS.iter().filter(|k| k.required && !unparsed) {
+        if !entries.contains_key(key.path) {
+            problems.push(Problem {
+                kind: ProblemKind::Missing,
+                source: Source::Default,
+                key: key.path.to_string(),
+                value: None,
+                reason: "required and not set by any source".into(),
+                expected: format!(
+                    "{} (in the file, a drop-in, user-data or {})",
+                    value::expected_form(key.kind),
+                    schema::env_var(key.path)
+                ),
+            });
+        }
+    }
+    cross_check(&entries, &mut problems);
+    if !problems.is_empty() {
+        return Err(Error::Invalid { problems });
+    }
+    let config = nest(&entries)
+        .try_into::<Config>()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(Loaded { config, entries })
+}
+
+trait Literal {
+    fn deserialize_literal(lit: &str) -> Option<toml::Value>;
+}
+
+impl Literal for toml::Value {
+    fn deserialize_literal(lit: &str) -> Option<toml::Value> {
+        format!("v = {lit}").parse::<toml::Table>().ok()?.remove("v")
+    }
+}
+
+fn derive_defaults(entries: &mut BTreeMap<&'static str, Entry>) {
+    let Some(name) = entries.get("cluster.name").and_then(|e| e.value.as_str()).map(str::to_string) else {
+        return;
+    };
+    for (path, value) in [
+        ("aws.join_secret", format!("kubeboot/{name}/join")),
+        ("aws.ssm_prefix", format!("/kubeboot/{name}")),
+        ("metrics.log_group", format!("/kubeboot/{name}/metrics")),
+    ] {
+        entries.entry(path).or_insert(Entry {
+            value: toml::Value::String(value),
+            source: Source::Derived("cluster.name"),
+        });
+    }
+}
+
+fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Problem>) {
+    let dur = |p: &str| entries.get(p).and_then(|e| e.value.as_str()).and_then(value::parse_duration);
+    let text = |p: &str| entries.get(p).and_then(|e| e.value.as_str());
+    let set = |p: &str| entries.contains_key(p);
+    let mut inconsistent = |key: &str, other: &str, reason: String, expected: &str| {
+        let entry = entries.get(key);
+        problems.push(Problem {
+            kind: ProblemKind::Inconsistent,
+            source: entry.map_or(Source::Default, |e| e.source.clone()),
+            key: key.to_string(),
+            value: entry.map(|e| {
+                schema::find(key).map_or_else(|| e.value.to_string(), |k| show_value(k, &e.value))
+            }),
+            reason: format!("{reason} (see {other})"),
+            expected: expected.to_string(),
+        });
+    };
+    if let (Some(lease), Some(margin)) = (dur("lock.lease"), dur("lock.margin")) {
+        if margin * 3 > lease {
+            inconsistent("lock.margin", "lock.lease", format!(
+                "margin is more than a third of the lease ({})", value::format_duration(lease)),
+                "lock.margin <= lock.lease / 3, so a heartbeat (every lease/3) lands before the holder fences itself");
+        }
+    }
+    if let (Some(period), Some(jitter)) = (dur("daemon.period"), dur("daemon.jitter")) {
+        if jitter >= period {
+            inconsistent("daemon.jitter", "daemon.period", "jitter is not below the period".into(),
+                "daemon.jitter < daemon.period");
+        }
+    }
+    if let (Some(attempt), Some(op)) = (dur("aws.attempt_timeout"), dur("aws.operation_timeout")) {
+        if attempt > op {
+            inconsistent("aws.attempt_timeout", "aws.operation_timeout",
+                "one attempt may outlast the whole operation".into(),
+                "aws.attempt_timeout <= aws.operation_timeout");
+        }
+    }
+    if let (Some(first), Some(max)) = (dur("aws.initial_backoff"), dur("aws.max_backoff")) {
+        if first > max {
+            inconsistent("aws.initial_backoff", "aws.max_backoff", "initial backoff exceeds the cap".into(),
+                "aws.initial_backoff <= aws.max_backoff");
+        }
+    }
+    let port = |p: &str| entries.get(p).and_then(|e| e.value.as_integer());
+    if port("etcd.client_port").is_some() && port("etcd.client_port") == port("etcd.peer_port") {
+        inconsistent("etcd.peer_port", "etcd.client_port", "client and peer ports are the same".into(),
+            "two different ports");
+    }
+    if text("metrics.sink") == Some("file") && !set("metrics.file") {
+        inconsistent("metrics.sink", "metrics.file", "sink is \"file\" but no file is set".into(),
+            "metrics.file = \"/var/log/kubeboot/metrics.emf\" (an absolute path) with sink = \"file\"");
+    }
+    if set("join.token") && !set("join.ca_cert_hashes") {
+        inconsistent("join.token", "join.ca_cert_hashes", "a pre-shared token without CA pins".into(),
+            "join.ca_cert_hashes = [\"sha256:...\"] alongside join.token (kubeadm verifies the CA with it)");
+    }
+    if set("join.certificate_key") && !set("join.token") {
+        inconsistent("join.certificate_key", "join.token", "a certificate key without a token".into(),
+            "join.token alongside join.certificate_key");
+    }
+    let backups_on = entries.get("backup.enabled").and_then(|e| e.value.as_bool()) == Some(true);
+    if text("node.role") == Some("control-plane") && backups_on && !set("aws.backup_bucket") {
+        inconsistent("aws.backup_bucket", "backup.enabled", "control planes take backups but no bucket is set".into(),
+            "aws.backup_bucket = \"<bucket>\", or backup.enabled = false");
+    }
+}
+
+/// Turns dotted entries back into nested tables.
+fn nest(entries: &BTreeMap<&'static str, Entry>) -> toml::Value {
+    let mut root = toml::Table::new();
+    for (path, entry) in entries {
+        let mut table = &mut root;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                table.insert(part.to_string(), entry.value.clone());
+            } else {
+                let next = table
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match next {
+                    toml::Value::Table(t) => table = t,
+                    _ => break,
+                }
+            }
+        }
+    }
+    toml::Value::Table(root)
+}
+
+impl Loaded {
+    /// `config show` as text: one `key = value  # source` line per key, secrets redacted.
+    pub fn show_text(&self) -> String {
+        let width = self.entries.keys().map(|k| k.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for key in schema::KEYS {
+            if let Some(entry) = self.entries.get(key.path) {
+                let line = format!("{:width$} = {}", key.path, show_value(key, &entry.value));
+                out.push_str(&format!("{line:<60}  # {}\n", entry.source));
+            }
+        }
+        out
+    }
+
+    /// `config show --output json`: the nested config (secrets redacted) and each key's source.
+    pub fn show_json(&self) -> serde_json::Value {
+        let redacted: BTreeMap<&'static str, Entry> = self
+            .entries
+            .iter()
+            .map(|(path, e)| {
+                let secret = schema::find(path).is_some_and(|k| k.secret);
+                let value = if secret { toml::Value::String(REDACTED.into()) } else { e.value.clone() };
+                (*path, Entry { value, source: e.source.clone() })
+            })
+            .collect();
+        let sources: BTreeMap<&str, String> =
+            self.entries.iter().map(|(p, e)| (*p, e.source.to_string())).collect();
+        serde_json::json!({
+            "config": serde_json::to_value(nest(&redacted)).unwrap_or_default(),
+            "sources": sources,
+        })
+    }
+}
+
+/// Where user-data comes from when loading.
+#[derive(Debug, Clone)]
+pub enum UserData {
+    /// Ask IMDS (unless `imds.user_data = false`).
+    FromImds,
+    /// Read this file instead (operators checking a launch template offline).
+    File(PathBuf),
+    /// Ignore user-data.
+    Skip,
+}
+
+/// Everything [`load`] reads, made explicit so tests control it.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub path: PathBuf,
+    pub user_data: UserData,
+    pub env: Vec<(String, String)>,
+}
+
+impl LoadOptions {
+    /// Options for the running process: its environment, user-data from IMDS.
+    pub fn from_process(path: PathBuf, user_data: UserData) -> Self {
+        LoadOptions { path, user_data, env: std::env::vars().collect() }
+    }
+}
+
+/// Reads every source, merges and validates.
+pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
+    let mut problems = Vec::new();
+    let text = std::fs::read_to_string(&opts.path)
+        .map_err(|source| Error::Read { path: opts.path.clone(), source })?;
+    let mut layers = vec![parse_toml(Source::File(opts.path.clone()), &text, &mut problems)];
+    for path in drop_ins(&opts.path)? {
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+        layers.push(parse_toml(Source::DropIn(path), &text, &mut problems));
+    }
+    let env_layers = parse_env(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut problems);
+
+    let raw_user_data = match &opts.user_data {
+        UserData::Skip => None,
+        UserData::File(path) => {
+            Some(std::fs::read(path).map_err(|source| Error::Read { path: path.clone(), source })?)
+        }
+        UserData::FromImds => {
+            let local: Vec<Layer> = layers.iter().chain(&env_layers).cloned().collect();
+            let settings = imds_settings(&local);
+            if settings.user_data {
+                let imds = crate::identity::Imds::new(&settings).map_err(|source| Error::Imds { source })?;
+                imds.user_data().await.map_err(|source| Error::Imds { source })?
+            } else {
+                None
+            }
+        }
+    };
+    if let Some(raw) = raw_user_data {
+        match userdata::extract(&raw) {
+            Ok(Some(found)) => layers.push(parse_toml(Source::UserData(found.origin), &found.text, &mut problems)),
+            Ok(None) => tracing::debug!("user-data holds no kubeboot configuration"),
+            Err(e) => problems.push(Problem {
+                kind: match e {
+                    userdata::UserDataError::MultipleParts(_) => ProblemKind::Conflict,
+                    _ => ProblemKind::Syntax,
+                },
+                source: Source::UserData("document"),
+                key: "user-data".into(),
+                value: None,
+                reason: e.to_string(),
+                expected: format!(
+                    "one MIME part of type {} holding TOML, or a plain TOML body",
+                    userdata::CONTENT_TYPE
+                ),
+            }),
+        }
+    }
+    layers.extend(env_layers);
+    merge(&layers, problems)
+}
+
+/// The drop-in files next to the config file, in the order they apply.
+pub fn drop_ins(config_path: &Path) -> Result<Vec<PathBuf>, Error> {
+    let dir = config_path.parent().unwrap_or(Path::new("/")).join("config.d");
+    let listing = match std::fs::read_dir(&dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(Error::DropInDir { path: dir, source }),
+    };
+    let mut files = Vec::new();
+    for entry in listing {
+        let path = entry.map_err(|source| Error::DropInDir { path: dir.clone(), source })?.path();
+        if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// IMDS settings from the local sources only (user-data cannot set them).
+pub fn imds_settings(layers: &[Layer]) -> model::Imds {
+    let pick = |path: &str| {
+        layers
+            .iter()
+            .rev()
+            .flat_map(|l| l.entries.iter())
+            .find(|(k, _)| k.path == path)
+            .map(|(_, v)| v.clone())
+            .or_else(|| schema::find(path).and_then(|k| k.default).and_then(toml::Value::deserialize_literal))
+    };
+    let dur = |path: &str, fallback: u64| {
+        pick(path)
+            .and_then(|v| v.as_str().and_then(value::parse_duration))
+            .unwrap_or(std::time::Duration::from_secs(fallback))
+    };
+    model::Imds {
+        endpoint: pick("imds.endpoint")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "http://169.254.169.254".into()),
+        user_data: pick("imds.user_data").and_then(|v| v.as_bool()).unwrap_or(true),
+        request_timeout: dur("imds.request_timeout", 2),
+        deadline: dur("imds.deadline", 300),
+    }
+}
+
+#[cfg(test)]
+mod tests;

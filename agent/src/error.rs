@@ -1,0 +1,55 @@
+//! The top-level error: what reaches the operator, with a hint and an exit code.
+//!
+//! Exit codes (documented in the README, relied on by the systemd units):
+//! - 0: success;
+//! - 2: configuration or usage error: restarting cannot help, so the units set
+//!   `RestartPreventExitStatus=2`;
+//! - 1: any other failure (AWS, etcd, kubeadm, IMDS...): restartable.
+
+use std::process::ExitCode;
+
+/// Exit code for success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code for failures that a restart may fix.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for configuration and usage errors.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Every failure a command can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot write command output: {0}")]
+    Output(std::io::Error),
+}
+
+impl Error {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(e) if e.is_usage() => EXIT_USAGE,
+            Error::Telemetry(crate::telemetry::Error::Level(_)) => EXIT_USAGE,
+            _ => EXIT_FAILURE,
+        }
+    }
+
+    /// What the operator should check next.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Config(e) => e.hint(),
+            Error::Telemetry(_) => "log.level must be one of trace, debug, info, warn, error".into(),
+            Error::Runtime(_) => "the host is out of threads or file descriptors; check `ulimit -n` and memory".into(),
+            Error::Output(_) => "stdout was closed (a pipe ended early?); re-run without the pipe".into(),
+        }
+    }
+
+    /// As a process exit code.
+    pub fn to_exit_code(&self) -> ExitCode {
+        ExitCode::from(self.exit_code())
+    }
+}

@@ -1,0 +1,193 @@
+//! Who this instance is, from the instance metadata service (IMDSv2 only).
+//!
+//! Early in boot IMDS may not answer yet, so every read retries transient
+//! failures (connection refused, timeouts, 5xx, 429) until `imds.deadline`,
+//! then fails with the last error. A session token is fetched with `PUT`,
+//! cached for most of its TTL and refreshed once on 401. Bodies are returned
+//! as bytes: user-data may be gzip-compressed, which a `String` API cannot carry.
+
+use crate::config::model;
+use crate::retry::{self, Classify, RetryClass, WaitPolicy};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// Token lifetime requested from IMDS (the maximum, six hours).
+const TOKEN_TTL_SECS: u64 = 21_600;
+/// Refresh the cached token this long before it expires.
+const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// Metadata documents are small; refuse anything absurd.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Failure to read instance metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("IMDS endpoint {endpoint:?} is not usable: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("IMDS request {method} {path} to {endpoint} failed: {reason}")]
+    Request { method: &'static str, path: String, endpoint: String, reason: String, transient: bool },
+    #[error("IMDS answered {status} to {method} {path} at {endpoint}")]
+    Status { method: &'static str, path: String, endpoint: String, status: u16 },
+    #[error("IMDS at {endpoint} did not answer {path} within {}: {last}", crate::config::value::format_duration(*deadline))]
+    Deadline { path: String, endpoint: String, deadline: Duration, last: String },
+}
+
+impl Classify for Error {
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            Error::Request { transient: true, .. } => RetryClass::Transient,
+            Error::Status { status, .. } if *status >= 500 || *status == 429 || *status == 401 => RetryClass::Transient,
+            _ => RetryClass::Permanent,
+        }
+    }
+}
+
+impl Error {
+    /// What to check.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Error::Endpoint { .. } => "imds.endpoint must be an http:// URL such as http://169.254.169.254",
+            Error::Status { status: 403, .. } => {
+                "IMDS refused the request: check the instance has metadata access enabled (http-endpoint=enabled)"
+            }
+            Error::Status { status: 401, .. } => {
+                "IMDS rejected the session token: check nothing rewrites requests (proxies add X-Forwarded-For)"
+            }
+            _ => "check IMDSv2 is enabled and reachable (metadata hop limit >= 2 inside containers), \
+                  or raise imds.deadline if the instance boots slowly",
+        }
+    }
+}
+
+/// An IMDSv2 client with early-boot retries.
+#[derive(Debug)]
+pub struct Imds {
+    endpoint: String,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    request_timeout: Duration,
+    deadline: Duration,
+    token: Mutex<Option<(String, Instant)>>,
+}
+
+impl Imds {
+    /// A client for the configured endpoint; no request is made yet.
+    pub fn new(settings: &model::Imds) -> Result<Self, Error> {
+        let endpoint = settings.endpoint.trim_end_matches('/').to_string();
+        if !endpoint.starts_with("http://") {
+            return Err(Error::Endpoint { endpoint, reason: "only plain http:// is served by IMDS".into() });
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.request_timeout));
+        Ok(Imds {
+            endpoint,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            request_timeout: settings.request_timeout,
+            deadline: settings.deadline,
+            token: Mutex::new(None),
+        })
+    }
+
+    /// The raw user-data, or `None` when the instance has none (IMDS answers 404).
+    pub async fn user_data(&self) -> Result<Option<Vec<u8>>, Error> {
+        self.get("/latest/user-data").await
+    }
+
+    /// Reads a metadata path such as `/latest/meta-data/instance-id`;
+    /// `None` on 404. Retries transient failures until the deadline.
+    pub async fn get(&self, path: &str) -> Result<Option<Vec<u8>>, Error> {
+        let policy = WaitPolicy {
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+            max_attempts: 10_000,
+            deadline: Some(self.deadline),
+        };
+        retry::with_retries("imds", &policy, || self.get_once(path))
+            .await
+            .map_err(|e| match e {
+                retry::RetryError::Failed(e) => e,
+                retry::RetryError::Deadline { deadline, last, .. } => Error::Deadline {
+                    path: path.to_string(),
+                    endpoint: self.endpoint.clone(),
+                    deadline,
+                    last: last.unwrap_or_else(|| "no answer".into()),
+                },
+            })
+    }
+
+    async fn get_once(&self, path: &str) -> Result<Option<Vec<u8>>, Error> {
+        let token = self.token().await?;
+        let (status, body) = self.send(Method::GET, path, &[("x-aws-ec2-metadata-token", &token)]).await?;
+        match status {
+            StatusCode::OK => Ok(Some(body)),
+            StatusCode::NOT_FOUND => Ok(None),
+            other => {
+                if other == StatusCode::UNAUTHORIZED {
+                    *self.token.lock().await = None;
+                }
+                Err(self.status_error("GET", path, other))
+            }
+        }
+    }
+
+    async fn token(&self) -> Result<String, Error> {
+        let mut cached = self.token.lock().await;
+        if let Some((token, expires)) = cached.as_ref() {
+            if Instant::now() + TOKEN_REFRESH_MARGIN < *expires {
+                return Ok(token.clone());
+            }
+        }
+        let path = "/latest/api/token";
+        let ttl = TOKEN_TTL_SECS.to_string();
+        let started = Instant::now();
+        let (status, body) =
+            self.send(Method::PUT, path, &[("x-aws-ec2-metadata-token-ttl-seconds", &ttl)]).await?;
+        if status != StatusCode::OK {
+            return Err(self.status_error("PUT", path, status));
+        }
+        let token = String::from_utf8(body).map_err(|_| Error::Request {
+            method: "PUT",
+            path: path.into(),
+            endpoint: self.endpoint.clone(),
+            reason: "token is not text".into(),
+            transient: false,
+        })?;
+        *cached = Some((token.clone(), started + Duration::from_secs(TOKEN_TTL_SECS)));
+        Ok(token)
+    }
+
+    fn status_error(&self, method: &'static str, path: &str, status: StatusCode) -> Error {
+        Error::Status { method, path: path.into(), endpoint: self.endpoint.clone(), status: status.as_u16() }
+    }
+
+    async fn send(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, Vec<u8>), Error> {
+        let method_name: &'static str = if method == Method::PUT { "PUT" } else { "GET" };
+        let fail = |reason: String, transient: bool| Error::Request {
+            method: method_name,
+            path: path.to_string(),
+            endpoint: self.endpoint.clone(),
+            reason,
+            transient,
+        };
+        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.endpoint));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Empty::new()).map_err(|e| fail(e.to_string(), false))?;
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| fail(e.to_string(), true))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| fail(e.to_string(), true))?.to_bytes();
+            if body.len() > MAX_BODY {
+                return Err(fail(format!("answer of {} bytes is too large", body.len()), false));
+            }
+            Ok((status, body.to_vec()))
+        };
+        tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| fail(format!("no answer within {:?}", self.request_timeout), true))?
+    }
+}

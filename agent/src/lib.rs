@@ -1,0 +1,12 @@
+//! kubeboot: the on-node agent for self-managed kubeadm clusters on EC2 Auto
+//! Scaling Groups. The binary is a thin shell over [`cli::main`]; every
+//! concern lives in its own module, named for what it is.
+
+pub mod aws;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod retry;
+pub mod secret;
+pub mod telemetry;

@@ -1,0 +1,282 @@
+//! Retries, in one place.
+//!
+//! Two kinds, never stacked on each other:
+//! - AWS calls retry inside the SDK (standard mode) with attempts, backoff and
+//!   timeouts from `[aws]`; callers do not wrap them in a second loop.
+//! - Application-level waits (IMDS in early boot, "etcd healthy yet?",
+//!   "node Ready yet?") use [`with_retries`] over `backon`, always with an
+//!   explicit attempt limit and, where it matters, a deadline.
+//!
+//! Whether an error is worth another attempt is decided here: by
+//! [`Classify`] for our own errors and [`classify_sdk_error`] for AWS.
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use backon::{ExponentialBuilder, Retryable};
+use std::fmt::Display;
+use std::future::Future;
+use std::time::Duration;
+
+/// Whether trying again can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Throttling, timeouts, connection failures, 5xx: try again.
+    Transient,
+    /// Bad input, denied, not found, failed condition: trying again changes nothing.
+    Permanent,
+}
+
+/// Errors that know whether they are worth retrying.
+pub trait Classify {
+    fn retry_class(&self) -> RetryClass;
+}
+
+/// An application-level wait policy: exponential backoff with jitter, an
+/// attempt limit that is always explicit, and an optional overall deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitPolicy {
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    /// Attempts in total, including the first. Never unbounded.
+    pub max_attempts: usize,
+    /// Wall-clock bound over all attempts and sleeps.
+    pub deadline: Option<Duration>,
+}
+
+impl WaitPolicy {
+    /// The backon builder for this policy (retries = attempts - 1).
+    pub fn builder(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.first_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(self.max_attempts.saturating_sub(1))
+    }
+}
+
+/// Error of [`with_retries`]: the last error, or the deadline.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError<E> {
+    #[error("{0}")]
+    Failed(E),
+    #[error("{what}: gave up after {} (deadline); last error: {}", crate::config::value::format_duration(*deadline), last.as_deref().unwrap_or("none"))]
+    Deadline { what: &'static str, deadline: Duration, last: Option<String> },
+}
+
+/// Runs `op` until it succeeds, fails permanently, runs out of attempts or
+/// passes the policy's deadline. Each retry is logged with the attempt and delay.
+pub async fn with_retries<T, E, F, Fut>(what: &'static str, policy: &WaitPolicy, op: F) -> Result<T, RetryError<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Classify + Display,
+{
+    let last = std::sync::Mutex::new(None::<String>);
+    let attempt = std::sync::atomic::AtomicUsize::new(1);
+    let run = op
+        .retry(policy.builder())
+        .sleep(tokio::time::sleep)
+        .when(|e: &E| e.retry_class() == RetryClass::Transient)
+        .notify(|e: &E, delay: Duration| {
+            let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Ok(mut l) = last.lock() {
+                *l = Some(e.to_string());
+            }
+            tracing::warn!(what, attempt = n, max_attempts = policy.max_attempts, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
+        });
+    match policy.deadline {
+        None => run.await.map_err(RetryError::Failed),
+        Some(deadline) => match tokio::time::timeout(deadline, run).await {
+            Ok(result) => result.map_err(RetryError::Failed),
+            Err(_) => Err(RetryError::Deadline {
+                what,
+                deadline,
+                last: last.lock().ok().and_then(|l| l.clone()),
+            }),
+        },
+    }
+}
+
+/// SDK retry settings: standard mode, attempts and backoff from `[aws]`.
+pub fn aws_retry_config(aws: &crate::config::model::Aws) -> RetryConfig {
+    RetryConfig::standard()
+        .with_max_attempts(aws.max_attempts)
+        .with_initial_backoff(aws.initial_backoff)
+        .with_max_backoff(aws.max_backoff)
+}
+
+/// SDK timeouts: per attempt and per operation (including retries).
+pub fn aws_timeout_config(aws: &crate::config::model::Aws) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(aws.attempt_timeout.min(Duration::from_secs(5)))
+        .operation_attempt_timeout(aws.attempt_timeout)
+        .operation_timeout(aws.operation_timeout)
+        .build()
+}
+
+/// AWS error codes that mean "later" rather than "no".
+const TRANSIENT_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "TransactionInProgressException",
+    "InternalServerError",
+    "InternalFailure",
+    "InternalError",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "LimitExceededException",
+];
+
+/// Classifies an AWS SDK error after the SDK's own retries gave up: still
+/// transient (the caller may re-run its whole step later) or permanent.
+pub fn classify_sdk_error<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> RetryClass {
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => RetryClass::Transient,
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            let status = service.raw().status().as_u16();
+            if TRANSIENT_CODES.contains(&code) || status == 429 || status >= 500 {
+                RetryClass::Transient
+            } else {
+                RetryClass::Permanent
+            }
+        }
+        _ => RetryClass::Permanent,
+    }
+}
+
+/// Whether an AWS call may have taken effect although we saw no answer: the
+/// case where a conditional write must be resolved by reading back.
+pub fn outcome_unknown<E>(err: &SdkError<E, HttpResponse>) -> bool {
+    matches!(err, SdkError::TimeoutError(_) | SdkError::ResponseError(_))
+        || matches!(err, SdkError::DispatchFailure(d) if d.is_timeout() || d.is_io())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug)]
+    struct Svc(ErrorMetadata);
+    impl std::fmt::Display for Svc {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:?}", self.0.code())
+        }
+    }
+    impl std::error::Error for Svc {}
+    impl ProvideErrorMetadata for Svc {
+        fn meta(&self) -> &ErrorMetadata {
+            &self.0
+        }
+    }
+
+    fn service(code: &str, status: u16) -> SdkError<Svc, HttpResponse> {
+        let raw = HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+        SdkError::service_error(Svc(ErrorMetadata::builder().code(code).build()), raw)
+    }
+
+    #[test]
+    fn throttling_and_5xx_are_transient_conditions_are_not() {
+        assert_eq!(classify_sdk_error(&service("ThrottlingException", 400)), RetryClass::Transient);
+        assert_eq!(classify_sdk_error(&service("ProvisionedThroughputExceededException", 400)), RetryClass::Transient);
+        assert_eq!(classify_sdk_error(&service("Whatever", 503)), RetryClass::Transient);
+        assert_eq!(classify_sdk_error(&service("ConditionalCheckFailedException", 400)), RetryClass::Permanent);
+        assert_eq!(classify_sdk_error(&service("AccessDeniedException", 400)), RetryClass::Permanent);
+        let timeout: SdkError<Svc, HttpResponse> = SdkError::timeout_error("slow");
+        assert_eq!(classify_sdk_error(&timeout), RetryClass::Transient);
+        assert!(outcome_unknown(&timeout));
+        assert!(!outcome_unknown(&service("ThrottlingException", 400)));
+    }
+
+    #[derive(Debug)]
+    struct E(RetryClass);
+    impl Classify for E {
+        fn retry_class(&self) -> RetryClass {
+            self.0
+        }
+    }
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:?}", self.0)
+        }
+    }
+
+    const FAST: WaitPolicy = WaitPolicy {
+        first_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(2),
+        max_attempts: 4,
+        deadline: None,
+    };
+
+    #[tokio::test]
+    async fn transient_errors_stop_at_the_attempt_limit() {
+        let calls = AtomicUsize::new(0);
+        let r: Result<(), _> = with_retries("test", &FAST, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(E(RetryClass::Transient))
+        })
+        .await;
+        assert!(matches!(r, Err(RetryError::Failed(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn permanent_errors_are_not_retried() {
+        let calls = AtomicUsize::new(0);
+        let r: Result<(), _> = with_retries("test", &FAST, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(E(RetryClass::Permanent))
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn success_after_transient_failures() {
+        let calls = AtomicUsize::new(0);
+        let r = with_retries("test", &FAST, || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                Err(E(RetryClass::Transient))
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn deadline_cuts_a_long_wait_and_keeps_the_last_error() {
+        let policy = WaitPolicy {
+            first_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(20),
+            max_attempts: 1000,
+            deadline: Some(Duration::from_millis(150)),
+        };
+        let r: Result<(), _> = with_retries("imds", &policy, || async { Err(E(RetryClass::Transient)) }).await;
+        match r {
+            Err(RetryError::Deadline { what, last, .. }) => {
+                assert_eq!(what, "imds");
+                assert_eq!(last.as_deref(), Some("Transient"));
+            }
+            other => panic!("expected deadline, got {other:?}"),
+        }
+    }
+}
