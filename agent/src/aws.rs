@@ -52,12 +52,21 @@ pub enum Error {
 pub async fn sdk_config(cfg: &Config, region: &str) -> Result<SdkConfig, Error> {
     let imds = aws_config::imds::Client::builder()
         .endpoint(cfg.imds.endpoint.as_str())
-        .map_err(|e| Error::ImdsEndpoint { endpoint: cfg.imds.endpoint.clone(), reason: e.to_string() })?
+        .map_err(|e| Error::ImdsEndpoint {
+            endpoint: cfg.imds.endpoint.clone(),
+            reason: e.to_string(),
+        })?
         .read_timeout(cfg.imds.request_timeout)
         .connect_timeout(cfg.imds.request_timeout)
         .build();
-    let credentials = CredentialsProviderChain::first_try("Environment", EnvironmentVariableCredentialsProvider::new())
-        .or_else("InstanceRole", ImdsCredentialsProvider::builder().imds_client(imds).build());
+    let credentials = CredentialsProviderChain::first_try(
+        "Environment",
+        EnvironmentVariableCredentialsProvider::new(),
+    )
+    .or_else(
+        "InstanceRole",
+        ImdsCredentialsProvider::builder().imds_client(imds).build(),
+    );
     Ok(aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_string()))
         .credentials_provider(credentials)

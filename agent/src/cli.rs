@@ -1,6 +1,6 @@
 //! The command line: the product's face for operators and for systemd.
 
-use crate::config::{self, Loaded, LoadOptions, UserData};
+use crate::config::{self, LoadOptions, Loaded, UserData};
 use crate::error::{Error, EXIT_OK, EXIT_USAGE};
 use crate::telemetry::{self, LogFormat};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -8,7 +8,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const ABOUT: &str = "Bootstraps and looks after self-managed kubeadm clusters on EC2 Auto Scaling Groups.";
+const ABOUT: &str =
+    "Bootstraps and looks after self-managed kubeadm clusters on EC2 Auto Scaling Groups.";
 
 const LONG_ABOUT: &str = "\
 Bootstraps and looks after self-managed kubeadm clusters (stacked etcd) on EC2 Auto \
@@ -103,7 +104,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return report(&cli, &Error::Runtime(e)),
     };
@@ -153,7 +158,11 @@ async fn load(cli: &Cli, user_data: UserData) -> Result<Loaded, Error> {
 }
 
 async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {
-    let result = config::load(&LoadOptions::from_process(cli.config.clone(), args.user_data())).await;
+    let result = config::load(&LoadOptions::from_process(
+        cli.config.clone(),
+        args.user_data(),
+    ))
+    .await;
     let problems = match &result {
         Ok(_) => Vec::new(),
         Err(config::Error::Invalid { problems }) => problems.clone(),
@@ -167,7 +176,11 @@ async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {
         Output::Text => check_report(result.as_ref().ok(), &problems),
     };
     print(&out)?;
-    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_USAGE) })
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_USAGE)
+    })
 }
 
 fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String {
@@ -180,7 +193,11 @@ fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String
             "configuration OK: cluster {}, role {}, from {}\n",
             l.config.cluster.name,
             l.config.node.role.as_str(),
-            if sources.is_empty() { "defaults only".to_string() } else { sources.join(", ") }
+            if sources.is_empty() {
+                "defaults only".to_string()
+            } else {
+                sources.join(", ")
+            }
         );
     }
     let mut out = format!(
@@ -196,7 +213,10 @@ fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String
 
 fn print(s: &str) -> Result<(), Error> {
     let mut stdout = std::io::stdout().lock();
-    stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()).map_err(Error::Output)
+    stdout
+        .write_all(s.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(Error::Output)
 }
 
 #[cfg(test)]

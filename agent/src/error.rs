@@ -42,9 +42,16 @@ impl Error {
     pub fn hint(&self) -> String {
         match self {
             Error::Config(e) => e.hint(),
-            Error::Telemetry(_) => "log.level must be one of trace, debug, info, warn, error".into(),
-            Error::Runtime(_) => "the host is out of threads or file descriptors; check `ulimit -n` and memory".into(),
-            Error::Output(_) => "stdout was closed (a pipe ended early?); re-run without the pipe".into(),
+            Error::Telemetry(_) => {
+                "log.level must be one of trace, debug, info, warn, error".into()
+            }
+            Error::Runtime(_) => {
+                "the host is out of threads or file descriptors; check `ulimit -n` and memory"
+                    .into()
+            }
+            Error::Output(_) => {
+                "stdout was closed (a pipe ended early?); re-run without the pipe".into()
+            }
         }
     }
 

@@ -29,18 +29,38 @@ pub enum Error {
     #[error("IMDS endpoint {endpoint:?} is not usable: {reason}")]
     Endpoint { endpoint: String, reason: String },
     #[error("IMDS request {method} {path} to {endpoint} failed: {reason}")]
-    Request { method: &'static str, path: String, endpoint: String, reason: String, transient: bool },
+    Request {
+        method: &'static str,
+        path: String,
+        endpoint: String,
+        reason: String,
+        transient: bool,
+    },
     #[error("IMDS answered {status} to {method} {path} at {endpoint}")]
-    Status { method: &'static str, path: String, endpoint: String, status: u16 },
+    Status {
+        method: &'static str,
+        path: String,
+        endpoint: String,
+        status: u16,
+    },
     #[error("IMDS at {endpoint} did not answer {path} within {}: {last}", crate::config::value::format_duration(*deadline))]
-    Deadline { path: String, endpoint: String, deadline: Duration, last: String },
+    Deadline {
+        path: String,
+        endpoint: String,
+        deadline: Duration,
+        last: String,
+    },
 }
 
 impl Classify for Error {
     fn retry_class(&self) -> RetryClass {
         match self {
-            Error::Request { transient: true, .. } => RetryClass::Transient,
-            Error::Status { status, .. } if *status >= 500 || *status == 429 || *status == 401 => RetryClass::Transient,
+            Error::Request {
+                transient: true, ..
+            } => RetryClass::Transient,
+            Error::Status { status, .. } if *status >= 500 || *status == 429 || *status == 401 => {
+                RetryClass::Transient
+            }
             _ => RetryClass::Permanent,
         }
     }
@@ -78,7 +98,10 @@ impl Imds {
     pub fn new(settings: &model::Imds) -> Result<Self, Error> {
         let endpoint = settings.endpoint.trim_end_matches('/').to_string();
         if !endpoint.starts_with("http://") {
-            return Err(Error::Endpoint { endpoint, reason: "only plain http:// is served by IMDS".into() });
+            return Err(Error::Endpoint {
+                endpoint,
+                reason: "only plain http:// is served by IMDS".into(),
+            });
         }
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.request_timeout));
@@ -120,7 +143,9 @@ impl Imds {
 
     async fn get_once(&self, path: &str) -> Result<Option<Vec<u8>>, Error> {
         let token = self.token().await?;
-        let (status, body) = self.send(Method::GET, path, &[("x-aws-ec2-metadata-token", &token)]).await?;
+        let (status, body) = self
+            .send(Method::GET, path, &[("x-aws-ec2-metadata-token", &token)])
+            .await?;
         match status {
             StatusCode::OK => Ok(Some(body)),
             StatusCode::NOT_FOUND => Ok(None),
@@ -143,8 +168,13 @@ impl Imds {
         let path = "/latest/api/token";
         let ttl = TOKEN_TTL_SECS.to_string();
         let started = Instant::now();
-        let (status, body) =
-            self.send(Method::PUT, path, &[("x-aws-ec2-metadata-token-ttl-seconds", &ttl)]).await?;
+        let (status, body) = self
+            .send(
+                Method::PUT,
+                path,
+                &[("x-aws-ec2-metadata-token-ttl-seconds", &ttl)],
+            )
+            .await?;
         if status != StatusCode::OK {
             return Err(self.status_error("PUT", path, status));
         }
@@ -160,10 +190,20 @@ impl Imds {
     }
 
     fn status_error(&self, method: &'static str, path: &str, status: StatusCode) -> Error {
-        Error::Status { method, path: path.into(), endpoint: self.endpoint.clone(), status: status.as_u16() }
+        Error::Status {
+            method,
+            path: path.into(),
+            endpoint: self.endpoint.clone(),
+            status: status.as_u16(),
+        }
     }
 
-    async fn send(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, Vec<u8>), Error> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Vec<u8>), Error> {
         let method_name: &'static str = if method == Method::PUT { "PUT" } else { "GET" };
         let fail = |reason: String, transient: bool| Error::Request {
             method: method_name,
@@ -172,17 +212,33 @@ impl Imds {
             reason,
             transient,
         };
-        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.endpoint));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.endpoint));
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
-        let req = req.body(Empty::new()).map_err(|e| fail(e.to_string(), false))?;
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| fail(e.to_string(), false))?;
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| fail(e.to_string(), true))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| fail(e.to_string(), true))?;
             let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| fail(e.to_string(), true))?.to_bytes();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| fail(e.to_string(), true))?
+                .to_bytes();
             if body.len() > MAX_BODY {
-                return Err(fail(format!("answer of {} bytes is too large", body.len()), false));
+                return Err(fail(
+                    format!("answer of {} bytes is too large", body.len()),
+                    false,
+                ));
             }
             Ok((status, body.to_vec()))
         };

@@ -64,12 +64,20 @@ pub enum RetryError<E> {
     #[error("{0}")]
     Failed(E),
     #[error("{what}: gave up after {} (deadline); last error: {}", crate::config::value::format_duration(*deadline), last.as_deref().unwrap_or("none"))]
-    Deadline { what: &'static str, deadline: Duration, last: Option<String> },
+    Deadline {
+        what: &'static str,
+        deadline: Duration,
+        last: Option<String>,
+    },
 }
 
 /// Runs `op` until it succeeds, fails permanently, runs out of attempts or
 /// passes the policy's deadline. Each retry is logged with the attempt and delay.
-pub async fn with_retries<T, E, F, Fut>(what: &'static str, policy: &WaitPolicy, op: F) -> Result<T, RetryError<E>>
+pub async fn with_retries<T, E, F, Fut>(
+    what: &'static str,
+    policy: &WaitPolicy,
+    op: F,
+) -> Result<T, RetryError<E>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -143,7 +151,9 @@ const TRANSIENT_CODES: &[&str] = &[
 /// transient (the caller may re-run its whole step later) or permanent.
 pub fn classify_sdk_error<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> RetryClass {
     match err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => RetryClass::Transient,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            RetryClass::Transient
+        }
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or_default();
             let status = service.raw().status().as_u16();
@@ -193,11 +203,26 @@ mod tests {
 
     #[test]
     fn throttling_and_5xx_are_transient_conditions_are_not() {
-        assert_eq!(classify_sdk_error(&service("ThrottlingException", 400)), RetryClass::Transient);
-        assert_eq!(classify_sdk_error(&service("ProvisionedThroughputExceededException", 400)), RetryClass::Transient);
-        assert_eq!(classify_sdk_error(&service("Whatever", 503)), RetryClass::Transient);
-        assert_eq!(classify_sdk_error(&service("ConditionalCheckFailedException", 400)), RetryClass::Permanent);
-        assert_eq!(classify_sdk_error(&service("AccessDeniedException", 400)), RetryClass::Permanent);
+        assert_eq!(
+            classify_sdk_error(&service("ThrottlingException", 400)),
+            RetryClass::Transient
+        );
+        assert_eq!(
+            classify_sdk_error(&service("ProvisionedThroughputExceededException", 400)),
+            RetryClass::Transient
+        );
+        assert_eq!(
+            classify_sdk_error(&service("Whatever", 503)),
+            RetryClass::Transient
+        );
+        assert_eq!(
+            classify_sdk_error(&service("ConditionalCheckFailedException", 400)),
+            RetryClass::Permanent
+        );
+        assert_eq!(
+            classify_sdk_error(&service("AccessDeniedException", 400)),
+            RetryClass::Permanent
+        );
         let timeout: SdkError<Svc, HttpResponse> = SdkError::timeout_error("slow");
         assert_eq!(classify_sdk_error(&timeout), RetryClass::Transient);
         assert!(outcome_unknown(&timeout));
@@ -270,7 +295,8 @@ mod tests {
             max_attempts: 1000,
             deadline: Some(Duration::from_millis(150)),
         };
-        let r: Result<(), _> = with_retries("imds", &policy, || async { Err(E(RetryClass::Transient)) }).await;
+        let r: Result<(), _> =
+            with_retries("imds", &policy, || async { Err(E(RetryClass::Transient)) }).await;
         match r {
             Err(RetryError::Deadline { what, last, .. }) => {
                 assert_eq!(what, "imds");

@@ -109,7 +109,9 @@ pub struct LogHandle(FilterHandle);
 impl LogHandle {
     /// Applies a new level (`trace`..`error`).
     pub fn set_level(&self, level: &str) -> Result<(), Error> {
-        self.0.reload(filter(level)?).map_err(|_| Error::Level(level.to_string()))
+        self.0
+            .reload(filter(level)?)
+            .map_err(|_| Error::Level(level.to_string()))
     }
 }
 
@@ -119,7 +121,8 @@ fn filter(level: &str) -> Result<EnvFilter, Error> {
         return Err(Error::Level(level.to_string()));
     }
     let deps = if level == "trace" { "debug" } else { "warn" };
-    EnvFilter::try_new(format!("{deps},kubeboot={level}")).map_err(|_| Error::Level(level.to_string()))
+    EnvFilter::try_new(format!("{deps},kubeboot={level}"))
+        .map_err(|_| Error::Level(level.to_string()))
 }
 
 /// Installs the global subscriber writing to stderr (stdout is for command output).
@@ -127,7 +130,9 @@ pub fn init(format: LogFormat, level: &str) -> Result<LogHandle, Error> {
     let (filter_layer, handle) = reload::Layer::new(filter(level)?);
     let fmt_layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .event_format(LineFormat { json: format.resolve() == LogFormat::Json });
+        .event_format(LineFormat {
+            json: format.resolve() == LogFormat::Json,
+        });
     tracing_subscriber::registry()
         .with(filter_layer)
         .with(SpanFieldsLayer)
@@ -181,10 +186,12 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().into(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().into(), Value::from(value.to_string()));
+        self.0
+            .insert(field.name().into(), Value::from(value.to_string()));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().into(), Value::from(format!("{value:?}")));
+        self.0
+            .insert(field.name().into(), Value::from(format!("{value:?}")));
     }
 }
 
@@ -198,7 +205,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let mut fields = Map::new();
         if let Ok(context) = CONTEXT.read() {
             for (k, v) in context.iter() {
@@ -275,8 +287,14 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_000_000_123)), "2026-11-18T11:06:40.123Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_000_000_123)),
+            "2026-11-18T11:06:40.123Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub const DEFAULT_PATH: &str = "/etc/kubeboot/config.toml";
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
+    /// No source set it (used for "missing" problems).
+    Unset,
     Default,
     /// Computed from another key (e.g. SSM prefix from the cluster name).
     Derived(&'static str),
@@ -45,6 +47,7 @@ pub enum Source {
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Source::Unset => f.write_str("no source"),
             Source::Default => f.write_str("default"),
             Source::Derived(from) => write!(f, "default (derived from {from})"),
             Source::File(p) => write!(f, "file {}", p.display()),
@@ -107,9 +110,15 @@ pub enum Error {
     #[error("configuration is invalid ({} problem{})", problems.len(), if problems.len() == 1 { "" } else { "s" })]
     Invalid { problems: Vec<Problem> },
     #[error("cannot read configuration file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot list drop-in directory {}: {source}", path.display())]
-    DropInDir { path: PathBuf, source: std::io::Error },
+    DropInDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read user-data from instance metadata: {source}")]
     Imds { source: crate::identity::Error },
     #[error("configuration deserialization failed after validation (a kubeboot bug): {0}")]
@@ -159,7 +168,10 @@ pub struct Layer {
 
 /// Parses and checks one TOML document. Problems are appended, good entries kept.
 pub fn parse_toml(source: Source, text: &str, problems: &mut Vec<Problem>) -> Layer {
-    let mut layer = Layer { source: source.clone(), entries: Vec::new() };
+    let mut layer = Layer {
+        source: source.clone(),
+        entries: Vec::new(),
+    };
     match text.parse::<toml::Table>() {
         Ok(table) => flatten(&source, &table, "", &mut layer.entries, problems),
         Err(e) => problems.push(syntax_problem(source, text, &e)),
@@ -171,10 +183,15 @@ fn syntax_problem(source: Source, text: &str, e: &toml::de::Error) -> Problem {
     let (key, value) = match e.span() {
         Some(span) => {
             let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let line_start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+            let line_start = text[..span.start.min(text.len())]
+                .rfind('\n')
+                .map_or(0, |i| i + 1);
             let column = span.start.saturating_sub(line_start) + 1;
             let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-            (format!("line {line_no}, column {column}"), Some(redact_line(line)))
+            (
+                format!("line {line_no}, column {column}"),
+                Some(redact_line(line)),
+            )
         }
         None => ("document".to_string(), None),
     };
@@ -184,7 +201,9 @@ fn syntax_problem(source: Source, text: &str, e: &toml::de::Error) -> Problem {
         key,
         value,
         reason: format!("TOML syntax error: {}", e.message()),
-        expected: "valid TOML (strings in double quotes, one key = value per line, [section] headers)".into(),
+        expected:
+            "valid TOML (strings in double quotes, one key = value per line, [section] headers)"
+                .into(),
     }
 }
 
@@ -192,7 +211,10 @@ fn syntax_problem(source: Source, text: &str, e: &toml::de::Error) -> Problem {
 fn redact_line(line: &str) -> String {
     let lower = line.to_ascii_lowercase();
     if lower.contains("token") || lower.contains("key") || lower.contains("secret") {
-        format!("`{}`", line.split('=').next().unwrap_or("").trim().to_string() + " = " + REDACTED)
+        format!(
+            "`{}`",
+            line.split('=').next().unwrap_or("").trim().to_string() + " = " + REDACTED
+        )
     } else {
         format!("`{line}`")
     }
@@ -206,7 +228,11 @@ fn flatten(
     problems: &mut Vec<Problem>,
 ) {
     for (name, value) in table {
-        let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
         if let Some(key) = schema::find(&path) {
             if key.not_from_user_data && matches!(source, Source::UserData(_)) {
                 problems.push(Problem {
@@ -232,11 +258,19 @@ fn flatten(
                     key: path.clone(),
                     value: Some(value.to_string()),
                     reason: "is a section, not a value".into(),
-                    expected: format!("a [{path}] table with keys {}", schema::children(&path).join(", ")),
+                    expected: format!(
+                        "a [{path}] table with keys {}",
+                        schema::children(&path).join(", ")
+                    ),
                 }),
             }
         } else {
-            problems.push(unknown_key(source.clone(), &path, prefix, Some(value.to_string())));
+            problems.push(unknown_key(
+                source.clone(),
+                &path,
+                prefix,
+                Some(value.to_string()),
+            ));
         }
     }
 }
@@ -244,15 +278,30 @@ fn flatten(
 fn unknown_key(source: Source, path: &str, section: &str, value: Option<String>) -> Problem {
     let expected = match schema::suggest(path) {
         Some(near) => format!("a known key (did you mean `{near}`?)"),
-        None if section.is_empty() => format!("a known section: {}", schema::children("").join(", ")),
-        None => format!("a key of [{section}]: {}", schema::children(section).join(", ")),
+        None if section.is_empty() => {
+            format!("a known section: {}", schema::children("").join(", "))
+        }
+        None => format!(
+            "a key of [{section}]: {}",
+            schema::children(section).join(", ")
+        ),
     };
-    Problem { kind: ProblemKind::UnknownKey, source, key: path.to_string(), value, reason: "unknown key".into(), expected }
+    Problem {
+        kind: ProblemKind::UnknownKey,
+        source,
+        key: path.to_string(),
+        value,
+        reason: "unknown key".into(),
+        expected,
+    }
 }
 
 fn refused(source: Source, key: &Key, value: &toml::Value, refusal: &Refusal) -> Problem {
     let (kind, reason) = match refusal {
-        Refusal::WrongType { .. } => (ProblemKind::WrongType, format!("wrong type ({})", type_name(value))),
+        Refusal::WrongType { .. } => (
+            ProblemKind::WrongType,
+            format!("wrong type ({})", type_name(value)),
+        ),
         Refusal::OutOfRange { .. } => (ProblemKind::OutOfRange, "out of range".to_string()),
         Refusal::Invalid { .. } => (ProblemKind::Invalid, "invalid value".to_string()),
     };
@@ -297,7 +346,9 @@ where
     let mut vars: Vec<(String, String)> = vars
         .into_iter()
         .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
-        .filter(|(k, _)| k.starts_with(schema::ENV_PREFIX) && !schema::ENV_RESERVED.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(schema::ENV_PREFIX) && !schema::ENV_RESERVED.contains(&k.as_str())
+        })
         .collect();
     vars.sort();
     let mut layers = Vec::new();
@@ -313,14 +364,20 @@ where
                 reason: "unknown kubeboot variable".into(),
                 expected: match near {
                     Some(near) => format!("a key override (did you mean {near}?)"),
-                    None => "KUBEBOOT_CONFIG or KUBEBOOT_<SECTION>_<KEY> for a key in the reference".into(),
+                    None => {
+                        "KUBEBOOT_CONFIG or KUBEBOOT_<SECTION>_<KEY> for a key in the reference"
+                            .into()
+                    }
                 },
             });
             continue;
         };
         let value = env_value(key.kind, &raw);
         match value::check(key.kind, &value) {
-            Ok(()) => layers.push(Layer { source, entries: vec![(key, value)] }),
+            Ok(()) => layers.push(Layer {
+                source,
+                entries: vec![(key, value)],
+            }),
             Err(refusal) => problems.push(refused(source, key, &value, &refusal)),
         }
     }
@@ -331,14 +388,19 @@ where
 fn env_value(kind: Kind, raw: &str) -> toml::Value {
     let raw = raw.trim();
     match kind {
-        Kind::Int { .. } => raw.parse::<i64>().map_or_else(|_| toml::Value::String(raw.into()), toml::Value::Integer),
+        Kind::Int { .. } => raw
+            .parse::<i64>()
+            .map_or_else(|_| toml::Value::String(raw.into()), toml::Value::Integer),
         Kind::Bool => match raw {
             "true" => toml::Value::Boolean(true),
             "false" => toml::Value::Boolean(false),
             _ => toml::Value::String(raw.into()),
         },
         Kind::CaCertHashes => toml::Value::Array(
-            raw.split(',').map(|s| toml::Value::String(s.trim().into())).filter(|v| v.as_str() != Some("")).collect(),
+            raw.split(',')
+                .map(|s| toml::Value::String(s.trim().into()))
+                .filter(|v| v.as_str() != Some(""))
+                .collect(),
         ),
         _ => toml::Value::String(raw.into()),
     }
@@ -359,9 +421,20 @@ pub fn merge(layers: &[Layer], mut problems: Vec<Problem>) -> Result<Loaded, Err
         if let Some(lit) = key.default {
             match toml::Value::deserialize_literal(lit) {
                 Some(value) => {
-                    entries.insert(key.path, Entry { value, source: Source::Default });
+                    entries.insert(
+                        key.path,
+                        Entry {
+                            value,
+                            source: Source::Default,
+                        },
+                    );
                 }
-                None => return Err(Error::Internal(format!("default of {} is not TOML: {lit}", key.path))),
+                None => {
+                    return Err(Error::Internal(format!(
+                        "default of {} is not TOML: {lit}",
+                        key.path
+                    )))
+                }
             }
         }
     }
@@ -384,7 +457,13 @@ pub fn merge(layers: &[Layer], mut problems: Vec<Problem>) -> Result<Loaded, Err
                     continue;
                 }
             }
-            entries.insert(key.path, Entry { value: value.clone(), source: layer.source.clone() });
+            entries.insert(
+                key.path,
+                Entry {
+                    value: value.clone(),
+                    source: layer.source.clone(),
+                },
+            );
         }
     }
     derive_defaults(&mut entries);
@@ -392,10 +471,12 @@ pub fn merge(layers: &[Layer], mut problems: Vec<Problem>) -> Result<Loaded, Err
     // them would bury the one real problem.
     let unparsed = problems.iter().any(|p| p.kind == ProblemKind::Syntax);
     for key in schema::KEYS.iter().filter(|k| k.required && !unparsed) {
-        if !entries.contains_key(key.path) {
+        // A key some source set but got wrong is already reported as such.
+        let refused = problems.iter().any(|p| p.key == key.path);
+        if !entries.contains_key(key.path) && !refused {
             problems.push(Problem {
                 kind: ProblemKind::Missing,
-                source: Source::Default,
+                source: Source::Unset,
                 key: key.path.to_string(),
                 value: None,
                 reason: "required and not set by any source".into(),
@@ -423,12 +504,19 @@ trait Literal {
 
 impl Literal for toml::Value {
     fn deserialize_literal(lit: &str) -> Option<toml::Value> {
-        format!("v = {lit}").parse::<toml::Table>().ok()?.remove("v")
+        format!("v = {lit}")
+            .parse::<toml::Table>()
+            .ok()?
+            .remove("v")
     }
 }
 
 fn derive_defaults(entries: &mut BTreeMap<&'static str, Entry>) {
-    let Some(name) = entries.get("cluster.name").and_then(|e| e.value.as_str()).map(str::to_string) else {
+    let Some(name) = entries
+        .get("cluster.name")
+        .and_then(|e| e.value.as_str())
+        .map(str::to_string)
+    else {
         return;
     };
     for (path, value) in [
@@ -444,7 +532,12 @@ fn derive_defaults(entries: &mut BTreeMap<&'static str, Entry>) {
 }
 
 fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Problem>) {
-    let dur = |p: &str| entries.get(p).and_then(|e| e.value.as_str()).and_then(value::parse_duration);
+    let dur = |p: &str| {
+        entries
+            .get(p)
+            .and_then(|e| e.value.as_str())
+            .and_then(value::parse_duration)
+    };
     let text = |p: &str| entries.get(p).and_then(|e| e.value.as_str());
     let set = |p: &str| entries.contains_key(p);
     let mut inconsistent = |key: &str, other: &str, reason: String, expected: &str| {
@@ -469,27 +562,42 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
     }
     if let (Some(period), Some(jitter)) = (dur("daemon.period"), dur("daemon.jitter")) {
         if jitter >= period {
-            inconsistent("daemon.jitter", "daemon.period", "jitter is not below the period".into(),
-                "daemon.jitter < daemon.period");
+            inconsistent(
+                "daemon.jitter",
+                "daemon.period",
+                "jitter is not below the period".into(),
+                "daemon.jitter < daemon.period",
+            );
         }
     }
     if let (Some(attempt), Some(op)) = (dur("aws.attempt_timeout"), dur("aws.operation_timeout")) {
         if attempt > op {
-            inconsistent("aws.attempt_timeout", "aws.operation_timeout",
+            inconsistent(
+                "aws.attempt_timeout",
+                "aws.operation_timeout",
                 "one attempt may outlast the whole operation".into(),
-                "aws.attempt_timeout <= aws.operation_timeout");
+                "aws.attempt_timeout <= aws.operation_timeout",
+            );
         }
     }
     if let (Some(first), Some(max)) = (dur("aws.initial_backoff"), dur("aws.max_backoff")) {
         if first > max {
-            inconsistent("aws.initial_backoff", "aws.max_backoff", "initial backoff exceeds the cap".into(),
-                "aws.initial_backoff <= aws.max_backoff");
+            inconsistent(
+                "aws.initial_backoff",
+                "aws.max_backoff",
+                "initial backoff exceeds the cap".into(),
+                "aws.initial_backoff <= aws.max_backoff",
+            );
         }
     }
     let port = |p: &str| entries.get(p).and_then(|e| e.value.as_integer());
     if port("etcd.client_port").is_some() && port("etcd.client_port") == port("etcd.peer_port") {
-        inconsistent("etcd.peer_port", "etcd.client_port", "client and peer ports are the same".into(),
-            "two different ports");
+        inconsistent(
+            "etcd.peer_port",
+            "etcd.client_port",
+            "client and peer ports are the same".into(),
+            "two different ports",
+        );
     }
     if text("metrics.sink") == Some("file") && !set("metrics.file") {
         inconsistent("metrics.sink", "metrics.file", "sink is \"file\" but no file is set".into(),
@@ -500,13 +608,24 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
             "join.ca_cert_hashes = [\"sha256:...\"] alongside join.token (kubeadm verifies the CA with it)");
     }
     if set("join.certificate_key") && !set("join.token") {
-        inconsistent("join.certificate_key", "join.token", "a certificate key without a token".into(),
-            "join.token alongside join.certificate_key");
+        inconsistent(
+            "join.certificate_key",
+            "join.token",
+            "a certificate key without a token".into(),
+            "join.token alongside join.certificate_key",
+        );
     }
-    let backups_on = entries.get("backup.enabled").and_then(|e| e.value.as_bool()) == Some(true);
+    let backups_on = entries
+        .get("backup.enabled")
+        .and_then(|e| e.value.as_bool())
+        == Some(true);
     if text("node.role") == Some("control-plane") && backups_on && !set("aws.backup_bucket") {
-        inconsistent("aws.backup_bucket", "backup.enabled", "control planes take backups but no bucket is set".into(),
-            "aws.backup_bucket = \"<bucket>\", or backup.enabled = false");
+        inconsistent(
+            "aws.backup_bucket",
+            "backup.enabled",
+            "control planes take backups but no bucket is set".into(),
+            "aws.backup_bucket = \"<bucket>\", or backup.enabled = false",
+        );
     }
 }
 
@@ -554,12 +673,25 @@ impl Loaded {
             .iter()
             .map(|(path, e)| {
                 let secret = schema::find(path).is_some_and(|k| k.secret);
-                let value = if secret { toml::Value::String(REDACTED.into()) } else { e.value.clone() };
-                (*path, Entry { value, source: e.source.clone() })
+                let value = if secret {
+                    toml::Value::String(REDACTED.into())
+                } else {
+                    e.value.clone()
+                };
+                (
+                    *path,
+                    Entry {
+                        value,
+                        source: e.source.clone(),
+                    },
+                )
             })
             .collect();
-        let sources: BTreeMap<&str, String> =
-            self.entries.iter().map(|(p, e)| (*p, e.source.to_string())).collect();
+        let sources: BTreeMap<&str, String> = self
+            .entries
+            .iter()
+            .map(|(p, e)| (*p, e.source.to_string()))
+            .collect();
         serde_json::json!({
             "config": serde_json::to_value(nest(&redacted)).unwrap_or_default(),
             "sources": sources,
@@ -589,33 +721,53 @@ pub struct LoadOptions {
 impl LoadOptions {
     /// Options for the running process: its environment, user-data from IMDS.
     pub fn from_process(path: PathBuf, user_data: UserData) -> Self {
-        LoadOptions { path, user_data, env: std::env::vars().collect() }
+        LoadOptions {
+            path,
+            user_data,
+            env: std::env::vars().collect(),
+        }
     }
 }
 
 /// Reads every source, merges and validates.
 pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
     let mut problems = Vec::new();
-    let text = std::fs::read_to_string(&opts.path)
-        .map_err(|source| Error::Read { path: opts.path.clone(), source })?;
-    let mut layers = vec![parse_toml(Source::File(opts.path.clone()), &text, &mut problems)];
+    let text = std::fs::read_to_string(&opts.path).map_err(|source| Error::Read {
+        path: opts.path.clone(),
+        source,
+    })?;
+    let mut layers = vec![parse_toml(
+        Source::File(opts.path.clone()),
+        &text,
+        &mut problems,
+    )];
     for path in drop_ins(&opts.path)? {
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
         layers.push(parse_toml(Source::DropIn(path), &text, &mut problems));
     }
-    let env_layers = parse_env(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut problems);
+    let env_layers = parse_env(
+        opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &mut problems,
+    );
 
     let raw_user_data = match &opts.user_data {
         UserData::Skip => None,
-        UserData::File(path) => {
-            Some(std::fs::read(path).map_err(|source| Error::Read { path: path.clone(), source })?)
-        }
+        UserData::File(path) => Some(std::fs::read(path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?),
         UserData::FromImds => {
             let local: Vec<Layer> = layers.iter().chain(&env_layers).cloned().collect();
             let settings = imds_settings(&local);
             if settings.user_data {
-                let imds = crate::identity::Imds::new(&settings).map_err(|source| Error::Imds { source })?;
-                imds.user_data().await.map_err(|source| Error::Imds { source })?
+                let imds = crate::identity::Imds::new(&settings)
+                    .map_err(|source| Error::Imds { source })?;
+                imds.user_data()
+                    .await
+                    .map_err(|source| Error::Imds { source })?
             } else {
                 None
             }
@@ -623,7 +775,11 @@ pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
     };
     if let Some(raw) = raw_user_data {
         match userdata::extract(&raw) {
-            Ok(Some(found)) => layers.push(parse_toml(Source::UserData(found.origin), &found.text, &mut problems)),
+            Ok(Some(found)) => layers.push(parse_toml(
+                Source::UserData(found.origin),
+                &found.text,
+                &mut problems,
+            )),
             Ok(None) => tracing::debug!("user-data holds no kubeboot configuration"),
             Err(e) => problems.push(Problem {
                 kind: match e {
@@ -647,7 +803,10 @@ pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
 
 /// The drop-in files next to the config file, in the order they apply.
 pub fn drop_ins(config_path: &Path) -> Result<Vec<PathBuf>, Error> {
-    let dir = config_path.parent().unwrap_or(Path::new("/")).join("config.d");
+    let dir = config_path
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("config.d");
     let listing = match std::fs::read_dir(&dir) {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -655,7 +814,12 @@ pub fn drop_ins(config_path: &Path) -> Result<Vec<PathBuf>, Error> {
     };
     let mut files = Vec::new();
     for entry in listing {
-        let path = entry.map_err(|source| Error::DropInDir { path: dir.clone(), source })?.path();
+        let path = entry
+            .map_err(|source| Error::DropInDir {
+                path: dir.clone(),
+                source,
+            })?
+            .path();
         if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
             files.push(path);
         }
@@ -673,7 +837,11 @@ pub fn imds_settings(layers: &[Layer]) -> model::Imds {
             .flat_map(|l| l.entries.iter())
             .find(|(k, _)| k.path == path)
             .map(|(_, v)| v.clone())
-            .or_else(|| schema::find(path).and_then(|k| k.default).and_then(toml::Value::deserialize_literal))
+            .or_else(|| {
+                schema::find(path)
+                    .and_then(|k| k.default)
+                    .and_then(toml::Value::deserialize_literal)
+            })
     };
     let dur = |path: &str, fallback: u64| {
         pick(path)
@@ -684,7 +852,9 @@ pub fn imds_settings(layers: &[Layer]) -> model::Imds {
         endpoint: pick("imds.endpoint")
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_else(|| "http://169.254.169.254".into()),
-        user_data: pick("imds.user_data").and_then(|v| v.as_bool()).unwrap_or(true),
+        user_data: pick("imds.user_data")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true),
         request_timeout: dur("imds.request_timeout", 2),
         deadline: dur("imds.deadline", 300),
     }

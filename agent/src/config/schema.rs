@@ -71,7 +71,12 @@ pub struct Key {
     pub doc: &'static str,
 }
 
-const fn key(path: &'static str, kind: Kind, default: Option<&'static str>, doc: &'static str) -> Key {
+const fn key(
+    path: &'static str,
+    kind: Kind,
+    default: Option<&'static str>,
+    doc: &'static str,
+) -> Key {
     Key {
         path,
         kind,
@@ -116,6 +121,7 @@ const fn dur(min_ms: u64, max_ms: u64) -> Kind {
 const PORT: Kind = Kind::Int { min: 1, max: 65535 };
 
 /// Every key, grouped by section. Order is the order of the reference.
+#[rustfmt::skip]
 pub const KEYS: &[Key] = &[
     // [cluster]
     identity(required(key("cluster.name", Kind::ClusterName, None,
@@ -250,7 +256,11 @@ pub fn is_section(path: &str) -> bool {
 
 /// The keys directly inside a section, for "expected one of" hints.
 pub fn children(section: &str) -> Vec<&'static str> {
-    let prefix = if section.is_empty() { String::new() } else { format!("{section}.") };
+    let prefix = if section.is_empty() {
+        String::new()
+    } else {
+        format!("{section}.")
+    };
     let mut out: Vec<&'static str> = Vec::new();
     for k in KEYS {
         if let Some(rest) = k.path.strip_prefix(prefix.as_str()) {
@@ -266,7 +276,10 @@ pub fn children(section: &str) -> Vec<&'static str> {
 
 /// The environment variable that overrides a key: `cluster.name` → `KUBEBOOT_CLUSTER_NAME`.
 pub fn env_var(path: &str) -> String {
-    format!("{ENV_PREFIX}{}", path.replace('.', "_").to_ascii_uppercase())
+    format!(
+        "{ENV_PREFIX}{}",
+        path.replace('.', "_").to_ascii_uppercase()
+    )
 }
 
 /// Prefix of every kubeboot environment variable.
@@ -308,6 +321,42 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// The configuration reference as Markdown, one table per section; the
+/// README embeds it between markers and a test keeps the two identical.
+pub fn reference_markdown() -> String {
+    let mut out = String::new();
+    let mut section = "";
+    for k in KEYS {
+        let this = k.path.rsplit_once('.').map_or("", |(s, _)| s);
+        if this != section {
+            section = this;
+            out.push_str(&format!("\n#### `[{section}]`\n\n| key | accepted values | default | notes |\n|---|---|---|---|\n"));
+        }
+        let default = match k.default {
+            Some(d) => format!("`{d}`"),
+            None if k.required => "**required**".into(),
+            None => "unset".into(),
+        };
+        let mut notes = k.doc.to_string();
+        if k.secret {
+            notes.push_str(" Secret: never printed.");
+        }
+        if k.identity {
+            notes.push_str(" Sources must agree.");
+        }
+        if k.not_from_user_data {
+            notes.push_str(" Not settable from user-data.");
+        }
+        let name = k.path.rsplit_once('.').map_or(k.path, |(_, n)| n);
+        out.push_str(&format!(
+            "| `{name}` (`{}`) | {} | {default} | {notes} |\n",
+            env_var(k.path),
+            super::value::expected_form(k.kind).replace('|', "\\|")
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,13 +367,21 @@ mod tests {
         names.sort();
         let before = names.len();
         names.dedup();
-        assert_eq!(before, names.len(), "two keys map to one KUBEBOOT_ variable");
+        assert_eq!(
+            before,
+            names.len(),
+            "two keys map to one KUBEBOOT_ variable"
+        );
     }
 
     #[test]
     fn keys_are_unique_and_sections_are_not_keys() {
         for (i, k) in KEYS.iter().enumerate() {
-            assert!(KEYS[i + 1..].iter().all(|o| o.path != k.path), "{} twice", k.path);
+            assert!(
+                KEYS[i + 1..].iter().all(|o| o.path != k.path),
+                "{} twice",
+                k.path
+            );
             assert!(!is_section(k.path), "{} is both key and section", k.path);
         }
     }

@@ -20,7 +20,10 @@ const TOKEN: &str = "abcdef.0123456789abcdef";
 
 fn merge_text(texts: &[(Source, &str)], env: &[(&str, &str)]) -> Result<Loaded, Error> {
     let mut problems = Vec::new();
-    let mut layers: Vec<Layer> = texts.iter().map(|(s, t)| parse_toml(s.clone(), t, &mut problems)).collect();
+    let mut layers: Vec<Layer> = texts
+        .iter()
+        .map(|(s, t)| parse_toml(s.clone(), t, &mut problems))
+        .collect();
     layers.extend(parse_env(env.iter().copied(), &mut problems));
     merge(&layers, problems)
 }
@@ -52,14 +55,23 @@ fn a_minimal_worker_config_is_valid_and_defaults_are_filled() {
     assert_eq!(c.lock.lease, std::time::Duration::from_secs(30));
     assert_eq!(c.aws.ssm_prefix, "/kubeboot/prod-a");
     assert_eq!(c.aws.join_secret, "kubeboot/prod-a/join");
-    assert_eq!(loaded.entries["aws.ssm_prefix"].source, Source::Derived("cluster.name"));
+    assert_eq!(
+        loaded.entries["aws.ssm_prefix"].source,
+        Source::Derived("cluster.name")
+    );
     assert_eq!(loaded.entries["lock.lease"].source, Source::Default);
-    assert_eq!(loaded.entries["cluster.name"].source, Source::File("/c.toml".into()));
+    assert_eq!(
+        loaded.entries["cluster.name"].source,
+        Source::File("/c.toml".into())
+    );
 }
 
 #[test]
 fn syntax_error_names_line_and_column() {
-    let p = only(merge_text(&[(Source::File("/c.toml".into()), "[cluster]\nname = prod-a\n")], &[]));
+    let p = only(merge_text(
+        &[(Source::File("/c.toml".into()), "[cluster]\nname = prod-a\n")],
+        &[],
+    ));
     assert_eq!(p.kind, ProblemKind::Syntax);
     assert!(p.key.starts_with("line 2, column"), "{}", p.key);
     assert_eq!(p.value.as_deref(), Some("`name = prod-a`"));
@@ -75,22 +87,48 @@ fn syntax_error_on_a_secret_line_does_not_echo_it() {
 
 #[test]
 fn unknown_key_suggests_the_near_one() {
-    let p = only(merge_text(&[(Source::File("/c.toml".into()), &base_plus("[lock]\nleese = \"30s\""))], &[]));
+    let p = only(merge_text(
+        &[(
+            Source::File("/c.toml".into()),
+            &base_plus("[lock]\nleese = \"30s\""),
+        )],
+        &[],
+    ));
     assert_eq!(p.kind, ProblemKind::UnknownKey);
     assert_eq!(p.key, "lock.leese");
-    assert!(p.expected.contains("did you mean `lock.lease`"), "{}", p.expected);
+    assert!(
+        p.expected.contains("did you mean `lock.lease`"),
+        "{}",
+        p.expected
+    );
 }
 
 #[test]
 fn unknown_section_lists_the_known_ones() {
-    let p = only(merge_text(&[(Source::File("/c.toml".into()), &base_plus("[observability]\nx = 1"))], &[]));
+    let p = only(merge_text(
+        &[(
+            Source::File("/c.toml".into()),
+            &base_plus("[observability]\nx = 1"),
+        )],
+        &[],
+    ));
     assert_eq!(p.kind, ProblemKind::UnknownKey);
-    assert!(p.expected.contains("cluster") && p.expected.contains("metrics"), "{}", p.expected);
+    assert!(
+        p.expected.contains("cluster") && p.expected.contains("metrics"),
+        "{}",
+        p.expected
+    );
 }
 
 #[test]
 fn wrong_type_names_key_value_and_form() {
-    let p = only(merge_text(&[(Source::File("/c.toml".into()), &base_plus("[etcd]\nclient_port = \"2379\""))], &[]));
+    let p = only(merge_text(
+        &[(
+            Source::File("/c.toml".into()),
+            &base_plus("[etcd]\nclient_port = \"2379\""),
+        )],
+        &[],
+    ));
     assert_eq!(p.kind, ProblemKind::WrongType);
     assert_eq!(p.key, "etcd.client_port");
     assert_eq!(p.value.as_deref(), Some("\"2379\""));
@@ -99,14 +137,23 @@ fn wrong_type_names_key_value_and_form() {
 
 #[test]
 fn section_given_as_a_value_is_a_wrong_type() {
-    let p = only(merge_text(&[(Source::File("/c.toml".into()), &format!("lock = 5\n{BASE}"))], &[]));
+    let p = only(merge_text(
+        &[(Source::File("/c.toml".into()), &format!("lock = 5\n{BASE}"))],
+        &[],
+    ));
     assert_eq!(p.kind, ProblemKind::WrongType);
     assert_eq!(p.key, "lock");
 }
 
 #[test]
 fn out_of_range_names_the_bounds() {
-    let p = only(merge_text(&[(Source::File("/c.toml".into()), &base_plus("[lock]\nlease = \"1s\""))], &[]));
+    let p = only(merge_text(
+        &[(
+            Source::File("/c.toml".into()),
+            &base_plus("[lock]\nlease = \"1s\""),
+        )],
+        &[],
+    ));
     assert_eq!(p.kind, ProblemKind::OutOfRange);
     assert_eq!(p.value.as_deref(), Some("\"1s\""));
     assert!(p.expected.contains("from 3s to 10m"), "{}", p.expected);
@@ -114,20 +161,41 @@ fn out_of_range_names_the_bounds() {
 
 #[test]
 fn missing_required_keys_are_all_listed_with_their_env_names() {
-    let p = problems(merge_text(&[(Source::File("/c.toml".into()), "[node]\nrole = \"worker\"\n")], &[]));
+    let p = problems(merge_text(
+        &[(
+            Source::File("/c.toml".into()),
+            "[node]\nrole = \"worker\"\n",
+        )],
+        &[],
+    ));
     let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
-    assert_eq!(keys, ["cluster.name", "cluster.kubernetes_version", "cluster.control_plane_endpoint", "aws.table"]);
+    assert_eq!(
+        keys,
+        [
+            "cluster.name",
+            "cluster.kubernetes_version",
+            "cluster.control_plane_endpoint",
+            "aws.table"
+        ]
+    );
     assert!(p.iter().all(|p| p.kind == ProblemKind::Missing));
     assert!(p[0].expected.contains("KUBEBOOT_CLUSTER_NAME"));
 }
 
 #[test]
 fn every_problem_is_reported_not_just_the_first() {
-    let text = base_plus("[lock]\nlease = \"1s\"\nleese = 3\n[etcd]\nscheme = \"tcp\"\n[metrics]\nbuffer = true\n");
+    let text = base_plus(
+        "[lock]\nlease = \"1s\"\nleese = 3\n[etcd]\nscheme = \"tcp\"\n[metrics]\nbuffer = true\n",
+    );
     let p = problems(merge_text(&[(Source::File("/c.toml".into()), &text)], &[]));
     let kinds: Vec<ProblemKind> = p.iter().map(|p| p.kind).collect();
     assert_eq!(p.len(), 4, "{p:#?}");
-    for k in [ProblemKind::OutOfRange, ProblemKind::UnknownKey, ProblemKind::Invalid, ProblemKind::WrongType] {
+    for k in [
+        ProblemKind::OutOfRange,
+        ProblemKind::UnknownKey,
+        ProblemKind::Invalid,
+        ProblemKind::WrongType,
+    ] {
         assert!(kinds.contains(&k), "{k:?} missing from {kinds:?}");
     }
 }
@@ -135,29 +203,56 @@ fn every_problem_is_reported_not_just_the_first() {
 #[test]
 fn conflicting_sources_for_the_cluster_name_are_refused() {
     let p = only(merge_text(
-        &[(Source::File("/c.toml".into()), BASE), (Source::UserData("plain body"), "[cluster]\nname = \"prod-b\"\n")],
+        &[
+            (Source::File("/c.toml".into()), BASE),
+            (
+                Source::UserData("plain body"),
+                "[cluster]\nname = \"prod-b\"\n",
+            ),
+        ],
         &[],
     ));
     assert_eq!(p.kind, ProblemKind::Conflict);
     assert_eq!(p.key, "cluster.name");
-    assert!(p.reason.contains("\"prod-a\" from file /c.toml"), "{}", p.reason);
-    assert!(p.to_string().starts_with("user-data (plain body): cluster.name = \"prod-b\""));
+    assert!(
+        p.reason.contains("\"prod-a\" from file /c.toml"),
+        "{}",
+        p.reason
+    );
+    assert!(p
+        .to_string()
+        .starts_with("user-data (plain body): cluster.name = \"prod-b\""));
 }
 
 #[test]
 fn sources_that_agree_on_the_cluster_name_are_fine() {
     let loaded = merge_text(
-        &[(Source::File("/c.toml".into()), BASE), (Source::UserData("plain body"), "[cluster]\nname = \"prod-a\"\n")],
+        &[
+            (Source::File("/c.toml".into()), BASE),
+            (
+                Source::UserData("plain body"),
+                "[cluster]\nname = \"prod-a\"\n",
+            ),
+        ],
         &[("KUBEBOOT_CLUSTER_NAME", "prod-a")],
     )
     .unwrap();
-    assert_eq!(loaded.entries["cluster.name"].source, Source::Env("KUBEBOOT_CLUSTER_NAME".into()));
+    assert_eq!(
+        loaded.entries["cluster.name"].source,
+        Source::Env("KUBEBOOT_CLUSTER_NAME".into())
+    );
 }
 
 #[test]
 fn user_data_cannot_move_the_metadata_endpoint() {
     let p = only(merge_text(
-        &[(Source::File("/c.toml".into()), BASE), (Source::UserData("plain body"), "[imds]\nendpoint = \"http://10.0.0.1\"\n")],
+        &[
+            (Source::File("/c.toml".into()), BASE),
+            (
+                Source::UserData("plain body"),
+                "[imds]\nendpoint = \"http://10.0.0.1\"\n",
+            ),
+        ],
         &[],
     ));
     assert_eq!(p.kind, ProblemKind::Conflict);
@@ -169,7 +264,11 @@ fn inconsistent_keys_name_both() {
     let text = base_plus("[lock]\nlease = \"30s\"\nmargin = \"15s\"\n[daemon]\nperiod = \"10s\"\njitter = \"10s\"\n[metrics]\nsink = \"file\"");
     let p = problems(merge_text(&[(Source::File("/c.toml".into()), &text)], &[]));
     let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
-    assert_eq!(keys, ["lock.margin", "daemon.jitter", "metrics.sink"], "{p:#?}");
+    assert_eq!(
+        keys,
+        ["lock.margin", "daemon.jitter", "metrics.sink"],
+        "{p:#?}"
+    );
     assert!(p.iter().all(|p| p.kind == ProblemKind::Inconsistent));
     assert!(p[0].reason.contains("lock.lease"));
 }
@@ -191,7 +290,10 @@ fn precedence_is_default_file_dropin_userdata_env() {
         (Source::DropIn("/c.d/20.toml".into()), "[daemon]\nreconcile_grace = \"3m\"\nlifecycle_heartbeat = \"40s\"\n".into()),
         (Source::UserData("plain body"), "[daemon]\nlifecycle_heartbeat = \"50s\"\n[etcd]\ndial_timeout = \"2s\"\n".into()),
     ];
-    let texts: Vec<(Source, &str)> = layers.iter().map(|(s, t)| (s.clone(), t.as_str())).collect();
+    let texts: Vec<(Source, &str)> = layers
+        .iter()
+        .map(|(s, t)| (s.clone(), t.as_str()))
+        .collect();
     let loaded = merge_text(&texts, &[("KUBEBOOT_ETCD_DIAL_TIMEOUT", "3s")]).unwrap();
     let src = |k: &str| loaded.entries[k].source.to_string();
     assert_eq!(src("daemon.period"), "file /c.toml");
@@ -200,8 +302,14 @@ fn precedence_is_default_file_dropin_userdata_env() {
     assert_eq!(src("daemon.lifecycle_heartbeat"), "user-data (plain body)");
     assert_eq!(src("etcd.dial_timeout"), "env KUBEBOOT_ETCD_DIAL_TIMEOUT");
     assert_eq!(src("etcd.request_timeout"), "default");
-    assert_eq!(loaded.config.etcd.dial_timeout, std::time::Duration::from_secs(3));
-    assert_eq!(loaded.config.daemon.lifecycle_heartbeat, std::time::Duration::from_secs(50));
+    assert_eq!(
+        loaded.config.etcd.dial_timeout,
+        std::time::Duration::from_secs(3)
+    );
+    assert_eq!(
+        loaded.config.daemon.lifecycle_heartbeat,
+        std::time::Duration::from_secs(50)
+    );
 }
 
 #[test]
@@ -222,36 +330,68 @@ fn env_values_are_read_as_the_key_type() {
     .unwrap();
     assert_eq!(loaded.config.aws.max_attempts, 7);
     assert!(loaded.config.aws.s3_force_path_style);
-    assert_eq!(loaded.config.aws.endpoints.dynamodb.as_deref(), Some("http://127.0.0.1:5000"));
-    assert_eq!(loaded.config.join.token.as_ref().map(|t| t.expose().as_str()), Some(TOKEN));
-    assert_eq!(loaded.config.join.ca_cert_hashes.as_ref().map(Vec::len), Some(2));
+    assert_eq!(
+        loaded.config.aws.endpoints.dynamodb.as_deref(),
+        Some("http://127.0.0.1:5000")
+    );
+    assert_eq!(
+        loaded
+            .config
+            .join
+            .token
+            .as_ref()
+            .map(|t| t.expose().as_str()),
+        Some(TOKEN)
+    );
+    assert_eq!(
+        loaded.config.join.ca_cert_hashes.as_ref().map(Vec::len),
+        Some(2)
+    );
 }
 
 #[test]
 fn bad_env_values_and_unknown_variables_are_errors() {
     let p = problems(merge_text(
         &[(Source::File("/c.toml".into()), BASE)],
-        &[("KUBEBOOT_AWS_MAX_ATTEMPTS", "many"), ("KUBEBOOT_LOCK_LEESE", "30s")],
+        &[
+            ("KUBEBOOT_AWS_MAX_ATTEMPTS", "many"),
+            ("KUBEBOOT_LOCK_LEESE", "30s"),
+        ],
     ));
     assert_eq!(p.len(), 2, "{p:#?}");
     assert_eq!(p[0].kind, ProblemKind::WrongType);
     assert_eq!(p[0].source, Source::Env("KUBEBOOT_AWS_MAX_ATTEMPTS".into()));
     assert_eq!(p[0].value.as_deref(), Some("\"many\""));
     assert_eq!(p[1].kind, ProblemKind::UnknownKey);
-    assert!(p[1].expected.contains("KUBEBOOT_LOCK_LEASE"), "{}", p[1].expected);
+    assert!(
+        p[1].expected.contains("KUBEBOOT_LOCK_LEASE"),
+        "{}",
+        p[1].expected
+    );
 }
 
 #[test]
 fn invalid_secrets_are_refused_without_being_echoed() {
     let bad = "ABCDEF.NOT-A-REAL-TOKEN";
     let p = problems(merge_text(
-        &[(Source::File("/c.toml".into()), &base_plus(&format!("[join]\ntoken = \"{bad}\"")))],
+        &[(
+            Source::File("/c.toml".into()),
+            &base_plus(&format!("[join]\ntoken = \"{bad}\"")),
+        )],
         &[("KUBEBOOT_JOIN_CERTIFICATE_KEY", "zz-not-hex")],
     ));
-    assert!(p.iter().any(|p| p.key == "join.token" && p.kind == ProblemKind::Invalid));
+    assert!(p
+        .iter()
+        .any(|p| p.key == "join.token" && p.kind == ProblemKind::Invalid));
     for problem in &p {
-        let shown = format!("{problem} {problem:?} {}", serde_json::to_string(problem).unwrap());
-        assert!(!shown.contains(bad) && !shown.contains("zz-not-hex"), "{shown}");
+        let shown = format!(
+            "{problem} {problem:?} {}",
+            serde_json::to_string(problem).unwrap()
+        );
+        assert!(
+            !shown.contains(bad) && !shown.contains("zz-not-hex"),
+            "{shown}"
+        );
     }
 }
 
@@ -259,11 +399,21 @@ fn invalid_secrets_are_refused_without_being_echoed() {
 fn show_redacts_secrets_in_text_and_json() {
     let hash = format!("sha256:{}", "ab".repeat(32));
     let key = "0f".repeat(32);
-    let text = base_plus(&format!("[join]\ntoken = \"{TOKEN}\"\ncertificate_key = \"{key}\"\nca_cert_hashes = [\"{hash}\"]"));
+    let text = base_plus(&format!(
+        "[join]\ntoken = \"{TOKEN}\"\ncertificate_key = \"{key}\"\nca_cert_hashes = [\"{hash}\"]"
+    ));
     let loaded = merge_text(&[(Source::File("/c.toml".into()), &text)], &[]).unwrap();
-    let shown = format!("{}\n{}\n{:?}", loaded.show_text(), loaded.show_json(), loaded.config);
+    let shown = format!(
+        "{}\n{}\n{:?}",
+        loaded.show_text(),
+        loaded.show_json(),
+        loaded.config
+    );
     assert!(!shown.contains(TOKEN) && !shown.contains(&key), "{shown}");
-    assert!(shown.contains(&hash), "CA pins are not secret and help debugging");
+    assert!(
+        shown.contains(&hash),
+        "CA pins are not secret and help debugging"
+    );
     assert!(loaded.show_text().contains("join.token"));
 }
 
@@ -275,7 +425,9 @@ fn the_typed_model_mirrors_every_schema_key() {
     for key in schema::KEYS {
         let value = match (key.default, key.kind) {
             (Some(lit), _) => toml::Value::deserialize_literal(lit).unwrap(),
-            (None, Kind::CaCertHashes) => toml::Value::Array(vec![format!("sha256:{}", "ab".repeat(32)).into()]),
+            (None, Kind::CaCertHashes) => {
+                toml::Value::Array(vec![format!("sha256:{}", "ab".repeat(32)).into()])
+            }
             (None, Kind::BootstrapToken) => TOKEN.into(),
             (None, Kind::CertificateKey) => "0f".repeat(32).into(),
             (None, Kind::SsmPrefix) => "/x/y".into(),
@@ -287,8 +439,18 @@ fn the_typed_model_mirrors_every_schema_key() {
             (None, Kind::OneOf(words)) => words[0].into(),
             (None, _) => "abc".into(),
         };
-        assert!(value::check(key.kind, &value).is_ok(), "{} sample does not validate", key.path);
-        entries.insert(key.path, Entry { value, source: Source::Default });
+        assert!(
+            value::check(key.kind, &value).is_ok(),
+            "{} sample does not validate",
+            key.path
+        );
+        entries.insert(
+            key.path,
+            Entry {
+                value,
+                source: Source::Default,
+            },
+        );
     }
     let config: Config = nest(&entries).try_into().unwrap();
     assert!(config.join.token.is_some() && config.aws.endpoints.sts.is_some());
@@ -298,15 +460,26 @@ fn the_typed_model_mirrors_every_schema_key() {
 fn every_default_validates() {
     for key in schema::KEYS {
         if let Some(lit) = key.default {
-            let v = toml::Value::deserialize_literal(lit).unwrap_or_else(|| panic!("{} default {lit}", key.path));
-            assert!(value::check(key.kind, &v).is_ok(), "{} default {lit} fails its own check", key.path);
+            let v = toml::Value::deserialize_literal(lit)
+                .unwrap_or_else(|| panic!("{} default {lit}", key.path));
+            assert!(
+                value::check(key.kind, &v).is_ok(),
+                "{} default {lit} fails its own check",
+                key.path
+            );
         }
     }
 }
 
 #[test]
 fn a_problem_reads_as_one_actionable_line() {
-    let p = only(merge_text(&[(Source::File("/etc/kubeboot/config.toml".into()), &base_plus("[lock]\nlease = \"1s\""))], &[]));
+    let p = only(merge_text(
+        &[(
+            Source::File("/etc/kubeboot/config.toml".into()),
+            &base_plus("[lock]\nlease = \"1s\""),
+        )],
+        &[],
+    ));
     assert_eq!(
         p.to_string(),
         "file /etc/kubeboot/config.toml: lock.lease = \"1s\": out of range; expected a duration from 3s to 10m \
@@ -328,8 +501,16 @@ mod load {
     async fn drop_ins_apply_in_lexical_order_and_user_data_file_is_merged() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "config.toml", BASE);
-        write(dir.path(), "config.d/20-b.toml", "[daemon]\nperiod = \"20s\"\n");
-        write(dir.path(), "config.d/10-a.toml", "[daemon]\nperiod = \"10s\"\n");
+        write(
+            dir.path(),
+            "config.d/20-b.toml",
+            "[daemon]\nperiod = \"20s\"\n",
+        );
+        write(
+            dir.path(),
+            "config.d/10-a.toml",
+            "[daemon]\nperiod = \"10s\"\n",
+        );
         write(dir.path(), "config.d/README", "not toml, ignored");
         let ud = write(
             dir.path(),
@@ -339,16 +520,30 @@ mod load {
                 userdata::CONTENT_TYPE
             ),
         );
-        let opts = LoadOptions { path, user_data: UserData::File(ud), env: vec![] };
+        let opts = LoadOptions {
+            path,
+            user_data: UserData::File(ud),
+            env: vec![],
+        };
         let loaded = load(&opts).await.unwrap();
-        assert_eq!(loaded.config.daemon.period, std::time::Duration::from_secs(20));
+        assert_eq!(
+            loaded.config.daemon.period,
+            std::time::Duration::from_secs(20)
+        );
         assert_eq!(loaded.config.node.role, Role::ControlPlane);
-        assert_eq!(loaded.entries["node.role"].source, Source::UserData("MIME part application/kubeboot+toml"));
+        assert_eq!(
+            loaded.entries["node.role"].source,
+            Source::UserData("MIME part application/kubeboot+toml")
+        );
     }
 
     #[tokio::test]
     async fn a_missing_file_is_a_usage_error_with_a_hint() {
-        let opts = LoadOptions { path: "/nonexistent/kubeboot.toml".into(), user_data: UserData::Skip, env: vec![] };
+        let opts = LoadOptions {
+            path: "/nonexistent/kubeboot.toml".into(),
+            user_data: UserData::Skip,
+            env: vec![],
+        };
         let err = load(&opts).await.unwrap_err();
         assert!(err.is_usage());
         assert!(err.hint().contains("KUBEBOOT_CONFIG"), "{}", err.hint());
@@ -358,12 +553,31 @@ mod load {
     async fn two_kubeboot_parts_in_user_data_conflict() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "config.toml", BASE);
-        let part = format!("--B\nContent-Type: {}\n\n[daemon]\nperiod = \"20s\"\n", userdata::CONTENT_TYPE);
-        let ud = write(dir.path(), "ud", &format!("Content-Type: multipart/mixed; boundary=B\n\n{part}{part}--B--\n"));
-        let err = load(&LoadOptions { path, user_data: UserData::File(ud), env: vec![] }).await.unwrap_err();
-        let Error::Invalid { problems } = err else { panic!("expected problems") };
+        let part = format!(
+            "--B\nContent-Type: {}\n\n[daemon]\nperiod = \"20s\"\n",
+            userdata::CONTENT_TYPE
+        );
+        let ud = write(
+            dir.path(),
+            "ud",
+            &format!("Content-Type: multipart/mixed; boundary=B\n\n{part}{part}--B--\n"),
+        );
+        let err = load(&LoadOptions {
+            path,
+            user_data: UserData::File(ud),
+            env: vec![],
+        })
+        .await
+        .unwrap_err();
+        let Error::Invalid { problems } = err else {
+            panic!("expected problems")
+        };
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].kind, ProblemKind::Conflict);
-        assert!(problems[0].reason.contains("2 parts"), "{}", problems[0].reason);
+        assert!(
+            problems[0].reason.contains("2 parts"),
+            "{}",
+            problems[0].reason
+        );
     }
 }

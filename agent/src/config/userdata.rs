@@ -51,7 +51,10 @@ pub fn extract(raw: &[u8]) -> Result<Option<Found>, UserDataError> {
         return Ok(None);
     }
     let text = String::from_utf8(bytes).map_err(|_| UserDataError::NotUtf8)?;
-    Ok(Some(Found { text, origin: "plain body" }))
+    Ok(Some(Found {
+        text,
+        origin: "plain body",
+    }))
 }
 
 fn from_mime(doc: &[u8]) -> Result<Option<Found>, UserDataError> {
@@ -61,16 +64,24 @@ fn from_mime(doc: &[u8]) -> Result<Option<Found>, UserDataError> {
     match ours.len() {
         0 => Ok(None),
         1 => {
-            let body = ours[0].get_body_raw().map_err(|e| UserDataError::Mime(e.to_string()))?;
+            let body = ours[0]
+                .get_body_raw()
+                .map_err(|e| UserDataError::Mime(e.to_string()))?;
             let body = unwrap_encodings(&body)?;
             let text = String::from_utf8(body).map_err(|_| UserDataError::NotUtf8)?;
-            Ok(Some(Found { text, origin: "MIME part application/kubeboot+toml" }))
+            Ok(Some(Found {
+                text,
+                origin: "MIME part application/kubeboot+toml",
+            }))
         }
         n => Err(UserDataError::MultipleParts(n)),
     }
 }
 
-fn collect_parts<'a>(mail: &'a mailparse::ParsedMail<'a>, out: &mut Vec<&'a mailparse::ParsedMail<'a>>) {
+fn collect_parts<'a>(
+    mail: &'a mailparse::ParsedMail<'a>,
+    out: &mut Vec<&'a mailparse::ParsedMail<'a>>,
+) {
     if mail.ctype.mimetype.eq_ignore_ascii_case(CONTENT_TYPE) {
         out.push(mail);
     }
@@ -105,20 +116,31 @@ fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, UserDataError> {
 
 /// Decodes `bytes` if the whole body is base64 and decodes to gzip or text.
 fn base64_layer(bytes: &[u8]) -> Option<Vec<u8>> {
-    let compact: Vec<u8> = bytes.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    let compact: Vec<u8> = bytes
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     if compact.len() < 8
         || compact.len() % 4 != 0
-        || !compact.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/' || *b == b'=')
+        || !compact
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/' || *b == b'=')
     {
         return None;
     }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(&compact).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(&compact)
+        .ok()?;
     let useful = decoded.starts_with(&[0x1f, 0x8b]) || std::str::from_utf8(&decoded).is_ok();
     useful.then_some(decoded)
 }
 
 fn trim_start(bytes: &[u8]) -> &[u8] {
-    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
     &bytes[start..]
 }
 
@@ -129,9 +151,15 @@ fn looks_like_mime(doc: &[u8]) -> bool {
 
 /// Scripts, cloud-config and cloud-init directives belong to other tools.
 fn is_other_tools_format(doc: &[u8]) -> bool {
-    [&b"#!"[..], b"#cloud-", b"#include", b"#part-handler", b"#upstart-job"]
-        .iter()
-        .any(|p| doc.starts_with(p))
+    [
+        &b"#!"[..],
+        b"#cloud-",
+        b"#include",
+        b"#part-handler",
+        b"#upstart-job",
+    ]
+    .iter()
+    .any(|p| doc.starts_with(p))
 }
 
 #[cfg(test)]
@@ -169,7 +197,11 @@ mod tests {
     #[test]
     fn multipart_with_our_part_and_a_script() {
         let doc = multipart(&[
-            ("text/x-shellscript; charset=\"us-ascii\"", "#!/bin/bash\nsystemctl start kubeboot", None),
+            (
+                "text/x-shellscript; charset=\"us-ascii\"",
+                "#!/bin/bash\nsystemctl start kubeboot",
+                None,
+            ),
             (CONTENT_TYPE, TOML, None),
         ]);
         let found = extract(doc.as_bytes()).unwrap().unwrap();
@@ -192,7 +224,10 @@ mod tests {
     #[test]
     fn two_of_our_parts_conflict() {
         let doc = multipart(&[(CONTENT_TYPE, TOML, None), (CONTENT_TYPE, TOML, None)]);
-        assert_eq!(extract(doc.as_bytes()), Err(UserDataError::MultipleParts(2)));
+        assert_eq!(
+            extract(doc.as_bytes()),
+            Err(UserDataError::MultipleParts(2))
+        );
     }
 
     #[test]
@@ -213,7 +248,10 @@ mod tests {
     fn gzip_plain_and_gzip_multipart() {
         assert_eq!(extract(&gzip(TOML.as_bytes())).unwrap().unwrap().text, TOML);
         let doc = multipart(&[(CONTENT_TYPE, TOML, None)]);
-        assert_eq!(extract(&gzip(doc.as_bytes())).unwrap().unwrap().text.trim(), TOML.trim());
+        assert_eq!(
+            extract(&gzip(doc.as_bytes())).unwrap().unwrap().text.trim(),
+            TOML.trim()
+        );
     }
 
     #[test]
@@ -231,6 +269,9 @@ mod tests {
 
     #[test]
     fn binary_plain_body_is_an_error() {
-        assert_eq!(extract(&[b'a', 0xff, 0xfe, b'=']), Err(UserDataError::NotUtf8));
+        assert_eq!(
+            extract(&[b'a', 0xff, 0xfe, b'=']),
+            Err(UserDataError::NotUtf8)
+        );
     }
 }

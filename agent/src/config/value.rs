@@ -62,9 +62,15 @@ pub fn expected_form(kind: Kind) -> String {
 
 /// Checks `value` against `kind`.
 pub fn check(kind: Kind, value: &toml::Value) -> Result<(), Refusal> {
-    let wrong_type = || Refusal::WrongType { expected: expected_form(kind) };
-    let invalid = || Refusal::Invalid { expected: expected_form(kind) };
-    let out_of_range = || Refusal::OutOfRange { expected: expected_form(kind) };
+    let wrong_type = || Refusal::WrongType {
+        expected: expected_form(kind),
+    };
+    let invalid = || Refusal::Invalid {
+        expected: expected_form(kind),
+    };
+    let out_of_range = || Refusal::OutOfRange {
+        expected: expected_form(kind),
+    };
     match kind {
         Kind::Int { min, max } => {
             let n = value.as_integer().ok_or_else(wrong_type)?;
@@ -127,11 +133,13 @@ fn string_ok(kind: Kind, s: &str) -> bool {
         Kind::Text => !s.trim().is_empty() && !s.contains('\n'),
         Kind::TableName => {
             (3..=255).contains(&s.len())
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
         }
         Kind::BucketName => {
             (3..=63).contains(&s.len())
-                && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
                 && s.starts_with(|c: char| c.is_ascii_alphanumeric())
                 && s.ends_with(|c: char| c.is_ascii_alphanumeric())
         }
@@ -140,22 +148,29 @@ fn string_ok(kind: Kind, s: &str) -> bool {
                 && s.starts_with('/')
                 && !s.ends_with('/')
                 && !s.contains("//")
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
         }
         Kind::SecretName => {
             (1..=512).contains(&s.len())
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
         }
         Kind::BootstrapToken => is_bootstrap_token(s),
         Kind::CertificateKey => s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()),
-        Kind::Int { .. } | Kind::Bool | Kind::Duration { .. } | Kind::OneOf(_) | Kind::CaCertHashes => false,
+        Kind::Int { .. }
+        | Kind::Bool
+        | Kind::Duration { .. }
+        | Kind::OneOf(_)
+        | Kind::CaCertHashes => false,
     }
 }
 
 fn is_dns_label(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -165,7 +180,9 @@ fn is_kube_version(s: &str) -> bool {
     let parts: Vec<&str> = v.split('.').collect();
     parts.len() == 3
         && parts[0] == "1"
-        && parts[1..].iter().all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()))
+        && parts[1..]
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Splits `host:port`, refusing an empty host or a port outside 1-65535.
@@ -173,25 +190,33 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
     let host_ok = !host.is_empty()
-        && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c));
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c));
     (port > 0 && host_ok).then_some((host, port))
 }
 
 fn is_cidr(s: &str) -> bool {
-    let Some((ip, bits)) = s.split_once('/') else { return false };
+    let Some((ip, bits)) = s.split_once('/') else {
+        return false;
+    };
     ip.parse::<Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
 }
 
 fn is_region(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() >= 3
-        && parts[..parts.len() - 1].iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
         && parts[parts.len() - 1].chars().all(|c| c.is_ascii_digit())
         && !parts[parts.len() - 1].is_empty()
 }
 
 fn is_url(s: &str, schemes: &[&str]) -> bool {
-    let Some((scheme, rest)) = s.split_once("://") else { return false };
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return false;
+    };
     if !schemes.contains(&scheme) {
         return false;
     }
@@ -216,7 +241,10 @@ fn url_has_port(s: &str) -> bool {
 }
 
 fn is_bootstrap_token(s: &str) -> bool {
-    let lower_alnum = |p: &str| p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let lower_alnum = |p: &str| {
+        p.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    };
     matches!(s.split_once('.'), Some((id, sec)) if id.len() == 6 && sec.len() == 16 && lower_alnum(id) && lower_alnum(sec))
 }
 
@@ -240,7 +268,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         }
         let n: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let ms_per = match &rest[..unit_len] {
             "ms" => 1,
             "s" => 1000,
@@ -262,7 +292,13 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".into();
     }
     let mut out = String::new();
-    for (unit, per) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)] {
+    for (unit, per) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+        ("ms", 1),
+    ] {
         if ms >= per {
             out.push_str(&format!("{}{unit}", ms / per));
             ms %= per;
@@ -285,7 +321,16 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
         assert_eq!(parse_duration("2d"), Some(Duration::from_secs(172_800)));
-        for bad in ["", "30", "s", "5 m", "-5s", "1.5h", "5mins", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "5 m",
+            "-5s",
+            "1.5h",
+            "5mins",
+            "99999999999999999999d",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
         for d in ["1h30m", "500ms", "6h", "1m1s1ms"] {
@@ -295,22 +340,40 @@ mod tests {
 
     #[test]
     fn duration_bounds_are_out_of_range_not_invalid() {
-        let k = Kind::Duration { min_ms: 3000, max_ms: 600_000 };
+        let k = Kind::Duration {
+            min_ms: 3000,
+            max_ms: 600_000,
+        };
         assert!(check(k, &s("30s")).is_ok());
-        assert!(matches!(check(k, &s("2s")), Err(Refusal::OutOfRange { .. })));
-        assert!(matches!(check(k, &s("11m")), Err(Refusal::OutOfRange { .. })));
+        assert!(matches!(
+            check(k, &s("2s")),
+            Err(Refusal::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check(k, &s("11m")),
+            Err(Refusal::OutOfRange { .. })
+        ));
         assert!(matches!(check(k, &s("soon")), Err(Refusal::Invalid { .. })));
-        assert!(matches!(check(k, &Value::Integer(30)), Err(Refusal::WrongType { .. })));
+        assert!(matches!(
+            check(k, &Value::Integer(30)),
+            Err(Refusal::WrongType { .. })
+        ));
     }
 
     #[test]
     fn integers_and_bools() {
         let k = Kind::Int { min: 1, max: 10 };
         assert!(check(k, &Value::Integer(5)).is_ok());
-        assert!(matches!(check(k, &Value::Integer(0)), Err(Refusal::OutOfRange { .. })));
+        assert!(matches!(
+            check(k, &Value::Integer(0)),
+            Err(Refusal::OutOfRange { .. })
+        ));
         assert!(matches!(check(k, &s("5")), Err(Refusal::WrongType { .. })));
         assert!(check(Kind::Bool, &Value::Boolean(true)).is_ok());
-        assert!(matches!(check(Kind::Bool, &s("yes")), Err(Refusal::WrongType { .. })));
+        assert!(matches!(
+            check(Kind::Bool, &s("yes")),
+            Err(Refusal::WrongType { .. })
+        ));
     }
 
     #[test]
@@ -357,7 +420,13 @@ mod tests {
         let good = Value::Array(vec![s(&format!("sha256:{}", "ab".repeat(32)))]);
         assert!(check(Kind::CaCertHashes, &good).is_ok());
         let bad = Value::Array(vec![s("md5:abc")]);
-        assert!(matches!(check(Kind::CaCertHashes, &bad), Err(Refusal::Invalid { .. })));
-        assert!(matches!(check(Kind::CaCertHashes, &s("sha256:x")), Err(Refusal::WrongType { .. })));
+        assert!(matches!(
+            check(Kind::CaCertHashes, &bad),
+            Err(Refusal::Invalid { .. })
+        ));
+        assert!(matches!(
+            check(Kind::CaCertHashes, &s("sha256:x")),
+            Err(Refusal::WrongType { .. })
+        ));
     }
 }

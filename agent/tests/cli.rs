@@ -1,0 +1,261 @@
+//! The binary as an operator meets it: exit codes, every problem printed,
+//! secrets never shown, help that explains.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kubeboot");
+const TOKEN: &str = "abcdef.0123456789abcdef";
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// Runs kubeboot with a clean environment plus `env`.
+fn kubeboot(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear().env("PATH", "/usr/bin:/bin").args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("kubeboot runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn the_example_configs_pass_config_check() {
+    for name in ["worker.toml", "control-plane.toml"] {
+        let path = examples().join(name);
+        let out = kubeboot(
+            &[
+                "config",
+                "check",
+                "--no-user-data",
+                "--config",
+                path.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).starts_with("configuration OK: cluster prod-a"),
+            "{}",
+            stdout(&out)
+        );
+    }
+}
+
+#[test]
+fn a_broken_config_exits_2_and_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[cluster]\nname = \"Prod_A\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"api:6443\"\n\
+         [node]\nrole = \"wroker\"\n[aws]\ntable = \"t-1\"\nmax_attempts = 0\n[lock]\nleese = \"1m\"\n",
+    );
+    let out = kubeboot(
+        &["config", "check", "--no-user-data", "--config", &path],
+        &[("KUBEBOOT_ETCD_CLIENT_PORT", "http")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    assert!(text.starts_with("configuration has 5 problems:"), "{text}");
+    for needle in [
+        "cluster.name = \"Prod_A\": invalid value; expected a lowercase DNS label",
+        "node.role = \"wroker\": invalid value; expected one of \"control-plane\", \"worker\"",
+        "aws.max_attempts = 0: out of range; expected a whole number from 1 to 10",
+        "lock.leese = \"1m\": unknown key; expected a known key (did you mean `lock.lease`?)",
+        "env KUBEBOOT_ETCD_CLIENT_PORT: etcd.client_port = \"http\": wrong type (text)",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(text.contains(&format!("file {path}")));
+}
+
+#[test]
+fn config_check_json_output_is_machine_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[cluster]\nname = 42\n");
+    let out = kubeboot(
+        &[
+            "config",
+            "check",
+            "--no-user-data",
+            "--output",
+            "json",
+            "--config",
+            &path,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["ok"], false);
+    let first = &v["problems"][0];
+    assert_eq!(first["kind"], "wrong-type");
+    assert_eq!(first["key"], "cluster.name");
+    assert_eq!(first["value"], "42");
+    assert!(first["source"].as_str().unwrap().starts_with("file "));
+}
+
+#[test]
+fn a_missing_config_file_exits_2_with_a_hint() {
+    let out = kubeboot(
+        &["config", "check", "--no-user-data", "--log-format", "json"],
+        &[("KUBEBOOT_CONFIG", "/nonexistent/k.toml")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let line: serde_json::Value =
+        serde_json::from_str(stderr(&out).lines().last().unwrap()).unwrap();
+    assert_eq!(line["level"], "ERROR");
+    assert!(line["message"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/k.toml"));
+    assert!(line["hint"].as_str().unwrap().contains("--config"));
+    assert_eq!(line["exit_code"], 2);
+}
+
+#[test]
+fn config_show_prints_sources_and_never_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert_key = "7e".repeat(32);
+    let base = std::fs::read_to_string(examples().join("worker.toml")).unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "{base}\n[join]\ntoken = \"{TOKEN}\"\nca_cert_hashes = [\"sha256:{}\"]\n",
+            "ab".repeat(32)
+        ),
+    );
+    let env = [
+        ("KUBEBOOT_JOIN_CERTIFICATE_KEY", cert_key.as_str()),
+        ("KUBEBOOT_LOG_LEVEL", "debug"),
+    ];
+    for output in ["text", "json"] {
+        let out = kubeboot(
+            &[
+                "config",
+                "show",
+                "--no-user-data",
+                "--output",
+                output,
+                "--config",
+                &path,
+            ],
+            &env,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(
+            !all.contains(TOKEN) && !all.contains(&cert_key),
+            "secret leaked:\n{all}"
+        );
+        assert!(all.contains("<redacted>"));
+    }
+    let text = stdout(&kubeboot(
+        &["config", "show", "--no-user-data", "--config", &path],
+        &env,
+    ));
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line("cluster.name ").contains(&format!("# file {path}")),
+        "{text}"
+    );
+    assert!(line("join.certificate_key ").contains("# env KUBEBOOT_JOIN_CERTIFICATE_KEY"));
+    assert!(line("lock.lease ").contains("# default"));
+    assert!(line("aws.ssm_prefix ").contains("\"/kubeboot/prod-a\""));
+}
+
+#[test]
+fn user_data_from_a_file_is_merged_and_shown_as_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(examples().join("worker.toml")).unwrap();
+    let path = write_config(dir.path(), &base);
+    let ud = dir.path().join("user-data");
+    std::fs::write(&ud, "[daemon]\nperiod = \"45s\"\n").unwrap();
+    let out = kubeboot(
+        &[
+            "config",
+            "show",
+            "--user-data",
+            ud.to_str().unwrap(),
+            "--config",
+            &path,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("daemon.period"));
+    assert!(stdout(&out).lines().any(|l| l.starts_with("daemon.period")
+        && l.contains("45s")
+        && l.contains("user-data (plain body)")));
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_exits_0() {
+    assert_eq!(kubeboot(&["frobnicate"], &[]).status.code(), Some(2));
+    assert_eq!(
+        kubeboot(
+            &["config", "check", "--user-data", "x", "--no-user-data"],
+            &[]
+        )
+        .status
+        .code(),
+        Some(2)
+    );
+    let help = kubeboot(&["--help"], &[]);
+    assert_eq!(help.status.code(), Some(0));
+    let text = stdout(&help);
+    assert!(
+        text.contains("Exit codes:") && text.contains("KUBEBOOT_<SECTION>_<KEY>"),
+        "{text}"
+    );
+    let version = kubeboot(&["--version"], &[]);
+    assert_eq!(version.status.code(), Some(0));
+    assert_eq!(
+        stdout(&version).trim(),
+        format!("kubeboot {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn unreachable_imds_is_a_restartable_failure_with_a_hint() {
+    // Nothing listens on this port; a short deadline keeps the test quick.
+    let base = std::fs::read_to_string(examples().join("worker.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("{base}\n[imds]\nendpoint = \"http://127.0.0.1:9\"\ndeadline = \"1s\"\n"),
+    );
+    let out = kubeboot(
+        &["config", "check", "--log-format", "text", "--config", &path],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--no-user-data"), "{}", stderr(&out));
+}

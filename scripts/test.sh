@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs every check CI runs.
+#
+#   scripts/test.sh
+#
+# Steps: setup (idempotent) -> rustfmt check -> clippy -D warnings -> shellcheck
+# -> build the binaries the integration tests start -> all tests (nextest).
+set -euo pipefail
+
+root_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root_dir"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "setup"
+scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "shellcheck"
+shellcheck scripts/*.sh .ci/run
+
+step "build binaries used by the tests"
+cargo build --workspace --bins --locked
+
+step "tests"
+profile=default
+if [ "${CI:-}" = "true" ]; then profile=ci; fi
+cargo nextest run --workspace --locked --profile "$profile"
