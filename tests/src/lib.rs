@@ -1,0 +1,17 @@
+//! Test harness for kubeboot: real parts, not mocks.
+//!
+//! Every test talks to the same kinds of processes the agent meets on a node —
+//! real `etcd` members, `moto_server` standing in for AWS, and a wire-faithful
+//! IMDSv2 double — so that bugs in framing, retries and timing show up here
+//! rather than on EC2. Every process a test starts is owned by a
+//! [`process::ChildGuard`], so nothing outlives its test, even on panic.
+//!
+//! Harness knobs are environment variables prefixed `KBTEST_` (never
+//! `KUBEBOOT_`, which belongs to the agent's own configuration).
+
+pub mod etcd;
+pub mod imds;
+pub mod moto;
+pub mod net;
+pub mod process;
+pub mod workspace;

@@ -1,0 +1,163 @@
+//! Addresses for test servers, and a bare HTTP/1.1 client.
+//!
+//! Parallel tests must never fight over ports, and an etcd member should look
+//! like a real node (its own IP, standard ports 2379/2380). The whole
+//! 127.0.0.0/8 block routes to loopback on Linux, so each member gets a fresh
+//! random 127.x.y.z address instead of juggling port numbers.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// etcd's standard client port; every member uses it on its own IP.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// etcd's standard peer port; every member uses it on its own IP.
+pub const ETCD_PEER_PORT: u16 = 2380;
+
+/// A port on `ip` that was free a moment ago (the OS picks it), for servers
+/// that must be told their port up front. Small race by nature: callers that
+/// spawn a process on it should retry with a new port if it fails to bind.
+pub fn free_port(ip: IpAddr) -> u16 {
+    TcpListener::bind(SocketAddr::new(ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot bind an ephemeral port on {ip}: {e}"))
+}
+
+/// Random bytes without pulling in an RNG crate: UUIDv4 is 122 bits from the
+/// OS CSPRNG, plenty for picking addresses and fake identifiers.
+pub fn random_bytes() -> [u8; 16] {
+    *uuid::Uuid::new_v4().as_bytes()
+}
+
+/// A random loopback address `127.(1..=254).(0..=255).(1..=254)` on which
+/// ports 2379 and 2380 are both bindable right now, so an etcd member can use
+/// the standard ports without colliding with tests running in parallel.
+///
+/// Avoids 127.0.x.x (so never 127.0.0.1, where real services live).
+pub fn fresh_loopback_ip() -> Ipv4Addr {
+    for _ in 0..200 {
+        let b = random_bytes();
+        let ip = Ipv4Addr::new(127, 1 + b[0] % 254, b[1], 1 + b[2] % 254);
+        let client = TcpListener::bind((ip, ETCD_CLIENT_PORT));
+        let peer = TcpListener::bind((ip, ETCD_PEER_PORT));
+        if client.is_ok() && peer.is_ok() {
+            return ip;
+        }
+    }
+    panic!("no 127.x.y.z address with ports 2379 and 2380 free after 200 tries: is loopback 127.0.0.0/8 routable here?")
+}
+
+/// A parsed HTTP/1.1 response from [`http_request`].
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// Status code, e.g. 401.
+    pub status: u16,
+    /// Header names lowercased; the last value wins on repeats.
+    pub headers: BTreeMap<String, String>,
+    /// Body bytes, exactly as sent (chunked encoding is decoded).
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Body as lossy UTF-8, for assertions on text endpoints.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Value of a header by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+}
+
+/// Sends one HTTP/1.1 request over a fresh TCP connection and reads the whole
+/// response (`Connection: close`).
+///
+/// Deliberately not a real client: tests use it to send exactly the bytes
+/// they mean (missing headers, no token, odd methods) that SDK clients would
+/// never produce. `endpoint` is `http://host:port`; `path` starts with `/`.
+pub async fn http_request(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<RawResponse> {
+    let authority = endpoint
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other(format!("not an http:// endpoint: {endpoint}")))?
+        .trim_end_matches('/');
+    let io = async {
+        let mut stream = TcpStream::connect(authority).await?;
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        stream.write_all(body).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), io)
+        .await
+        .map_err(|_| std::io::Error::other(format!("{method} {endpoint}{path} timed out")))??;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<RawResponse> {
+    let bad = |what: &str| std::io::Error::other(format!("malformed HTTP response: {what}"));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("non-UTF-8 head"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("empty"))?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(status_line))?;
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        decode_chunked(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        rest.to_vec()
+    };
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn decode_chunked(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_field = std::str::from_utf8(&rest[..eol]).ok()?;
+        let size_hex = size_field.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_hex, 16).ok()?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}

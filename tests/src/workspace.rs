@@ -1,0 +1,60 @@
+//! Where the workspace and its build outputs live, so tests can run the real
+//! agent binary and find tools installed by `scripts/setup.sh`.
+
+use std::path::{Path, PathBuf};
+
+/// Root of the cargo workspace, so tests can find `.venv/` and friends without
+/// depending on the directory `cargo test` or nextest happened to start in.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate must live one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Directory holding the debug build outputs (`<target>/debug`).
+///
+/// Derived from the running test executable (which lives in
+/// `<target>/debug/deps/`) so `--target-dir` works; falls back to
+/// `CARGO_TARGET_DIR` and then `<workspace>/target`.
+pub fn target_debug_dir() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(deps) = exe.parent() {
+            if deps.file_name().is_some_and(|n| n == "deps") {
+                if let Some(profile_dir) = deps.parent() {
+                    return profile_dir.to_path_buf();
+                }
+            }
+        }
+    }
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            let dir = if dir.is_relative() {
+                workspace_root().join(dir)
+            } else {
+                dir
+            };
+            dir.join("debug")
+        }
+        None => workspace_root().join("target").join("debug"),
+    }
+}
+
+/// Path of the built `kubeboot` agent binary, so end-to-end tests run exactly
+/// what ships. `KBTEST_KUBEBOOT_BIN` overrides it.
+///
+/// Panics if it does not exist: cargo does not build a *different* package's
+/// binaries for integration tests, so it must be built beforehand.
+pub fn kubeboot_bin() -> PathBuf {
+    let path = match std::env::var_os("KBTEST_KUBEBOOT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_debug_dir().join("kubeboot"),
+    };
+    assert!(
+        path.is_file(),
+        "agent binary not found at {}: run `cargo build --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
