@@ -127,9 +127,17 @@ fn filter(level: &str) -> Result<EnvFilter, Error> {
 
 /// Installs the global subscriber writing to stderr (stdout is for command output).
 pub fn init(format: LogFormat, level: &str) -> Result<LogHandle, Error> {
+    init_with_writer(format, level, std::io::stderr)
+}
+
+/// Like [`init`], writing wherever `writer` says (tests capture lines this way).
+pub fn init_with_writer<W>(format: LogFormat, level: &str, writer: W) -> Result<LogHandle, Error>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let (filter_layer, handle) = reload::Layer::new(filter(level)?);
     let fmt_layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .event_format(LineFormat {
             json: format.resolve() == LogFormat::Json,
         });

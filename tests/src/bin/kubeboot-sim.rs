@@ -21,12 +21,20 @@ struct Timeline(Instant);
 
 impl Timeline {
     fn say(&self, what: impl AsRef<str>) {
-        println!("[{:>6.2}s] {}", self.0.elapsed().as_secs_f64(), what.as_ref());
+        println!(
+            "[{:>6.2}s] {}",
+            self.0.elapsed().as_secs_f64(),
+            what.as_ref()
+        );
     }
 }
 
 fn user_data(role: &str) -> Vec<u8> {
-    let backup = if role == "control-plane" { "[backup]\nenabled = false\n" } else { "" };
+    let backup = if role == "control-plane" {
+        "[backup]\nenabled = false\n"
+    } else {
+        ""
+    };
     format!(
         "Content-Type: multipart/mixed; boundary=\"//\"\nMIME-Version: 1.0\n\n\
          --//\nContent-Type: text/x-shellscript\n\n#!/bin/bash\nsystemctl start kubeboot-bootstrap\n\
@@ -38,7 +46,16 @@ fn user_data(role: &str) -> Vec<u8> {
 fn node_config(dir: &Path, imds: &str, moto: &str) -> std::io::Result<std::path::PathBuf> {
     let path = dir.join("config.toml");
     let mut endpoints = String::new();
-    for svc in ["dynamodb", "ssm", "secretsmanager", "ec2", "s3", "sqs", "autoscaling", "sts"] {
+    for svc in [
+        "dynamodb",
+        "ssm",
+        "secretsmanager",
+        "ec2",
+        "s3",
+        "sqs",
+        "autoscaling",
+        "sts",
+    ] {
         endpoints.push_str(&format!("{svc} = \"{moto}\"\n"));
     }
     std::fs::write(
@@ -65,14 +82,26 @@ async fn main() -> ExitCode {
     t.say(format!("agent binary {}", bin.display()));
 
     let moto = Moto::start().await;
-    t.say(format!("moto_server (AWS) listening on {}", moto.endpoint()));
+    t.say(format!(
+        "moto_server (AWS) listening on {}",
+        moto.endpoint()
+    ));
     let etcd = EtcdCluster::start(3).await;
     for i in 0..etcd.len() {
         let m = etcd.member(i);
-        t.say(format!("etcd member {} up at {} (pid {:?})", m.name, m.client_url, m.pid));
+        t.say(format!(
+            "etcd member {} up at {} (pid {:?})",
+            m.name, m.client_url, m.pid
+        ));
     }
 
-    let roles = ["control-plane", "control-plane", "control-plane", "worker", "worker"];
+    let roles = [
+        "control-plane",
+        "control-plane",
+        "control-plane",
+        "worker",
+        "worker",
+    ];
     let work = match tempfile::tempdir() {
         Ok(d) => d,
         Err(e) => {
@@ -90,7 +119,9 @@ async fn main() -> ExitCode {
         let imds = Imds::start_with(identity).await;
         imds.set_user_data(Some(user_data(role)));
         let dir = work.path().join(format!("node-{i}"));
-        let config = match std::fs::create_dir_all(&dir).and_then(|()| node_config(&dir, &imds.endpoint(), &moto.endpoint())) {
+        let config = match std::fs::create_dir_all(&dir)
+            .and_then(|()| node_config(&dir, &imds.endpoint(), &moto.endpoint()))
+        {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("cannot write node {i}'s config: {e}");
@@ -134,22 +165,37 @@ async fn main() -> ExitCode {
     }
 
     if let Some((_, _, config)) = nodes.first() {
-        if let Ok(o) = Command::new(&bin).env_clear().args(["config", "show", "--config"]).arg(config).output() {
+        if let Ok(o) = Command::new(&bin)
+            .env_clear()
+            .args(["config", "show", "--config"])
+            .arg(config)
+            .output()
+        {
             t.say("node-0: kubeboot config show (excerpt)");
-            for line in String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| l.starts_with("cluster.") || l.starts_with("node.") || l.starts_with("aws.table") || l.starts_with("aws.endpoints.dynamodb"))
-            {
+            for line in String::from_utf8_lossy(&o.stdout).lines().filter(|l| {
+                l.starts_with("cluster.")
+                    || l.starts_with("node.")
+                    || l.starts_with("aws.table")
+                    || l.starts_with("aws.endpoints.dynamodb")
+            }) {
                 println!("          {line}");
             }
         }
     }
 
-    t.say(format!("tearing down: {} metadata doubles, {} etcd members, moto_server", nodes.len(), etcd.len()));
+    t.say(format!(
+        "tearing down: {} metadata doubles, {} etcd members, moto_server",
+        nodes.len(),
+        etcd.len()
+    ));
     drop(nodes);
     drop(etcd);
     drop(moto);
-    t.say(if failures == 0 { "demo OK".to_string() } else { format!("demo FAILED on {failures} node(s)") });
+    t.say(if failures == 0 {
+        "demo OK".to_string()
+    } else {
+        format!("demo FAILED on {failures} node(s)")
+    });
     if failures == 0 {
         ExitCode::SUCCESS
     } else {
