@@ -269,12 +269,8 @@ fn respond(s: &Inner, method: &Method, path: &str, headers: &HeaderMap) -> Respo
     }
     let tree = metadata_tree(s);
     if let Some(leaf) = tree.get(rest) {
-        let ctype = if leaf.starts_with('{') {
-            "application/json"
-        } else {
-            "text/plain"
-        };
-        return body(StatusCode::OK, ctype, leaf.clone().into_bytes());
+        // EC2 serves every metadata value, JSON documents included, as text/plain.
+        return body(StatusCode::OK, "text/plain", leaf.clone().into_bytes());
     }
     // A directory: list immediate children, sub-directories with a '/'.
     let dir = format!("{}/", rest.trim_end_matches('/'));
@@ -437,4 +433,18 @@ pub fn rfc3339(t: SystemTime) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
 }

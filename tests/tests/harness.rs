@@ -11,7 +11,7 @@ use kubeboot_tests::etcd::EtcdCluster;
 use kubeboot_tests::imds::{Imds, TOKEN_HEADER, TTL_HEADER};
 use kubeboot_tests::moto::Moto;
 use kubeboot_tests::net::http_request;
-use kubeboot_tests::process::pid_alive;
+use kubeboot_tests::process::{pid_alive, ChildGuard};
 
 /// Waits (bounded) for every pid to be gone; guards reap synchronously, so
 /// this should succeed on the first check.
@@ -72,9 +72,18 @@ async fn etcd_member_can_be_added_stopped_and_killed() {
     // Promotion waits (inside the harness) until the learner caught up.
     cluster.promote_member(learner).await;
     assert!(!cluster.member(learner).learner);
-    let list = client.member_list().await.expect("member_list");
-    assert_eq!(list.members().len(), 4);
-    assert!(list.members().iter().all(|m| !m.is_learner()));
+    // member_list is served from the answering member's (non-linearizable)
+    // view, so a follower may show the promotion a moment late.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = client.member_list().await.expect("member_list");
+        assert_eq!(list.members().len(), 4);
+        if list.members().iter().all(|m| !m.is_learner()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "promotion not visible: {list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Stop the new member, bring it back from its data dir.
     let pid = info.pid.expect("added member runs");
@@ -351,5 +360,36 @@ fn processes_die_even_when_a_test_panics() {
     assert!(worker.join().is_err(), "the worker was meant to panic");
     let pids = rx.recv().expect("pids were sent before the panic");
     assert_eq!(pids.len(), 3);
+    assert_all_dead(&pids);
+}
+
+#[test]
+fn child_guard_kills_the_whole_group_even_if_sigterm_is_ignored() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("sh.log");
+    let mut cmd = std::process::Command::new("sh");
+    // Ignored signals stay ignored across exec, so the grandchild `sleep`
+    // shrugs off SIGTERM too: only the SIGKILL escalation can end them.
+    cmd.args(["-c", "trap '' TERM; sleep 300 & echo $!; wait"]);
+    let guard = ChildGuard::spawn("sh", cmd, &log)
+        .expect("spawn sh")
+        .with_grace(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let grandchild: u32 = loop {
+        if let Ok(pid) = guard.log_tail(1).trim().parse() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "sh never printed the sleep pid");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pids = [guard.pid(), grandchild];
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+
+    let started = Instant::now();
+    drop(guard);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "grace not honoured"
+    );
     assert_all_dead(&pids);
 }
