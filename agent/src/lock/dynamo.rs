@@ -1,0 +1,234 @@
+//! [`LockStore`] on DynamoDB: each operation is one conditional write or one
+//! consistent read of the `CLUSTER#<name>` / `LOCK#<purpose>` item.
+
+use super::{Claim, LockItem, LockStore, Purpose, StoreError, StoreErrorClass};
+use crate::retry::{self, RetryClass};
+use crate::table;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
+use aws_sdk_dynamodb::Client;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Attribute names. `owner` is a DynamoDB reserved word: every expression
+/// uses placeholders.
+const OWNER: &str = "owner";
+const RVN: &str = "rvn";
+const LEASE_MS: &str = "lease_ms";
+const FENCE: &str = "fence";
+const RELEASED: &str = "released";
+const HEARTBEAT_AT: &str = "heartbeat_at";
+const ACQUIRED_AT: &str = "acquired_at";
+
+/// Lock items of one cluster in one table.
+#[derive(Debug, Clone)]
+pub struct DynamoLockStore {
+    client: Client,
+    table: String,
+    pk: String,
+}
+
+impl DynamoLockStore {
+    pub fn new(client: Client, table: &str, cluster: &str) -> Self {
+        DynamoLockStore { client, table: table.to_string(), pk: table::cluster_pk(cluster) }
+    }
+
+    fn key(&self, purpose: Purpose) -> HashMap<String, AttributeValue> {
+        HashMap::from([
+            (table::PARTITION_KEY.to_string(), AttributeValue::S(self.pk.clone())),
+            (table::SORT_KEY.to_string(), AttributeValue::S(lock_sk(purpose))),
+        ])
+    }
+
+    fn update(&self, purpose: Purpose) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(purpose)))
+            .expression_attribute_names("#pk", table::PARTITION_KEY)
+            .expression_attribute_names("#o", OWNER)
+            .expression_attribute_names("#r", RVN)
+            .expression_attribute_names("#l", LEASE_MS)
+            .expression_attribute_names("#f", FENCE)
+            .expression_attribute_names("#rel", RELEASED)
+            .expression_attribute_names("#hb", HEARTBEAT_AT)
+            .expression_attribute_names("#acq", ACQUIRED_AT)
+    }
+
+    /// Claim writes share their SET part; only the condition differs.
+    async fn claim_write(
+        &self,
+        operation: &'static str,
+        purpose: Purpose,
+        condition: &str,
+        observed: Option<&str>,
+        claim: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        let mut req = self
+            .update(purpose)
+            .update_expression("SET #o = :owner, #r = :rvn, #l = :lease, #rel = :false, #hb = :wall, #acq = :wall ADD #f :one")
+            .condition_expression(condition)
+            .expression_attribute_values(":owner", s(claim.owner))
+            .expression_attribute_values(":rvn", s(claim.rvn))
+            .expression_attribute_values(":lease", n(claim.lease.as_millis()))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .expression_attribute_values(":wall", n(epoch_ms(claim.wall)))
+            .expression_attribute_values(":one", n(1u8))
+            .return_values(ReturnValue::AllNew);
+        if condition.contains(":true") {
+            req = req.expression_attribute_values(":true", AttributeValue::Bool(true));
+        }
+        if let Some(seen) = observed {
+            req = req.expression_attribute_values(":seen", s(seen));
+        }
+        match req.send().await {
+            Ok(out) => Ok(Some(parse(operation, out.attributes.as_ref())?)),
+            Err(e) if is_condition_failed(&e) => Ok(None),
+            Err(e) => Err(store_error(operation, &e)),
+        }
+    }
+}
+
+impl LockStore for DynamoLockStore {
+    async fn acquire_free(&self, purpose: Purpose, claim: &Claim<'_>) -> Result<Option<LockItem>, StoreError> {
+        self.claim_write("acquire lock", purpose, "attribute_not_exists(#pk) OR #rel = :true", None, claim)
+            .await
+    }
+
+    async fn take_over(&self, purpose: Purpose, observed: &str, claim: &Claim<'_>) -> Result<Option<LockItem>, StoreError> {
+        self.claim_write("take over lock", purpose, "#r = :seen AND #rel = :false", Some(observed), claim)
+            .await
+    }
+
+    async fn read(&self, purpose: Purpose) -> Result<Option<LockItem>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(purpose)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| store_error("read lock", &e))?;
+        out.item.as_ref().map(|item| parse("read lock", Some(item))).transpose()
+    }
+
+    async fn heartbeat(&self, purpose: Purpose, owner: &str, old: &str, new: &str, wall: SystemTime) -> Result<bool, StoreError> {
+        let result = self
+            .update(purpose)
+            .update_expression("SET #r = :new, #hb = :wall")
+            .condition_expression("#o = :owner AND #r = :old AND #rel = :false")
+            .expression_attribute_values(":owner", s(owner))
+            .expression_attribute_values(":old", s(old))
+            .expression_attribute_values(":new", s(new))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .expression_attribute_values(":wall", n(epoch_ms(wall)))
+            .send()
+            .await;
+        conditional("renew lock", result.map(|_| ()))
+    }
+
+    async fn release(&self, purpose: Purpose, owner: &str, rvn: &str, wall: SystemTime) -> Result<bool, StoreError> {
+        let result = self
+            .update(purpose)
+            .update_expression("SET #rel = :true, #hb = :wall")
+            .condition_expression("#o = :owner AND #r = :rvn AND #rel = :false")
+            .expression_attribute_values(":owner", s(owner))
+            .expression_attribute_values(":rvn", s(rvn))
+            .expression_attribute_values(":true", AttributeValue::Bool(true))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .expression_attribute_values(":wall", n(epoch_ms(wall)))
+            .send()
+            .await;
+        conditional("release lock", result.map(|_| ()))
+    }
+
+    async fn force_release(&self, purpose: Purpose, observed: &str, wall: SystemTime) -> Result<Option<LockItem>, StoreError> {
+        let result = self
+            .update(purpose)
+            .update_expression("SET #rel = :true, #hb = :wall ADD #f :one")
+            .condition_expression("#r = :seen AND #rel = :false")
+            .expression_attribute_values(":seen", s(observed))
+            .expression_attribute_values(":true", AttributeValue::Bool(true))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .expression_attribute_values(":wall", n(epoch_ms(wall)))
+            .expression_attribute_values(":one", n(1u8))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(Some(parse("force release", out.attributes.as_ref())?)),
+            Err(e) if is_condition_failed(&e) => Ok(None),
+            Err(e) => Err(store_error("force release", &e)),
+        }
+    }
+}
+
+/// Sort key of a lock item.
+pub fn lock_sk(purpose: Purpose) -> String {
+    format!("{}{}", table::LOCK_SK_PREFIX, purpose.as_str())
+}
+
+fn conditional<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    operation: &'static str,
+    result: Result<(), SdkError<E, HttpResponse>>,
+) -> Result<bool, StoreError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if is_condition_failed(&e) => Ok(false),
+        Err(e) => Err(store_error(operation, &e)),
+    }
+}
+
+/// Whether a write was refused by its condition (the expected "no").
+pub fn is_condition_failed<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
+    matches!(e, SdkError::ServiceError(se) if se.err().code() == Some("ConditionalCheckFailedException"))
+}
+
+/// Maps an SDK error to the store's classes (the SDK already retried it).
+pub fn store_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    operation: &'static str,
+    e: &SdkError<E, HttpResponse>,
+) -> StoreError {
+    let class = if retry::outcome_unknown(e) {
+        StoreErrorClass::OutcomeUnknown
+    } else if retry::classify_sdk_error(e) == RetryClass::Transient {
+        StoreErrorClass::Transient
+    } else {
+        StoreErrorClass::Permanent
+    };
+    StoreError { class, operation, message: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string() }
+}
+
+fn parse(operation: &'static str, item: Option<&HashMap<String, AttributeValue>>) -> Result<LockItem, StoreError> {
+    let bad = |what: &str| StoreError {
+        class: StoreErrorClass::Permanent,
+        operation,
+        message: format!("lock item is malformed: {what} (edited by hand?)"),
+    };
+    let item = item.ok_or_else(|| bad("no attributes returned"))?;
+    let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+    let num = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse::<u64>().ok());
+    Ok(LockItem {
+        owner: text(OWNER).ok_or_else(|| bad("owner"))?,
+        rvn: text(RVN).ok_or_else(|| bad("rvn"))?,
+        lease: Duration::from_millis(num(LEASE_MS).ok_or_else(|| bad("lease_ms"))?),
+        fence: num(FENCE).ok_or_else(|| bad("fence"))?,
+        released: item.get(RELEASED).and_then(|v| v.as_bool().ok()).copied().unwrap_or(false),
+        heartbeat_at: num(HEARTBEAT_AT).map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+    })
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_string())
+}
+
+fn n(v: impl std::fmt::Display) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+/// Milliseconds since the epoch; a clock before 1970 reads as 0 (display only).
+pub fn epoch_ms(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}

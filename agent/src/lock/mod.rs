@@ -1,0 +1,642 @@
+//! Lease locks with fencing tokens: one `kubeadm init` per cluster generation,
+//! one etcd membership change at a time, one daemon leader.
+//!
+//! After amazon-dynamodb-lock-client, with its known holes closed:
+//! - Acquire a free (absent or released) lock with a conditional write that
+//!   also adds 1 to its `fence`; the new fence is the holder's token.
+//! - A held lock is never judged by its holder's wall clock. A waiter reads the
+//!   record version (`rvn`), notes *its own* monotonic time, and takes over only
+//!   if the rvn is still the same `lease + margin` later, with a write
+//!   conditioned on that rvn (bumping the fence again).
+//! - The holder renews every `lease / 3` with a new rvn conditioned on owner and
+//!   current rvn. A failed condition means the lock is gone: stop at once.
+//! - Self-fencing: with no successful renewal within `lease - margin` (measured
+//!   from when that renewal was *sent*), the holder steps down by itself.
+//! - Every write that matters (registry) checks the fence in the same
+//!   transaction, so a holder that was paused and did not notice is refused.
+//! - A write whose outcome is unknown (timeout) is resolved by a consistent
+//!   read-back, never by retrying blindly.
+//!
+//! Monotonic time is `tokio::time::Instant`, so the seeded simulation in the
+//! tests drives this very code on a paused, virtual clock.
+
+pub mod dynamo;
+
+use serde::Serialize;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// What a lock serializes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Purpose {
+    /// `kubeadm init` and marking the cluster initialized.
+    Init,
+    /// etcd member add/remove and their records.
+    Membership,
+    /// The daemon's singleton tasks.
+    Leader,
+}
+
+impl Purpose {
+    /// Every purpose, for status output.
+    pub const ALL: [Purpose; 3] = [Purpose::Init, Purpose::Membership, Purpose::Leader];
+
+    /// The name used in the item key (`LOCK#init`) and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Init => "init",
+            Purpose::Membership => "membership",
+            Purpose::Leader => "leader",
+        }
+    }
+}
+
+impl std::fmt::Display for Purpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who holds or wants a lock: the instance id and a per-process uuid, so two
+/// processes on one node (systemd's and an operator's) are never confused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner(String);
+
+impl Owner {
+    /// A fresh owner identity for this process.
+    pub fn new(instance_id: &str) -> Self {
+        Owner(format!("{instance_id}/{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// As stored in the lock item.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A lock item as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockItem {
+    pub owner: String,
+    /// Record version: changes on every write; what waiters watch.
+    pub rvn: String,
+    /// The holder's lease.
+    pub lease: Duration,
+    /// Fencing token: +1 on every acquisition, takeover and forced release.
+    pub fence: u64,
+    pub released: bool,
+    /// Holder's wall clock at its last write: for display only, never compared.
+    pub heartbeat_at: Option<SystemTime>,
+}
+
+/// What a contender writes when it takes a lock.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    pub owner: &'a str,
+    pub rvn: &'a str,
+    pub lease: Duration,
+    pub wall: SystemTime,
+}
+
+/// How a store call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorClass {
+    /// Nothing happened; trying again may work (throttling, 5xx after the SDK's retries).
+    Transient,
+    /// Nothing happened and trying again will not help (denied, no table).
+    Permanent,
+    /// We do not know whether the write applied (timeout): read back.
+    OutcomeUnknown,
+}
+
+/// A store call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{operation}: {message}")]
+pub struct StoreError {
+    pub class: StoreErrorClass,
+    pub operation: &'static str,
+    pub message: String,
+}
+
+/// The conditional writes the algorithm needs. DynamoDB implements it for
+/// real ([`dynamo::DynamoLockStore`]); the tests implement it in memory with
+/// the same semantics to run seeded simulations on virtual time.
+pub trait LockStore: Send + Sync + 'static {
+    /// Takes the lock if absent or released, adding 1 to the fence; `None` if held.
+    fn acquire_free(&self, purpose: Purpose, claim: &Claim<'_>)
+        -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+    /// Takes a held lock whose rvn is still `observed`, adding 1 to the fence; `None` if it changed.
+    fn take_over(&self, purpose: Purpose, observed: &str, claim: &Claim<'_>)
+        -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+    /// Consistent read.
+    fn read(&self, purpose: Purpose) -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+    /// Replaces `old` rvn with `new` if `owner` still holds with `old`; false if not.
+    fn heartbeat(&self, purpose: Purpose, owner: &str, old: &str, new: &str, wall: SystemTime)
+        -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Marks released if `owner` still holds with `rvn`; false if not.
+    fn release(&self, purpose: Purpose, owner: &str, rvn: &str, wall: SystemTime)
+        -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Operator's release of a lock whose rvn is still `observed`, adding 1 to
+    /// the fence so a holder that is merely slow is fenced out; `None` if it changed.
+    fn force_release(&self, purpose: Purpose, observed: &str, wall: SystemTime)
+        -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+}
+
+/// Source of wall-clock time, injectable so tests can skew it.
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Lock timing.
+#[derive(Clone)]
+pub struct Settings {
+    pub lease: Duration,
+    pub margin: Duration,
+    pub acquire_timeout: Duration,
+    pub wall_clock: WallClock,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("lease", &self.lease)
+            .field("margin", &self.margin)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// From `[lock]`, with the system wall clock.
+    pub fn from_config(lock: &crate::config::model::Lock) -> Self {
+        Settings {
+            lease: lock.lease,
+            margin: lock.margin,
+            acquire_timeout: lock.acquire_timeout,
+            wall_clock: Arc::new(SystemTime::now),
+        }
+    }
+
+    /// Renewal period: three chances per lease.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// How long after a renewal was sent the holder still trusts it holds.
+    pub fn trust_window(&self) -> Duration {
+        self.lease.saturating_sub(self.margin)
+    }
+}
+
+/// The proof of holding a lock, attached to every write that matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Fence {
+    pub purpose: Purpose,
+    pub value: u64,
+}
+
+/// Lock failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("timed out after {} waiting for the {purpose} lock held by {}", crate::config::value::format_duration(*waited), holder.as_deref().unwrap_or("nobody (store unreachable?)"))]
+    Timeout { purpose: Purpose, waited: Duration, holder: Option<String> },
+    #[error("the {purpose} lock was lost: {reason}")]
+    Lost { purpose: Purpose, reason: String },
+    #[error("{purpose} lock: {source}")]
+    Store { purpose: Purpose, source: StoreError },
+    #[error("the {purpose} lock holder {holder} renewed its lease while we watched; refusing to force a release of a live lock")]
+    HolderAlive { purpose: Purpose, holder: String },
+    #[error("the {purpose} lock is not held by anyone")]
+    NotHeld { purpose: Purpose },
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Timeout { purpose, .. } => format!(
+                "another node holds the {purpose} lock: `kubeboot status` shows the holder and its last heartbeat; \
+                 a dead holder loses it after one lease; if a live holder is stuck, fix or stop it, \
+                 or as a last resort `kubeboot lock release --purpose {purpose} --force`"
+            ),
+            Error::Lost { .. } => "the lease expired or another node took over (slow DynamoDB, a paused \
+                instance, or a forced release); the work was stopped and is retried from its last checkpoint"
+                .into(),
+            Error::Store { source, .. } => match source.class {
+                StoreErrorClass::Permanent => "check the table exists and the instance role may call \
+                    dynamodb:UpdateItem/GetItem on it (aws.table, aws.region, aws.endpoints.dynamodb)"
+                    .into(),
+                _ => "DynamoDB is slow or throttling; it is retried (aws.max_attempts, aws.operation_timeout)".into(),
+            },
+            Error::HolderAlive { .. } => "the holder is alive: find it with `kubeboot status` and stop it first".into(),
+            Error::NotHeld { .. } => "nothing to release".into(),
+        }
+    }
+}
+
+/// Takes locks for one owner.
+pub struct Locker<S> {
+    store: Arc<S>,
+    owner: Owner,
+    settings: Settings,
+}
+
+impl<S: LockStore> Locker<S> {
+    pub fn new(store: Arc<S>, owner: Owner, settings: Settings) -> Self {
+        Locker { store, owner, settings }
+    }
+
+    /// Who we are.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
+    }
+
+    /// Waits (up to `acquire_timeout`) for the lock and returns a guard that renews it.
+    pub async fn acquire(&self, purpose: Purpose) -> Result<Guard, Error> {
+        let started = Instant::now();
+        let deadline = started + self.settings.acquire_timeout;
+        let poll = self.settings.heartbeat_interval();
+        let patience = self.settings.lease + self.settings.margin;
+        let mut observed: Option<(String, Instant)> = None;
+        let mut holder: Option<String> = None;
+        let mut transient_failures = 0u32;
+        loop {
+            let rvn = new_rvn();
+            let claim = self.claim(&rvn);
+            let attempt = match &observed {
+                Some((seen, at)) if Instant::now() >= *at + patience => {
+                    self.store.take_over(purpose, seen, &claim).await
+                }
+                _ => self.store.acquire_free(purpose, &claim).await,
+            };
+            let acquired = match attempt {
+                Ok(item) => item,
+                Err(e) if e.class == StoreErrorClass::OutcomeUnknown => self.read_back_claim(purpose, &rvn).await?,
+                Err(e) if e.class == StoreErrorClass::Transient => {
+                    transient_failures += 1;
+                    tracing::warn!(lock = %purpose, error = %e, failures = transient_failures, "lock store unavailable, retrying");
+                    None
+                }
+                Err(source) => return Err(Error::Store { purpose, source }),
+            };
+            if let Some(item) = acquired {
+                tracing::info!(lock = %purpose, fence = item.fence, waited_ms = started.elapsed().as_millis() as u64, "lock acquired");
+                return Ok(Guard::start(self.store.clone(), purpose, &self.owner, item, self.settings.clone()));
+            }
+            // Held (or unknown): look at it with our own clock.
+            match self.store.read(purpose).await {
+                Ok(Some(item)) if !item.released => {
+                    holder = Some(item.owner.clone());
+                    match &observed {
+                        Some((seen, _)) if *seen == item.rvn => {}
+                        _ => {
+                            tracing::debug!(lock = %purpose, holder = %item.owner, "lock held; watching its record version");
+                            observed = Some((item.rvn, Instant::now()));
+                        }
+                    }
+                }
+                Ok(_) => observed = None,
+                Err(e) if e.class == StoreErrorClass::Permanent => return Err(Error::Store { purpose, source: e }),
+                Err(e) => tracing::warn!(lock = %purpose, error = %e, "cannot read lock, retrying"),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout { purpose, waited: now - started, holder });
+            }
+            let wake = match &observed {
+                Some((_, at)) => (*at + patience).max(now).min(now + poll),
+                None => now + poll.min(Duration::from_millis(200) * (1 + transient_failures.min(10))),
+            };
+            tokio::time::sleep_until(wake.min(deadline)).await;
+        }
+    }
+
+    /// After a claim whose answer was lost: did it apply?
+    async fn read_back_claim(&self, purpose: Purpose, rvn: &str) -> Result<Option<LockItem>, Error> {
+        match self.store.read(purpose).await {
+            Ok(Some(item)) if item.owner == self.owner.as_str() && item.rvn == rvn && !item.released => {
+                tracing::info!(lock = %purpose, "lock claim timed out but had applied (read back)");
+                Ok(Some(item))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.class == StoreErrorClass::Permanent => Err(Error::Store { purpose, source: e }),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn claim<'a>(&'a self, rvn: &'a str) -> Claim<'a> {
+        Claim { owner: self.owner.as_str(), rvn, lease: self.settings.lease, wall: (self.settings.wall_clock)() }
+    }
+
+    /// Operator override: watches the lock for `lease + margin` on our own
+    /// clock and releases it (bumping the fence) only if nobody renewed it.
+    pub async fn force_release(&self, purpose: Purpose) -> Result<LockItem, Error> {
+        let store_err = |source| Error::Store { purpose, source };
+        let first = self.store.read(purpose).await.map_err(store_err)?;
+        let Some(first) = first.filter(|i| !i.released) else {
+            return Err(Error::NotHeld { purpose });
+        };
+        tokio::time::sleep(first.lease + self.settings.margin).await;
+        let wall = (self.settings.wall_clock)();
+        match self.store.force_release(purpose, &first.rvn, wall).await.map_err(store_err)? {
+            Some(item) => Ok(item),
+            None => Err(Error::HolderAlive { purpose, holder: first.owner }),
+        }
+    }
+}
+
+fn new_rvn() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    Held,
+    Lost(String),
+    Released,
+}
+
+#[derive(Debug)]
+struct HolderState {
+    rvn: String,
+    /// When the last successful renewal (or the acquisition) was sent.
+    last_ok: Instant,
+    status: Status,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<HolderState>,
+    changed: watch::Sender<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HolderState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_lost(&self, reason: String) {
+        let mut s = self.lock();
+        if s.status == Status::Held {
+            s.status = Status::Lost(reason);
+            drop(s);
+            self.changed.send_replace(());
+        }
+    }
+}
+
+/// A held lock. Renews itself in the background; check [`Guard::is_held`] or
+/// await [`Guard::lost`] around guarded work, and attach [`Guard::fence`] to
+/// every write that matters.
+pub struct Guard {
+    purpose: Purpose,
+    owner: String,
+    fence: u64,
+    settings_lease: Duration,
+    trust_window: Duration,
+    wall_clock: WallClock,
+    shared: Arc<Shared>,
+    heartbeat: JoinHandle<()>,
+    release: Box<dyn ReleaseFn>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("purpose", &self.purpose)
+            .field("owner", &self.owner)
+            .field("fence", &self.fence)
+            .field("held", &self.is_held())
+            .finish_non_exhaustive()
+    }
+}
+
+trait ReleaseFn: Send + Sync {
+    fn release<'a>(
+        &'a self,
+        owner: &'a str,
+        rvn: &'a str,
+        wall: SystemTime,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send + 'a>>;
+    fn read<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<LockItem>, StoreError>> + Send + 'a>>;
+}
+
+struct StoreRelease<S> {
+    store: Arc<S>,
+    purpose: Purpose,
+}
+
+impl<S: LockStore> ReleaseFn for StoreRelease<S> {
+    fn release<'a>(
+        &'a self,
+        owner: &'a str,
+        rvn: &'a str,
+        wall: SystemTime,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send + 'a>> {
+        Box::pin(self.store.release(self.purpose, owner, rvn, wall))
+    }
+    fn read<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<LockItem>, StoreError>> + Send + 'a>> {
+        Box::pin(self.store.read(self.purpose))
+    }
+}
+
+impl Guard {
+    fn start<S: LockStore>(store: Arc<S>, purpose: Purpose, owner: &Owner, item: LockItem, settings: Settings) -> Guard {
+        let acquired_at = Instant::now();
+        let (changed, _) = watch::channel(());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(HolderState { rvn: item.rvn.clone(), last_ok: acquired_at, status: Status::Held }),
+            changed,
+        });
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            store.clone(),
+            purpose,
+            owner.as_str().to_string(),
+            shared.clone(),
+            settings.clone(),
+        ));
+        Guard {
+            purpose,
+            owner: owner.as_str().to_string(),
+            fence: item.fence,
+            settings_lease: settings.lease,
+            trust_window: settings.trust_window(),
+            wall_clock: settings.wall_clock.clone(),
+            shared,
+            heartbeat,
+            release: Box::new(StoreRelease { store, purpose }),
+        }
+    }
+
+    /// Which lock this is.
+    pub fn purpose(&self) -> Purpose {
+        self.purpose
+    }
+
+    /// Whether we may still act as holder: not lost, not released, and renewed
+    /// within `lease - margin` on our own monotonic clock.
+    pub fn is_held(&self) -> bool {
+        let s = self.shared.lock();
+        s.status == Status::Held && Instant::now() < s.last_ok + self.trust_window
+    }
+
+    /// The token for fenced writes; an error once the lock is not held.
+    pub fn fence(&self) -> Result<Fence, Error> {
+        if self.is_held() {
+            Ok(Fence { purpose: self.purpose, value: self.fence })
+        } else {
+            Err(Error::Lost { purpose: self.purpose, reason: self.lost_reason() })
+        }
+    }
+
+    /// Why the lock is not held (or "held").
+    pub fn lost_reason(&self) -> String {
+        let s = self.shared.lock();
+        match &s.status {
+            Status::Held if Instant::now() < s.last_ok + self.trust_window => "held".into(),
+            Status::Held => format!(
+                "no successful renewal within lease - margin ({})",
+                crate::config::value::format_duration(self.trust_window)
+            ),
+            Status::Lost(reason) => reason.clone(),
+            Status::Released => "released".into(),
+        }
+    }
+
+    /// Records that a fenced write was refused: whatever the clock says, we lost.
+    pub fn mark_lost(&self, reason: impl Into<String>) {
+        self.shared.set_lost(reason.into());
+    }
+
+    /// Completes when the lock is lost; race it against the guarded work.
+    pub async fn lost(&self) {
+        let mut rx = self.shared.changed.subscribe();
+        loop {
+            let deadline = {
+                let s = self.shared.lock();
+                if s.status != Status::Held {
+                    return;
+                }
+                s.last_ok + self.trust_window
+            };
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// The lease this guard was acquired with.
+    pub fn lease(&self) -> Duration {
+        self.settings_lease
+    }
+
+    /// Stops renewing and releases the lock (conditioned on still holding it).
+    pub async fn release(self) -> Result<(), Error> {
+        self.heartbeat.abort();
+        let rvn = {
+            let mut s = self.shared.lock();
+            if s.status != Status::Held {
+                return Ok(());
+            }
+            s.status = Status::Released;
+            s.rvn.clone()
+        };
+        let wall = (self.wall_clock)();
+        match self.release.release(&self.owner, &rvn, wall).await {
+            Ok(true) => {
+                tracing::info!(lock = %self.purpose, fence = self.fence, "lock released");
+                Ok(())
+            }
+            Ok(false) => {
+                tracing::warn!(lock = %self.purpose, "lock was already taken over when we released it");
+                Ok(())
+            }
+            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => {
+                // Read back: released by us, or taken by someone else, both are fine.
+                match self.release.read().await {
+                    Ok(Some(item)) if item.owner == self.owner && item.rvn == rvn && !item.released => {
+                        Err(Error::Store { purpose: self.purpose, source: e })
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Err(source) => Err(Error::Store { purpose: self.purpose, source }),
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+async fn heartbeat_loop<S: LockStore>(store: Arc<S>, purpose: Purpose, owner: String, shared: Arc<Shared>, settings: Settings) {
+    let interval = settings.heartbeat_interval();
+    let trust = settings.trust_window();
+    let mut next = Instant::now() + interval;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let (old, last_ok) = {
+            let s = shared.lock();
+            if s.status != Status::Held {
+                return;
+            }
+            (s.rvn.clone(), s.last_ok)
+        };
+        let fence_at = last_ok + trust;
+        let sent = Instant::now();
+        if sent >= fence_at {
+            tracing::error!(lock = %purpose, "no successful lock renewal within lease - margin: stepping down");
+            shared.set_lost("no successful renewal within lease - margin".into());
+            return;
+        }
+        let new = new_rvn();
+        let wall = (settings.wall_clock)();
+        let outcome = match tokio::time::timeout(fence_at - sent, store.heartbeat(purpose, &owner, &old, &new, wall)).await {
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError {
+                class: StoreErrorClass::OutcomeUnknown,
+                operation: "heartbeat",
+                message: "no answer before the self-fencing deadline".into(),
+            }),
+        };
+        let applied = match outcome {
+            Ok(applied) => Some(applied),
+            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => match store.read(purpose).await {
+                Ok(Some(item)) if item.owner == owner && item.rvn == new && !item.released => Some(true),
+                Ok(Some(item)) if item.owner == owner && item.rvn == old && !item.released => None,
+                Ok(_) => Some(false),
+                Err(_) => None,
+            },
+            Err(e) => {
+                tracing::warn!(lock = %purpose, error = %e, "lock renewal failed; retrying before the lease runs out");
+                None
+            }
+        };
+        match applied {
+            Some(true) => {
+                let mut s = shared.lock();
+                if s.status == Status::Held {
+                    s.rvn = new;
+                    s.last_ok = sent;
+                }
+                next = sent + interval;
+            }
+            Some(false) => {
+                tracing::error!(lock = %purpose, "lock renewal refused: another owner holds it now");
+                shared.set_lost("renewal refused: another owner holds the lock".into());
+                return;
+            }
+            None => next = Instant::now() + (interval / 4).max(Duration::from_millis(50)),
+        }
+    }
+}

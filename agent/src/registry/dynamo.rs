@@ -1,0 +1,249 @@
+//! [`RegistryStore`] on DynamoDB: every write is a TransactWriteItems of a
+//! ConditionCheck on the fencing lock item plus the record write.
+
+use super::{ClusterState, InitClaim, MemberRecord, Phase, RegistryStore, WriteResult};
+use crate::lock::dynamo::{epoch_ms, lock_sk, store_error};
+use crate::lock::{Fence, StoreError, StoreErrorClass};
+use crate::table;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::Client;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Records of one cluster in one table.
+#[derive(Debug, Clone)]
+pub struct DynamoRegistryStore {
+    client: Client,
+    table: String,
+    pk: String,
+}
+
+type Item = HashMap<String, AttributeValue>;
+
+impl DynamoRegistryStore {
+    pub fn new(client: Client, table: &str, cluster: &str) -> Self {
+        DynamoRegistryStore { client, table: table.to_string(), pk: table::cluster_pk(cluster) }
+    }
+
+    fn key(&self, sk: String) -> Item {
+        HashMap::from([
+            (table::PARTITION_KEY.to_string(), AttributeValue::S(self.pk.clone())),
+            (table::SORT_KEY.to_string(), AttributeValue::S(sk)),
+        ])
+    }
+
+    fn fence_check(&self, fence: Fence) -> Result<TransactWriteItem, StoreError> {
+        let check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(lock_sk(fence.purpose))))
+            .condition_expression("#f = :fence AND #rel = :false")
+            .expression_attribute_names("#f", "fence")
+            .expression_attribute_names("#rel", "released")
+            .expression_attribute_values(":fence", n(fence.value))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .build()
+            .map_err(|e| invalid("fence check", &e))?;
+        Ok(TransactWriteItem::builder().condition_check(check).build())
+    }
+
+    async fn transact(&self, operation: &'static str, fence: Fence, write: TransactWriteItem) -> Result<WriteResult, StoreError> {
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(self.fence_check(fence)?)
+            .transact_items(write)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(WriteResult::Applied),
+            Err(SdkError::ServiceError(se)) if matches!(se.err(), TransactWriteItemsError::TransactionCanceledException(_)) => {
+                let TransactWriteItemsError::TransactionCanceledException(tce) = se.err() else {
+                    return Err(StoreError { class: StoreErrorClass::Permanent, operation, message: "unreachable".into() });
+                };
+                let codes: Vec<&str> = tce.cancellation_reasons().iter().map(|r| r.code().unwrap_or("None")).collect();
+                match codes.as_slice() {
+                    ["ConditionalCheckFailed", ..] => Ok(WriteResult::FenceRejected),
+                    [_, "ConditionalCheckFailed"] => Ok(WriteResult::ConditionFailed),
+                    _ => Err(StoreError {
+                        class: StoreErrorClass::Transient,
+                        operation,
+                        message: format!("transaction cancelled: {codes:?}"),
+                    }),
+                }
+            }
+            Err(e) => Err(store_error(operation, &e)),
+        }
+    }
+}
+
+impl RegistryStore for DynamoRegistryStore {
+    async fn read_state(&self) -> Result<Option<ClusterState>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(table::STATE_SK.into())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| store_error("read state", &e))?;
+        out.item.as_ref().map(parse_state).transpose()
+    }
+
+    async fn begin_init(&self, fence: Fence, expected_generation: u64, claim: &InitClaim) -> Result<WriteResult, StoreError> {
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(table::STATE_SK.into())))
+            .update_expression(
+                "SET #phase = :initializing, #gen = :next, #ep = :ep, #ver = :ver, #by = :by, #run = :run, #f = :fence, #at = :wall",
+            )
+            .condition_expression("attribute_not_exists(#pk) OR (#gen = :expected AND #phase <> :initialized)")
+            .expression_attribute_names("#pk", table::PARTITION_KEY)
+            .expression_attribute_names("#phase", "phase")
+            .expression_attribute_names("#gen", "generation")
+            .expression_attribute_names("#ep", "endpoint")
+            .expression_attribute_names("#ver", "kubernetes_version")
+            .expression_attribute_names("#by", "initialized_by")
+            .expression_attribute_names("#run", "init_run_id")
+            .expression_attribute_names("#f", "fence")
+            .expression_attribute_names("#at", "updated_at")
+            .expression_attribute_values(":initializing", s(Phase::Initializing.as_str()))
+            .expression_attribute_values(":initialized", s(Phase::Initialized.as_str()))
+            .expression_attribute_values(":next", n(expected_generation + 1))
+            .expression_attribute_values(":expected", n(expected_generation))
+            .expression_attribute_values(":ep", s(&claim.endpoint))
+            .expression_attribute_values(":ver", s(&claim.kubernetes_version))
+            .expression_attribute_values(":by", s(&claim.initialized_by))
+            .expression_attribute_values(":run", s(&claim.run_id))
+            .expression_attribute_values(":fence", n(fence.value))
+            .expression_attribute_values(":wall", n(epoch_ms(claim.wall)))
+            .build()
+            .map_err(|e| invalid("begin init", &e))?;
+        self.transact("begin init", fence, TransactWriteItem::builder().update(update).build()).await
+    }
+
+    async fn finish_init(&self, fence: Fence, generation: u64, run_id: &str, wall: SystemTime) -> Result<WriteResult, StoreError> {
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(table::STATE_SK.into())))
+            .update_expression("SET #phase = :initialized, #at = :wall")
+            .condition_expression("#phase = :initializing AND #gen = :gen AND #run = :run")
+            .expression_attribute_names("#phase", "phase")
+            .expression_attribute_names("#gen", "generation")
+            .expression_attribute_names("#run", "init_run_id")
+            .expression_attribute_names("#at", "updated_at")
+            .expression_attribute_values(":initializing", s(Phase::Initializing.as_str()))
+            .expression_attribute_values(":initialized", s(Phase::Initialized.as_str()))
+            .expression_attribute_values(":gen", n(generation))
+            .expression_attribute_values(":run", s(run_id))
+            .expression_attribute_values(":wall", n(epoch_ms(wall)))
+            .build()
+            .map_err(|e| invalid("mark initialized", &e))?;
+        self.transact("mark initialized", fence, TransactWriteItem::builder().update(update).build()).await
+    }
+
+    async fn put_member(&self, fence: Fence, record: &MemberRecord) -> Result<WriteResult, StoreError> {
+        let mut item = self.key(member_sk(&record.instance_id));
+        item.insert("instance_id".into(), s(&record.instance_id));
+        item.insert("member_id".into(), n(record.member_id));
+        item.insert("name".into(), s(&record.name));
+        item.insert("peer_url".into(), s(&record.peer_url));
+        item.insert("confirmed_at".into(), n(epoch_ms(record.confirmed_at)));
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| invalid("record member", &e))?;
+        self.transact("record member", fence, TransactWriteItem::builder().put(put).build()).await
+    }
+
+    async fn delete_member(&self, fence: Fence, instance_id: &str) -> Result<WriteResult, StoreError> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(self.key(member_sk(instance_id))))
+            .build()
+            .map_err(|e| invalid("forget member", &e))?;
+        self.transact("forget member", fence, TransactWriteItem::builder().delete(delete).build()).await
+    }
+
+    async fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {
+        let mut members = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+                .expression_attribute_names("#pk", table::PARTITION_KEY)
+                .expression_attribute_names("#sk", table::SORT_KEY)
+                .expression_attribute_values(":pk", s(&self.pk))
+                .expression_attribute_values(":prefix", s(table::MEMBER_SK_PREFIX))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| store_error("list members", &e))?;
+            for item in out.items() {
+                members.push(parse_member(item)?);
+            }
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => break,
+            }
+        }
+        members.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        Ok(members)
+    }
+}
+
+/// Sort key of a member record.
+pub fn member_sk(instance_id: &str) -> String {
+    format!("{}{instance_id}", table::MEMBER_SK_PREFIX)
+}
+
+fn parse_state(item: &Item) -> Result<ClusterState, StoreError> {
+    let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+    let num = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse::<u64>().ok());
+    let phase = text("phase").and_then(|p| Phase::parse(&p)).ok_or_else(|| malformed("read state", "phase"))?;
+    Ok(ClusterState {
+        phase,
+        generation: num("generation").ok_or_else(|| malformed("read state", "generation"))?,
+        endpoint: text("endpoint"),
+        kubernetes_version: text("kubernetes_version"),
+        initialized_by: text("initialized_by"),
+        init_run_id: text("init_run_id"),
+        fence: num("fence"),
+        updated_at: num("updated_at").map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+    })
+}
+
+fn parse_member(item: &Item) -> Result<MemberRecord, StoreError> {
+    let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+    let num = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse::<u64>().ok());
+    Ok(MemberRecord {
+        instance_id: text("instance_id").ok_or_else(|| malformed("list members", "instance_id"))?,
+        member_id: num("member_id").ok_or_else(|| malformed("list members", "member_id"))?,
+        name: text("name").unwrap_or_default(),
+        peer_url: text("peer_url").unwrap_or_default(),
+        confirmed_at: UNIX_EPOCH + Duration::from_millis(num("confirmed_at").unwrap_or(0)),
+    })
+}
+
+fn malformed(operation: &'static str, what: &str) -> StoreError {
+    StoreError { class: StoreErrorClass::Permanent, operation, message: format!("record is malformed: {what} (edited by hand?)") }
+}
+
+fn invalid(operation: &'static str, e: &dyn std::fmt::Display) -> StoreError {
+    StoreError { class: StoreErrorClass::Permanent, operation, message: format!("request could not be built: {e}") }
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_string())
+}
+
+fn n(v: impl std::fmt::Display) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}

@@ -1,0 +1,283 @@
+//! The cluster's records: the STATE record (phase, generation, who initialized
+//! it, with which run and fence) and one MEMBER record per confirmed etcd
+//! member.
+//!
+//! Every write that matters is fenced: the store checks, in the same
+//! transaction, that the lock named by the [`Fence`] still carries that fence
+//! and is not released. A refused fence means we lost the lock: the guard is
+//! told at once. A write whose answer was lost is resolved by a consistent
+//! read-back and, only if it provably did not apply, written once more.
+
+pub mod dynamo;
+
+use crate::lock::{Fence, Guard, StoreError, StoreErrorClass};
+use serde::Serialize;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Where a cluster is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Uninitialized,
+    Initializing,
+    Initialized,
+}
+
+impl Phase {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Uninitialized => "uninitialized",
+            Phase::Initializing => "initializing",
+            Phase::Initialized => "initialized",
+        }
+    }
+
+    /// From the stored word.
+    pub fn parse(s: &str) -> Option<Phase> {
+        match s {
+            "uninitialized" => Some(Phase::Uninitialized),
+            "initializing" => Some(Phase::Initializing),
+            "initialized" => Some(Phase::Initialized),
+            _ => None,
+        }
+    }
+}
+
+/// The STATE record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterState {
+    pub phase: Phase,
+    /// +1 on every init attempt: a crashed attempt leaves its generation behind.
+    pub generation: u64,
+    pub endpoint: Option<String>,
+    pub kubernetes_version: Option<String>,
+    /// Owner (instance/process) that ran `kubeadm init` for this generation.
+    pub initialized_by: Option<String>,
+    /// Correlation id of that bootstrap run: every joining node logs it.
+    pub init_run_id: Option<String>,
+    /// The init lock's fence used for this generation.
+    pub fence: Option<u64>,
+    #[serde(skip)]
+    pub updated_at: Option<SystemTime>,
+}
+
+impl ClusterState {
+    /// A cluster nobody has started yet.
+    pub fn uninitialized() -> Self {
+        ClusterState {
+            phase: Phase::Uninitialized,
+            generation: 0,
+            endpoint: None,
+            kubernetes_version: None,
+            initialized_by: None,
+            init_run_id: None,
+            fence: None,
+            updated_at: None,
+        }
+    }
+}
+
+/// What an init attempt records when it starts.
+#[derive(Debug, Clone)]
+pub struct InitClaim {
+    pub run_id: String,
+    pub initialized_by: String,
+    pub endpoint: String,
+    pub kubernetes_version: String,
+    pub wall: SystemTime,
+}
+
+/// A confirmed etcd member (written only after etcd reports it started, voting, healthy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberRecord {
+    pub instance_id: String,
+    /// etcd's member id, printed in hex by etcdctl.
+    pub member_id: u64,
+    pub name: String,
+    pub peer_url: String,
+    #[serde(skip)]
+    pub confirmed_at: SystemTime,
+}
+
+/// How a fenced write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteResult {
+    Applied,
+    /// The lock no longer carries our fence (or was released).
+    FenceRejected,
+    /// The record was not in the expected state.
+    ConditionFailed,
+}
+
+/// The records' storage. DynamoDB implements it ([`dynamo::DynamoRegistryStore`]);
+/// the tests implement it in memory for the seeded simulation.
+pub trait RegistryStore: Send + Sync + 'static {
+    fn read_state(&self) -> impl Future<Output = Result<Option<ClusterState>, StoreError>> + Send;
+    /// Starts generation `expected_generation + 1` if the cluster is still at
+    /// `expected_generation` and not initialized.
+    fn begin_init(&self, fence: Fence, expected_generation: u64, claim: &InitClaim)
+        -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    /// `initializing` → `initialized` for `generation` started by `run_id`.
+    fn finish_init(&self, fence: Fence, generation: u64, run_id: &str, wall: SystemTime)
+        -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn put_member(&self, fence: Fence, record: &MemberRecord) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn delete_member(&self, fence: Fence, instance_id: &str) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn list_members(&self) -> impl Future<Output = Result<Vec<MemberRecord>, StoreError>> + Send;
+}
+
+/// Registry failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{operation} refused: the {} lock no longer carries fence {}", fence.purpose, fence.value)]
+    LockLost { operation: &'static str, fence: Fence },
+    #[error("{operation} refused: {reason}")]
+    Conflict { operation: &'static str, reason: String },
+    #[error(transparent)]
+    NotHeld(#[from] crate::lock::Error),
+    #[error("registry {operation}: {source}")]
+    Store { operation: &'static str, source: StoreError },
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::LockLost { .. } | Error::NotHeld(_) => "another node took over the lock (this one was slow or paused); \
+                this node stops and retries from its last checkpoint"
+                .into(),
+            Error::Conflict { .. } => "the cluster record changed under us: `kubeboot status` shows it".into(),
+            Error::Store { source, .. } if source.class == StoreErrorClass::Permanent => {
+                "check the table exists and the instance role may call dynamodb:TransactWriteItems, GetItem and Query".into()
+            }
+            Error::Store { .. } => "DynamoDB is slow or throttling; the step is retried".into(),
+        }
+    }
+}
+
+/// The registry of one cluster.
+pub struct Registry<S> {
+    store: Arc<S>,
+}
+
+impl<S: RegistryStore> Registry<S> {
+    pub fn new(store: Arc<S>) -> Self {
+        Registry { store }
+    }
+
+    /// The STATE record (`uninitialized`, generation 0, when absent).
+    pub async fn state(&self) -> Result<ClusterState, Error> {
+        self.store
+            .read_state()
+            .await
+            .map(|s| s.unwrap_or_else(ClusterState::uninitialized))
+            .map_err(|source| Error::Store { operation: "read state", source })
+    }
+
+    /// Every MEMBER record.
+    pub async fn members(&self) -> Result<Vec<MemberRecord>, Error> {
+        self.store
+            .list_members()
+            .await
+            .map_err(|source| Error::Store { operation: "list members", source })
+    }
+
+    /// Starts a new init generation after `current` (fenced by the init lock); returns it.
+    pub async fn begin_init(&self, guard: &Guard, current: &ClusterState, claim: &InitClaim) -> Result<u64, Error> {
+        if current.phase == Phase::Initialized {
+            return Err(Error::Conflict { operation: "begin init", reason: "the cluster is already initialized".into() });
+        }
+        let fence = guard.fence()?;
+        let next = current.generation + 1;
+        let applied = |s: &ClusterState| s.init_run_id.as_deref() == Some(claim.run_id.as_str()) && s.generation == next;
+        self.fenced(guard, "begin init", fence, || self.store.begin_init(fence, current.generation, claim), || async {
+            Ok(self.state().await.map(|s| applied(&s)).unwrap_or(false))
+        })
+        .await?;
+        Ok(next)
+    }
+
+    /// Marks `generation` initialized (fenced by the init lock).
+    pub async fn mark_initialized(&self, guard: &Guard, generation: u64, run_id: &str, wall: SystemTime) -> Result<(), Error> {
+        let fence = guard.fence()?;
+        self.fenced(guard, "mark initialized", fence, || self.store.finish_init(fence, generation, run_id, wall), || async {
+            Ok(self
+                .state()
+                .await
+                .map(|s| s.phase == Phase::Initialized && s.init_run_id.as_deref() == Some(run_id))
+                .unwrap_or(false))
+        })
+        .await
+    }
+
+    /// Records a confirmed member (fenced by the lock the caller holds).
+    pub async fn record_member(&self, guard: &Guard, record: &MemberRecord) -> Result<(), Error> {
+        let fence = guard.fence()?;
+        self.fenced(guard, "record member", fence, || self.store.put_member(fence, record), || async {
+            Ok(self
+                .members()
+                .await
+                .map(|all| all.iter().any(|m| m.instance_id == record.instance_id && m.member_id == record.member_id))
+                .unwrap_or(false))
+        })
+        .await
+    }
+
+    /// Deletes a member record (fenced).
+    pub async fn forget_member(&self, guard: &Guard, instance_id: &str) -> Result<(), Error> {
+        let fence = guard.fence()?;
+        self.fenced(guard, "forget member", fence, || self.store.delete_member(fence, instance_id), || async {
+            Ok(self
+                .members()
+                .await
+                .map(|all| all.iter().all(|m| m.instance_id != instance_id))
+                .unwrap_or(false))
+        })
+        .await
+    }
+
+    /// One fenced write: refused fence → the guard learns it lost; unknown
+    /// outcome → read back, and write once more only if it did not apply.
+    async fn fenced<W, WF, R, RF>(&self, guard: &Guard, operation: &'static str, fence: Fence, write: W, read_back: R) -> Result<(), Error>
+    where
+        W: Fn() -> WF,
+        WF: Future<Output = Result<WriteResult, StoreError>>,
+        R: Fn() -> RF,
+        RF: Future<Output = Result<bool, Error>>,
+    {
+        for attempt in 0..2 {
+            let result = match write().await {
+                Ok(r) => r,
+                Err(e) if e.class == StoreErrorClass::OutcomeUnknown => {
+                    if read_back().await? {
+                        tracing::info!(operation, "write timed out but had applied (read back)");
+                        return Ok(());
+                    }
+                    if attempt == 0 {
+                        tracing::warn!(operation, "write timed out and did not apply (read back); writing once more");
+                        continue;
+                    }
+                    return Err(Error::Store { operation, source: e });
+                }
+                Err(source) => return Err(Error::Store { operation, source }),
+            };
+            return match result {
+                WriteResult::Applied => Ok(()),
+                WriteResult::FenceRejected => {
+                    guard.mark_lost(format!("{operation} was refused: fence {} is stale", fence.value));
+                    Err(Error::LockLost { operation, fence })
+                }
+                WriteResult::ConditionFailed => {
+                    // A previous attempt whose answer was lost may have applied.
+                    if attempt > 0 && read_back().await? {
+                        return Ok(());
+                    }
+                    Err(Error::Conflict { operation, reason: "the record is not in the expected state".into() })
+                }
+            };
+        }
+        Err(Error::Conflict { operation, reason: "unreachable retry state".into() })
+    }
+}
