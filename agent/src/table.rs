@@ -5,7 +5,8 @@
 //! the tests and the template cannot drift apart.
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TimeToLiveSpecification,
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    TimeToLiveSpecification,
 };
 
 /// Partition key attribute (string): `CLUSTER#<name>`.
@@ -35,14 +36,22 @@ pub enum Error {
 
 /// Creates the table as the template does: on demand, `pk`/`sk` strings, TTL on `expires_at`.
 pub async fn create(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), Error> {
-    let fail = |e: &dyn std::fmt::Display| Error::Create { table: table.to_string(), message: e.to_string() };
+    let fail = |e: &dyn std::fmt::Display| Error::Create {
+        table: table.to_string(),
+        message: e.to_string(),
+    };
     let attr = |name: &str| {
         AttributeDefinition::builder()
             .attribute_name(name)
             .attribute_type(ScalarAttributeType::S)
             .build()
     };
-    let key = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+    };
     client
         .create_table()
         .table_name(table)

@@ -9,6 +9,7 @@
 //! Harness knobs are environment variables prefixed `KBTEST_` (never
 //! `KUBEBOOT_`, which belongs to the agent's own configuration).
 
+pub mod awsproxy;
 pub mod etcd;
 pub mod imds;
 pub mod moto;

@@ -39,9 +39,13 @@ impl Moto {
     /// answers HTTP. Retries on a new port if the chosen one was taken in
     /// the meantime; panics with the server log if it never comes up.
     ///
-    /// Binary: `KBTEST_MOTO_SERVER`, else `<workspace>/.venv/moto/bin/moto_server`.
+    /// Runs moto's server through `tests/support/moto_linearizable.py`, which
+    /// makes each request atomic inside moto as each conditional write is in
+    /// DynamoDB (moto alone lets two concurrent conditional writes both pass).
+    /// Interpreter: `KBTEST_MOTO_PYTHON`, else `<workspace>/.venv/moto/bin/python`.
     pub async fn start() -> Self {
-        let bin = moto_bin();
+        let bin = moto_python();
+        let script = workspace_root().join("tests/support/moto_linearizable.py");
         let dir = tempfile::Builder::new()
             .prefix("kbtest-moto-")
             .tempdir()
@@ -53,7 +57,8 @@ impl Moto {
             attempts += 1;
             let port = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
             let mut cmd = Command::new(&bin);
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            cmd.arg(&script)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()]);
             let mut process = ChildGuard::spawn("moto_server", cmd, &log)
                 .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin.display()))
                 .with_grace(Duration::from_millis(500));
@@ -132,13 +137,13 @@ impl Moto {
 }
 
 /// Path of `moto_server`; panics with a setup hint if it is missing.
-fn moto_bin() -> PathBuf {
-    let path = std::env::var_os("KBTEST_MOTO_SERVER")
+fn moto_python() -> PathBuf {
+    let path = std::env::var_os("KBTEST_MOTO_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/moto/bin/moto_server"));
+        .unwrap_or_else(|| workspace_root().join(".venv/moto/bin/python"));
     assert!(
         path.is_file(),
-        "moto_server not found at {}: run scripts/setup.sh (or set KBTEST_MOTO_SERVER)",
+        "moto's Python not found at {}: run scripts/setup.sh (or set KBTEST_MOTO_PYTHON)",
         path.display()
     );
     path

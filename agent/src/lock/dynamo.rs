@@ -31,29 +31,56 @@ pub struct DynamoLockStore {
 
 impl DynamoLockStore {
     pub fn new(client: Client, table: &str, cluster: &str) -> Self {
-        DynamoLockStore { client, table: table.to_string(), pk: table::cluster_pk(cluster) }
+        DynamoLockStore {
+            client,
+            table: table.to_string(),
+            pk: table::cluster_pk(cluster),
+        }
     }
 
     fn key(&self, purpose: Purpose) -> HashMap<String, AttributeValue> {
         HashMap::from([
-            (table::PARTITION_KEY.to_string(), AttributeValue::S(self.pk.clone())),
-            (table::SORT_KEY.to_string(), AttributeValue::S(lock_sk(purpose))),
+            (
+                table::PARTITION_KEY.to_string(),
+                AttributeValue::S(self.pk.clone()),
+            ),
+            (
+                table::SORT_KEY.to_string(),
+                AttributeValue::S(lock_sk(purpose)),
+            ),
         ])
     }
 
-    fn update(&self, purpose: Purpose) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
-        self.client
+    /// An update of the lock item; attribute-name placeholders are added for
+    /// exactly those the expressions use (DynamoDB rejects unused ones).
+    fn update(
+        &self,
+        purpose: Purpose,
+        update: &str,
+        condition: &str,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        let mut req = self
+            .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(self.key(purpose)))
-            .expression_attribute_names("#pk", table::PARTITION_KEY)
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#r", RVN)
-            .expression_attribute_names("#l", LEASE_MS)
-            .expression_attribute_names("#f", FENCE)
-            .expression_attribute_names("#rel", RELEASED)
-            .expression_attribute_names("#hb", HEARTBEAT_AT)
-            .expression_attribute_names("#acq", ACQUIRED_AT)
+            .update_expression(update)
+            .condition_expression(condition);
+        for (placeholder, name) in [
+            ("#pk", table::PARTITION_KEY),
+            ("#o", OWNER),
+            ("#r", RVN),
+            ("#l", LEASE_MS),
+            ("#f", FENCE),
+            ("#rel", RELEASED),
+            ("#hb", HEARTBEAT_AT),
+            ("#acq", ACQUIRED_AT),
+        ] {
+            if uses(update, placeholder) || uses(condition, placeholder) {
+                req = req.expression_attribute_names(placeholder, name);
+            }
+        }
+        req
     }
 
     /// Claim writes share their SET part; only the condition differs.
@@ -66,9 +93,11 @@ impl DynamoLockStore {
         claim: &Claim<'_>,
     ) -> Result<Option<LockItem>, StoreError> {
         let mut req = self
-            .update(purpose)
-            .update_expression("SET #o = :owner, #r = :rvn, #l = :lease, #rel = :false, #hb = :wall, #acq = :wall ADD #f :one")
-            .condition_expression(condition)
+            .update(
+                purpose,
+                "SET #o = :owner, #r = :rvn, #l = :lease, #rel = :false, #hb = :wall, #acq = :wall ADD #f :one",
+                condition,
+            )
             .expression_attribute_values(":owner", s(claim.owner))
             .expression_attribute_values(":rvn", s(claim.rvn))
             .expression_attribute_values(":lease", n(claim.lease.as_millis()))
@@ -91,14 +120,35 @@ impl DynamoLockStore {
 }
 
 impl LockStore for DynamoLockStore {
-    async fn acquire_free(&self, purpose: Purpose, claim: &Claim<'_>) -> Result<Option<LockItem>, StoreError> {
-        self.claim_write("acquire lock", purpose, "attribute_not_exists(#pk) OR #rel = :true", None, claim)
-            .await
+    async fn acquire_free(
+        &self,
+        purpose: Purpose,
+        claim: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.claim_write(
+            "acquire lock",
+            purpose,
+            "attribute_not_exists(#pk) OR #rel = :true",
+            None,
+            claim,
+        )
+        .await
     }
 
-    async fn take_over(&self, purpose: Purpose, observed: &str, claim: &Claim<'_>) -> Result<Option<LockItem>, StoreError> {
-        self.claim_write("take over lock", purpose, "#r = :seen AND #rel = :false", Some(observed), claim)
-            .await
+    async fn take_over(
+        &self,
+        purpose: Purpose,
+        observed: &str,
+        claim: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.claim_write(
+            "take over lock",
+            purpose,
+            "#r = :seen AND #rel = :false",
+            Some(observed),
+            claim,
+        )
+        .await
     }
 
     async fn read(&self, purpose: Purpose) -> Result<Option<LockItem>, StoreError> {
@@ -111,14 +161,26 @@ impl LockStore for DynamoLockStore {
             .send()
             .await
             .map_err(|e| store_error("read lock", &e))?;
-        out.item.as_ref().map(|item| parse("read lock", Some(item))).transpose()
+        out.item
+            .as_ref()
+            .map(|item| parse("read lock", Some(item)))
+            .transpose()
     }
 
-    async fn heartbeat(&self, purpose: Purpose, owner: &str, old: &str, new: &str, wall: SystemTime) -> Result<bool, StoreError> {
+    async fn heartbeat(
+        &self,
+        purpose: Purpose,
+        owner: &str,
+        old: &str,
+        new: &str,
+        wall: SystemTime,
+    ) -> Result<bool, StoreError> {
         let result = self
-            .update(purpose)
-            .update_expression("SET #r = :new, #hb = :wall")
-            .condition_expression("#o = :owner AND #r = :old AND #rel = :false")
+            .update(
+                purpose,
+                "SET #r = :new, #hb = :wall",
+                "#o = :owner AND #r = :old AND #rel = :false",
+            )
             .expression_attribute_values(":owner", s(owner))
             .expression_attribute_values(":old", s(old))
             .expression_attribute_values(":new", s(new))
@@ -129,11 +191,19 @@ impl LockStore for DynamoLockStore {
         conditional("renew lock", result.map(|_| ()))
     }
 
-    async fn release(&self, purpose: Purpose, owner: &str, rvn: &str, wall: SystemTime) -> Result<bool, StoreError> {
+    async fn release(
+        &self,
+        purpose: Purpose,
+        owner: &str,
+        rvn: &str,
+        wall: SystemTime,
+    ) -> Result<bool, StoreError> {
         let result = self
-            .update(purpose)
-            .update_expression("SET #rel = :true, #hb = :wall")
-            .condition_expression("#o = :owner AND #r = :rvn AND #rel = :false")
+            .update(
+                purpose,
+                "SET #rel = :true, #hb = :wall",
+                "#o = :owner AND #r = :rvn AND #rel = :false",
+            )
             .expression_attribute_values(":owner", s(owner))
             .expression_attribute_values(":rvn", s(rvn))
             .expression_attribute_values(":true", AttributeValue::Bool(true))
@@ -144,11 +214,18 @@ impl LockStore for DynamoLockStore {
         conditional("release lock", result.map(|_| ()))
     }
 
-    async fn force_release(&self, purpose: Purpose, observed: &str, wall: SystemTime) -> Result<Option<LockItem>, StoreError> {
+    async fn force_release(
+        &self,
+        purpose: Purpose,
+        observed: &str,
+        wall: SystemTime,
+    ) -> Result<Option<LockItem>, StoreError> {
         let result = self
-            .update(purpose)
-            .update_expression("SET #rel = :true, #hb = :wall ADD #f :one")
-            .condition_expression("#r = :seen AND #rel = :false")
+            .update(
+                purpose,
+                "SET #rel = :true, #hb = :wall ADD #f :one",
+                "#r = :seen AND #rel = :false",
+            )
             .expression_attribute_values(":seen", s(observed))
             .expression_attribute_values(":true", AttributeValue::Bool(true))
             .expression_attribute_values(":false", AttributeValue::Bool(false))
@@ -163,6 +240,13 @@ impl LockStore for DynamoLockStore {
             Err(e) => Err(store_error("force release", &e)),
         }
     }
+}
+
+/// Whether `expr` uses `placeholder` as a whole token (`#r` is not `#rel`).
+fn uses(expr: &str, placeholder: &str) -> bool {
+    expr.match_indices(placeholder).any(|(i, _)| {
+        !expr[i + placeholder.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+    })
 }
 
 /// Sort key of a lock item.
@@ -198,10 +282,17 @@ pub fn store_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + '
     } else {
         StoreErrorClass::Permanent
     };
-    StoreError { class, operation, message: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string() }
+    StoreError {
+        class,
+        operation,
+        message: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
+    }
 }
 
-fn parse(operation: &'static str, item: Option<&HashMap<String, AttributeValue>>) -> Result<LockItem, StoreError> {
+fn parse(
+    operation: &'static str,
+    item: Option<&HashMap<String, AttributeValue>>,
+) -> Result<LockItem, StoreError> {
     let bad = |what: &str| StoreError {
         class: StoreErrorClass::Permanent,
         operation,
@@ -209,15 +300,33 @@ fn parse(operation: &'static str, item: Option<&HashMap<String, AttributeValue>>
     };
     let item = item.ok_or_else(|| bad("no attributes returned"))?;
     let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
-    let num = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse::<u64>().ok());
+    let num = |k: &str| {
+        item.get(k)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
     Ok(LockItem {
         owner: text(OWNER).ok_or_else(|| bad("owner"))?,
         rvn: text(RVN).ok_or_else(|| bad("rvn"))?,
         lease: Duration::from_millis(num(LEASE_MS).ok_or_else(|| bad("lease_ms"))?),
         fence: num(FENCE).ok_or_else(|| bad("fence"))?,
-        released: item.get(RELEASED).and_then(|v| v.as_bool().ok()).copied().unwrap_or(false),
+        released: item
+            .get(RELEASED)
+            .and_then(|v| v.as_bool().ok())
+            .copied()
+            .unwrap_or(false),
         heartbeat_at: num(HEARTBEAT_AT).map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_match_whole_tokens() {
+        assert!(super::uses("#r = :old AND #rel = :false", "#r"));
+        assert!(!super::uses("#rel = :false", "#r"));
+        assert!(super::uses("SET #rel = :true", "#rel"));
+    }
 }
 
 fn s(v: &str) -> AttributeValue {
@@ -230,5 +339,7 @@ fn n(v: impl std::fmt::Display) -> AttributeValue {
 
 /// Milliseconds since the epoch; a clock before 1970 reads as 0 (display only).
 pub fn epoch_ms(t: SystemTime) -> u128 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }

@@ -128,23 +128,48 @@ pub struct StoreError {
 /// the same semantics to run seeded simulations on virtual time.
 pub trait LockStore: Send + Sync + 'static {
     /// Takes the lock if absent or released, adding 1 to the fence; `None` if held.
-    fn acquire_free(&self, purpose: Purpose, claim: &Claim<'_>)
-        -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+    fn acquire_free(
+        &self,
+        purpose: Purpose,
+        claim: &Claim<'_>,
+    ) -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
     /// Takes a held lock whose rvn is still `observed`, adding 1 to the fence; `None` if it changed.
-    fn take_over(&self, purpose: Purpose, observed: &str, claim: &Claim<'_>)
-        -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+    fn take_over(
+        &self,
+        purpose: Purpose,
+        observed: &str,
+        claim: &Claim<'_>,
+    ) -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
     /// Consistent read.
-    fn read(&self, purpose: Purpose) -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+    fn read(
+        &self,
+        purpose: Purpose,
+    ) -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
     /// Replaces `old` rvn with `new` if `owner` still holds with `old`; false if not.
-    fn heartbeat(&self, purpose: Purpose, owner: &str, old: &str, new: &str, wall: SystemTime)
-        -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn heartbeat(
+        &self,
+        purpose: Purpose,
+        owner: &str,
+        old: &str,
+        new: &str,
+        wall: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Marks released if `owner` still holds with `rvn`; false if not.
-    fn release(&self, purpose: Purpose, owner: &str, rvn: &str, wall: SystemTime)
-        -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn release(
+        &self,
+        purpose: Purpose,
+        owner: &str,
+        rvn: &str,
+        wall: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Operator's release of a lock whose rvn is still `observed`, adding 1 to
     /// the fence so a holder that is merely slow is fenced out; `None` if it changed.
-    fn force_release(&self, purpose: Purpose, observed: &str, wall: SystemTime)
-        -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
+    fn force_release(
+        &self,
+        purpose: Purpose,
+        observed: &str,
+        wall: SystemTime,
+    ) -> impl Future<Output = Result<Option<LockItem>, StoreError>> + Send;
 }
 
 /// Source of wall-clock time, injectable so tests can skew it.
@@ -202,11 +227,18 @@ pub struct Fence {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("timed out after {} waiting for the {purpose} lock held by {}", crate::config::value::format_duration(*waited), holder.as_deref().unwrap_or("nobody (store unreachable?)"))]
-    Timeout { purpose: Purpose, waited: Duration, holder: Option<String> },
+    Timeout {
+        purpose: Purpose,
+        waited: Duration,
+        holder: Option<String>,
+    },
     #[error("the {purpose} lock was lost: {reason}")]
     Lost { purpose: Purpose, reason: String },
     #[error("{purpose} lock: {source}")]
-    Store { purpose: Purpose, source: StoreError },
+    Store {
+        purpose: Purpose,
+        source: StoreError,
+    },
     #[error("the {purpose} lock holder {holder} renewed its lease while we watched; refusing to force a release of a live lock")]
     HolderAlive { purpose: Purpose, holder: String },
     #[error("the {purpose} lock is not held by anyone")]
@@ -246,7 +278,11 @@ pub struct Locker<S> {
 
 impl<S: LockStore> Locker<S> {
     pub fn new(store: Arc<S>, owner: Owner, settings: Settings) -> Self {
-        Locker { store, owner, settings }
+        Locker {
+            store,
+            owner,
+            settings,
+        }
     }
 
     /// Who we are.
@@ -258,77 +294,95 @@ impl<S: LockStore> Locker<S> {
     pub async fn acquire(&self, purpose: Purpose) -> Result<Guard, Error> {
         let started = Instant::now();
         let deadline = started + self.settings.acquire_timeout;
-        let poll = self.settings.heartbeat_interval();
-        let patience = self.settings.lease + self.settings.margin;
-        let mut observed: Option<(String, Instant)> = None;
-        let mut holder: Option<String> = None;
-        let mut transient_failures = 0u32;
+        let mut watch = Watch::default();
         loop {
-            let rvn = new_rvn();
-            let claim = self.claim(&rvn);
-            let attempt = match &observed {
-                Some((seen, at)) if Instant::now() >= *at + patience => {
-                    self.store.take_over(purpose, seen, &claim).await
-                }
-                _ => self.store.acquire_free(purpose, &claim).await,
-            };
-            let acquired = match attempt {
-                Ok(item) => item,
-                Err(e) if e.class == StoreErrorClass::OutcomeUnknown => self.read_back_claim(purpose, &rvn).await?,
-                Err(e) if e.class == StoreErrorClass::Transient => {
-                    transient_failures += 1;
-                    tracing::warn!(lock = %purpose, error = %e, failures = transient_failures, "lock store unavailable, retrying");
-                    None
-                }
-                Err(source) => return Err(Error::Store { purpose, source }),
-            };
-            if let Some(item) = acquired {
-                tracing::info!(lock = %purpose, fence = item.fence, waited_ms = started.elapsed().as_millis() as u64, "lock acquired");
-                return Ok(Guard::start(self.store.clone(), purpose, &self.owner, item, self.settings.clone()));
-            }
-            // Held (or unknown): look at it with our own clock.
-            match self.store.read(purpose).await {
-                Ok(Some(item)) if !item.released => {
-                    holder = Some(item.owner.clone());
-                    match &observed {
-                        Some((seen, _)) if *seen == item.rvn => {}
-                        _ => {
-                            tracing::debug!(lock = %purpose, holder = %item.owner, "lock held; watching its record version");
-                            observed = Some((item.rvn, Instant::now()));
-                        }
-                    }
-                }
-                Ok(_) => observed = None,
-                Err(e) if e.class == StoreErrorClass::Permanent => return Err(Error::Store { purpose, source: e }),
-                Err(e) => tracing::warn!(lock = %purpose, error = %e, "cannot read lock, retrying"),
+            if let Some(guard) = self.attempt(purpose, &mut watch).await? {
+                tracing::info!(lock = %purpose, fence = guard.fence, waited_ms = started.elapsed().as_millis() as u64, "lock acquired");
+                return Ok(guard);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout { purpose, waited: now - started, holder });
+                return Err(Error::Timeout {
+                    purpose,
+                    waited: now - started,
+                    holder: watch.holder,
+                });
             }
-            let wake = match &observed {
-                Some((_, at)) => (*at + patience).max(now).min(now + poll),
-                None => now + poll.min(Duration::from_millis(200) * (1 + transient_failures.min(10))),
-            };
-            tokio::time::sleep_until(wake.min(deadline)).await;
+            tokio::time::sleep_until(
+                watch
+                    .next_attempt(
+                        now,
+                        self.settings.heartbeat_interval(),
+                        self.settings.margin,
+                    )
+                    .min(deadline),
+            )
+            .await;
         }
     }
 
-    /// After a claim whose answer was lost: did it apply?
-    async fn read_back_claim(&self, purpose: Purpose, rvn: &str) -> Result<Option<LockItem>, Error> {
-        match self.store.read(purpose).await {
-            Ok(Some(item)) if item.owner == self.owner.as_str() && item.rvn == rvn && !item.released => {
-                tracing::info!(lock = %purpose, "lock claim timed out but had applied (read back)");
-                Ok(Some(item))
+    /// One attempt without waiting: the guard if the lock was free, else `None`.
+    pub async fn try_acquire(&self, purpose: Purpose) -> Result<Option<Guard>, Error> {
+        self.attempt(purpose, &mut Watch::default()).await
+    }
+
+    /// Claims the lock if free, or takes it over if the holder's record version
+    /// stood still for its lease plus our margin on our clock; otherwise
+    /// updates what we have seen of the holder.
+    async fn attempt(&self, purpose: Purpose, watch: &mut Watch) -> Result<Option<Guard>, Error> {
+        let rvn = new_rvn();
+        let claim = self.claim(&rvn);
+        let result = match watch.expired(Instant::now(), self.settings.margin) {
+            Some(seen) => self.store.take_over(purpose, &seen, &claim).await,
+            None => self.store.acquire_free(purpose, &claim).await,
+        };
+        match result {
+            Ok(Some(item)) => return Ok(Some(self.guard(purpose, item))),
+            // "Held", or no answer: either way our claim may have applied (the
+            // SDK retries a lost answer, and the retry then fails the condition
+            // against our own write), so the read below decides.
+            Ok(None) => {}
+            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => {}
+            Err(e) if e.class == StoreErrorClass::Transient => {
+                watch.failures += 1;
+                tracing::warn!(lock = %purpose, error = %e, failures = watch.failures, "lock store unavailable, retrying");
             }
-            Ok(_) => Ok(None),
-            Err(e) if e.class == StoreErrorClass::Permanent => Err(Error::Store { purpose, source: e }),
-            Err(_) => Ok(None),
+            Err(source) => return Err(Error::Store { purpose, source }),
         }
+        match self.store.read(purpose).await {
+            Ok(Some(item))
+                if item.owner == self.owner.as_str() && item.rvn == rvn && !item.released =>
+            {
+                tracing::info!(lock = %purpose, "our claim had applied although its answer said otherwise (read back)");
+                return Ok(Some(self.guard(purpose, item)));
+            }
+            Ok(Some(item)) if !item.released => watch.saw(item, Instant::now()),
+            Ok(_) => watch.seen = None,
+            Err(e) if e.class == StoreErrorClass::Permanent => {
+                return Err(Error::Store { purpose, source: e })
+            }
+            Err(e) => tracing::warn!(lock = %purpose, error = %e, "cannot read lock, retrying"),
+        }
+        Ok(None)
+    }
+
+    fn guard(&self, purpose: Purpose, item: LockItem) -> Guard {
+        Guard::start(
+            self.store.clone(),
+            purpose,
+            &self.owner,
+            item,
+            self.settings.clone(),
+        )
     }
 
     fn claim<'a>(&'a self, rvn: &'a str) -> Claim<'a> {
-        Claim { owner: self.owner.as_str(), rvn, lease: self.settings.lease, wall: (self.settings.wall_clock)() }
+        Claim {
+            owner: self.owner.as_str(),
+            rvn,
+            lease: self.settings.lease,
+            wall: (self.settings.wall_clock)(),
+        }
     }
 
     /// Operator override: watches the lock for `lease + margin` on our own
@@ -341,9 +395,56 @@ impl<S: LockStore> Locker<S> {
         };
         tokio::time::sleep(first.lease + self.settings.margin).await;
         let wall = (self.settings.wall_clock)();
-        match self.store.force_release(purpose, &first.rvn, wall).await.map_err(store_err)? {
+        match self
+            .store
+            .force_release(purpose, &first.rvn, wall)
+            .await
+            .map_err(store_err)?
+        {
             Some(item) => Ok(item),
-            None => Err(Error::HolderAlive { purpose, holder: first.owner }),
+            None => Err(Error::HolderAlive {
+                purpose,
+                holder: first.owner,
+            }),
+        }
+    }
+}
+
+/// What a waiter has seen of the holder, on its own monotonic clock.
+#[derive(Debug, Default)]
+struct Watch {
+    /// Record version, the holder's lease, and when we first saw that version.
+    seen: Option<(String, Duration, Instant)>,
+    holder: Option<String>,
+    failures: u32,
+}
+
+impl Watch {
+    fn saw(&mut self, item: LockItem, now: Instant) {
+        self.holder = Some(item.owner.clone());
+        match &self.seen {
+            Some((rvn, _, _)) if *rvn == item.rvn => {}
+            _ => {
+                tracing::debug!(holder = %item.owner, "lock held; watching its record version");
+                self.seen = Some((item.rvn, item.lease, now));
+            }
+        }
+    }
+
+    /// The record version to take over, if it stood still for lease + margin.
+    fn expired(&self, now: Instant, margin: Duration) -> Option<String> {
+        match &self.seen {
+            Some((rvn, lease, at)) if now >= *at + *lease + margin => Some(rvn.clone()),
+            _ => None,
+        }
+    }
+
+    /// When to look again: at the takeover instant if it comes sooner than the
+    /// next poll; with a growing pause while the store fails.
+    fn next_attempt(&self, now: Instant, poll: Duration, margin: Duration) -> Instant {
+        match &self.seen {
+            Some((_, lease, at)) => (*at + *lease + margin).max(now).min(now + poll),
+            None => now + poll.min(Duration::from_millis(200) * (1 + self.failures.min(10))),
         }
     }
 }
@@ -375,7 +476,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, HolderState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn set_lost(&self, reason: String) {
@@ -421,7 +524,9 @@ trait ReleaseFn: Send + Sync {
         rvn: &'a str,
         wall: SystemTime,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send + 'a>>;
-    fn read<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<LockItem>, StoreError>> + Send + 'a>>;
+    fn read<'a>(
+        &'a self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<LockItem>, StoreError>> + Send + 'a>>;
 }
 
 struct StoreRelease<S> {
@@ -438,17 +543,30 @@ impl<S: LockStore> ReleaseFn for StoreRelease<S> {
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send + 'a>> {
         Box::pin(self.store.release(self.purpose, owner, rvn, wall))
     }
-    fn read<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<LockItem>, StoreError>> + Send + 'a>> {
+    fn read<'a>(
+        &'a self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<LockItem>, StoreError>> + Send + 'a>>
+    {
         Box::pin(self.store.read(self.purpose))
     }
 }
 
 impl Guard {
-    fn start<S: LockStore>(store: Arc<S>, purpose: Purpose, owner: &Owner, item: LockItem, settings: Settings) -> Guard {
+    fn start<S: LockStore>(
+        store: Arc<S>,
+        purpose: Purpose,
+        owner: &Owner,
+        item: LockItem,
+        settings: Settings,
+    ) -> Guard {
         let acquired_at = Instant::now();
         let (changed, _) = watch::channel(());
         let shared = Arc::new(Shared {
-            state: Mutex::new(HolderState { rvn: item.rvn.clone(), last_ok: acquired_at, status: Status::Held }),
+            state: Mutex::new(HolderState {
+                rvn: item.rvn.clone(),
+                last_ok: acquired_at,
+                status: Status::Held,
+            }),
             changed,
         });
         let heartbeat = tokio::spawn(heartbeat_loop(
@@ -486,9 +604,15 @@ impl Guard {
     /// The token for fenced writes; an error once the lock is not held.
     pub fn fence(&self) -> Result<Fence, Error> {
         if self.is_held() {
-            Ok(Fence { purpose: self.purpose, value: self.fence })
+            Ok(Fence {
+                purpose: self.purpose,
+                value: self.fence,
+            })
         } else {
-            Err(Error::Lost { purpose: self.purpose, reason: self.lost_reason() })
+            Err(Error::Lost {
+                purpose: self.purpose,
+                reason: self.lost_reason(),
+            })
         }
     }
 
@@ -561,13 +685,21 @@ impl Guard {
             Err(e) if e.class == StoreErrorClass::OutcomeUnknown => {
                 // Read back: released by us, or taken by someone else, both are fine.
                 match self.release.read().await {
-                    Ok(Some(item)) if item.owner == self.owner && item.rvn == rvn && !item.released => {
-                        Err(Error::Store { purpose: self.purpose, source: e })
+                    Ok(Some(item))
+                        if item.owner == self.owner && item.rvn == rvn && !item.released =>
+                    {
+                        Err(Error::Store {
+                            purpose: self.purpose,
+                            source: e,
+                        })
                     }
                     _ => Ok(()),
                 }
             }
-            Err(source) => Err(Error::Store { purpose: self.purpose, source }),
+            Err(source) => Err(Error::Store {
+                purpose: self.purpose,
+                source,
+            }),
         }
     }
 }
@@ -578,7 +710,13 @@ impl Drop for Guard {
     }
 }
 
-async fn heartbeat_loop<S: LockStore>(store: Arc<S>, purpose: Purpose, owner: String, shared: Arc<Shared>, settings: Settings) {
+async fn heartbeat_loop<S: LockStore>(
+    store: Arc<S>,
+    purpose: Purpose,
+    owner: String,
+    shared: Arc<Shared>,
+    settings: Settings,
+) {
     let interval = settings.heartbeat_interval();
     let trust = settings.trust_window();
     let mut next = Instant::now() + interval;
@@ -600,7 +738,12 @@ async fn heartbeat_loop<S: LockStore>(store: Arc<S>, purpose: Purpose, owner: St
         }
         let new = new_rvn();
         let wall = (settings.wall_clock)();
-        let outcome = match tokio::time::timeout(fence_at - sent, store.heartbeat(purpose, &owner, &old, &new, wall)).await {
+        let outcome = match tokio::time::timeout(
+            fence_at - sent,
+            store.heartbeat(purpose, &owner, &old, &new, wall),
+        )
+        .await
+        {
             Ok(Ok(applied)) => Ok(applied),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(StoreError {
@@ -610,9 +753,21 @@ async fn heartbeat_loop<S: LockStore>(store: Arc<S>, purpose: Purpose, owner: St
             }),
         };
         let applied = match outcome {
-            Ok(applied) => Some(applied),
-            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => match store.read(purpose).await {
-                Ok(Some(item)) if item.owner == owner && item.rvn == new && !item.released => Some(true),
+            Ok(true) => Some(true),
+            // Refused, or no answer: a retried renewal is refused by our own
+            // applied one, so only the record can tell.
+            Ok(false) => match store.read(purpose).await {
+                Ok(Some(item)) if item.owner == owner && item.rvn == new && !item.released => {
+                    Some(true)
+                }
+                Ok(_) => Some(false),
+                Err(_) => None,
+            },
+            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => match store.read(purpose).await
+            {
+                Ok(Some(item)) if item.owner == owner && item.rvn == new && !item.released => {
+                    Some(true)
+                }
                 Ok(Some(item)) if item.owner == owner && item.rvn == old && !item.released => None,
                 Ok(_) => Some(false),
                 Err(_) => None,

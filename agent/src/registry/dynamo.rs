@@ -7,7 +7,9 @@ use crate::lock::{Fence, StoreError, StoreErrorClass};
 use crate::table;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem, Update,
+};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,12 +26,19 @@ type Item = HashMap<String, AttributeValue>;
 
 impl DynamoRegistryStore {
     pub fn new(client: Client, table: &str, cluster: &str) -> Self {
-        DynamoRegistryStore { client, table: table.to_string(), pk: table::cluster_pk(cluster) }
+        DynamoRegistryStore {
+            client,
+            table: table.to_string(),
+            pk: table::cluster_pk(cluster),
+        }
     }
 
     fn key(&self, sk: String) -> Item {
         HashMap::from([
-            (table::PARTITION_KEY.to_string(), AttributeValue::S(self.pk.clone())),
+            (
+                table::PARTITION_KEY.to_string(),
+                AttributeValue::S(self.pk.clone()),
+            ),
             (table::SORT_KEY.to_string(), AttributeValue::S(sk)),
         ])
     }
@@ -48,7 +57,12 @@ impl DynamoRegistryStore {
         Ok(TransactWriteItem::builder().condition_check(check).build())
     }
 
-    async fn transact(&self, operation: &'static str, fence: Fence, write: TransactWriteItem) -> Result<WriteResult, StoreError> {
+    async fn transact(
+        &self,
+        operation: &'static str,
+        fence: Fence,
+        write: TransactWriteItem,
+    ) -> Result<WriteResult, StoreError> {
         let result = self
             .client
             .transact_write_items()
@@ -58,11 +72,24 @@ impl DynamoRegistryStore {
             .await;
         match result {
             Ok(_) => Ok(WriteResult::Applied),
-            Err(SdkError::ServiceError(se)) if matches!(se.err(), TransactWriteItemsError::TransactionCanceledException(_)) => {
+            Err(SdkError::ServiceError(se))
+                if matches!(
+                    se.err(),
+                    TransactWriteItemsError::TransactionCanceledException(_)
+                ) =>
+            {
                 let TransactWriteItemsError::TransactionCanceledException(tce) = se.err() else {
-                    return Err(StoreError { class: StoreErrorClass::Permanent, operation, message: "unreachable".into() });
+                    return Err(StoreError {
+                        class: StoreErrorClass::Permanent,
+                        operation,
+                        message: "unreachable".into(),
+                    });
                 };
-                let codes: Vec<&str> = tce.cancellation_reasons().iter().map(|r| r.code().unwrap_or("None")).collect();
+                let codes: Vec<&str> = tce
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().unwrap_or("None"))
+                    .collect();
                 match codes.as_slice() {
                     ["ConditionalCheckFailed", ..] => Ok(WriteResult::FenceRejected),
                     [_, "ConditionalCheckFailed"] => Ok(WriteResult::ConditionFailed),
@@ -92,7 +119,12 @@ impl RegistryStore for DynamoRegistryStore {
         out.item.as_ref().map(parse_state).transpose()
     }
 
-    async fn begin_init(&self, fence: Fence, expected_generation: u64, claim: &InitClaim) -> Result<WriteResult, StoreError> {
+    async fn begin_init(
+        &self,
+        fence: Fence,
+        expected_generation: u64,
+        claim: &InitClaim,
+    ) -> Result<WriteResult, StoreError> {
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(self.key(table::STATE_SK.into())))
@@ -121,10 +153,21 @@ impl RegistryStore for DynamoRegistryStore {
             .expression_attribute_values(":wall", n(epoch_ms(claim.wall)))
             .build()
             .map_err(|e| invalid("begin init", &e))?;
-        self.transact("begin init", fence, TransactWriteItem::builder().update(update).build()).await
+        self.transact(
+            "begin init",
+            fence,
+            TransactWriteItem::builder().update(update).build(),
+        )
+        .await
     }
 
-    async fn finish_init(&self, fence: Fence, generation: u64, run_id: &str, wall: SystemTime) -> Result<WriteResult, StoreError> {
+    async fn finish_init(
+        &self,
+        fence: Fence,
+        generation: u64,
+        run_id: &str,
+        wall: SystemTime,
+    ) -> Result<WriteResult, StoreError> {
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(self.key(table::STATE_SK.into())))
@@ -141,10 +184,19 @@ impl RegistryStore for DynamoRegistryStore {
             .expression_attribute_values(":wall", n(epoch_ms(wall)))
             .build()
             .map_err(|e| invalid("mark initialized", &e))?;
-        self.transact("mark initialized", fence, TransactWriteItem::builder().update(update).build()).await
+        self.transact(
+            "mark initialized",
+            fence,
+            TransactWriteItem::builder().update(update).build(),
+        )
+        .await
     }
 
-    async fn put_member(&self, fence: Fence, record: &MemberRecord) -> Result<WriteResult, StoreError> {
+    async fn put_member(
+        &self,
+        fence: Fence,
+        record: &MemberRecord,
+    ) -> Result<WriteResult, StoreError> {
         let mut item = self.key(member_sk(&record.instance_id));
         item.insert("instance_id".into(), s(&record.instance_id));
         item.insert("member_id".into(), n(record.member_id));
@@ -156,16 +208,30 @@ impl RegistryStore for DynamoRegistryStore {
             .set_item(Some(item))
             .build()
             .map_err(|e| invalid("record member", &e))?;
-        self.transact("record member", fence, TransactWriteItem::builder().put(put).build()).await
+        self.transact(
+            "record member",
+            fence,
+            TransactWriteItem::builder().put(put).build(),
+        )
+        .await
     }
 
-    async fn delete_member(&self, fence: Fence, instance_id: &str) -> Result<WriteResult, StoreError> {
+    async fn delete_member(
+        &self,
+        fence: Fence,
+        instance_id: &str,
+    ) -> Result<WriteResult, StoreError> {
         let delete = Delete::builder()
             .table_name(&self.table)
             .set_key(Some(self.key(member_sk(instance_id))))
             .build()
             .map_err(|e| invalid("forget member", &e))?;
-        self.transact("forget member", fence, TransactWriteItem::builder().delete(delete).build()).await
+        self.transact(
+            "forget member",
+            fence,
+            TransactWriteItem::builder().delete(delete).build(),
+        )
+        .await
     }
 
     async fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {
@@ -206,8 +272,14 @@ pub fn member_sk(instance_id: &str) -> String {
 
 fn parse_state(item: &Item) -> Result<ClusterState, StoreError> {
     let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
-    let num = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse::<u64>().ok());
-    let phase = text("phase").and_then(|p| Phase::parse(&p)).ok_or_else(|| malformed("read state", "phase"))?;
+    let num = |k: &str| {
+        item.get(k)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let phase = text("phase")
+        .and_then(|p| Phase::parse(&p))
+        .ok_or_else(|| malformed("read state", "phase"))?;
     Ok(ClusterState {
         phase,
         generation: num("generation").ok_or_else(|| malformed("read state", "generation"))?,
@@ -222,7 +294,11 @@ fn parse_state(item: &Item) -> Result<ClusterState, StoreError> {
 
 fn parse_member(item: &Item) -> Result<MemberRecord, StoreError> {
     let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
-    let num = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse::<u64>().ok());
+    let num = |k: &str| {
+        item.get(k)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
     Ok(MemberRecord {
         instance_id: text("instance_id").ok_or_else(|| malformed("list members", "instance_id"))?,
         member_id: num("member_id").ok_or_else(|| malformed("list members", "member_id"))?,
@@ -233,11 +309,19 @@ fn parse_member(item: &Item) -> Result<MemberRecord, StoreError> {
 }
 
 fn malformed(operation: &'static str, what: &str) -> StoreError {
-    StoreError { class: StoreErrorClass::Permanent, operation, message: format!("record is malformed: {what} (edited by hand?)") }
+    StoreError {
+        class: StoreErrorClass::Permanent,
+        operation,
+        message: format!("record is malformed: {what} (edited by hand?)"),
+    }
 }
 
 fn invalid(operation: &'static str, e: &dyn std::fmt::Display) -> StoreError {
-    StoreError { class: StoreErrorClass::Permanent, operation, message: format!("request could not be built: {e}") }
+    StoreError {
+        class: StoreErrorClass::Permanent,
+        operation,
+        message: format!("request could not be built: {e}"),
+    }
 }
 
 fn s(v: &str) -> AttributeValue {

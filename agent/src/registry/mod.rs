@@ -118,13 +118,30 @@ pub trait RegistryStore: Send + Sync + 'static {
     fn read_state(&self) -> impl Future<Output = Result<Option<ClusterState>, StoreError>> + Send;
     /// Starts generation `expected_generation + 1` if the cluster is still at
     /// `expected_generation` and not initialized.
-    fn begin_init(&self, fence: Fence, expected_generation: u64, claim: &InitClaim)
-        -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn begin_init(
+        &self,
+        fence: Fence,
+        expected_generation: u64,
+        claim: &InitClaim,
+    ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
     /// `initializing` → `initialized` for `generation` started by `run_id`.
-    fn finish_init(&self, fence: Fence, generation: u64, run_id: &str, wall: SystemTime)
-        -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
-    fn put_member(&self, fence: Fence, record: &MemberRecord) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
-    fn delete_member(&self, fence: Fence, instance_id: &str) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn finish_init(
+        &self,
+        fence: Fence,
+        generation: u64,
+        run_id: &str,
+        wall: SystemTime,
+    ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn put_member(
+        &self,
+        fence: Fence,
+        record: &MemberRecord,
+    ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn delete_member(
+        &self,
+        fence: Fence,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
     fn list_members(&self) -> impl Future<Output = Result<Vec<MemberRecord>, StoreError>> + Send;
 }
 
@@ -132,13 +149,22 @@ pub trait RegistryStore: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{operation} refused: the {} lock no longer carries fence {}", fence.purpose, fence.value)]
-    LockLost { operation: &'static str, fence: Fence },
+    LockLost {
+        operation: &'static str,
+        fence: Fence,
+    },
     #[error("{operation} refused: {reason}")]
-    Conflict { operation: &'static str, reason: String },
+    Conflict {
+        operation: &'static str,
+        reason: String,
+    },
     #[error(transparent)]
     NotHeld(#[from] crate::lock::Error),
     #[error("registry {operation}: {source}")]
-    Store { operation: &'static str, source: StoreError },
+    Store {
+        operation: &'static str,
+        source: StoreError,
+    },
 }
 
 impl Error {
@@ -173,7 +199,10 @@ impl<S: RegistryStore> Registry<S> {
             .read_state()
             .await
             .map(|s| s.unwrap_or_else(ClusterState::uninitialized))
-            .map_err(|source| Error::Store { operation: "read state", source })
+            .map_err(|source| Error::Store {
+                operation: "read state",
+                source,
+            })
     }
 
     /// Every MEMBER record.
@@ -181,66 +210,120 @@ impl<S: RegistryStore> Registry<S> {
         self.store
             .list_members()
             .await
-            .map_err(|source| Error::Store { operation: "list members", source })
+            .map_err(|source| Error::Store {
+                operation: "list members",
+                source,
+            })
     }
 
     /// Starts a new init generation after `current` (fenced by the init lock); returns it.
-    pub async fn begin_init(&self, guard: &Guard, current: &ClusterState, claim: &InitClaim) -> Result<u64, Error> {
+    pub async fn begin_init(
+        &self,
+        guard: &Guard,
+        current: &ClusterState,
+        claim: &InitClaim,
+    ) -> Result<u64, Error> {
         if current.phase == Phase::Initialized {
-            return Err(Error::Conflict { operation: "begin init", reason: "the cluster is already initialized".into() });
+            return Err(Error::Conflict {
+                operation: "begin init",
+                reason: "the cluster is already initialized".into(),
+            });
         }
         let fence = guard.fence()?;
         let next = current.generation + 1;
-        let applied = |s: &ClusterState| s.init_run_id.as_deref() == Some(claim.run_id.as_str()) && s.generation == next;
-        self.fenced(guard, "begin init", fence, || self.store.begin_init(fence, current.generation, claim), || async {
-            Ok(self.state().await.map(|s| applied(&s)).unwrap_or(false))
-        })
+        let applied = |s: &ClusterState| {
+            s.init_run_id.as_deref() == Some(claim.run_id.as_str()) && s.generation == next
+        };
+        self.fenced(
+            guard,
+            "begin init",
+            fence,
+            || self.store.begin_init(fence, current.generation, claim),
+            || async { Ok(self.state().await.map(|s| applied(&s)).unwrap_or(false)) },
+        )
         .await?;
         Ok(next)
     }
 
     /// Marks `generation` initialized (fenced by the init lock).
-    pub async fn mark_initialized(&self, guard: &Guard, generation: u64, run_id: &str, wall: SystemTime) -> Result<(), Error> {
+    pub async fn mark_initialized(
+        &self,
+        guard: &Guard,
+        generation: u64,
+        run_id: &str,
+        wall: SystemTime,
+    ) -> Result<(), Error> {
         let fence = guard.fence()?;
-        self.fenced(guard, "mark initialized", fence, || self.store.finish_init(fence, generation, run_id, wall), || async {
-            Ok(self
-                .state()
-                .await
-                .map(|s| s.phase == Phase::Initialized && s.init_run_id.as_deref() == Some(run_id))
-                .unwrap_or(false))
-        })
+        self.fenced(
+            guard,
+            "mark initialized",
+            fence,
+            || self.store.finish_init(fence, generation, run_id, wall),
+            || async {
+                Ok(self
+                    .state()
+                    .await
+                    .map(|s| {
+                        s.phase == Phase::Initialized && s.init_run_id.as_deref() == Some(run_id)
+                    })
+                    .unwrap_or(false))
+            },
+        )
         .await
     }
 
     /// Records a confirmed member (fenced by the lock the caller holds).
     pub async fn record_member(&self, guard: &Guard, record: &MemberRecord) -> Result<(), Error> {
         let fence = guard.fence()?;
-        self.fenced(guard, "record member", fence, || self.store.put_member(fence, record), || async {
-            Ok(self
-                .members()
-                .await
-                .map(|all| all.iter().any(|m| m.instance_id == record.instance_id && m.member_id == record.member_id))
-                .unwrap_or(false))
-        })
+        self.fenced(
+            guard,
+            "record member",
+            fence,
+            || self.store.put_member(fence, record),
+            || async {
+                Ok(self
+                    .members()
+                    .await
+                    .map(|all| {
+                        all.iter().any(|m| {
+                            m.instance_id == record.instance_id && m.member_id == record.member_id
+                        })
+                    })
+                    .unwrap_or(false))
+            },
+        )
         .await
     }
 
     /// Deletes a member record (fenced).
     pub async fn forget_member(&self, guard: &Guard, instance_id: &str) -> Result<(), Error> {
         let fence = guard.fence()?;
-        self.fenced(guard, "forget member", fence, || self.store.delete_member(fence, instance_id), || async {
-            Ok(self
-                .members()
-                .await
-                .map(|all| all.iter().all(|m| m.instance_id != instance_id))
-                .unwrap_or(false))
-        })
+        self.fenced(
+            guard,
+            "forget member",
+            fence,
+            || self.store.delete_member(fence, instance_id),
+            || async {
+                Ok(self
+                    .members()
+                    .await
+                    .map(|all| all.iter().all(|m| m.instance_id != instance_id))
+                    .unwrap_or(false))
+            },
+        )
         .await
     }
 
     /// One fenced write: refused fence → the guard learns it lost; unknown
     /// outcome → read back, and write once more only if it did not apply.
-    async fn fenced<W, WF, R, RF>(&self, guard: &Guard, operation: &'static str, fence: Fence, write: W, read_back: R) -> Result<(), Error>
+    async fn fenced<W, WF, R, RF>(
+        &self,
+        guard: &Guard,
+        operation: &'static str,
+        fence: Fence,
+        write: W,
+        read_back: R,
+    ) -> Result<(), Error>
     where
         W: Fn() -> WF,
         WF: Future<Output = Result<WriteResult, StoreError>>,
@@ -256,28 +339,48 @@ impl<S: RegistryStore> Registry<S> {
                         return Ok(());
                     }
                     if attempt == 0 {
-                        tracing::warn!(operation, "write timed out and did not apply (read back); writing once more");
+                        tracing::warn!(
+                            operation,
+                            "write timed out and did not apply (read back); writing once more"
+                        );
                         continue;
                     }
-                    return Err(Error::Store { operation, source: e });
+                    return Err(Error::Store {
+                        operation,
+                        source: e,
+                    });
                 }
                 Err(source) => return Err(Error::Store { operation, source }),
             };
             return match result {
                 WriteResult::Applied => Ok(()),
                 WriteResult::FenceRejected => {
-                    guard.mark_lost(format!("{operation} was refused: fence {} is stale", fence.value));
+                    guard.mark_lost(format!(
+                        "{operation} was refused: fence {} is stale",
+                        fence.value
+                    ));
                     Err(Error::LockLost { operation, fence })
                 }
                 WriteResult::ConditionFailed => {
-                    // A previous attempt whose answer was lost may have applied.
-                    if attempt > 0 && read_back().await? {
+                    // The SDK retries a write whose answer was lost; the retry
+                    // then fails its condition against our own applied write.
+                    if read_back().await? {
+                        tracing::info!(
+                            operation,
+                            "condition failed against our own earlier attempt (read back)"
+                        );
                         return Ok(());
                     }
-                    Err(Error::Conflict { operation, reason: "the record is not in the expected state".into() })
+                    Err(Error::Conflict {
+                        operation,
+                        reason: "the record is not in the expected state".into(),
+                    })
                 }
             };
         }
-        Err(Error::Conflict { operation, reason: "unreachable retry state".into() })
+        Err(Error::Conflict {
+            operation,
+            reason: "unreachable retry state".into(),
+        })
     }
 }

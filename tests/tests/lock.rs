@@ -1,0 +1,527 @@
+//! The lease lock and the fenced registry against moto_server, through the
+//! real DynamoDB client. Leases are short (3 s) so scenarios stay quick;
+//! timings asserted here are the algorithm's bounds, not performance.
+
+use kubeboot::lock::dynamo::DynamoLockStore;
+use kubeboot::lock::{
+    Claim, Error as LockError, Fence, LockItem, LockStore, Locker, Owner, Purpose, Settings,
+    StoreError,
+};
+use kubeboot::registry::dynamo::DynamoRegistryStore;
+use kubeboot::registry::{
+    self, InitClaim, MemberRecord, Phase, Registry, RegistryStore, WriteResult,
+};
+use kubeboot_tests::moto::Moto;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+const LEASE: Duration = Duration::from_secs(3);
+const MARGIN: Duration = Duration::from_secs(1);
+
+struct Fixture {
+    _moto: Moto,
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+    cluster: String,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let moto = Moto::start().await;
+        let client = moto.dynamodb().await;
+        let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
+        kubeboot::table::create(&client, &table)
+            .await
+            .expect("create table");
+        Fixture {
+            _moto: moto,
+            client,
+            table,
+            cluster: format!("c-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        }
+    }
+
+    fn store(&self) -> Arc<DynamoLockStore> {
+        Arc::new(DynamoLockStore::new(
+            self.client.clone(),
+            &self.table,
+            &self.cluster,
+        ))
+    }
+
+    fn registry(&self) -> Registry<DynamoRegistryStore> {
+        Registry::new(Arc::new(DynamoRegistryStore::new(
+            self.client.clone(),
+            &self.table,
+            &self.cluster,
+        )))
+    }
+
+    fn locker(&self, instance: &str) -> Locker<DynamoLockStore> {
+        Locker::new(
+            self.store(),
+            Owner::new(instance),
+            settings(SystemTime::now),
+        )
+    }
+}
+
+fn settings(clock: fn() -> SystemTime) -> Settings {
+    Settings {
+        lease: LEASE,
+        margin: MARGIN,
+        acquire_timeout: Duration::from_secs(30),
+        wall_clock: Arc::new(clock),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_contenders_race_for_a_free_lock_and_exactly_one_wins_fifty_times() {
+    let fx = Fixture::new().await;
+    let lockers: Vec<Arc<Locker<DynamoLockStore>>> = (0..16)
+        .map(|i| Arc::new(fx.locker(&format!("i-{i:017x}"))))
+        .collect();
+    let mut last_fence = 0;
+    for round in 0..50 {
+        let attempts = lockers.iter().map(|l| {
+            let l = l.clone();
+            tokio::spawn(async move { l.try_acquire(Purpose::Init).await })
+        });
+        let results = futures_join(attempts).await;
+        let mut winners: Vec<kubeboot::lock::Guard> = results
+            .into_iter()
+            .filter_map(|r| r.expect("no store error"))
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let guard = winners.remove(0);
+        let fence = guard.fence().expect("winner holds").value;
+        assert!(
+            fence > last_fence,
+            "round {round}: fence {fence} after {last_fence}"
+        );
+        last_fence = fence;
+        guard.release().await.expect("release");
+    }
+    assert_eq!(last_fence, 50, "one fence per acquisition");
+}
+
+async fn futures_join<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles.collect::<Vec<_>>() {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_holder_is_taken_over_after_one_lease_but_within_two_heartbeats_more() {
+    let fx = Fixture::new().await;
+    let holder = fx.locker("i-00000000000000001");
+    let waiter = fx.locker("i-00000000000000002");
+    let guard = holder
+        .acquire(Purpose::Init)
+        .await
+        .expect("holder acquires");
+    // Let a couple of heartbeats land, then crash: heartbeats stop, nothing is released.
+    tokio::time::sleep(LEASE).await;
+    let last_renewal = fx
+        .store()
+        .read(Purpose::Init)
+        .await
+        .expect("read")
+        .expect("item")
+        .heartbeat_at;
+    drop(guard);
+    let crashed = Instant::now();
+    let taken = waiter
+        .acquire(Purpose::Init)
+        .await
+        .expect("waiter takes over");
+    let took = crashed.elapsed();
+    println!(
+        "takeover after crash: {took:?} (lease {LEASE:?}, heartbeat {:?})",
+        LEASE / 3
+    );
+    assert!(took >= LEASE, "took over after {took:?}, before one lease");
+    assert!(
+        took <= LEASE + 2 * (LEASE / 3) + Duration::from_millis(500),
+        "took {took:?}"
+    );
+    assert!(taken.fence().expect("held").value >= 2);
+    assert!(last_renewal.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_holder_is_never_taken_over() {
+    let fx = Fixture::new().await;
+    let holder = fx.locker("i-00000000000000001");
+    let guard = holder
+        .acquire(Purpose::Membership)
+        .await
+        .expect("holder acquires");
+    let mut waiter_settings = settings(SystemTime::now);
+    waiter_settings.acquire_timeout = 3 * LEASE;
+    let waiter = Locker::new(
+        fx.store(),
+        Owner::new("i-00000000000000002"),
+        waiter_settings,
+    );
+    let err = waiter
+        .acquire(Purpose::Membership)
+        .await
+        .expect_err("holder renews, waiter must give up");
+    match &err {
+        LockError::Timeout {
+            holder: Some(h), ..
+        } => assert!(h.starts_with("i-00000000000000001/"), "{h}"),
+        other => panic!("expected a timeout naming the holder, got {other}"),
+    }
+    assert!(err.hint().contains("kubeboot status"));
+    assert!(guard.is_held(), "three leases later the holder still holds");
+    guard.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn release_lets_the_next_contender_in_at_once() {
+    let fx = Fixture::new().await;
+    let first = fx
+        .locker("i-00000000000000001")
+        .acquire(Purpose::Leader)
+        .await
+        .expect("first");
+    let second = fx.locker("i-00000000000000002");
+    let wait = tokio::spawn(async move {
+        let started = Instant::now();
+        let g = second.acquire(Purpose::Leader).await.expect("second");
+        (started.elapsed(), g.fence().expect("held").value)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.release().await.expect("release");
+    let (waited, fence) = wait.await.expect("task");
+    assert!(
+        waited < LEASE,
+        "waited {waited:?}: a released lock needs no lease to pass"
+    );
+    assert_eq!(fence, 2);
+}
+
+/// A store whose heartbeats hang while paused: the holder's process is frozen.
+struct Pausable {
+    inner: DynamoLockStore,
+    paused: AtomicBool,
+}
+
+impl LockStore for Pausable {
+    async fn acquire_free(
+        &self,
+        p: Purpose,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.acquire_free(p, c).await
+    }
+    async fn take_over(
+        &self,
+        p: Purpose,
+        o: &str,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.take_over(p, o, c).await
+    }
+    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
+        self.inner.read(p).await
+    }
+    async fn heartbeat(
+        &self,
+        p: Purpose,
+        owner: &str,
+        old: &str,
+        new: &str,
+        wall: SystemTime,
+    ) -> Result<bool, StoreError> {
+        while self.paused.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.inner.heartbeat(p, owner, old, new, wall).await
+    }
+    async fn release(
+        &self,
+        p: Purpose,
+        owner: &str,
+        rvn: &str,
+        wall: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.inner.release(p, owner, rvn, wall).await
+    }
+    async fn force_release(
+        &self,
+        p: Purpose,
+        o: &str,
+        wall: SystemTime,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.force_release(p, o, wall).await
+    }
+}
+
+fn init_claim(run: &str) -> InitClaim {
+    InitClaim {
+        run_id: run.into(),
+        initialized_by: format!("owner-of-{run}"),
+        endpoint: "api:6443".into(),
+        kubernetes_version: "1.31.2".into(),
+        wall: SystemTime::now(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_holder_is_fenced_out_and_learns_it_lost() {
+    let fx = Fixture::new().await;
+    let store = Arc::new(Pausable {
+        inner: (*fx.store()).clone(),
+        paused: AtomicBool::new(false),
+    });
+    let holder = Locker::new(
+        store.clone(),
+        Owner::new("i-00000000000000001"),
+        settings(SystemTime::now),
+    );
+    let registry = fx.registry();
+    let guard = holder
+        .acquire(Purpose::Init)
+        .await
+        .expect("holder acquires");
+    let stale: Fence = guard.fence().expect("held");
+    let state = registry.state().await.expect("state");
+    let generation = registry
+        .begin_init(&guard, &state, &init_claim("run-1"))
+        .await
+        .expect("begin init");
+
+    store.paused.store(true, Ordering::SeqCst);
+    let waiter = fx
+        .locker("i-00000000000000002")
+        .acquire(Purpose::Init)
+        .await
+        .expect("waiter takes over");
+    assert_eq!(waiter.fence().expect("held").value, stale.value + 1);
+    store.paused.store(false, Ordering::SeqCst);
+
+    // The holder wakes up. Its own clock says it stopped renewing long ago...
+    assert!(
+        !guard.is_held(),
+        "self-fenced: no renewal within lease - margin"
+    );
+    let err = registry
+        .mark_initialized(&guard, generation, "run-1", SystemTime::now())
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, registry::Error::NotHeld(_)), "{err}");
+    // ...and had its clock not noticed, the store refuses the stale fence anyway.
+    let raw = DynamoRegistryStore::new(fx.client.clone(), &fx.table, &fx.cluster);
+    let result = raw
+        .finish_init(stale, generation, "run-1", SystemTime::now())
+        .await
+        .expect("store answers");
+    assert_eq!(result, WriteResult::FenceRejected);
+    assert_eq!(
+        registry.state().await.expect("state").phase,
+        Phase::Initializing,
+        "nothing was initialized"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_holder_whose_fence_moved_behind_its_back_is_refused_and_marked_lost() {
+    let fx = Fixture::new().await;
+    let guard = fx
+        .locker("i-00000000000000001")
+        .acquire(Purpose::Membership)
+        .await
+        .expect("acquire");
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let record = MemberRecord {
+        instance_id: "i-00000000000000001".into(),
+        member_id: 0x8e9e_05c5_2164_694d,
+        name: "m0".into(),
+        peer_url: "https://10.0.0.1:2380".into(),
+        confirmed_at: SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms),
+    };
+    let registry = fx.registry();
+    registry
+        .record_member(&guard, &record)
+        .await
+        .expect("fenced write with a good fence");
+    // Another node took over while this one was frozen with a clock that did
+    // not notice: the fence moved, the holder still believes it holds.
+    fx.client
+        .update_item()
+        .table_name(&fx.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(kubeboot::table::cluster_pk(&fx.cluster)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("LOCK#membership".into()),
+        )
+        .update_expression("ADD fence :one")
+        .expression_attribute_values(
+            ":one",
+            aws_sdk_dynamodb::types::AttributeValue::N("1".into()),
+        )
+        .send()
+        .await
+        .expect("bump fence");
+    assert!(guard.is_held(), "the holder has not noticed yet");
+    let err = registry
+        .forget_member(&guard, "i-00000000000000001")
+        .await
+        .expect_err("stale fence");
+    assert!(matches!(err, registry::Error::LockLost { .. }), "{err}");
+    assert!(
+        !guard.is_held(),
+        "a refused fenced write tells the guard at once"
+    );
+    assert_eq!(
+        registry.members().await.expect("members"),
+        vec![record],
+        "the record is untouched"
+    );
+}
+
+fn ahead() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(600)
+}
+
+fn behind() -> SystemTime {
+    SystemTime::now() - Duration::from_secs(600)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wall_clocks_ten_minutes_apart_do_not_change_the_lease() {
+    let fx = Fixture::new().await;
+    let fast = Locker::new(
+        fx.store(),
+        Owner::new("i-0000000000000fa57"),
+        settings(ahead),
+    );
+    let slow = Locker::new(
+        fx.store(),
+        Owner::new("i-00000000000005107"),
+        settings(behind),
+    );
+    // A holder whose clock is ahead is not seen as stale by one whose clock is behind...
+    let guard = fast.acquire(Purpose::Init).await.expect("fast acquires");
+    let mut impatient = settings(behind);
+    impatient.acquire_timeout = 2 * LEASE;
+    let blocked = Locker::new(fx.store(), Owner::new("i-00000000000005108"), impatient);
+    assert!(matches!(
+        blocked.acquire(Purpose::Init).await,
+        Err(LockError::Timeout { .. })
+    ));
+    // ...and once it dies, takeover still waits one full lease, whatever the clocks say.
+    drop(guard);
+    let crashed = Instant::now();
+    let taken = slow.acquire(Purpose::Init).await.expect("slow takes over");
+    assert!(
+        crashed.elapsed() >= LEASE,
+        "took over after {:?}",
+        crashed.elapsed()
+    );
+    let item = fx
+        .store()
+        .read(Purpose::Init)
+        .await
+        .expect("read")
+        .expect("item");
+    assert!(
+        item.heartbeat_at.expect("stamped") < SystemTime::now(),
+        "stamps are the holder's clock, display only"
+    );
+    taken.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_cannot_force_release_a_live_lock_but_can_a_dead_one() {
+    let fx = Fixture::new().await;
+    let guard = fx
+        .locker("i-00000000000000001")
+        .acquire(Purpose::Membership)
+        .await
+        .expect("acquire");
+    let operator = fx.locker("operator");
+    let err = operator
+        .force_release(Purpose::Membership)
+        .await
+        .expect_err("holder renews while we watch");
+    assert!(matches!(err, LockError::HolderAlive { .. }), "{err}");
+    let fence = guard.fence().expect("still held").value;
+    drop(guard);
+    let item = operator
+        .force_release(Purpose::Membership)
+        .await
+        .expect("dead holder's lock is released");
+    assert!(item.released);
+    assert_eq!(
+        item.fence,
+        fence + 1,
+        "a forced release fences out the old holder"
+    );
+    let next = fx
+        .locker("i-00000000000000002")
+        .try_acquire(Purpose::Membership)
+        .await
+        .expect("store");
+    assert!(next.is_some(), "free at once after the forced release");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_is_recorded_once_per_generation() {
+    let fx = Fixture::new().await;
+    let registry = fx.registry();
+    let locker = fx.locker("i-00000000000000001");
+    let guard = locker.acquire(Purpose::Init).await.expect("acquire");
+    let state = registry.state().await.expect("state");
+    assert_eq!((state.phase, state.generation), (Phase::Uninitialized, 0));
+    // A first attempt crashes after starting generation 1...
+    let g1 = registry
+        .begin_init(&guard, &state, &init_claim("run-1"))
+        .await
+        .expect("begin 1");
+    assert_eq!(g1, 1);
+    // ...the next attempt starts generation 2 and finishes it.
+    let state = registry.state().await.expect("state");
+    let g2 = registry
+        .begin_init(&guard, &state, &init_claim("run-2"))
+        .await
+        .expect("begin 2");
+    assert_eq!(g2, 2);
+    let stale = registry
+        .mark_initialized(&guard, g1, "run-1", SystemTime::now())
+        .await;
+    assert!(
+        matches!(stale, Err(registry::Error::Conflict { .. })),
+        "the crashed generation cannot finish"
+    );
+    registry
+        .mark_initialized(&guard, g2, "run-2", SystemTime::now())
+        .await
+        .expect("finish 2");
+    let state = registry.state().await.expect("state");
+    assert_eq!(state.phase, Phase::Initialized);
+    assert_eq!(state.init_run_id.as_deref(), Some("run-2"));
+    assert_eq!(state.fence, Some(guard.fence().expect("held").value));
+    let again = registry
+        .begin_init(&guard, &state, &init_claim("run-3"))
+        .await;
+    assert!(
+        matches!(again, Err(registry::Error::Conflict { .. })),
+        "an initialized cluster is never re-initialized"
+    );
+    guard.release().await.expect("release");
+}
