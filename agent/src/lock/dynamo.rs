@@ -319,16 +319,6 @@ fn parse(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn placeholders_match_whole_tokens() {
-        assert!(super::uses("#r = :old AND #rel = :false", "#r"));
-        assert!(!super::uses("#rel = :false", "#r"));
-        assert!(super::uses("SET #rel = :true", "#rel"));
-    }
-}
-
 fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_string())
 }
@@ -342,4 +332,14 @@ pub fn epoch_ms(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_match_whole_tokens() {
+        assert!(super::uses("#r = :old AND #rel = :false", "#r"));
+        assert!(!super::uses("#rel = :false", "#r"));
+        assert!(super::uses("SET #rel = :true", "#rel"));
+    }
 }
