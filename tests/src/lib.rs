@@ -12,6 +12,7 @@
 pub mod awsproxy;
 pub mod etcd;
 pub mod imds;
+pub mod memstore;
 pub mod moto;
 pub mod net;
 pub mod process;
