@@ -1,7 +1,11 @@
 //! The command line: the product's face for operators and for systemd.
 
-use crate::config::{self, LoadOptions, Loaded, UserData};
+use crate::config::{self, Config, LoadOptions, Loaded, UserData};
 use crate::error::{Error, EXIT_OK, EXIT_USAGE};
+use crate::lock::dynamo::DynamoLockStore;
+use crate::lock::{Locker, Owner, Purpose};
+use crate::registry::dynamo::DynamoRegistryStore;
+use crate::registry::Registry;
 use crate::telemetry::{self, LogFormat};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
@@ -50,6 +54,50 @@ pub enum Command {
     /// Validate or print the merged configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+
+    /// Show the cluster record (phase, generation, who initialized it), lock
+    /// holders with the age of their last renewal, and the etcd member records.
+    Status(StatusArgs),
+
+    /// Operator overrides for the DynamoDB locks.
+    #[command(subcommand)]
+    Lock(LockCommand),
+}
+
+/// `kubeboot lock ...`
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Release a lock whose holder is dead or stuck. Watches the lock for its
+    /// lease plus lock.margin first and refuses if the holder renews it
+    /// meanwhile; a release bumps the fence, so a holder that is merely slow
+    /// has its next write refused.
+    Release(ReleaseArgs),
+}
+
+/// Options of `kubeboot lock release`.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// Which lock.
+    #[arg(long, value_enum)]
+    pub purpose: Purpose,
+
+    /// Required: confirms you checked with `kubeboot status` that the holder is gone.
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub sources: SourceArgs,
+}
+
+/// Options of `kubeboot status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    /// Output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 /// `kubeboot config ...`
@@ -61,9 +109,20 @@ pub enum ConfigCommand {
     Show(ConfigArgs),
 }
 
-/// Options shared by the config commands.
+/// Options of the config commands.
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    /// Output format for the printed data.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Where the user-data source comes from, for every command that loads the configuration.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
     /// Read user-data from FILE instead of the instance metadata service (check a launch template offline).
     #[arg(long, value_name = "FILE", conflicts_with = "no_user_data")]
     pub user_data: Option<PathBuf>,
@@ -71,13 +130,9 @@ pub struct ConfigArgs {
     /// Ignore user-data (off EC2, or to see the baked configuration alone).
     #[arg(long)]
     pub no_user_data: bool,
-
-    /// Output format for the printed data.
-    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
-    pub output: Output,
 }
 
-impl ConfigArgs {
+impl SourceArgs {
     fn user_data(&self) -> UserData {
         match (&self.user_data, self.no_user_data) {
             (Some(path), _) => UserData::File(path.clone()),
@@ -134,8 +189,27 @@ fn report(cli: &Cli, err: &Error) -> ExitCode {
 pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
     match &cli.command {
         Command::Config(ConfigCommand::Check(args)) => config_check(cli, args).await,
+        Command::Status(args) => {
+            let loaded = load(cli, args.sources.user_data()).await?;
+            let cfg = &loaded.config;
+            let client = dynamodb(cfg).await?;
+            let locks = DynamoLockStore::new(client.clone(), &cfg.aws.table, &cfg.cluster.name);
+            let registry = Registry::new(std::sync::Arc::new(DynamoRegistryStore::new(
+                client,
+                &cfg.aws.table,
+                &cfg.cluster.name,
+            )));
+            let status =
+                crate::status::gather(&cfg.cluster.name, &cfg.aws.table, &locks, &registry).await?;
+            print(&match args.output {
+                Output::Text => crate::status::render_text(&status),
+                Output::Json => format!("{:#}\n", crate::status::to_json(&status)),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lock(LockCommand::Release(args)) => lock_release(cli, args).await,
         Command::Config(ConfigCommand::Show(args)) => {
-            let loaded = load(cli, args.user_data()).await?;
+            let loaded = load(cli, args.sources.user_data()).await?;
             let out = match args.output {
                 Output::Text => loaded.show_text(),
                 Output::Json => format!("{:#}\n", loaded.show_json()),
@@ -157,10 +231,78 @@ async fn load(cli: &Cli, user_data: UserData) -> Result<Loaded, Error> {
     Ok(loaded)
 }
 
+async fn lock_release(cli: &Cli, args: &ReleaseArgs) -> Result<ExitCode, Error> {
+    if !args.force {
+        return Err(Error::Usage(format!(
+            "refusing to release the {} lock without --force; check `kubeboot status` first: \
+             the holder must be dead or stuck",
+            args.purpose
+        )));
+    }
+    let loaded = load(cli, args.sources.user_data()).await?;
+    let cfg = &loaded.config;
+    let store = std::sync::Arc::new(DynamoLockStore::new(
+        dynamodb(cfg).await?,
+        &cfg.aws.table,
+        &cfg.cluster.name,
+    ));
+    let locker = Locker::new(
+        store,
+        Owner::new("operator"),
+        crate::lock::Settings::from_config(&cfg.lock),
+    );
+    tracing::warn!(
+        lock = %args.purpose,
+        "forcing a lock release: watching it for its lease plus lock.margin; refused if the holder renews meanwhile"
+    );
+    match locker.force_release(args.purpose).await {
+        Ok(item) => {
+            print(&format!(
+                "released the {} lock held by {} (fence now {}: the old holder's writes are refused)\n",
+                args.purpose, item.owner, item.fence
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(crate::lock::Error::NotHeld { .. }) => {
+            print(&format!(
+                "the {} lock is not held; nothing to release\n",
+                args.purpose
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The region from configuration, else from instance metadata.
+async fn region(cfg: &Config) -> Result<String, Error> {
+    if let Some(region) = &cfg.aws.region {
+        return Ok(region.clone());
+    }
+    let imds = crate::identity::Imds::new(&cfg.imds)?;
+    match imds.get("/latest/meta-data/placement/region").await? {
+        Some(bytes) => Ok(String::from_utf8_lossy(&bytes).trim().to_string()),
+        None => Err(Error::Usage(
+            "aws.region is not set and instance metadata has no placement/region; set aws.region"
+                .into(),
+        )),
+    }
+}
+
+/// A DynamoDB client with the configured endpoint, retries and timeouts.
+async fn dynamodb(cfg: &Config) -> Result<aws_sdk_dynamodb::Client, Error> {
+    let base = crate::aws::sdk_config(cfg, &region(cfg).await?).await?;
+    Ok(aws_sdk_dynamodb::Client::new(&crate::aws::for_service(
+        &base,
+        cfg,
+        crate::aws::Service::DynamoDb,
+    )))
+}
+
 async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {
     let result = config::load(&LoadOptions::from_process(
         cli.config.clone(),
-        args.user_data(),
+        args.sources.user_data(),
     ))
     .await;
     let problems = match &result {

@@ -22,6 +22,18 @@ pub enum Error {
     Config(#[from] crate::config::Error),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::Error),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::Error),
+    #[error(transparent)]
+    Aws(#[from] crate::aws::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::Error),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    #[error(transparent)]
+    Status(#[from] crate::status::Error),
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot write command output: {0}")]
@@ -34,6 +46,7 @@ impl Error {
         match self {
             Error::Config(e) if e.is_usage() => EXIT_USAGE,
             Error::Telemetry(crate::telemetry::Error::Level(_)) => EXIT_USAGE,
+            Error::Usage(_) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -52,6 +65,12 @@ impl Error {
             Error::Output(_) => {
                 "stdout was closed (a pipe ended early?); re-run without the pipe".into()
             }
+            Error::Identity(e) => e.hint().into(),
+            Error::Aws(_) => "imds.endpoint must be a plain http:// URL".into(),
+            Error::Lock(e) => e.hint(),
+            Error::Registry(e) => e.hint(),
+            Error::Status(e) => e.hint(),
+            Error::Usage(_) => "see `kubeboot --help`".into(),
         }
     }
 

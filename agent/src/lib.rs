@@ -11,5 +11,6 @@ pub mod lock;
 pub mod registry;
 pub mod retry;
 pub mod secret;
+pub mod status;
 pub mod table;
 pub mod telemetry;

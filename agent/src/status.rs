@@ -1,0 +1,280 @@
+//! `kubeboot status`: the cluster record, lock holders and member records in
+//! one view — what an operator needs first when a node will not join.
+//! Gathering does the I/O; rendering is pure so it is tested on its own.
+
+use crate::config::value::format_duration;
+use crate::lock::{LockItem, LockStore, Purpose};
+use crate::registry::{ClusterState, MemberRecord, Registry, RegistryStore};
+use serde_json::json;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Everything `status` shows, read at one moment.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub cluster: String,
+    pub table: String,
+    pub state: ClusterState,
+    pub locks: Vec<(Purpose, Option<LockItem>)>,
+    pub members: Vec<MemberRecord>,
+    /// This host's wall clock when read; lease ages are computed against the
+    /// holder's own stamps and shown as such (never used for decisions).
+    pub observed_at: SystemTime,
+}
+
+/// Failure to gather the status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the {purpose} lock: {source}")]
+    Lock {
+        purpose: Purpose,
+        source: crate::lock::StoreError,
+    },
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+}
+
+impl Error {
+    /// What to check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Lock { .. } => {
+                "check aws.table, aws.region and that this role may read the table".into()
+            }
+            Error::Registry(e) => e.hint(),
+        }
+    }
+}
+
+/// Reads the cluster record, every lock and every member record.
+pub async fn gather<L: LockStore, R: RegistryStore>(
+    cluster: &str,
+    table: &str,
+    locks: &L,
+    registry: &Registry<R>,
+) -> Result<Status, Error> {
+    let state = registry.state().await?;
+    let mut lock_items = Vec::new();
+    for purpose in Purpose::ALL {
+        let item = locks
+            .read(purpose)
+            .await
+            .map_err(|source| Error::Lock { purpose, source })?;
+        lock_items.push((purpose, item));
+    }
+    Ok(Status {
+        cluster: cluster.to_string(),
+        table: table.to_string(),
+        state,
+        locks: lock_items,
+        members: registry.members().await?,
+        observed_at: SystemTime::now(),
+    })
+}
+
+/// How long ago `stamp` was, by our clock against the writer's: display only.
+fn age(observed: SystemTime, stamp: SystemTime) -> String {
+    match observed.duration_since(stamp) {
+        Ok(d) => format!("{} ago", format_duration(Duration::from_secs(d.as_secs()))),
+        Err(e) => format!(
+            "{} in the future (clock skew)",
+            format_duration(Duration::from_secs(e.duration().as_secs()))
+        ),
+    }
+}
+
+fn lock_line(purpose: Purpose, item: Option<&LockItem>, observed: SystemTime) -> String {
+    match item {
+        None => format!("  {:<11} never taken", purpose.as_str()),
+        Some(i) if i.released => format!(
+            "  {:<11} free        fence {}{}",
+            purpose.as_str(),
+            i.fence,
+            i.heartbeat_at
+                .map(|t| format!("  released {}", age(observed, t)))
+                .unwrap_or_default()
+        ),
+        Some(i) => format!(
+            "  {:<11} held by {}  fence {}  lease {}{}",
+            purpose.as_str(),
+            i.owner,
+            i.fence,
+            format_duration(i.lease),
+            i.heartbeat_at
+                .map(|t| format!("  renewed {} (holder's clock)", age(observed, t)))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// Human-readable status.
+pub fn render_text(s: &Status) -> String {
+    let st = &s.state;
+    let mut out = format!(
+        "cluster {}  (table {})\n  phase {}  generation {}",
+        s.cluster,
+        s.table,
+        st.phase.as_str(),
+        st.generation
+    );
+    if let Some(v) = &st.kubernetes_version {
+        out.push_str(&format!("  kubernetes {v}"));
+    }
+    if let Some(ep) = &st.endpoint {
+        out.push_str(&format!("  endpoint {ep}"));
+    }
+    out.push('\n');
+    if let Some(by) = &st.initialized_by {
+        out.push_str(&format!(
+            "  initialized by {by}  run {}  init fence {}\n",
+            st.init_run_id.as_deref().unwrap_or("?"),
+            st.fence.map_or("?".to_string(), |f| f.to_string())
+        ));
+    }
+    out.push_str("locks:\n");
+    for (purpose, item) in &s.locks {
+        out.push_str(&lock_line(*purpose, item.as_ref(), s.observed_at));
+        out.push('\n');
+    }
+    out.push_str(&format!("members ({}):\n", s.members.len()));
+    for m in &s.members {
+        out.push_str(&format!(
+            "  {}  member {:016x}  {}  {}  confirmed {}\n",
+            m.instance_id,
+            m.member_id,
+            if m.name.is_empty() { "-" } else { &m.name },
+            m.peer_url,
+            age(s.observed_at, m.confirmed_at)
+        ));
+    }
+    out
+}
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Machine-readable status.
+pub fn to_json(s: &Status) -> serde_json::Value {
+    let observed = epoch_ms(s.observed_at);
+    json!({
+        "cluster": s.cluster,
+        "table": s.table,
+        "state": s.state,
+        "locks": s.locks.iter().map(|(purpose, item)| match item {
+            None => json!({"purpose": purpose, "status": "never-taken"}),
+            Some(i) => json!({
+                "purpose": purpose,
+                "status": if i.released { "free" } else { "held" },
+                "owner": i.owner,
+                "fence": i.fence,
+                "lease_ms": i.lease.as_millis() as u64,
+                "renewed_at_ms": i.heartbeat_at.map(epoch_ms),
+                "renewed_age_ms_by_holder_clock": i.heartbeat_at.map(|t| observed as i64 - epoch_ms(t) as i64),
+            }),
+        }).collect::<Vec<_>>(),
+        "members": s.members.iter().map(|m| json!({
+            "instance_id": m.instance_id,
+            "member_id": format!("{:016x}", m.member_id),
+            "name": m.name,
+            "peer_url": m.peer_url,
+            "confirmed_at_ms": epoch_ms(m.confirmed_at),
+        })).collect::<Vec<_>>(),
+        "observed_at_ms": observed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Phase;
+
+    fn sample() -> Status {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        Status {
+            cluster: "prod-a".into(),
+            table: "kubeboot-prod-a".into(),
+            state: ClusterState {
+                phase: Phase::Initialized,
+                generation: 2,
+                endpoint: Some("api:6443".into()),
+                kubernetes_version: Some("1.31.2".into()),
+                initialized_by: Some("i-0abc/p1".into()),
+                init_run_id: Some("run-7".into()),
+                fence: Some(4),
+                updated_at: None,
+            },
+            locks: vec![
+                (
+                    Purpose::Init,
+                    Some(LockItem {
+                        owner: "i-0abc/p1".into(),
+                        rvn: "r".into(),
+                        lease: Duration::from_secs(30),
+                        fence: 4,
+                        released: true,
+                        heartbeat_at: Some(t0 - Duration::from_secs(600)),
+                    }),
+                ),
+                (
+                    Purpose::Membership,
+                    Some(LockItem {
+                        owner: "i-0def/p9".into(),
+                        rvn: "r".into(),
+                        lease: Duration::from_secs(30),
+                        fence: 9,
+                        released: false,
+                        heartbeat_at: Some(t0 - Duration::from_secs(4)),
+                    }),
+                ),
+                (Purpose::Leader, None),
+            ],
+            members: vec![MemberRecord {
+                instance_id: "i-0abc".into(),
+                member_id: 0x8e9e_05c5_2164_694d,
+                name: "ip-10-0-1-2".into(),
+                peer_url: "https://10.0.1.2:2380".into(),
+                confirmed_at: t0 - Duration::from_secs(3600),
+            }],
+            observed_at: t0,
+        }
+    }
+
+    #[test]
+    fn text_names_phase_holders_ages_and_members() {
+        let text = render_text(&sample());
+        assert!(
+            text.contains("phase initialized  generation 2  kubernetes 1.31.2"),
+            "{text}"
+        );
+        assert!(text.contains("initialized by i-0abc/p1  run run-7  init fence 4"));
+        assert!(text.contains("init        free        fence 4  released 10m ago"));
+        assert!(text.contains(
+            "membership  held by i-0def/p9  fence 9  lease 30s  renewed 4s ago (holder's clock)"
+        ));
+        assert!(text.contains("leader      never taken"));
+        assert!(text.contains(
+            "i-0abc  member 8e9e05c52164694d  ip-10-0-1-2  https://10.0.1.2:2380  confirmed 1h ago"
+        ));
+    }
+
+    #[test]
+    fn skewed_holder_clock_is_shown_as_skew() {
+        let mut s = sample();
+        if let Some((_, Some(item))) = s.locks.get_mut(1) {
+            item.heartbeat_at = Some(s.observed_at + Duration::from_secs(600));
+        }
+        assert!(render_text(&s).contains("renewed 10m in the future (clock skew)"));
+    }
+
+    #[test]
+    fn json_carries_the_same_facts() {
+        let v = to_json(&sample());
+        assert_eq!(v["state"]["phase"], "initialized");
+        assert_eq!(v["locks"][1]["status"], "held");
+        assert_eq!(v["locks"][1]["renewed_age_ms_by_holder_clock"], 4000);
+        assert_eq!(v["locks"][2]["status"], "never-taken");
+        assert_eq!(v["members"][0]["member_id"], "8e9e05c52164694d");
+    }
+}
