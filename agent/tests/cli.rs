@@ -259,3 +259,44 @@ fn unreachable_imds_is_a_restartable_failure_with_a_hint() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("--no-user-data"), "{}", stderr(&out));
 }
+
+#[test]
+fn every_class_of_config_error_exits_2_naming_key_value_and_expectation() {
+    let base = std::fs::read_to_string(examples().join("worker.toml")).unwrap();
+    // (class, config text, user-data, env, expected fragments of the report)
+    let cases: Vec<(&str, String, Option<&str>, Vec<(&str, &str)>, Vec<&str>)> = vec![
+        ("syntax", format!("{base}\n[lock\nlease = \"30s\"\n"), None, vec![], vec!["line 14, column", "TOML syntax error", "expected valid TOML"]),
+        ("unknown key", format!("{base}\n[lock]\nleese = \"30s\"\n"), None, vec![], vec!["lock.leese = \"30s\": unknown key", "did you mean `lock.lease`"]),
+        ("wrong type", format!("{base}\n[lock]\nlease = 30\n"), None, vec![], vec!["lock.lease = 30: wrong type (integer)", "expected a duration"]),
+        ("out of range", format!("{base}\n[lock]\nlease = \"11m\"\n"), None, vec![], vec!["lock.lease = \"11m\": out of range", "from 3s to 10m"]),
+        ("missing", base.replace("role = \"worker\"", ""), None, vec![], vec!["no source: node.role: required and not set", "KUBEBOOT_NODE_ROLE"]),
+        (
+            "conflicting sources",
+            base.clone(),
+            Some("[cluster]\nname = \"prod-b\"\n"),
+            vec![],
+            vec!["user-data (plain body): cluster.name = \"prod-b\": conflicts with \"prod-a\" from file"],
+        ),
+        ("inconsistent", format!("{base}\n[lock]\nlease = \"30s\"\nmargin = \"20s\"\n"), None, vec![], vec!["lock.margin = \"20s\"", "lock.margin <= lock.lease / 3"]),
+        ("bad env", base.clone(), None, vec![("KUBEBOOT_DAEMON_PERIOD", "often")], vec!["env KUBEBOOT_DAEMON_PERIOD: daemon.period = \"often\": invalid value"]),
+    ];
+    for (class, config, user_data, env, fragments) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), &config);
+        let mut args = vec!["config", "check", "--config", path.as_str()];
+        let ud_path = dir.path().join("user-data").display().to_string();
+        match user_data {
+            Some(ud) => {
+                std::fs::write(&ud_path, ud).unwrap();
+                args.extend(["--user-data", ud_path.as_str()]);
+            }
+            None => args.push("--no-user-data"),
+        }
+        let out = kubeboot(&args, &env);
+        assert_eq!(out.status.code(), Some(2), "{class}: {}{}", stdout(&out), stderr(&out));
+        let report = stdout(&out);
+        for f in fragments {
+            assert!(report.contains(f), "{class}: missing {f:?} in\n{report}");
+        }
+    }
+}
