@@ -293,7 +293,13 @@ fn every_class_of_config_error_exits_2_naming_key_value_and_expectation() {
             None => args.push("--no-user-data"),
         }
         let out = kubeboot(&args, &env);
-        assert_eq!(out.status.code(), Some(2), "{class}: {}{}", stdout(&out), stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{class}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
         let report = stdout(&out);
         for f in fragments {
             assert!(report.contains(f), "{class}: missing {f:?} in\n{report}");
