@@ -65,8 +65,8 @@ async fn main() {
 
     println!("# Lock benchmark\n");
     println!(
-        "moto_server {} behind the in-process AWS proxy, debug build, loopback.\n",
-        "5.2.5"
+        "moto_server 5.2.5 behind the in-process AWS proxy, debug build, loopback.
+"
     );
 
     // Free-lock acquire latency and calls per operation.
