@@ -260,11 +260,19 @@ fn unreachable_imds_is_a_restartable_failure_with_a_hint() {
     assert!(stderr(&out).contains("--no-user-data"), "{}", stderr(&out));
 }
 
+/// (class, config text, user-data, env, fragments the report must contain)
+type ErrorCase<'a> = (
+    &'a str,
+    String,
+    Option<&'a str>,
+    Vec<(&'a str, &'a str)>,
+    Vec<&'a str>,
+);
+
 #[test]
 fn every_class_of_config_error_exits_2_naming_key_value_and_expectation() {
     let base = std::fs::read_to_string(examples().join("worker.toml")).unwrap();
-    // (class, config text, user-data, env, expected fragments of the report)
-    let cases: Vec<(&str, String, Option<&str>, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    let cases: Vec<ErrorCase> = vec![
         ("syntax", format!("{base}\n[lock\nlease = \"30s\"\n"), None, vec![], vec!["line 14, column", "TOML syntax error", "expected valid TOML"]),
         ("unknown key", format!("{base}\n[lock]\nleese = \"30s\"\n"), None, vec![], vec!["lock.leese = \"30s\": unknown key", "did you mean `lock.lease`"]),
         ("wrong type", format!("{base}\n[lock]\nlease = 30\n"), None, vec![], vec!["lock.lease = 30: wrong type (integer)", "expected a duration"]),
