@@ -17,6 +17,8 @@ pub const SORT_KEY: &str = "sk";
 pub const TTL_ATTRIBUTE: &str = "expires_at";
 /// Sort key of the cluster record.
 pub const STATE_SK: &str = "STATE";
+/// Sort key of the pointer to the current join material.
+pub const JOIN_SK: &str = "JOIN";
 /// Prefix of lock items' sort keys.
 pub const LOCK_SK_PREFIX: &str = "LOCK#";
 /// Prefix of member records' sort keys.

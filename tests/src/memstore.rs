@@ -9,7 +9,7 @@
 
 use kubeboot::lock::{Claim, Fence, LockItem, LockStore, Purpose, StoreError, StoreErrorClass};
 use kubeboot::registry::{
-    ClusterState, InitClaim, MemberRecord, Phase, RegistryStore, WriteResult,
+    ClusterState, InitClaim, JoinPointer, MemberRecord, Phase, RegistryStore, WriteResult,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -95,6 +95,7 @@ struct World {
     locks: BTreeMap<Purpose, LockItem>,
     state: Option<ClusterState>,
     members: BTreeMap<String, MemberRecord>,
+    join: Option<JoinPointer>,
     fenced: Vec<FencedWrite>,
     /// Generations that went initializing → initialized.
     initialized: Vec<u64>,
@@ -503,6 +504,25 @@ impl RegistryStore for Handle {
             true
         })
         .await
+    }
+
+    async fn put_join(
+        &self,
+        fence: Fence,
+        pointer: &JoinPointer,
+    ) -> Result<WriteResult, StoreError> {
+        let pointer = pointer.clone();
+        self.fenced("put join", fence, move |w| {
+            w.join = Some(pointer);
+            true
+        })
+        .await
+    }
+
+    async fn read_join(&self) -> Result<Option<JoinPointer>, StoreError> {
+        self.store
+            .call("read join", false, None, |w| w.join.clone())
+            .await
     }
 
     async fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {

@@ -525,3 +525,58 @@ async fn init_is_recorded_once_per_generation() {
     );
     guard.release().await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn join_material_becomes_current_only_through_a_fenced_pointer() {
+    let fx = Fixture::new().await;
+    let registry = fx.registry();
+    assert_eq!(registry.join_pointer().await.expect("read"), None);
+    let pointer = |version: &str| registry::JoinPointer {
+        secret_version: version.into(),
+        endpoint: "api:6443".into(),
+        ca_cert_hashes: vec![format!("sha256:{}", "ab".repeat(32))],
+        token_expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+        certs_expire_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_007_200)),
+        published_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    };
+    let old = fx
+        .locker("i-00000000000000001")
+        .acquire(Purpose::Init)
+        .await
+        .expect("acquire");
+    registry
+        .publish_join(&old, &pointer("v1"))
+        .await
+        .expect("publish v1");
+    assert_eq!(
+        registry.join_pointer().await.expect("read"),
+        Some(pointer("v1"))
+    );
+    // The old holder is frozen and loses the lock; the new holder publishes v2.
+    let stale = old.fence().expect("held");
+    drop(old);
+    let new = fx
+        .locker("i-00000000000000002")
+        .acquire(Purpose::Init)
+        .await
+        .expect("takeover");
+    registry
+        .publish_join(&new, &pointer("v2"))
+        .await
+        .expect("publish v2");
+    // The frozen holder's late pointer write (its secret version "v0") is refused.
+    let raw = DynamoRegistryStore::new(fx.client.clone(), &fx.table, &fx.cluster);
+    assert_eq!(
+        raw.put_join(stale, &pointer("v0")).await.expect("answer"),
+        WriteResult::FenceRejected
+    );
+    assert_eq!(
+        registry
+            .join_pointer()
+            .await
+            .expect("read")
+            .map(|p| p.secret_version),
+        Some("v2".into())
+    );
+    new.release().await.expect("release");
+}

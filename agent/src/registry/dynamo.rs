@@ -1,7 +1,9 @@
 //! [`RegistryStore`] on DynamoDB: every write is a TransactWriteItems of a
 //! ConditionCheck on the fencing lock item plus the record write.
 
-use super::{ClusterState, InitClaim, MemberRecord, Phase, RegistryStore, WriteResult};
+use super::{
+    ClusterState, InitClaim, JoinPointer, MemberRecord, Phase, RegistryStore, WriteResult,
+};
 use crate::lock::dynamo::{epoch_ms, lock_sk, store_error};
 use crate::lock::{Fence, StoreError, StoreErrorClass};
 use crate::table;
@@ -234,6 +236,53 @@ impl RegistryStore for DynamoRegistryStore {
         .await
     }
 
+    async fn put_join(
+        &self,
+        fence: Fence,
+        pointer: &JoinPointer,
+    ) -> Result<WriteResult, StoreError> {
+        let mut item = self.key(table::JOIN_SK.into());
+        item.insert("secret_version".into(), s(&pointer.secret_version));
+        item.insert("endpoint".into(), s(&pointer.endpoint));
+        item.insert(
+            "ca_cert_hashes".into(),
+            AttributeValue::L(pointer.ca_cert_hashes.iter().map(|h| s(h)).collect()),
+        );
+        item.insert(
+            "token_expires_at".into(),
+            n(epoch_ms(pointer.token_expires_at)),
+        );
+        if let Some(at) = pointer.certs_expire_at {
+            item.insert("certs_expire_at".into(), n(epoch_ms(at)));
+        }
+        item.insert("published_at".into(), n(epoch_ms(pointer.published_at)));
+        item.insert("fence".into(), n(fence.value));
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| invalid("publish join pointer", &e))?;
+        self.transact(
+            "publish join pointer",
+            fence,
+            TransactWriteItem::builder().put(put).build(),
+        )
+        .await
+    }
+
+    async fn read_join(&self) -> Result<Option<JoinPointer>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(table::JOIN_SK.into())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| store_error("read join pointer", &e))?;
+        out.item.as_ref().map(parse_join).transpose()
+    }
+
     async fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {
         let mut members = Vec::new();
         let mut start: Option<Item> = None;
@@ -305,6 +354,30 @@ fn parse_member(item: &Item) -> Result<MemberRecord, StoreError> {
         name: text("name").unwrap_or_default(),
         peer_url: text("peer_url").unwrap_or_default(),
         confirmed_at: UNIX_EPOCH + Duration::from_millis(num("confirmed_at").unwrap_or(0)),
+    })
+}
+
+fn parse_join(item: &Item) -> Result<JoinPointer, StoreError> {
+    let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+    let time = |k: &str| {
+        item.get(k)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    };
+    Ok(JoinPointer {
+        secret_version: text("secret_version")
+            .ok_or_else(|| malformed("read join pointer", "secret_version"))?,
+        endpoint: text("endpoint").unwrap_or_default(),
+        ca_cert_hashes: item
+            .get("ca_cert_hashes")
+            .and_then(|v| v.as_l().ok())
+            .map(|l| l.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
+            .unwrap_or_default(),
+        token_expires_at: time("token_expires_at")
+            .ok_or_else(|| malformed("read join pointer", "token_expires_at"))?,
+        certs_expire_at: time("certs_expire_at"),
+        published_at: time("published_at").unwrap_or(UNIX_EPOCH),
     })
 }
 

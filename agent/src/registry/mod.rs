@@ -102,6 +102,23 @@ pub struct MemberRecord {
     pub confirmed_at: SystemTime,
 }
 
+/// Which join material is current: the Secrets Manager version to read and
+/// the non-secret facts about it. The secret itself never enters the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JoinPointer {
+    /// Secrets Manager `VersionId` holding the token and certificate key.
+    pub secret_version: String,
+    pub endpoint: String,
+    pub ca_cert_hashes: Vec<String>,
+    #[serde(skip)]
+    pub token_expires_at: SystemTime,
+    /// When the uploaded control-plane certificates expire (`None`: not uploaded).
+    #[serde(skip)]
+    pub certs_expire_at: Option<SystemTime>,
+    #[serde(skip)]
+    pub published_at: SystemTime,
+}
+
 /// How a fenced write ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteResult {
@@ -143,6 +160,13 @@ pub trait RegistryStore: Send + Sync + 'static {
         instance_id: &str,
     ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
     fn list_members(&self) -> impl Future<Output = Result<Vec<MemberRecord>, StoreError>> + Send;
+    /// Points at new join material (no condition besides the fence: the latest holder wins).
+    fn put_join(
+        &self,
+        fence: Fence,
+        pointer: &JoinPointer,
+    ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
+    fn read_join(&self) -> impl Future<Output = Result<Option<JoinPointer>, StoreError>> + Send;
 }
 
 /// Registry failures.
@@ -214,6 +238,34 @@ impl<S: RegistryStore> Registry<S> {
                 operation: "list members",
                 source,
             })
+    }
+
+    /// The pointer to the current join material, if any was published.
+    pub async fn join_pointer(&self) -> Result<Option<JoinPointer>, Error> {
+        self.store.read_join().await.map_err(|source| Error::Store {
+            operation: "read join pointer",
+            source,
+        })
+    }
+
+    /// Makes `pointer` the current join material (fenced: a holder that lost
+    /// its lock cannot make its freshly written secret version current).
+    pub async fn publish_join(&self, guard: &Guard, pointer: &JoinPointer) -> Result<(), Error> {
+        let fence = guard.fence()?;
+        self.fenced(
+            guard,
+            "publish join pointer",
+            fence,
+            || self.store.put_join(fence, pointer),
+            || async {
+                Ok(self
+                    .join_pointer()
+                    .await
+                    .map(|p| p.is_some_and(|p| p.secret_version == pointer.secret_version))
+                    .unwrap_or(false))
+            },
+        )
+        .await
     }
 
     /// Starts a new init generation after `current` (fenced by the init lock); returns it.
