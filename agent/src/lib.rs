@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod kubeadm;
 pub mod lock;
 pub mod registry;
 pub mod retry;

@@ -58,8 +58,80 @@ impl<T> From<T> for Secret<T> {
     }
 }
 
+/// Removes secrets from text we did not write ourselves (kubeadm's output):
+/// every known secret value, and anything shaped like a bootstrap token
+/// (`[a-z0-9]{6}.[a-z0-9]{16}`) or a certificate key (64 hex characters),
+/// since kubeadm prints both.
+pub fn scrub(text: &str, known: &[&Secret<String>]) -> String {
+    let mut out = text.to_string();
+    for secret in known {
+        if !secret.expose().is_empty() {
+            out = out.replace(secret.expose().as_str(), REDACTED);
+        }
+    }
+    scrub_shapes(&out)
+}
+
+fn scrub_shapes(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let word = |b: u8| b.is_ascii_alphanumeric();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let at_boundary = i == 0 || !word(bytes[i - 1]);
+        // A CA public-key pin is public and what an operator compares first.
+        let is_pin = text[..i].ends_with("sha256:");
+        if at_boundary && !is_pin {
+            if let Some(len) = token_at(&bytes[i..]).or_else(|| hex_key_at(&bytes[i..])) {
+                let end = i + len;
+                if end == bytes.len() || !word(bytes[end]) {
+                    out.push_str(REDACTED);
+                    i = end;
+                    continue;
+                }
+            }
+        }
+        // Copy one UTF-8 character.
+        let ch_len = text[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&text[i..i + ch_len]);
+        i += ch_len;
+    }
+    out
+}
+
+fn token_at(b: &[u8]) -> Option<usize> {
+    let lower = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (b.len() >= 23 && b[..6].iter().all(lower) && b[6] == b'.' && b[7..23].iter().all(lower))
+        .then_some(23)
+}
+
+fn hex_key_at(b: &[u8]) -> Option<usize> {
+    (b.len() >= 64 && b[..64].iter().all(u8::is_ascii_hexdigit)).then_some(64)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scrub_removes_known_values_and_secret_shapes() {
+        let key = "0f".repeat(32);
+        let known = Secret::new("s3cr3t-value".to_string());
+        let text = format!(
+            "token abcdef.0123456789abcdef used\n--certificate-key {key}\npassword s3cr3t-value\n\
+             sha256:{} stays, v1.31.2 stays, ip-10-0-1-2.ec2.internal stays",
+            "ab".repeat(32)
+        );
+        let out = scrub(&text, &[&known]);
+        assert!(!out.contains("abcdef.0123456789abcdef"), "{out}");
+        assert!(!out.contains(&key), "{out}");
+        assert!(!out.contains("s3cr3t-value"), "{out}");
+        assert!(out.contains("v1.31.2 stays") && out.contains("ip-10-0-1-2.ec2.internal stays"));
+        assert!(
+            out.contains(&format!("sha256:{} stays", "ab".repeat(32))),
+            "CA pins are public: {out}"
+        );
+        assert_eq!(out.matches(REDACTED).count(), 3, "{out}");
+    }
+
     use super::*;
 
     #[test]

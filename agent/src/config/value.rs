@@ -31,7 +31,9 @@ impl Refusal {
 pub fn expected_form(kind: Kind) -> String {
     match kind {
         Kind::ClusterName => "a lowercase DNS label of 1-40 characters [a-z0-9-], e.g. \"prod-a\"".into(),
-        Kind::KubeVersion => "a Kubernetes version like \"1.31.2\" or \"v1.31.2\"".into(),
+        Kind::KubeVersion => {
+            "a Kubernetes version 1.31 or newer like \"1.31.2\" or \"v1.31.2\" (kubeadm config v1beta4)".into()
+        }
         Kind::HostPort => "\"host:port\", e.g. \"api.example.internal:6443\"".into(),
         Kind::Cidr => "an IPv4 CIDR like \"10.244.0.0/16\"".into(),
         Kind::Region => "an AWS region code like \"eu-west-1\"".into(),
@@ -175,6 +177,9 @@ fn is_dns_label(s: &str, max: usize) -> bool {
         && !s.ends_with('-')
 }
 
+/// Oldest Kubernetes minor supported: kubeadm's v1beta4 config API arrived in 1.31.
+pub const MIN_KUBE_MINOR: u32 = 31;
+
 fn is_kube_version(s: &str) -> bool {
     let v = s.strip_prefix('v').unwrap_or(s);
     let parts: Vec<&str> = v.split('.').collect();
@@ -183,6 +188,9 @@ fn is_kube_version(s: &str) -> bool {
         && parts[1..]
             .iter()
             .all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()))
+        && parts[1]
+            .parse::<u32>()
+            .is_ok_and(|minor| minor >= MIN_KUBE_MINOR)
 }
 
 /// Splits `host:port`, refusing an empty host or a port outside 1-65535.
@@ -385,6 +393,8 @@ mod tests {
         assert!(ok(Kind::KubeVersion, "1.31.2"));
         assert!(ok(Kind::KubeVersion, "v1.31.2"));
         assert!(!ok(Kind::KubeVersion, "1.31"));
+        assert!(!ok(Kind::KubeVersion, "1.30.5"), "v1beta4 needs 1.31+");
+        assert!(ok(Kind::KubeVersion, "1.34.0"));
         assert!(ok(Kind::HostPort, "api.internal:6443"));
         assert!(!ok(Kind::HostPort, "api.internal"));
         assert!(!ok(Kind::HostPort, ":6443"));

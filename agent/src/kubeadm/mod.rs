@@ -1,0 +1,391 @@
+//! Running kubeadm: never through a shell (I7). Every call is an argv, a
+//! timeout from `[timeouts]`, and captured output that is scrubbed of
+//! secrets before it goes anywhere; a failure carries kubeadm's last words
+//! and a hint matched from them.
+
+pub mod config;
+
+use crate::secret::{scrub, Secret};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+/// How much of each stream is kept (kubeadm's last words are what matter).
+const KEEP_BYTES: usize = 64 * 1024;
+/// How much of stderr goes into an error.
+const TAIL_BYTES: usize = 4 * 1024;
+
+/// What a finished kubeadm run printed, scrubbed.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// kubeadm failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write kubeadm configuration {}: {source}", path.display())]
+    WriteConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`kubeadm {command}` did not finish within {}; it was killed. Last output:\n{tail}", crate::config::value::format_duration(*after))]
+    TimedOut {
+        command: &'static str,
+        after: Duration,
+        tail: String,
+    },
+    #[error("`kubeadm {command}` failed (exit {}). Last output:\n{tail}", code.map_or("by signal".to_string(), |c| c.to_string()))]
+    Failed {
+        command: &'static str,
+        code: Option<i32>,
+        tail: String,
+        hint: &'static str,
+    },
+}
+
+impl Error {
+    /// What to check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Spawn { .. } => "check binaries.kubeadm points at the kubeadm installed by the AMI build".into(),
+            Error::WriteConfig { .. } => "check paths.run_dir exists and is writable by root".into(),
+            Error::TimedOut { command, .. } => format!(
+                "raise timeouts.kubeadm_{command} if the node is just slow; otherwise check `journalctl -u kubelet` \
+                 and `crictl ps -a` for components that do not start"
+            ),
+            Error::Failed { hint, .. } => (*hint).into(),
+        }
+    }
+}
+
+/// Maps kubeadm's output to the likely cause; pure, so every pattern is tested.
+pub fn diagnose(output: &str) -> &'static str {
+    const PATTERNS: &[(&[&str], &str)] = &[
+        (&["[ERROR Port-", "is in use"], "a previous attempt left components running on this node: it must be reset (`kubeadm reset -f`) before retrying"),
+        (&["couldn't validate the identity of the API Server", "none of the public keys"],
+            "the CA public-key pin does not match the cluster's CA: the join material is stale or belongs to another cluster"),
+        (&["could not find a JWS signature", "token id", "Unauthorized", "invalid bootstrap token"],
+            "the bootstrap token is unknown or expired: the leader must refresh the join material"),
+        (&["kubeadm-certs", "error downloading the secret", "couldn't download", "decrypt", "certificate key"],
+            "the uploaded control-plane certificates are gone (kubeadm deletes them after 2 h) or the certificate key is wrong: refresh the join material"),
+        (&["check-etcd", "etcd cluster is not healthy", "etcdserver: unhealthy cluster", "too many learner members"],
+            "etcd is not healthy or still holds a stale member/learner: stale members must be removed before a join"),
+        (&["wait-control-plane", "timed out waiting for the condition", "context deadline exceeded"],
+            "the control plane did not come up in time: check `journalctl -u kubelet` and `crictl ps -a`"),
+        (&["connection refused", "no route to host", "i/o timeout"],
+            "the API endpoint is unreachable: check the load balancer's target group health and the security groups"),
+    ];
+    PATTERNS
+        .iter()
+        .find(|(needles, _)| needles.iter().any(|n| output.contains(n)))
+        .map_or(
+            "see kubeadm's last output above and `journalctl -u kubelet`",
+            |(_, hint)| hint,
+        )
+}
+
+/// The kubeadm executable and where its configs go.
+#[derive(Debug, Clone)]
+pub struct Kubeadm {
+    binary: PathBuf,
+    run_dir: PathBuf,
+    pub init_timeout: Duration,
+    pub join_timeout: Duration,
+    pub reset_timeout: Duration,
+}
+
+impl Kubeadm {
+    /// From `[binaries]`, `[paths]` and `[timeouts]`.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Kubeadm {
+            binary: cfg.binaries.kubeadm.clone(),
+            run_dir: cfg.paths.run_dir.clone(),
+            init_timeout: cfg.timeouts.kubeadm_init,
+            join_timeout: cfg.timeouts.kubeadm_join,
+            reset_timeout: cfg.timeouts.kubeadm_reset,
+        }
+    }
+
+    /// For tests: explicit binary, directory and one timeout for everything.
+    pub fn new(binary: PathBuf, run_dir: PathBuf, timeout: Duration) -> Self {
+        Kubeadm {
+            binary,
+            run_dir,
+            init_timeout: timeout,
+            join_timeout: timeout,
+            reset_timeout: timeout,
+        }
+    }
+
+    /// `kubeadm init --config <file> --upload-certs`.
+    pub async fn init(
+        &self,
+        rendered: &config::Rendered,
+        secrets: &[&Secret<String>],
+    ) -> Result<Outcome, Error> {
+        let path = self.write("kubeadm-init.yaml", rendered)?;
+        let args = [
+            "init".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--upload-certs".as_ref(),
+        ];
+        self.run("init", &args, self.init_timeout, secrets).await
+    }
+
+    /// `kubeadm join --config <file>`.
+    pub async fn join(
+        &self,
+        rendered: &config::Rendered,
+        secrets: &[&Secret<String>],
+    ) -> Result<Outcome, Error> {
+        let path = self.write("kubeadm-join.yaml", rendered)?;
+        let args = ["join".as_ref(), "--config".as_ref(), path.as_os_str()];
+        self.run("join", &args, self.join_timeout, secrets).await
+    }
+
+    /// `kubeadm reset --force`: cleans up a failed local attempt.
+    pub async fn reset(&self) -> Result<Outcome, Error> {
+        self.run(
+            "reset",
+            &["reset".as_ref(), "--force".as_ref()],
+            self.reset_timeout,
+            &[],
+        )
+        .await
+    }
+
+    fn write(&self, name: &str, rendered: &config::Rendered) -> Result<PathBuf, Error> {
+        let path = self.run_dir.join(name);
+        config::write_private(&path, rendered).map_err(|source| Error::WriteConfig {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    async fn run(
+        &self,
+        command: &'static str,
+        args: &[&std::ffi::OsStr],
+        timeout: Duration,
+        secrets: &[&Secret<String>],
+    ) -> Result<Outcome, Error> {
+        let started = Instant::now();
+        tracing::info!(command, binary = %self.binary.display(), timeout_s = timeout.as_secs(), "running kubeadm");
+        let mut child = tokio::process::Command::new(&self.binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
+        let stdout = tokio::spawn(read_tail(child.stdout.take()));
+        let stderr = tokio::spawn(read_tail(child.stderr.take()));
+        let status = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => Some(status.map_err(|source| Error::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?),
+            Err(_) => {
+                let _ = child.kill().await;
+                None
+            }
+        };
+        let clean = |bytes: Vec<u8>| scrub(&String::from_utf8_lossy(&bytes), secrets);
+        let out = Outcome {
+            stdout: clean(stdout.await.unwrap_or_default()),
+            stderr: clean(stderr.await.unwrap_or_default()),
+            elapsed: started.elapsed(),
+        };
+        let tail = tail_of(&format!("{}{}", out.stdout, out.stderr));
+        match status {
+            None => Err(Error::TimedOut {
+                command,
+                after: timeout,
+                tail,
+            }),
+            Some(s) if s.success() => {
+                tracing::info!(
+                    command,
+                    elapsed_ms = out.elapsed.as_millis() as u64,
+                    "kubeadm succeeded"
+                );
+                Ok(out)
+            }
+            Some(s) => Err(Error::Failed {
+                command,
+                code: s.code(),
+                hint: diagnose(&out.stderr),
+                tail,
+            }),
+        }
+    }
+}
+
+/// Reads a stream to the end, keeping its last [`KEEP_BYTES`].
+async fn read_tail<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>) -> Vec<u8> {
+    let Some(mut stream) = stream else {
+        return Vec::new();
+    };
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        kept.extend_from_slice(&buf[..n]);
+        if kept.len() > 2 * KEEP_BYTES {
+            kept.drain(..kept.len() - KEEP_BYTES);
+        }
+    }
+    if kept.len() > KEEP_BYTES {
+        kept.drain(..kept.len() - KEEP_BYTES);
+    }
+    kept
+}
+
+fn tail_of(text: &str) -> String {
+    let start = text.len().saturating_sub(TAIL_BYTES);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    text[start..].trim_end().to_string()
+}
+
+/// Where a test or the bootstrap finds the configs kubeadm was given.
+pub fn config_path(run_dir: &Path, command: &str) -> PathBuf {
+    run_dir.join(format!("kubeadm-{command}.yaml"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A fake kubeadm for the runner's own tests (the e2e tests use the real stand-in).
+    fn fake(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("kubeadm");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn rendered() -> config::Rendered {
+        Secret::new("{\"kind\":\"JoinConfiguration\"}\n".into())
+    }
+
+    #[tokio::test]
+    async fn init_passes_an_argv_and_a_private_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("args");
+        let bin = fake(
+            dir.path(),
+            &format!("printf '%s\\n' \"$@\" > {}; echo ok", log.display()),
+        );
+        let k = Kubeadm::new(bin, dir.path().join("run"), Duration::from_secs(10));
+        let out = k.init(&rendered(), &[]).await.unwrap();
+        assert_eq!(out.stdout.trim(), "ok");
+        let config = config_path(&dir.path().join("run"), "init");
+        let args = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            args,
+            format!("init\n--config\n{}\n--upload-certs\n", config.display())
+        );
+        assert_eq!(
+            std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_carry_exit_code_scrubbed_output_and_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = Secret::new("abcdef.0123456789abcdef".to_string());
+        let bin = fake(
+            dir.path(),
+            "echo 'using token abcdef.0123456789abcdef' >&2\n\
+             echo 'error execution phase preflight: couldn'\"'\"'t validate the identity of the API Server' >&2\nexit 1",
+        );
+        let k = Kubeadm::new(bin, dir.path().join("run"), Duration::from_secs(10));
+        let err = k.join(&rendered(), &[&token]).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::Failed { code: Some(1), .. }), "{text}");
+        assert!(!text.contains("abcdef.0123456789abcdef"), "{text}");
+        assert!(text.contains("couldn't validate the identity"), "{text}");
+        assert!(err.hint().contains("CA public-key pin"), "{}", err.hint());
+    }
+
+    #[tokio::test]
+    async fn a_hung_kubeadm_is_killed_at_its_timeout_with_its_last_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake(
+            dir.path(),
+            "echo '[wait-control-plane] waiting'\nexec sleep 30",
+        );
+        let k = Kubeadm::new(bin, dir.path().join("run"), Duration::from_millis(500));
+        let started = Instant::now();
+        let err = k.reset().await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(
+                err,
+                Error::TimedOut {
+                    command: "reset",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("[wait-control-plane] waiting"),
+            "{err}"
+        );
+        assert!(err.hint().contains("timeouts.kubeadm_reset"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_binary_names_the_config_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Kubeadm::new(
+            dir.path().join("nope"),
+            dir.path().join("run"),
+            Duration::from_secs(1),
+        );
+        let err = k.reset().await.unwrap_err();
+        assert!(matches!(err, Error::Spawn { .. }));
+        assert!(err.hint().contains("binaries.kubeadm"));
+    }
+
+    #[test]
+    fn diagnoses_cover_the_common_failures() {
+        for (output, expected) in [
+            ("[ERROR Port-6443]: Port 6443 is in use", "reset"),
+            ("could not find a JWS signature in the cluster-info ConfigMap for token ID \"abcdef\"", "bootstrap token"),
+            ("error downloading the secret: Secret \"kubeadm-certs\" was not found", "certificates are gone"),
+            ("error execution phase check-etcd: etcd cluster is not healthy", "stale member"),
+            ("[wait-control-plane] timed out waiting for the condition", "journalctl -u kubelet"),
+            ("dial tcp 10.0.0.1:6443: connect: connection refused", "load balancer"),
+            ("something new", "last output"),
+        ] {
+            assert!(diagnose(output).contains(expected), "{output} -> {}", diagnose(output));
+        }
+    }
+}
