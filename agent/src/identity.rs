@@ -43,6 +43,8 @@ pub enum Error {
         endpoint: String,
         status: u16,
     },
+    #[error("IMDS at {endpoint} has no {path} (404)")]
+    Missing { path: String, endpoint: String },
     #[error("IMDS at {endpoint} did not answer {path} within {}: {last}", crate::config::value::format_duration(*deadline))]
     Deadline {
         path: String,
@@ -74,6 +76,7 @@ impl Error {
             Error::Status { status: 403, .. } => {
                 "IMDS refused the request: check the instance has metadata access enabled (http-endpoint=enabled)"
             }
+            Error::Missing { .. } => "the instance metadata lacks a value every EC2 instance has: is imds.endpoint really IMDS?",
             Error::Status { status: 401, .. } => {
                 "IMDS rejected the session token: check nothing rewrites requests (proxies add X-Forwarded-For)"
             }
@@ -81,6 +84,18 @@ impl Error {
                   or raise imds.deadline if the instance boots slowly",
         }
     }
+}
+
+/// Who this instance is: what bootstrap needs before anything else.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Identity {
+    pub instance_id: String,
+    /// Primary private IPv4: the API server's and etcd's advertise address.
+    pub private_ip: String,
+    /// EC2 private DNS name: the Node name kubeadm registers.
+    pub hostname: String,
+    pub availability_zone: String,
+    pub region: String,
 }
 
 /// An IMDSv2 client with early-boot retries.
@@ -112,6 +127,30 @@ impl Imds {
             deadline: settings.deadline,
             token: Mutex::new(None),
         })
+    }
+
+    /// Reads the instance's identity (each read retried through the early-boot window).
+    pub async fn identity(&self) -> Result<Identity, Error> {
+        Ok(Identity {
+            instance_id: self.text("/latest/meta-data/instance-id").await?,
+            private_ip: self.text("/latest/meta-data/local-ipv4").await?,
+            hostname: self.text("/latest/meta-data/local-hostname").await?,
+            availability_zone: self
+                .text("/latest/meta-data/placement/availability-zone")
+                .await?,
+            region: self.text("/latest/meta-data/placement/region").await?,
+        })
+    }
+
+    /// A metadata value that must exist, as trimmed text.
+    pub async fn text(&self, path: &str) -> Result<String, Error> {
+        match self.get(path).await? {
+            Some(bytes) => Ok(String::from_utf8_lossy(&bytes).trim().to_string()),
+            None => Err(Error::Missing {
+                path: path.to_string(),
+                endpoint: self.endpoint.clone(),
+            }),
+        }
     }
 
     /// The raw user-data, or `None` when the instance has none (IMDS answers 404).

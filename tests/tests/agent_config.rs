@@ -260,3 +260,18 @@ async fn config_check_reads_user_data_through_imds_and_names_it_in_problems() {
     );
     assert!(out.contains("imds.endpoint"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_is_read_from_imds_even_when_it_wakes_up_late() {
+    let imds = Imds::start().await;
+    imds.fail_next(3);
+    let client = identity::Imds::new(&imds_settings(&imds.endpoint(), Duration::from_secs(20)))
+        .expect("client");
+    let id = client.identity().await.expect("identity");
+    let want = imds.identity();
+    assert_eq!(id.instance_id, want.instance_id);
+    assert_eq!(id.private_ip, want.private_ip.to_string());
+    assert_eq!(id.hostname, want.local_hostname());
+    assert_eq!(id.availability_zone, want.availability_zone);
+    assert_eq!(id.region, want.region);
+}
