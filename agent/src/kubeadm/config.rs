@@ -101,6 +101,7 @@ struct ClusterConfiguration {
     cluster_name: String,
     kubernetes_version: String,
     control_plane_endpoint: String,
+    certificates_dir: String,
     networking: Networking,
     etcd: Etcd,
     api_server: ApiServer,
@@ -135,6 +136,7 @@ struct JoinConfiguration {
     kind: &'static str,
     discovery: Discovery,
     node_registration: NodeRegistration,
+    ca_cert_path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     control_plane: Option<JoinControlPlane>,
 }
@@ -175,6 +177,8 @@ pub struct InitParams {
     pub service_subnet: String,
     pub dns_domain: String,
     pub etcd_data_dir: String,
+    /// `paths.kubernetes_dir`: certificates go to its `pki/`.
+    pub kubernetes_dir: String,
     /// `http` only in tests and the local simulation; production is `https`.
     pub etcd_scheme: crate::config::model::EtcdScheme,
     pub etcd_client_port: u16,
@@ -192,6 +196,8 @@ pub struct JoinParams {
     pub token: Secret<String>,
     pub ca_cert_hashes: Vec<String>,
     pub certificate_key: Option<Secret<String>>,
+    /// `paths.kubernetes_dir`: where the cluster CA is written (`pki/ca.crt`).
+    pub kubernetes_dir: String,
 }
 
 /// A rendered configuration: it holds secrets, so it is a [`Secret`] too.
@@ -245,6 +251,7 @@ pub fn render_init(p: &InitParams) -> Rendered {
         cluster_name: p.cluster_name.clone(),
         kubernetes_version: versioned(&p.kubernetes_version),
         control_plane_endpoint: p.control_plane_endpoint.clone(),
+        certificates_dir: format!("{}/pki", p.kubernetes_dir.trim_end_matches('/')),
         networking: Networking {
             pod_subnet: p.pod_subnet.clone(),
             service_subnet: p.service_subnet.clone(),
@@ -284,6 +291,7 @@ pub fn render_join(p: &JoinParams) -> Rendered {
             },
         },
         node_registration: p.node.registration(),
+        ca_cert_path: format!("{}/pki/ca.crt", p.kubernetes_dir.trim_end_matches('/')),
         control_plane: p.certificate_key.as_ref().map(|key| JoinControlPlane {
             local_api_endpoint: p.node.api_endpoint(),
             certificate_key: key.expose().clone(),
@@ -351,6 +359,7 @@ mod tests {
             service_subnet: "10.96.0.0/12".into(),
             dns_domain: "cluster.local".into(),
             etcd_data_dir: "/var/lib/etcd".into(),
+            kubernetes_dir: "/etc/kubernetes".into(),
             etcd_scheme: EtcdScheme::Https,
             etcd_client_port: 2379,
             etcd_peer_port: 2380,
@@ -387,6 +396,7 @@ mod tests {
             "https://10.0.1.2:2379"
         );
         assert_eq!(d[1]["apiServer"]["certSANs"][0], "api.prod-a.internal");
+        assert_eq!(d[1]["certificatesDir"], "/etc/kubernetes/pki");
     }
 
     #[test]
@@ -397,6 +407,7 @@ mod tests {
             token: Secret::new(TOKEN.into()),
             ca_cert_hashes: vec![format!("sha256:{}", "ab".repeat(32))],
             certificate_key: None,
+            kubernetes_dir: "/etc/kubernetes/".into(),
         };
         let worker = docs(&render_join(&p));
         assert_eq!(worker[0]["kind"], "JoinConfiguration");
@@ -406,6 +417,7 @@ mod tests {
             p.ca_cert_hashes[0]
         );
         assert!(worker[0].get("controlPlane").is_none());
+        assert_eq!(worker[0]["caCertPath"], "/etc/kubernetes/pki/ca.crt");
         p.certificate_key = Some(Secret::new("0f".repeat(32)));
         let cp = docs(&render_join(&p));
         assert_eq!(cp[0]["controlPlane"]["certificateKey"], "0f".repeat(32));

@@ -98,6 +98,8 @@ pub fn diagnose(output: &str) -> &'static str {
 pub struct Kubeadm {
     binary: PathBuf,
     run_dir: PathBuf,
+    /// `paths.kubernetes_dir`; `reset` cleans its `pki/`.
+    kubernetes_dir: PathBuf,
     pub init_timeout: Duration,
     pub join_timeout: Duration,
     pub reset_timeout: Duration,
@@ -109,17 +111,24 @@ impl Kubeadm {
         Kubeadm {
             binary: cfg.binaries.kubeadm.clone(),
             run_dir: cfg.paths.run_dir.clone(),
+            kubernetes_dir: cfg.paths.kubernetes_dir.clone(),
             init_timeout: cfg.timeouts.kubeadm_init,
             join_timeout: cfg.timeouts.kubeadm_join,
             reset_timeout: cfg.timeouts.kubeadm_reset,
         }
     }
 
-    /// For tests: explicit binary, directory and one timeout for everything.
-    pub fn new(binary: PathBuf, run_dir: PathBuf, timeout: Duration) -> Self {
+    /// Explicit binary, directories and one timeout for every command.
+    pub fn new(
+        binary: PathBuf,
+        run_dir: PathBuf,
+        kubernetes_dir: PathBuf,
+        timeout: Duration,
+    ) -> Self {
         Kubeadm {
             binary,
             run_dir,
+            kubernetes_dir,
             init_timeout: timeout,
             join_timeout: timeout,
             reset_timeout: timeout,
@@ -296,7 +305,12 @@ mod tests {
             dir.path(),
             &format!("printf '%s\\n' \"$@\" > {}; echo ok", log.display()),
         );
-        let k = Kubeadm::new(bin, dir.path().join("run"), Duration::from_secs(10));
+        let k = Kubeadm::new(
+            bin,
+            dir.path().join("run"),
+            dir.path().join("k8s"),
+            Duration::from_secs(10),
+        );
         let out = k.init(&rendered(), &[]).await.unwrap();
         assert_eq!(out.stdout.trim(), "ok");
         let config = config_path(&dir.path().join("run"), "init");
@@ -320,7 +334,12 @@ mod tests {
             "echo 'using token abcdef.0123456789abcdef' >&2\n\
              echo 'error execution phase preflight: couldn'\"'\"'t validate the identity of the API Server' >&2\nexit 1",
         );
-        let k = Kubeadm::new(bin, dir.path().join("run"), Duration::from_secs(10));
+        let k = Kubeadm::new(
+            bin,
+            dir.path().join("run"),
+            dir.path().join("k8s"),
+            Duration::from_secs(10),
+        );
         let err = k.join(&rendered(), &[&token]).await.unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, Error::Failed { code: Some(1), .. }), "{text}");
@@ -336,7 +355,12 @@ mod tests {
             dir.path(),
             "echo '[wait-control-plane] waiting'\nexec sleep 30",
         );
-        let k = Kubeadm::new(bin, dir.path().join("run"), Duration::from_millis(500));
+        let k = Kubeadm::new(
+            bin,
+            dir.path().join("run"),
+            dir.path().join("k8s"),
+            Duration::from_millis(500),
+        );
         let started = Instant::now();
         let err = k.reset().await.unwrap_err();
         assert!(
@@ -367,6 +391,7 @@ mod tests {
         let k = Kubeadm::new(
             dir.path().join("nope"),
             dir.path().join("run"),
+            dir.path().join("k8s"),
             Duration::from_secs(1),
         );
         let err = k.reset().await.unwrap_err();
