@@ -139,6 +139,8 @@ const TRANSIENT_CODES: &[&str] = &[
     "SlowDown",
     "PriorRequestNotComplete",
     "TransactionInProgressException",
+    "TransactionConflictException",
+    "ReplicatedWriteConflictException",
     "InternalServerError",
     "InternalFailure",
     "InternalError",

@@ -52,6 +52,9 @@ impl SimRng {
 pub struct Faults {
     /// Fails without applying (throttling after the SDK gave up).
     pub transient: f64,
+    /// Applies, then fails as throttled (an attempt whose answer was lost,
+    /// then SDK retries throttled): "transient" does not mean "nothing happened".
+    pub transient_after: f64,
     /// Times out; did not apply.
     pub lost_before: f64,
     /// Times out; applied.
@@ -62,8 +65,10 @@ pub struct Faults {
     /// if the caller gave up on it (a paused process, a slow network).
     pub stall: f64,
     pub stall_time: (Duration, Duration),
-    /// Ordinary latency of every call.
+    /// Ordinary latency of every call, before it applies.
     pub latency: (Duration, Duration),
+    /// Latency of the answer, after it applied (a slow network back).
+    pub answer_latency: (Duration, Duration),
 }
 
 impl Faults {
@@ -71,12 +76,14 @@ impl Faults {
     pub fn none() -> Self {
         Faults {
             transient: 0.0,
+            transient_after: 0.0,
             lost_before: 0.0,
             lost_after: 0.0,
             refused_after: 0.0,
             stall: 0.0,
             stall_time: (Duration::ZERO, Duration::ZERO),
             latency: (Duration::ZERO, Duration::ZERO),
+            answer_latency: (Duration::ZERO, Duration::ZERO),
         }
     }
 }
@@ -112,6 +119,7 @@ pub struct MemStore {
 enum Fate {
     Ok,
     Transient,
+    TransientAfter,
     LostBefore,
     LostAfter,
     RefusedAfter,
@@ -155,13 +163,14 @@ impl MemStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn draw(&self, write: bool) -> (Duration, Option<Duration>, Fate) {
+    fn draw(&self, write: bool) -> (Duration, Duration, Option<Duration>, Fate) {
         let mut rng = self
             .rng
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let f = &self.faults;
         let latency = rng.between(f.latency.0, f.latency.1);
+        let mut answer = rng.between(f.answer_latency.0, f.answer_latency.1);
         let stall = rng
             .chance(f.stall)
             .then(|| rng.between(f.stall_time.0, f.stall_time.1));
@@ -175,6 +184,8 @@ impl MemStore {
             Fate::Transient
         } else if hit(f.lost_before) {
             Fate::LostBefore
+        } else if write && hit(f.transient_after) {
+            Fate::TransientAfter
         } else if write && hit(f.lost_after) {
             Fate::LostAfter
         } else if write && hit(f.refused_after) {
@@ -182,7 +193,7 @@ impl MemStore {
         } else {
             Fate::Ok
         };
-        (latency, stall, fate)
+        (latency, answer, stall, fate)
     }
 
     /// Runs `apply` under the drawn faults. A stalled call applies from a
@@ -194,7 +205,7 @@ impl MemStore {
         refused: T,
         apply: impl FnOnce(&mut World) -> T + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (latency, stall, fate) = self.draw(write);
+        let (latency, answer, stall, fate) = self.draw(write);
         let err = |class| StoreError {
             class,
             operation,
@@ -221,7 +232,9 @@ impl MemStore {
             task.await;
         }
         let out = rx.await.map_err(|_| err(StoreErrorClass::OutcomeUnknown))?;
+        tokio::time::sleep(answer).await;
         match fate {
+            Fate::TransientAfter => Err(err(StoreErrorClass::Transient)),
             Fate::LostAfter => Err(err(StoreErrorClass::OutcomeUnknown)),
             Fate::RefusedAfter => Ok(refused),
             _ => Ok(out),
@@ -513,6 +526,13 @@ impl RegistryStore for Handle {
     ) -> Result<WriteResult, StoreError> {
         let pointer = pointer.clone();
         self.fenced("put join", fence, move |w| {
+            // Same condition as DynamoDB: never roll the pointer back.
+            if w.join
+                .as_ref()
+                .is_some_and(|j| j.published_at > pointer.published_at)
+            {
+                return false;
+            }
             w.join = Some(pointer);
             true
         })

@@ -580,3 +580,60 @@ async fn join_material_becomes_current_only_through_a_fenced_pointer() {
     );
     new.release().await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_lock_refuses_its_old_holders_fenced_writes() {
+    let fx = Fixture::new().await;
+    let guard = fx
+        .locker("i-00000000000000001")
+        .acquire(Purpose::Init)
+        .await
+        .expect("acquire");
+    let fence = guard.fence().expect("held");
+    guard.release().await.expect("release");
+    // The fence value is unchanged by a normal release: only `released` stops this write.
+    let raw = DynamoRegistryStore::new(fx.client.clone(), &fx.table, &fx.cluster);
+    let result = raw
+        .begin_init(fence, 0, &init_claim("late"))
+        .await
+        .expect("store answers");
+    assert_eq!(result, WriteResult::FenceRejected);
+    assert_eq!(
+        fx.registry().state().await.expect("state").phase,
+        Phase::Uninitialized
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_takeover_needs_the_record_version_it_watched() {
+    let fx = Fixture::new().await;
+    let store = fx.store();
+    let guard = fx
+        .locker("i-00000000000000001")
+        .acquire(Purpose::Init)
+        .await
+        .expect("acquire");
+    let watched = store
+        .read(Purpose::Init)
+        .await
+        .expect("read")
+        .expect("item")
+        .rvn;
+    // The holder renews: the version the waiter watched is gone.
+    tokio::time::sleep(LEASE / 3 + Duration::from_millis(500)).await;
+    let claim = Claim {
+        owner: "i-00000000000000002/x",
+        rvn: "r2",
+        lease: LEASE,
+        wall: SystemTime::now(),
+    };
+    assert_eq!(
+        store
+            .take_over(Purpose::Init, &watched, &claim)
+            .await
+            .expect("answer"),
+        None
+    );
+    assert!(guard.is_held());
+    guard.release().await.expect("release");
+}

@@ -46,12 +46,14 @@ fn plan(rng: &mut SimRng) -> TrialPlan {
         crash: 0.4 * rng.unit(),
         faults: Faults {
             transient: 0.10 * scale,
+            transient_after: 0.03 * scale,
             lost_before: 0.05 * scale,
             lost_after: 0.05 * scale,
             refused_after: 0.05 * scale,
             stall: 0.03 * scale,
             stall_time: (LEASE / 2, 3 * LEASE),
             latency: (Duration::from_millis(1), Duration::from_millis(200)),
+            answer_latency: (Duration::ZERO, Duration::from_millis(200)),
         },
         init_time: (Duration::from_secs(1), 2 * LEASE),
     }

@@ -162,15 +162,17 @@ impl Kubeadm {
         self.run("join", &args, self.join_timeout, secrets).await
     }
 
-    /// `kubeadm reset --force`: cleans up a failed local attempt.
+    /// `kubeadm reset --force --cert-dir <kubernetes_dir>/pki`: cleans up a
+    /// failed local attempt (and removes this node's etcd member, as kubeadm does).
     pub async fn reset(&self) -> Result<Outcome, Error> {
-        self.run(
-            "reset",
-            &["reset".as_ref(), "--force".as_ref()],
-            self.reset_timeout,
-            &[],
-        )
-        .await
+        let cert_dir = self.kubernetes_dir.join("pki");
+        let args = [
+            "reset".as_ref(),
+            "--force".as_ref(),
+            "--cert-dir".as_ref(),
+            cert_dir.as_os_str(),
+        ];
+        self.run("reset", &args, self.reset_timeout, &[]).await
     }
 
     fn write(&self, name: &str, rendered: &config::Rendered) -> Result<PathBuf, Error> {
@@ -346,6 +348,31 @@ mod tests {
         assert!(!text.contains("abcdef.0123456789abcdef"), "{text}");
         assert!(text.contains("couldn't validate the identity"), "{text}");
         assert!(err.hint().contains("CA public-key pin"), "{}", err.hint());
+    }
+
+    #[tokio::test]
+    async fn reset_names_the_certificate_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("args");
+        let bin = fake(
+            dir.path(),
+            &format!("printf '%s\\n' \"$@\" > {}", log.display()),
+        );
+        let k = Kubeadm::new(
+            bin,
+            dir.path().join("run"),
+            dir.path().join("k8s"),
+            Duration::from_secs(10),
+        );
+        k.reset().await.unwrap();
+        let args = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            args,
+            format!(
+                "reset\n--force\n--cert-dir\n{}\n",
+                dir.path().join("k8s/pki").display()
+            )
+        );
     }
 
     #[tokio::test]

@@ -332,46 +332,89 @@ impl<S: LockStore> Locker<S> {
     async fn attempt(&self, purpose: Purpose, watch: &mut Watch) -> Result<Option<Guard>, Error> {
         let rvn = new_rvn();
         let claim = self.claim(&rvn);
-        let result = match watch.expired(Instant::now(), self.settings.margin) {
-            Some(seen) => self.store.take_over(purpose, &seen, &claim).await,
-            None => self.store.acquire_free(purpose, &claim).await,
+        // The trust window of a claim starts when it is *sent*: a waiter may
+        // have seen our record version at any moment after that.
+        let sent = Instant::now();
+        let trust = self.settings.trust_window();
+        let call = async {
+            match watch.expired(Instant::now(), self.settings.margin) {
+                Some(seen) => self.store.take_over(purpose, &seen, &claim).await,
+                None => self.store.acquire_free(purpose, &claim).await,
+            }
         };
-        match result {
-            Ok(Some(item)) => return Ok(Some(self.guard(purpose, item))),
-            // "Held", or no answer: either way our claim may have applied (the
-            // SDK retries a lost answer, and the retry then fails the condition
-            // against our own write), so the read below decides.
-            Ok(None) => {}
-            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => {}
-            Err(e) if e.class == StoreErrorClass::Transient => {
-                watch.failures += 1;
-                tracing::warn!(lock = %purpose, error = %e, failures = watch.failures, "lock store unavailable, retrying");
-            }
-            Err(source) => return Err(Error::Store { purpose, source }),
-        }
-        match self.store.read(purpose).await {
-            Ok(Some(item))
-                if item.owner == self.owner.as_str() && item.rvn == rvn && !item.released =>
-            {
-                tracing::info!(lock = %purpose, "our claim had applied although its answer said otherwise (read back)");
-                return Ok(Some(self.guard(purpose, item)));
-            }
-            Ok(Some(item)) if !item.released => watch.saw(item, Instant::now()),
-            Ok(_) => watch.seen = None,
+        let result = tokio::time::timeout(trust, call)
+            .await
+            .unwrap_or(Err(StoreError {
+                class: StoreErrorClass::OutcomeUnknown,
+                operation: "claim lock",
+                message: "no answer within lease - margin".into(),
+            }));
+        let mut claimed = match result {
+            Ok(Some(item)) => Some(item),
+            // "Held", no answer, or "unavailable": our claim may still have
+            // applied (the SDK retries a request whose answer was lost, and
+            // the retry fails against our own write), so the read decides.
+            Ok(None) => None,
             Err(e) if e.class == StoreErrorClass::Permanent => {
                 return Err(Error::Store { purpose, source: e })
             }
-            Err(e) => tracing::warn!(lock = %purpose, error = %e, "cannot read lock, retrying"),
+            Err(e) => {
+                watch.failures += 1;
+                tracing::warn!(lock = %purpose, error = %e, failures = watch.failures, "lock claim failed, reading back");
+                None
+            }
+        };
+        if claimed.is_none() {
+            match self.store.read(purpose).await {
+                Ok(Some(item))
+                    if item.owner == self.owner.as_str() && item.rvn == rvn && !item.released =>
+                {
+                    tracing::info!(lock = %purpose, "our claim had applied although its answer said otherwise (read back)");
+                    claimed = Some(item);
+                }
+                Ok(Some(item)) if !item.released => {
+                    watch.failures = 0;
+                    watch.saw(item, Instant::now());
+                }
+                Ok(_) => {
+                    watch.failures = 0;
+                    watch.seen = None;
+                }
+                Err(e) if e.class == StoreErrorClass::Permanent => {
+                    return Err(Error::Store { purpose, source: e })
+                }
+                Err(e) => {
+                    watch.failures += 1;
+                    tracing::warn!(lock = %purpose, error = %e, "cannot read lock, retrying");
+                }
+            }
         }
-        Ok(None)
+        let Some(item) = claimed else { return Ok(None) };
+        if Instant::now() >= sent + trust {
+            // Too late to trust: another node may already be entitled to take
+            // over. Give it back (conditioned on our rvn) and try again.
+            tracing::warn!(lock = %purpose, "lock claim confirmed only after lease - margin; giving it back");
+            let _ = self
+                .store
+                .release(
+                    purpose,
+                    self.owner.as_str(),
+                    &item.rvn,
+                    (self.settings.wall_clock)(),
+                )
+                .await;
+            return Ok(None);
+        }
+        Ok(Some(self.guard(purpose, item, sent)))
     }
 
-    fn guard(&self, purpose: Purpose, item: LockItem) -> Guard {
+    fn guard(&self, purpose: Purpose, item: LockItem, sent: Instant) -> Guard {
         Guard::start(
             self.store.clone(),
             purpose,
             &self.owner,
             item,
+            sent,
             self.settings.clone(),
         )
     }
@@ -442,9 +485,10 @@ impl Watch {
     /// When to look again: at the takeover instant if it comes sooner than the
     /// next poll; with a growing pause while the store fails.
     fn next_attempt(&self, now: Instant, poll: Duration, margin: Duration) -> Instant {
+        let backoff = Duration::from_millis(200) * self.failures.min(10);
         match &self.seen {
-            Some((_, lease, at)) => (*at + *lease + margin).max(now).min(now + poll),
-            None => now + poll.min(Duration::from_millis(200) * (1 + self.failures.min(10))),
+            Some((_, lease, at)) => (*at + *lease + margin).max(now + backoff).min(now + poll),
+            None => now + poll.min(Duration::from_millis(200) + backoff),
         }
     }
 }
@@ -552,14 +596,16 @@ impl<S: LockStore> ReleaseFn for StoreRelease<S> {
 }
 
 impl Guard {
+    /// `sent`: when the claim that acquired the lock was sent; the trust window starts there.
     fn start<S: LockStore>(
         store: Arc<S>,
         purpose: Purpose,
         owner: &Owner,
         item: LockItem,
+        sent: Instant,
         settings: Settings,
     ) -> Guard {
-        let acquired_at = Instant::now();
+        let acquired_at = sent;
         let (changed, _) = watch::channel(());
         let shared = Arc::new(Shared {
             state: Mutex::new(HolderState {
@@ -575,6 +621,7 @@ impl Guard {
             owner.as_str().to_string(),
             shared.clone(),
             settings.clone(),
+            acquired_at,
         ));
         Guard {
             purpose,
@@ -673,34 +720,40 @@ impl Guard {
             s.rvn.clone()
         };
         let wall = (self.wall_clock)();
-        match self.release.release(&self.owner, &rvn, wall).await {
-            Ok(true) => {
-                tracing::info!(lock = %self.purpose, fence = self.fence, "lock released");
-                Ok(())
-            }
-            Ok(false) => {
-                tracing::warn!(lock = %self.purpose, "lock was already taken over when we released it");
-                Ok(())
-            }
-            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => {
-                // Read back: released by us, or taken by someone else, both are fine.
-                match self.release.read().await {
-                    Ok(Some(item))
-                        if item.owner == self.owner && item.rvn == rvn && !item.released =>
-                    {
-                        Err(Error::Store {
-                            purpose: self.purpose,
-                            source: e,
-                        })
-                    }
-                    _ => Ok(()),
+        // A renewal already in flight when we stopped the heartbeat can land
+        // after this and move the record version: read back and release
+        // again with what is there, while the record is still ours.
+        let mut rvn = rvn;
+        let mut last_error = None;
+        for _ in 0..3 {
+            match self.release.release(&self.owner, &rvn, wall).await {
+                Ok(true) => {
+                    tracing::info!(lock = %self.purpose, fence = self.fence, "lock released");
+                    return Ok(());
                 }
+                Ok(false) => {}
+                Err(e) if e.class == StoreErrorClass::Permanent => {
+                    return Err(Error::Store {
+                        purpose: self.purpose,
+                        source: e,
+                    })
+                }
+                Err(e) => last_error = Some(e),
             }
-            Err(source) => Err(Error::Store {
-                purpose: self.purpose,
-                source,
-            }),
+            match self.release.read().await {
+                Ok(Some(item)) if item.owner == self.owner && !item.released => rvn = item.rvn,
+                Ok(_) => return Ok(()),
+                Err(e) => last_error = Some(e),
+            }
         }
+        Err(Error::Store {
+            purpose: self.purpose,
+            source: last_error.unwrap_or(StoreError {
+                class: StoreErrorClass::Transient,
+                operation: "release lock",
+                message: "still ours after 3 attempts; it expires after its lease".into(),
+            }),
+        })
     }
 }
 
@@ -710,16 +763,29 @@ impl Drop for Guard {
     }
 }
 
+/// What a renewal attempt turned out to be.
+enum Renewal {
+    /// This version (sent at this instant) is in the record: we hold.
+    Adopt(String, Instant),
+    /// The record still has our previous version: try again soon.
+    Retry,
+    /// Someone else holds it, or it was released.
+    Lost,
+}
+
 async fn heartbeat_loop<S: LockStore>(
     store: Arc<S>,
     purpose: Purpose,
     owner: String,
     shared: Arc<Shared>,
     settings: Settings,
+    acquired_at: Instant,
 ) {
     let interval = settings.heartbeat_interval();
     let trust = settings.trust_window();
-    let mut next = Instant::now() + interval;
+    let mut next = acquired_at + interval;
+    // Renewals sent whose fate we do not know yet: (rvn, when sent).
+    let mut pending: Vec<(String, Instant)> = Vec::new();
     loop {
         tokio::time::sleep_until(next).await;
         let (old, last_ok) = {
@@ -753,45 +819,45 @@ async fn heartbeat_loop<S: LockStore>(
             }),
         };
         let applied = match outcome {
-            Ok(true) => Some(true),
-            // Refused, or no answer: a retried renewal is refused by our own
-            // applied one, so only the record can tell.
-            Ok(false) => match store.read(purpose).await {
-                Ok(Some(item)) if item.owner == owner && item.rvn == new && !item.released => {
-                    Some(true)
+            Ok(true) => Renewal::Adopt(new, sent),
+            // Refused, no answer, or "unavailable": a renewal can have applied
+            // anyway (answer lost, then the SDK's retry refused by our own
+            // write or throttled), so only the record can tell. Any of our
+            // pending versions found there is adopted with its own send time.
+            other => {
+                if let Err(e) = &other {
+                    tracing::warn!(lock = %purpose, error = %e, "lock renewal failed; reading back");
                 }
-                Ok(_) => Some(false),
-                Err(_) => None,
-            },
-            Err(e) if e.class == StoreErrorClass::OutcomeUnknown => match store.read(purpose).await
-            {
-                Ok(Some(item)) if item.owner == owner && item.rvn == new && !item.released => {
-                    Some(true)
+                pending.push((new, sent));
+                match store.read(purpose).await {
+                    Ok(Some(item)) if item.owner == owner && !item.released => {
+                        match pending.iter().find(|(rvn, _)| *rvn == item.rvn) {
+                            Some((rvn, at)) => Renewal::Adopt(rvn.clone(), *at),
+                            None if item.rvn == old => Renewal::Retry,
+                            None => Renewal::Lost,
+                        }
+                    }
+                    Ok(_) => Renewal::Lost,
+                    Err(_) => Renewal::Retry,
                 }
-                Ok(Some(item)) if item.owner == owner && item.rvn == old && !item.released => None,
-                Ok(_) => Some(false),
-                Err(_) => None,
-            },
-            Err(e) => {
-                tracing::warn!(lock = %purpose, error = %e, "lock renewal failed; retrying before the lease runs out");
-                None
             }
         };
         match applied {
-            Some(true) => {
+            Renewal::Adopt(rvn, at) => {
+                pending.clear();
                 let mut s = shared.lock();
                 if s.status == Status::Held {
-                    s.rvn = new;
-                    s.last_ok = sent;
+                    s.rvn = rvn;
+                    s.last_ok = at;
                 }
-                next = sent + interval;
+                next = at + interval;
             }
-            Some(false) => {
+            Renewal::Lost => {
                 tracing::error!(lock = %purpose, "lock renewal refused: another owner holds it now");
                 shared.set_lost("renewal refused: another owner holds the lock".into());
                 return;
             }
-            None => next = Instant::now() + (interval / 4).max(Duration::from_millis(50)),
+            Renewal::Retry => next = Instant::now() + (interval / 4).max(Duration::from_millis(50)),
         }
     }
 }

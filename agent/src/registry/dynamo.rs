@@ -92,15 +92,26 @@ impl DynamoRegistryStore {
                     .iter()
                     .map(|r| r.code().unwrap_or("None"))
                     .collect();
-                match codes.as_slice() {
-                    ["ConditionalCheckFailed", ..] => Ok(WriteResult::FenceRejected),
-                    [_, "ConditionalCheckFailed"] => Ok(WriteResult::ConditionFailed),
-                    _ => Err(StoreError {
-                        class: StoreErrorClass::Transient,
+                Ok(cancellation(&codes)).and_then(|r| {
+                    r.map_err(|(class, why)| StoreError {
+                        class,
                         operation,
-                        message: format!("transaction cancelled: {codes:?}"),
-                    }),
-                }
+                        message: format!("transaction cancelled: {why}: {codes:?}"),
+                    })
+                })
+            }
+            Err(SdkError::ServiceError(se))
+                if matches!(
+                    se.err(),
+                    TransactWriteItemsError::TransactionInProgressException(_)
+                ) =>
+            {
+                // An earlier attempt with the same idempotency token is still being applied.
+                Err(StoreError {
+                    class: StoreErrorClass::OutcomeUnknown,
+                    operation,
+                    message: "an earlier attempt of this transaction is still in progress".into(),
+                })
             }
             Err(e) => Err(store_error(operation, &e)),
         }
@@ -257,9 +268,14 @@ impl RegistryStore for DynamoRegistryStore {
         }
         item.insert("published_at".into(), n(epoch_ms(pointer.published_at)));
         item.insert("fence".into(), n(fence.value));
+        // A late-landing earlier publish must not roll the pointer back.
         let put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk) OR #at <= :at")
+            .expression_attribute_names("#pk", table::PARTITION_KEY)
+            .expression_attribute_names("#at", "published_at")
+            .expression_attribute_values(":at", n(epoch_ms(pointer.published_at)))
             .build()
             .map_err(|e| invalid("publish join pointer", &e))?;
         self.transact(
@@ -311,6 +327,25 @@ impl RegistryStore for DynamoRegistryStore {
         }
         members.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         Ok(members)
+    }
+}
+
+/// Reads TransactionCanceledException's reasons, in item order: the fence
+/// check first, the record write second.
+fn cancellation(codes: &[&str]) -> Result<WriteResult, (StoreErrorClass, &'static str)> {
+    const TRANSIENT: &[&str] = &[
+        "TransactionConflict",
+        "ThrottlingError",
+        "ProvisionedThroughputExceeded",
+        "RequestLimitExceeded",
+    ];
+    match codes {
+        ["ConditionalCheckFailed", ..] => Ok(WriteResult::FenceRejected),
+        [_, "ConditionalCheckFailed"] => Ok(WriteResult::ConditionFailed),
+        _ if codes.iter().any(|c| TRANSIENT.contains(c)) => {
+            Err((StoreErrorClass::Transient, "conflict or throttling"))
+        }
+        _ => Err((StoreErrorClass::Permanent, "rejected by DynamoDB")),
     }
 }
 
@@ -403,4 +438,33 @@ fn s(v: &str) -> AttributeValue {
 
 fn n(v: impl std::fmt::Display) -> AttributeValue {
     AttributeValue::N(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancellation_reasons_name_the_failed_item() {
+        assert_eq!(
+            cancellation(&["ConditionalCheckFailed", "None"]),
+            Ok(WriteResult::FenceRejected)
+        );
+        assert_eq!(
+            cancellation(&["None", "ConditionalCheckFailed"]),
+            Ok(WriteResult::ConditionFailed)
+        );
+        assert!(matches!(
+            cancellation(&["TransactionConflict", "None"]),
+            Err((StoreErrorClass::Transient, _))
+        ));
+        assert!(matches!(
+            cancellation(&["None", "ValidationError"]),
+            Err((StoreErrorClass::Permanent, _))
+        ));
+        assert!(matches!(
+            cancellation(&[]),
+            Err((StoreErrorClass::Permanent, _))
+        ));
+    }
 }

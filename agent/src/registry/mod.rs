@@ -10,7 +10,7 @@
 
 pub mod dynamo;
 
-use crate::lock::{Fence, Guard, StoreError, StoreErrorClass};
+use crate::lock::{Fence, Guard, Purpose, StoreError, StoreErrorClass};
 use serde::Serialize;
 use std::future::Future;
 use std::sync::Arc;
@@ -184,6 +184,14 @@ pub enum Error {
     },
     #[error(transparent)]
     NotHeld(#[from] crate::lock::Error),
+    #[error(
+        "{operation} must be fenced by the {expected} lock, not the {got} lock (a kubeboot bug)"
+    )]
+    WrongLock {
+        operation: &'static str,
+        expected: &'static str,
+        got: crate::lock::Purpose,
+    },
     #[error("registry {operation}: {source}")]
     Store {
         operation: &'static str,
@@ -198,6 +206,7 @@ impl Error {
             Error::LockLost { .. } | Error::NotHeld(_) => "another node took over the lock (this one was slow or paused); \
                 this node stops and retries from its last checkpoint"
                 .into(),
+            Error::WrongLock { .. } => "report this bug with the log above".into(),
             Error::Conflict { .. } => "the cluster record changed under us: `kubeboot status` shows it".into(),
             Error::Store { source, .. } if source.class == StoreErrorClass::Permanent => {
                 "check the table exists and the instance role may call dynamodb:TransactWriteItems, GetItem and Query".into()
@@ -205,6 +214,23 @@ impl Error {
             Error::Store { .. } => "DynamoDB is slow or throttling; the step is retried".into(),
         }
     }
+}
+
+/// The fence of `guard`, if it is one of the locks allowed to fence `operation`.
+fn fence_for(
+    guard: &Guard,
+    operation: &'static str,
+    allowed: &[Purpose],
+    expected: &'static str,
+) -> Result<Fence, Error> {
+    if !allowed.contains(&guard.purpose()) {
+        return Err(Error::WrongLock {
+            operation,
+            expected,
+            got: guard.purpose(),
+        });
+    }
+    Ok(guard.fence()?)
 }
 
 /// The registry of one cluster.
@@ -251,18 +277,20 @@ impl<S: RegistryStore> Registry<S> {
     /// Makes `pointer` the current join material (fenced: a holder that lost
     /// its lock cannot make its freshly written secret version current).
     pub async fn publish_join(&self, guard: &Guard, pointer: &JoinPointer) -> Result<(), Error> {
-        let fence = guard.fence()?;
+        let fence = fence_for(
+            guard,
+            "publish join pointer",
+            &[Purpose::Init, Purpose::Leader],
+            "init or leader",
+        )?;
         self.fenced(
             guard,
             "publish join pointer",
             fence,
             || self.store.put_join(fence, pointer),
             || async {
-                Ok(self
-                    .join_pointer()
-                    .await
-                    .map(|p| p.is_some_and(|p| p.secret_version == pointer.secret_version))
-                    .unwrap_or(false))
+                let current = self.join_pointer().await?;
+                Ok(current.is_some_and(|p| p.secret_version == pointer.secret_version))
             },
         )
         .await
@@ -281,7 +309,7 @@ impl<S: RegistryStore> Registry<S> {
                 reason: "the cluster is already initialized".into(),
             });
         }
-        let fence = guard.fence()?;
+        let fence = fence_for(guard, "begin init", &[Purpose::Init], "init")?;
         let next = current.generation + 1;
         let applied = |s: &ClusterState| {
             s.init_run_id.as_deref() == Some(claim.run_id.as_str()) && s.generation == next
@@ -291,7 +319,7 @@ impl<S: RegistryStore> Registry<S> {
             "begin init",
             fence,
             || self.store.begin_init(fence, current.generation, claim),
-            || async { Ok(self.state().await.map(|s| applied(&s)).unwrap_or(false)) },
+            || async { Ok(applied(&self.state().await?)) },
         )
         .await?;
         Ok(next)
@@ -305,20 +333,15 @@ impl<S: RegistryStore> Registry<S> {
         run_id: &str,
         wall: SystemTime,
     ) -> Result<(), Error> {
-        let fence = guard.fence()?;
+        let fence = fence_for(guard, "mark initialized", &[Purpose::Init], "init")?;
         self.fenced(
             guard,
             "mark initialized",
             fence,
             || self.store.finish_init(fence, generation, run_id, wall),
             || async {
-                Ok(self
-                    .state()
-                    .await
-                    .map(|s| {
-                        s.phase == Phase::Initialized && s.init_run_id.as_deref() == Some(run_id)
-                    })
-                    .unwrap_or(false))
+                let s = self.state().await?;
+                Ok(s.phase == Phase::Initialized && s.init_run_id.as_deref() == Some(run_id))
             },
         )
         .await
@@ -326,22 +349,22 @@ impl<S: RegistryStore> Registry<S> {
 
     /// Records a confirmed member (fenced by the lock the caller holds).
     pub async fn record_member(&self, guard: &Guard, record: &MemberRecord) -> Result<(), Error> {
-        let fence = guard.fence()?;
+        let fence = fence_for(
+            guard,
+            "record member",
+            &[Purpose::Init, Purpose::Membership],
+            "init or membership",
+        )?;
         self.fenced(
             guard,
             "record member",
             fence,
             || self.store.put_member(fence, record),
             || async {
-                Ok(self
-                    .members()
-                    .await
-                    .map(|all| {
-                        all.iter().any(|m| {
-                            m.instance_id == record.instance_id && m.member_id == record.member_id
-                        })
-                    })
-                    .unwrap_or(false))
+                let all = self.members().await?;
+                Ok(all.iter().any(|m| {
+                    m.instance_id == record.instance_id && m.member_id == record.member_id
+                }))
             },
         )
         .await
@@ -349,25 +372,29 @@ impl<S: RegistryStore> Registry<S> {
 
     /// Deletes a member record (fenced).
     pub async fn forget_member(&self, guard: &Guard, instance_id: &str) -> Result<(), Error> {
-        let fence = guard.fence()?;
+        let fence = fence_for(
+            guard,
+            "forget member",
+            &[Purpose::Init, Purpose::Membership],
+            "init or membership",
+        )?;
         self.fenced(
             guard,
             "forget member",
             fence,
             || self.store.delete_member(fence, instance_id),
             || async {
-                Ok(self
-                    .members()
-                    .await
-                    .map(|all| all.iter().all(|m| m.instance_id != instance_id))
-                    .unwrap_or(false))
+                let all = self.members().await?;
+                Ok(all.iter().all(|m| m.instance_id != instance_id))
             },
         )
         .await
     }
 
-    /// One fenced write: refused fence → the guard learns it lost; unknown
-    /// outcome → read back, and write once more only if it did not apply.
+    /// One fenced write. A refused fence tells the guard it lost; a refused
+    /// condition is read back (it may be our own earlier attempt); a failure
+    /// that may have applied (timeout, or throttled after an attempt whose
+    /// answer was lost) is read back and written again only if it did not.
     async fn fenced<W, WF, R, RF>(
         &self,
         guard: &Guard,
@@ -382,40 +409,19 @@ impl<S: RegistryStore> Registry<S> {
         R: Fn() -> RF,
         RF: Future<Output = Result<bool, Error>>,
     {
-        for attempt in 0..2 {
-            let result = match write().await {
-                Ok(r) => r,
-                Err(e) if e.class == StoreErrorClass::OutcomeUnknown => {
-                    if read_back().await? {
-                        tracing::info!(operation, "write timed out but had applied (read back)");
-                        return Ok(());
-                    }
-                    if attempt == 0 {
-                        tracing::warn!(
-                            operation,
-                            "write timed out and did not apply (read back); writing once more"
-                        );
-                        continue;
-                    }
-                    return Err(Error::Store {
-                        operation,
-                        source: e,
-                    });
-                }
-                Err(source) => return Err(Error::Store { operation, source }),
-            };
-            return match result {
-                WriteResult::Applied => Ok(()),
-                WriteResult::FenceRejected => {
+        const ATTEMPTS: u32 = 5;
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            match write().await {
+                Ok(WriteResult::Applied) => return Ok(()),
+                Ok(WriteResult::FenceRejected) => {
                     guard.mark_lost(format!(
                         "{operation} was refused: fence {} is stale",
                         fence.value
                     ));
-                    Err(Error::LockLost { operation, fence })
+                    return Err(Error::LockLost { operation, fence });
                 }
-                WriteResult::ConditionFailed => {
-                    // The SDK retries a write whose answer was lost; the retry
-                    // then fails its condition against our own applied write.
+                Ok(WriteResult::ConditionFailed) => {
                     if read_back().await? {
                         tracing::info!(
                             operation,
@@ -423,16 +429,36 @@ impl<S: RegistryStore> Registry<S> {
                         );
                         return Ok(());
                     }
-                    Err(Error::Conflict {
+                    return Err(Error::Conflict {
                         operation,
                         reason: "the record is not in the expected state".into(),
+                    });
+                }
+                Err(e) if e.class == StoreErrorClass::Permanent => {
+                    return Err(Error::Store {
+                        operation,
+                        source: e,
                     })
                 }
-            };
+                Err(e) => {
+                    if read_back().await? {
+                        tracing::info!(operation, error = %e, "write reported failure but had applied (read back)");
+                        return Ok(());
+                    }
+                    tracing::warn!(operation, error = %e, attempt, "write did not apply (read back); writing again");
+                    guard.fence()?;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                    last = Some(e);
+                }
+            }
         }
-        Err(Error::Conflict {
+        Err(Error::Store {
             operation,
-            reason: "unreachable retry state".into(),
+            source: last.unwrap_or(StoreError {
+                class: StoreErrorClass::Transient,
+                operation,
+                message: "gave up".into(),
+            }),
         })
     }
 }

@@ -1,0 +1,498 @@
+//! Talking to the stacked etcd: membership, per-member health, removal, and
+//! confirmation of a member before anyone records it (I2).
+//!
+//! A member is *confirmed* only when etcd itself reports it started (it has
+//! a name and client URLs — an added-but-never-started member has neither),
+//! voting (not a learner) and healthy (its own endpoint answers). What must be
+//! cleaned up before a join (I3) is decided by a pure function over the
+//! member list and health, so every case is unit-tested.
+
+use crate::config::model::EtcdScheme;
+use crate::retry::{self, Classify, RetryClass, WaitPolicy};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One etcd member as etcd reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub id: u64,
+    /// Empty until the member has started.
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    /// Empty until the member has started.
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+impl Member {
+    /// Started: etcd knows its name and client URLs.
+    pub fn is_started(&self) -> bool {
+        !self.name.is_empty() && !self.client_urls.is_empty()
+    }
+
+    /// The id as etcdctl prints it.
+    pub fn hex_id(&self) -> String {
+        format!("{:016x}", self.id)
+    }
+}
+
+/// A member and whether its own endpoint answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    pub member: Member,
+    pub healthy: bool,
+    pub error: Option<String>,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub scheme: EtcdScheme,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub dial_timeout: Duration,
+    pub request_timeout: Duration,
+    /// `<kubernetes_dir>/pki`: kubeadm's etcd CA and the API server's etcd client certificate.
+    pub pki_dir: PathBuf,
+}
+
+impl Settings {
+    /// From `[etcd]` and `[paths]`.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Settings {
+            scheme: cfg.etcd.scheme,
+            client_port: cfg.etcd.client_port,
+            peer_port: cfg.etcd.peer_port,
+            dial_timeout: cfg.etcd.dial_timeout,
+            request_timeout: cfg.etcd.request_timeout,
+            pki_dir: cfg.paths.kubernetes_dir.join("pki"),
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self.scheme {
+            EtcdScheme::Https => "https",
+            EtcdScheme::Http => "http",
+        }
+    }
+
+    /// This node's client URL.
+    pub fn client_url(&self, ip: &str) -> String {
+        format!("{}://{ip}:{}", self.scheme(), self.client_port)
+    }
+
+    /// This node's peer URL: how etcd (and we) recognise its member.
+    pub fn peer_url(&self, ip: &str) -> String {
+        format!("{}://{ip}:{}", self.scheme(), self.peer_port)
+    }
+}
+
+/// etcd failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read etcd client certificate {}: {source}", path.display())]
+    Certificate {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach etcd at {endpoints:?}: {message}")]
+    Connect {
+        endpoints: Vec<String>,
+        message: String,
+    },
+    #[error("etcd {operation} failed: {message}")]
+    Request {
+        operation: &'static str,
+        message: String,
+        transient: bool,
+    },
+    #[error("etcd member with peer URL {peer_url} is not confirmed: {reason}")]
+    NotConfirmed { peer_url: String, reason: String },
+    #[error("gave up confirming the etcd member with peer URL {peer_url} after {}: {last}", crate::config::value::format_duration(*after))]
+    ConfirmTimeout {
+        peer_url: String,
+        after: Duration,
+        last: String,
+    },
+}
+
+impl Classify for Error {
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            Error::Connect { .. }
+            | Error::NotConfirmed { .. }
+            | Error::Request {
+                transient: true, ..
+            } => RetryClass::Transient,
+            _ => RetryClass::Permanent,
+        }
+    }
+}
+
+impl Error {
+    /// What to check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Certificate { .. } => "kubeadm writes pki/etcd/ca.crt and pki/apiserver-etcd-client.{crt,key}: \
+                check paths.kubernetes_dir and that init/join got that far"
+                .into(),
+            Error::Connect { .. } => "check etcd is running (`crictl ps --name etcd`), etcd.client_port and etcd.scheme".into(),
+            Error::Request { .. } => "etcd refused or timed out; `kubeboot status` and `etcdctl member list` show the members".into(),
+            Error::NotConfirmed { .. } | Error::ConfirmTimeout { .. } => "the new member did not become a started, \
+                voting, healthy member: check its etcd log (`crictl logs` of the etcd container) and peer connectivity on etcd.peer_port"
+                .into(),
+        }
+    }
+}
+
+/// A client to the cluster's etcd.
+pub struct Etcd {
+    client: Client,
+    settings: Settings,
+    tls: Option<TlsOptions>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Certificate {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn request(operation: &'static str, e: etcd_client::Error) -> Error {
+    let message = e.to_string();
+    let transient = !message.contains("member not found") && !message.contains("permission denied");
+    Error::Request {
+        operation,
+        message,
+        transient,
+    }
+}
+
+impl Etcd {
+    /// Connects to `endpoints` (client URLs), with kubeadm's client certificate when https.
+    pub async fn connect(endpoints: &[String], settings: &Settings) -> Result<Etcd, Error> {
+        let tls = match settings.scheme {
+            EtcdScheme::Http => None,
+            EtcdScheme::Https => {
+                let ca = read(&settings.pki_dir.join("etcd/ca.crt"))?;
+                let cert = read(&settings.pki_dir.join("apiserver-etcd-client.crt"))?;
+                let key = read(&settings.pki_dir.join("apiserver-etcd-client.key"))?;
+                Some(
+                    TlsOptions::new()
+                        .ca_certificate(Certificate::from_pem(ca))
+                        .identity(Identity::from_pem(cert, key)),
+                )
+            }
+        };
+        let client = connect(endpoints, settings, tls.clone()).await?;
+        Ok(Etcd {
+            client,
+            settings: settings.clone(),
+            tls,
+        })
+    }
+
+    /// The member list, as etcd reports it.
+    pub async fn members(&self) -> Result<Vec<Member>, Error> {
+        let mut client = self.client.clone();
+        let resp = tokio::time::timeout(self.settings.request_timeout, client.member_list())
+            .await
+            .map_err(|_| Error::Request {
+                operation: "member list",
+                message: "timed out".into(),
+                transient: true,
+            })?
+            .map_err(|e| request("member list", e))?;
+        Ok(resp
+            .members()
+            .iter()
+            .map(|m| Member {
+                id: m.id(),
+                name: m.name().to_string(),
+                peer_urls: m.peer_urls().to_vec(),
+                client_urls: m.client_urls().to_vec(),
+                is_learner: m.is_learner(),
+            })
+            .collect())
+    }
+
+    /// Asks every started member's own endpoint for its status.
+    pub async fn health(&self, members: &[Member]) -> Vec<Health> {
+        let mut out = Vec::new();
+        for m in members {
+            let (healthy, error) = if !m.is_started() {
+                (
+                    false,
+                    Some("never started (no name, no client URLs)".to_string()),
+                )
+            } else {
+                match self.status_of(&m.client_urls).await {
+                    Ok(()) => (true, None),
+                    Err(e) => (false, Some(e.to_string())),
+                }
+            };
+            out.push(Health {
+                member: m.clone(),
+                healthy,
+                error,
+            });
+        }
+        out
+    }
+
+    async fn status_of(&self, endpoints: &[String]) -> Result<(), Error> {
+        let mut client = connect(endpoints, &self.settings, self.tls.clone()).await?;
+        tokio::time::timeout(self.settings.request_timeout, client.status())
+            .await
+            .map_err(|_| Error::Request {
+                operation: "status",
+                message: "timed out".into(),
+                transient: true,
+            })?
+            .map_err(|e| request("status", e))?;
+        Ok(())
+    }
+
+    /// Removes a member by id.
+    pub async fn remove(&self, id: u64) -> Result<(), Error> {
+        let mut client = self.client.clone();
+        tokio::time::timeout(self.settings.request_timeout, client.member_remove(id))
+            .await
+            .map_err(|_| Error::Request {
+                operation: "member remove",
+                message: "timed out".into(),
+                transient: true,
+            })?
+            .map_err(|e| request("member remove", e))?;
+        Ok(())
+    }
+
+    /// I2: waits (up to `within`) until the member with `peer_url` is started,
+    /// voting and healthy, and returns it. Nothing may be recorded before this.
+    pub async fn confirm(&self, peer_url: &str, within: Duration) -> Result<Member, Error> {
+        let policy = WaitPolicy {
+            first_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(3),
+            max_attempts: 10_000,
+            deadline: Some(within),
+        };
+        retry::with_retries("confirm etcd member", &policy, || {
+            self.confirm_once(peer_url)
+        })
+        .await
+        .map_err(|e| match e {
+            retry::RetryError::Failed(e) => e,
+            retry::RetryError::Deadline { deadline, last, .. } => Error::ConfirmTimeout {
+                peer_url: peer_url.to_string(),
+                after: deadline,
+                last: last.unwrap_or_default(),
+            },
+        })
+    }
+
+    async fn confirm_once(&self, peer_url: &str) -> Result<Member, Error> {
+        let members = self.members().await?;
+        let not = |reason: &str| Error::NotConfirmed {
+            peer_url: peer_url.to_string(),
+            reason: reason.to_string(),
+        };
+        let member = find_by_peer_url(&members, peer_url).ok_or_else(|| not("no such member"))?;
+        if !member.is_started() {
+            return Err(not("not started yet (no name or client URLs)"));
+        }
+        if member.is_learner {
+            return Err(not("still a learner"));
+        }
+        self.status_of(&member.client_urls)
+            .await
+            .map_err(|e| not(&format!("its endpoint does not answer: {e}")))?;
+        Ok(member.clone())
+    }
+}
+
+async fn connect(
+    endpoints: &[String],
+    settings: &Settings,
+    tls: Option<TlsOptions>,
+) -> Result<Client, Error> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(settings.dial_timeout)
+        .with_timeout(settings.request_timeout);
+    if let Some(tls) = tls {
+        options = options.with_tls(tls);
+    }
+    tokio::time::timeout(
+        settings.dial_timeout + settings.request_timeout,
+        Client::connect(endpoints, Some(options)),
+    )
+    .await
+    .map_err(|_| Error::Connect {
+        endpoints: endpoints.to_vec(),
+        message: "timed out".into(),
+    })?
+    .map_err(|e| Error::Connect {
+        endpoints: endpoints.to_vec(),
+        message: e.to_string(),
+    })
+}
+
+/// The member whose peer URLs include `peer_url`.
+pub fn find_by_peer_url<'a>(members: &'a [Member], peer_url: &str) -> Option<&'a Member> {
+    members
+        .iter()
+        .find(|m| m.peer_urls.iter().any(|u| u == peer_url))
+}
+
+/// Why a member must go before this node joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// A learner that never started: an earlier join died after `member add`.
+    OrphanLearner(Member),
+    /// A member with this node's own peer URL: an earlier incarnation of this node.
+    OwnLeftover(Member),
+}
+
+/// What must be removed before `own_peer_url` joins (I3), and whether the
+/// cluster is healthy enough to add a member at all: every voting member
+/// other than our own leftover must be started and healthy.
+pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(), String>) {
+    let mut stale = Vec::new();
+    let mut unhealthy = Vec::new();
+    for h in health {
+        let m = &h.member;
+        if m.peer_urls.iter().any(|u| u == own_peer_url) {
+            stale.push(Stale::OwnLeftover(m.clone()));
+        } else if m.is_learner && !m.is_started() {
+            stale.push(Stale::OrphanLearner(m.clone()));
+        } else if !h.healthy {
+            unhealthy.push(format!(
+                "{} ({}): {}",
+                m.hex_id(),
+                if m.name.is_empty() {
+                    "unnamed"
+                } else {
+                    &m.name
+                },
+                h.error.as_deref().unwrap_or("unhealthy")
+            ));
+        }
+    }
+    let ready = if unhealthy.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unhealthy members: {}", unhealthy.join("; ")))
+    };
+    (stale, ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, name: &str, ip: &str, learner: bool) -> Member {
+        Member {
+            id,
+            name: name.into(),
+            peer_urls: vec![format!("https://{ip}:2380")],
+            client_urls: if name.is_empty() {
+                vec![]
+            } else {
+                vec![format!("https://{ip}:2379")]
+            },
+            is_learner: learner,
+        }
+    }
+
+    fn healthy(m: Member) -> Health {
+        Health {
+            member: m,
+            healthy: true,
+            error: None,
+        }
+    }
+
+    fn sick(m: Member) -> Health {
+        Health {
+            member: m,
+            healthy: false,
+            error: Some("connection refused".into()),
+        }
+    }
+
+    #[test]
+    fn a_started_member_has_a_name_and_client_urls() {
+        assert!(member(1, "a", "10.0.0.1", false).is_started());
+        assert!(!member(1, "", "10.0.0.1", true).is_started());
+        assert_eq!(
+            member(0x8e9e05c52164694d, "a", "10.0.0.1", false).hex_id(),
+            "8e9e05c52164694d"
+        );
+    }
+
+    #[test]
+    fn a_healthy_cluster_needs_no_cleanup() {
+        let h = vec![
+            healthy(member(1, "a", "10.0.0.1", false)),
+            healthy(member(2, "b", "10.0.0.2", false)),
+        ];
+        assert_eq!(join_plan(&h, "https://10.0.0.9:2380"), (vec![], Ok(())));
+    }
+
+    #[test]
+    fn an_orphan_learner_and_our_own_leftover_go_first() {
+        let orphan = member(3, "", "10.0.0.3", true);
+        let own = member(4, "", "10.0.0.9", false);
+        let h = vec![
+            healthy(member(1, "a", "10.0.0.1", false)),
+            sick(orphan.clone()),
+            sick(own.clone()),
+        ];
+        let (stale, ready) = join_plan(&h, "https://10.0.0.9:2380");
+        assert_eq!(
+            stale,
+            vec![Stale::OrphanLearner(orphan), Stale::OwnLeftover(own)]
+        );
+        assert_eq!(
+            ready,
+            Ok(()),
+            "stale members do not count against health once removed"
+        );
+    }
+
+    #[test]
+    fn an_unhealthy_voter_blocks_the_join() {
+        let h = vec![
+            healthy(member(1, "a", "10.0.0.1", false)),
+            sick(member(2, "b", "10.0.0.2", false)),
+        ];
+        let (stale, ready) = join_plan(&h, "https://10.0.0.9:2380");
+        assert!(stale.is_empty());
+        let reason = ready.unwrap_err();
+        assert!(
+            reason.contains("0000000000000002 (b): connection refused"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn urls_follow_the_scheme_and_ports() {
+        let s = Settings {
+            scheme: EtcdScheme::Https,
+            client_port: 2379,
+            peer_port: 2380,
+            dial_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            pki_dir: "/etc/kubernetes/pki".into(),
+        };
+        assert_eq!(s.client_url("10.0.0.1"), "https://10.0.0.1:2379");
+        assert_eq!(s.peer_url("10.0.0.1"), "https://10.0.0.1:2380");
+        let m = vec![member(7, "a", "10.0.0.1", false)];
+        assert_eq!(
+            find_by_peer_url(&m, "https://10.0.0.1:2380").map(|m| m.id),
+            Some(7)
+        );
+    }
+}

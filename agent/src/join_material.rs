@@ -1,0 +1,1191 @@
+//! Join material for `kubeadm join`: the bootstrap token, the certificate key
+//! for `--control-plane` joins, the CA public-key pins and the endpoint.
+//!
+//! Nodes boot at any time, long after `kubeadm init`, but kubeadm's bootstrap
+//! tokens expire (24 h) and the uploaded control-plane certificates are deleted
+//! (2 h). So the material is generated here, published where every node can
+//! read it, and refreshed by the leader before it runs out.
+//!
+//! Where it lives:
+//! - the secrets (token, certificate key) in ONE Secrets Manager secret, each
+//!   publication a new secret version, in the wire format of [`encode_wire`];
+//! - the non-secret discovery values (endpoint, CA pins) also in SSM
+//!   parameters under `aws.ssm_prefix`, for operators and tools;
+//! - which secret version is *current* in the registry's fenced join pointer
+//!   ([`crate::registry::JoinPointer`]). Readers never trust `AWSCURRENT`:
+//!   a publisher that lost its lock may still have written a newer version.
+//!
+//! Secrets only ever travel inside [`Secret`]; the one place that exposes
+//! them is [`encode_wire`], which builds the Secrets Manager body.
+
+use crate::aws::{self, Service};
+use crate::config::Config;
+use crate::lock::Guard;
+use crate::registry::{JoinPointer, Registry, RegistryStore};
+use crate::retry::{classify_sdk_error, Classify, RetryClass};
+use crate::secret::Secret;
+use aws_config::SdkConfig;
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use x509_cert::der::{DecodePem, Encode};
+use x509_cert::Certificate;
+
+/// Lifetime of a bootstrap token: kubeadm's default `ttl`, which is what the
+/// token is created with.
+pub const TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Lifetime of the uploaded control-plane certificates: kubeadm deletes the
+/// `kubeadm-certs` Secret two hours after `--upload-certs`.
+pub const CERTS_TTL: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Version of the wire format this agent writes and reads. A reader refuses
+/// other versions rather than guessing at fields it does not know.
+pub const WIRE_FORMAT: u32 = 1;
+
+/// Name of the SSM parameter (under `aws.ssm_prefix`) holding the endpoint.
+pub const SSM_ENDPOINT: &str = "endpoint";
+
+/// Name of the SSM parameter (under `aws.ssm_prefix`) holding the CA pins,
+/// comma-separated as `kubeadm join` takes them one flag each.
+pub const SSM_CA_CERT_HASHES: &str = "ca-cert-hashes";
+
+/// Characters of a bootstrap token, as kubeadm validates them.
+const TOKEN_ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// Bytes of a certificate key: kubeadm wants AES-256, 32 bytes, in hex.
+const CERTIFICATE_KEY_BYTES: usize = 32;
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/// Why the material could not be parsed, without echoing any of it: a body
+/// that failed to parse may still hold a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("not valid JSON ({category} error at line {line}, column {column})")]
+    Json {
+        category: &'static str,
+        line: usize,
+        column: usize,
+    },
+    #[error("missing field `{0}`")]
+    MissingField(String),
+    #[error("wire format {found} is not the one this agent reads ({WIRE_FORMAT}); is a newer kubeboot publishing?")]
+    Format { found: u64 },
+    #[error("field `{field}` is not {expected}")]
+    Field {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("the secret version has no SecretString (binary secret?)")]
+    NotAString,
+}
+
+/// Join material failures, each naming the secret or parameter involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot compute the CA public-key pin: {reason}")]
+    CaCert { reason: String },
+    #[error("join material is not publishable: {reason}")]
+    Invalid { reason: String },
+    #[error("join secret {secret} version {version}: {source}")]
+    Malformed {
+        secret: String,
+        version: String,
+        #[source]
+        source: Malformed,
+    },
+    #[error("join secret {secret} version {version} disagrees with the registry's join pointer about the {what}")]
+    PointerMismatch {
+        secret: String,
+        version: String,
+        what: &'static str,
+    },
+    #[error("Secrets Manager {operation} on secret {secret}: {message}")]
+    SecretsManager {
+        operation: &'static str,
+        secret: String,
+        class: RetryClass,
+        message: String,
+    },
+    #[error("SSM {operation} on parameter {parameter}: {message}")]
+    Ssm {
+        operation: &'static str,
+        parameter: String,
+        class: RetryClass,
+        message: String,
+    },
+    #[error("publishing join material: {0}")]
+    Lock(#[from] crate::lock::Error),
+    #[error("join material: {0}")]
+    Registry(#[from] crate::registry::Error),
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::CaCert { .. } => "the CA file must be a PEM certificate (kubeadm's pki/ca.crt); \
+                check paths and that kubeadm init finished writing it"
+                .into(),
+            Error::Invalid { .. } => "a bug in the caller: join material needs an endpoint and at least one CA pin".into(),
+            Error::Malformed { secret, .. } => format!(
+                "the secret {secret} was edited by hand or written by another kubeboot version; \
+                 the leader republishes fresh material on its next refresh"
+            ),
+            Error::PointerMismatch { secret, .. } => format!(
+                "aws.join_secret ({secret}) may name another cluster's secret; check it matches cluster.name"
+            ),
+            Error::SecretsManager { class: RetryClass::Transient, .. } => {
+                "Secrets Manager is slow or throttling (the SDK already retried; aws.max_attempts, \
+                 aws.operation_timeout); the step is retried"
+                    .into()
+            }
+            Error::SecretsManager { secret, .. } => format!(
+                "check the secret {secret} exists (the CloudFormation stack creates it), aws.join_secret and \
+                 aws.endpoints.secretsmanager, and that the instance role may call secretsmanager:GetSecretValue, \
+                 PutSecretValue and CreateSecret on it and use its KMS key"
+            ),
+            Error::Ssm { class: RetryClass::Transient, .. } => {
+                "SSM is slow or throttling (the SDK already retried); the step is retried".into()
+            }
+            Error::Ssm { parameter, .. } => format!(
+                "check aws.ssm_prefix and aws.endpoints.ssm, and that the instance role may call \
+                 ssm:PutParameter and ssm:GetParameter on {parameter}"
+            ),
+            Error::Lock(e) => e.hint(),
+            Error::Registry(e) => e.hint(),
+        }
+    }
+}
+
+impl Classify for Error {
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            Error::SecretsManager { class, .. } | Error::Ssm { class, .. } => *class,
+            _ => RetryClass::Permanent,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Generation (pure, OS randomness)
+
+/// Fills `buf` from the operating system's CSPRNG.
+///
+/// # Panics
+/// If the OS has no working random source. On Linux `getrandom(2)` blocks
+/// until the pool is seeded and does not fail otherwise; if it ever did, no
+/// fallback is acceptable: a guessable token lets anyone join the cluster.
+fn os_random(buf: &mut [u8]) {
+    if let Err(e) = getrandom::fill(buf) {
+        panic!("the operating system's random number generator failed ({e}); refusing to generate a guessable secret");
+    }
+}
+
+/// `n` characters drawn uniformly from `alphabet` by rejection sampling: a
+/// byte is used only below the largest multiple of the alphabet's size, so
+/// no character is more likely than another (kubeadm draws uniformly too).
+fn sample(alphabet: &[u8], n: usize, fill: &mut dyn FnMut(&mut [u8])) -> String {
+    let size = alphabet.len();
+    let limit = 256 - 256 % size;
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        fill(&mut buf);
+        for &b in &buf {
+            if usize::from(b) < limit && out.len() < n {
+                out.push(char::from(alphabet[usize::from(b) % size]));
+            }
+        }
+    }
+    out
+}
+
+/// A fresh kubeadm bootstrap token, `[a-z0-9]{6}.[a-z0-9]{16}` (token id and
+/// secret). Generated here, not by kubeadm, so it can be published before and
+/// independently of `kubeadm init`'s output.
+pub fn generate_token() -> Secret<String> {
+    let id = sample(TOKEN_ALPHABET, 6, &mut os_random);
+    let secret = sample(TOKEN_ALPHABET, 16, &mut os_random);
+    Secret::new(format!("{id}.{secret}"))
+}
+
+/// A fresh `--certificate-key`: 32 random bytes in lowercase hex, the AES key
+/// kubeadm encrypts the uploaded control-plane certificates with.
+pub fn generate_certificate_key() -> Secret<String> {
+    let mut key = [0u8; CERTIFICATE_KEY_BYTES];
+    os_random(&mut key);
+    Secret::new(hex(&key))
+}
+
+/// Whether `s` has the shape of a bootstrap token.
+pub fn is_token(s: &str) -> bool {
+    let b = s.as_bytes();
+    let ok = |c: &u8| TOKEN_ALPHABET.contains(c);
+    b.len() == 23 && b[..6].iter().all(ok) && b[6] == b'.' && b[7..].iter().all(ok)
+}
+
+/// Whether `s` has the shape of a certificate key (64 lowercase hex digits).
+pub fn is_certificate_key(s: &str) -> bool {
+    s.len() == 2 * CERTIFICATE_KEY_BYTES && is_lower_hex(s)
+}
+
+/// Whether `s` has the shape of a CA pin, `sha256:` and 64 lowercase hex digits.
+pub fn is_ca_cert_hash(s: &str) -> bool {
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && is_lower_hex(h))
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// The `--discovery-token-ca-cert-hash` pin of the first certificate in
+/// `pem`: `sha256:` and the hex SHA-256 of its DER SubjectPublicKeyInfo, as
+/// kubeadm computes it (and as `openssl x509 -pubkey -noout | openssl pkey
+/// -pubin -outform der | sha256sum` does). Joining nodes use it to trust the
+/// API server before they have any credentials.
+pub fn ca_cert_hash(pem: &[u8]) -> Result<String, Error> {
+    let block = first_certificate_block(pem).ok_or_else(|| Error::CaCert {
+        reason: "no `-----BEGIN CERTIFICATE-----` block found".into(),
+    })?;
+    // der's errors name a kind and a byte position, never the input.
+    let cert = Certificate::from_pem(block).map_err(|e| Error::CaCert {
+        reason: format!("the first certificate does not parse: {e}"),
+    })?;
+    let spki = cert
+        .tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|e| Error::CaCert {
+            reason: format!("cannot encode its public key: {e}"),
+        })?;
+    Ok(format!("sha256:{}", hex(&Sha256::digest(&spki))))
+}
+
+/// The first `CERTIFICATE` PEM block of `pem` (a CA bundle may hold several,
+/// a combined file may start with a key), markers included.
+fn first_certificate_block(pem: &[u8]) -> Option<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let start = find(pem, BEGIN)?;
+    let end = start + find(&pem[start..], END)? + END.len();
+    Some(&pem[start..end])
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------
+// The material
+
+/// Everything a node needs to run `kubeadm join`, with the expiries the
+/// refresher watches. `Debug` redacts the token and the certificate key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinMaterial {
+    /// Bootstrap token `[a-z0-9]{6}.[a-z0-9]{16}`.
+    pub token: Secret<String>,
+    /// `--certificate-key` for control-plane joins; `None` when no
+    /// certificates are uploaded (workers only).
+    pub certificate_key: Option<Secret<String>>,
+    /// `sha256:<hex>` pins of the cluster CA(s).
+    pub ca_cert_hashes: Vec<String>,
+    /// `host:port` of the API server (the NLB).
+    pub endpoint: String,
+    pub token_expires_at: SystemTime,
+    /// When kubeadm deletes the uploaded certificates (`None`: not uploaded).
+    pub certs_expire_at: Option<SystemTime>,
+}
+
+/// What must be refreshed before the material can be handed to a joiner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// Both still have more than their margins left.
+    Nothing,
+    /// A new token is needed (create it with kubeadm, then publish).
+    Token,
+    /// New certificates are needed (re-upload with a new key, then publish).
+    Certs,
+    /// Both.
+    Both,
+}
+
+impl Refresh {
+    fn of(token: bool, certs: bool) -> Refresh {
+        match (token, certs) {
+            (false, false) => Refresh::Nothing,
+            (true, false) => Refresh::Token,
+            (false, true) => Refresh::Certs,
+            (true, true) => Refresh::Both,
+        }
+    }
+
+    /// Whether the token must be replaced.
+    pub fn token(self) -> bool {
+        matches!(self, Refresh::Token | Refresh::Both)
+    }
+
+    /// Whether the certificates must be re-uploaded under a new key.
+    pub fn certs(self) -> bool {
+        matches!(self, Refresh::Certs | Refresh::Both)
+    }
+}
+
+/// Whether `expires_at` is at most `margin` away from `now` (or past).
+fn runs_out(expires_at: SystemTime, now: SystemTime, margin: Duration) -> bool {
+    match expires_at.duration_since(now) {
+        Ok(left) => left <= margin,
+        Err(_) => true,
+    }
+}
+
+impl JoinMaterial {
+    /// New material with a new token and, for control-plane joins, a new
+    /// certificate key. Take `now` *before* kubeadm creates the token or
+    /// uploads the certificates, so the recorded expiries are never later
+    /// than the real ones.
+    pub fn fresh(
+        endpoint: impl Into<String>,
+        ca_cert_hashes: Vec<String>,
+        now: SystemTime,
+        with_certs: bool,
+    ) -> JoinMaterial {
+        JoinMaterial {
+            token: generate_token(),
+            certificate_key: with_certs.then(generate_certificate_key),
+            ca_cert_hashes,
+            endpoint: endpoint.into(),
+            token_expires_at: now + TOKEN_TTL,
+            certs_expire_at: with_certs.then_some(now + CERTS_TTL),
+        }
+    }
+
+    /// What must be refreshed so that a node joining within the margins can
+    /// still use the material. Missing certificates count as needing a
+    /// refresh; a caller serving only workers looks at [`Refresh::token`].
+    pub fn refresh_needed(
+        &self,
+        now: SystemTime,
+        token_margin: Duration,
+        certs_margin: Duration,
+    ) -> Refresh {
+        let token = runs_out(self.token_expires_at, now, token_margin);
+        let certs = match (&self.certificate_key, self.certs_expire_at) {
+            (Some(_), Some(at)) => runs_out(at, now, certs_margin),
+            _ => true,
+        };
+        Refresh::of(token, certs)
+    }
+
+    /// This material with what `refresh` names replaced by new values
+    /// (expiries from `now`); the endpoint and CA pins are kept.
+    pub fn refreshed(&self, refresh: Refresh, now: SystemTime) -> JoinMaterial {
+        let mut next = self.clone();
+        if refresh.token() {
+            next.token = generate_token();
+            next.token_expires_at = now + TOKEN_TTL;
+        }
+        if refresh.certs() {
+            next.certificate_key = Some(generate_certificate_key());
+            next.certs_expire_at = Some(now + CERTS_TTL);
+        }
+        next
+    }
+
+    /// The registry's pointer to this material once stored as `secret_version`.
+    pub fn pointer(&self, secret_version: String, published_at: SystemTime) -> JoinPointer {
+        JoinPointer {
+            secret_version,
+            endpoint: self.endpoint.clone(),
+            ca_cert_hashes: self.ca_cert_hashes.clone(),
+            token_expires_at: self.token_expires_at,
+            certs_expire_at: self.certs_expire_at,
+            published_at,
+        }
+    }
+
+    /// Refuses material that would publish a broken join command (SSM also
+    /// rejects empty values).
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |reason: &str| {
+            Err(Error::Invalid {
+                reason: reason.into(),
+            })
+        };
+        if self.endpoint.trim().is_empty() {
+            return invalid("the endpoint is empty");
+        }
+        if self.ca_cert_hashes.is_empty() {
+            return invalid("there is no CA pin");
+        }
+        if !self.ca_cert_hashes.iter().all(|h| is_ca_cert_hash(h)) {
+            return invalid("a CA pin is not sha256:<64 hex digits>");
+        }
+        if !is_token(self.token.expose()) {
+            return invalid("the token does not have kubeadm's shape");
+        }
+        if self
+            .certificate_key
+            .as_ref()
+            .is_some_and(|k| !is_certificate_key(k.expose()))
+        {
+            return invalid("the certificate key is not 64 hex digits");
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Wire format
+
+/// The secret's body as written: borrowed, exposed strings. Only
+/// [`encode_wire`] builds one.
+#[derive(Serialize)]
+struct WireOut<'a> {
+    format: u32,
+    token: &'a str,
+    certificate_key: Option<&'a str>,
+    ca_cert_hashes: &'a [String],
+    endpoint: &'a str,
+    token_expires_at: u64,
+    certs_expire_at: Option<u64>,
+}
+
+/// The secret's body as read (after its `format` was checked): secrets go
+/// straight into [`Secret`]; unknown fields are ignored.
+#[derive(Deserialize)]
+struct WireIn {
+    token: Secret<String>,
+    certificate_key: Option<Secret<String>>,
+    ca_cert_hashes: Vec<String>,
+    endpoint: String,
+    token_expires_at: u64,
+    certs_expire_at: Option<u64>,
+}
+
+/// Only the version, read first so that a newer format is reported as such
+/// rather than as a missing field.
+#[derive(Deserialize)]
+struct WireVersion {
+    format: u64,
+}
+
+/// Milliseconds since the Unix epoch (0 before it), rounded down: an expiry
+/// stored a little early is safe, a little late is not.
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_epoch_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The Secrets Manager body for `material`, JSON:
+/// `{"format":1,"token":…,"certificate_key":…|null,"ca_cert_hashes":[…],
+/// "endpoint":"host:port","token_expires_at":<epoch ms>,"certs_expire_at":<epoch ms>|null}`.
+///
+/// THE place where the token and certificate key are exposed; the body is
+/// returned as a [`Secret`] so it cannot be logged either.
+pub fn encode_wire(material: &JoinMaterial) -> Result<Secret<String>, Error> {
+    let wire = WireOut {
+        format: WIRE_FORMAT,
+        token: material.token.expose(),
+        certificate_key: material
+            .certificate_key
+            .as_ref()
+            .map(|k| k.expose().as_str()),
+        ca_cert_hashes: &material.ca_cert_hashes,
+        endpoint: &material.endpoint,
+        token_expires_at: epoch_ms(material.token_expires_at),
+        certs_expire_at: material.certs_expire_at.map(epoch_ms),
+    };
+    // Strings, numbers and options always serialize; should that ever change,
+    // serde_json's serializer errors name the problem, not the values.
+    serde_json::to_string(&wire)
+        .map(Secret::new)
+        .map_err(|e| Error::Invalid {
+            reason: format!("cannot encode the secret body: {e}"),
+        })
+}
+
+/// Parses a Secrets Manager body. Errors say what is wrong and where, never
+/// what the body contains.
+pub fn decode_wire(body: &str) -> Result<JoinMaterial, Malformed> {
+    let version: WireVersion = serde_json::from_str(body).map_err(|e| json_error(&e))?;
+    if version.format != u64::from(WIRE_FORMAT) {
+        return Err(Malformed::Format {
+            found: version.format,
+        });
+    }
+    let wire: WireIn = serde_json::from_str(body).map_err(|e| json_error(&e))?;
+    let field = |field, expected| Malformed::Field { field, expected };
+    if !is_token(wire.token.expose()) {
+        return Err(field("token", "a bootstrap token [a-z0-9]{6}.[a-z0-9]{16}"));
+    }
+    if wire
+        .certificate_key
+        .as_ref()
+        .is_some_and(|k| !is_certificate_key(k.expose()))
+    {
+        return Err(field("certificate_key", "64 lowercase hex digits or null"));
+    }
+    if wire.ca_cert_hashes.is_empty() || !wire.ca_cert_hashes.iter().all(|h| is_ca_cert_hash(h)) {
+        return Err(field(
+            "ca_cert_hashes",
+            "a non-empty list of sha256:<64 hex digits>",
+        ));
+    }
+    if wire.endpoint.trim().is_empty() {
+        return Err(field("endpoint", "host:port"));
+    }
+    if wire.certificate_key.is_some() != wire.certs_expire_at.is_some() {
+        return Err(field(
+            "certs_expire_at",
+            "set exactly when certificate_key is",
+        ));
+    }
+    Ok(JoinMaterial {
+        token: wire.token,
+        certificate_key: wire.certificate_key,
+        ca_cert_hashes: wire.ca_cert_hashes,
+        endpoint: wire.endpoint,
+        token_expires_at: from_epoch_ms(wire.token_expires_at),
+        certs_expire_at: wire.certs_expire_at.map(from_epoch_ms),
+    })
+}
+
+/// serde_json's messages quote offending values (`invalid type: string
+/// "…"`): keep only the category and position, and "missing field", which
+/// names one of our keys.
+fn json_error(e: &serde_json::Error) -> Malformed {
+    let message = e.to_string();
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        if let Some(name) = rest.split('`').next() {
+            return Malformed::MissingField(name.to_string());
+        }
+    }
+    let category = match e.classify() {
+        serde_json::error::Category::Io => "I/O",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "type",
+        serde_json::error::Category::Eof => "unexpected end",
+    };
+    Malformed::Json {
+        category,
+        line: e.line(),
+        column: e.column(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The store
+
+/// Reads and publishes join material: Secrets Manager for the secrets, SSM
+/// for discovery values, the registry's fenced pointer for "which is current".
+#[derive(Debug, Clone)]
+pub struct JoinStore {
+    secrets: aws_sdk_secretsmanager::Client,
+    ssm: aws_sdk_ssm::Client,
+    secret_name: String,
+    ssm_prefix: String,
+}
+
+impl JoinStore {
+    /// From explicit clients (tests, the demo).
+    pub fn new(
+        secrets: aws_sdk_secretsmanager::Client,
+        ssm: aws_sdk_ssm::Client,
+        secret_name: impl Into<String>,
+        ssm_prefix: impl Into<String>,
+    ) -> Self {
+        JoinStore {
+            secrets,
+            ssm,
+            secret_name: secret_name.into(),
+            ssm_prefix: ssm_prefix.into(),
+        }
+    }
+
+    /// Clients with the configured endpoint overrides, for `aws.join_secret`
+    /// and `aws.ssm_prefix`.
+    pub fn from_config(base: &SdkConfig, cfg: &Config) -> Self {
+        let secrets = aws_sdk_secretsmanager::Client::new(&aws::for_service(
+            base,
+            cfg,
+            Service::SecretsManager,
+        ));
+        let ssm = aws_sdk_ssm::Client::new(&aws::for_service(base, cfg, Service::Ssm));
+        JoinStore::new(
+            secrets,
+            ssm,
+            cfg.aws.join_secret.clone(),
+            cfg.aws.ssm_prefix.clone(),
+        )
+    }
+
+    /// The secret's name.
+    pub fn secret_name(&self) -> &str {
+        &self.secret_name
+    }
+
+    /// Full name of the SSM parameter `name` under the prefix.
+    pub fn parameter(&self, name: &str) -> String {
+        parameter_name(&self.ssm_prefix, name)
+    }
+
+    /// Publishes `material` and makes it current. In this order:
+    ///
+    /// 1. the lock must still be held (fail fast, write nothing);
+    /// 2. a new secret version (PutSecretValue, or CreateSecret if the secret
+    ///    does not exist yet — the stack creates it in production) with a
+    ///    fresh ClientRequestToken, so the SDK's retries are idempotent;
+    /// 3. the SSM discovery parameters (not secret; the same for every
+    ///    publication of a cluster generation);
+    /// 4. the registry's join pointer, a FENCED write: only now do readers see
+    ///    the new version.
+    ///
+    /// A publisher that lost its lock fails at 1 or 4. Failing at 4, it leaves
+    /// an orphan secret version — possibly even labelled `AWSCURRENT` — that
+    /// nobody reads, because readers follow the pointer, never the label.
+    pub async fn publish<S: RegistryStore>(
+        &self,
+        registry: &Registry<S>,
+        guard: &Guard,
+        material: &JoinMaterial,
+        now: SystemTime,
+    ) -> Result<JoinPointer, Error> {
+        guard.fence()?;
+        material.validate()?;
+        let version = self.put_secret(material).await?;
+        tracing::info!(secret = %self.secret_name, version = %version, "join material stored; not current until the pointer is published");
+        guard.fence()?;
+        self.put_parameter(SSM_ENDPOINT, &material.endpoint).await?;
+        self.put_parameter(SSM_CA_CERT_HASHES, &material.ca_cert_hashes.join(","))
+            .await?;
+        let pointer = material.pointer(version, now);
+        registry.publish_join(guard, &pointer).await?;
+        tracing::info!(
+            secret = %self.secret_name,
+            version = %pointer.secret_version,
+            token_expires_at_ms = epoch_ms(material.token_expires_at),
+            certs_expire_at_ms = material.certs_expire_at.map(epoch_ms),
+            "join material published"
+        );
+        Ok(pointer)
+    }
+
+    /// The current material: the version the registry points at, or `None`
+    /// if nothing was published yet.
+    pub async fn current<S: RegistryStore>(
+        &self,
+        registry: &Registry<S>,
+    ) -> Result<Option<JoinMaterial>, Error> {
+        let Some(pointer) = registry.join_pointer().await? else {
+            return Ok(None);
+        };
+        let version = pointer.secret_version.as_str();
+        let out = self
+            .secrets
+            .get_secret_value()
+            .secret_id(&self.secret_name)
+            .version_id(version)
+            .send()
+            .await
+            .map_err(|e| self.secrets_error("GetSecretValue", &e))?;
+        let malformed = |source| Error::Malformed {
+            secret: self.secret_name.clone(),
+            version: version.to_string(),
+            source,
+        };
+        let body = out
+            .secret_string()
+            .ok_or_else(|| malformed(Malformed::NotAString))?;
+        let material = decode_wire(body).map_err(malformed)?;
+        let mismatch = |what| Error::PointerMismatch {
+            secret: self.secret_name.clone(),
+            version: version.to_string(),
+            what,
+        };
+        if material.endpoint != pointer.endpoint {
+            return Err(mismatch("endpoint"));
+        }
+        if material.ca_cert_hashes != pointer.ca_cert_hashes {
+            return Err(mismatch("CA pins"));
+        }
+        Ok(Some(material))
+    }
+
+    /// Writes a new secret version and returns its VersionId.
+    async fn put_secret(&self, material: &JoinMaterial) -> Result<String, Error> {
+        let body = encode_wire(material)?;
+        // One token for the whole step: the SDK's retries, and the fallback
+        // put after a concurrent create, are then idempotent.
+        let request_token = uuid::Uuid::new_v4().to_string();
+        let put = || {
+            self.secrets
+                .put_secret_value()
+                .secret_id(&self.secret_name)
+                .client_request_token(&request_token)
+                .secret_string(body.expose())
+                .send()
+        };
+        let version = match put().await {
+            Ok(out) => out.version_id,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                tracing::info!(secret = %self.secret_name, "join secret does not exist yet; creating it");
+                let created = self
+                    .secrets
+                    .create_secret()
+                    .name(&self.secret_name)
+                    .description("kubeboot join material: bootstrap token and certificate key (see the registry's join pointer for the current version)")
+                    .client_request_token(&request_token)
+                    .secret_string(body.expose())
+                    .send()
+                    .await;
+                match created {
+                    Ok(out) => out.version_id,
+                    Err(e)
+                        if e.as_service_error()
+                            .is_some_and(|s| s.is_resource_exists_exception()) =>
+                    {
+                        // Another publisher created it first: put our version.
+                        put()
+                            .await
+                            .map_err(|e| self.secrets_error("PutSecretValue", &e))?
+                            .version_id
+                    }
+                    Err(e) => return Err(self.secrets_error("CreateSecret", &e)),
+                }
+            }
+            Err(e) => return Err(self.secrets_error("PutSecretValue", &e)),
+        };
+        // Secrets Manager uses the ClientRequestToken as the VersionId.
+        Ok(version.unwrap_or(request_token))
+    }
+
+    async fn put_parameter(&self, name: &str, value: &str) -> Result<(), Error> {
+        let parameter = self.parameter(name);
+        self.ssm
+            .put_parameter()
+            .name(&parameter)
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .map_err(|e| Error::Ssm {
+                operation: "PutParameter",
+                class: classify_sdk_error(&e),
+                message: DisplayErrorContext(&e).to_string(),
+                parameter,
+            })?;
+        Ok(())
+    }
+
+    fn secrets_error<E>(&self, operation: &'static str, e: &SdkError<E, HttpResponse>) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        Error::SecretsManager {
+            operation,
+            secret: self.secret_name.clone(),
+            class: classify_sdk_error(e),
+            message: DisplayErrorContext(e).to_string(),
+        }
+    }
+}
+
+/// `prefix/name` with exactly one slash between them.
+fn parameter_name(prefix: &str, name: &str) -> String {
+    format!("{}/{name}", prefix.trim_end_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=kubernetes -days 3650`
+    const RSA_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIDCzCCAfOgAwIBAgIUd3tnunFm6bTXT4DkFKJBHn0awlUwDQYJKoZIhvcNAQEL
+BQAwFTETMBEGA1UEAwwKa3ViZXJuZXRlczAeFw0yNjExMjIwNTU2MTFaFw0zNjEx
+MTkwNTU2MTFaMBUxEzARBgNVBAMMCmt1YmVybmV0ZXMwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQCf3RO9mfm5tF2R0AxsJyUuoG8gsWkrGgmRvWyLPDx5
+RAiXxEz+BOJfXbIJ1s86aHV9z7YCKnvGH8uBG+h4MYpNtXraGAcQmzDXaJpFv5z0
+sPe+uVquIcBfwgZOG0yyPbu09zyexhOTcCEDJ9fc9lxS1yN6yWhk3JCoh32tx+jl
+VYKkvgfN/aZV5kcj/lvSeecl9A9bEEMy5WLdTWzpwtNweHeqFTPFwTtoG2oo49MK
+IWifjRywIFDvfmo/qnXDEOc1j4rIxWjsmSKx/DzzGlhe7IadNrUlwUGDpL8PDTvh
+lMASRybQRHWyfk/Lpfou6m87yxifbLJuL4Ug8l7PvDrzAgMBAAGjUzBRMB0GA1Ud
+DgQWBBS8cxpoyI4q2qVKatzW9odFnIApYzAfBgNVHSMEGDAWgBS8cxpoyI4q2qVK
+atzW9odFnIApYzAPBgNVHRMBAf8EBTADAQH/MA0GCSqGSIb3DQEBCwUAA4IBAQAc
+UIzbRTPS0PWEoLeZQDUOyh555UNVZ5qFE1cAAzwhqKqEZW9zsYFk++T2RvXYpwya
+UYyoGAYKK6KBJnzc3tfJOusuH+VzaahJifOEoUG5NtprcvLKWtzCW+hE0yPXIw+U
+CKIW7AstCSQdgEHQDGu8UYjVnkRB6eWlhz0YY6BoOSjXYGvnGiYHJ4Inhk/UFwDr
+S5bwdb9MV/RSlxdZsgnKfhCkgBYj+Xk8b8/FedFRrF3cTapA6LiW3eMbYvrSJQhF
+Undd0B1aSnuGzrROt8sXWD1AGtzLh+T383iVd3U40A4DkzFzLWohNTl4iIJeCudE
+Zz6WqA/OynXzOaCHpQdz
+-----END CERTIFICATE-----
+";
+    /// `openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256sum` of [`RSA_CA`].
+    const RSA_CA_HASH: &str =
+        "sha256:649e2295ff5ae398516a30b486a07233eb1bc54c115f0d493243c267e4331dd8";
+
+    /// `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=kubernetes -days 3650`
+    const EC_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBfzCCASWgAwIBAgIUH2UgBQIjMelY2v1N5CPWc/arGQgwCgYIKoZIzj0EAwIw
+FTETMBEGA1UEAwwKa3ViZXJuZXRlczAeFw0yNjExMjIwNTU2MTFaFw0zNjExMTkw
+NTU2MTFaMBUxEzARBgNVBAMMCmt1YmVybmV0ZXMwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAARfu4jarPflxaBVsc6R3ABxuFaIGxTvbNONIdjzG5tg36HgTBWRRVVh
+IM3J/wMjXoOBIMOuGQN+3IF+ghUIH3Vao1MwUTAdBgNVHQ4EFgQU2GC7Ita8t8LO
+o/s50q3rBdeYRY0wHwYDVR0jBBgwFoAU2GC7Ita8t8LOo/s50q3rBdeYRY0wDwYD
+VR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiB9wz19P8zMz4Q4VuQ/Miwn
+h2V6xequDmgQgZ4b6pwYVAIhAPiiffJZBMPyq6qRAiP4DngZU9fJ6rxIIYPGLnXJ
+tPZ7
+-----END CERTIFICATE-----
+";
+    /// The same pipeline on [`EC_CA`].
+    const EC_CA_HASH: &str =
+        "sha256:eab84a226a5abee70af11820fc043974165014e236acaaad019eb8573f37baf2";
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn material() -> JoinMaterial {
+        JoinMaterial {
+            token: Secret::new("abcdef.0123456789abcdef".into()),
+            certificate_key: Some(Secret::new("0f".repeat(32))),
+            ca_cert_hashes: vec![RSA_CA_HASH.into()],
+            endpoint: "api.example.internal:6443".into(),
+            token_expires_at: UNIX_EPOCH + Duration::from_millis(1_900_000_000_123),
+            certs_expire_at: Some(UNIX_EPOCH + Duration::from_millis(1_800_007_200_456)),
+        }
+    }
+
+    #[test]
+    fn tokens_have_kubeadms_shape_and_do_not_repeat() {
+        let tokens: Vec<String> = (0..1000)
+            .map(|_| generate_token().expose().clone())
+            .collect();
+        for t in &tokens {
+            assert!(is_token(t), "{t}");
+            let (id, secret) = t.split_once('.').expect("a dot");
+            assert_eq!((id.len(), secret.len()), (6, 16));
+            assert!(t
+                .chars()
+                .all(|c| c == '.' || c.is_ascii_lowercase() || c.is_ascii_digit()));
+        }
+        let distinct: std::collections::HashSet<&String> = tokens.iter().collect();
+        assert_eq!(distinct.len(), tokens.len());
+        assert!(!is_token("ABCDEF.0123456789abcdef"));
+        assert!(!is_token("abcdef-0123456789abcdef"));
+        assert!(!is_token("abcdef.0123456789abcde"));
+    }
+
+    #[test]
+    fn sampling_rejects_bytes_that_would_bias_the_alphabet() {
+        // 252..=255 would map to '0'..'3' a second time: they must be skipped.
+        let mut bytes = vec![255u8, 252, 0, 35, 251, 36];
+        bytes.resize(64, 253);
+        let mut fill = |buf: &mut [u8]| buf.copy_from_slice(&bytes);
+        assert_eq!(sample(TOKEN_ALPHABET, 4, &mut fill), "0zz0");
+        let mut counts = [0usize; 36];
+        let all = (0..=255u8).collect::<Vec<_>>();
+        let mut n = 0;
+        let mut fill_all = |buf: &mut [u8]| {
+            for b in buf.iter_mut() {
+                *b = all[n % 256];
+                n += 1;
+            }
+        };
+        for c in sample(TOKEN_ALPHABET, 36 * 7 * 4, &mut fill_all).bytes() {
+            counts[TOKEN_ALPHABET
+                .iter()
+                .position(|&a| a == c)
+                .expect("in alphabet")] += 1;
+        }
+        assert!(counts.iter().all(|&c| c == 28), "{counts:?}");
+    }
+
+    #[test]
+    fn certificate_keys_are_64_lowercase_hex_digits() {
+        let a = generate_certificate_key();
+        let b = generate_certificate_key();
+        assert!(is_certificate_key(a.expose()), "{}", a.expose());
+        assert_eq!(a.expose().len(), 64);
+        assert_ne!(a, b);
+        assert!(!is_certificate_key(&"0F".repeat(32)));
+        assert_eq!(hex(&[0x00, 0x7f, 0xab, 0xff]), "007fabff");
+    }
+
+    #[test]
+    fn ca_pins_match_the_openssl_pipeline() {
+        assert_eq!(ca_cert_hash(RSA_CA.as_bytes()).expect("rsa"), RSA_CA_HASH);
+        assert_eq!(ca_cert_hash(EC_CA.as_bytes()).expect("ec"), EC_CA_HASH);
+        // A bundle pins its first certificate; a leading key block is skipped.
+        let bundle = format!("{RSA_CA}{EC_CA}");
+        assert_eq!(
+            ca_cert_hash(bundle.as_bytes()).expect("bundle"),
+            RSA_CA_HASH
+        );
+        let combined =
+            format!("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{EC_CA}");
+        assert_eq!(
+            ca_cert_hash(combined.as_bytes()).expect("combined"),
+            EC_CA_HASH
+        );
+        // Windows line endings and no final newline.
+        let crlf = RSA_CA.trim_end().replace('\n', "\r\n");
+        assert_eq!(ca_cert_hash(crlf.as_bytes()).expect("crlf"), RSA_CA_HASH);
+        assert!(is_ca_cert_hash(RSA_CA_HASH) && is_ca_cert_hash(EC_CA_HASH));
+    }
+
+    #[test]
+    fn a_garbage_pem_is_an_error_that_does_not_echo_it() {
+        let garbage = "-----BEGIN CERTIFICATE-----\nc2VjcmV0LXN0dWZmLW5vdC1hLWNlcnQ=\n-----END CERTIFICATE-----\n";
+        let e = ca_cert_hash(garbage.as_bytes()).expect_err("garbage");
+        let text = format!("{e} {e:?}");
+        assert!(matches!(e, Error::CaCert { .. }), "{text}");
+        assert!(!text.contains("c2VjcmV0"), "{text}");
+        assert!(!e.hint().is_empty());
+        let e = ca_cert_hash(b"abcdef.0123456789abcdef is no PEM").expect_err("no pem");
+        assert!(!format!("{e} {e:?}").contains("abcdef.0123456789abcdef"));
+        // A truncated certificate.
+        let cut = format!("{}\n-----END CERTIFICATE-----\n", &RSA_CA[..400]);
+        assert!(ca_cert_hash(cut.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn refresh_needed_by_remaining_time() {
+        let token_margin = Duration::from_secs(3600);
+        let certs_margin = Duration::from_secs(600);
+        let now = at(1_000_000);
+        let with = |token_left: i64, certs_left: Option<i64>| {
+            let shift = |left: i64| {
+                if left >= 0 {
+                    now + Duration::from_secs(left.unsigned_abs())
+                } else {
+                    now - Duration::from_secs(left.unsigned_abs())
+                }
+            };
+            JoinMaterial {
+                token_expires_at: shift(token_left),
+                certificate_key: certs_left.map(|_| Secret::new("0f".repeat(32))),
+                certs_expire_at: certs_left.map(shift),
+                ..material()
+            }
+        };
+        let cases: &[(&str, i64, Option<i64>, Refresh)] = &[
+            ("both plenty", 20 * 3600, Some(3600), Refresh::Nothing),
+            ("token inside margin", 3599, Some(3600), Refresh::Token),
+            ("token exactly at margin", 3600, Some(3600), Refresh::Token),
+            (
+                "token just outside margin",
+                3601,
+                Some(3600),
+                Refresh::Nothing,
+            ),
+            ("token expired", -5, Some(3600), Refresh::Token),
+            ("certs inside margin", 20 * 3600, Some(599), Refresh::Certs),
+            ("certs expired", 20 * 3600, Some(-1), Refresh::Certs),
+            ("certs never uploaded", 20 * 3600, None, Refresh::Certs),
+            ("both expiring", 60, Some(60), Refresh::Both),
+            ("token expired, no certs", -1, None, Refresh::Both),
+        ];
+        for (name, token_left, certs_left, want) in cases {
+            let got =
+                with(*token_left, *certs_left).refresh_needed(now, token_margin, certs_margin);
+            assert_eq!(got, *want, "{name}");
+        }
+        // A key without an expiry (or the reverse) is treated as missing.
+        let odd = JoinMaterial {
+            certs_expire_at: None,
+            ..with(20 * 3600, Some(3600))
+        };
+        assert_eq!(
+            odd.refresh_needed(now, token_margin, certs_margin),
+            Refresh::Certs
+        );
+        assert!(Refresh::Both.token() && Refresh::Both.certs());
+        assert!(!Refresh::Nothing.token() && !Refresh::Nothing.certs());
+    }
+
+    #[test]
+    fn fresh_and_refreshed_material_have_new_secrets_and_expiries() {
+        let now = at(1_800_000_000);
+        let m = JoinMaterial::fresh("api:6443", vec![EC_CA_HASH.into()], now, true);
+        assert!(is_token(m.token.expose()));
+        assert!(m
+            .certificate_key
+            .as_ref()
+            .is_some_and(|k| is_certificate_key(k.expose())));
+        assert_eq!(m.token_expires_at, now + TOKEN_TTL);
+        assert_eq!(m.certs_expire_at, Some(now + CERTS_TTL));
+        assert_eq!(
+            m.refresh_needed(now, Duration::from_secs(3600), Duration::from_secs(600)),
+            Refresh::Nothing
+        );
+        m.validate().expect("valid");
+
+        let workers = JoinMaterial::fresh("api:6443", vec![EC_CA_HASH.into()], now, false);
+        assert_eq!(
+            (workers.certificate_key.as_ref(), workers.certs_expire_at),
+            (None, None)
+        );
+
+        let later = now + Duration::from_secs(3 * 3600);
+        let r = m.refreshed(Refresh::Certs, later);
+        assert_eq!(
+            (r.token.clone(), r.token_expires_at),
+            (m.token.clone(), m.token_expires_at)
+        );
+        assert_ne!(r.certificate_key, m.certificate_key);
+        assert_eq!(r.certs_expire_at, Some(later + CERTS_TTL));
+        let r = m.refreshed(Refresh::Token, later);
+        assert_ne!(r.token, m.token);
+        assert_eq!(r.token_expires_at, later + TOKEN_TTL);
+        assert_eq!(r.certificate_key, m.certificate_key);
+    }
+
+    #[test]
+    fn debug_and_errors_show_no_token_or_key() {
+        let m = material();
+        for text in [format!("{m:?}"), format!("{m:#?}")] {
+            assert!(!text.contains("abcdef.0123456789abcdef"), "{text}");
+            assert!(!text.contains(&"0f".repeat(32)), "{text}");
+            assert!(text.contains("api.example.internal:6443"), "{text}");
+        }
+        let body = encode_wire(&m).expect("encode");
+        assert!(!format!("{body:?} {body}").contains("abcdef"));
+    }
+
+    #[test]
+    fn the_wire_format_round_trips_and_is_the_documented_json() {
+        let m = material();
+        let body = encode_wire(&m).expect("encode");
+        let json: serde_json::Value = serde_json::from_str(body.expose()).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "format": 1,
+                "token": "abcdef.0123456789abcdef",
+                "certificate_key": "0f".repeat(32),
+                "ca_cert_hashes": [RSA_CA_HASH],
+                "endpoint": "api.example.internal:6443",
+                "token_expires_at": 1_900_000_000_123u64,
+                "certs_expire_at": 1_800_007_200_456u64,
+            })
+        );
+        assert_eq!(decode_wire(body.expose()).expect("decode"), m);
+        let workers = JoinMaterial {
+            certificate_key: None,
+            certs_expire_at: None,
+            ..m
+        };
+        let body = encode_wire(&workers).expect("encode");
+        assert!(body.expose().contains("\"certificate_key\":null"));
+        assert_eq!(decode_wire(body.expose()).expect("decode"), workers);
+        // Sub-millisecond precision is rounded down, never up.
+        let precise = JoinMaterial {
+            token_expires_at: at(10) + Duration::from_nanos(999_999),
+            ..workers
+        };
+        let back = decode_wire(encode_wire(&precise).expect("encode").expose()).expect("decode");
+        assert_eq!(back.token_expires_at, at(10));
+    }
+
+    #[test]
+    fn malformed_bodies_are_reported_without_their_content() {
+        let token = "abcdef.0123456789abcdef";
+        let good = encode_wire(&material()).expect("encode").expose().clone();
+        let cases = [
+            ("not json", format!("token={token}")),
+            ("truncated", good[..good.len() - 10].to_string()),
+            (
+                "wrong type",
+                good.replace("\"format\":1", &format!("\"format\":\"{token}\"")),
+            ),
+            (
+                "token wrong type",
+                good.replace(&format!("\"{token}\""), "12345"),
+            ),
+            ("bad token", good.replace(token, "ABCDEF.0123456789ABCDEF")),
+            (
+                "missing",
+                good.replace(&format!("\"token\":\"{token}\","), ""),
+            ),
+            ("newer", good.replace("\"format\":1", "\"format\":2")),
+            (
+                "no pins",
+                good.replace(&format!("[\"{RSA_CA_HASH}\"]"), "[]"),
+            ),
+        ];
+        for (name, body) in cases {
+            let e = decode_wire(&body).expect_err(name);
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("0123456789"), "{name}: {text}");
+            assert!(!text.contains(&"0f".repeat(32)), "{name}: {text}");
+        }
+        assert_eq!(
+            decode_wire(&good.replace(&format!("\"token\":\"{token}\","), ""))
+                .expect_err("missing"),
+            Malformed::MissingField("token".into())
+        );
+        assert_eq!(
+            decode_wire(&good.replace("\"format\":1", "\"format\":2")).expect_err("newer"),
+            Malformed::Format { found: 2 }
+        );
+    }
+
+    #[test]
+    fn publishing_refuses_material_that_would_break_a_join() {
+        assert!(material().validate().is_ok());
+        let no_pins = JoinMaterial {
+            ca_cert_hashes: vec![],
+            ..material()
+        };
+        assert!(matches!(no_pins.validate(), Err(Error::Invalid { .. })));
+        let no_endpoint = JoinMaterial {
+            endpoint: " ".into(),
+            ..material()
+        };
+        assert!(no_endpoint.validate().is_err());
+        let bad_key = JoinMaterial {
+            certificate_key: Some(Secret::new("short".into())),
+            ..material()
+        };
+        let e = bad_key.validate().expect_err("bad key");
+        assert!(!format!("{e}").contains("short"));
+    }
+
+    #[test]
+    fn parameter_names_have_one_slash() {
+        assert_eq!(
+            parameter_name("/kubeboot/prod", "endpoint"),
+            "/kubeboot/prod/endpoint"
+        );
+        assert_eq!(
+            parameter_name("/kubeboot/prod/", SSM_CA_CERT_HASHES),
+            "/kubeboot/prod/ca-cert-hashes"
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! The agent's etcd module against real etcd members.
+
+use kubeboot::config::model::EtcdScheme;
+use kubeboot::etcd::{join_plan, Etcd, Settings, Stale};
+use kubeboot_tests::etcd::EtcdCluster;
+use std::time::{Duration, Instant};
+
+fn settings() -> Settings {
+    Settings {
+        scheme: EtcdScheme::Http,
+        client_port: 2379,
+        peer_port: 2380,
+        dial_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(3),
+        pki_dir: "/nonexistent".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_health_and_confirmation_follow_what_etcd_reports() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let etcd = Etcd::connect(&cluster.endpoints(), &settings())
+        .await
+        .expect("connect");
+    let members = etcd.members().await.expect("members");
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m.is_started() && !m.is_learner));
+
+    // A started voter is confirmed at once.
+    let m0 = cluster.member(0);
+    let confirmed = etcd
+        .confirm(&m0.peer_url, Duration::from_secs(5))
+        .await
+        .expect("confirmed");
+    assert_eq!(confirmed.name, m0.name);
+
+    // A learner that never started is an orphan to remove before any join,
+    // and can never be confirmed (so never recorded).
+    let orphan = cluster.add_unstarted_member(true).await;
+    let orphan_url = cluster.member(orphan).peer_url;
+    let started = Instant::now();
+    let err = etcd
+        .confirm(&orphan_url, Duration::from_secs(2))
+        .await
+        .expect_err("never confirmed");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(err.to_string().contains("not started yet"), "{err}");
+    let health = etcd.health(&etcd.members().await.expect("members")).await;
+    let (stale, ready) = join_plan(&health, "http://127.255.255.254:2380");
+    assert!(
+        matches!(stale.as_slice(), [Stale::OrphanLearner(m)] if m.peer_urls == vec![orphan_url.clone()]),
+        "{stale:?}"
+    );
+    assert_eq!(ready, Ok(()));
+    let Stale::OrphanLearner(m) = &stale[0] else {
+        unreachable!()
+    };
+    etcd.remove(m.id).await.expect("remove orphan");
+    assert_eq!(etcd.members().await.expect("members").len(), 3);
+
+    // A dead voter makes the cluster unfit for a join.
+    cluster.kill_member(2);
+    let health = etcd.health(&etcd.members().await.expect("members")).await;
+    let (_, ready) = join_plan(&health, "http://127.255.255.254:2380");
+    assert!(ready
+        .expect_err("unhealthy")
+        .contains(&cluster.member(2).name));
+}

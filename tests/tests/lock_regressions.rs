@@ -1,0 +1,241 @@
+//! Deterministic regressions for lock bugs found in review, on virtual time
+//! with the in-memory store (same conditional semantics as DynamoDB).
+
+use kubeboot::lock::{
+    Claim, Guard, LockItem, LockStore, Locker, Owner, Purpose, Settings, StoreError,
+};
+use kubeboot_tests::memstore::{Faults, Handle, MemStore};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+const LEASE: Duration = Duration::from_secs(30);
+const MARGIN: Duration = Duration::from_secs(5);
+
+fn settings() -> Settings {
+    Settings {
+        lease: LEASE,
+        margin: MARGIN,
+        acquire_timeout: Duration::from_secs(600),
+        wall_clock: Arc::new(SystemTime::now),
+    }
+}
+
+/// A store whose first claim applies at once but whose answer arrives late
+/// and says "held" (an SDK retry refused by our own write); renewals answer
+/// after `renewal_answer`.
+struct SlowAnswers {
+    inner: Arc<Handle>,
+    claim_answer: Duration,
+    armed: AtomicBool,
+    renewal_answer: Duration,
+}
+
+impl LockStore for SlowAnswers {
+    async fn acquire_free(
+        &self,
+        p: Purpose,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        let r = self.inner.acquire_free(p, c).await;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            tokio::time::sleep(self.claim_answer).await;
+            return r.map(|_| None);
+        }
+        r
+    }
+    async fn take_over(
+        &self,
+        p: Purpose,
+        o: &str,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.take_over(p, o, c).await
+    }
+    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
+        self.inner.read(p).await
+    }
+    async fn heartbeat(
+        &self,
+        p: Purpose,
+        o: &str,
+        a: &str,
+        b: &str,
+        w: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let r = self.inner.heartbeat(p, o, a, b, w).await;
+        tokio::time::sleep(self.renewal_answer).await;
+        r
+    }
+    async fn release(
+        &self,
+        p: Purpose,
+        o: &str,
+        r: &str,
+        w: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.inner.release(p, o, r, w).await
+    }
+    async fn force_release(
+        &self,
+        p: Purpose,
+        o: &str,
+        w: SystemTime,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.force_release(p, o, w).await
+    }
+}
+
+type Slot = Arc<Mutex<Option<Guard>>>;
+
+/// Runs A (slow answers) and B (plain) for two minutes of virtual time and
+/// returns how long both believed they held the lock at once.
+async fn overlap_with(claim_answer: Duration, renewal_answer: Duration) -> (Duration, bool) {
+    let store = MemStore::new(1, Faults::none());
+    let a_store = Arc::new(SlowAnswers {
+        inner: store.handle("A"),
+        claim_answer,
+        armed: AtomicBool::new(true),
+        renewal_answer,
+    });
+    let a = Locker::new(a_store, Owner::new("i-a"), settings());
+    let b = Locker::new(store.handle("B"), Owner::new("i-b"), settings());
+    let (slot_a, slot_b): (Slot, Slot) = (Arc::default(), Arc::default());
+    let (sa, sb) = (slot_a.clone(), slot_b.clone());
+    tokio::spawn(async move {
+        if let Ok(g) = a.acquire(Purpose::Init).await {
+            *sa.lock().unwrap() = Some(g);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::spawn(async move {
+        if let Ok(g) = b.acquire(Purpose::Init).await {
+            *sb.lock().unwrap() = Some(g);
+        }
+    });
+    let mut overlap = Duration::ZERO;
+    let mut someone = false;
+    for _ in 0..1200 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let held = |s: &Slot| s.lock().unwrap().as_ref().is_some_and(Guard::is_held);
+        let (ha, hb) = (held(&slot_a), held(&slot_b));
+        someone |= ha || hb;
+        if ha && hb {
+            overlap += Duration::from_millis(100);
+        }
+    }
+    (overlap, someone)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_confirmed_late_is_not_trusted_past_its_send_time() {
+    // The claim's answer takes 26 s (> lease - margin): trusting it from its
+    // answer would overlap with B's takeover at 35 s.
+    let (overlap, someone) = overlap_with(Duration::from_secs(26), Duration::ZERO).await;
+    assert!(someone, "somebody acquires the lock");
+    assert_eq!(
+        overlap,
+        Duration::ZERO,
+        "both believed they held for {overlap:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_claim_with_slow_renewal_answers_never_overlaps() {
+    let (overlap, someone) = overlap_with(Duration::from_secs(20), Duration::from_secs(12)).await;
+    assert!(someone);
+    assert_eq!(
+        overlap,
+        Duration::ZERO,
+        "both believed they held for {overlap:?}"
+    );
+}
+
+/// Renewals land at once but answer after 2 s.
+struct SlowRenewalAnswer {
+    inner: Arc<Handle>,
+}
+
+impl LockStore for SlowRenewalAnswer {
+    async fn acquire_free(
+        &self,
+        p: Purpose,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.acquire_free(p, c).await
+    }
+    async fn take_over(
+        &self,
+        p: Purpose,
+        o: &str,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.take_over(p, o, c).await
+    }
+    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
+        self.inner.read(p).await
+    }
+    async fn heartbeat(
+        &self,
+        p: Purpose,
+        o: &str,
+        a: &str,
+        b: &str,
+        w: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let r = self.inner.heartbeat(p, o, a, b, w).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        r
+    }
+    async fn release(
+        &self,
+        p: Purpose,
+        o: &str,
+        r: &str,
+        w: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.inner.release(p, o, r, w).await
+    }
+    async fn force_release(
+        &self,
+        p: Purpose,
+        o: &str,
+        w: SystemTime,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.force_release(p, o, w).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_racing_an_in_flight_renewal_still_frees_the_lock() {
+    let store = MemStore::new(1, Faults::none());
+    let a = Locker::new(
+        Arc::new(SlowRenewalAnswer {
+            inner: store.handle("A"),
+        }),
+        Owner::new("i-a"),
+        settings(),
+    );
+    let b = Locker::new(store.handle("B"), Owner::new("i-b"), settings());
+    let g = a.acquire(Purpose::Init).await.expect("A acquires");
+    tokio::time::sleep(Duration::from_secs(11)).await; // renewal sent at 10 s, answered at 12 s
+    g.release().await.expect("release");
+    let item = store
+        .handle("x")
+        .read(Purpose::Init)
+        .await
+        .expect("read")
+        .expect("item");
+    assert!(
+        item.released,
+        "the renewal that landed after abort() must not keep the lock held"
+    );
+    let started = tokio::time::Instant::now();
+    let gb = b.acquire(Purpose::Init).await.expect("B acquires");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "B waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(gb.fence().expect("held").value, 2);
+}
