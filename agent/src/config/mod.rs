@@ -560,6 +560,23 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
                 "lock.margin <= lock.lease / 3, so a heartbeat (every lease/3) lands before the holder fences itself");
         }
     }
+    if let (Some(lease), Some(margin), Some(wait)) = (
+        dur("lock.lease"),
+        dur("lock.margin"),
+        dur("lock.acquire_timeout"),
+    ) {
+        if wait <= lease + margin {
+            inconsistent(
+                "lock.acquire_timeout",
+                "lock.lease",
+                format!(
+                    "a waiter gives up before a dead holder's lease plus margin ({}) has passed",
+                    value::format_duration(lease + margin)
+                ),
+                "lock.acquire_timeout > lock.lease + lock.margin (the default is 20m)",
+            );
+        }
+    }
     if let (Some(period), Some(jitter)) = (dur("daemon.period"), dur("daemon.jitter")) {
         if jitter >= period {
             inconsistent(

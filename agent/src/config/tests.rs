@@ -274,6 +274,14 @@ fn inconsistent_keys_name_both() {
 }
 
 #[test]
+fn a_waiter_must_outlast_a_dead_holders_lease() {
+    let text = base_plus("[lock]\nlease = \"30s\"\nmargin = \"5s\"\nacquire_timeout = \"30s\"");
+    let p = only(merge_text(&[(Source::File("/c.toml".into()), &text)], &[]));
+    assert_eq!(p.key, "lock.acquire_timeout");
+    assert!(p.reason.contains("35s"), "{}", p.reason);
+}
+
+#[test]
 fn control_planes_with_backups_need_a_bucket() {
     let text = BASE.replace("role = \"worker\"", "role = \"control-plane\"");
     let p = only(merge_text(&[(Source::File("/c.toml".into()), &text)], &[]));
