@@ -55,6 +55,12 @@ pub enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
 
+    /// Join this instance to its cluster, once: `kubeadm init` on the first
+    /// control plane (exactly one per cluster generation, under a DynamoDB
+    /// lock), `kubeadm join` everywhere else. Idempotent: a finished node does
+    /// nothing; an interrupted attempt is reset and run again. Run by systemd.
+    Bootstrap(BootstrapArgs),
+
     /// Show the cluster record (phase, generation, who initialized it), lock
     /// holders with the age of their last renewal, and the etcd member records.
     Status(StatusArgs),
@@ -85,6 +91,13 @@ pub struct ReleaseArgs {
     #[arg(long)]
     pub force: bool,
 
+    #[command(flatten)]
+    pub sources: SourceArgs,
+}
+
+/// Options of `kubeboot bootstrap`.
+#[derive(Debug, Args)]
+pub struct BootstrapArgs {
     #[command(flatten)]
     pub sources: SourceArgs,
 }
@@ -208,6 +221,7 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lock(LockCommand::Release(args)) => lock_release(cli, args).await,
+        Command::Bootstrap(args) => bootstrap(cli, args).await,
         Command::Config(ConfigCommand::Show(args)) => {
             let loaded = load(cli, args.sources.user_data()).await?;
             let out = match args.output {
@@ -272,6 +286,54 @@ async fn lock_release(cli: &Cli, args: &ReleaseArgs) -> Result<ExitCode, Error> 
         }
         Err(e) => Err(e.into()),
     }
+}
+
+async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
+    let loaded = load(cli, args.sources.user_data()).await?;
+    let cfg = loaded.config;
+    telemetry::set_context(telemetry::ContextKey::Cluster, cfg.cluster.name.clone());
+    telemetry::set_context(telemetry::ContextKey::Role, cfg.node.role.as_str());
+    let identity = crate::identity::Imds::new(&cfg.imds)?.identity().await?;
+    telemetry::set_context(
+        telemetry::ContextKey::InstanceId,
+        identity.instance_id.clone(),
+    );
+    let region = cfg
+        .aws
+        .region
+        .clone()
+        .unwrap_or_else(|| identity.region.clone());
+    let base = crate::aws::sdk_config(&cfg, &region).await?;
+    let ddb = aws_sdk_dynamodb::Client::new(&crate::aws::for_service(
+        &base,
+        &cfg,
+        crate::aws::Service::DynamoDb,
+    ));
+    let locks = std::sync::Arc::new(DynamoLockStore::new(
+        ddb.clone(),
+        &cfg.aws.table,
+        &cfg.cluster.name,
+    ));
+    let registry = Registry::new(std::sync::Arc::new(DynamoRegistryStore::new(
+        ddb,
+        &cfg.aws.table,
+        &cfg.cluster.name,
+    )));
+    let bootstrap = crate::bootstrap::Bootstrap {
+        locker: Locker::new(
+            locks,
+            Owner::new(&identity.instance_id),
+            crate::lock::Settings::from_config(&cfg.lock),
+        ),
+        registry,
+        join: crate::join_material::JoinStore::from_config(&base, &cfg),
+        kubeadm: crate::kubeadm::Kubeadm::from_config(&cfg),
+        identity,
+        cfg,
+    };
+    let done = bootstrap.run().await?;
+    tracing::info!(run_id = %done.run_id, path = ?done.path, "node bootstrapped");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The region from configuration, else from instance metadata.

@@ -32,6 +32,8 @@ pub enum Error {
     Registry(#[from] crate::registry::Error),
     #[error(transparent)]
     Status(#[from] crate::status::Error),
+    #[error(transparent)]
+    Bootstrap(#[from] crate::bootstrap::Error),
     #[error("{0}")]
     Usage(String),
     #[error("cannot start the async runtime: {0}")]
@@ -70,6 +72,7 @@ impl Error {
             Error::Lock(e) => e.hint(),
             Error::Registry(e) => e.hint(),
             Error::Status(e) => e.hint(),
+            Error::Bootstrap(e) => e.hint(),
             Error::Usage(_) => "see `kubeboot --help`".into(),
         }
     }

@@ -1,0 +1,457 @@
+//! `kubeboot bootstrap`: turns a fresh instance into a cluster member, once.
+//!
+//! Control plane, cluster uninitialized: take the `init` lock, re-read the
+//! cluster record, start a new generation (fenced), run `kubeadm init`,
+//! publish join material (fenced), confirm the local etcd member and record
+//! it (fenced), mark the cluster initialized (fenced), release.
+//! Control plane, cluster initialized: take the `membership` lock, remove
+//! orphan learners and this node's own leftover member, refuse to add into an
+//! unhealthy cluster, `kubeadm join --control-plane`, confirm, record, release.
+//! Worker: wait for the cluster to be initialized, `kubeadm join`.
+//!
+//! Recovery (I4): the durable truth is DynamoDB and etcd. A local checkpoint
+//! file records the run and whether it finished; an unfinished local attempt
+//! is cleaned with `kubeadm reset` and its path runs again (an interrupted
+//! init starts a new generation, so its half-made generation can never be
+//! marked initialized).
+
+use crate::config::{Config, Role};
+use crate::etcd::{self, Etcd, Stale};
+use crate::identity::Identity;
+use crate::join_material::{self, JoinMaterial, JoinStore};
+use crate::kubeadm::{self, config as kcfg, Kubeadm};
+use crate::lock::{Guard, LockStore, Locker, Purpose};
+use crate::registry::{InitClaim, MemberRecord, Phase, Registry, RegistryStore};
+use crate::retry::{self, Classify, RetryClass, WaitPolicy};
+use crate::telemetry;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+use tracing::Instrument;
+
+/// Which way this node joins the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Path {
+    Init,
+    ControlPlaneJoin,
+    WorkerJoin,
+}
+
+/// The local checkpoint (`<state_dir>/bootstrap.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub run_id: String,
+    pub path: Option<Path>,
+    /// kubeadm was started by this attempt: a restart must reset first.
+    pub kubeadm_started: bool,
+    pub done: bool,
+}
+
+/// Bootstrap failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Lock(#[from] crate::lock::Error),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    #[error(transparent)]
+    JoinMaterial(#[from] join_material::Error),
+    #[error(transparent)]
+    Kubeadm(#[from] kubeadm::Error),
+    #[error(transparent)]
+    Etcd(#[from] etcd::Error),
+    #[error("cannot use the checkpoint {}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("the cluster is not ready for this node yet: {0}")]
+    NotReady(String),
+    #[error("lost the {0} lock while working; the step is retried from the start")]
+    LockLost(Purpose),
+}
+
+impl Classify for Error {
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            Error::NotReady(_) => RetryClass::Transient,
+            _ => RetryClass::Permanent,
+        }
+    }
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Lock(e) => e.hint(),
+            Error::Registry(e) => e.hint(),
+            Error::JoinMaterial(e) => e.hint(),
+            Error::Kubeadm(e) => e.hint(),
+            Error::Etcd(e) => e.hint(),
+            Error::Checkpoint { .. } => "check paths.state_dir is writable by root; delete a corrupt bootstrap.json to start over".into(),
+            Error::NotReady(_) => "it is retried; `kubeboot status` shows the cluster record and the members".into(),
+            Error::LockLost(_) => "another node took over (this one was slow or paused); systemd restarts bootstrap".into(),
+        }
+    }
+}
+
+/// What bootstrap works with; generic over the stores so tests can inject faults.
+pub struct Bootstrap<L: LockStore, R: RegistryStore> {
+    pub cfg: Config,
+    pub identity: Identity,
+    pub locker: Locker<L>,
+    pub registry: Registry<R>,
+    pub join: JoinStore,
+    pub kubeadm: Kubeadm,
+}
+
+impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
+    fn checkpoint_path(&self) -> PathBuf {
+        self.cfg.paths.state_dir.join("bootstrap.json")
+    }
+
+    fn load_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
+        let path = self.checkpoint_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Checkpoint {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Checkpoint {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn save_checkpoint(&self, c: &Checkpoint) -> Result<(), Error> {
+        let path = self.checkpoint_path();
+        let fail = |e: std::io::Error| Error::Checkpoint {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(&self.cfg.paths.state_dir).map_err(fail)?;
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(c).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&tmp, body).map_err(fail)?;
+        std::fs::rename(&tmp, &path).map_err(fail)
+    }
+
+    /// Runs bootstrap to completion (or to an error that systemd's restart retries).
+    pub async fn run(&self) -> Result<Checkpoint, Error> {
+        let previous = self.load_checkpoint()?;
+        if let Some(c) = previous.as_ref().filter(|c| c.done) {
+            tracing::info!(run_id = %c.run_id, "already bootstrapped; nothing to do");
+            return Ok(c.clone());
+        }
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
+        let mut checkpoint = Checkpoint {
+            run_id,
+            path: None,
+            kubeadm_started: false,
+            done: false,
+        };
+        if previous.as_ref().is_some_and(|c| c.kubeadm_started) {
+            tracing::warn!(
+                "an earlier attempt ran kubeadm and did not finish: resetting this node first"
+            );
+            self.kubeadm.reset().await?;
+        }
+        self.save_checkpoint(&checkpoint)?;
+        let path = match self.cfg.node.role {
+            Role::Worker => Path::WorkerJoin,
+            Role::ControlPlane => match self.registry.state().await?.phase {
+                Phase::Initialized => Path::ControlPlaneJoin,
+                _ => Path::Init,
+            },
+        };
+        checkpoint.path = Some(path);
+        match path {
+            Path::Init => self.init_or_join(&mut checkpoint).await?,
+            Path::ControlPlaneJoin => self.control_plane_join(&mut checkpoint).await?,
+            Path::WorkerJoin => self.worker_join(&mut checkpoint).await?,
+        }
+        checkpoint.done = true;
+        self.save_checkpoint(&checkpoint)?;
+        tracing::info!(path = ?checkpoint.path, "bootstrap complete");
+        Ok(checkpoint)
+    }
+
+    fn node(&self) -> kcfg::Node {
+        kcfg::Node {
+            name: self.identity.hostname.clone(),
+            ip: self.identity.private_ip.clone(),
+        }
+    }
+
+    fn etcd_settings(&self) -> etcd::Settings {
+        etcd::Settings::from_config(&self.cfg)
+    }
+
+    /// Runs `work` unless the lock is lost first.
+    async fn guarded<T, F: std::future::Future<Output = Result<T, Error>>>(
+        &self,
+        guard: &Guard,
+        work: F,
+    ) -> Result<T, Error> {
+        tokio::select! {
+            r = work => r,
+            _ = guard.lost() => Err(Error::LockLost(guard.purpose())),
+        }
+    }
+
+    async fn init_or_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
+        let guard = self
+            .locker
+            .acquire(Purpose::Init)
+            .instrument(telemetry::phase("init-lock"))
+            .await?;
+        let state = self.registry.state().await?;
+        if state.phase == Phase::Initialized {
+            tracing::info!("another node initialized the cluster while we waited; joining instead");
+            guard.release().await?;
+            checkpoint.path = Some(Path::ControlPlaneJoin);
+            return self.control_plane_join(checkpoint).await;
+        }
+        let result = self.init(&guard, &state, checkpoint).await;
+        match result {
+            Ok(()) => Ok(guard.release().await?),
+            Err(e) => {
+                let _ = guard.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn init(
+        &self,
+        guard: &Guard,
+        state: &crate::registry::ClusterState,
+        checkpoint: &mut Checkpoint,
+    ) -> Result<(), Error> {
+        let cfg = &self.cfg;
+        let claim = InitClaim {
+            run_id: checkpoint.run_id.clone(),
+            initialized_by: self.locker.owner().as_str().to_string(),
+            endpoint: cfg.cluster.control_plane_endpoint.clone(),
+            kubernetes_version: cfg.cluster.kubernetes_version.clone(),
+            wall: SystemTime::now(),
+        };
+        let generation = self.registry.begin_init(guard, state, &claim).await?;
+        tracing::info!(generation, "starting a new cluster generation");
+        let now = SystemTime::now();
+        let token = join_material::generate_token();
+        let key = join_material::generate_certificate_key();
+        let rendered = kcfg::render_init(&kcfg::InitParams {
+            node: self.node(),
+            cluster_name: cfg.cluster.name.clone(),
+            kubernetes_version: cfg.cluster.kubernetes_version.clone(),
+            control_plane_endpoint: cfg.cluster.control_plane_endpoint.clone(),
+            pod_subnet: cfg.cluster.pod_subnet.clone(),
+            service_subnet: cfg.cluster.service_subnet.clone(),
+            dns_domain: cfg.cluster.dns_domain.clone(),
+            etcd_data_dir: cfg.paths.etcd_data_dir.display().to_string(),
+            kubernetes_dir: cfg.paths.kubernetes_dir.display().to_string(),
+            etcd_scheme: cfg.etcd.scheme,
+            etcd_client_port: cfg.etcd.client_port,
+            etcd_peer_port: cfg.etcd.peer_port,
+            token: token.clone(),
+            token_ttl: join_material::TOKEN_TTL,
+            certificate_key: key.clone(),
+        });
+        checkpoint.kubeadm_started = true;
+        self.save_checkpoint(checkpoint)?;
+        self.guarded(guard, async {
+            Ok(self.kubeadm.init(&rendered, &[&token, &key]).await?)
+        })
+        .instrument(telemetry::phase("kubeadm-init"))
+        .await?;
+        let ca = std::fs::read(cfg.paths.kubernetes_dir.join("pki/ca.crt")).map_err(|e| {
+            Error::Checkpoint {
+                path: cfg.paths.kubernetes_dir.join("pki/ca.crt"),
+                reason: format!("kubeadm init did not leave the cluster CA: {e}"),
+            }
+        })?;
+        let material = JoinMaterial {
+            token,
+            certificate_key: Some(key),
+            ca_cert_hashes: vec![join_material::ca_cert_hash(&ca)?],
+            endpoint: cfg.cluster.control_plane_endpoint.clone(),
+            token_expires_at: now + join_material::TOKEN_TTL,
+            certs_expire_at: Some(now + join_material::CERTS_TTL),
+        };
+        self.join
+            .publish(&self.registry, guard, &material, SystemTime::now())
+            .await?;
+        self.confirm_and_record(guard).await?;
+        self.registry
+            .mark_initialized(guard, generation, &checkpoint.run_id, SystemTime::now())
+            .await?;
+        tracing::info!(generation, "cluster initialized");
+        Ok(())
+    }
+
+    /// I2: only a member etcd reports started, voting and healthy is recorded.
+    async fn confirm_and_record(&self, guard: &Guard) -> Result<(), Error> {
+        self.confirm_and_record_inner(guard)
+            .instrument(telemetry::phase("confirm-member"))
+            .await
+    }
+
+    async fn confirm_and_record_inner(&self, guard: &Guard) -> Result<(), Error> {
+        let settings = self.etcd_settings();
+        let own = settings.client_url(&self.identity.private_ip);
+        let etcd = Etcd::connect(&[own], &settings).await?;
+        let peer_url = settings.peer_url(&self.identity.private_ip);
+        let member = etcd
+            .confirm(&peer_url, self.cfg.etcd.promote_timeout)
+            .await?;
+        let record = MemberRecord {
+            instance_id: self.identity.instance_id.clone(),
+            member_id: member.id,
+            name: member.name.clone(),
+            peer_url,
+            confirmed_at: SystemTime::now(),
+        };
+        self.registry.record_member(guard, &record).await?;
+        tracing::info!(member_id = %member.hex_id(), "etcd member confirmed and recorded");
+        Ok(())
+    }
+
+    async fn current_material(&self, with_certs: bool) -> Result<JoinMaterial, Error> {
+        let material = self
+            .join
+            .current(&self.registry)
+            .await?
+            .ok_or_else(|| Error::NotReady("no join material has been published".into()))?;
+        let need = material.refresh_needed(
+            SystemTime::now(),
+            Duration::from_secs(300),
+            Duration::from_secs(120),
+        );
+        if need.token() || (with_certs && need.certs()) {
+            return Err(Error::NotReady("the published join material expires too soon; waiting for the leader to refresh it".into()));
+        }
+        Ok(material)
+    }
+
+    async fn control_plane_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
+        let guard = self
+            .locker
+            .acquire(Purpose::Membership)
+            .instrument(telemetry::phase("membership-lock"))
+            .await?;
+        let result = self.control_plane_join_locked(&guard, checkpoint).await;
+        let _ = guard.release().await;
+        result
+    }
+
+    async fn control_plane_join_locked(
+        &self,
+        guard: &Guard,
+        checkpoint: &mut Checkpoint,
+    ) -> Result<(), Error> {
+        let settings = self.etcd_settings();
+        let own_peer = settings.peer_url(&self.identity.private_ip);
+        let records = self.registry.members().await?;
+        let endpoints: Vec<String> = records
+            .iter()
+            .filter(|r| r.peer_url != own_peer)
+            .filter_map(|r| host_of(&r.peer_url).map(|h| settings.client_url(h)))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(Error::NotReady("no recorded etcd member to join".into()));
+        }
+        let etcd = Etcd::connect(&endpoints, &settings).await?;
+        let health = etcd.health(&etcd.members().await?).await;
+        let (stale, ready) = etcd::join_plan(&health, &own_peer);
+        for s in &stale {
+            let (Stale::OrphanLearner(m) | Stale::OwnLeftover(m)) = s;
+            tracing::warn!(member_id = %m.hex_id(), reason = ?s, "removing a stale etcd member before joining");
+            etcd.remove(m.id).await?;
+            if let Some(r) = records.iter().find(|r| r.member_id == m.id) {
+                self.registry.forget_member(guard, &r.instance_id).await?;
+            }
+        }
+        ready.map_err(Error::NotReady)?;
+        let material = self.current_material(true).await?;
+        let rendered = kcfg::render_join(&kcfg::JoinParams {
+            node: self.node(),
+            api_server_endpoint: material.endpoint.clone(),
+            token: material.token.clone(),
+            ca_cert_hashes: material.ca_cert_hashes.clone(),
+            certificate_key: material.certificate_key.clone(),
+            kubernetes_dir: self.cfg.paths.kubernetes_dir.display().to_string(),
+        });
+        checkpoint.kubeadm_started = true;
+        self.save_checkpoint(checkpoint)?;
+        let secrets: Vec<&crate::secret::Secret<String>> = std::iter::once(&material.token)
+            .chain(material.certificate_key.as_ref())
+            .collect();
+        self.guarded(guard, async {
+            Ok(self.kubeadm.join(&rendered, &secrets).await?)
+        })
+        .instrument(telemetry::phase("kubeadm-join"))
+        .await?;
+        self.confirm_and_record(guard).await
+    }
+
+    async fn worker_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
+        let policy = WaitPolicy {
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(15),
+            max_attempts: 100_000,
+            deadline: Some(self.cfg.lock.acquire_timeout),
+        };
+        let material = retry::with_retries("wait for join material", &policy, || async {
+            if self.registry.state().await?.phase != Phase::Initialized {
+                return Err(Error::NotReady("the cluster is not initialized yet".into()));
+            }
+            self.current_material(false).await
+        })
+        .instrument(telemetry::phase("wait-initialized"))
+        .await
+        .map_err(|e| match e {
+            retry::RetryError::Failed(e) => e,
+            retry::RetryError::Deadline { last, .. } => Error::NotReady(last.unwrap_or_default()),
+        })?;
+        let rendered = kcfg::render_join(&kcfg::JoinParams {
+            node: self.node(),
+            api_server_endpoint: material.endpoint.clone(),
+            token: material.token.clone(),
+            ca_cert_hashes: material.ca_cert_hashes.clone(),
+            certificate_key: None,
+            kubernetes_dir: self.cfg.paths.kubernetes_dir.display().to_string(),
+        });
+        checkpoint.kubeadm_started = true;
+        self.save_checkpoint(checkpoint)?;
+        self.kubeadm
+            .join(&rendered, &[&material.token])
+            .instrument(telemetry::phase("kubeadm-join"))
+            .await?;
+        Ok(())
+    }
+}
+
+/// The host part of a URL such as `https://10.0.1.2:2380`.
+fn host_of(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hosts_come_out_of_peer_urls() {
+        assert_eq!(super::host_of("https://10.0.1.2:2380"), Some("10.0.1.2"));
+        assert_eq!(super::host_of("http://127.1.2.3:2380/"), Some("127.1.2.3"));
+        assert_eq!(super::host_of("nonsense"), None);
+    }
+}
