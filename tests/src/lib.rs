@@ -12,8 +12,11 @@
 pub mod awsproxy;
 pub mod etcd;
 pub mod imds;
+pub mod kubeapi;
 pub mod memstore;
 pub mod moto;
 pub mod net;
 pub mod process;
+pub mod simcluster;
+pub mod standin;
 pub mod workspace;

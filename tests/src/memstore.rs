@@ -171,9 +171,16 @@ impl MemStore {
         let f = &self.faults;
         let latency = rng.between(f.latency.0, f.latency.1);
         let mut answer = rng.between(f.answer_latency.0, f.answer_latency.1);
-        let stall = rng
+        let mut stall = rng
             .chance(f.stall)
             .then(|| rng.between(f.stall_time.0, f.stall_time.1));
+        // Half of the long stalls hit the answer instead: applied at once, heard of late.
+        if let Some(long) = stall {
+            if rng.chance(0.5) {
+                answer += long;
+                stall = None;
+            }
+        }
         let roll = rng.unit();
         let mut edge = 0.0;
         let mut hit = |p: f64| {

@@ -1,0 +1,3173 @@
+//! A test-only `kubeadm` stand-in (the binary is named `kubeadm`).
+//!
+//! kubeadm cannot be installed on the test machine, yet the agent's value is
+//! in how it drives kubeadm: init once, join as learner then voter, reset and
+//! remove the member, refresh tokens and uploaded certificates. So this
+//! binary answers the argv the agent uses as kubeadm 1.31 would, with the
+//! same *effects*: real `etcd` processes that outlive it (like static Pods),
+//! cluster state in the Kubernetes API (the [`kubeapi`] double, over plain
+//! HTTP), files where kubeadm writes them, kubeadm's progress lines on
+//! stdout, and kubeadm's error texts on stderr with exit code 1.
+//!
+//! What it reads: the `--config` file's documents (JSON objects separated by
+//! `---` lines, `kubeadm.k8s.io/v1beta4`), only the fields the agent
+//! renders. What it does NOT do: TLS anywhere (etcd and the API are plain
+//! HTTP, so an `https` etcd URL is refused), kube-apiserver /
+//! controller-manager / scheduler / kubelet processes (their manifests are
+//! written, their effects on the API are simulated), CoreDNS/kube-proxy.
+//!
+//! Knobs (environment): `KBTEST_PID_DIR`, `KBTEST_OWNER_PID`,
+//! `KBTEST_KUBEADM_LOG` (see `kubeboot_tests::standin`), `KBTEST_ETCD_BIN`,
+//! and timeouts in milliseconds: `KBTEST_KUBEADM_WAIT_TIMEOUT_MS` (etcd and
+//! API healthy, default 20 000), `KBTEST_KUBEADM_API_TIMEOUT_MS` (retrying an
+//! unreachable API, default 10 000), `KBTEST_KUBEADM_DISCOVERY_TIMEOUT_MS`
+//! (waiting for a token's signature in cluster-info, default 3 000),
+//! `KBTEST_KUBEADM_PROMOTE_TIMEOUT_MS` (learner promotion, default 120 000),
+//! `KBTEST_KUBEADM_RECONFIG_TIMEOUT_MS` (etcd refusing membership changes as
+//! "unhealthy cluster", default 30 000).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Display;
+use std::io::{BufRead as _, Write as _};
+use std::net::{IpAddr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use etcd_client::{Client, ConnectOptions, Member, MemberAddOptions};
+use k8s_openapi::jiff::Timestamp;
+use kubeboot_tests::kubeapi::{self, hmac_sha256};
+use kubeboot_tests::net::http_request;
+use kubeboot_tests::process::pid_alive;
+use kubeboot_tests::standin::{
+    self, etcd_data_dir_for, etcd_pids_for, forget_pid, is_etcd_for, record_pid, stop_groups,
+};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The kubeadm release this stand-in imitates.
+const VERSION: &str = "v1.31.2";
+/// The only config API version modelled.
+const CONFIG_API: &str = "kubeadm.k8s.io/v1beta4";
+/// Where kubeadm keeps things on a real node, refused unless allowed.
+const SYSTEM_PATHS: &[&str] = &["/etc/kubernetes", "/var/lib/etcd"];
+/// kubeadm's default `--cert-dir`.
+const DEFAULT_CERT_DIR: &str = "/etc/kubernetes/pki";
+/// Lifetime of the uploaded control-plane certificates (kubeadm: 2 h).
+const CERTS_TTL: Duration = Duration::from_secs(2 * 3600);
+/// Annotation on `kubeadm-certs`: hex SHA-256 of the certificate key.
+const KEY_HASH_ANNOTATION: &str = "kbtest.kubeboot.dev/certificate-key-sha256";
+/// Annotation on `kubeadm-certs`: RFC 3339 expiry (now + 2 h at upload).
+const CERTS_EXPIRY_ANNOTATION: &str = "kbtest.kubeboot.dev/expires";
+/// Annotation on an etcd mirror Pod that real kubeadm reads etcd members from.
+const ETCD_URL_ANNOTATION: &str = "kubeadm.kubernetes.io/etcd.advertise-client-urls";
+const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+const EXCLUDE_LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+const DEFAULT_TOKEN_GROUP: &str = "system:bootstrappers:kubeadm:default-node-token";
+const TOKEN_FORM: &str = r"^([a-z0-9]{6})\.([a-z0-9]{16})$";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("__kbtest-watchdog") {
+        watchdog(&args[1..]);
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start a tokio runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = match runtime.block_on(run(&args)) {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("{}", f.0);
+            eprintln!("To see the stack trace of this error execute with --v=5 or higher");
+            1
+        }
+    };
+    log_invocation(&args, code);
+    ExitCode::from(code)
+}
+
+// ---------------------------------------------------------------------------
+// Failures and small helpers
+
+/// A failure, already worded as kubeadm words it.
+#[derive(Debug)]
+struct Failure(String);
+
+type R<T> = Result<T, Failure>;
+
+fn phase_err(phase: &str, msg: impl Display) -> Failure {
+    Failure(format!("error execution phase {phase}: {msg}"))
+}
+
+fn plain_err(msg: impl Display) -> Failure {
+    Failure(msg.to_string())
+}
+
+/// Milliseconds from an environment knob, or the default.
+fn knob(name: &str, default_ms: u64) -> Duration {
+    Duration::from_millis(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_ms),
+    )
+}
+
+fn wait_timeout() -> Duration {
+    knob("KBTEST_KUBEADM_WAIT_TIMEOUT_MS", 20_000)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Go's `hex.DecodeString`, with Go's error texts.
+fn hex_decode(s: &str) -> Result<Vec<u8>, String> {
+    if let Some(c) = s.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "encoding/hex: invalid byte: U+{:04X} {c:?}",
+            u32::from(c)
+        ));
+    }
+    if s.len() % 2 == 1 {
+        return Err("encoding/hex: odd length hex string".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    Timestamp::from_second(secs)
+        .ok()
+        .and_then(|ts| k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", ts).ok())
+        .unwrap_or_default()
+}
+
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let ts: Timestamp = s.parse().ok()?;
+    let secs = u64::try_from(ts.as_second()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Go's `time.ParseDuration` for the units kubeadm configs use.
+fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("time: invalid duration {s:?}");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// `-` for every `/`, as kubeadm names its file and directory checks.
+fn check_name(kind: &str, path: &Path) -> String {
+    format!("{kind}-{}", path.display().to_string().replace('/', "-"))
+}
+
+/// Refuses a real node's paths unless explicitly allowed: a test that
+/// forgot to point the agent at a temp dir must fail, not wipe /etc.
+fn guard_paths(paths: &[&Path]) -> R<()> {
+    if std::env::var_os(standin::ALLOW_SYSTEM_PATHS_ENV).is_some() {
+        return Ok(());
+    }
+    for p in paths {
+        if SYSTEM_PATHS.iter().any(|s| p.starts_with(s)) {
+            return Err(plain_err(format!(
+                "refusing to use {}: this kubeadm is the test stand-in and never touches a real node's paths \
+                 (point paths.kubernetes_dir and the etcd data dir at a test directory, or set {}=1)",
+                p.display(),
+                standin::ALLOW_SYSTEM_PATHS_ENV
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    f.write_all(contents)
+        .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+fn dir_is_empty(path: &Path) -> bool {
+    std::fs::read_dir(path).map_or(true, |mut d| d.next().is_none())
+}
+
+/// Removes what is inside `dir`, keeping `dir` (as kubeadm reset does).
+fn clear_dir(dir: &Path) -> Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        let res = if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        res.map_err(|e| format!("remove {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn parent(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// A random bootstrap token or certificate key from the OS CSPRNG (UUIDv4).
+fn random_string(alphabet: &[u8], n: usize) -> String {
+    let mut out = String::new();
+    while out.len() < n {
+        for b in uuid::Uuid::new_v4().as_bytes() {
+            if out.len() < n {
+                out.push(char::from(alphabet[usize::from(*b) % alphabet.len()]));
+            }
+        }
+    }
+    out
+}
+
+fn generate_token() -> String {
+    const A: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    format!("{}.{}", random_string(A, 6), random_string(A, 16))
+}
+
+fn generate_certificate_key() -> String {
+    random_string(b"0123456789abcdef", 64)
+}
+
+// ---------------------------------------------------------------------------
+// Invocation log
+
+fn looks_like_token(s: &str) -> bool {
+    let b = s.as_bytes();
+    let ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    b.len() == 23 && b[6] == b'.' && b[..6].iter().all(ok) && b[7..].iter().all(ok)
+}
+
+/// Appends `<unix ms> <pid> <argv> exit=<code>` to `$KBTEST_KUBEADM_LOG`,
+/// with tokens and certificate keys replaced by `<redacted>`.
+fn log_invocation(args: &[String], code: u8) {
+    let Some(path) = std::env::var_os(standin::LOG_ENV) else {
+        return;
+    };
+    let mut words = Vec::new();
+    let mut secret_next = false;
+    for a in args {
+        let w = if secret_next {
+            "<redacted>".to_string()
+        } else if let Some((flag, _)) = a
+            .split_once('=')
+            .filter(|(f, _)| matches!(*f, "--certificate-key" | "--token" | "--discovery-token"))
+        {
+            format!("{flag}=<redacted>")
+        } else if looks_like_token(a) {
+            "<redacted>".into()
+        } else {
+            a.replace(' ', "%20")
+        };
+        secret_next = matches!(
+            a.as_str(),
+            "--certificate-key" | "--token" | "--discovery-token"
+        );
+        words.push(w);
+    }
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let line = format!(
+        "{ms} {} {} exit={code}\n",
+        std::process::id(),
+        words.join(" ")
+    );
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+
+/// Parsed flags of one subcommand.
+#[derive(Debug, Default)]
+struct Flags {
+    positional: Vec<String>,
+    values: BTreeMap<&'static str, String>,
+    switches: BTreeSet<&'static str>,
+}
+
+impl Flags {
+    fn value(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
+    fn on(&self, name: &str) -> bool {
+        self.switches.contains(name)
+    }
+}
+
+/// Cobra-like parsing: `--name value`, `--name=value`, boolean switches,
+/// `-f`/`-o`/`-v` short forms; unknown flags fail as cobra fails.
+fn parse_flags(args: &[String], spec: &[(&'static str, bool)]) -> R<Flags> {
+    let mut all: Vec<(&'static str, bool)> = spec.to_vec();
+    all.push(("v", true));
+    let short = |c: &str| match c {
+        "f" => Some("force"),
+        "o" => Some("output"),
+        "v" => Some("v"),
+        _ => None,
+    };
+    let mut flags = Flags::default();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        let (name, inline) = if let Some(long) = a.strip_prefix("--") {
+            match long.split_once('=') {
+                Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                None => (long.to_string(), None),
+            }
+        } else if let Some(s) = a.strip_prefix('-').filter(|s| !s.is_empty()) {
+            let (n, v) = match s.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (s, None),
+            };
+            match short(n) {
+                Some(long) => (long.to_string(), v),
+                None => return Err(plain_err(format!("unknown shorthand flag: '{n}' in {a}"))),
+            }
+        } else {
+            flags.positional.push(a.clone());
+            continue;
+        };
+        let Some((key, takes_value)) = all.iter().find(|(n, _)| *n == name) else {
+            return Err(plain_err(format!("unknown flag: --{name}")));
+        };
+        if *takes_value {
+            let value = match inline {
+                Some(v) => v,
+                None => {
+                    let v = args
+                        .get(i)
+                        .ok_or_else(|| plain_err(format!("flag needs an argument: --{name}")))?;
+                    i += 1;
+                    v.clone()
+                }
+            };
+            flags.values.insert(key, value);
+        } else if inline.as_deref() != Some("false") {
+            flags.switches.insert(key);
+        }
+    }
+    Ok(flags)
+}
+
+async fn run(args: &[String]) -> R<()> {
+    let (cmd, rest) = match args.split_first() {
+        Some((c, r)) => (c.as_str(), r),
+        None => {
+            println!("Usage:\n  kubeadm [command]\n\nAvailable Commands:\n  init, join, reset, token, version");
+            return Ok(());
+        }
+    };
+    match cmd {
+        "init" if rest.first().map(String::as_str) == Some("phase") => init_phase(&rest[1..]).await,
+        "init" => init(rest).await,
+        "join" => join(rest).await,
+        "reset" => reset(rest).await,
+        "token" => token(rest).await,
+        "version" => version(rest),
+        other => Err(plain_err(format!(
+            "unknown command {other:?} for \"kubeadm\"\nRun 'kubeadm --help' for usage."
+        ))),
+    }
+}
+
+fn version(args: &[String]) -> R<()> {
+    let flags = parse_flags(args, &[("output", true)])?;
+    match flags.value("output").unwrap_or("") {
+        "short" => println!("{VERSION}"),
+        "json" => println!(
+            "{}",
+            json!({"clientVersion": {"major": "1", "minor": "31", "gitVersion": VERSION, "gitTreeState": "clean", "goVersion": "go1.22.8", "compiler": "gc", "platform": "linux/amd64"}})
+        ),
+        "" => println!(
+            "kubeadm version: &version.Info{{Major:\"1\", Minor:\"31\", GitVersion:\"{VERSION}\", GitTreeState:\"clean\", GoVersion:\"go1.22.8\", Compiler:\"gc\", Platform:\"linux/amd64\"}}"
+        ),
+        other => return Err(plain_err(format!("invalid output format: {other}"))),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Configuration documents
+
+/// Known fields per object path, for kubeadm's strict-decoding warnings.
+const KNOWN_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "InitConfiguration",
+        &[
+            "apiVersion",
+            "kind",
+            "bootstrapTokens",
+            "dryRun",
+            "nodeRegistration",
+            "localAPIEndpoint",
+            "certificateKey",
+            "skipPhases",
+            "patches",
+            "timeouts",
+        ],
+    ),
+    (
+        "InitConfiguration.bootstrapTokens[]",
+        &["token", "description", "ttl", "expires", "usages", "groups"],
+    ),
+    (
+        "InitConfiguration.localAPIEndpoint",
+        &["advertiseAddress", "bindPort"],
+    ),
+    (
+        "ClusterConfiguration",
+        &[
+            "apiVersion",
+            "kind",
+            "etcd",
+            "networking",
+            "kubernetesVersion",
+            "controlPlaneEndpoint",
+            "apiServer",
+            "controllerManager",
+            "scheduler",
+            "dns",
+            "proxy",
+            "certificatesDir",
+            "imageRepository",
+            "featureGates",
+            "clusterName",
+            "encryptionAlgorithm",
+            "certificateValidityPeriod",
+            "caCertificateValidityPeriod",
+        ],
+    ),
+    ("ClusterConfiguration.etcd", &["local", "external"]),
+    (
+        "ClusterConfiguration.etcd.local",
+        &[
+            "imageRepository",
+            "imageTag",
+            "dataDir",
+            "extraArgs",
+            "extraEnvs",
+            "serverCertSANs",
+            "peerCertSANs",
+        ],
+    ),
+    (
+        "ClusterConfiguration.networking",
+        &["serviceSubnet", "podSubnet", "dnsDomain"],
+    ),
+    (
+        "ClusterConfiguration.apiServer",
+        &["certSANs", "extraArgs", "extraVolumes", "extraEnvs"],
+    ),
+    (
+        "JoinConfiguration",
+        &[
+            "apiVersion",
+            "kind",
+            "dryRun",
+            "nodeRegistration",
+            "caCertPath",
+            "discovery",
+            "controlPlane",
+            "skipPhases",
+            "patches",
+            "timeouts",
+        ],
+    ),
+    (
+        "JoinConfiguration.discovery",
+        &["bootstrapToken", "file", "tlsBootstrapToken"],
+    ),
+    (
+        "JoinConfiguration.discovery.bootstrapToken",
+        &[
+            "token",
+            "apiServerEndpoint",
+            "caCertHashes",
+            "unsafeSkipCAVerification",
+        ],
+    ),
+    (
+        "JoinConfiguration.controlPlane",
+        &["localAPIEndpoint", "certificateKey"],
+    ),
+    (
+        "JoinConfiguration.controlPlane.localAPIEndpoint",
+        &["advertiseAddress", "bindPort"],
+    ),
+    (
+        "*.nodeRegistration",
+        &[
+            "name",
+            "criSocket",
+            "taints",
+            "kubeletExtraArgs",
+            "ignorePreflightErrors",
+            "imagePullPolicy",
+            "imagePullSerial",
+        ],
+    ),
+    ("*.extraArgs[]", &["name", "value"]),
+    ("*.kubeletExtraArgs[]", &["name", "value"]),
+];
+
+fn known_fields(path: &str) -> Option<&'static [&'static str]> {
+    let tail = |p: &str| p.rsplit_once('.').map(|(_, t)| format!("*.{t}"));
+    KNOWN_FIELDS
+        .iter()
+        .find(|(p, _)| *p == path || Some(p.to_string()) == tail(path))
+        .map(|(_, f)| *f)
+}
+
+/// kubeadm prints (not fails on) unknown fields: "strict decoding error".
+fn warn_unknown_fields(path: &str, v: &Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(known) = known_fields(path) {
+                for k in map.keys().filter(|k| !known.contains(&k.as_str())) {
+                    eprintln!(
+                        "W{} {:>7} strict.go:56] strict decoding error: unknown field \"{}\"",
+                        klog_stamp(),
+                        std::process::id(),
+                        format!("{path}.{k}")
+                            .split_once('.')
+                            .map_or(k.as_str(), |(_, p)| p)
+                    );
+                }
+            }
+            for (k, child) in map {
+                warn_unknown_fields(&format!("{path}.{k}"), child);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                warn_unknown_fields(&format!("{path}[]"), item);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn klog_stamp() -> String {
+    let ts = Timestamp::now();
+    k8s_openapi::jiff::fmt::strtime::format("%m%d %H:%M:%S%.6f", ts).unwrap_or_default()
+}
+
+/// Reads the `---`-separated JSON documents of a kubeadm config file.
+fn load_documents(path: &str) -> R<Vec<Value>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| plain_err(format!("unable to read config from {path:?} : {e}")))?;
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut chunks = Vec::new();
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            chunks.push(std::mem::take(&mut current));
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    chunks.push(current);
+    for (i, chunk) in chunks.iter().enumerate() {
+        if chunk.trim().is_empty() {
+            continue;
+        }
+        let doc: Value = serde_json::from_str(chunk).map_err(|e| {
+            plain_err(format!(
+                "unable to decode config from {path:?}: document {} is not JSON ({e}); the kubeadm stand-in reads JSON documents only",
+                i + 1
+            ))
+        })?;
+        let api = doc["apiVersion"].as_str().unwrap_or("");
+        let kind = doc["kind"].as_str().unwrap_or("");
+        if api != CONFIG_API {
+            if api.starts_with("kubeadm.k8s.io/") {
+                return Err(plain_err(format!(
+                    "your configuration file uses an old API spec: {api:?} (kind: {kind:?}). This kubeadm stand-in models only {CONFIG_API}"
+                )));
+            }
+            eprintln!("[config] WARNING: Ignored configuration document with GroupVersionKind {api}, Kind={kind}");
+            continue;
+        }
+        if !matches!(
+            kind,
+            "InitConfiguration" | "ClusterConfiguration" | "JoinConfiguration"
+        ) {
+            return Err(plain_err(format!(
+                "no kind {kind:?} is registered for version {api:?} in scheme \"k8s.io/kubernetes/cmd/kubeadm/app/apis/kubeadm/scheme/scheme.go:31\""
+            )));
+        }
+        warn_unknown_fields(kind, &doc);
+        docs.push(doc);
+    }
+    Ok(docs)
+}
+
+fn find_kind<'a>(docs: &'a [Value], kind: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| d["kind"] == kind)
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// v1beta4 `[]Arg` (`{name, value}` objects); anything else fails as Go's
+/// decoder does.
+fn arg_list(v: Option<&Value>, field: &str) -> R<Vec<(String, String)>> {
+    let Some(v) = v else {
+        return Ok(Vec::new());
+    };
+    let bad = |what: &str| {
+        plain_err(format!(
+            "error unmarshaling JSON: while decoding JSON: json: cannot unmarshal {what} into Go struct field {field} of type []v1beta4.Arg"
+        ))
+    };
+    let items = v
+        .as_array()
+        .ok_or_else(|| bad(if v.is_object() { "object" } else { "value" }))?;
+    items
+        .iter()
+        .map(|a| match (a["name"].as_str(), a["value"].as_str()) {
+            (Some(n), Some(val)) => Ok((n.to_string(), val.to_string())),
+            _ => Err(bad("value")),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct Token {
+    id: String,
+    secret: String,
+}
+
+impl Token {
+    fn full(&self) -> String {
+        format!("{}.{}", self.id, self.secret)
+    }
+}
+
+fn parse_token(s: &str, field: &str) -> R<Token> {
+    if !looks_like_token(s) {
+        return Err(plain_err(format!(
+            "{field}: Invalid value: {s:?}: the bootstrap token {s:?} was not of the form {TOKEN_FORM:?}"
+        )));
+    }
+    Ok(Token {
+        id: s[..6].into(),
+        secret: s[7..].into(),
+    })
+}
+
+fn parse_ip(s: Option<&str>, field: &str) -> R<IpAddr> {
+    let s = s.unwrap_or("");
+    s.parse()
+        .map_err(|_| plain_err(format!("{field}: Invalid value: {s:?}: couldn't use \"{s}\" as \"apiserver-advertise-address\", must be ipv4 or ipv6 address")))
+}
+
+// ---------------------------------------------------------------------------
+// The API server (the test double), over plain HTTP
+
+#[derive(Debug, Clone)]
+struct Api {
+    /// `http://host:port`
+    base: String,
+    /// How long unreachable / 5xx / 429 answers are retried.
+    patience: Duration,
+}
+
+/// An answer other than 2xx: the status code and the `Status` message.
+#[derive(Debug)]
+struct ApiFailure {
+    code: u16,
+    message: String,
+}
+
+impl Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Api {
+    fn new(endpoint: &str) -> Self {
+        let host = endpoint
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        Api {
+            base: format!("http://{host}"),
+            patience: knob("KBTEST_KUBEADM_API_TIMEOUT_MS", 10_000),
+        }
+    }
+
+    /// One call, retried while the server is unreachable or overloaded.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        content_type: &str,
+    ) -> Result<Value, ApiFailure> {
+        let deadline = Instant::now() + self.patience;
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let verb = match method {
+            "GET" => "Get",
+            "POST" => "Post",
+            "PUT" => "Put",
+            "PATCH" => "Patch",
+            "DELETE" => "Delete",
+            m => m,
+        };
+        loop {
+            let headers = [
+                ("Content-Type", content_type),
+                ("Accept", "application/json"),
+            ];
+            let attempt = http_request(&self.base, method, path, &headers, &bytes).await;
+            let failure = match attempt {
+                Ok(resp) if (200..300).contains(&resp.status) => {
+                    return Ok(serde_json::from_slice(&resp.body).unwrap_or(Value::Null));
+                }
+                Ok(resp) => {
+                    let body: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+                    let message = body["message"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| resp.text());
+                    ApiFailure {
+                        code: resp.status,
+                        message,
+                    }
+                }
+                Err(e) => ApiFailure {
+                    code: 0,
+                    message: format!("{verb} \"{}{path}\": {e}", self.base),
+                },
+            };
+            let transient = failure.code == 0 || failure.code == 429 || failure.code >= 500;
+            if !transient || Instant::now() >= deadline {
+                return Err(failure);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Option<Value>, ApiFailure> {
+        match self.call("GET", path, None, "application/json").await {
+            Ok(v) => Ok(Some(v)),
+            Err(f) if f.code == 404 => Ok(None),
+            Err(f) => Err(f),
+        }
+    }
+
+    async fn create(&self, collection: &str, obj: &Value) -> Result<Value, ApiFailure> {
+        self.call("POST", collection, Some(obj), "application/json")
+            .await
+    }
+
+    /// kubeadm's CreateOrUpdate: POST, and on AlreadyExists a PUT.
+    async fn create_or_update(
+        &self,
+        collection: &str,
+        name: &str,
+        obj: &Value,
+    ) -> Result<Value, ApiFailure> {
+        match self.create(collection, obj).await {
+            Err(f) if f.code == 409 => {
+                let mut obj = obj.clone();
+                if let Some(m) = obj["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                self.call(
+                    "PUT",
+                    &format!("{collection}/{name}"),
+                    Some(&obj),
+                    "application/json",
+                )
+                .await
+            }
+            other => other,
+        }
+    }
+
+    async fn merge_patch(&self, path: &str, patch: &Value) -> Result<Value, ApiFailure> {
+        self.call("PATCH", path, Some(patch), "application/merge-patch+json")
+            .await
+    }
+
+    /// Whether the object existed.
+    async fn delete(&self, path: &str) -> Result<bool, ApiFailure> {
+        match self.call("DELETE", path, None, "application/json").await {
+            Ok(_) => Ok(true),
+            Err(f) if f.code == 404 => Ok(false),
+            Err(f) => Err(f),
+        }
+    }
+}
+
+/// The API server a kubeconfig written by this stand-in (or any JSON
+/// kubeconfig) points at.
+fn kubeconfig_server(path: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let cfg: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a JSON kubeconfig: {e}", path.display()))?;
+    cfg["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("{}: no clusters[0].cluster.server", path.display()))
+}
+
+fn kubeconfig(cluster: &str, server: &str, ca_pem: &str, user: &str) -> Value {
+    let context = format!("{user}@{cluster}");
+    json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": cluster, "cluster": {
+            "certificate-authority-data": B64.encode(ca_pem),
+            "server": server,
+        }}],
+        "contexts": [{"name": context, "context": {"cluster": cluster, "user": user}}],
+        "current-context": context,
+        "preferences": {},
+        "users": [{"name": user, "user": {}}],
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Certificates
+
+/// A self-signed cluster CA (`CN=kubernetes`, 10 years), as kubeadm's
+/// `certs/ca` phase creates it (ECDSA P-256 rather than RSA 2048).
+fn generate_ca() -> Result<(String, String), String> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kubernetes");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::CrlSign,
+    ];
+    let today = Timestamp::now()
+        .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC)
+        .date();
+    let (y, m, d) = (
+        i32::from(today.year()),
+        u8::try_from(today.month()).unwrap_or(1),
+        u8::try_from(today.day()).unwrap_or(1),
+    );
+    params.not_before = rcgen::date_time_ymd(y - 1, m, d.min(28));
+    params.not_after = rcgen::date_time_ymd(y + 10, m, d.min(28));
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// `sha256:<hex of the DER SubjectPublicKeyInfo>`, kubeadm's CA pin.
+fn ca_pin(pem: &str) -> Result<String, String> {
+    use x509_cert::der::{DecodePem, Encode};
+    let cert = x509_cert::Certificate::from_pem(pem.as_bytes())
+        .map_err(|e| format!("failed to parse the CA certificate: {e}"))?;
+    let spki = cert
+        .tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|e| format!("failed to encode the CA public key: {e}"))?;
+    Ok(format!("sha256:{}", hex(&Sha256::digest(&spki))))
+}
+
+fn keystream_xor(key: &[u8], nonce: &[u8], data: &[u8]) -> Vec<u8> {
+    data.chunks(32)
+        .enumerate()
+        .flat_map(|(i, chunk)| {
+            let mut h = Sha256::new();
+            h.update(key);
+            h.update(nonce);
+            h.update((i as u64).to_be_bytes());
+            let block = h.finalize();
+            chunk
+                .iter()
+                .zip(block.iter())
+                .map(|(a, b)| a ^ b)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Encrypt-then-MAC with the certificate key, standing in for kubeadm's
+/// AES-GCM: only the right key recovers the certificates, and a wrong one
+/// fails authentication.
+fn seal(key: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let random = uuid::Uuid::new_v4();
+    let nonce = &random.as_bytes()[..12];
+    let ct = keystream_xor(key, nonce, plaintext);
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&ct);
+    let tag = hmac_sha256(key, &out);
+    out.extend_from_slice(&tag);
+    out
+}
+
+fn open_sealed(key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
+    let failed = || "cipher: message authentication failed".to_string();
+    if sealed.len() < 12 + 32 {
+        return Err(failed());
+    }
+    let (body, tag) = sealed.split_at(sealed.len() - 32);
+    if hmac_sha256(key, body) != tag {
+        return Err(failed());
+    }
+    let (nonce, ct) = body.split_at(12);
+    Ok(keystream_xor(key, nonce, ct))
+}
+
+/// The 32-byte AES key from a `--certificate-key`, with kubeadm's errors.
+fn certificate_key_bytes(key: &str) -> Result<Vec<u8>, String> {
+    let bytes = hex_decode(key).map_err(|e| format!("error decoding certificate key: {e}"))?;
+    if bytes.len() != 32 {
+        return Err(format!(
+            "error decoding certificate key: crypto/aes: invalid key size {}",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Stores the CA sealed with the certificate key in `kube-system/kubeadm-certs`.
+async fn upload_certs(api: &Api, pki: &Path, key: &str) -> R<()> {
+    let fail = |m: String| phase_err("upload-certs", format!("error uploading certs: {m}"));
+    let key_bytes = certificate_key_bytes(key).map_err(fail)?;
+    let mut data = serde_json::Map::new();
+    for name in ["ca.crt", "ca.key"] {
+        let path = pki.join(name);
+        let content = std::fs::read(&path).map_err(|e| {
+            fail(format!(
+                "failed to load {name}: open {}: {e}",
+                path.display()
+            ))
+        })?;
+        data.insert(name.into(), json!(B64.encode(seal(&key_bytes, &content))));
+    }
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": "kubeadm-certs",
+            "namespace": "kube-system",
+            "annotations": {
+                KEY_HASH_ANNOTATION: hex(&Sha256::digest(key.as_bytes())),
+                CERTS_EXPIRY_ANNOTATION: rfc3339(SystemTime::now() + CERTS_TTL),
+            },
+        },
+        "data": data,
+    });
+    println!("[upload-certs] Storing the certificates in Secret \"kubeadm-certs\" in the \"kube-system\" Namespace");
+    api.create_or_update(
+        "/api/v1/namespaces/kube-system/secrets",
+        "kubeadm-certs",
+        &secret,
+    )
+    .await
+    .map_err(|e| fail(e.to_string()))?;
+    println!("[upload-certs] Using certificate key:\n{key}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// etcd processes
+
+fn etcd_bin() -> PathBuf {
+    std::env::var_os("KBTEST_ETCD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
+/// One local etcd member as the static Pod manifest describes it.
+#[derive(Debug, Clone)]
+struct LocalEtcd {
+    name: String,
+    data_dir: PathBuf,
+    /// Client URL advertised (and put on the mirror Pod).
+    client_url: String,
+    /// Peer URL advertised.
+    peer_url: String,
+    /// Full etcd argv after the program name.
+    args: Vec<String>,
+}
+
+impl LocalEtcd {
+    /// Reads the stand-in's `manifests/etcd.yaml` (a JSON Pod).
+    fn from_manifest(path: &Path) -> Option<Self> {
+        let pod: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        let command: Vec<String> = pod["spec"]["containers"][0]["command"]
+            .as_array()?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        let flag = |name: &str| {
+            command
+                .iter()
+                .find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_string))
+        };
+        Some(LocalEtcd {
+            name: flag("name")?,
+            data_dir: PathBuf::from(flag("data-dir")?),
+            client_url: flag("advertise-client-urls")?,
+            peer_url: flag("initial-advertise-peer-urls")?,
+            args: command[1..].to_vec(),
+        })
+    }
+
+    fn manifest(&self) -> Value {
+        let mut command = vec!["etcd".to_string()];
+        command.extend(self.args.iter().cloned());
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "etcd",
+                "namespace": "kube-system",
+                "labels": {"component": "etcd", "tier": "control-plane"},
+                "annotations": {ETCD_URL_ANNOTATION: self.client_url},
+            },
+            "spec": {
+                "hostNetwork": true,
+                "priorityClassName": "system-node-critical",
+                "containers": [{
+                    "name": "etcd",
+                    "image": "registry.k8s.io/etcd:3.5.15-0",
+                    "command": command,
+                    "volumeMounts": [{"name": "etcd-data", "mountPath": self.data_dir.display().to_string()}],
+                }],
+                "volumes": [{"name": "etcd-data", "hostPath": {"path": self.data_dir.display().to_string(), "type": "DirectoryOrCreate"}}],
+            },
+        })
+    }
+}
+
+/// The argv of a member: kubeadm's flags, then the user's `extraArgs`.
+fn etcd_args(
+    name: &str,
+    data_dir: &Path,
+    urls: &EtcdUrls,
+    initial_cluster: &str,
+    state: &str,
+    extra: &[(String, String)],
+) -> Vec<String> {
+    let mut flags: Vec<(String, String)> = vec![
+        ("name".into(), name.into()),
+        ("data-dir".into(), data_dir.display().to_string()),
+        ("listen-client-urls".into(), urls.listen_client.join(",")),
+        ("advertise-client-urls".into(), urls.client.clone()),
+        ("listen-peer-urls".into(), urls.listen_peer.join(",")),
+        ("initial-advertise-peer-urls".into(), urls.peer.clone()),
+        ("initial-cluster".into(), initial_cluster.into()),
+        ("initial-cluster-state".into(), state.into()),
+        ("snapshot-count".into(), "10000".into()),
+        ("logger".into(), "zap".into()),
+        ("log-outputs".into(), "stderr".into()),
+    ];
+    for (k, v) in extra {
+        if matches!(
+            k.as_str(),
+            "listen-client-urls"
+                | "advertise-client-urls"
+                | "listen-peer-urls"
+                | "initial-advertise-peer-urls"
+        ) {
+            continue; // already folded into `urls`
+        }
+        match flags.iter_mut().find(|(n, _)| n == k) {
+            Some(f) => f.1 = v.clone(),
+            None => flags.push((k.clone(), v.clone())),
+        }
+    }
+    flags
+        .into_iter()
+        .map(|(k, v)| format!("--{k}={v}"))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct EtcdUrls {
+    client: String,
+    peer: String,
+    listen_client: Vec<String>,
+    listen_peer: Vec<String>,
+}
+
+/// Parses `scheme://host:port` into its parts.
+fn split_url(url: &str) -> Option<(&str, &str, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (host, port) = rest.trim_end_matches('/').rsplit_once(':')?;
+    Some((scheme, host, port.parse().ok()?))
+}
+
+/// Every node of a test shares the host's 127.0.0.1, so a loopback listen
+/// URL (which the agent renders, as real nodes want) would collide between
+/// "nodes"; each node's own 127.x.y.z address stands in for its loopback.
+fn drop_shared_loopback(urls: &[String], advertise: &IpAddr) -> Vec<String> {
+    urls.iter()
+        .filter(|u| {
+            let host = split_url(u).map(|(_, h, _)| h).unwrap_or("");
+            host == advertise.to_string() || !(host == "127.0.0.1" || host == "localhost")
+        })
+        .cloned()
+        .collect()
+}
+
+/// Starts etcd detached (own session, so it outlives this process like a
+/// static Pod), records its pid for the test harness and the reset, and
+/// starts the owner watchdog.
+fn spawn_etcd(member: &LocalEtcd, state_dir: &Path) -> Result<Child, String> {
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| format!("mkdir {}: {e}", state_dir.display()))?;
+    std::fs::create_dir_all(&member.data_dir)
+        .map_err(|e| format!("mkdir {}: {e}", member.data_dir.display()))?;
+    let log_path = state_dir.join("etcd.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(etcd_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCD") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(&member.args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and nothing is allocated.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", etcd_bin().display()))?;
+    let pid = child.id();
+    let pid_file = state_dir.join("etcd.pid");
+    std::fs::write(&pid_file, format!("{pid}\n"))
+        .map_err(|e| format!("write {}: {e}", pid_file.display()))?;
+    record_pid(pid, &member.data_dir).map_err(|e| format!("record etcd pid {pid}: {e}"))?;
+    start_watchdog(pid);
+    Ok(child)
+}
+
+/// If the test declared an owner, a detached watchdog kills this etcd when
+/// the owner dies without cleaning up (e.g. killed by a test timeout).
+fn start_watchdog(etcd_pid: u32) {
+    let Some(owner) = std::env::var(standin::OWNER_PID_ENV).ok() else {
+        return;
+    };
+    let Ok(me) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = Command::new(me);
+    cmd.arg("__kbtest-watchdog")
+        .arg(owner)
+        .arg(etcd_pid.to_string())
+        .env_remove(standin::LOG_ENV)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and nothing is allocated.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let _ = cmd.spawn();
+}
+
+fn watchdog(args: &[String]) {
+    let (Some(owner), Some(etcd)) = (
+        args.first().and_then(|a| a.parse::<u32>().ok()),
+        args.get(1).and_then(|a| a.parse::<u32>().ok()),
+    ) else {
+        return;
+    };
+    loop {
+        if !pid_alive(etcd) {
+            return;
+        }
+        if !pid_alive(owner) {
+            stop_groups(&[etcd], Duration::from_millis(300));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+async fn etcd_client(urls: &[String]) -> Result<Client, String> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5));
+    Client::connect(urls, Some(opts))
+        .await
+        .map_err(|e| etcd_msg(&e))
+}
+
+/// The server's own words for a gRPC failure (`etcdserver: …`).
+fn etcd_msg(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Refusals etcd lifts by itself shortly (kubeadm retries etcd calls).
+fn transient(msg: &str) -> bool {
+    [
+        "unhealthy cluster",
+        "not enough started members",
+        "leader changed",
+        "no leader",
+        "timed out",
+        "deadline",
+        "transport",
+        "connection",
+        "Unavailable",
+        "unavailable",
+    ]
+    .iter()
+    .any(|t| msg.contains(t))
+}
+
+/// Probes one member: a leader is known and, for voters, a linearizable
+/// read succeeds.
+async fn probe(url: &str, learner: bool) -> Result<(), String> {
+    let mut c = etcd_client(&[url.to_string()]).await?;
+    let status = c.status().await.map_err(|e| etcd_msg(&e))?;
+    if status.leader() == 0 {
+        return Err("no leader yet".into());
+    }
+    if !learner {
+        c.get("kbtest-standin-health", None)
+            .await
+            .map_err(|e| etcd_msg(&e))?;
+    }
+    Ok(())
+}
+
+/// Waits until the local member serves, failing early if it exited.
+async fn wait_member(
+    child: &mut Child,
+    url: &str,
+    learner: bool,
+    log: &Path,
+) -> Result<(), String> {
+    let timeout = wait_timeout();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the etcd static Pod exited ({status}); its last log lines:\n{}",
+                kubeboot_tests::process::log_tail(log, 15)
+            ));
+        }
+        let last = match probe(url, learner).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "etcd at {url} not healthy after {timeout:?} ({last}): timed out waiting for the condition"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Kubelet effects: Node registration and mirror Pods
+
+/// Registers the Node as a kubelet does (Ready "False" until the double's
+/// kubelet reports ready); an existing Node is kept. Returns its uid.
+async fn register_node(api: &Api, name: &str, ip: &IpAddr) -> Result<String, ApiFailure> {
+    let node = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "beta.kubernetes.io/arch": "amd64",
+                "beta.kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+            },
+            "annotations": {
+                "node.alpha.kubernetes.io/ttl": "0",
+                "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+            },
+        },
+        "spec": {},
+        "status": {
+            "conditions": [
+                {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "message": "kubelet has sufficient memory available"},
+                {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "message": "kubelet has no disk pressure"},
+                {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "message": "kubelet has sufficient PID available"},
+                {"type": "Ready", "status": "False", "reason": "KubeletNotReady",
+                 "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized"},
+            ],
+            "addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}],
+            "nodeInfo": {
+                "kubeletVersion": VERSION, "kubeProxyVersion": VERSION, "containerRuntimeVersion": "containerd://1.7.22",
+                "operatingSystem": "linux", "architecture": "amd64", "osImage": "Amazon Linux 2023",
+                "kernelVersion": "6.1.0", "machineID": "", "systemUUID": "", "bootID": "",
+            },
+        },
+    });
+    let created = match api.create("/api/v1/nodes", &node).await {
+        Ok(v) => v,
+        Err(f) if f.code == 409 => {
+            let labels = node["metadata"]["labels"].clone();
+            api.merge_patch(
+                &format!("/api/v1/nodes/{name}"),
+                &json!({"metadata": {"labels": labels}}),
+            )
+            .await?
+        }
+        Err(f) => return Err(f),
+    };
+    Ok(created["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+async fn mark_control_plane(api: &Api, name: &str) -> R<()> {
+    println!("[mark-control-plane] Marking the node {name} as control-plane by adding the labels: [{CONTROL_PLANE_LABEL} {EXCLUDE_LB_LABEL}]");
+    println!("[mark-control-plane] Marking the node {name} as control-plane by adding the taints [{CONTROL_PLANE_LABEL}:NoSchedule]");
+    api.merge_patch(
+        &format!("/api/v1/nodes/{name}"),
+        &json!({
+            "metadata": {"labels": {CONTROL_PLANE_LABEL: "", EXCLUDE_LB_LABEL: ""}},
+            "spec": {"taints": [{"key": CONTROL_PLANE_LABEL, "effect": "NoSchedule"}]},
+        }),
+    )
+    .await
+    .map_err(|e| {
+        phase_err(
+            "mark-control-plane",
+            format!("error patching node {name:?} through apiserver: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
+/// The etcd mirror Pod the kubelet creates for the static Pod: this is how
+/// kubeadm (and the agent) find etcd members through the API.
+async fn create_etcd_mirror_pod(
+    api: &Api,
+    node: &str,
+    node_uid: &str,
+    ip: &IpAddr,
+    member: &LocalEtcd,
+) -> Result<(), ApiFailure> {
+    let mut pod = member.manifest();
+    let name = format!("etcd-{node}");
+    pod["metadata"]["name"] = json!(name);
+    pod["metadata"]["annotations"]["kubernetes.io/config.source"] = json!("file");
+    pod["metadata"]["annotations"]["kubernetes.io/config.mirror"] =
+        json!(hex(&Sha256::digest(member.args.join(" ").as_bytes()))[..32]);
+    pod["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid, "controller": true,
+    }]);
+    pod["spec"]["nodeName"] = json!(node);
+    let collection = "/api/v1/namespaces/kube-system/pods";
+    let created = match api.create(collection, &pod).await {
+        Err(f) if f.code == 409 => {
+            // A mirror Pod from an earlier incarnation of this node.
+            api.delete(&format!("{collection}/{name}")).await?;
+            api.create(collection, &pod).await?
+        }
+        other => other?,
+    };
+    let mut running = created;
+    let now = rfc3339(SystemTime::now());
+    running["status"] = json!({
+        "phase": "Running",
+        "hostIP": ip.to_string(),
+        "podIP": ip.to_string(),
+        "startTime": now,
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+    });
+    api.call(
+        "PUT",
+        &format!("{collection}/{name}/status"),
+        Some(&running),
+        "application/json",
+    )
+    .await?;
+    Ok(())
+}
+
+fn write_static_manifests(manifests: &Path, member: Option<&LocalEtcd>, phase: &str) -> R<()> {
+    for component in [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ] {
+        println!("[control-plane] Creating static Pod manifest for {component:?}");
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": component, "namespace": "kube-system", "labels": {"component": component, "tier": "control-plane"}},
+            "spec": {"hostNetwork": true, "containers": [{"name": component, "image": format!("registry.k8s.io/{component}:{VERSION}"), "command": [component]}]},
+        });
+        write_file(
+            &manifests.join(format!("{component}.yaml")),
+            format!("{pod:#}\n").as_bytes(),
+            0o600,
+        )
+        .map_err(|e| phase_err(phase, e))?;
+    }
+    if let Some(m) = member {
+        println!(
+            "[etcd] Creating static Pod manifest for local etcd in {:?}",
+            manifests.display().to_string()
+        );
+        write_file(
+            &manifests.join("etcd.yaml"),
+            format!("{:#}\n", m.manifest()).as_bytes(),
+            0o600,
+        )
+        .map_err(|e| phase_err(phase, e))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Preflight
+
+struct Preflight {
+    errors: Vec<String>,
+    ignored: BTreeSet<String>,
+}
+
+impl Preflight {
+    fn new(ignore: Option<&str>) -> Self {
+        Preflight {
+            errors: Vec::new(),
+            ignored: ignore
+                .unwrap_or("")
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }
+    }
+
+    fn fail(&mut self, name: String, msg: String) {
+        if self.ignored.contains("all") || self.ignored.contains(&name.to_ascii_lowercase()) {
+            println!("\t[WARNING {name}]: {msg}");
+        } else {
+            self.errors.push(format!("\t[ERROR {name}]: {msg}"));
+        }
+    }
+
+    fn port(&mut self, ip: &IpAddr, port: u16) {
+        if TcpListener::bind((*ip, port)).is_err() {
+            self.fail(format!("Port-{port}"), format!("Port {port} is in use"));
+        }
+    }
+
+    fn file_available(&mut self, path: &Path) {
+        if path.exists() {
+            self.fail(
+                check_name("FileAvailable", path),
+                format!("{} already exists", path.display()),
+            );
+        }
+    }
+
+    fn dir_available(&mut self, path: &Path) {
+        if !dir_is_empty(path) {
+            self.fail(
+                check_name("DirAvailable", path),
+                format!("{} is not empty", path.display()),
+            );
+        }
+    }
+
+    fn finish(self) -> R<()> {
+        if self.errors.is_empty() {
+            return Ok(());
+        }
+        Err(phase_err(
+            "preflight",
+            format!(
+                "[preflight] Some fatal errors occurred:\n{}\n[preflight] If you know what you are doing, you can make a check non-fatal with `--ignore-preflight-errors=...`",
+                self.errors.join("\n")
+            ),
+        ))
+    }
+}
+
+fn manifest_files(manifests: &Path) -> Vec<PathBuf> {
+    [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "etcd",
+    ]
+    .iter()
+    .map(|c| manifests.join(format!("{c}.yaml")))
+    .collect()
+}
+
+// ---------------------------------------------------------------------------
+// kubeadm init
+
+#[derive(Debug, Clone)]
+struct TokenSpec {
+    token: Token,
+    ttl: Duration,
+    usages: Vec<String>,
+    groups: Vec<String>,
+    description: String,
+}
+
+fn token_secret(spec: &TokenSpec) -> Value {
+    let mut data = serde_json::Map::new();
+    let mut put = |k: &str, v: &str| {
+        data.insert(k.into(), json!(B64.encode(v)));
+    };
+    put("token-id", &spec.token.id);
+    put("token-secret", &spec.token.secret);
+    if !spec.ttl.is_zero() {
+        put("expiration", &rfc3339(SystemTime::now() + spec.ttl));
+    }
+    for usage in &spec.usages {
+        put(&format!("usage-bootstrap-{usage}"), "true");
+    }
+    if !spec.groups.is_empty() {
+        put("auth-extra-groups", &spec.groups.join(","));
+    }
+    if !spec.description.is_empty() {
+        put("description", &spec.description);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": kubeapi::BOOTSTRAP_TOKEN_TYPE,
+        "metadata": {"name": format!("bootstrap-token-{}", spec.token.id), "namespace": "kube-system"},
+        "data": data,
+    })
+}
+
+fn token_specs(init: &Value) -> R<Vec<TokenSpec>> {
+    let Some(list) = init["bootstrapTokens"].as_array() else {
+        return Ok(vec![TokenSpec {
+            token: parse_token(&generate_token(), "bootstrapTokens[0].token")?,
+            ttl: Duration::from_secs(86_400),
+            usages: vec!["signing".into(), "authentication".into()],
+            groups: vec![DEFAULT_TOKEN_GROUP.into()],
+            description: String::new(),
+        }]);
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let token = parse_token(
+                t["token"].as_str().unwrap_or(""),
+                &format!("bootstrapTokens[{i}].token"),
+            )?;
+            let ttl = match t["ttl"].as_str() {
+                Some(s) => parse_go_duration(s)
+                    .map_err(|e| plain_err(format!("bootstrapTokens[{i}].ttl: {e}")))?,
+                None => Duration::from_secs(86_400),
+            };
+            let strings = |field: &str, default: &[&str]| -> Vec<String> {
+                t[field].as_array().map_or_else(
+                    || default.iter().map(|s| s.to_string()).collect(),
+                    |a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    },
+                )
+            };
+            Ok(TokenSpec {
+                token,
+                ttl,
+                usages: strings("usages", &["signing", "authentication"]),
+                groups: strings("groups", &[DEFAULT_TOKEN_GROUP]),
+                description: t["description"].as_str().unwrap_or("").into(),
+            })
+        })
+        .collect()
+}
+
+/// `kube-public/cluster-info`: the CA and endpoint joining nodes discover
+/// (the double's bootstrap signer adds the token signatures).
+fn cluster_info(server: &str, ca_pem: &str) -> Value {
+    let kubeconfig = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "", "cluster": {"certificate-authority-data": B64.encode(ca_pem), "server": server}}],
+        "contexts": null,
+        "current-context": "",
+        "preferences": {},
+        "users": null,
+    });
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+        "data": {"kubeconfig": format!("{kubeconfig:#}\n")},
+    })
+}
+
+fn check_kubernetes_version(v: &str) -> R<()> {
+    let bad = || plain_err(format!("couldn't parse Kubernetes version {v:?}"));
+    let rest = v.strip_prefix('v').ok_or_else(bad)?;
+    let mut parts = rest.split('.');
+    let (Some(major), Some(minor)) = (parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let (major, minor): (u32, u32) = (
+        major.parse().map_err(|_| bad())?,
+        minor.parse().map_err(|_| bad())?,
+    );
+    if major != 1 || minor < 30 {
+        return Err(plain_err(format!(
+            "this version of kubeadm only supports deploying clusters with the control plane version >= 1.30.0. Current version: {v}"
+        )));
+    }
+    if minor > 32 {
+        return Err(plain_err(format!(
+            "the specified version to deploy ({v}) is too far from the kubeadm version ({VERSION})"
+        )));
+    }
+    Ok(())
+}
+
+async fn init(args: &[String]) -> R<()> {
+    let flags = parse_flags(
+        args,
+        &[
+            ("config", true),
+            ("upload-certs", false),
+            ("skip-token-print", false),
+            ("ignore-preflight-errors", true),
+            ("certificate-key", true),
+        ],
+    )?;
+    let config = flags.value("config").ok_or_else(|| {
+        plain_err("the kubeadm stand-in needs --config (the agent always passes one)")
+    })?;
+    let docs = load_documents(config)?;
+    let empty = json!({});
+    let init_doc = find_kind(&docs, "InitConfiguration").unwrap_or(&empty);
+    let cluster = find_kind(&docs, "ClusterConfiguration").ok_or_else(|| {
+        plain_err(format!(
+            "{config}: no ClusterConfiguration document (the stand-in needs controlPlaneEndpoint)"
+        ))
+    })?;
+
+    let node = str_at(init_doc, "/nodeRegistration/name")
+        .ok_or_else(|| plain_err("nodeRegistration.name: Required value: the kubeadm stand-in does not default it to the hostname"))?
+        .to_string();
+    arg_list(
+        init_doc.pointer("/nodeRegistration/kubeletExtraArgs"),
+        "NodeRegistrationOptions.nodeRegistration.kubeletExtraArgs",
+    )?;
+    let ip = parse_ip(
+        str_at(init_doc, "/localAPIEndpoint/advertiseAddress"),
+        "localAPIEndpoint.advertiseAddress",
+    )?;
+    let tokens = token_specs(init_doc)?;
+    let endpoint = str_at(cluster, "/controlPlaneEndpoint")
+        .ok_or_else(|| plain_err("controlPlaneEndpoint: Required value: the kubeadm stand-in reaches the API server double there"))?
+        .to_string();
+    let version = str_at(cluster, "/kubernetesVersion").unwrap_or(VERSION);
+    check_kubernetes_version(version)?;
+    let cluster_name = str_at(cluster, "/clusterName")
+        .unwrap_or("kubernetes")
+        .to_string();
+    let pki = PathBuf::from(str_at(cluster, "/certificatesDir").unwrap_or(DEFAULT_CERT_DIR));
+    let k8s = parent(&pki);
+    let data_dir = PathBuf::from(str_at(cluster, "/etcd/local/dataDir").unwrap_or("/var/lib/etcd"));
+    let extra = arg_list(
+        cluster.pointer("/etcd/local/extraArgs"),
+        "LocalEtcd.etcd.local.extraArgs",
+    )?;
+    guard_paths(&[&k8s, &data_dir])?;
+    let key = match flags
+        .value("certificate-key")
+        .or_else(|| str_at(init_doc, "/certificateKey"))
+    {
+        Some(k) => k.to_string(),
+        None => generate_certificate_key(),
+    };
+
+    let extra_get = |n: &str| extra.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let client = extra_get("advertise-client-urls").unwrap_or_else(|| format!("https://{ip}:2379"));
+    let peer =
+        extra_get("initial-advertise-peer-urls").unwrap_or_else(|| format!("https://{ip}:2380"));
+    let split = |s: Option<String>, default: &str| -> Vec<String> {
+        s.unwrap_or_else(|| default.to_string())
+            .split(',')
+            .map(str::to_string)
+            .collect()
+    };
+    let urls = EtcdUrls {
+        listen_client: drop_shared_loopback(&split(extra_get("listen-client-urls"), &client), &ip),
+        listen_peer: drop_shared_loopback(&split(extra_get("listen-peer-urls"), &peer), &ip),
+        client: client.clone(),
+        peer: peer.clone(),
+    };
+    for u in urls
+        .listen_client
+        .iter()
+        .chain(&urls.listen_peer)
+        .chain([&client, &peer])
+    {
+        match split_url(u) {
+            Some(("http", _, _)) => {}
+            Some(("https", _, _)) => {
+                return Err(plain_err(format!(
+                    "etcd URL {u}: the kubeadm stand-in runs etcd over plain http only (set etcd.scheme = \"http\" in tests)"
+                )))
+            }
+            _ => return Err(plain_err(format!("etcd URL {u:?} is not scheme://host:port"))),
+        }
+    }
+
+    println!("[init] Using Kubernetes version: {version}");
+    println!("[preflight] Running pre-flight checks");
+    let mut pre = Preflight::new(flags.value("ignore-preflight-errors"));
+    let manifests = k8s.join("manifests");
+    for f in manifest_files(&manifests) {
+        pre.file_available(&f);
+    }
+    for u in [&client, &peer] {
+        if let Some((_, host, port)) = split_url(u) {
+            if let Ok(h) = host.parse::<IpAddr>() {
+                pre.port(&h, port);
+            }
+        }
+    }
+    pre.dir_available(&data_dir);
+    pre.finish()?;
+    println!("[preflight] Pulling images required for setting up a Kubernetes cluster");
+
+    // certs
+    println!(
+        "[certs] Using certificateDir folder {:?}",
+        pki.display().to_string()
+    );
+    let (ca_crt, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    let ca_pem = if ca_crt.exists() && ca_key.exists() {
+        println!("[certs] Using existing ca certificate authority");
+        std::fs::read_to_string(&ca_crt)
+            .map_err(|e| phase_err("certs/ca", format!("failure loading ca certificate: {e}")))?
+    } else {
+        println!("[certs] Generating \"ca\" certificate and key");
+        let (cert, key_pem) = generate_ca().map_err(|e| {
+            phase_err(
+                "certs/ca",
+                format!("failure while creating CA certificate: {e}"),
+            )
+        })?;
+        write_file(&ca_crt, cert.as_bytes(), 0o644).map_err(|e| phase_err("certs/ca", e))?;
+        write_file(&ca_key, key_pem.as_bytes(), 0o600).map_err(|e| phase_err("certs/ca", e))?;
+        cert
+    };
+    let pin = ca_pin(&ca_pem).map_err(|e| phase_err("certs/ca", e))?;
+    for c in [
+        "apiserver",
+        "apiserver-kubelet-client",
+        "front-proxy-ca",
+        "front-proxy-client",
+        "etcd/ca",
+        "etcd/server",
+        "etcd/peer",
+        "etcd/healthcheck-client",
+        "apiserver-etcd-client",
+    ] {
+        println!("[certs] Generating {c:?} certificate and key");
+    }
+    println!("[certs] Generating \"sa\" key and public key");
+
+    // kubeconfig
+    let server = format!("http://{endpoint}");
+    println!(
+        "[kubeconfig] Using kubeconfig folder {:?}",
+        k8s.display().to_string()
+    );
+    for (file, user) in [
+        ("admin.conf", "kubernetes-admin"),
+        ("super-admin.conf", "kubernetes-super-admin"),
+        ("kubelet.conf", &format!("system:node:{node}")),
+        ("controller-manager.conf", "system:kube-controller-manager"),
+        ("scheduler.conf", "system:kube-scheduler"),
+    ] {
+        println!("[kubeconfig] Writing {file:?} kubeconfig file");
+        let cfg = kubeconfig(&cluster_name, &server, &ca_pem, user);
+        write_file(&k8s.join(file), format!("{cfg:#}\n").as_bytes(), 0o600)
+            .map_err(|e| phase_err("kubeconfig", e))?;
+    }
+
+    // etcd + control plane manifests
+    let member = LocalEtcd {
+        name: node.clone(),
+        data_dir: data_dir.clone(),
+        client_url: client.clone(),
+        peer_url: peer.clone(),
+        args: etcd_args(
+            &node,
+            &data_dir,
+            &urls,
+            &format!("{node}={peer}"),
+            "new",
+            &extra,
+        ),
+    };
+    write_static_manifests(&manifests, Some(&member), "etcd")?;
+    println!("[kubelet-start] Writing kubelet environment file with flags to file \"/var/lib/kubelet/kubeadm-flags.env\"");
+    println!("[kubelet-start] Starting the kubelet");
+    let state_dir = k8s.join(standin::STATE_DIR);
+    let mut child =
+        spawn_etcd(&member, &state_dir).map_err(|e| phase_err("wait-control-plane", e))?;
+    println!("[wait-control-plane] Waiting for the kubelet to boot up the control plane as static Pods from directory {:?}", manifests.display().to_string());
+    let started = Instant::now();
+    wait_member(&mut child, &client, false, &state_dir.join("etcd.log"))
+        .await
+        .map_err(|e| {
+            println!("[wait-control-plane] etcd did not become healthy: timed out waiting for the condition");
+            phase_err("wait-control-plane", e)
+        })?;
+    println!(
+        "[kubelet-check] The kubelet is healthy after {:.6}s",
+        started.elapsed().as_secs_f64()
+    );
+    let api = Api::new(&endpoint);
+    println!("[api-check] Waiting for a healthy API server. This can take up to 4m0s");
+    wait_api(&api)
+        .await
+        .map_err(|e| phase_err("wait-control-plane", e))?;
+    println!(
+        "[api-check] The API server is healthy after {:.6}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let node_uid = register_node(&api, &node, &ip).await.map_err(|e| {
+        phase_err(
+            "wait-control-plane",
+            format!("error registering node {node:?}: {e}"),
+        )
+    })?;
+    create_etcd_mirror_pod(&api, &node, &node_uid, &ip, &member)
+        .await
+        .map_err(|e| {
+            phase_err(
+                "wait-control-plane",
+                format!("error creating the etcd mirror Pod: {e}"),
+            )
+        })?;
+
+    println!("[upload-config] Storing the configuration used in ConfigMap \"kubeadm-config\" in the \"kube-system\" Namespace");
+    let kubeadm_config = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "kubeadm-config", "namespace": "kube-system"},
+        "data": {"ClusterConfiguration": format!("{cluster:#}\n")},
+    });
+    api.create_or_update(
+        "/api/v1/namespaces/kube-system/configmaps",
+        "kubeadm-config",
+        &kubeadm_config,
+    )
+    .await
+    .map_err(|e| {
+        phase_err(
+            "upload-config/kubeadm",
+            format!("error uploading the kubeadm ClusterConfiguration: {e}"),
+        )
+    })?;
+    println!("[kubelet] Creating a ConfigMap \"kubelet-config\" in namespace kube-system with the configuration for the kubelets in the cluster");
+
+    if flags.on("upload-certs") {
+        upload_certs(&api, &pki, &key).await?;
+    } else {
+        println!("[upload-certs] Skipping phase. Please see --upload-certs");
+    }
+    mark_control_plane(&api, &node).await?;
+
+    for t in &tokens {
+        println!("[bootstrap-token] Using token: {}", t.token.full());
+    }
+    println!("[bootstrap-token] Configuring bootstrap tokens, cluster-info ConfigMap, RBAC Roles");
+    for t in &tokens {
+        api.create_or_update(
+            "/api/v1/namespaces/kube-system/secrets",
+            &format!("bootstrap-token-{}", t.token.id),
+            &token_secret(t),
+        )
+        .await
+        .map_err(|e| {
+            phase_err(
+                "bootstrap-token",
+                format!("error updating or creating token: {e}"),
+            )
+        })?;
+    }
+    println!("[bootstrap-token] Creating the \"cluster-info\" ConfigMap in the \"kube-public\" namespace");
+    api.create_or_update(
+        "/api/v1/namespaces/kube-public/configmaps",
+        "cluster-info",
+        &cluster_info(&server, &ca_pem),
+    )
+    .await
+    .map_err(|e| {
+        phase_err(
+            "bootstrap-token",
+            format!("error creating bootstrap ConfigMap: {e}"),
+        )
+    })?;
+    println!("[kubelet-finalize] Updating \"{}\" to point to a rotatable kubelet client certificate and key", k8s.join("kubelet.conf").display());
+    println!("[addons] Applied essential addon: CoreDNS");
+    println!("[addons] Applied essential addon: kube-proxy");
+
+    let token = tokens.first().map(|t| t.token.full()).unwrap_or_default();
+    let admin = k8s.join("admin.conf").display().to_string();
+    println!(
+        "\nYour Kubernetes control-plane has initialized successfully!\n\n\
+To start using your cluster, you need to run the following as a regular user:\n\n  \
+mkdir -p $HOME/.kube\n  sudo cp -i {admin} $HOME/.kube/config\n  sudo chown $(id -u):$(id -g) $HOME/.kube/config\n\n\
+Alternatively, if you are the root user, you can run:\n\n  export KUBECONFIG={admin}\n\n\
+You should now deploy a pod network to the cluster.\n\
+Run \"kubectl apply -f [podnetwork].yaml\" with one of the options listed at:\n  https://kubernetes.io/docs/concepts/cluster-administration/addons/\n"
+    );
+    if flags.on("upload-certs") {
+        println!(
+            "You can now join any number of control-plane nodes running the following command on each as root:\n\n  \
+kubeadm join {endpoint} --token {token} \\\n\t--discovery-token-ca-cert-hash {pin} \\\n\t--control-plane --certificate-key {key}\n\n\
+Please note that the certificate-key gives access to cluster sensitive data, keep it secret!\n\
+As a safeguard, uploaded-certs will be deleted in two hours; If necessary, you can use\n\
+\"kubeadm init phase upload-certs --upload-certs\" to reload certs afterward.\n"
+        );
+    }
+    println!(
+        "Then you can join any number of worker nodes by running the following on each as root:\n\n\
+kubeadm join {endpoint} --token {token} \\\n\t--discovery-token-ca-cert-hash {pin} "
+    );
+    Ok(())
+}
+
+async fn wait_api(api: &Api) -> Result<(), String> {
+    let timeout = wait_timeout();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match http_request(&api.base, "GET", "/readyz", &[], &[]).await {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) => format!("GET {}/readyz: {} {}", api.base, r.status, r.text().trim()),
+            Err(e) => format!("Get \"{}/readyz\": {e}", api.base),
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "could not check API server health: {last}: timed out waiting for the condition"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `kubeadm init phase upload-certs --upload-certs [--certificate-key K]
+/// [--config F] [--kubeconfig K]`.
+async fn init_phase(args: &[String]) -> R<()> {
+    let Some((phase, rest)) = args.split_first() else {
+        return Err(plain_err(
+            "the kubeadm stand-in implements only `init phase upload-certs`",
+        ));
+    };
+    if phase != "upload-certs" {
+        return Err(plain_err(format!(
+            "the kubeadm stand-in implements only `init phase upload-certs`, not {phase:?}"
+        )));
+    }
+    let flags = parse_flags(
+        rest,
+        &[
+            ("upload-certs", false),
+            ("certificate-key", true),
+            ("config", true),
+            ("kubeconfig", true),
+            ("skip-certificate-key-print", false),
+        ],
+    )?;
+    if !flags.on("upload-certs") {
+        println!("[upload-certs] Skipping phase. Please see --upload-certs");
+        return Ok(());
+    }
+    let docs = match flags.value("config") {
+        Some(path) => load_documents(path)?,
+        None => Vec::new(),
+    };
+    let empty = json!({});
+    let init_doc = find_kind(&docs, "InitConfiguration").unwrap_or(&empty);
+    let cluster = find_kind(&docs, "ClusterConfiguration").unwrap_or(&empty);
+    let pki = PathBuf::from(str_at(cluster, "/certificatesDir").unwrap_or(DEFAULT_CERT_DIR));
+    let kubeconfig_path = flags
+        .value("kubeconfig")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| parent(&pki).join("admin.conf"));
+    guard_paths(&[&pki, &kubeconfig_path])?;
+    let server = kubeconfig_server(&kubeconfig_path).map_err(|e| {
+        phase_err(
+            "upload-certs",
+            format!("failed to load admin kubeconfig: {e}"),
+        )
+    })?;
+    let key = match flags
+        .value("certificate-key")
+        .or_else(|| str_at(init_doc, "/certificateKey"))
+    {
+        Some(k) => k.to_string(),
+        None => generate_certificate_key(),
+    };
+    let api = Api::new(&server);
+    upload_certs(&api, &pki, &key).await
+}
+
+// ---------------------------------------------------------------------------
+// kubeadm join
+
+/// What discovery established: the trusted CA and the API server.
+struct Discovered {
+    ca_pem: String,
+    server: String,
+}
+
+/// kubeadm's token discovery: cluster-info must carry a JWS for the token id
+/// (the bootstrap signer only signs with live tokens), the signature must
+/// verify with the token secret, and the CA's public key must be pinned.
+async fn discover(api: &Api, token: &Token, pins: &[String], unsafe_skip: bool) -> R<Discovered> {
+    let fail = |m: String| {
+        phase_err(
+            "preflight",
+            format!("couldn't validate the identity of the API Server: {m}"),
+        )
+    };
+    let timeout = knob("KBTEST_KUBEADM_DISCOVERY_TIMEOUT_MS", 3_000);
+    let deadline = Instant::now() + timeout;
+    let (kubeconfig_text, jws) = loop {
+        let last = match api
+            .get("/api/v1/namespaces/kube-public/configmaps/cluster-info")
+            .await
+        {
+            Ok(Some(cm)) => {
+                let jws = cm["data"][format!("{}{}", kubeapi::JWS_PREFIX, token.id)]
+                    .as_str()
+                    .map(str::to_string);
+                let kc = cm["data"]["kubeconfig"].as_str().map(str::to_string);
+                match (kc, jws) {
+                    (Some(kc), Some(jws)) if !jws.is_empty() => break (kc, jws),
+                    _ => format!("could not find a JWS signature in the cluster-info ConfigMap for token ID {:?}", token.id),
+                }
+            }
+            Ok(None) => "configmaps \"cluster-info\" not found".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(fail(last));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if !kubeapi::detached_jws_is_valid(&jws, &kubeconfig_text, &token.id, &token.secret) {
+        return Err(fail(
+            "failed to verify JWS signature of received cluster info object, can't trust this API Server".into(),
+        ));
+    }
+    let kc: Value = serde_json::from_str(&kubeconfig_text).map_err(|e| {
+        fail(format!(
+            "couldn't parse the kubeconfig file in the cluster-info ConfigMap: {e}"
+        ))
+    })?;
+    let cluster = &kc["clusters"][0]["cluster"];
+    let ca_pem = cluster["certificate-authority-data"]
+        .as_str()
+        .and_then(|d| B64.decode(d).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            fail("the cluster-info ConfigMap has no certificate-authority-data".into())
+        })?;
+    let server = cluster["server"].as_str().unwrap_or_default().to_string();
+    if !unsafe_skip {
+        let actual = ca_pin(&ca_pem).map_err(|e| {
+            fail(format!(
+                "cluster CA found in cluster-info ConfigMap is invalid: {e}"
+            ))
+        })?;
+        if !pins.iter().any(|p| p.eq_ignore_ascii_case(&actual)) {
+            return Err(fail(format!(
+                "cluster CA found in cluster-info ConfigMap is invalid: none of the public keys \"{actual}\" are pinned"
+            )));
+        }
+    }
+    Ok(Discovered { ca_pem, server })
+}
+
+fn validate_pins(pins: &[String], unsafe_skip: bool) -> R<()> {
+    if pins.is_empty() && !unsafe_skip {
+        return Err(plain_err(
+            "discovery.bootstrapToken: Invalid value: \"\": using token-based discovery without caCertHashes can be unsafe. \
+             Set unsafeSkipCAVerification as true in your kubeadm config file or pass --discovery-token-unsafe-skip-ca-verification flag to continue",
+        ));
+    }
+    for p in pins {
+        match p.split_once(':') {
+            Some(("sha256", h)) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
+            Some(("sha256", _)) => {
+                return Err(plain_err(format!(
+                    "discovery.bootstrapToken.caCertHashes: Invalid value: {p:?}: invalid hash {p:?}, expected a 32 byte SHA-256 hash"
+                )))
+            }
+            Some((f, _)) => {
+                return Err(plain_err(format!(
+                    "discovery.bootstrapToken.caCertHashes: Invalid value: {p:?}: unknown hash format {f:?}. Known format(s) are: sha256"
+                )))
+            }
+            None => {
+                return Err(plain_err(format!(
+                    "discovery.bootstrapToken.caCertHashes: Invalid value: {p:?}: invalid hash {p:?}, expected \"format:hex-value\""
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn join(args: &[String]) -> R<()> {
+    let flags = parse_flags(args, &[("config", true), ("ignore-preflight-errors", true)])?;
+    if !flags.positional.is_empty() {
+        return Err(plain_err(
+            "the kubeadm stand-in joins with --config only (no endpoint or discovery flags on the command line)",
+        ));
+    }
+    let config = flags.value("config").ok_or_else(|| {
+        plain_err("the kubeadm stand-in needs --config (the agent always passes one)")
+    })?;
+    let docs = load_documents(config)?;
+    let jc = find_kind(&docs, "JoinConfiguration")
+        .ok_or_else(|| plain_err(format!("{config}: no JoinConfiguration document")))?;
+    let node = str_at(jc, "/nodeRegistration/name")
+        .ok_or_else(|| plain_err("nodeRegistration.name: Required value: the kubeadm stand-in does not default it to the hostname"))?
+        .to_string();
+    let kubelet_args = arg_list(
+        jc.pointer("/nodeRegistration/kubeletExtraArgs"),
+        "NodeRegistrationOptions.nodeRegistration.kubeletExtraArgs",
+    )?;
+    // The address the kubelet reports: its --node-ip (the agent always sets it).
+    let node_ip: IpAddr = kubelet_args
+        .iter()
+        .find(|(k, _)| k == "node-ip")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let bt = &jc["discovery"]["bootstrapToken"];
+    let endpoint = str_at(bt, "/apiServerEndpoint")
+        .ok_or_else(|| plain_err("discovery.bootstrapToken.apiServerEndpoint: Required value"))?
+        .to_string();
+    let token = parse_token(
+        bt["token"].as_str().unwrap_or(""),
+        "discovery.bootstrapToken.token",
+    )?;
+    let pins: Vec<String> = bt["caCertHashes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let unsafe_skip = bt["unsafeSkipCAVerification"].as_bool().unwrap_or(false);
+    validate_pins(&pins, unsafe_skip)?;
+    let ca_path = PathBuf::from(str_at(jc, "/caCertPath").unwrap_or("/etc/kubernetes/pki/ca.crt"));
+    let pki = parent(&ca_path);
+    let k8s = parent(&pki);
+    let control_plane = jc.get("controlPlane").filter(|v| v.is_object());
+    let data_dir = etcd_data_dir_for(&k8s);
+    guard_paths(&[&k8s, &data_dir])?;
+    let ip = match control_plane {
+        Some(cp) => Some(parse_ip(
+            str_at(cp, "/localAPIEndpoint/advertiseAddress"),
+            "controlPlane.localAPIEndpoint.advertiseAddress",
+        )?),
+        None => None,
+    };
+    let cert_key = control_plane
+        .and_then(|cp| str_at(cp, "/certificateKey"))
+        .map(str::to_string);
+
+    println!("[preflight] Running pre-flight checks");
+    let mut pre = Preflight::new(flags.value("ignore-preflight-errors"));
+    pre.file_available(&k8s.join("kubelet.conf"));
+    pre.file_available(&ca_path);
+    pre.finish()?;
+
+    let api = Api::new(&endpoint);
+    let found = discover(&api, &token, &pins, unsafe_skip).await?;
+    println!("[preflight] Reading configuration from the cluster...");
+    println!("[preflight] FYI: You can look at this config file with 'kubectl -n kube-system get cm kubeadm-config -o yaml'");
+    let kubeadm_config = api
+        .get("/api/v1/namespaces/kube-system/configmaps/kubeadm-config")
+        .await
+        .map_err(|e| phase_err("preflight", format!("unable to fetch the kubeadm-config ConfigMap: failed to get config map: {e}")))?
+        .ok_or_else(|| phase_err("preflight", "unable to fetch the kubeadm-config ConfigMap: failed to get config map: configmaps \"kubeadm-config\" not found"))?;
+    let cluster_cfg: Value = kubeadm_config["data"]["ClusterConfiguration"]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    let cluster_name = str_at(&cluster_cfg, "/clusterName")
+        .unwrap_or("kubernetes")
+        .to_string();
+
+    let (Some(ip), Some(cert_key)) = (ip, cert_key) else {
+        return join_worker(&api, &node, &node_ip, &k8s, &ca_path, &found, &cluster_name).await;
+    };
+
+    println!(
+        "[preflight] Running pre-flight checks before initializing the new control plane instance"
+    );
+    let manifests = k8s.join("manifests");
+    let mut pre = Preflight::new(flags.value("ignore-preflight-errors"));
+    for f in manifest_files(&manifests) {
+        pre.file_available(&f);
+    }
+    pre.port(&ip, 2379);
+    pre.port(&ip, 2380);
+    pre.dir_available(&data_dir);
+    pre.finish()?;
+
+    // control-plane-prepare/download-certs
+    println!("[download-certs] Downloading the certificates in Secret \"kubeadm-certs\" in the \"kube-system\" Namespace");
+    let certs_fail = |m: String| {
+        phase_err(
+            "control-plane-prepare/download-certs",
+            format!("error downloading certs: {m}"),
+        )
+    };
+    let not_found = || {
+        certs_fail(
+            "error downloading the secret: Secret \"kubeadm-certs\" was not found in the \"kube-system\" Namespace. \
+             This Secret might have expired. Please, run `kubeadm init phase upload-certs --upload-certs` on a control plane to generate a new one"
+                .into(),
+        )
+    };
+    let secret = api
+        .get("/api/v1/namespaces/kube-system/secrets/kubeadm-certs")
+        .await
+        .map_err(|e| certs_fail(format!("error downloading the secret: {e}")))?
+        .ok_or_else(not_found)?;
+    let expired = secret["metadata"]["annotations"][CERTS_EXPIRY_ANNOTATION]
+        .as_str()
+        .and_then(parse_rfc3339)
+        .is_some_and(|t| t <= SystemTime::now());
+    if expired {
+        return Err(not_found());
+    }
+    let key_bytes = certificate_key_bytes(&cert_key).map_err(certs_fail)?;
+    for name in ["ca.crt", "ca.key"] {
+        let sealed = secret["data"][name]
+            .as_str()
+            .and_then(|d| B64.decode(d).ok())
+            .ok_or_else(|| {
+                certs_fail(format!("error decoding certs: the Secret has no {name:?}"))
+            })?;
+        let plain = open_sealed(&key_bytes, &sealed)
+            .map_err(|e| certs_fail(format!("error decoding certs: {e}")))?;
+        let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+        write_file(&pki.join(name), &plain, mode).map_err(certs_fail)?;
+    }
+    println!(
+        "[certs] Using certificateDir folder {:?}",
+        pki.display().to_string()
+    );
+    for c in [
+        "apiserver",
+        "apiserver-kubelet-client",
+        "front-proxy-client",
+        "etcd/server",
+        "etcd/peer",
+        "etcd/healthcheck-client",
+        "apiserver-etcd-client",
+    ] {
+        println!("[certs] Generating {c:?} certificate and key");
+    }
+    println!(
+        "[certs] Valid certificates and keys now exist in {:?}",
+        pki.display().to_string()
+    );
+    let control_plane_endpoint = str_at(&cluster_cfg, "/controlPlaneEndpoint")
+        .unwrap_or(&endpoint)
+        .to_string();
+    let server = format!("http://{control_plane_endpoint}");
+    println!("[kubeconfig] Generating kubeconfig files");
+    println!(
+        "[kubeconfig] Using kubeconfig folder {:?}",
+        k8s.display().to_string()
+    );
+    for (file, user) in [
+        ("admin.conf", "kubernetes-admin"),
+        ("controller-manager.conf", "system:kube-controller-manager"),
+        ("scheduler.conf", "system:kube-scheduler"),
+    ] {
+        println!("[kubeconfig] Writing {file:?} kubeconfig file");
+        let cfg = kubeconfig(&cluster_name, &server, &found.ca_pem, user);
+        write_file(&k8s.join(file), format!("{cfg:#}\n").as_bytes(), 0o600)
+            .map_err(|e| phase_err("control-plane-prepare/kubeconfig", e))?;
+    }
+    write_static_manifests(&manifests, None, "control-plane-prepare/control-plane")?;
+
+    // check-etcd
+    println!("[check-etcd] Checking that the etcd cluster is healthy");
+    let members = check_etcd(&api)
+        .await
+        .map_err(|e| phase_err("check-etcd", e))?;
+
+    // kubelet-start
+    println!(
+        "[kubelet-start] Writing kubelet configuration to file \"/var/lib/kubelet/config.yaml\""
+    );
+    println!("[kubelet-start] Starting the kubelet");
+    println!("[kubelet-start] Waiting for the kubelet to perform the TLS Bootstrap");
+    let kubelet = kubeconfig(
+        &cluster_name,
+        &found.server,
+        &found.ca_pem,
+        &format!("system:node:{node}"),
+    );
+    write_file(
+        &k8s.join("kubelet.conf"),
+        format!("{kubelet:#}\n").as_bytes(),
+        0o600,
+    )
+    .map_err(|e| phase_err("kubelet-start", e))?;
+    let node_uid = register_node(&api, &node, &ip).await.map_err(|e| {
+        phase_err(
+            "kubelet-start",
+            format!("error registering node {node:?}: {e}"),
+        )
+    })?;
+
+    // control-plane-join/etcd
+    let member = join_etcd(&node, &ip, &data_dir, &k8s, &members).await?;
+    create_etcd_mirror_pod(&api, &node, &node_uid, &ip, &member)
+        .await
+        .map_err(|e| {
+            phase_err(
+                "control-plane-join/etcd",
+                format!("error creating the etcd mirror Pod: {e}"),
+            )
+        })?;
+    mark_control_plane(&api, &node).await?;
+    println!(
+        "\nThis node has joined the cluster and a new control plane instance was created:\n\n\
+* Certificate signing request was sent to apiserver and approval was received.\n\
+* The Kubelet was informed of the new secure connection details.\n\
+* Control plane label and taint were applied to the new node.\n\
+* The Kubernetes control plane instances scaled up.\n\
+* A new etcd member was added to the local/stacked etcd cluster.\n\n\
+To start administering your cluster from this node, you need to run the following as a regular user:\n\n\
+\tmkdir -p $HOME/.kube\n\tsudo cp -i {} $HOME/.kube/config\n\tsudo chown $(id -u):$(id -g) $HOME/.kube/config\n\n\
+Run 'kubectl get nodes' to see this node join the cluster.\n",
+        k8s.join("admin.conf").display()
+    );
+    Ok(())
+}
+
+async fn join_worker(
+    api: &Api,
+    node: &str,
+    ip: &IpAddr,
+    k8s: &Path,
+    ca_path: &Path,
+    found: &Discovered,
+    cluster_name: &str,
+) -> R<()> {
+    println!(
+        "[kubelet-start] Writing kubelet configuration to file \"/var/lib/kubelet/config.yaml\""
+    );
+    println!("[kubelet-start] Writing kubelet environment file with flags to file \"/var/lib/kubelet/kubeadm-flags.env\"");
+    println!("[kubelet-start] Starting the kubelet");
+    write_file(ca_path, found.ca_pem.as_bytes(), 0o644)
+        .map_err(|e| phase_err("kubelet-start", e))?;
+    let kubelet = kubeconfig(
+        cluster_name,
+        &found.server,
+        &found.ca_pem,
+        &format!("system:node:{node}"),
+    );
+    write_file(
+        &k8s.join("kubelet.conf"),
+        format!("{kubelet:#}\n").as_bytes(),
+        0o600,
+    )
+    .map_err(|e| phase_err("kubelet-start", e))?;
+    println!("[kubelet-check] Waiting for a healthy kubelet at http://127.0.0.1:10248/healthz. This can take up to 4m0s");
+    println!("[kubelet-start] Waiting for the kubelet to perform the TLS Bootstrap");
+    register_node(api, node, ip).await.map_err(|e| {
+        phase_err(
+            "kubelet-start",
+            format!("error registering node {node:?}: {e}"),
+        )
+    })?;
+    println!(
+        "\nThis node has joined the cluster:\n\
+* Certificate signing request was sent to apiserver and a response was received.\n\
+* The Kubelet was informed of the new secure connection details.\n\n\
+Run 'kubectl get nodes' on the control-plane to see this node join the cluster.\n"
+    );
+    Ok(())
+}
+
+/// The client URLs of the etcd members, from the etcd mirror Pods.
+async fn etcd_endpoints_from_pods(api: &Api) -> Result<Vec<String>, String> {
+    let list = api
+        .call(
+            "GET",
+            "/api/v1/namespaces/kube-system/pods?labelSelector=component%3Detcd%2Ctier%3Dcontrol-plane",
+            None,
+            "application/json",
+        )
+        .await
+        .map_err(|e| format!("could not retrieve the list of etcd endpoints: {e}"))?;
+    Ok(list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|p| p["metadata"]["annotations"][ETCD_URL_ANNOTATION].as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The member list through the first endpoint that answers.
+async fn member_list_via(endpoints: &[String]) -> Result<Vec<Member>, String> {
+    let mut last = "no etcd endpoints".to_string();
+    for ep in endpoints {
+        match etcd_client(std::slice::from_ref(ep)).await {
+            Ok(mut c) => match c.member_list().await {
+                Ok(resp) => return Ok(resp.members().to_vec()),
+                Err(e) => last = format!("{ep}: {}", etcd_msg(&e)),
+            },
+            Err(e) => last = format!("{ep}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// kubeadm's check-etcd: every member that has started must answer its
+/// status (learners included); a voter that never started is refused here
+/// too (the stand-in is stricter than kubeadm, which would fail later with
+/// "unhealthy cluster").
+async fn check_etcd(api: &Api) -> Result<Vec<Member>, String> {
+    let endpoints = etcd_endpoints_from_pods(api).await?;
+    if endpoints.is_empty() {
+        return Err("could not retrieve the list of etcd endpoints: no etcd Pods with labels component=etcd,tier=control-plane in the \"kube-system\" Namespace".into());
+    }
+    let members = member_list_via(&endpoints)
+        .await
+        .map_err(|e| format!("error syncing endpoints with etcd: {e}"))?;
+    for m in &members {
+        if m.client_urls().is_empty() || m.name().is_empty() {
+            if m.is_learner() {
+                continue; // kubeadm's Sync() never sees it; member add will refuse
+            }
+            return Err(format!(
+                "etcd cluster is not healthy: member {:x} ({}) has not started",
+                m.id(),
+                m.peer_urls().join(",")
+            ));
+        }
+        for url in m.client_urls() {
+            let ok = async {
+                let mut c = etcd_client(std::slice::from_ref(url)).await?;
+                c.status().await.map_err(|e| etcd_msg(&e))
+            };
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(3), ok)
+                .await
+                .unwrap_or_else(|_| Err("context deadline exceeded".into()))
+            {
+                return Err(format!(
+                    "etcd cluster is not healthy: failed to dial endpoint {url} with maintenance client: {e}"
+                ));
+            }
+        }
+    }
+    Ok(members)
+}
+
+/// control-plane-join/etcd: add this node as a learner (reusing a member
+/// already added for its peer URL), start it, promote it.
+async fn join_etcd(
+    node: &str,
+    ip: &IpAddr,
+    data_dir: &Path,
+    k8s: &Path,
+    members: &[Member],
+) -> R<LocalEtcd> {
+    let fail = |m: String| {
+        phase_err(
+            "control-plane-join/etcd",
+            format!("error creating local etcd static pod manifest file: {m}"),
+        )
+    };
+    let scheme = members
+        .iter()
+        .flat_map(|m| m.peer_urls())
+        .find_map(|u| split_url(u).map(|(s, _, _)| s.to_string()))
+        .unwrap_or_else(|| "http".into());
+    if scheme != "http" {
+        return Err(fail(format!(
+            "existing members use {scheme}; the kubeadm stand-in runs etcd over plain http only"
+        )));
+    }
+    let peer = format!("http://{ip}:2380");
+    let client = format!("http://{ip}:2379");
+    let voters: Vec<String> = members
+        .iter()
+        .filter(|m| !m.is_learner())
+        .flat_map(|m| m.client_urls().to_vec())
+        .collect();
+    let mut etcd = etcd_client(&voters).await.map_err(fail)?;
+    let reconfig = knob("KBTEST_KUBEADM_RECONFIG_TIMEOUT_MS", 30_000);
+
+    let existing = members
+        .iter()
+        .find(|m| m.peer_urls().iter().any(|u| *u == peer));
+    let (id, list, learner) = match existing {
+        Some(m) => {
+            println!(
+                "[etcd] Member {:x} with peer URL {peer} already exists; reusing it",
+                m.id()
+            );
+            (m.id(), members.to_vec(), m.is_learner())
+        }
+        None => {
+            println!("[etcd] Adding etcd member as learner: {peer}");
+            let deadline = Instant::now() + reconfig;
+            let resp = loop {
+                let opts = MemberAddOptions::new().with_is_learner();
+                match etcd.member_add([peer.as_str()], Some(opts)).await {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        let msg = etcd_msg(&e);
+                        if !transient(&msg) || Instant::now() >= deadline {
+                            return Err(fail(msg));
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            };
+            let id = resp
+                .member()
+                .map(|m| m.id())
+                .ok_or_else(|| fail("member add returned no member".into()))?;
+            (id, resp.member_list().to_vec(), true)
+        }
+    };
+    let initial_cluster = list
+        .iter()
+        .filter_map(|m| {
+            let url = m.peer_urls().first()?;
+            let name = if m.id() == id {
+                node.to_string()
+            } else if m.name().is_empty() {
+                format!("{:x}", m.id())
+            } else {
+                m.name().to_string()
+            };
+            Some(format!("{name}={url}"))
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let urls = EtcdUrls {
+        client: client.clone(),
+        peer: peer.clone(),
+        listen_client: vec![client.clone()],
+        listen_peer: vec![peer.clone()],
+    };
+    let member = LocalEtcd {
+        name: node.to_string(),
+        data_dir: data_dir.to_path_buf(),
+        client_url: client.clone(),
+        peer_url: peer.clone(),
+        args: etcd_args(node, data_dir, &urls, &initial_cluster, "existing", &[]),
+    };
+    println!("[etcd] Announced new etcd member joining to the existing etcd cluster");
+    write_static_manifests(
+        &k8s.join("manifests"),
+        Some(&member),
+        "control-plane-join/etcd",
+    )?;
+    let state_dir = k8s.join(standin::STATE_DIR);
+    let mut child = spawn_etcd(&member, &state_dir).map_err(fail)?;
+    println!("[etcd] Waiting for the new etcd member to join the cluster. This can take up to 40s");
+    wait_member(&mut child, &client, learner, &state_dir.join("etcd.log"))
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "timeout waiting for etcd cluster to be available: {e}"
+            ))
+        })?;
+    if learner {
+        let deadline = Instant::now() + knob("KBTEST_KUBEADM_PROMOTE_TIMEOUT_MS", 120_000);
+        loop {
+            match etcd.member_promote(id).await {
+                Ok(_) => break,
+                Err(e) => {
+                    let msg = etcd_msg(&e);
+                    let retry = msg.contains("in sync with leader") || transient(&msg);
+                    if !retry || Instant::now() >= deadline {
+                        return Err(fail(format!("error promoting member {id:x}: {msg}")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        println!("[etcd] The learner {id:x} was promoted to a voting member");
+        wait_member(&mut child, &client, false, &state_dir.join("etcd.log"))
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "timeout waiting for etcd cluster to be available: {e}"
+                ))
+            })?;
+    }
+    Ok(member)
+}
+
+// ---------------------------------------------------------------------------
+// kubeadm reset
+
+async fn reset(args: &[String]) -> R<()> {
+    let flags = parse_flags(
+        args,
+        &[
+            ("force", false),
+            ("cert-dir", true),
+            ("kubeconfig", true),
+            ("cleanup-tmp-dir", false),
+            ("ignore-preflight-errors", true),
+            ("cri-socket", true),
+            ("dry-run", false),
+        ],
+    )?;
+    let pki = PathBuf::from(flags.value("cert-dir").unwrap_or(DEFAULT_CERT_DIR));
+    let k8s = parent(&pki);
+    let manifests = k8s.join("manifests");
+    let local = LocalEtcd::from_manifest(&manifests.join("etcd.yaml"));
+    let data_dir = local
+        .as_ref()
+        .map(|m| m.data_dir.clone())
+        .unwrap_or_else(|| etcd_data_dir_for(&k8s));
+    guard_paths(&[&k8s, &data_dir])?;
+    let kubeconfig_path = flags
+        .value("kubeconfig")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| k8s.join("admin.conf"));
+    let server = kubeconfig_server(&kubeconfig_path)
+        .or_else(|_| kubeconfig_server(&k8s.join("kubelet.conf")));
+    let api = match &server {
+        Ok(s) => {
+            println!("[reset] Reading configuration from the cluster...");
+            println!("[reset] FYI: You can look at this config file with 'kubectl -n kube-system get cm kubeadm-config -o yaml'");
+            let mut api = Api::new(s);
+            api.patience = Duration::from_secs(2);
+            Some(api)
+        }
+        Err(e) => {
+            eprintln!("W{} {:>7} reset.go:124] [reset] Unable to fetch the kubeadm-config ConfigMap from cluster: failed to get config map: {e}", klog_stamp(), std::process::id());
+            None
+        }
+    };
+    if !flags.on("force") {
+        print!("[reset] WARNING: Changes made to this host by 'kubeadm init' or 'kubeadm join' will be reverted.\n[reset] Are you sure you want to proceed? [y/N]: ");
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut answer);
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(plain_err("aborted reset operation"));
+        }
+    }
+    println!("[preflight] Running pre-flight checks");
+
+    // remove-etcd-member
+    if let Some(m) = &local {
+        remove_own_member(api.as_ref(), m).await;
+        if let Some(api) = &api {
+            let node = &m.name;
+            if let Err(e) = api
+                .delete(&format!("/api/v1/namespaces/kube-system/pods/etcd-{node}"))
+                .await
+            {
+                eprintln!("W[reset] Failed to delete the etcd mirror Pod etcd-{node}: {e}");
+            }
+        }
+    } else {
+        println!("[reset] No etcd config found. Assuming external etcd");
+        println!("[reset] Please, manually reset etcd to prevent further issues");
+    }
+
+    // cleanup-node: stop what the kubelet ran, then delete files
+    println!("[reset] Stopping the kubelet service");
+    let state_dir = k8s.join(standin::STATE_DIR);
+    let mut pids: BTreeSet<u32> = etcd_pids_for(&data_dir).into_iter().collect();
+    if let Some(pid) = std::fs::read_to_string(state_dir.join("etcd.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|p| is_etcd_for(*p, &data_dir))
+    {
+        pids.insert(pid);
+    }
+    let pids: Vec<u32> = pids.into_iter().collect();
+    stop_groups(&pids, Duration::from_secs(2));
+    for pid in &pids {
+        forget_pid(*pid);
+    }
+    println!("[reset] Unmounting mounted directories in \"/var/lib/kubelet\"");
+    let wipe =
+        |r: Result<(), String>| r.map_err(|e| plain_err(format!("[reset] Failed to delete: {e}")));
+    if data_dir.exists() {
+        wipe(clear_dir(&data_dir))?;
+        println!(
+            "[reset] Deleted contents of the etcd data directory: {}",
+            data_dir.display()
+        );
+    }
+    let dirs = [manifests.clone(), pki.clone()];
+    println!(
+        "[reset] Deleting contents of directories: [{}]",
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for d in &dirs {
+        wipe(clear_dir(d))?;
+    }
+    let files: Vec<PathBuf> = [
+        "admin.conf",
+        "super-admin.conf",
+        "kubelet.conf",
+        "bootstrap-kubelet.conf",
+        "controller-manager.conf",
+        "scheduler.conf",
+    ]
+    .iter()
+    .map(|f| k8s.join(f))
+    .collect();
+    println!(
+        "[reset] Deleting files: [{}]",
+        files
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for f in &files {
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(plain_err(format!(
+                    "[reset] Failed to delete {}: {e}",
+                    f.display()
+                )))
+            }
+        }
+    }
+    if state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir).map_err(|e| {
+            plain_err(format!(
+                "[reset] Failed to delete {}: {e}",
+                state_dir.display()
+            ))
+        })?;
+    }
+    println!(
+        "\nThe reset process does not clean CNI configuration. To do so, you must remove /etc/cni/net.d\n\n\
+The reset process does not reset or clean up iptables rules or IPVS tables.\n\
+If you wish to reset iptables, you must do so manually by using the \"iptables\" command.\n\n\
+The reset process does not clean your kubeconfig files and you must remove them manually.\n\
+Please, check the contents of the $HOME/.kube/config file."
+    );
+    Ok(())
+}
+
+/// Removes this node's etcd member through the other members (then its
+/// own), as `kubeadm reset` does. Failures are warnings: kubeadm reset
+/// carries on and leaves the member for the operator.
+async fn remove_own_member(api: Option<&Api>, m: &LocalEtcd) {
+    let mut endpoints = match api {
+        Some(api) => etcd_endpoints_from_pods(api).await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    endpoints.retain(|e| *e != m.client_url);
+    endpoints.push(m.client_url.clone());
+    let warn = |e: String| {
+        eprintln!(
+            "W{} {:>7} removeetcdmember.go:105] [reset] Failed to remove etcd member: {e}, please manually remove this etcd member using etcdctl",
+            klog_stamp(),
+            std::process::id()
+        );
+    };
+    let members = match member_list_via(&endpoints).await {
+        Ok(list) => list,
+        Err(e) => return warn(format!("error syncing endpoints with etcd: {e}")),
+    };
+    let Some(me) = members
+        .iter()
+        .find(|x| x.peer_urls().iter().any(|u| *u == m.peer_url))
+    else {
+        println!(
+            "[reset] No etcd member with peer URL {} found; nothing to remove",
+            m.peer_url
+        );
+        return;
+    };
+    if members.len() == 1 {
+        println!(
+            "[reset] This is the only remaining etcd member in the etcd cluster, skip removing it"
+        );
+        return;
+    }
+    let id = me.id();
+    let usable: Vec<String> = members
+        .iter()
+        .filter(|x| x.id() != id && !x.is_learner())
+        .flat_map(|x| x.client_urls().to_vec())
+        .chain(std::iter::once(m.client_url.clone()))
+        .collect();
+    let deadline = Instant::now() + knob("KBTEST_KUBEADM_RECONFIG_TIMEOUT_MS", 30_000);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        for ep in &usable {
+            let Ok(mut c) = etcd_client(std::slice::from_ref(ep)).await else {
+                continue;
+            };
+            match c.member_remove(id).await {
+                Ok(_) => {
+                    println!(
+                        "[reset] Removed etcd member {id:x} ({}) from the cluster",
+                        m.peer_url
+                    );
+                    return;
+                }
+                Err(e) => {
+                    last = etcd_msg(&e);
+                    if last.contains("member not found") {
+                        return;
+                    }
+                    if !transient(&last) {
+                        return warn(last);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    warn(last)
+}
+
+// ---------------------------------------------------------------------------
+// kubeadm token
+
+async fn token(args: &[String]) -> R<()> {
+    let Some((sub, rest)) = args.split_first() else {
+        return Err(plain_err(
+            "the kubeadm stand-in implements `token create` and `token delete`",
+        ));
+    };
+    let flags = parse_flags(
+        rest,
+        &[
+            ("kubeconfig", true),
+            ("ttl", true),
+            ("print-join-command", false),
+            ("description", true),
+            ("groups", true),
+            ("usages", true),
+            ("config", true),
+            ("certificate-key", true),
+            ("dry-run", false),
+        ],
+    )?;
+    let kubeconfig_path = PathBuf::from(
+        flags
+            .value("kubeconfig")
+            .unwrap_or("/etc/kubernetes/admin.conf"),
+    );
+    let server = kubeconfig_server(&kubeconfig_path)
+        .map_err(|e| plain_err(format!("failed to load admin kubeconfig: {e}")))?;
+    let api = Api::new(&server);
+    match sub.as_str() {
+        "create" => {
+            let token = match flags.positional.first() {
+                Some(t) => parse_token(t, "token")?,
+                None => parse_token(&generate_token(), "token")?,
+            };
+            let ttl = parse_go_duration(flags.value("ttl").unwrap_or("24h0m0s")).map_err(|e| {
+                plain_err(format!(
+                    "invalid argument \"{}\" for \"--ttl\" flag: {e}",
+                    flags.value("ttl").unwrap_or("")
+                ))
+            })?;
+            let list = |v: Option<&str>, d: &str| -> Vec<String> {
+                v.unwrap_or(d)
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            let spec = TokenSpec {
+                token: token.clone(),
+                ttl,
+                usages: list(flags.value("usages"), "signing,authentication"),
+                groups: list(flags.value("groups"), DEFAULT_TOKEN_GROUP),
+                description: flags.value("description").unwrap_or("").into(),
+            };
+            match api
+                .create(
+                    "/api/v1/namespaces/kube-system/secrets",
+                    &token_secret(&spec),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(f) if f.code == 409 => {
+                    return Err(plain_err(format!(
+                        "a token with id {:?} already exists",
+                        token.id
+                    )))
+                }
+                Err(f) => {
+                    return Err(plain_err(format!(
+                    "failed to create or update bootstrap token with name bootstrap-token-{}: {f}",
+                    token.id
+                )))
+                }
+            }
+            if flags.on("print-join-command") {
+                let info = api
+                    .get("/api/v1/namespaces/kube-public/configmaps/cluster-info")
+                    .await
+                    .map_err(|e| plain_err(format!("failed to get cluster-info: {e}")))?
+                    .ok_or_else(|| {
+                        plain_err(
+                            "failed to get cluster-info: configmaps \"cluster-info\" not found",
+                        )
+                    })?;
+                let kc: Value =
+                    serde_json::from_str(info["data"]["kubeconfig"].as_str().unwrap_or("null"))
+                        .unwrap_or(Value::Null);
+                let cluster = &kc["clusters"][0]["cluster"];
+                let ca = cluster["certificate-authority-data"]
+                    .as_str()
+                    .and_then(|d| B64.decode(d).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .unwrap_or_default();
+                let pin = ca_pin(&ca).map_err(plain_err)?;
+                let endpoint = cluster["server"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://");
+                println!(
+                    "kubeadm join {endpoint} --token {} --discovery-token-ca-cert-hash {pin} ",
+                    token.full()
+                );
+            } else {
+                println!("{}", token.full());
+            }
+            Ok(())
+        }
+        "delete" => {
+            if flags.positional.is_empty() {
+                return Err(plain_err("missing subcommand; 'token delete' is missing token of form \"[a-z0-9]{6}\" or \"[a-z0-9]{6}\\.[a-z0-9]{16}\""));
+            }
+            for t in &flags.positional {
+                let id = t.split('.').next().unwrap_or("");
+                let name = format!("bootstrap-token-{id}");
+                match api.delete(&format!("/api/v1/namespaces/kube-system/secrets/{name}")).await {
+                    Ok(true) => println!("bootstrap token {id:?} deleted"),
+                    Ok(false) => {
+                        return Err(plain_err(format!("failed to delete bootstrap token with name {name:?}: secrets {name:?} not found")))
+                    }
+                    Err(e) => return Err(plain_err(format!("failed to delete bootstrap token with name {name:?}: {e}"))),
+                }
+            }
+            Ok(())
+        }
+        other => Err(plain_err(format!(
+            "the kubeadm stand-in implements `token create` and `token delete`, not `token {other}`"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_parse_and_print() {
+        assert_eq!(
+            parse_go_duration("86400s").unwrap(),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            parse_go_duration("24h0m0s").unwrap(),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            parse_go_duration("1h30m").unwrap(),
+            Duration::from_secs(5_400)
+        );
+        assert_eq!(parse_go_duration("0s").unwrap(), Duration::ZERO);
+        assert!(parse_go_duration("1d").is_err());
+        assert!(parse_go_duration("").is_err());
+    }
+
+    #[test]
+    fn sealed_certs_open_only_with_their_key() {
+        let key = [7u8; 32];
+        let sealed = seal(&key, b"-----BEGIN CERTIFICATE-----");
+        assert_eq!(
+            open_sealed(&key, &sealed).unwrap(),
+            b"-----BEGIN CERTIFICATE-----"
+        );
+        let err = open_sealed(&[8u8; 32], &sealed).unwrap_err();
+        assert_eq!(err, "cipher: message authentication failed");
+    }
+
+    #[test]
+    fn flags_parse_like_cobra() {
+        let args: Vec<String> = ["--config", "/x", "--upload-certs", "--v=5"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let f = parse_flags(&args, &[("config", true), ("upload-certs", false)]).unwrap();
+        assert_eq!(f.value("config"), Some("/x"));
+        assert!(f.on("upload-certs"));
+        let bad: Vec<String> = vec!["--nope".into()];
+        assert_eq!(
+            parse_flags(&bad, &[]).unwrap_err().0,
+            "unknown flag: --nope"
+        );
+        let short: Vec<String> = vec!["-f".into()];
+        assert!(parse_flags(&short, &[("force", false)])
+            .unwrap()
+            .on("force"));
+    }
+
+    #[test]
+    fn hex_errors_read_like_go() {
+        assert_eq!(
+            hex_decode("0g").unwrap_err(),
+            "encoding/hex: invalid byte: U+0067 'g'"
+        );
+        assert_eq!(
+            hex_decode("abc").unwrap_err(),
+            "encoding/hex: odd length hex string"
+        );
+        assert_eq!(hex_decode("0aff").unwrap(), vec![0x0a, 0xff]);
+    }
+
+    #[test]
+    fn shared_loopback_listen_urls_are_dropped() {
+        let ip: IpAddr = "127.3.4.5".parse().unwrap();
+        let urls = vec![
+            "http://127.3.4.5:2379".to_string(),
+            "http://127.0.0.1:2379".to_string(),
+        ];
+        assert_eq!(
+            drop_shared_loopback(&urls, &ip),
+            vec!["http://127.3.4.5:2379".to_string()]
+        );
+    }
+}

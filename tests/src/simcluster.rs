@@ -1,0 +1,225 @@
+//! A simulated cluster on loopback: what the e2e tests and `kubeboot-sim`
+//! boot the real agent against.
+//!
+//! moto_server is AWS (table created from the agent's own schema), the
+//! Kubernetes API double is the API server behind "the load balancer", and
+//! each node has its own IMDSv2 double (identity, instance role, user-data
+//! with its role), its own loopback address (so etcd members use the
+//! standard ports like real nodes), its own directory tree, and the kubeadm
+//! stand-in as its kubeadm. The agent is started as the real binary.
+
+use crate::imds::{Imds, ImdsIdentity};
+use crate::kubeapi::KubeApi;
+use crate::moto::Moto;
+use crate::net::fresh_loopback_ip;
+use crate::standin::{self, StandinProcesses};
+use crate::workspace::kubeboot_bin;
+use kubeboot::registry::dynamo::DynamoRegistryStore;
+use kubeboot::registry::Registry;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One simulated instance.
+pub struct SimNode {
+    pub index: usize,
+    pub role: &'static str,
+    pub imds: Imds,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl SimNode {
+    /// The node's private IP (a loopback address of its own).
+    pub fn ip(&self) -> String {
+        self.imds.identity().private_ip.to_string()
+    }
+
+    /// The EC2 instance id.
+    pub fn instance_id(&self) -> String {
+        self.imds.identity().instance_id.clone()
+    }
+}
+
+/// How one `kubeboot bootstrap` run ended.
+#[derive(Debug, Clone)]
+pub struct NodeRun {
+    pub index: usize,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// The whole simulated cluster; everything stops when it drops.
+pub struct SimCluster {
+    pub name: String,
+    pub table: String,
+    pub moto: Moto,
+    pub kubeapi: KubeApi,
+    pub nodes: Vec<SimNode>,
+    pub kubeadm_log: PathBuf,
+    /// Dropped before `work`, so stand-in etcd members stop before their dirs go.
+    pub standin: StandinProcesses,
+    pub work: tempfile::TempDir,
+}
+
+fn user_data(role: &str) -> Vec<u8> {
+    format!(
+        "Content-Type: multipart/mixed; boundary=\"//\"\nMIME-Version: 1.0\n\n\
+         --//\nContent-Type: text/x-shellscript\n\n#!/bin/bash\nsystemctl start kubeboot-bootstrap\n\
+         --//\nContent-Type: application/kubeboot+toml\n\n[node]\nrole = \"{role}\"\n--//--\n"
+    )
+    .into_bytes()
+}
+
+impl SimCluster {
+    /// Starts AWS, the API server and `control_planes + workers` node doubles.
+    pub async fn start(control_planes: usize, workers: usize) -> SimCluster {
+        let work = tempfile::Builder::new()
+            .prefix("kbtest-sim-")
+            .tempdir()
+            .expect("sim work dir");
+        let moto = Moto::start().await;
+        let kubeapi = KubeApi::start().await;
+        let name = format!("sim-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let table = format!("kubeboot-{name}");
+        kubeboot::table::create(&moto.dynamodb().await, &table)
+            .await
+            .expect("create table");
+        let mut nodes = Vec::new();
+        for index in 0..control_planes + workers {
+            let role = if index < control_planes {
+                "control-plane"
+            } else {
+                "worker"
+            };
+            let mut identity = ImdsIdentity::default();
+            identity.private_ip = fresh_loopback_ip();
+            let imds = Imds::start_with(identity).await;
+            imds.set_user_data(Some(user_data(role)));
+            let dir = work.path().join(format!("node-{index}"));
+            std::fs::create_dir_all(&dir).expect("node dir");
+            let config = dir.join("kubeboot.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[cluster]\nname = \"{name}\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"{api}\"\n\n\
+                     [aws]\ntable = \"{table}\"\nmax_attempts = 5\ninitial_backoff = \"50ms\"\n\n\
+                     [aws.endpoints]\ndynamodb = \"{moto}\"\nssm = \"{moto}\"\nsecretsmanager = \"{moto}\"\n\n\
+                     [imds]\nendpoint = \"{imds}\"\ndeadline = \"20s\"\n\n\
+                     [etcd]\nscheme = \"http\"\npromote_timeout = \"2m\"\n\n\
+                     [lock]\nlease = \"6s\"\nmargin = \"2s\"\nacquire_timeout = \"5m\"\n\n\
+                     [timeouts]\nkubeadm_init = \"2m\"\nkubeadm_join = \"3m\"\nkubeadm_reset = \"1m\"\n\n\
+                     [backup]\nenabled = false\n\n[metrics]\nsink = \"off\"\n\n\
+                     [paths]\nkubernetes_dir = \"{d}/etc/kubernetes\"\nstate_dir = \"{d}/var/lib/kubeboot\"\n\
+                     run_dir = \"{d}/run/kubeboot\"\netcd_data_dir = \"{d}/var/lib/etcd\"\n\n\
+                     [binaries]\nkubeadm = \"{kubeadm}\"\n",
+                    api = kubeapi.endpoint(),
+                    moto = moto.endpoint(),
+                    imds = imds.endpoint(),
+                    d = dir.display(),
+                    kubeadm = standin::kubeadm_bin().display(),
+                ),
+            )
+            .expect("node config");
+            nodes.push(SimNode {
+                index,
+                role,
+                imds,
+                dir,
+                config,
+            });
+        }
+        let kubeadm_log = work.path().join("kubeadm.log");
+        SimCluster {
+            name,
+            table,
+            moto,
+            kubeapi,
+            nodes,
+            kubeadm_log,
+            standin: StandinProcesses::new(),
+            work,
+        }
+    }
+
+    /// `kubeboot bootstrap` for one node, as systemd would start it.
+    pub fn bootstrap_command(&self, node: &SimNode) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(kubeboot_bin());
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env(standin::LOG_ENV, &self.kubeadm_log)
+            .envs(self.standin.envs())
+            .args(["bootstrap", "--log-format", "json", "--config"])
+            .arg(&node.config)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Boots the given nodes at the same moment and waits for all of them.
+    pub async fn bootstrap(&self, indices: &[usize]) -> Vec<NodeRun> {
+        let runs = indices.iter().map(|&i| {
+            let mut cmd = self.bootstrap_command(&self.nodes[i]);
+            async move {
+                let started = Instant::now();
+                let out = cmd.output().await.expect("kubeboot runs");
+                NodeRun {
+                    index: i,
+                    code: out.status.code(),
+                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                    elapsed: started.elapsed(),
+                }
+            }
+        });
+        let mut handles = Vec::new();
+        for run in runs {
+            handles.push(tokio::spawn(run));
+        }
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.expect("bootstrap task"));
+        }
+        out
+    }
+
+    /// Every stand-in invocation so far, one line each (`<ms> <pid> <argv> exit=<code>`).
+    pub fn kubeadm_invocations(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.kubeadm_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The registry as the agent sees it.
+    pub async fn registry(&self) -> Registry<DynamoRegistryStore> {
+        let client = self.moto.dynamodb().await;
+        Registry::new(Arc::new(DynamoRegistryStore::new(
+            client,
+            &self.table,
+            &self.name,
+        )))
+    }
+
+    /// etcd's member list, asked through the given nodes' client URLs.
+    pub async fn etcd_members(&self, through: &[usize]) -> Vec<kubeboot::etcd::Member> {
+        let settings = kubeboot::etcd::Settings {
+            scheme: kubeboot::config::model::EtcdScheme::Http,
+            client_port: 2379,
+            peer_port: 2380,
+            dial_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            pki_dir: "/nonexistent".into(),
+        };
+        let endpoints: Vec<String> = through
+            .iter()
+            .map(|&i| settings.client_url(&self.nodes[i].ip()))
+            .collect();
+        let etcd = kubeboot::etcd::Etcd::connect(&endpoints, &settings)
+            .await
+            .expect("connect to etcd");
+        etcd.members().await.expect("member list")
+    }
+}
