@@ -123,7 +123,7 @@ pub fn is_etcd_for(pid: u32, data_dir: &Path) -> bool {
     let dir = data_dir.as_os_str().as_bytes();
     let mut flag = b"--data-dir=".to_vec();
     flag.extend_from_slice(dir);
-    args.iter().any(|a| *a == flag.as_slice())
+    args.contains(&flag.as_slice())
         || args
             .windows(2)
             .any(|w| w[0] == b"--data-dir" && w[1] == dir)

@@ -146,13 +146,10 @@ impl Scenario {
             .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        tokio::time::timeout(Duration::from_secs(90), cmd.output())
             .await
             .expect("kubeadm stand-in finished within 90 s")
-            .expect("run the kubeadm stand-in");
-        let out = out;
-        eprintln!("=== kubeadm {args:?} -> {:?}\n--- stdout\n{}\n--- stderr\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        out
+            .expect("run the kubeadm stand-in")
     }
 
     async fn init(&self, n: &TestNode) -> Output {

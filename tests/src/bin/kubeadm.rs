@@ -1484,7 +1484,9 @@ async fn create_etcd_mirror_pod(
     Ok(())
 }
 
-fn write_static_manifests(manifests: &Path, member: Option<&LocalEtcd>, phase: &str) -> R<()> {
+/// The API server, controller-manager and scheduler manifests (the
+/// stand-in runs none of them; kubeadm's preflight checks for these files).
+fn write_control_plane_manifests(manifests: &Path, phase: &str) -> R<()> {
     for component in [
         "kube-apiserver",
         "kube-controller-manager",
@@ -1503,19 +1505,22 @@ fn write_static_manifests(manifests: &Path, member: Option<&LocalEtcd>, phase: &
         )
         .map_err(|e| phase_err(phase, e))?;
     }
-    if let Some(m) = member {
-        println!(
-            "[etcd] Creating static Pod manifest for local etcd in {:?}",
-            manifests.display().to_string()
-        );
-        write_file(
-            &manifests.join("etcd.yaml"),
-            format!("{:#}\n", m.manifest()).as_bytes(),
-            0o600,
-        )
-        .map_err(|e| phase_err(phase, e))?;
-    }
     Ok(())
+}
+
+/// `manifests/etcd.yaml`: a JSON Pod whose command is the member's real
+/// argv; `reset` reads the data dir, name and URLs back from it.
+fn write_etcd_manifest(manifests: &Path, member: &LocalEtcd, phase: &str) -> R<()> {
+    println!(
+        "[etcd] Creating static Pod manifest for local etcd in {:?}",
+        manifests.display().to_string()
+    );
+    write_file(
+        &manifests.join("etcd.yaml"),
+        format!("{:#}\n", member.manifest()).as_bytes(),
+        0o600,
+    )
+    .map_err(|e| phase_err(phase, e))
 }
 
 // ---------------------------------------------------------------------------
@@ -1906,7 +1911,8 @@ async fn init(args: &[String]) -> R<()> {
             &extra,
         ),
     };
-    write_static_manifests(&manifests, Some(&member), "etcd")?;
+    write_control_plane_manifests(&manifests, "control-plane")?;
+    write_etcd_manifest(&manifests, &member, "etcd")?;
     println!("[kubelet-start] Writing kubelet environment file with flags to file \"/var/lib/kubelet/kubeadm-flags.env\"");
     println!("[kubelet-start] Starting the kubelet");
     let state_dir = k8s.join(standin::STATE_DIR);
@@ -2304,8 +2310,22 @@ async fn join(args: &[String]) -> R<()> {
         .unwrap_or("kubernetes")
         .to_string();
 
-    let (Some(ip), Some(cert_key)) = (ip, cert_key) else {
+    let Some(ip) = ip else {
         return join_worker(&api, &node, &node_ip, &k8s, &ca_path, &found, &cluster_name).await;
+    };
+    let Some(cert_key) = cert_key else {
+        // Without a key kubeadm expects the certificates copied by hand.
+        return Err(phase_err(
+            "preflight",
+            format!(
+                "\nOne or more conditions for hosting a new control plane instance is not satisfied.\n\n\
+                 [failure loading certificate for CA: couldn't load the certificate file {}: open {}: no such file or directory]\n\n\
+                 Please ensure that:\n* The cluster has a stable controlPlaneEndpoint address.\n\
+                 * The certificates that must be shared among control plane instances are provided.",
+                ca_path.display(),
+                ca_path.display()
+            ),
+        ));
     };
 
     println!(
@@ -2399,7 +2419,7 @@ async fn join(args: &[String]) -> R<()> {
         write_file(&k8s.join(file), format!("{cfg:#}\n").as_bytes(), 0o600)
             .map_err(|e| phase_err("control-plane-prepare/kubeconfig", e))?;
     }
-    write_static_manifests(&manifests, None, "control-plane-prepare/control-plane")?;
+    write_control_plane_manifests(&manifests, "control-plane-prepare/control-plane")?;
 
     // check-etcd
     println!("[check-etcd] Checking that the etcd cluster is healthy");
@@ -2680,11 +2700,7 @@ async fn join_etcd(
         args: etcd_args(node, data_dir, &urls, &initial_cluster, "existing", &[]),
     };
     println!("[etcd] Announced new etcd member joining to the existing etcd cluster");
-    write_static_manifests(
-        &k8s.join("manifests"),
-        Some(&member),
-        "control-plane-join/etcd",
-    )?;
+    write_etcd_manifest(&k8s.join("manifests"), &member, "control-plane-join/etcd")?;
     let state_dir = k8s.join(standin::STATE_DIR);
     let mut child = spawn_etcd(&member, &state_dir).map_err(fail)?;
     println!("[etcd] Waiting for the new etcd member to join the cluster. This can take up to 40s");

@@ -1,21 +1,17 @@
 //! `kubeboot-sim`: the main job run locally, on loopback.
 //!
-//! Stands up what a cluster's nodes see — moto_server as AWS, a real 3-member
-//! etcd cluster, and one IMDSv2 double per node carrying that node's
-//! user-data — and runs the real `kubeboot` binary on each node, printing a
-//! timeline. Today each node runs `kubeboot config check` and one `config
-//! show`; bootstrap joins the timeline when it exists. Everything it starts
-//! stops when it exits, also on Ctrl-C or failure.
+//! A simulated cluster of 3 control planes and 2 workers — moto_server as
+//! AWS, the Kubernetes API double as the API server, an IMDSv2 double per
+//! node, real etcd members started by the kubeadm stand-in — boots at the
+//! same moment with the real `kubeboot bootstrap`, then prints the cluster as
+//! `kubeboot status` sees it. Everything it starts stops when it exits.
+//!
+//! `KBSIM_CONTROL_PLANES` / `KBSIM_WORKERS` change the shape.
 
-use kubeboot_tests::etcd::EtcdCluster;
-use kubeboot_tests::imds::{Imds, ImdsIdentity};
-use kubeboot_tests::moto::Moto;
+use kubeboot_tests::simcluster::SimCluster;
 use kubeboot_tests::workspace::kubeboot_bin;
-use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Instant;
-
-const CLUSTER: &str = "sim";
 
 struct Timeline(Instant);
 
@@ -29,174 +25,149 @@ impl Timeline {
     }
 }
 
-fn user_data(role: &str) -> Vec<u8> {
-    let backup = if role == "control-plane" {
-        "[backup]\nenabled = false\n"
-    } else {
-        ""
-    };
-    format!(
-        "Content-Type: multipart/mixed; boundary=\"//\"\nMIME-Version: 1.0\n\n\
-         --//\nContent-Type: text/x-shellscript\n\n#!/bin/bash\nsystemctl start kubeboot-bootstrap\n\
-         --//\nContent-Type: application/kubeboot+toml\n\n[node]\nrole = \"{role}\"\n{backup}--//--\n"
-    )
-    .into_bytes()
+fn count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
-fn node_config(dir: &Path, imds: &str, moto: &str) -> std::io::Result<std::path::PathBuf> {
-    let path = dir.join("config.toml");
-    let mut endpoints = String::new();
-    for svc in [
-        "dynamodb",
-        "ssm",
-        "secretsmanager",
-        "ec2",
-        "s3",
-        "sqs",
-        "autoscaling",
-        "sts",
-    ] {
-        endpoints.push_str(&format!("{svc} = \"{moto}\"\n"));
+/// The interesting fields of one agent JSON log line, for the timeline.
+fn summarize(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let message = v["message"].as_str()?;
+    let interesting = [
+        "lock acquired",
+        "starting a new cluster generation",
+        "running kubeadm",
+        "kubeadm succeeded",
+        "join material published",
+        "etcd member confirmed and recorded",
+        "cluster initialized",
+        "bootstrap complete",
+        "removing a stale etcd member before joining",
+        "another node initialized the cluster while we waited; joining instead",
+    ];
+    if !interesting.iter().any(|m| message.starts_with(m)) {
+        return None;
     }
-    std::fs::write(
-        &path,
-        format!(
-            "[cluster]\nname = \"{CLUSTER}\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"127.0.0.1:6443\"\n\n\
-             [aws]\ntable = \"kubeboot-{CLUSTER}\"\nregion = \"us-east-1\"\ns3_force_path_style = true\n\n\
-             [aws.endpoints]\n{endpoints}\n\
-             [imds]\nendpoint = \"{imds}\"\ndeadline = \"20s\"\n\n\
-             [etcd]\nscheme = \"http\"\n\n\
-             [paths]\nkubernetes_dir = \"{d}/etc/kubernetes\"\nstate_dir = \"{d}/var/lib/kubeboot\"\n\
-             run_dir = \"{d}/run/kubeboot\"\netcd_data_dir = \"{d}/var/lib/etcd\"\n\n\
-             [metrics]\nsink = \"stdout\"\n",
-            d = dir.display()
-        ),
-    )?;
-    Ok(path)
+    let mut extra = Vec::new();
+    for key in [
+        "lock",
+        "fence",
+        "generation",
+        "command",
+        "member_id",
+        "phase",
+    ] {
+        if let Some(val) = v.get(key) {
+            extra.push(format!(
+                "{key}={}",
+                val.as_str().map_or(val.to_string(), str::to_string)
+            ));
+        }
+    }
+    Some(format!("{message} {}", extra.join(" ")))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let t = Timeline(Instant::now());
-    let bin = kubeboot_bin();
-    t.say(format!("agent binary {}", bin.display()));
-
-    let moto = Moto::start().await;
+    let (cps, workers) = (count("KBSIM_CONTROL_PLANES", 3), count("KBSIM_WORKERS", 2));
     t.say(format!(
-        "moto_server (AWS) listening on {}",
-        moto.endpoint()
+        "starting a simulated cluster: {cps} control planes, {workers} workers (agent {})",
+        kubeboot_bin().display()
     ));
-    let etcd = EtcdCluster::start(3).await;
-    for i in 0..etcd.len() {
-        let m = etcd.member(i);
+    let sim = SimCluster::start(cps, workers).await;
+    t.say(format!(
+        "moto_server (AWS) at {}, table {}",
+        sim.moto.endpoint(),
+        sim.table
+    ));
+    t.say(format!(
+        "Kubernetes API double (the load balancer) at {}",
+        sim.kubeapi.endpoint()
+    ));
+    for n in &sim.nodes {
         t.say(format!(
-            "etcd member {} up at {} (pid {:?})",
-            m.name, m.client_url, m.pid
+            "node-{} {} {:<13} ip {} metadata {}",
+            n.index,
+            n.instance_id(),
+            n.role,
+            n.ip(),
+            n.imds.endpoint()
         ));
     }
-
-    let roles = [
-        "control-plane",
-        "control-plane",
-        "control-plane",
-        "worker",
-        "worker",
-    ];
-    let work = match tempfile::tempdir() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("cannot create a work dir: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    t.say("all nodes run `kubeboot bootstrap` now, at the same moment");
+    let all: Vec<usize> = (0..sim.nodes.len()).collect();
+    let runs = sim.bootstrap(&all).await;
     let mut failures = 0;
-    let mut nodes = Vec::new();
-    for (i, role) in roles.iter().enumerate() {
-        let mut identity = ImdsIdentity::default();
-        if let Some(ip) = (i < etcd.len()).then(|| etcd.member(i).ip) {
-            identity.private_ip = ip;
+    for r in &runs {
+        for line in r.stderr.lines().filter_map(summarize) {
+            println!("          node-{}: {line}", r.index);
         }
-        let imds = Imds::start_with(identity).await;
-        imds.set_user_data(Some(user_data(role)));
-        let dir = work.path().join(format!("node-{i}"));
-        let config = match std::fs::create_dir_all(&dir)
-            .and_then(|()| node_config(&dir, &imds.endpoint(), &moto.endpoint()))
-        {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("cannot write node {i}'s config: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
         t.say(format!(
-            "node-{i} {} ({role}, {}) metadata at {}",
-            imds.identity().instance_id,
-            imds.identity().private_ip,
-            imds.endpoint()
+            "node-{} bootstrap exited {:?} after {:.2}s",
+            r.index,
+            r.code,
+            r.elapsed.as_secs_f64()
         ));
-        nodes.push((i, imds, config));
-    }
-
-    for (i, imds, config) in &nodes {
-        let out = Command::new(&bin)
-            .env_clear()
-            .args(["config", "check", "--log-format", "text", "--config"])
-            .arg(config)
-            .output();
-        match out {
-            Ok(o) => {
-                let text = String::from_utf8_lossy(&o.stdout);
-                t.say(format!(
-                    "node-{i} {}: kubeboot config check -> exit {}: {}",
-                    imds.identity().instance_id,
-                    o.status.code().unwrap_or(-1),
-                    text.trim()
-                ));
-                if !o.status.success() {
-                    failures += 1;
-                    eprint!("{}", String::from_utf8_lossy(&o.stderr));
-                }
-            }
-            Err(e) => {
-                t.say(format!("node-{i}: cannot run kubeboot: {e}"));
-                failures += 1;
-            }
+        if r.code != Some(0) {
+            failures += 1;
+            eprintln!(
+                "{}",
+                r.stderr
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
         }
     }
+    let kubeadm = sim.kubeadm_invocations();
+    let inits = kubeadm
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) == Some("init"))
+        .count();
+    t.say(format!(
+        "kubeadm stand-in ran {} times: {inits} init",
+        kubeadm.len()
+    ));
 
-    if let Some((_, _, config)) = nodes.first() {
-        if let Ok(o) = Command::new(&bin)
-            .env_clear()
-            .args(["config", "show", "--config"])
-            .arg(config)
-            .output()
-        {
-            t.say("node-0: kubeboot config show (excerpt)");
-            for line in String::from_utf8_lossy(&o.stdout).lines().filter(|l| {
-                l.starts_with("cluster.")
-                    || l.starts_with("node.")
-                    || l.starts_with("aws.table")
-                    || l.starts_with("aws.endpoints.dynamodb")
-            }) {
+    t.say("kubeboot status (from node-0):");
+    match tokio::process::Command::new(kubeboot_bin())
+        .env_clear()
+        .args(["status", "--log-format", "text", "--config"])
+        .arg(&sim.nodes[0].config)
+        .output()
+        .await
+    {
+        Ok(o) => {
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
                 println!("          {line}");
             }
+            if !o.status.success() {
+                failures += 1;
+                eprint!("{}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        Err(e) => {
+            failures += 1;
+            eprintln!("cannot run kubeboot status: {e}");
         }
     }
-
-    t.say(format!(
-        "tearing down: {} metadata doubles, {} etcd members, moto_server",
-        nodes.len(),
-        etcd.len()
-    ));
-    drop(nodes);
-    drop(etcd);
-    drop(moto);
+    t.say("tearing down: etcd members, doubles, moto_server");
+    drop(sim);
     t.say(if failures == 0 {
         "demo OK".to_string()
     } else {
-        format!("demo FAILED on {failures} node(s)")
+        format!("demo FAILED ({failures} problems)")
     });
-    if failures == 0 {
+    if failures == 0 && inits == 1 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
