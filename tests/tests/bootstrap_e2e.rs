@@ -95,3 +95,79 @@ async fn three_control_planes_and_two_workers_boot_at_once_and_form_one_cluster(
         "a finished node runs kubeadm no more"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_init_holder_dies_mid_init_and_another_control_plane_forms_a_clean_generation() {
+    use kubeboot_tests::standin;
+    use std::time::{Duration, Instant};
+    let sim = SimCluster::start(3, 0).await;
+    let node0 = &sim.nodes[0];
+    let etcd_dir = node0.dir.join("var/lib/etcd");
+
+    // Node 0 alone starts bootstrap; as soon as its kubeadm init has started
+    // etcd, the agent is killed -9 and its member with it (the host dies).
+    let mut agent = sim.bootstrap_command(node0).spawn().expect("spawn agent");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pids = standin::etcd_pids_for(&etcd_dir);
+        if !pids.is_empty() {
+            agent.start_kill().expect("kill -9 the agent");
+            let _ = agent.wait().await;
+            standin::stop_groups(&pids, Duration::ZERO);
+            break;
+        }
+        if let Ok(Some(status)) = agent.try_wait() {
+            panic!("node 0 finished ({status}) before it could be killed mid-init");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never started kubeadm init"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let registry = sim.registry().await;
+    let state = registry.state().await.expect("state");
+    assert_ne!(
+        state.phase,
+        Phase::Initialized,
+        "the dead holder never marked the cluster initialized"
+    );
+
+    // The other two boot: one takes over the init lock after the dead
+    // holder's lease, starts a new generation and initializes; one joins.
+    let runs = sim.bootstrap(&[1, 2]).await;
+    assert_ok(&runs);
+    let state = registry.state().await.expect("state");
+    assert_eq!(state.phase, Phase::Initialized);
+    assert_eq!(
+        state.generation, 2,
+        "the interrupted generation 1 was abandoned, not finished"
+    );
+
+    // Node 0 comes back: it resets its half-made state and joins.
+    let again = sim.bootstrap(&[0]).await;
+    assert_ok(&again);
+    let members = sim.etcd_members(&[1, 2]).await;
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(
+        members.iter().all(|m| m.is_started() && !m.is_learner),
+        "{members:?}"
+    );
+    let records = registry.members().await.expect("records");
+    let mut recorded: Vec<u64> = records.iter().map(|r| r.member_id).collect();
+    let mut actual: Vec<u64> = members.iter().map(|m| m.id).collect();
+    recorded.sort_unstable();
+    actual.sort_unstable();
+    assert_eq!(
+        recorded, actual,
+        "records match etcd exactly, no leftover of the dead generation"
+    );
+    let kubeadm = sim.kubeadm_invocations();
+    assert!(
+        kubeadm
+            .iter()
+            .any(|l| l.split_whitespace().nth(2) == Some("reset")),
+        "node 0 reset:\n{}",
+        kubeadm.join("\n")
+    );
+}
