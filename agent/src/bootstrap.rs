@@ -29,6 +29,29 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use tracing::Instrument;
 
+/// Test failpoint: `KBTEST_CRASH_AT=<name>` aborts the process there (no
+/// destructors, like kill -9), so the crash-matrix tests can stop bootstrap
+/// at every checkpoint. Unset in production; costs one environment lookup.
+fn crash_point(name: &str) {
+    if std::env::var("KBTEST_CRASH_AT").is_ok_and(|at| at == name) {
+        tracing::warn!(crash_point = name, "crashing on purpose (KBTEST_CRASH_AT)");
+        std::process::abort();
+    }
+}
+
+/// Every crash point, in the order bootstrap passes them.
+pub const CRASH_POINTS: &[&str] = &[
+    "init:after-begin",
+    "init:after-kubeadm",
+    "init:after-publish",
+    "init:after-record",
+    "init:after-mark",
+    "join:after-cleanup",
+    "join:after-kubeadm",
+    "join:after-record",
+    "worker:after-kubeadm",
+];
+
 /// Which way this node joins the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -158,6 +181,13 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             done: false,
         };
         if previous.as_ref().is_some_and(|c| c.kubeadm_started) {
+            if self.cfg.node.role == Role::ControlPlane && self.adopt_own_member().await? {
+                checkpoint.path = previous.as_ref().and_then(|c| c.path);
+                checkpoint.done = true;
+                self.save_checkpoint(&checkpoint)?;
+                tracing::info!("an earlier attempt had finished joining; its member is adopted");
+                return Ok(checkpoint);
+            }
             tracing::warn!(
                 "an earlier attempt ran kubeadm and did not finish: resetting this node first"
             );
@@ -181,6 +211,43 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         self.save_checkpoint(&checkpoint)?;
         tracing::info!(path = ?checkpoint.path, "bootstrap complete");
         Ok(checkpoint)
+    }
+
+    /// After a crash: if the cluster is initialized and etcd confirms this
+    /// node's own member (started, voting, healthy), the earlier attempt got
+    /// that far — record the member if the crash came first, and do not reset
+    /// (resetting the first control plane would destroy the cluster).
+    async fn adopt_own_member(&self) -> Result<bool, Error> {
+        if self.registry.state().await?.phase != Phase::Initialized {
+            return Ok(false);
+        }
+        let settings = self.etcd_settings();
+        let Ok(etcd) =
+            Etcd::connect(&[settings.client_url(&self.identity.private_ip)], &settings).await
+        else {
+            return Ok(false);
+        };
+        let peer_url = settings.peer_url(&self.identity.private_ip);
+        if etcd
+            .confirm(&peer_url, Duration::from_secs(5))
+            .await
+            .is_err()
+        {
+            return Ok(false);
+        }
+        let recorded = self
+            .registry
+            .members()
+            .await?
+            .iter()
+            .any(|r| r.instance_id == self.identity.instance_id && r.peer_url == peer_url);
+        if !recorded {
+            let guard = self.locker.acquire(Purpose::Membership).await?;
+            let result = self.confirm_and_record(&guard).await;
+            let _ = guard.release().await;
+            result?;
+        }
+        Ok(true)
     }
 
     fn node(&self) -> kcfg::Node {
@@ -245,6 +312,15 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         };
         let generation = self.registry.begin_init(guard, state, &claim).await?;
         tracing::info!(generation, "starting a new cluster generation");
+        crash_point("init:after-begin");
+        // A new generation is a new etcd cluster: members recorded for an
+        // abandoned generation are gone with it.
+        for stale in self.registry.members().await? {
+            tracing::warn!(instance_id = %stale.instance_id, member_id = %format!("{:016x}", stale.member_id), "forgetting a member of an abandoned generation");
+            self.registry
+                .forget_member(guard, &stale.instance_id)
+                .await?;
+        }
         let now = SystemTime::now();
         let token = join_material::generate_token();
         let key = join_material::generate_certificate_key();
@@ -272,6 +348,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         })
         .instrument(telemetry::phase("kubeadm-init"))
         .await?;
+        crash_point("init:after-kubeadm");
         let ca = std::fs::read(cfg.paths.kubernetes_dir.join("pki/ca.crt")).map_err(|e| {
             Error::Checkpoint {
                 path: cfg.paths.kubernetes_dir.join("pki/ca.crt"),
@@ -289,10 +366,13 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         self.join
             .publish(&self.registry, guard, &material, SystemTime::now())
             .await?;
+        crash_point("init:after-publish");
         self.confirm_and_record(guard).await?;
+        crash_point("init:after-record");
         self.registry
             .mark_initialized(guard, generation, &checkpoint.run_id, SystemTime::now())
             .await?;
+        crash_point("init:after-mark");
         tracing::info!(generation, "cluster initialized");
         Ok(())
     }
@@ -368,7 +448,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         if endpoints.is_empty() {
             return Err(Error::NotReady("no recorded etcd member to join".into()));
         }
-        let etcd = Etcd::connect(&endpoints, &settings).await?;
+        let etcd = Etcd::connect_any(&endpoints, &settings).await?;
         let health = etcd.health(&etcd.members().await?).await;
         let (stale, ready) = etcd::join_plan(&health, &own_peer);
         for s in &stale {
@@ -380,6 +460,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             }
         }
         ready.map_err(Error::NotReady)?;
+        crash_point("join:after-cleanup");
         let material = self.current_material(true).await?;
         let rendered = kcfg::render_join(&kcfg::JoinParams {
             node: self.node(),
@@ -399,7 +480,10 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         })
         .instrument(telemetry::phase("kubeadm-join"))
         .await?;
-        self.confirm_and_record(guard).await
+        crash_point("join:after-kubeadm");
+        self.confirm_and_record(guard).await?;
+        crash_point("join:after-record");
+        Ok(())
     }
 
     async fn worker_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
@@ -435,6 +519,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .join(&rendered, &[&material.token])
             .instrument(telemetry::phase("kubeadm-join"))
             .await?;
+        crash_point("worker:after-kubeadm");
         Ok(())
     }
 }

@@ -195,6 +195,27 @@ impl Etcd {
         })
     }
 
+    /// Connects through the first of `endpoints` that answers: records can
+    /// name members that are gone, and a request routed to one fails.
+    pub async fn connect_any(endpoints: &[String], settings: &Settings) -> Result<Etcd, Error> {
+        let mut failures = Vec::new();
+        for endpoint in endpoints {
+            let attempt = async {
+                let etcd = Etcd::connect(std::slice::from_ref(endpoint), settings).await?;
+                etcd.status_of(std::slice::from_ref(endpoint)).await?;
+                Ok::<_, Error>(etcd)
+            };
+            match attempt.await {
+                Ok(etcd) => return Ok(etcd),
+                Err(e) => failures.push(format!("{endpoint}: {e}")),
+            }
+        }
+        Err(Error::Connect {
+            endpoints: endpoints.to_vec(),
+            message: failures.join("; "),
+        })
+    }
+
     /// The member list, as etcd reports it.
     pub async fn members(&self) -> Result<Vec<Member>, Error> {
         let mut client = self.client.clone();

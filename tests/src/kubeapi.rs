@@ -113,8 +113,19 @@ const RESOURCES: &[Resource] = &[
 
 /// Decodes `value` as the typed object (what the real API server's decoder
 /// would refuse, this refuses) and re-encodes it, dropping unknown fields.
-fn normalize(kind: &str, value: Value) -> Result<Value, String> {
+fn normalize(kind: &str, mut value: Value) -> Result<Value, String> {
     use k8s_openapi::api::core::v1 as core;
+    if kind == "Secret" {
+        // The API server folds write-only `stringData` into `data`.
+        if let Some(Value::Object(strings)) =
+            value.as_object_mut().and_then(|o| o.remove("stringData"))
+        {
+            for (k, v) in strings {
+                let text = v.as_str().ok_or("stringData values must be strings")?;
+                value["data"][k] = json!(B64.encode(text));
+            }
+        }
+    }
     fn rt<T: serde::de::DeserializeOwned + serde::Serialize>(v: Value) -> Result<Value, String> {
         let typed: T = serde_json::from_value(v).map_err(|e| e.to_string())?;
         serde_json::to_value(typed).map_err(|e| e.to_string())
@@ -796,6 +807,13 @@ fn create(s: &Arc<Inner>, res: &'static Resource, ns: &str, body: &[u8]) -> Repl
             )
         }
     };
+    if let Err(e) = check_name(&name) {
+        return Reply::invalid(
+            res,
+            &name,
+            format!("metadata.name: Invalid value: {name:?}: {e}"),
+        );
+    }
     meta["name"] = json!(name);
     meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
     meta["creationTimestamp"] = now_time();
@@ -837,6 +855,23 @@ fn create(s: &Arc<Inner>, res: &'static Resource, ns: &str, body: &[u8]) -> Repl
         tokio::spawn(kubelet_reports_ready(s.clone(), name, uid, delay));
     }
     Reply::created(obj)
+}
+
+/// Object names must be RFC 1123 subdomains, as the API server validates.
+fn check_name(name: &str) -> Result<(), &'static str> {
+    const RULE: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', \
+                        and must start and end with an alphanumeric character";
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(|c| ok_char(c) || c == '-' || c == '.')
+        && name.starts_with(ok_char)
+        && name.ends_with(ok_char);
+    if valid {
+        Ok(())
+    } else {
+        Err(RULE)
+    }
 }
 
 fn ready_condition(node: &Value) -> Option<&str> {
@@ -1446,6 +1481,20 @@ mod tests {
             "abcdef",
             "0123456789abcdef"
         ));
+    }
+
+    #[test]
+    fn secrets_fold_string_data_and_names_are_validated() {
+        let secret = normalize(
+            "Secret",
+            json!({"metadata": {"name": "s"}, "stringData": {"a": "x"}}),
+        )
+        .unwrap();
+        assert_eq!(secret["data"]["a"], "eA==");
+        assert!(secret.get("stringData").is_none());
+        assert!(check_name("ip-10-0-1-2.ec2.internal").is_ok());
+        assert!(check_name("Upper").is_err());
+        assert!(check_name("-x").is_err());
     }
 
     #[test]

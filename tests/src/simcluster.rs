@@ -94,8 +94,10 @@ impl SimCluster {
             } else {
                 "worker"
             };
-            let mut identity = ImdsIdentity::default();
-            identity.private_ip = fresh_loopback_ip();
+            let identity = ImdsIdentity {
+                private_ip: fresh_loopback_ip(),
+                ..ImdsIdentity::default()
+            };
             let imds = Imds::start_with(identity).await;
             imds.set_user_data(Some(user_data(role)));
             let dir = work.path().join(format!("node-{index}"));

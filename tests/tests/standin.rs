@@ -930,3 +930,100 @@ async fn the_api_double_serves_a_kube_client() {
     );
     assert!(api.request_log().iter().any(|r| r.status == 503));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_fails_like_kubeadm_when_the_api_server_is_down_and_reset_cleans_up() {
+    let s = Scenario::start().await;
+    s.api.set_unavailable(true);
+    let cp = s.node("cp0");
+    let cfg = s.init_config(&cp);
+    let out = s
+        .kubeadm(
+            &["init", "--config", path(&cfg), "--upload-certs"],
+            &[("KBTEST_KUBEADM_WAIT_TIMEOUT_MS", "1000")],
+        )
+        .await;
+    assert_fails_with(
+        &out,
+        &[
+            "error execution phase wait-control-plane",
+            "timed out waiting for the condition",
+        ],
+    );
+    assert!(kubeboot::kubeadm::diagnose(&text(&out).1).contains("control plane did not come up"));
+    // Like a static Pod, the etcd kubeadm started keeps running: the node
+    // must be reset before init can run again.
+    let pids = s.procs.live_pids();
+    assert_eq!(pids.len(), 1);
+    s.api.set_unavailable(false);
+    let again = s
+        .kubeadm(&["init", "--config", path(&cfg), "--upload-certs"], &[])
+        .await;
+    assert_fails_with(&again, &["[ERROR Port-2379]"]);
+    let cert_dir = cp.k8s().join("pki");
+    assert_success(
+        &s.kubeadm(&["reset", "--force", "--cert-dir", path(&cert_dir)], &[])
+            .await,
+        "reset",
+    );
+    assert!(!pid_alive(pids[0]));
+    s.init(&cp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_learner_blocks_the_control_plane_join_like_kubeadm() {
+    let s = Scenario::start().await;
+    let cp0 = s.node("cp0");
+    s.init(&cp0).await;
+    // A join that crashed after `member add`: a learner that never started.
+    let mut etcd = connect(&[cp0.client_url()]).await.expect("connect");
+    let ghost = format!("http://{}:2380", fresh_loopback_ip());
+    etcd.member_add(
+        [ghost.as_str()],
+        Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+    )
+    .await
+    .expect("add learner");
+
+    let cp1 = s.node("cp1");
+    let cfg = s.join_config(&cp1, &s.token, vec![s.pin()], Some(&s.key));
+    let out = s.kubeadm(&["join", "--config", path(&cfg)], &[]).await;
+    assert_fails_with(
+        &out,
+        &[
+            "error execution phase control-plane-join/etcd",
+            "etcdserver: too many learner members in cluster",
+        ],
+    );
+    assert!(kubeboot::kubeadm::diagnose(&text(&out).1).contains("stale member"));
+    assert_eq!(s.members(&cp0).await.len(), 2, "cp0 and the ghost learner");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_fails_check_etcd_like_kubeadm() {
+    let s = Scenario::start().await;
+    let cp0 = s.node("cp0");
+    let cp1 = s.node("cp1");
+    s.init(&cp0).await;
+    s.join(&cp1, Some(&s.key)).await;
+    // cp1's instance vanishes: its etcd dies, its member stays.
+    let pid: u32 = std::fs::read_to_string(cp1.k8s().join("standin/etcd.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    kubeboot_tests::standin::stop_groups(&[pid], Duration::ZERO);
+
+    let cp2 = s.node("cp2");
+    let cfg = s.join_config(&cp2, &s.token, vec![s.pin()], Some(&s.key));
+    let out = s.kubeadm(&["join", "--config", path(&cfg)], &[]).await;
+    assert_fails_with(
+        &out,
+        &[
+            "error execution phase check-etcd: etcd cluster is not healthy: failed to dial endpoint",
+            &cp1.client_url(),
+        ],
+    );
+    assert!(kubeboot::kubeadm::diagnose(&text(&out).1).contains("stale member"));
+    assert_eq!(s.members(&cp0).await.len(), 2, "nothing added");
+}

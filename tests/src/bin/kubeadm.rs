@@ -2637,9 +2637,7 @@ async fn join_etcd(
     let mut etcd = etcd_client(&voters).await.map_err(fail)?;
     let reconfig = knob("KBTEST_KUBEADM_RECONFIG_TIMEOUT_MS", 30_000);
 
-    let existing = members
-        .iter()
-        .find(|m| m.peer_urls().iter().any(|u| *u == peer));
+    let existing = members.iter().find(|m| m.peer_urls().contains(&peer));
     let (id, list, learner) = match existing {
         Some(m) => {
             println!(
@@ -2917,10 +2915,7 @@ async fn remove_own_member(api: Option<&Api>, m: &LocalEtcd) {
         Ok(list) => list,
         Err(e) => return warn(format!("error syncing endpoints with etcd: {e}")),
     };
-    let Some(me) = members
-        .iter()
-        .find(|x| x.peer_urls().iter().any(|u| *u == m.peer_url))
-    else {
+    let Some(me) = members.iter().find(|x| x.peer_urls().contains(&m.peer_url)) else {
         println!(
             "[reset] No etcd member with peer URL {} found; nothing to remove",
             m.peer_url

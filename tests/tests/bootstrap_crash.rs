@@ -1,0 +1,153 @@
+//! The crash matrix (I4): for every checkpoint of each bootstrap path, the
+//! agent dies there (abort: no destructors, like kill -9), is restarted, and
+//! the cluster converges — one initialized generation, no orphan learner,
+//! records exactly etcd's started voting members, every node bootstrapped.
+
+use kubeboot::registry::Phase;
+use kubeboot_tests::simcluster::{NodeRun, SimCluster};
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn assert_ok(runs: &[NodeRun], context: &str) {
+    for r in runs {
+        assert_eq!(
+            r.code,
+            Some(0),
+            "{context}: node {} exited {:?}:\n{}",
+            r.index,
+            r.code,
+            tail(&r.stderr)
+        );
+    }
+}
+
+/// Runs `node` with a crash at `point`; it must die there.
+async fn crash(sim: &SimCluster, node: usize, point: &str) {
+    let mut cmd = sim.bootstrap_command(&sim.nodes[node]);
+    cmd.env("KBTEST_CRASH_AT", point);
+    let out = cmd.output().await.expect("agent runs");
+    assert!(
+        !out.status.success(),
+        "node {node} should have crashed at {point}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(point),
+        "node {node} crashed elsewhere than {point}:\n{}",
+        tail(&stderr)
+    );
+}
+
+async fn assert_converged(sim: &SimCluster, control_planes: &[usize], point: &str) {
+    let registry = sim.registry().await;
+    let state = registry.state().await.expect("state");
+    assert_eq!(state.phase, Phase::Initialized, "{point}");
+    let members = sim.etcd_members(control_planes).await;
+    assert_eq!(members.len(), control_planes.len(), "{point}: {members:?}");
+    assert!(
+        members.iter().all(|m| m.is_started() && !m.is_learner),
+        "{point}: {members:?}"
+    );
+    let mut recorded: Vec<u64> = registry
+        .members()
+        .await
+        .expect("records")
+        .iter()
+        .map(|r| r.member_id)
+        .collect();
+    let mut actual: Vec<u64> = members.iter().map(|m| m.id).collect();
+    recorded.sort_unstable();
+    actual.sort_unstable();
+    assert_eq!(recorded, actual, "{point}: records == etcd members");
+    let inits = sim
+        .kubeadm_invocations()
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) == Some("init") && l.ends_with("exit=0"))
+        .count() as u64;
+    assert!(
+        inits >= 1 && inits <= state.generation,
+        "{point}: at most one kubeadm init per generation, and one happened \
+         ({inits} inits, generation {})",
+        state.generation
+    );
+    assert!(
+        state.generation <= 2,
+        "{point}: at most the crashed generation and one more"
+    );
+}
+
+/// The first control plane crashes during init; everyone (it included) boots.
+async fn init_crash(point: &str) {
+    let sim = SimCluster::start(3, 1).await;
+    crash(&sim, 0, point).await;
+    let runs = sim.bootstrap(&[0, 1, 2, 3]).await;
+    assert_ok(&runs, point);
+    assert_converged(&sim, &[0, 1, 2], point).await;
+}
+
+/// A control plane crashes while joining an initialized cluster.
+async fn join_crash(point: &str) {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await, "init");
+    crash(&sim, 1, point).await;
+    let runs = sim.bootstrap(&[1, 2]).await;
+    assert_ok(&runs, point);
+    assert_converged(&sim, &[0, 1, 2], point).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_begin_init() {
+    init_crash("init:after-begin").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_kubeadm_init() {
+    init_crash("init:after-kubeadm").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_publishing_join_material() {
+    init_crash("init:after-publish").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_recording_the_first_member() {
+    init_crash("init:after-record").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_marking_initialized_does_not_reset_the_only_member() {
+    init_crash("init:after-mark").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_stale_member_cleanup() {
+    join_crash("join:after-cleanup").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_kubeadm_join_adopts_the_unrecorded_member() {
+    join_crash("join:after-kubeadm").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_recording_a_joined_member() {
+    join_crash("join:after-record").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_a_worker_join() {
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0]).await, "init");
+    crash(&sim, 1, "worker:after-kubeadm").await;
+    assert_ok(&sim.bootstrap(&[1]).await, "worker:after-kubeadm");
+    assert_converged(&sim, &[0], "worker:after-kubeadm").await;
+    assert_eq!(
+        sim.kubeapi.nodes().len(),
+        2,
+        "the worker is registered once"
+    );
+}
