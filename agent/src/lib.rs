@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod identity;
 pub mod join_material;
 pub mod kubeadm;
+pub mod kubernetes;
 pub mod lock;
 pub mod registry;
 pub mod retry;

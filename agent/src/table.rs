@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{
 
 /// Partition key attribute (string): `CLUSTER#<name>`.
 pub const PARTITION_KEY: &str = "pk";
-/// Sort key attribute (string): `STATE`, `LOCK#<purpose>`, `MEMBER#<instance-id>`.
+/// Sort key attribute (string): `STATE`, `JOIN`, `REFRESH`, `LOCK#<purpose>`, `MEMBER#<instance-id>`.
 pub const SORT_KEY: &str = "sk";
 /// TTL attribute (epoch seconds), used for garbage only: never for the lock or records that matter.
 pub const TTL_ATTRIBUTE: &str = "expires_at";
@@ -19,6 +19,8 @@ pub const TTL_ATTRIBUTE: &str = "expires_at";
 pub const STATE_SK: &str = "STATE";
 /// Sort key of the pointer to the current join material.
 pub const JOIN_SK: &str = "JOIN";
+/// Sort key of a joiner's request for fresh join material.
+pub const REFRESH_SK: &str = "REFRESH";
 /// Prefix of lock items' sort keys.
 pub const LOCK_SK_PREFIX: &str = "LOCK#";
 /// Prefix of member records' sort keys.

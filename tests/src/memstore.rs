@@ -9,7 +9,8 @@
 
 use kubeboot::lock::{Claim, Fence, LockItem, LockStore, Purpose, StoreError, StoreErrorClass};
 use kubeboot::registry::{
-    ClusterState, InitClaim, JoinPointer, MemberRecord, Phase, RegistryStore, WriteResult,
+    ClusterState, InitClaim, JoinPointer, MemberRecord, Phase, RefreshRequest, RegistryStore,
+    WriteResult,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,7 @@ struct World {
     state: Option<ClusterState>,
     members: BTreeMap<String, MemberRecord>,
     join: Option<JoinPointer>,
+    refresh: Option<RefreshRequest>,
     fenced: Vec<FencedWrite>,
     /// Generations that went initializing → initialized.
     initialized: Vec<u64>,
@@ -549,6 +551,19 @@ impl RegistryStore for Handle {
     async fn read_join(&self) -> Result<Option<JoinPointer>, StoreError> {
         self.store
             .call("read join", false, None, |w| w.join.clone())
+            .await
+    }
+
+    async fn put_refresh(&self, request: &RefreshRequest) -> Result<(), StoreError> {
+        let request = request.clone();
+        self.store
+            .call("put refresh", true, (), move |w| w.refresh = Some(request))
+            .await
+    }
+
+    async fn read_refresh(&self) -> Result<Option<RefreshRequest>, StoreError> {
+        self.store
+            .call("read refresh", false, None, |w| w.refresh.clone())
             .await
     }
 

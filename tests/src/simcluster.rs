@@ -14,11 +14,14 @@ use crate::moto::Moto;
 use crate::net::fresh_loopback_ip;
 use crate::standin::{self, StandinProcesses};
 use crate::workspace::kubeboot_bin;
+use kubeboot::join_material::JoinStore;
+use kubeboot::lock::dynamo::DynamoLockStore;
+use kubeboot::lock::{Guard, Locker, Owner, Purpose, Settings};
 use kubeboot::registry::dynamo::DynamoRegistryStore;
 use kubeboot::registry::Registry;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// One simulated instance.
 pub struct SimNode {
@@ -203,6 +206,34 @@ impl SimCluster {
             &self.table,
             &self.name,
         )))
+    }
+
+    /// The join material store, named as the agent's config derives it.
+    pub async fn join_store(&self) -> JoinStore {
+        let sdk = self.moto.sdk_config().await;
+        JoinStore::new(
+            aws_sdk_secretsmanager::Client::new(&sdk),
+            aws_sdk_ssm::Client::new(&sdk),
+            format!("kubeboot/{}/join", self.name),
+            format!("/kubeboot/{}", self.name),
+        )
+    }
+
+    /// Takes the `leader` lock as `owner` would (what the daemon that
+    /// refreshes join material holds).
+    pub async fn leader_lock(&self, owner: &str) -> Guard {
+        let store = DynamoLockStore::new(self.moto.dynamodb().await, &self.table, &self.name);
+        let locker = Locker::new(
+            Arc::new(store),
+            Owner::new(owner),
+            Settings {
+                lease: Duration::from_secs(6),
+                margin: Duration::from_secs(2),
+                acquire_timeout: Duration::from_secs(60),
+                wall_clock: Arc::new(SystemTime::now),
+            },
+        );
+        locker.acquire(Purpose::Leader).await.expect("leader lock")
     }
 
     /// etcd's member list, asked through the given nodes' client URLs.

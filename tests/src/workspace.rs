@@ -56,5 +56,39 @@ pub fn kubeboot_bin() -> PathBuf {
         "agent binary not found at {}: run `cargo build --bins` first (scripts/test.sh does)",
         path.display()
     );
+    if std::env::var_os("KBTEST_KUBEBOOT_BIN").is_none() {
+        let built = modified(&path);
+        let source = newest_modification(&workspace_root().join("agent"));
+        assert!(
+            built >= source,
+            "agent binary {} is older than the agent's sources: run `cargo build --bins` \
+             (tests would otherwise run yesterday's agent)",
+            path.display()
+        );
+    }
     path
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
+/// The newest modification time of the files under `dir`.
+fn newest_modification(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return newest;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_modification(&path)
+        } else {
+            modified(&path)
+        };
+        newest = newest.max(t);
+    }
+    newest
 }

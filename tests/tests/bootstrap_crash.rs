@@ -138,6 +138,39 @@ async fn crash_after_recording_a_joined_member() {
     join_crash("join:after-record").await;
 }
 
+/// Every crash point the agent has is exercised by a test in this file.
+#[test]
+fn every_crash_point_has_a_scenario() {
+    let source = include_str!("bootstrap_crash.rs");
+    for point in kubeboot::bootstrap::CRASH_POINTS {
+        assert!(
+            source.contains(&format!("\"{point}\"")),
+            "crash point {point} has no scenario here"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_a_joined_worker_saved_its_checkpoint_resumes_at_readiness() {
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0]).await, "init");
+    crash(&sim, 1, "worker:after-joined").await;
+    let runs = sim.bootstrap(&[1]).await;
+    assert_ok(&runs, "worker:after-joined");
+    assert!(
+        runs[0].stderr.contains("waiting for readiness only"),
+        "{}",
+        tail(&runs[0].stderr)
+    );
+    let joins = sim
+        .kubeadm_invocations()
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) == Some("join"))
+        .count();
+    assert_eq!(joins, 1, "the restart does not join (or reset) again");
+    assert_converged(&sim, &[0], "worker:after-joined").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_after_a_worker_join() {
     let sim = SimCluster::start(1, 1).await;

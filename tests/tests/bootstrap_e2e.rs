@@ -82,9 +82,46 @@ async fn three_control_planes_and_two_workers_boot_at_once_and_form_one_cluster(
         assert_eq!(node.role, "control-plane");
     }
 
-    // Workers registered with the API server.
+    // Every node registered; workers reported success only once Ready.
     let nodes = sim.kubeapi.nodes();
     assert_eq!(nodes.len(), 5, "every node registered");
+    for r in runs.iter().filter(|r| sim.nodes[r.index].role == "worker") {
+        assert!(
+            r.stderr.contains("node is Ready"),
+            "worker {} waited for readiness:\n{}",
+            r.index,
+            tail(&r.stderr)
+        );
+    }
+
+    // I6: neither the token nor the certificate key appears in anything the
+    // agent printed (its own logs and the kubeadm output it relays).
+    let registry_now = sim.registry().await;
+    let pointer = registry_now
+        .join_pointer()
+        .await
+        .expect("pointer")
+        .expect("published");
+    let material = sim.join_store().await.read(&pointer).await.expect("read");
+    let mut secrets = vec![material.token.expose().clone()];
+    secrets.extend(material.certificate_key.iter().map(|k| k.expose().clone()));
+    // The token's secret half alone must not leak either.
+    secrets.extend(
+        material
+            .token
+            .expose()
+            .split_once('.')
+            .map(|(_, s)| s.to_string()),
+    );
+    for r in &runs {
+        for secret in &secrets {
+            assert!(
+                !r.stdout.contains(secret.as_str()) && !r.stderr.contains(secret.as_str()),
+                "node {} printed a join secret",
+                r.index
+            );
+        }
+    }
 
     // Bootstrap again is a no-op.
     let again = sim.bootstrap(&[0, 3]).await;

@@ -161,6 +161,8 @@ pub struct Timeouts {
     #[serde(deserialize_with = "duration")]
     pub node_ready: Duration,
     #[serde(deserialize_with = "duration")]
+    pub join_material: Duration,
+    #[serde(deserialize_with = "duration")]
     pub drain: Duration,
     #[serde(deserialize_with = "duration")]
     pub kube_api: Duration,

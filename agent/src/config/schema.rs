@@ -195,6 +195,8 @@ pub const KEYS: &[Key] = &[
     key("timeouts.kubeadm_reset", dur(5 * SEC, HOUR), Some("\"2m\""), "Deadline of `kubeadm reset`."),
     key("timeouts.node_ready", dur(5 * SEC, 2 * HOUR), Some("\"10m\""),
         "How long a joined node may take to become Ready."),
+    key("timeouts.join_material", dur(5 * SEC, DAY), Some("\"20m\""),
+        "How long a joining node waits for usable join material (cluster initialized, token and certificate key not about to expire) before failing."),
     key("timeouts.drain", dur(5 * SEC, 2 * HOUR), Some("\"5m\""), "Deadline of a node drain."),
     key("timeouts.kube_api", dur(100, 5 * MIN), Some("\"30s\""), "Timeout of one Kubernetes API request."),
     // [daemon]

@@ -2,7 +2,8 @@
 //! ConditionCheck on the fencing lock item plus the record write.
 
 use super::{
-    ClusterState, InitClaim, JoinPointer, MemberRecord, Phase, RegistryStore, WriteResult,
+    ClusterState, InitClaim, JoinPointer, MemberRecord, Phase, RefreshRequest, RegistryStore,
+    WriteResult,
 };
 use crate::lock::dynamo::{epoch_ms, lock_sk, store_error};
 use crate::lock::{Fence, StoreError, StoreErrorClass};
@@ -299,6 +300,35 @@ impl RegistryStore for DynamoRegistryStore {
         out.item.as_ref().map(parse_join).transpose()
     }
 
+    async fn put_refresh(&self, request: &RefreshRequest) -> Result<(), StoreError> {
+        let mut item = self.key(table::REFRESH_SK.into());
+        item.insert("requested_by".into(), s(&request.requested_by));
+        item.insert("what".into(), s(&request.what));
+        item.insert("stale_version".into(), s(&request.stale_version));
+        item.insert("requested_at".into(), n(epoch_ms(request.requested_at)));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| store_error("request join material refresh", &e))?;
+        Ok(())
+    }
+
+    async fn read_refresh(&self) -> Result<Option<RefreshRequest>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(table::REFRESH_SK.into())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| store_error("read refresh request", &e))?;
+        out.item.as_ref().map(parse_refresh).transpose()
+    }
+
     async fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {
         let mut members = Vec::new();
         let mut start: Option<Item> = None;
@@ -413,6 +443,25 @@ fn parse_join(item: &Item) -> Result<JoinPointer, StoreError> {
             .ok_or_else(|| malformed("read join pointer", "token_expires_at"))?,
         certs_expire_at: time("certs_expire_at"),
         published_at: time("published_at").unwrap_or(UNIX_EPOCH),
+    })
+}
+
+fn parse_refresh(item: &Item) -> Result<RefreshRequest, StoreError> {
+    let text = |k: &str| {
+        item.get(k)
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .ok_or_else(|| malformed("read refresh request", k))
+    };
+    Ok(RefreshRequest {
+        requested_by: text("requested_by")?,
+        what: text("what")?,
+        stale_version: text("stale_version")?,
+        requested_at: item
+            .get("requested_at")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(UNIX_EPOCH, |ms| UNIX_EPOCH + Duration::from_millis(ms)),
     })
 }
 

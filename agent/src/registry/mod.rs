@@ -119,6 +119,28 @@ pub struct JoinPointer {
     pub published_at: SystemTime,
 }
 
+/// A joiner found the current join material too close to expiry and asks
+/// the leader for fresh material. Not fenced (joiners hold no lock that
+/// could fence it) and harmless: the latest request wins, and a pointer to
+/// any version other than `stale_version` fulfils it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefreshRequest {
+    pub requested_by: String,
+    /// `token`, `certs` or `both`.
+    pub what: String,
+    /// The secret version that was found too close to expiry.
+    pub stale_version: String,
+    #[serde(skip)]
+    pub requested_at: SystemTime,
+}
+
+impl RefreshRequest {
+    /// Whether `pointer` already answers this request.
+    pub fn fulfilled_by(&self, pointer: Option<&JoinPointer>) -> bool {
+        pointer.is_some_and(|p| p.secret_version != self.stale_version)
+    }
+}
+
 /// How a fenced write ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteResult {
@@ -167,6 +189,14 @@ pub trait RegistryStore: Send + Sync + 'static {
         pointer: &JoinPointer,
     ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
     fn read_join(&self) -> impl Future<Output = Result<Option<JoinPointer>, StoreError>> + Send;
+    /// Records a refresh request (unconditional: the latest request wins).
+    fn put_refresh(
+        &self,
+        request: &RefreshRequest,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn read_refresh(
+        &self,
+    ) -> impl Future<Output = Result<Option<RefreshRequest>, StoreError>> + Send;
 }
 
 /// Registry failures.
@@ -272,6 +302,28 @@ impl<S: RegistryStore> Registry<S> {
             operation: "read join pointer",
             source,
         })
+    }
+
+    /// Asks the leader for fresh join material (see [`RefreshRequest`]).
+    pub async fn request_refresh(&self, request: &RefreshRequest) -> Result<(), Error> {
+        self.store
+            .put_refresh(request)
+            .await
+            .map_err(|source| Error::Store {
+                operation: "request join material refresh",
+                source,
+            })
+    }
+
+    /// The latest refresh request, if any was made.
+    pub async fn refresh_request(&self) -> Result<Option<RefreshRequest>, Error> {
+        self.store
+            .read_refresh()
+            .await
+            .map_err(|source| Error::Store {
+                operation: "read refresh request",
+                source,
+            })
     }
 
     /// Makes `pointer` the current join material (fenced: a holder that lost

@@ -25,6 +25,30 @@
 //! `KBTEST_KUBEADM_PROMOTE_TIMEOUT_MS` (learner promotion, default 120 000),
 //! `KBTEST_KUBEADM_RECONFIG_TIMEOUT_MS` (etcd refusing membership changes as
 //! "unhealthy cluster", default 30 000).
+//!
+//! ## No-op mode (`KBTEST_KUBEADM_NOOP=1`)
+//!
+//! For measuring the agent's own overhead (`bench/bootstrap.sh`), `init` and
+//! `join` can do only what the agent reads after they return, and nothing
+//! slow: no etcd, no waits, no discovery, no preflight.
+//!
+//! - `init --config F`: writes a fresh self-signed CA to
+//!   `<certificatesDir>/ca.crt` and `ca.key` (the agent pins the CA's SPKI)
+//!   and nothing else. The etcd member the agent then confirms (peer URL
+//!   `http://<advertiseAddress>:2380`, started, voting, healthy) is the
+//!   caller's to provide: the benchmark starts a one-member etcd at the
+//!   node's IP before timing.
+//! - `join --config F` (worker or control plane): writes `kubelet.conf`
+//!   next to `caCertPath`'s `pki/`, pointing at
+//!   `discovery.bootstrapToken.apiServerEndpoint` over plain HTTP, and
+//!   registers the Node (`nodeRegistration.name`, `--node-ip`) already
+//!   `Ready` in the API double: one request, no kubelet delay. A control
+//!   plane's etcd member is, again, the caller's.
+//!
+//! The config documents are still parsed (so an agent rendering bug still
+//! fails), system paths are still refused, and every run is still logged to
+//! `KBTEST_KUBEADM_LOG`. `reset`, `token` and `version` behave as without the
+//! knob.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
@@ -69,6 +93,8 @@ const EXCLUDE_LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-ba
 const DEFAULT_TOKEN_GROUP: &str = "system:bootstrappers:kubeadm:default-node-token";
 const TOKEN_FORM: &str = r"^([a-z0-9]{6})\.([a-z0-9]{16})$";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+/// `1` selects the no-op `init` and `join` (see the module docs).
+const NOOP_ENV: &str = "KBTEST_KUBEADM_NOOP";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -425,7 +451,12 @@ async fn run(args: &[String]) -> R<()> {
             return Ok(());
         }
     };
+    let noop = std::env::var(NOOP_ENV).is_ok_and(|v| v == "1");
     match cmd {
+        "init" if noop && rest.first().map(String::as_str) != Some("phase") => {
+            noop_init(rest).await
+        }
+        "join" if noop => noop_join(rest).await,
         "init" if rest.first().map(String::as_str) == Some("phase") => init_phase(&rest[1..]).await,
         "init" => init(rest).await,
         "join" => join(rest).await,
@@ -1363,8 +1394,20 @@ async fn wait_member(
 // Kubelet effects: Node registration and mirror Pods
 
 /// Registers the Node as a kubelet does (Ready "False" until the double's
-/// kubelet reports ready); an existing Node is kept. Returns its uid.
-async fn register_node(api: &Api, name: &str, ip: &IpAddr) -> Result<String, ApiFailure> {
+/// kubelet reports ready; already "True" with `ready`, for the no-op mode);
+/// an existing Node is kept. Returns its uid.
+async fn register_node(
+    api: &Api,
+    name: &str,
+    ip: &IpAddr,
+    ready: bool,
+) -> Result<String, ApiFailure> {
+    let ready_condition = if ready {
+        json!({"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status"})
+    } else {
+        json!({"type": "Ready", "status": "False", "reason": "KubeletNotReady",
+               "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized"})
+    };
     let node = json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -1388,8 +1431,7 @@ async fn register_node(api: &Api, name: &str, ip: &IpAddr) -> Result<String, Api
                 {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "message": "kubelet has sufficient memory available"},
                 {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "message": "kubelet has no disk pressure"},
                 {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "message": "kubelet has sufficient PID available"},
-                {"type": "Ready", "status": "False", "reason": "KubeletNotReady",
-                 "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized"},
+                ready_condition,
             ],
             "addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}],
             "nodeInfo": {
@@ -1403,6 +1445,13 @@ async fn register_node(api: &Api, name: &str, ip: &IpAddr) -> Result<String, Api
         Ok(v) => v,
         Err(f) if f.code == 409 => {
             let labels = node["metadata"]["labels"].clone();
+            if ready {
+                api.merge_patch(
+                    &format!("/api/v1/nodes/{name}/status"),
+                    &json!({"status": {"conditions": node["status"]["conditions"].clone()}}),
+                )
+                .await?;
+            }
             api.merge_patch(
                 &format!("/api/v1/nodes/{name}"),
                 &json!({"metadata": {"labels": labels}}),
@@ -1940,7 +1989,7 @@ async fn init(args: &[String]) -> R<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let node_uid = register_node(&api, &node, &ip).await.map_err(|e| {
+    let node_uid = register_node(&api, &node, &ip, false).await.map_err(|e| {
         phase_err(
             "wait-control-plane",
             format!("error registering node {node:?}: {e}"),
@@ -2445,7 +2494,7 @@ async fn join(args: &[String]) -> R<()> {
         0o600,
     )
     .map_err(|e| phase_err("kubelet-start", e))?;
-    let node_uid = register_node(&api, &node, &ip).await.map_err(|e| {
+    let node_uid = register_node(&api, &node, &ip, false).await.map_err(|e| {
         phase_err(
             "kubelet-start",
             format!("error registering node {node:?}: {e}"),
@@ -2508,7 +2557,7 @@ async fn join_worker(
     .map_err(|e| phase_err("kubelet-start", e))?;
     println!("[kubelet-check] Waiting for a healthy kubelet at http://127.0.0.1:10248/healthz. This can take up to 4m0s");
     println!("[kubelet-start] Waiting for the kubelet to perform the TLS Bootstrap");
-    register_node(api, node, ip).await.map_err(|e| {
+    register_node(api, node, ip, false).await.map_err(|e| {
         phase_err(
             "kubelet-start",
             format!("error registering node {node:?}: {e}"),
@@ -2519,6 +2568,107 @@ async fn join_worker(
 * Certificate signing request was sent to apiserver and a response was received.\n\
 * The Kubelet was informed of the new secure connection details.\n\n\
 Run 'kubectl get nodes' on the control-plane to see this node join the cluster.\n"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// No-op mode (KBTEST_KUBEADM_NOOP=1): only what the agent reads afterwards
+
+/// `init` in no-op mode: the cluster CA the agent pins, and nothing else.
+async fn noop_init(args: &[String]) -> R<()> {
+    let flags = parse_flags(
+        args,
+        &[
+            ("config", true),
+            ("upload-certs", false),
+            ("skip-token-print", false),
+            ("ignore-preflight-errors", true),
+            ("certificate-key", true),
+        ],
+    )?;
+    let config = flags.value("config").ok_or_else(|| {
+        plain_err("the kubeadm stand-in needs --config (the agent always passes one)")
+    })?;
+    let docs = load_documents(config)?;
+    let cluster = find_kind(&docs, "ClusterConfiguration").ok_or_else(|| {
+        plain_err(format!(
+            "{config}: no ClusterConfiguration document (the stand-in needs certificatesDir)"
+        ))
+    })?;
+    let pki = PathBuf::from(str_at(cluster, "/certificatesDir").unwrap_or(DEFAULT_CERT_DIR));
+    guard_paths(&[&pki])?;
+    let (ca_crt, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    if ca_crt.exists() && ca_key.exists() {
+        println!("[certs] Using existing ca certificate authority");
+    } else {
+        let (cert, key) = generate_ca().map_err(|e| {
+            phase_err(
+                "certs/ca",
+                format!("failure while creating CA certificate: {e}"),
+            )
+        })?;
+        write_file(&ca_crt, cert.as_bytes(), 0o644).map_err(|e| phase_err("certs/ca", e))?;
+        write_file(&ca_key, key.as_bytes(), 0o600).map_err(|e| phase_err("certs/ca", e))?;
+    }
+    println!(
+        "[kbtest] no-op init ({NOOP_ENV}=1): wrote {}; no etcd, no API objects",
+        ca_crt.display()
+    );
+    Ok(())
+}
+
+/// `join` in no-op mode: `kubelet.conf` and a Node that is already `Ready`.
+async fn noop_join(args: &[String]) -> R<()> {
+    let flags = parse_flags(args, &[("config", true), ("ignore-preflight-errors", true)])?;
+    let config = flags.value("config").ok_or_else(|| {
+        plain_err("the kubeadm stand-in needs --config (the agent always passes one)")
+    })?;
+    let docs = load_documents(config)?;
+    let jc = find_kind(&docs, "JoinConfiguration")
+        .ok_or_else(|| plain_err(format!("{config}: no JoinConfiguration document")))?;
+    let node = str_at(jc, "/nodeRegistration/name")
+        .ok_or_else(|| plain_err("nodeRegistration.name: Required value: the kubeadm stand-in does not default it to the hostname"))?
+        .to_string();
+    let kubelet_args = arg_list(
+        jc.pointer("/nodeRegistration/kubeletExtraArgs"),
+        "NodeRegistrationOptions.nodeRegistration.kubeletExtraArgs",
+    )?;
+    let node_ip: IpAddr = kubelet_args
+        .iter()
+        .find(|(k, _)| k == "node-ip")
+        .map(|(_, v)| v.as_str())
+        .or_else(|| str_at(jc, "/controlPlane/localAPIEndpoint/advertiseAddress"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let endpoint = str_at(jc, "/discovery/bootstrapToken/apiServerEndpoint")
+        .ok_or_else(|| plain_err("discovery.bootstrapToken.apiServerEndpoint: Required value"))?
+        .to_string();
+    let ca_path = PathBuf::from(str_at(jc, "/caCertPath").unwrap_or("/etc/kubernetes/pki/ca.crt"));
+    let k8s = parent(&parent(&ca_path));
+    guard_paths(&[&k8s])?;
+    // Plain HTTP: the CA in kubelet.conf is a throwaway nobody verifies with.
+    let (ca_pem, _) = generate_ca().map_err(|e| phase_err("kubelet-start", e))?;
+    let kubelet = kubeconfig(
+        "kubernetes",
+        &format!("http://{endpoint}"),
+        &ca_pem,
+        &format!("system:node:{node}"),
+    );
+    let kubelet_conf = k8s.join("kubelet.conf");
+    write_file(&kubelet_conf, format!("{kubelet:#}\n").as_bytes(), 0o600)
+        .map_err(|e| phase_err("kubelet-start", e))?;
+    register_node(&Api::new(&endpoint), &node, &node_ip, true)
+        .await
+        .map_err(|e| {
+            phase_err(
+                "kubelet-start",
+                format!("error registering node {node:?}: {e}"),
+            )
+        })?;
+    println!(
+        "[kbtest] no-op join ({NOOP_ENV}=1): wrote {}, registered node {node:?} Ready; no discovery, no etcd",
+        kubelet_conf.display()
     );
     Ok(())
 }

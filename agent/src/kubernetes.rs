@@ -1,0 +1,238 @@
+//! The Kubernetes API as this node's own credentials see it: is our Node
+//! registered and `Ready`? `kubeadm join` returns once the kubelet has
+//! bootstrapped its credentials, not when the node can run Pods; bootstrap
+//! only reports success after the API says so.
+//!
+//! One client per use, built from a kubeconfig kubeadm wrote (the worker's
+//! `kubelet.conf`), with a timeout on every request and kube's built-in
+//! retries off: kube 5 retries 429/503 fifteen times with backoff by default,
+//! which would hide a stall behind minutes of silence. The caller's
+//! [`crate::retry`] policy decides what is retried, with logging and a deadline.
+
+use crate::retry::{self, Classify, RetryClass, WaitPolicy};
+use k8s_openapi::api::core::v1::Node;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Kubernetes API failures, each naming the object and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot use the kubeconfig {}: {reason}", path.display())]
+    Kubeconfig { path: PathBuf, reason: String },
+    #[error("Kubernetes API {operation} {object}: {message}")]
+    Api {
+        operation: &'static str,
+        object: String,
+        /// HTTP status, when the API server answered.
+        status: Option<u16>,
+        message: String,
+    },
+    #[error("node {node} is not Ready: {why}")]
+    NotReady { node: String, why: String },
+    #[error("node {node} did not become Ready within {}: {last}", crate::config::value::format_duration(*waited))]
+    Deadline {
+        node: String,
+        waited: Duration,
+        last: String,
+    },
+}
+
+impl Classify for Error {
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            Error::Kubeconfig { .. } => RetryClass::Permanent,
+            Error::NotReady { .. } => RetryClass::Transient,
+            Error::Api { status, .. } => match status {
+                // Refused credentials or a malformed request do not heal.
+                Some(400 | 401 | 403 | 422) => RetryClass::Permanent,
+                _ => RetryClass::Transient,
+            },
+            Error::Deadline { .. } => RetryClass::Permanent,
+        }
+    }
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Kubeconfig { .. } => "kubeadm writes this file during join; check the kubeadm output above and paths.kubernetes_dir".into(),
+            Error::Api { status: Some(401 | 403), .. } => "the node's credentials were refused: check the kubelet's client certificate and the Node authorizer (kubectl get csr)".into(),
+            Error::Api { .. } => "check that the API server endpoint (cluster.control_plane_endpoint, the load balancer) answers from this node".into(),
+            Error::NotReady { .. } | Error::Deadline { .. } => "check the kubelet (journalctl -u kubelet) and the CNI plugin; `kubectl describe node` shows the Ready condition's message; raise timeouts.node_ready if the node is just slow".into(),
+        }
+    }
+}
+
+/// Where a Node stands, from its `Ready` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Registered, `Ready` is not `"True"`: the condition's reason and message.
+    NotReady(String),
+    /// Registered without a `Ready` condition yet (the kubelet has not reported).
+    Unreported,
+}
+
+/// The readiness a Node object reports; pure so it is tested without an API.
+pub fn readiness(node: &Node) -> Readiness {
+    let condition = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    match condition {
+        None => Readiness::Unreported,
+        Some(c) if c.status == "True" => Readiness::Ready,
+        Some(c) => Readiness::NotReady(format!(
+            "Ready={} reason={} message={}",
+            c.status,
+            c.reason.as_deref().unwrap_or("-"),
+            c.message.as_deref().unwrap_or("-")
+        )),
+    }
+}
+
+/// A client of the API server, with per-request timeouts.
+pub struct Kubernetes {
+    client: kube::Client,
+}
+
+impl Kubernetes {
+    /// A client from a kubeconfig file (kubeadm's JSON or YAML), every
+    /// request bounded by `request_timeout`.
+    pub async fn from_kubeconfig(path: &Path, request_timeout: Duration) -> Result<Self, Error> {
+        let fail = |reason: String| Error::Kubeconfig {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(path).map_err(|e| fail(e.to_string()))?;
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        config.connect_timeout = Some(request_timeout);
+        config.read_timeout = Some(request_timeout);
+        config.write_timeout = Some(request_timeout);
+        config.default_retry = false;
+        let client = kube::Client::try_from(config).map_err(|e| fail(e.to_string()))?;
+        Ok(Kubernetes { client })
+    }
+
+    /// The Node's readiness; a Node not registered yet is `NotReady`.
+    pub async fn node_readiness(&self, name: &str) -> Result<Readiness, Error> {
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        match nodes.get_opt(name).await {
+            Ok(Some(node)) => Ok(readiness(&node)),
+            Ok(None) => Ok(Readiness::NotReady("not registered yet".into())),
+            Err(e) => Err(api_error("get", &format!("node/{name}"), &e)),
+        }
+    }
+
+    /// Waits until the Node is `Ready`, polling with backoff, up to `deadline`.
+    pub async fn wait_node_ready(&self, name: &str, deadline: Duration) -> Result<(), Error> {
+        let policy = WaitPolicy {
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(10),
+            max_attempts: 100_000,
+            deadline: Some(deadline),
+        };
+        retry::with_retries("wait for the node to be Ready", &policy, || async {
+            match self.node_readiness(name).await? {
+                Readiness::Ready => Ok(()),
+                Readiness::NotReady(why) => Err(Error::NotReady {
+                    node: name.to_string(),
+                    why,
+                }),
+                Readiness::Unreported => Err(Error::NotReady {
+                    node: name.to_string(),
+                    why: "the kubelet has not reported a Ready condition".into(),
+                }),
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            retry::RetryError::Failed(e) => e,
+            retry::RetryError::Deadline { last, .. } => Error::Deadline {
+                node: name.to_string(),
+                waited: deadline,
+                last: last.unwrap_or_else(|| "no answer".into()),
+            },
+        })
+    }
+}
+
+fn api_error(operation: &'static str, object: &str, e: &kube::Error) -> Error {
+    let (status, message) = match e {
+        kube::Error::Api(s) => (Some(s.code), format!("{} ({})", s.message, s.reason)),
+        other => (None, other.to_string()),
+    };
+    Error::Api {
+        operation,
+        object: object.to_string(),
+        status,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(conditions: serde_json::Value) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ip-10-0-1-2"},
+            "status": {"conditions": conditions},
+        }))
+        .expect("node")
+    }
+
+    #[test]
+    fn readiness_comes_from_the_ready_condition_only() {
+        assert_eq!(
+            readiness(&node(serde_json::json!([
+                {"type": "MemoryPressure", "status": "False"},
+                {"type": "Ready", "status": "True"},
+            ]))),
+            Readiness::Ready
+        );
+        let not = readiness(&node(serde_json::json!([
+            {"type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "cni plugin not initialized"},
+        ])));
+        assert_eq!(
+            not,
+            Readiness::NotReady(
+                "Ready=False reason=KubeletNotReady message=cni plugin not initialized".into()
+            )
+        );
+        assert_eq!(
+            readiness(&node(
+                serde_json::json!([{"type": "DiskPressure", "status": "False"}])
+            )),
+            Readiness::Unreported
+        );
+        assert_eq!(
+            readiness(&node(
+                serde_json::json!([{"type": "Ready", "status": "Unknown"}])
+            )),
+            Readiness::NotReady("Ready=Unknown reason=- message=-".into())
+        );
+    }
+
+    #[test]
+    fn refused_credentials_are_not_retried_and_outages_are() {
+        let api = |status| Error::Api {
+            operation: "get",
+            object: "node/n".into(),
+            status,
+            message: String::new(),
+        };
+        assert_eq!(api(Some(403)).retry_class(), RetryClass::Permanent);
+        assert_eq!(api(Some(503)).retry_class(), RetryClass::Transient);
+        assert_eq!(api(None).retry_class(), RetryClass::Transient);
+        assert!(api(Some(401)).hint().contains("credentials"));
+    }
+}
