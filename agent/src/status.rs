@@ -4,7 +4,9 @@
 
 use crate::config::value::format_duration;
 use crate::lock::{LockItem, LockStore, Purpose};
-use crate::registry::{ClusterState, MemberRecord, Registry, RegistryStore};
+use crate::registry::{
+    ClusterState, JoinPointer, MemberRecord, RefreshRequest, Registry, RegistryStore,
+};
 use serde_json::json;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +18,10 @@ pub struct Status {
     pub state: ClusterState,
     pub locks: Vec<(Purpose, Option<LockItem>)>,
     pub members: Vec<MemberRecord>,
+    /// The current join material (non-secret facts only).
+    pub join: Option<JoinPointer>,
+    /// The latest joiner's request for fresh material.
+    pub refresh: Option<RefreshRequest>,
     /// This host's wall clock when read; lease ages are computed against the
     /// holder's own stamps and shown as such (never used for decisions).
     pub observed_at: SystemTime,
@@ -67,6 +73,8 @@ pub async fn gather<L: LockStore, R: RegistryStore>(
         state,
         locks: lock_items,
         members: registry.members().await?,
+        join: registry.join_pointer().await?,
+        refresh: registry.refresh_request().await?,
         observed_at: SystemTime::now(),
     })
 }
@@ -104,6 +112,50 @@ fn lock_line(purpose: Purpose, item: Option<&LockItem>, observed: SystemTime) ->
                 .unwrap_or_default()
         ),
     }
+}
+
+/// When `at` comes, from `observed`: "in 5m" or "5m ago" (display only).
+fn until(observed: SystemTime, at: SystemTime) -> String {
+    match at.duration_since(observed) {
+        Ok(d) => format!("in {}", format_duration(Duration::from_secs(d.as_secs()))),
+        Err(e) => format!(
+            "{} ago",
+            format_duration(Duration::from_secs(e.duration().as_secs()))
+        ),
+    }
+}
+
+fn join_lines(s: &Status) -> String {
+    let mut out = String::new();
+    match &s.join {
+        None => out.push_str("join material: none published\n"),
+        Some(j) => out.push_str(&format!(
+            "join material: version {}  token expires {}  certificates {}  published {}\n",
+            j.secret_version,
+            until(s.observed_at, j.token_expires_at),
+            j.certs_expire_at
+                .map_or("not uploaded".to_string(), |t| format!(
+                    "expire {}",
+                    until(s.observed_at, t)
+                )),
+            age(s.observed_at, j.published_at)
+        )),
+    }
+    if let Some(r) = &s.refresh {
+        out.push_str(&format!(
+            "  refresh of {} requested by {} {} for version {}: {}\n",
+            r.what,
+            r.requested_by,
+            age(s.observed_at, r.requested_at),
+            r.stale_version,
+            if r.fulfilled_by(s.join.as_ref()) {
+                "fulfilled"
+            } else {
+                "PENDING (the leader's daemon refreshes it)"
+            }
+        ));
+    }
+    out
 }
 
 /// Human-readable status.
@@ -146,6 +198,7 @@ pub fn render_text(s: &Status) -> String {
             age(s.observed_at, m.confirmed_at)
         ));
     }
+    out.push_str(&join_lines(s));
     out
 }
 
@@ -181,6 +234,21 @@ pub fn to_json(s: &Status) -> serde_json::Value {
             "peer_url": m.peer_url,
             "confirmed_at_ms": epoch_ms(m.confirmed_at),
         })).collect::<Vec<_>>(),
+        "join": s.join.as_ref().map(|j| json!({
+            "secret_version": j.secret_version,
+            "endpoint": j.endpoint,
+            "ca_cert_hashes": j.ca_cert_hashes,
+            "token_expires_at_ms": epoch_ms(j.token_expires_at),
+            "certs_expire_at_ms": j.certs_expire_at.map(epoch_ms),
+            "published_at_ms": epoch_ms(j.published_at),
+        })),
+        "refresh": s.refresh.as_ref().map(|r| json!({
+            "what": r.what,
+            "requested_by": r.requested_by,
+            "stale_version": r.stale_version,
+            "requested_at_ms": epoch_ms(r.requested_at),
+            "fulfilled": r.fulfilled_by(s.join.as_ref()),
+        })),
         "observed_at_ms": observed,
     })
 }
@@ -237,6 +305,20 @@ mod tests {
                 peer_url: "https://10.0.1.2:2380".into(),
                 confirmed_at: t0 - Duration::from_secs(3600),
             }],
+            join: Some(JoinPointer {
+                secret_version: "v-2".into(),
+                endpoint: "api:6443".into(),
+                ca_cert_hashes: vec![format!("sha256:{}", "ab".repeat(32))],
+                token_expires_at: t0 + Duration::from_secs(120),
+                certs_expire_at: None,
+                published_at: t0 - Duration::from_secs(3600),
+            }),
+            refresh: Some(RefreshRequest {
+                requested_by: "i-0new".into(),
+                what: "token".into(),
+                stale_version: "v-2".into(),
+                requested_at: t0 - Duration::from_secs(30),
+            }),
             observed_at: t0,
         }
     }
@@ -254,6 +336,13 @@ mod tests {
             "membership  held by i-0def/p9  fence 9  lease 30s  renewed 4s ago (holder's clock)"
         ));
         assert!(text.contains("leader      never taken"));
+        assert!(text.contains(
+            "join material: version v-2  token expires in 2m  certificates not uploaded  published 1h ago"
+        ), "{text}");
+        assert!(
+            text.contains("refresh of token requested by i-0new 30s ago for version v-2: PENDING"),
+            "{text}"
+        );
         assert!(text.contains(
             "i-0abc  member 8e9e05c52164694d  ip-10-0-1-2  https://10.0.1.2:2380  confirmed 1h ago"
         ));
@@ -276,5 +365,7 @@ mod tests {
         assert_eq!(v["locks"][1]["renewed_age_ms_by_holder_clock"], 4000);
         assert_eq!(v["locks"][2]["status"], "never-taken");
         assert_eq!(v["members"][0]["member_id"], "8e9e05c52164694d");
+        assert_eq!(v["join"]["secret_version"], "v-2");
+        assert_eq!(v["refresh"]["fulfilled"], false);
     }
 }

@@ -208,3 +208,58 @@ async fn the_init_holder_dies_mid_init_and_another_control_plane_forms_a_clean_g
         kubeadm.join("\n")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_node_never_becomes_ready_fails_clearly_and_a_restart_only_waits() {
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    sim.kubeapi
+        .set_node_ready_delay(std::time::Duration::from_secs(3600));
+    let mut cmd = sim.bootstrap_command(&sim.nodes[1]);
+    cmd.env("KUBEBOOT_TIMEOUTS_NODE_READY", "5s");
+    let out = cmd.output().await.expect("worker runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", tail(&stderr));
+    assert!(
+        stderr.contains("did not become Ready within 5s")
+            && stderr.contains("cni plugin not initialized"),
+        "the error says what the kubelet reports:\n{}",
+        tail(&stderr)
+    );
+
+    // The kubelet comes good; systemd's restart only waits, it does not rejoin.
+    let worker = sim
+        .kubeapi
+        .nodes()
+        .into_iter()
+        .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_string))
+        .find(|name| {
+            sim.kubeapi
+                .object(&format!("/api/v1/nodes/{name}"))
+                .is_some_and(|n| {
+                    n["metadata"]["labels"]
+                        .get("node-role.kubernetes.io/control-plane")
+                        .is_none()
+                })
+        })
+        .expect("the worker's Node");
+    sim.kubeapi
+        .patch_object(
+            &format!("/api/v1/nodes/{worker}"),
+            &serde_json::json!({"status": {"conditions": [
+                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status"},
+            ]}}),
+        )
+        .expect("patch the Node");
+    let again = sim.bootstrap(&[1]).await;
+    assert_ok(&again);
+    assert_eq!(count(&sim.kubeadm_invocations(), "join"), 1, "joined once");
+    assert_eq!(
+        sim.kubeadm_invocations()
+            .iter()
+            .filter(|l| l.split_whitespace().nth(2) == Some("reset"))
+            .count(),
+        0,
+        "never reset"
+    );
+}

@@ -99,6 +99,21 @@ async fn a_worker_never_joins_with_a_token_about_to_expire_and_waits_for_the_ref
     assert!(!request.fulfilled_by(Some(&stale)));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(joins(&sim).is_empty(), "kubeadm ran with stale material");
+    let status = tokio::process::Command::new(kubeboot_tests::workspace::kubeboot_bin())
+        .env_clear()
+        .args(["status", "--config"])
+        .arg(&worker.config)
+        .output()
+        .await
+        .expect("status runs");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(&format!(
+            "refresh of token requested by {}",
+            worker.instance_id()
+        )) && status.contains("PENDING"),
+        "the operator sees the pending request:\n{status}"
+    );
 
     // The leader refreshes; the worker joins with the fresh version only.
     let fresh_at = epoch_ms(SystemTime::now());

@@ -71,10 +71,11 @@ impl Error {
 pub fn diagnose(output: &str) -> &'static str {
     const PATTERNS: &[(&[&str], &str)] = &[
         (&["[ERROR Port-", "is in use"], "a previous attempt left components running on this node: it must be reset (`kubeadm reset -f`) before retrying"),
-        (&["couldn't validate the identity of the API Server", "none of the public keys"],
-            "the CA public-key pin does not match the cluster's CA: the join material is stale or belongs to another cluster"),
-        (&["could not find a JWS signature", "token id", "Unauthorized", "invalid bootstrap token"],
+        // Token before pin: both start "couldn't validate the identity of the API Server".
+        (&["could not find a JWS signature", "failed to verify JWS signature", "token id", "Unauthorized", "invalid bootstrap token"],
             "the bootstrap token is unknown or expired: the leader must refresh the join material"),
+        (&["none of the public keys", "cluster CA found in cluster-info ConfigMap is invalid"],
+            "the CA public-key pin does not match the cluster's CA: the join material is stale or belongs to another cluster"),
         (&["kubeadm-certs", "error downloading the secret", "couldn't download", "decrypt", "certificate key"],
             "the uploaded control-plane certificates are gone (kubeadm deletes them after 2 h) or the certificate key is wrong: refresh the join material"),
         (&["check-etcd", "etcd cluster is not healthy", "etcdserver: unhealthy cluster", "too many learner members"],
@@ -430,7 +431,8 @@ mod tests {
     fn diagnoses_cover_the_common_failures() {
         for (output, expected) in [
             ("[ERROR Port-6443]: Port 6443 is in use", "reset"),
-            ("could not find a JWS signature in the cluster-info ConfigMap for token ID \"abcdef\"", "bootstrap token"),
+            ("error execution phase preflight: couldn't validate the identity of the API Server: could not find a JWS signature in the cluster-info ConfigMap for token ID \"abcdef\"", "bootstrap token"),
+            ("error execution phase preflight: couldn't validate the identity of the API Server: cluster CA found in cluster-info ConfigMap is invalid: none of the public keys \"sha256:00\" are pinned", "CA public-key pin"),
             ("error downloading the secret: Secret \"kubeadm-certs\" was not found", "certificates are gone"),
             ("error execution phase check-etcd: etcd cluster is not healthy", "stale member"),
             ("[wait-control-plane] timed out waiting for the condition", "journalctl -u kubelet"),

@@ -1,0 +1,848 @@
+//! Bootstrap benchmark driver: figures for bench/bootstrap/REPORT.md, never
+//! assertions.
+//!
+//! Measures the agent's own overhead: the real `kubeboot bootstrap` binary,
+//! timed from spawning the process to its exit, with the kubeadm stand-in in
+//! its no-op mode (`KBTEST_KUBEADM_NOOP=1`: it writes only what the agent
+//! reads afterwards), so what is left is the agent — configuration, instance
+//! metadata, AWS calls, etcd and Kubernetes API checks, process start.
+//!
+//! - init path: a fresh simulated cluster per run (moto, the API double, one
+//!   control plane); the etcd member the agent confirms after `kubeadm init`
+//!   is a one-member etcd started at the node's IP before the timed region;
+//! - worker path: one cluster initialized once by a control plane with the
+//!   full stand-in (real etcd, join material published), then one new worker
+//!   per run, one at a time.
+//!
+//! AWS traffic goes through one in-process AWS proxy per service (no faults),
+//! which logs every request with its operation: that gives the calls per
+//! operation per bootstrap. Writes Markdown to stdout and, with `--out`, to a
+//! file (only once every run succeeded).
+//!
+//! ```text
+//! kubeboot-bench-bootstrap [--runs N] [--init-runs N] [--worker-runs N] [--out FILE] [--logs DIR]
+//! ```
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use kubeboot::registry::Phase;
+use kubeboot::table;
+use kubeboot_tests::awsproxy::{AwsProxy, ProxiedRequest};
+use kubeboot_tests::kubeapi::KubeRequest;
+use kubeboot_tests::process::ChildGuard;
+use kubeboot_tests::simcluster::{SimCluster, SimNode};
+use kubeboot_tests::standin;
+use kubeboot_tests::workspace::{kubeboot_bin, workspace_root};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The services the agent calls on the happy path, each behind its own proxy
+/// (config key under `aws.endpoints`, name in the report).
+const SERVICES: &[(&str, &str)] = &[
+    ("dynamodb", "DynamoDB"),
+    ("secretsmanager", "Secrets Manager"),
+    ("ssm", "SSM"),
+];
+
+/// Round trips timed for the reference figure of one moto call.
+const REFERENCE_CALLS: usize = 50;
+
+struct Options {
+    init_runs: usize,
+    worker_runs: usize,
+    out: Option<PathBuf>,
+    logs: Option<PathBuf>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: kubeboot-bench-bootstrap [--runs N] [--init-runs N] [--worker-runs N] [--out FILE] [--logs DIR]\n\
+         \n  --runs N         runs per path (default 20)\
+         \n  --init-runs N    runs of the init path (overrides --runs)\
+         \n  --worker-runs N  runs of the worker path (overrides --runs)\
+         \n  --out FILE       also write the report there (after every run succeeded)\
+         \n  --logs DIR       keep each run's agent log (JSON lines) there"
+    );
+    std::process::exit(2);
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        init_runs: 20,
+        worker_runs: 20,
+        out: None,
+        logs: None,
+    };
+    let (mut init, mut worker) = (None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut count = || -> usize {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or_else(|| usage())
+        };
+        match a.as_str() {
+            "--runs" => {
+                let n = count();
+                (o.init_runs, o.worker_runs) = (n, n);
+            }
+            "--init-runs" => init = Some(count()),
+            "--worker-runs" => worker = Some(count()),
+            "--out" => o.out = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
+            "--logs" => o.logs = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
+            _ => usage(),
+        }
+    }
+    o.init_runs = init.unwrap_or(o.init_runs);
+    o.worker_runs = worker.unwrap_or(o.worker_runs);
+    o
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `| min | p50 | p90 | max |` cells of some samples.
+fn spread(samples: &[Duration]) -> String {
+    let mut s = samples.to_vec();
+    s.sort();
+    format!(
+        "{} | {} | {} | {}",
+        ms(s[0]),
+        ms(percentile(&s, 0.5)),
+        ms(percentile(&s, 0.9)),
+        ms(*s.last().expect("samples"))
+    )
+}
+
+/// Text of one line of a command's output, or a placeholder.
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU".to_string(), |(_, m)| m.trim().to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or("?".to_string(), |kb| format!("{:.1}", kb / 1024.0 / 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    format!("{model}, {cores} cores available, {mem_gib} GiB RAM, Linux {kernel}")
+}
+
+/// The 1-minute load average: the machine may be shared (a concurrent
+/// build shows here, and in the figures).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn moto_version() -> String {
+    let python = std::env::var_os("KBTEST_MOTO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/moto/bin/python"));
+    first_line(
+        &python.display().to_string(),
+        &["-c", "import moto; print(moto.__version__)"],
+    )
+}
+
+/// The AWS proxies, one per service, in front of one moto.
+struct Proxies {
+    by_service: Vec<(&'static str, &'static str, AwsProxy)>,
+}
+
+impl Proxies {
+    async fn start(moto_endpoint: &str) -> Self {
+        let mut by_service = Vec::new();
+        for (key, name) in SERVICES {
+            by_service.push((*key, *name, AwsProxy::start(moto_endpoint).await));
+        }
+        Proxies { by_service }
+    }
+
+    /// `KUBEBOOT_AWS_ENDPOINTS_<SERVICE>` overrides pointing the agent at them.
+    fn envs(&self) -> Vec<(String, String)> {
+        self.by_service
+            .iter()
+            .map(|(key, _, p)| {
+                (
+                    format!("KUBEBOOT_AWS_ENDPOINTS_{}", key.to_uppercase()),
+                    p.endpoint(),
+                )
+            })
+            .collect()
+    }
+
+    /// Log lengths now, to slice one run's requests out afterwards.
+    fn marks(&self) -> Vec<usize> {
+        self.by_service
+            .iter()
+            .map(|(_, _, p)| p.log().len())
+            .collect()
+    }
+
+    /// Requests since `marks`, as (service, request).
+    fn since(&self, marks: &[usize]) -> Vec<(&'static str, ProxiedRequest)> {
+        self.by_service
+            .iter()
+            .zip(marks)
+            .flat_map(|((_, name, p), &m)| {
+                p.log()
+                    .into_iter()
+                    .skip(m)
+                    .map(move |r| (*name, r))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// What one timed `kubeboot bootstrap` run produced.
+struct Run {
+    elapsed: Duration,
+    /// kubeadm's run time as the agent logged it (`kubeadm succeeded`).
+    kubeadm: Option<Duration>,
+    /// Agent log messages and when they were written, since the spawn.
+    timeline: Vec<(String, Duration)>,
+    /// (service, operation) → (calls, answered non-2xx).
+    aws: BTreeMap<(&'static str, String), (usize, usize)>,
+    imds: BTreeMap<String, usize>,
+    kube: BTreeMap<String, usize>,
+}
+
+fn kubeadm_elapsed(stderr: &str) -> Option<Duration> {
+    stderr.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        (v["message"] == "kubeadm succeeded")
+            .then(|| v["elapsed_ms"].as_u64().map(Duration::from_millis))
+            .flatten()
+    })
+}
+
+/// Each distinct log message (first occurrence) with its time since the
+/// process was spawned, from the lines' wall-clock stamps (millisecond
+/// resolution).
+fn timeline(stderr: &str, spawned: SystemTime) -> Vec<(String, Duration)> {
+    let spawned_ms = spawned
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let mut out: Vec<(String, Duration)> = Vec::new();
+    for line in stderr.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(message), Some(stamp)) = (v["message"].as_str(), v["timestamp"].as_str()) else {
+            continue;
+        };
+        let Ok(ts) = stamp.parse::<k8s_openapi::jiff::Timestamp>() else {
+            continue;
+        };
+        if out.iter().any(|(m, _)| m == message) {
+            continue;
+        }
+        let offset = (ts.as_millisecond() as f64 - spawned_ms).max(0.0);
+        out.push((
+            message.to_string(),
+            Duration::from_secs_f64(offset / 1000.0),
+        ));
+    }
+    out
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs `kubeboot bootstrap` on `node` with the no-op stand-in and AWS
+/// through the proxies; panics (with the agent's log) unless it exits 0.
+async fn timed_bootstrap(
+    sim: &SimCluster,
+    node: &SimNode,
+    proxies: &Proxies,
+    what: &str,
+    logs: Option<&Path>,
+) -> Run {
+    let marks = proxies.marks();
+    let (imds_mark, kube_mark) = (
+        node.imds.request_log().len(),
+        sim.kubeapi.request_log().len(),
+    );
+    let mut cmd = sim.bootstrap_command(node);
+    cmd.env("KBTEST_KUBEADM_NOOP", "1").envs(proxies.envs());
+    let spawned = SystemTime::now();
+    let started = Instant::now();
+    let out = cmd.output().await.expect("kubeboot runs");
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(dir) = logs {
+        std::fs::create_dir_all(dir).expect("logs directory");
+        std::fs::write(
+            dir.join(format!("{}.log", what.replace(' ', "-"))),
+            &out.stderr,
+        )
+        .expect("write agent log");
+    }
+    assert!(
+        out.status.success(),
+        "{what}: kubeboot bootstrap exited {:?} after {elapsed:?}; last log lines:\n{}",
+        out.status.code(),
+        tail(&stderr, 30)
+    );
+    let mut aws: BTreeMap<(&'static str, String), (usize, usize)> = BTreeMap::new();
+    for (service, r) in proxies.since(&marks) {
+        let e = aws.entry((service, r.operation.clone())).or_default();
+        e.0 += 1;
+        if !r.status.is_some_and(|s| (200..300).contains(&s)) {
+            e.1 += 1;
+        }
+    }
+    let mut imds = BTreeMap::new();
+    for r in node.imds.request_log().into_iter().skip(imds_mark) {
+        *imds.entry(format!("{} {}", r.method, r.path)).or_default() += 1;
+    }
+    let hostname = node.imds.identity().local_hostname();
+    let mut kube = BTreeMap::new();
+    for r in sim.kubeapi.request_log().into_iter().skip(kube_mark) {
+        let KubeRequest { method, path, .. } = r;
+        *kube
+            .entry(format!("{method} {}", path.replace(&hostname, "<node>")))
+            .or_default() += 1;
+    }
+    Run {
+        elapsed,
+        kubeadm: kubeadm_elapsed(&stderr),
+        timeline: timeline(&stderr, spawned),
+        aws,
+        imds,
+        kube,
+    }
+}
+
+/// A one-member etcd at the node's IP, standard ports, named like the node:
+/// the member the agent confirms after a (no-op) `kubeadm init`.
+async fn start_node_etcd(node: &SimNode) -> ChildGuard {
+    let ip = node.ip();
+    let name = node.imds.identity().local_hostname();
+    let dir = node.dir.join("bench-etcd");
+    std::fs::create_dir_all(&dir).expect("etcd dir");
+    let bin = std::env::var_os("KBTEST_ETCD_BIN").unwrap_or_else(|| "etcd".into());
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCD") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg(format!("--name={name}"))
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls=http://{ip}:2379"))
+        .arg(format!("--advertise-client-urls=http://{ip}:2379"))
+        .arg(format!("--listen-peer-urls=http://{ip}:2380"))
+        .arg(format!("--initial-advertise-peer-urls=http://{ip}:2380"))
+        .arg(format!("--initial-cluster={name}=http://{ip}:2380"))
+        .arg("--initial-cluster-state=new")
+        .arg(format!(
+            "--initial-cluster-token=kbbench-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+    let mut guard = ChildGuard::spawn("etcd", cmd, dir.join("etcd.log"))
+        .expect("start etcd")
+        .with_grace(Duration::from_millis(300));
+    let url = format!("http://{ip}:2379");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            guard.is_running(),
+            "etcd at {ip} exited:\n{}",
+            guard.log_tail(20)
+        );
+        if let Ok(mut c) = kubeboot_tests::etcd::connect(std::slice::from_ref(&url)).await {
+            let ready = c.status().await.is_ok_and(|s| s.leader() != 0)
+                && c.get("kbbench-health", None).await.is_ok();
+            if ready {
+                return guard;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd at {ip} not ready within 30s:\n{}",
+            guard.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// First use of a service in a fresh moto_server costs moto, not the agent,
+/// a one-off initialization (SSM loads its catalogue of public parameters,
+/// ~0.8 s): one untimed read per service, straight to moto, before timing.
+async fn warm_up_moto(sim: &SimCluster) -> Duration {
+    let sdk = sim.moto.sdk_config().await;
+    let t = Instant::now();
+    let _ = aws_sdk_ssm::Client::new(&sdk)
+        .get_parameter()
+        .name("/kbbench/warm-up")
+        .send()
+        .await;
+    let ssm = t.elapsed();
+    let _ = aws_sdk_secretsmanager::Client::new(&sdk)
+        .describe_secret()
+        .secret_id("kbbench/warm-up")
+        .send()
+        .await;
+    ssm
+}
+
+/// Init runs, and how long moto's first SSM call took in each fresh moto.
+async fn init_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>) {
+    let mut runs = Vec::new();
+    let mut warm_ups = Vec::new();
+    for i in 0..n {
+        let sim = SimCluster::start(1, 0).await;
+        warm_ups.push(warm_up_moto(&sim).await);
+        let proxies = Proxies::start(&sim.moto.endpoint()).await;
+        let node = &sim.nodes[0];
+        let etcd = start_node_etcd(node).await;
+        let run = timed_bootstrap(&sim, node, &proxies, &format!("init run {i}"), logs).await;
+        let state = sim.registry().await.state().await.expect("cluster state");
+        assert_eq!(state.phase, Phase::Initialized, "init run {i}: {state:?}");
+        eprintln!("init run {}/{n}: {}", i + 1, ms(run.elapsed));
+        runs.push(run);
+        drop(etcd);
+        drop(proxies);
+        drop(sim);
+    }
+    (runs, warm_ups)
+}
+
+/// Worker runs, and the reference round trip of one moto call (through the
+/// same proxy, from this process).
+async fn worker_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>) {
+    let sim = SimCluster::start(1, n).await;
+    // Setup, not timed: the first control plane with the full stand-in.
+    let setup = sim.bootstrap(&[0]).await;
+    assert!(
+        setup.iter().all(|r| r.code == Some(0)),
+        "the control plane did not initialize the cluster:\n{}",
+        setup
+            .iter()
+            .map(|r| tail(&r.stderr, 30))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    warm_up_moto(&sim).await;
+    let proxies = Proxies::start(&sim.moto.endpoint()).await;
+    let mut runs = Vec::new();
+    for i in 1..=n {
+        let node = &sim.nodes[i];
+        let run = timed_bootstrap(&sim, node, &proxies, &format!("worker run {i}"), logs).await;
+        let registered = sim
+            .kubeapi
+            .object(&format!(
+                "/api/v1/nodes/{}",
+                node.imds.identity().local_hostname()
+            ))
+            .is_some();
+        assert!(registered, "worker run {i}: no Node object");
+        eprintln!("worker run {i}/{n}: {}", ms(run.elapsed));
+        runs.push(run);
+    }
+    let ddb = proxies
+        .by_service
+        .iter()
+        .find(|(key, _, _)| *key == "dynamodb")
+        .map(|(_, _, p)| p.endpoint())
+        .expect("dynamodb proxy");
+    let sdk = sim
+        .moto
+        .sdk_config()
+        .await
+        .to_builder()
+        .endpoint_url(ddb)
+        .build();
+    let client = aws_sdk_dynamodb::Client::new(&sdk);
+    let mut reference = Vec::new();
+    for _ in 0..REFERENCE_CALLS {
+        let t = Instant::now();
+        client
+            .get_item()
+            .table_name(&sim.table)
+            .key(
+                table::PARTITION_KEY,
+                AttributeValue::S(table::cluster_pk(&sim.name)),
+            )
+            .key(table::SORT_KEY, AttributeValue::S(table::STATE_SK.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("reference GetItem");
+        reference.push(t.elapsed());
+    }
+    (runs, reference)
+}
+
+/// Mean, min and max of a per-run count.
+fn count_cells(per_run: &[usize]) -> String {
+    let mean = per_run.iter().sum::<usize>() as f64 / per_run.len() as f64;
+    let (min, max) = (
+        per_run.iter().min().copied().unwrap_or(0),
+        per_run.iter().max().copied().unwrap_or(0),
+    );
+    if min == max {
+        format!("{mean:.2} | {min}")
+    } else {
+        format!("{mean:.2} | {min}–{max}")
+    }
+}
+
+fn aws_table(out: &mut String, runs: &[Run]) {
+    let mut keys: Vec<(&'static str, String)> =
+        runs.iter().flat_map(|r| r.aws.keys().cloned()).collect();
+    keys.sort();
+    keys.dedup();
+    let _ = writeln!(
+        out,
+        "| service | operation | calls per run (mean) | range | of which non-2xx (total over runs) |\n|---|---|---|---|---|"
+    );
+    let mut totals = vec![0usize; runs.len()];
+    for key in &keys {
+        let per_run: Vec<usize> = runs
+            .iter()
+            .map(|r| r.aws.get(key).map_or(0, |c| c.0))
+            .collect();
+        for (t, c) in totals.iter_mut().zip(&per_run) {
+            *t += c;
+        }
+        let errors: usize = runs.iter().map(|r| r.aws.get(key).map_or(0, |c| c.1)).sum();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {errors} |",
+            key.0,
+            key.1,
+            count_cells(&per_run)
+        );
+    }
+    let _ = writeln!(out, "| **all** | | {} | |\n", count_cells(&totals));
+}
+
+fn request_table(
+    out: &mut String,
+    runs: &[Run],
+    pick: fn(&Run) -> &BTreeMap<String, usize>,
+    who: fn(&str) -> &'static str,
+) {
+    let mut keys: Vec<String> = runs.iter().flat_map(|r| pick(r).keys().cloned()).collect();
+    keys.sort();
+    keys.dedup();
+    let _ = writeln!(
+        out,
+        "| request | by | per run (mean) | range |\n|---|---|---|---|"
+    );
+    for key in &keys {
+        let per_run: Vec<usize> = runs
+            .iter()
+            .map(|r| pick(r).get(key).copied().unwrap_or(0))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| `{key}` | {} | {} |",
+            who(key),
+            count_cells(&per_run)
+        );
+    }
+    out.push('\n');
+}
+
+/// The agent's log lines in order, with the median time since process start
+/// and the median step from the line before (per run, then the median).
+fn timeline_table(out: &mut String, runs: &[Run]) {
+    let order: Vec<String> = runs[0].timeline.iter().map(|(m, _)| m.clone()).collect();
+    let _ = writeln!(
+        out,
+        "| log line (or event) | since process start, p50 | step from the row above, p50 |\n|---|---|---|"
+    );
+    let mut previous: Vec<Duration> = vec![Duration::ZERO; runs.len()];
+    let mut rows: Vec<(String, Vec<Option<Duration>>)> = order
+        .iter()
+        .map(|m| {
+            let at = runs
+                .iter()
+                .map(|r| r.timeline.iter().find(|(x, _)| x == m).map(|(_, d)| *d))
+                .collect();
+            (format!("`{m}`"), at)
+        })
+        .collect();
+    rows.push((
+        "process exit".into(),
+        runs.iter().map(|r| Some(r.elapsed)).collect(),
+    ));
+    for (label, at) in rows {
+        let mut offsets = Vec::new();
+        let mut steps = Vec::new();
+        for (i, d) in at.iter().enumerate() {
+            if let Some(d) = d {
+                offsets.push(*d);
+                steps.push(d.saturating_sub(previous[i]));
+                previous[i] = *d;
+            }
+        }
+        if offsets.is_empty() {
+            continue;
+        }
+        offsets.sort();
+        steps.sort();
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} |",
+            ms(percentile(&offsets, 0.5)),
+            ms(percentile(&steps, 0.5))
+        );
+    }
+    out.push('\n');
+}
+
+fn timing_row(out: &mut String, path: &str, runs: &[Run]) {
+    let total: Vec<Duration> = runs.iter().map(|r| r.elapsed).collect();
+    let kubeadm: Vec<Duration> = runs.iter().filter_map(|r| r.kubeadm).collect();
+    let without: Vec<Duration> = runs
+        .iter()
+        .filter_map(|r| r.kubeadm.map(|k| r.elapsed.saturating_sub(k)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "| {path} | {} | total | {} |",
+        runs.len(),
+        spread(&total)
+    );
+    if kubeadm.len() == runs.len() {
+        let _ = writeln!(
+            out,
+            "| | | no-op kubeadm (as the agent logged it) | {} |",
+            spread(&kubeadm)
+        );
+        let _ = writeln!(out, "| | | total − no-op kubeadm | {} |", spread(&without));
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let opts = options();
+    let agent = kubeboot_bin();
+    // Fail before any setup if the stand-in is missing.
+    let kubeadm = standin::kubeadm_bin();
+    let started = Instant::now();
+    let date = k8s_openapi::jiff::Timestamp::now();
+    let load_before = load_average();
+    eprintln!(
+        "bootstrap benchmark: {} init runs, {} worker runs",
+        opts.init_runs, opts.worker_runs
+    );
+    let (init, warm_ups) = init_runs(opts.init_runs, opts.logs.as_deref()).await;
+    let (worker, reference) = worker_runs(opts.worker_runs, opts.logs.as_deref()).await;
+
+    let mut out = String::new();
+    let command: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+        .collect();
+    let _ = writeln!(out, "# Bootstrap benchmark\n");
+    let _ = writeln!(
+        out,
+        "Agent overhead of `kubeboot bootstrap` with kubeadm replaced by a no-op, and AWS API calls per bootstrap.\n"
+    );
+    let _ = writeln!(
+        out,
+        "- Machine: {}; 1-minute load average {load_before} before, {} after (anything else running shows in the figures)",
+        machine(),
+        load_average()
+    );
+    let _ = writeln!(
+        out,
+        "- Date: {} (UTC); the benchmark took {:.0} s",
+        k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%d %H:%M", date).unwrap_or_default(),
+        started.elapsed().as_secs_f64()
+    );
+    let driver = format!(
+        "target/debug/kubeboot-bench-bootstrap {}",
+        command.join(" ")
+    );
+    let _ = match std::env::var("KBBENCH_COMMAND") {
+        Ok(script) => writeln!(
+            out,
+            "- Command: `{script}`, which ran `{}`",
+            driver.trim_end()
+        ),
+        Err(_) => writeln!(out, "- Command: `{}`", driver.trim_end()),
+    };
+    let _ = writeln!(
+        out,
+        "- Agent: `{}` (debug build), source `{}`",
+        agent
+            .strip_prefix(workspace_root())
+            .unwrap_or(&agent)
+            .display(),
+        first_line("git", &["describe", "--always", "--dirty"])
+    );
+    let _ = writeln!(
+        out,
+        "- kubeadm: the stand-in `{}` with `KBTEST_KUBEADM_NOOP=1`",
+        kubeadm
+            .strip_prefix(workspace_root())
+            .unwrap_or(&kubeadm)
+            .display()
+    );
+    let _ = writeln!(
+        out,
+        "- AWS: moto_server {} on loopback, behind one in-process AWS proxy per service (no faults); etcd {}\n",
+        moto_version(),
+        first_line("etcd", &["--version"])
+            .trim_start_matches("etcd Version: ")
+    );
+
+    let _ = writeln!(out, "## Wall time, process start → exit\n");
+    let _ = writeln!(
+        out,
+        "| path | runs | what | min | p50 | p90 | max |\n|---|---|---|---|---|---|---|"
+    );
+    timing_row(&mut out, "init (fresh cluster, one control plane)", &init);
+    timing_row(
+        &mut out,
+        "worker (cluster initialized, join material published)",
+        &worker,
+    );
+    let _ = writeln!(
+        out,
+        "\nFor scale: one DynamoDB `GetItem` (consistent read) from the driver through the proxy to moto, {REFERENCE_CALLS} calls: min | p50 | p90 | max = {}.\n",
+        spread(&reference)
+    );
+    let _ = writeln!(
+        out,
+        "Not in these figures: the first SSM call to a fresh moto_server takes {} (p50 over the init runs' fresh motos) \
+         while moto loads its catalogue of public parameters; a warm-up call to each service, straight to moto, \
+         precedes every timed region so that cost stays out of the agent's figures.\n",
+        ms(percentile(&{
+            let mut w = warm_ups.clone();
+            w.sort();
+            w
+        }, 0.5))
+    );
+
+    let _ = writeln!(
+        out,
+        "## Where the time goes\n\nThe agent's own log lines (JSON, info level, millisecond stamps) against the spawn time; \
+         the first line comes after configuration, instance metadata, AWS credentials and the first AWS calls.\n"
+    );
+    let _ = writeln!(out, "Init path:\n");
+    timeline_table(&mut out, &init);
+    let _ = writeln!(out, "Worker path:\n");
+    timeline_table(&mut out, &worker);
+
+    let _ = writeln!(out, "## AWS API calls per worker join (happy path)\n");
+    aws_table(&mut out, &worker);
+    let _ = writeln!(out, "## AWS API calls per init (happy path)\n");
+    aws_table(&mut out, &init);
+
+    let _ = writeln!(out, "## Other requests per run\n");
+    let _ = writeln!(out, "Instance metadata (IMDSv2 double), worker path:\n");
+    request_table(&mut out, &worker, |r| &r.imds, |_| "agent");
+    let _ = writeln!(out, "Instance metadata (IMDSv2 double), init path:\n");
+    request_table(&mut out, &init, |r| &r.imds, |_| "agent");
+    let _ = writeln!(out, "Kubernetes API (the double), worker path:\n");
+    request_table(
+        &mut out,
+        &worker,
+        |r| &r.kube,
+        |k| {
+            if k.starts_with("GET") {
+                "agent"
+            } else {
+                "no-op kubeadm"
+            }
+        },
+    );
+
+    let _ = writeln!(
+        out,
+        "## What is measured\n\n\
+- **Wall time** from spawning the real `kubeboot bootstrap --config <node>/kubeboot.toml --log-format json` \
+to its exit (status 0 checked), one node at a time, nothing else running in the cluster. It includes \
+exec of the debug binary, configuration load (file, user-data from IMDS), the IMDSv2 identity and \
+instance-role credentials, every DynamoDB / Secrets Manager / SSM call, spawning the no-op kubeadm, the \
+etcd and Kubernetes API checks, and the checkpoint files.\n\
+- **Init path**: each run is a fresh simulated cluster (its own moto_server, table, API double, IMDS \
+double). Before the timed region a one-member etcd is started at the node's IP (`http://<ip>:2379`, peer \
+`:2380`, named like the node), standing in for the member `kubeadm init` would start. Timed: init lock, \
+new generation, no-op `kubeadm init` (writes `pki/ca.crt` and `ca.key` only), join material published \
+(Secrets Manager, SSM, the fenced pointer), the etcd member confirmed (started, voting, healthy) and \
+recorded, the cluster marked initialized, lock released. The cluster state is checked `initialized` \
+after each run.\n\
+- **Worker path**: one cluster, initialized once (untimed) by a control plane running the full stand-in \
+(real etcd, real join material); then each run is a new worker instance. Timed: registry read, join \
+material read, no-op `kubeadm join` (writes `kubelet.conf` and registers the Node already `Ready` in \
+the API double), the checkpoint, and the agent's wait for its Node to be `Ready` through the API with \
+the kubelet's credentials (the Node is registered `Ready`, so one `GET` answers it: see the \
+Kubernetes API table).\n\
+- **\"total − no-op kubeadm\"** subtracts the kubeadm run time the agent itself logs (`kubeadm succeeded \
+elapsed_ms`), which is mostly exec and start of the stand-in's debug binary: what remains is the agent.\n\
+- **AWS calls** are every request that reached a proxy, SDK retries included. A non-2xx on the happy \
+path is an answer the agent expects and acts on (when this was written: the first `PutSecretValue` \
+of a new cluster answers `ResourceNotFoundException`, and the agent then calls `CreateSecret`).\n\
+- Warm-up: before each timed region, one call to each service straight to moto (not through the \
+proxies, not counted), and for the init path the etcd member is already serving.\n\n\
+## What is not measured\n\n\
+- Real kubeadm, kubelet, etcd start-up, image pulls, TLS bootstrap: replaced by the no-op stand-in and \
+the pre-started etcd. On a real node those take tens of seconds and dwarf these figures.\n\
+- Real AWS latency: moto_server on loopback (Python) answers in the time shown above per call; \
+multiply the call counts by your region's per-call latency for an estimate (requests are sequential \
+on these paths).\n\
+- Contention: runs are sequential, so no lock waits, no init race, no waiting for join material.\n\
+- Release builds: agent and stand-in are debug builds; a release build mostly shortens process start \
+and CPU work, not the round trips.\n\
+- TLS anywhere (etcd and the API double are plain HTTP; AWS goes to moto over HTTP)."
+    );
+
+    print!("{out}");
+    if let Some(path) = opts.out {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("report directory");
+        }
+        let tmp = path.with_extension("md.tmp");
+        std::fs::write(&tmp, &out).expect("write report");
+        std::fs::rename(&tmp, &path).expect("move report into place");
+        eprintln!("report written to {}", path.display());
+    }
+}
