@@ -56,7 +56,7 @@ struct Options {
     logs: Option<PathBuf>,
 }
 
-fn usage() -> ! {
+fn usage(code: i32) -> ! {
     eprintln!(
         "usage: kubeboot-bench-bootstrap [--runs N] [--init-runs N] [--worker-runs N] [--out FILE] [--logs DIR]\n\
          \n  --runs N         runs per path (default 20)\
@@ -65,7 +65,7 @@ fn usage() -> ! {
          \n  --out FILE       also write the report there (after every run succeeded)\
          \n  --logs DIR       keep each run's agent log (JSON lines) there"
     );
-    std::process::exit(2);
+    std::process::exit(code);
 }
 
 fn options() -> Options {
@@ -82,7 +82,7 @@ fn options() -> Options {
             args.next()
                 .and_then(|v| v.parse().ok())
                 .filter(|n| *n > 0)
-                .unwrap_or_else(|| usage())
+                .unwrap_or_else(|| usage(2))
         };
         match a.as_str() {
             "--runs" => {
@@ -91,9 +91,10 @@ fn options() -> Options {
             }
             "--init-runs" => init = Some(count()),
             "--worker-runs" => worker = Some(count()),
-            "--out" => o.out = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
-            "--logs" => o.logs = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
-            _ => usage(),
+            "--out" => o.out = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage(2))),
+            "--logs" => o.logs = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage(2))),
+            "-h" | "--help" => usage(0),
+            _ => usage(2),
         }
     }
     o.init_runs = init.unwrap_or(o.init_runs);
@@ -431,7 +432,7 @@ async fn warm_up_moto(sim: &SimCluster) -> Duration {
 async fn init_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>) {
     let mut runs = Vec::new();
     let mut warm_ups = Vec::new();
-    for i in 0..n {
+    for i in 1..=n {
         let sim = SimCluster::start(1, 0).await;
         warm_ups.push(warm_up_moto(&sim).await);
         let proxies = Proxies::start(&sim.moto.endpoint()).await;
@@ -440,7 +441,7 @@ async fn init_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>) {
         let run = timed_bootstrap(&sim, node, &proxies, &format!("init run {i}"), logs).await;
         let state = sim.registry().await.state().await.expect("cluster state");
         assert_eq!(state.phase, Phase::Initialized, "init run {i}: {state:?}");
-        eprintln!("init run {}/{n}: {}", i + 1, ms(run.elapsed));
+        eprintln!("init run {i}/{n}: {}", ms(run.elapsed));
         runs.push(run);
         drop(etcd);
         drop(proxies);
