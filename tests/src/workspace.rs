@@ -58,7 +58,9 @@ pub fn kubeboot_bin() -> PathBuf {
     );
     if std::env::var_os("KBTEST_KUBEBOOT_BIN").is_none() {
         let built = modified(&path);
-        let source = newest_modification(&workspace_root().join("agent"));
+        let agent = workspace_root().join("agent");
+        let source =
+            newest_modification(&agent.join("src")).max(modified(&agent.join("Cargo.toml")));
         assert!(
             built >= source,
             "agent binary {} is older than the agent's sources: run `cargo build --bins` \

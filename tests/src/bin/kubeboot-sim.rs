@@ -44,6 +44,8 @@ fn summarize(line: &str) -> Option<String> {
         "join material published",
         "etcd member confirmed and recorded",
         "cluster initialized",
+        "node is Ready",
+        "join material expires too soon",
         "bootstrap complete",
         "removing a stale etcd member before joining",
         "another node initialized the cluster while we waited; joining instead",
