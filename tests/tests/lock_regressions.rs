@@ -3,6 +3,7 @@
 
 use kubeboot::lock::{
     Claim, Guard, LockItem, LockStore, Locker, Owner, Purpose, Settings, StoreError,
+    StoreErrorClass,
 };
 use kubeboot_tests::memstore::{Faults, Handle, MemStore};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +30,8 @@ struct SlowAnswers {
     claim_answer: Duration,
     armed: AtomicBool,
     renewal_answer: Duration,
+    /// Whether renewals reach the table at all (a partition when not).
+    renewals_land: bool,
 }
 
 impl LockStore for SlowAnswers {
@@ -63,6 +66,14 @@ impl LockStore for SlowAnswers {
         b: &str,
         w: SystemTime,
     ) -> Result<bool, StoreError> {
+        if !self.renewals_land {
+            tokio::time::sleep(self.renewal_answer).await;
+            return Err(StoreError {
+                class: StoreErrorClass::OutcomeUnknown,
+                operation: "renew lock",
+                message: "partitioned".into(),
+            });
+        }
         let r = self.inner.heartbeat(p, o, a, b, w).await;
         tokio::time::sleep(self.renewal_answer).await;
         r
@@ -91,12 +102,21 @@ type Slot = Arc<Mutex<Option<Guard>>>;
 /// Runs A (slow answers) and B (plain) for two minutes of virtual time and
 /// returns how long both believed they held the lock at once.
 async fn overlap_with(claim_answer: Duration, renewal_answer: Duration) -> (Duration, bool) {
+    overlap_when(claim_answer, renewal_answer, true).await
+}
+
+async fn overlap_when(
+    claim_answer: Duration,
+    renewal_answer: Duration,
+    renewals_land: bool,
+) -> (Duration, bool) {
     let store = MemStore::new(1, Faults::none());
     let a_store = Arc::new(SlowAnswers {
         inner: store.handle("A"),
         claim_answer,
         armed: AtomicBool::new(true),
         renewal_answer,
+        renewals_land,
     });
     let a = Locker::new(a_store, Owner::new("i-a"), settings());
     let b = Locker::new(store.handle("B"), Owner::new("i-b"), settings());
@@ -133,6 +153,22 @@ async fn a_claim_confirmed_late_is_not_trusted_past_its_send_time() {
     // answer would overlap with B's takeover at 35 s.
     let (overlap, someone) = overlap_with(Duration::from_secs(26), Duration::ZERO).await;
     assert!(someone, "somebody acquires the lock");
+    assert_eq!(
+        overlap,
+        Duration::ZERO,
+        "both believed they held for {overlap:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_claim_that_can_never_renew_stops_trusting_at_send_time_plus_window() {
+    // The claim lands at once, its answer comes at 20 s, and no renewal ever
+    // lands. B takes over 35 s after it last saw a change (lease + margin);
+    // A may trust its claim until 25 s after it was *sent*. Anchored at the
+    // answer instead, A would still believe it held until 45 s.
+    let (overlap, someone) =
+        overlap_when(Duration::from_secs(20), Duration::from_secs(1), false).await;
+    assert!(someone);
     assert_eq!(
         overlap,
         Duration::ZERO,

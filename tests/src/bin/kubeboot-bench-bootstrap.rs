@@ -516,6 +516,28 @@ async fn worker_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>)
     (runs, reference)
 }
 
+/// Wall time of `program args` from spawn to exit, `n` times: what exec and
+/// start-up of a debug binary cost before it does anything.
+async fn exec_baseline(program: &Path, args: &[&str], n: usize) -> Vec<Duration> {
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = tokio::process::Command::new(program)
+            .args(args)
+            .output()
+            .await
+            .expect("baseline command runs");
+        times.push(t.elapsed());
+        assert!(
+            out.status.success(),
+            "{} {args:?} failed: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    times
+}
+
 /// Mean, min and max of a per-run count.
 fn count_cells(per_run: &[usize]) -> String {
     let mean = per_run.iter().sum::<usize>() as f64 / per_run.len() as f64;
@@ -674,6 +696,8 @@ async fn main() {
     );
     let (init, warm_ups) = init_runs(opts.init_runs, opts.logs.as_deref()).await;
     let (worker, reference) = worker_runs(opts.worker_runs, opts.logs.as_deref()).await;
+    let agent_exec = exec_baseline(&agent, &["--version"], REFERENCE_CALLS).await;
+    let kubeadm_exec = exec_baseline(&kubeadm, &["version", "-o", "short"], REFERENCE_CALLS).await;
 
     let mut out = String::new();
     let command: Vec<String> = std::env::args()
@@ -747,8 +771,22 @@ async fn main() {
     );
     let _ = writeln!(
         out,
-        "\nFor scale: one DynamoDB `GetItem` (consistent read) from the driver through the proxy to moto, {REFERENCE_CALLS} calls: min | p50 | p90 | max = {}.\n",
+        "\nFor scale ({REFERENCE_CALLS} each, from the driver):\n\n| reference | min | p50 | p90 | max |\n|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        out,
+        "| one DynamoDB `GetItem` (consistent read) through the proxy to moto | {} |",
         spread(&reference)
+    );
+    let _ = writeln!(
+        out,
+        "| `kubeboot --version`: exec, start and exit of the agent's debug binary | {} |",
+        spread(&agent_exec)
+    );
+    let _ = writeln!(
+        out,
+        "| `kubeadm version -o short`: the same for the stand-in | {} |\n",
+        spread(&kubeadm_exec)
     );
     let _ = writeln!(
         out,
