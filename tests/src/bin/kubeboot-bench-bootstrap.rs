@@ -856,7 +856,9 @@ the API double), the checkpoint, and the agent's wait for its Node to be `Ready`
 the kubelet's credentials (the Node is registered `Ready`, so one `GET` answers it: see the \
 Kubernetes API table).\n\
 - **\"total − no-op kubeadm\"** subtracts the kubeadm run time the agent itself logs (`kubeadm succeeded \
-elapsed_ms`), which is mostly exec and start of the stand-in's debug binary: what remains is the agent.\n\
+elapsed_ms`: from spawning the stand-in to its exit): what remains is the agent. The no-op \
+`init` spends most of its time generating the cluster CA (a key pair and a self-signed certificate, \
+debug build; kubeadm makes one too); the no-op `join` is exec plus one API request.\n\
 - **AWS calls** are every request that reached a proxy, SDK retries included. A non-2xx on the happy \
 path is an answer the agent expects and acts on (when this was written: the first `PutSecretValue` \
 of a new cluster answers `ResourceNotFoundException`, and the agent then calls `CreateSecret`).\n\

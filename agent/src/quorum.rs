@@ -1,0 +1,253 @@
+//! The quorum guard (I3): may this etcd member be removed without risking
+//! the cluster? Pure over the member list with health, so every case is
+//! tested without etcd; every removal path (operator command, termination,
+//! reconciler) asks it first, under the `membership` lock.
+//!
+//! Rules:
+//! - a learner does not vote: removing it never changes quorum;
+//! - the last voting member is never removed (that is the cluster);
+//! - a cluster of two voters is not shrunk unless an operator forces it
+//!   (one more failure would then be total);
+//! - otherwise the healthy voters that remain must reach quorum of the new
+//!   size (`voters_after / 2 + 1`). Force does not lift this: etcd could not
+//!   commit the change anyway, and trying makes things worse.
+
+use crate::etcd::Health;
+
+/// Why a removal is refused; each says what would happen and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("member {id:016x} is not in the etcd member list (already removed?)")]
+    NotAMember { id: u64 },
+    #[error("member {id:016x} is the last voting member: removing it would destroy the cluster")]
+    LastVoter { id: u64 },
+    #[error("the cluster has only {voters} voting members: removing one leaves no tolerance for any failure")]
+    TwoVoters { voters: usize },
+    #[error("removing member {id:016x} would leave {healthy_after} healthy of {voters_after} voting members, below quorum {quorum_after}; unhealthy now: {unhealthy}")]
+    BelowQuorum {
+        id: u64,
+        healthy_after: usize,
+        voters_after: usize,
+        quorum_after: usize,
+        unhealthy: String,
+    },
+}
+
+impl Refusal {
+    /// What the operator should do.
+    pub fn hint(&self) -> String {
+        match self {
+            Refusal::NotAMember { .. } => {
+                "`kubeboot etcd members` shows the current members and their records".into()
+            }
+            Refusal::LastVoter { .. } => {
+                "to rebuild the cluster, restore from a backup instead of removing members".into()
+            }
+            Refusal::TwoVoters { .. } => "add a third control plane first; or, if the member is certainly gone for good, repeat with --force".into(),
+            Refusal::BelowQuorum { .. } => "bring the unhealthy members back (or remove the dead ones first) so enough healthy voters remain".into(),
+        }
+    }
+}
+
+/// An allowed removal and what the cluster looks like after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub id: u64,
+    pub learner: bool,
+    pub voters_after: usize,
+    pub healthy_voters_after: usize,
+    pub quorum_after: usize,
+    /// Allowed only because an operator forced it (the two-voter rule).
+    pub forced: bool,
+}
+
+/// Quorum of a cluster of `voters` voting members.
+pub fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+/// Whether removing member `id` from the cluster described by `health` is
+/// safe (see the module rules). `force` lifts only the two-voter rule.
+pub fn check_removal(health: &[Health], id: u64, force: bool) -> Result<Removal, Refusal> {
+    let target = health
+        .iter()
+        .find(|h| h.member.id == id)
+        .ok_or(Refusal::NotAMember { id })?;
+    let voters: Vec<&Health> = health.iter().filter(|h| !h.member.is_learner).collect();
+    let healthy_voters = voters.iter().filter(|h| h.healthy).count();
+    if target.member.is_learner {
+        return Ok(Removal {
+            id,
+            learner: true,
+            voters_after: voters.len(),
+            healthy_voters_after: healthy_voters,
+            quorum_after: quorum(voters.len()),
+            forced: false,
+        });
+    }
+    if voters.len() <= 1 {
+        return Err(Refusal::LastVoter { id });
+    }
+    let voters_after = voters.len() - 1;
+    let healthy_after = healthy_voters - usize::from(target.healthy);
+    let quorum_after = quorum(voters_after);
+    if healthy_after < quorum_after {
+        let unhealthy: Vec<String> = voters
+            .iter()
+            .filter(|h| !h.healthy)
+            .map(|h| h.member.hex_id())
+            .collect();
+        return Err(Refusal::BelowQuorum {
+            id,
+            healthy_after,
+            voters_after,
+            quorum_after,
+            unhealthy: if unhealthy.is_empty() {
+                "none".into()
+            } else {
+                unhealthy.join(", ")
+            },
+        });
+    }
+    if voters.len() == 2 && !force {
+        return Err(Refusal::TwoVoters {
+            voters: voters.len(),
+        });
+    }
+    Ok(Removal {
+        id,
+        learner: false,
+        voters_after,
+        healthy_voters_after: healthy_after,
+        quorum_after,
+        forced: voters.len() == 2,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::Member;
+
+    fn member(id: u64, learner: bool, healthy: bool) -> Health {
+        Health {
+            member: Member {
+                id,
+                name: format!("m{id}"),
+                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
+                client_urls: vec![format!("https://10.0.0.{id}:2379")],
+                is_learner: learner,
+            },
+            healthy,
+            error: (!healthy).then(|| "connection refused".to_string()),
+        }
+    }
+
+    /// Every cluster of up to 7 members (each a healthy voter, an unhealthy
+    /// voter or a learner), every target, forced or not: the guard allows
+    /// exactly the safe removals.
+    #[test]
+    fn every_small_cluster_and_every_target_follow_the_rules() {
+        let mut checked = 0;
+        for size in 1..=7usize {
+            for code in 0..3usize.pow(size as u32) {
+                let mut c = code;
+                let cluster: Vec<Health> = (1..=size as u64)
+                    .map(|id| {
+                        let kind = c % 3;
+                        c /= 3;
+                        member(id, kind == 2, kind != 1)
+                    })
+                    .collect();
+                let voters = cluster.iter().filter(|h| !h.member.is_learner).count();
+                let healthy = cluster
+                    .iter()
+                    .filter(|h| !h.member.is_learner && h.healthy)
+                    .count();
+                for target in &cluster {
+                    for force in [false, true] {
+                        checked += 1;
+                        let verdict = check_removal(&cluster, target.member.id, force);
+                        let learner = target.member.is_learner;
+                        let after = voters - usize::from(!learner);
+                        let healthy_after = healthy - usize::from(!learner && target.healthy);
+                        let safe = learner
+                            || (voters > 1
+                                && healthy_after >= quorum(after)
+                                && (voters > 2 || force));
+                        assert_eq!(
+                            verdict.is_ok(),
+                            safe,
+                            "cluster {cluster:?} remove {} force {force}: {verdict:?}",
+                            target.member.id
+                        );
+                        match verdict {
+                            Ok(r) => {
+                                assert!(learner || r.healthy_voters_after >= r.quorum_after);
+                                assert_eq!(r.forced, !learner && voters == 2);
+                            }
+                            Err(Refusal::TwoVoters { .. }) => assert!(!force && voters == 2),
+                            Err(Refusal::LastVoter { .. }) => assert_eq!(voters, 1),
+                            Err(Refusal::BelowQuorum {
+                                healthy_after: h,
+                                quorum_after: q,
+                                ..
+                            }) => assert!(h < q),
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 20_000, "{checked}");
+    }
+
+    #[test]
+    fn with_one_member_down_a_healthy_one_may_not_go_but_the_dead_one_may() {
+        let cluster = [
+            member(1, false, true),
+            member(2, false, true),
+            member(3, false, false),
+        ];
+        let refused = check_removal(&cluster, 1, false).expect_err("healthy member");
+        assert_eq!(
+            refused.to_string(),
+            "removing member 0000000000000001 would leave 1 healthy of 2 voting members, \
+             below quorum 2; unhealthy now: 0000000000000003"
+        );
+        assert!(
+            check_removal(&cluster, 1, true).is_err(),
+            "force does not lift quorum"
+        );
+        let ok = check_removal(&cluster, 3, false).expect("the dead member");
+        assert_eq!(
+            (ok.voters_after, ok.healthy_voters_after, ok.quorum_after),
+            (2, 2, 2)
+        );
+    }
+
+    #[test]
+    fn two_voters_refuse_unless_forced_and_the_last_voter_never_goes() {
+        let two = [member(1, false, true), member(2, false, false)];
+        assert_eq!(
+            check_removal(&two, 2, false),
+            Err(Refusal::TwoVoters { voters: 2 })
+        );
+        assert!(check_removal(&two, 2, true).is_ok_and(|r| r.forced));
+        assert_eq!(
+            check_removal(&[member(1, false, true)], 1, true),
+            Err(Refusal::LastVoter { id: 1 })
+        );
+        assert_eq!(
+            check_removal(&two, 9, false),
+            Err(Refusal::NotAMember { id: 9 })
+        );
+    }
+
+    #[test]
+    fn learners_go_without_touching_quorum() {
+        let cluster = [member(1, false, true), member(2, true, false)];
+        let r = check_removal(&cluster, 2, false).expect("orphan learner");
+        assert!(r.learner && !r.forced);
+    }
+}
