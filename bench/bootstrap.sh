@@ -16,8 +16,9 @@ scripts/setup.sh
 cargo build -p kubeboot --bin kubeboot --locked
 cargo build -p kubeboot-tests --bin kubeadm --bin kubeboot-bench-bootstrap --locked
 mkdir -p bench/bootstrap
-# The agent was just built: name it, so the harness's source-newer-than-binary
-# guess (which also counts agent/tests/) cannot refuse a current binary.
+# The agent was just built from the sources as they are: name it, so the
+# harness's mtime freshness check cannot refuse it when agent sources are
+# touched while the benchmark runs.
 KBTEST_KUBEBOOT_BIN="$root_dir/target/debug/kubeboot" \
   KBBENCH_COMMAND="bench/bootstrap.sh${*:+ $*}" \
   target/debug/kubeboot-bench-bootstrap --out bench/bootstrap/REPORT.md "$@"

@@ -537,7 +537,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         let endpoints: Vec<String> = records
             .iter()
             .filter(|r| r.peer_url != own_peer)
-            .filter_map(|r| host_of(&r.peer_url).map(|h| settings.client_url(h)))
+            .filter_map(|r| etcd::host_of(&r.peer_url).map(|h| settings.client_url(h)))
             .collect();
         if endpoints.is_empty() {
             return Err(Error::NotReady("no recorded etcd member to join".into()));
@@ -641,22 +641,8 @@ fn stale_part(need: Refresh, with_certs: bool) -> Option<&'static str> {
     }
 }
 
-/// The host part of a URL such as `https://10.0.1.2:2380`.
-fn host_of(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split('/').next()?;
-    Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn hosts_come_out_of_peer_urls() {
-        assert_eq!(super::host_of("https://10.0.1.2:2380"), Some("10.0.1.2"));
-        assert_eq!(super::host_of("http://127.1.2.3:2380/"), Some("127.1.2.3"));
-        assert_eq!(super::host_of("nonsense"), None);
-    }
-
     #[test]
     fn workers_ask_only_for_a_token_and_control_planes_for_what_runs_out() {
         use super::{stale_part, Refresh};

@@ -68,6 +68,66 @@ pub enum Command {
     /// Operator overrides for the DynamoDB locks.
     #[command(subcommand)]
     Lock(LockCommand),
+
+    /// Inspect and change etcd membership (run on a control plane).
+    #[command(subcommand)]
+    Etcd(EtcdCommand),
+}
+
+/// `kubeboot etcd ...`
+#[derive(Debug, Subcommand)]
+pub enum EtcdCommand {
+    /// List etcd's members with their health and their MEMBER records: id,
+    /// name, instance, peer URL, voter or learner, healthy, recorded. Records
+    /// whose member is gone are listed too.
+    Members(EtcdMembersArgs),
+    /// Remove a member (by instance id or member id) and its record, under the
+    /// membership lock and the quorum guard: refused when the healthy voters
+    /// left would be below quorum, or when only two voters remain (--force).
+    Remove(EtcdRemoveArgs),
+}
+
+/// Where to reach etcd, for the etcd commands.
+#[derive(Debug, Args)]
+pub struct EtcdEndpointArgs {
+    /// Client URL of an etcd member (repeatable); default: the members the
+    /// registry records. Use it when the records are wrong.
+    #[arg(long = "endpoint", value_name = "URL")]
+    pub endpoints: Vec<String>,
+}
+
+/// Options of `kubeboot etcd members`.
+#[derive(Debug, Args)]
+pub struct EtcdMembersArgs {
+    #[command(flatten)]
+    pub etcd: EtcdEndpointArgs,
+
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    /// Output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Options of `kubeboot etcd remove`.
+#[derive(Debug, Args)]
+pub struct EtcdRemoveArgs {
+    /// What to remove: an instance id (i-0123456789abcdef0) or an etcd member
+    /// id in hex as `kubeboot etcd members` prints it.
+    #[arg(value_name = "INSTANCE_OR_MEMBER_ID")]
+    pub target: String,
+
+    /// Allow shrinking a two-member cluster to one. Never lifts the quorum
+    /// rule, and never removes the last member.
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub etcd: EtcdEndpointArgs,
+
+    #[command(flatten)]
+    pub sources: SourceArgs,
 }
 
 /// `kubeboot lock ...`
@@ -221,6 +281,8 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lock(LockCommand::Release(args)) => lock_release(cli, args).await,
+        Command::Etcd(EtcdCommand::Members(args)) => etcd_members(cli, args).await,
+        Command::Etcd(EtcdCommand::Remove(args)) => etcd_remove(cli, args).await,
         Command::Bootstrap(args) => bootstrap(cli, args).await,
         Command::Config(ConfigCommand::Show(args)) => {
             let loaded = load(cli, args.sources.user_data()).await?;
@@ -286,6 +348,103 @@ async fn lock_release(cli: &Cli, args: &ReleaseArgs) -> Result<ExitCode, Error> 
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// etcd through `--endpoint`s, else through the members the registry records.
+async fn etcd_client(
+    cfg: &Config,
+    args: &EtcdEndpointArgs,
+    registry: &Registry<DynamoRegistryStore>,
+) -> Result<crate::etcd::Etcd, Error> {
+    let settings = crate::etcd::Settings::from_config(cfg);
+    let endpoints = if args.endpoints.is_empty() {
+        crate::etcd::recorded_endpoints(&registry.members().await?, &settings)
+    } else {
+        args.endpoints.clone()
+    };
+    if endpoints.is_empty() {
+        return Err(crate::membership::Error::NoEndpoints.into());
+    }
+    Ok(crate::etcd::Etcd::connect_any(&endpoints, &settings)
+        .await
+        .map_err(crate::membership::Error::from)?)
+}
+
+fn registry_for(cfg: &Config, client: aws_sdk_dynamodb::Client) -> Registry<DynamoRegistryStore> {
+    Registry::new(std::sync::Arc::new(DynamoRegistryStore::new(
+        client,
+        &cfg.aws.table,
+        &cfg.cluster.name,
+    )))
+}
+
+async fn etcd_members(cli: &Cli, args: &EtcdMembersArgs) -> Result<ExitCode, Error> {
+    let loaded = load(cli, args.sources.user_data()).await?;
+    let cfg = &loaded.config;
+    let registry = registry_for(cfg, dynamodb(cfg).await?);
+    let etcd = etcd_client(cfg, &args.etcd, &registry).await?;
+    let members = etcd
+        .members()
+        .await
+        .map_err(crate::membership::Error::from)?;
+    let health = etcd.health(&members).await;
+    let (views, orphans) = crate::membership::views(&health, &registry.members().await?);
+    print(&match args.output {
+        Output::Text => crate::membership::render_text(&views, &orphans),
+        Output::Json => format!(
+            "{:#}\n",
+            serde_json::json!({
+                "members": views,
+                "records_without_member": orphans,
+            })
+        ),
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn etcd_remove(cli: &Cli, args: &EtcdRemoveArgs) -> Result<ExitCode, Error> {
+    let target = crate::membership::parse_target(&args.target).ok_or_else(|| {
+        Error::Usage(format!(
+            "INSTANCE_OR_MEMBER_ID {:?} is not {}",
+            args.target,
+            crate::membership::TARGET_FORMS
+        ))
+    })?;
+    let loaded = load(cli, args.sources.user_data()).await?;
+    let cfg = &loaded.config;
+    let client = dynamodb(cfg).await?;
+    let registry = registry_for(cfg, client.clone());
+    let etcd = etcd_client(cfg, &args.etcd, &registry).await?;
+    if args.force {
+        tracing::warn!(target = %target, "--force: a two-member cluster may be shrunk to one; one more failure would then lose it");
+    }
+    let locker = Locker::new(
+        std::sync::Arc::new(DynamoLockStore::new(
+            client,
+            &cfg.aws.table,
+            &cfg.cluster.name,
+        )),
+        Owner::new("operator"),
+        crate::lock::Settings::from_config(&cfg.lock),
+    );
+    let outcome = crate::membership::remove(&etcd, &registry, &locker, &target, args.force).await?;
+    let mut out = String::new();
+    match &outcome.removed {
+        Some(r) => out.push_str(&format!(
+            "removed etcd member {:016x}{}: {} voting members left, {} healthy (quorum {})\n",
+            r.id,
+            if r.learner { " (learner)" } else { "" },
+            r.voters_after,
+            r.healthy_voters_after,
+            r.quorum_after
+        )),
+        None => out.push_str(&format!("{target} has no etcd member (already removed)\n")),
+    }
+    if let Some(instance) = &outcome.forgot {
+        out.push_str(&format!("deleted the member record of {instance}\n"));
+    }
+    print(&out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {

@@ -34,6 +34,8 @@ pub enum Error {
     Status(#[from] crate::status::Error),
     #[error(transparent)]
     Bootstrap(#[from] crate::bootstrap::Error),
+    #[error(transparent)]
+    Membership(#[from] crate::membership::Error),
     #[error("{0}")]
     Usage(String),
     #[error("cannot start the async runtime: {0}")]
@@ -73,6 +75,7 @@ impl Error {
             Error::Registry(e) => e.hint(),
             Error::Status(e) => e.hint(),
             Error::Bootstrap(e) => e.hint(),
+            Error::Membership(e) => e.hint(),
             Error::Usage(_) => "see `kubeboot --help`".into(),
         }
     }

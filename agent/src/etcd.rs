@@ -277,18 +277,26 @@ impl Etcd {
         Ok(())
     }
 
-    /// Removes a member by id.
+    /// Removes a member by id. A member that is already gone counts as
+    /// removed: a retry after a lost answer, or another path that got there
+    /// first, must not fail the caller.
     pub async fn remove(&self, id: u64) -> Result<(), Error> {
         let mut client = self.client.clone();
-        tokio::time::timeout(self.settings.request_timeout, client.member_remove(id))
+        let answer = tokio::time::timeout(self.settings.request_timeout, client.member_remove(id))
             .await
             .map_err(|_| Error::Request {
                 operation: "member remove",
                 message: "timed out".into(),
                 transient: true,
-            })?
-            .map_err(|e| request("member remove", e))?;
-        Ok(())
+            })?;
+        match answer {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("member not found") => {
+                tracing::info!(member_id = %format!("{id:016x}"), "member already removed");
+                Ok(())
+            }
+            Err(e) => Err(request("member remove", e)),
+        }
     }
 
     /// I2: waits (up to `within`) until the member with `peer_url` is started,
@@ -360,6 +368,24 @@ async fn connect(
     })
 }
 
+/// The host part of a URL such as `https://10.0.1.2:2380`.
+pub fn host_of(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
+}
+
+/// Client URLs of the members the registry records (their peer URLs' hosts).
+pub fn recorded_endpoints(
+    records: &[crate::registry::MemberRecord],
+    settings: &Settings,
+) -> Vec<String> {
+    records
+        .iter()
+        .filter_map(|r| host_of(&r.peer_url).map(|h| settings.client_url(h)))
+        .collect()
+}
+
 /// The member whose peer URLs include `peer_url`.
 pub fn find_by_peer_url<'a>(members: &'a [Member], peer_url: &str) -> Option<&'a Member> {
     members
@@ -412,6 +438,13 @@ pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_come_out_of_peer_urls() {
+        assert_eq!(host_of("https://10.0.1.2:2380"), Some("10.0.1.2"));
+        assert_eq!(host_of("http://127.1.2.3:2380/"), Some("127.1.2.3"));
+        assert_eq!(host_of("nonsense"), None);
+    }
 
     fn member(id: u64, name: &str, ip: &str, learner: bool) -> Member {
         Member {

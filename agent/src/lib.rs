@@ -13,6 +13,7 @@ pub mod join_material;
 pub mod kubeadm;
 pub mod kubernetes;
 pub mod lock;
+pub mod membership;
 pub mod quorum;
 pub mod registry;
 pub mod retry;

@@ -8,10 +8,11 @@
 //! SDK clients and moto so tests can produce exactly those conditions, with
 //! a seeded RNG so a failing run can be replayed bit for bit.
 //!
-//! It also hosts a [`Handler`] hook: where moto lacks an action the agent
-//! needs (AutoScaling `CompleteLifecycleAction` and
-//! `RecordLifecycleActionHeartbeat` in moto 5.2), a handler answers exactly
-//! that action and the rest is forwarded.
+//! It also answers actions moto lacks: Auto Scaling's
+//! `CompleteLifecycleAction` and `RecordLifecycleActionHeartbeat` (moto 5.2
+//! answers them 500) are built in, see [`AwsProxy::enable_lifecycle_actions`]
+//! and [`crate::lifecycle_actions`]; for anything else a [`Handler`] hook
+//! answers exactly the actions it knows and the rest is forwarded.
 //!
 //! Faults are decided *per request that reaches the proxy*, so SDK retries
 //! each get their own decision, just as each attempt against AWS would.
@@ -32,6 +33,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::{JoinHandle, JoinSet};
+
+use crate::lifecycle_actions::LifecycleActions;
 
 /// Environment variable that replaces the random default fault seed, to
 /// replay a failing run (the seed is printed whenever faults are set).
@@ -199,7 +202,8 @@ impl FaultPlan {
 pub struct ProxyStats {
     /// Requests sent upstream, including those whose answer was then dropped.
     pub forwarded: u64,
-    /// Requests answered by the custom [`Handler`] instead of upstream.
+    /// Requests answered by the proxy itself (built-in lifecycle actions or
+    /// the custom [`Handler`]) instead of upstream.
     pub handled: u64,
     /// Requests answered with a throttling error.
     pub throttled: u64,
@@ -225,7 +229,8 @@ pub struct ProxiedRequest {
     /// Status upstream answered; `None` if the request was not forwarded.
     /// For a dropped answer this says whether the write succeeded.
     pub upstream_status: Option<u16>,
-    /// Whether the custom [`Handler`] answered (instead of upstream).
+    /// Whether the proxy answered itself (built-in lifecycle actions or the
+    /// custom [`Handler`]) instead of upstream.
     pub handled: bool,
 }
 
@@ -485,6 +490,8 @@ struct Shared {
     client: Client<HttpConnector, Full<Bytes>>,
     state: Mutex<State>,
     handler: RwLock<Option<Handler>>,
+    /// Built-in lifecycle actions, consulted before the custom handler.
+    lifecycle: RwLock<Option<LifecycleActions>>,
 }
 
 /// A running proxy on `127.0.0.1:<port>`; it stops (dropping every open
@@ -537,6 +544,7 @@ impl AwsProxy {
                 log: Vec::new(),
             }),
             handler: RwLock::new(None),
+            lifecycle: RwLock::new(None),
         });
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
@@ -591,7 +599,8 @@ impl AwsProxy {
         self.set_faults(FaultPlan::default());
     }
 
-    /// Installs a handler consulted before forwarding (see [`Handler`]).
+    /// Installs a handler consulted before forwarding (see [`Handler`]),
+    /// after the built-in lifecycle actions if those are enabled.
     pub fn set_handler(&self, handler: Handler) {
         *self
             .shared
@@ -605,6 +614,37 @@ impl AwsProxy {
         *self
             .shared
             .handler
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Starts answering `CompleteLifecycleAction` and
+    /// `RecordLifecycleActionHeartbeat` like AWS, from a fresh state on
+    /// tokio's clock; returns the handle to register pending actions and
+    /// inspect calls. Replaces any state set before. Faults still apply
+    /// first (a dropped answer still completes the action, as on AWS).
+    pub fn enable_lifecycle_actions(&self) -> LifecycleActions {
+        let actions = LifecycleActions::new();
+        self.set_lifecycle_actions(&actions);
+        actions
+    }
+
+    /// Like [`AwsProxy::enable_lifecycle_actions`] with a state the test
+    /// built, e.g. [`LifecycleActions::with_manual_clock`], or one shared by
+    /// several proxies.
+    pub fn set_lifecycle_actions(&self, actions: &LifecycleActions) {
+        *self
+            .shared
+            .lifecycle
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(actions.clone());
+    }
+
+    /// Stops answering lifecycle actions; they are forwarded to moto again.
+    pub fn clear_lifecycle_actions(&self) {
+        *self
+            .shared
+            .lifecycle
             .write()
             .unwrap_or_else(|e| e.into_inner()) = None;
     }
@@ -740,12 +780,19 @@ impl Shared {
             Some(FaultKind::DropAfterForward) | None => {}
         }
 
+        let lifecycle = self
+            .lifecycle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let handler = self
             .handler
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let handled = handler.and_then(|h| h(&incoming));
+        let handled = lifecycle
+            .and_then(|l| l.handle(&incoming))
+            .or_else(|| handler.and_then(|h| h(&incoming)));
         let resp = match handled {
             Some(resp) => {
                 lock(&self.state).stats.handled += 1;

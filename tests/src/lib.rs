@@ -13,6 +13,7 @@ pub mod awsproxy;
 pub mod etcd;
 pub mod imds;
 pub mod kubeapi;
+pub mod lifecycle_actions;
 pub mod memstore;
 pub mod moto;
 pub mod net;
