@@ -61,6 +61,12 @@ pub enum Command {
     /// nothing; an interrupted attempt is reset and run again. Run by systemd.
     Bootstrap(BootstrapArgs),
 
+    /// Keep the cluster healthy after bootstrap (run by systemd on every node).
+    /// On control planes one daemon is the leader (DynamoDB `leader` lock) and
+    /// refreshes the join material before it expires and when a joining node
+    /// asks. Stops cleanly on SIGTERM.
+    Daemon(DaemonArgs),
+
     /// Show the cluster record (phase, generation, who initialized it), lock
     /// holders with the age of their last renewal, and the etcd member records.
     Status(StatusArgs),
@@ -158,6 +164,13 @@ pub struct ReleaseArgs {
 /// Options of `kubeboot bootstrap`.
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
+    #[command(flatten)]
+    pub sources: SourceArgs,
+}
+
+/// Options of `kubeboot daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
     #[command(flatten)]
     pub sources: SourceArgs,
 }
@@ -284,6 +297,7 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
         Command::Etcd(EtcdCommand::Members(args)) => etcd_members(cli, args).await,
         Command::Etcd(EtcdCommand::Remove(args)) => etcd_remove(cli, args).await,
         Command::Bootstrap(args) => bootstrap(cli, args).await,
+        Command::Daemon(args) => daemon(cli, args).await,
         Command::Config(ConfigCommand::Show(args)) => {
             let loaded = load(cli, args.sources.user_data()).await?;
             let out = match args.output {
@@ -447,8 +461,18 @@ async fn etcd_remove(cli: &Cli, args: &EtcdRemoveArgs) -> Result<ExitCode, Error
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
-    let loaded = load(cli, args.sources.user_data()).await?;
+/// What bootstrap and the daemon share: this node's identity and its clients.
+struct NodeParts {
+    cfg: Config,
+    identity: crate::identity::Identity,
+    locker: Locker<DynamoLockStore>,
+    registry: Registry<DynamoRegistryStore>,
+    join: crate::join_material::JoinStore,
+    kubeadm: crate::kubeadm::Kubeadm,
+}
+
+async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error> {
+    let loaded = load(cli, sources.user_data()).await?;
     let cfg = loaded.config;
     telemetry::set_context(telemetry::ContextKey::Cluster, cfg.cluster.name.clone());
     telemetry::set_context(telemetry::ContextKey::Role, cfg.node.role.as_str());
@@ -478,7 +502,7 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
         &cfg.aws.table,
         &cfg.cluster.name,
     )));
-    let bootstrap = crate::bootstrap::Bootstrap {
+    Ok(NodeParts {
         locker: Locker::new(
             locks,
             Owner::new(&identity.instance_id),
@@ -489,9 +513,45 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
         kubeadm: crate::kubeadm::Kubeadm::from_config(&cfg),
         identity,
         cfg,
+    })
+}
+
+async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
+    let p = node_parts(cli, &args.sources).await?;
+    let bootstrap = crate::bootstrap::Bootstrap {
+        locker: p.locker,
+        registry: p.registry,
+        join: p.join,
+        kubeadm: p.kubeadm,
+        identity: p.identity,
+        cfg: p.cfg,
     };
     let done = bootstrap.run().await?;
     tracing::info!(run_id = %done.run_id, path = ?done.path, "node bootstrapped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
+    let p = node_parts(cli, &args.sources).await?;
+    let daemon = crate::daemon::Daemon {
+        locker: p.locker,
+        registry: p.registry,
+        join: p.join,
+        kubeadm: p.kubeadm,
+        identity: p.identity,
+        cfg: p.cfg,
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::Runtime)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        }
+        let _ = tx.send(true);
+    });
+    daemon.run(rx).await;
     Ok(ExitCode::SUCCESS)
 }
 

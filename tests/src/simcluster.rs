@@ -162,6 +162,22 @@ impl SimCluster {
         cmd
     }
 
+    /// `kubeboot daemon` for one node, as systemd would start it, with a
+    /// one-second period so tests see turns quickly.
+    pub fn daemon_command(&self, node: &SimNode) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(kubeboot_bin());
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env(standin::LOG_ENV, &self.kubeadm_log)
+            .envs(self.standin.envs())
+            .env("KUBEBOOT_DAEMON_PERIOD", "1s")
+            .env("KUBEBOOT_DAEMON_JITTER", "0s")
+            .args(["daemon", "--log-format", "json", "--config"])
+            .arg(&node.config)
+            .kill_on_drop(true);
+        cmd
+    }
+
     /// Boots the given nodes at the same moment and waits for all of them.
     pub async fn bootstrap(&self, indices: &[usize]) -> Vec<NodeRun> {
         let runs = indices.iter().map(|&i| {

@@ -230,13 +230,7 @@ pub fn render_init(p: &InitParams) -> Rendered {
     let init = InitConfiguration {
         api_version: API_VERSION,
         kind: "InitConfiguration",
-        bootstrap_tokens: vec![BootstrapToken {
-            token: p.token.expose().clone(),
-            ttl: format!("{}s", p.token_ttl.as_secs()),
-            usages: ["signing", "authentication"],
-            groups: ["system:bootstrappers:kubeadm:default-node-token"],
-            description: "kubeboot join token",
-        }],
+        bootstrap_tokens: vec![join_token(&p.token, p.token_ttl)],
         node_registration: p.node.registration(),
         local_api_endpoint: p.node.api_endpoint(),
         certificate_key: p.certificate_key.expose().clone(),
@@ -276,6 +270,68 @@ pub fn render_init(p: &InitParams) -> Rendered {
         },
     };
     Secret::new(documents(&[to_value(&init), to_value(&cluster)]))
+}
+
+fn join_token(token: &Secret<String>, ttl: std::time::Duration) -> BootstrapToken {
+    BootstrapToken {
+        token: token.expose().clone(),
+        ttl: format!("{}s", ttl.as_secs()),
+        usages: ["signing", "authentication"],
+        groups: ["system:bootstrappers:kubeadm:default-node-token"],
+        description: "kubeboot join token",
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenOnly {
+    api_version: &'static str,
+    kind: &'static str,
+    bootstrap_tokens: Vec<BootstrapToken>,
+}
+
+/// An `InitConfiguration` holding only a bootstrap token, for `kubeadm token
+/// create --config` (the token never appears on a command line, where any
+/// local user could read it in /proc).
+pub fn render_token(token: &Secret<String>, ttl: std::time::Duration) -> Rendered {
+    Secret::new(documents(&[to_value(&TokenOnly {
+        api_version: API_VERSION,
+        kind: "InitConfiguration",
+        bootstrap_tokens: vec![join_token(token, ttl)],
+    })]))
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertificateKeyOnly {
+    api_version: &'static str,
+    kind: &'static str,
+    certificate_key: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertificatesDirOnly {
+    api_version: &'static str,
+    kind: &'static str,
+    certificates_dir: String,
+}
+
+/// `InitConfiguration` with the certificate key and `ClusterConfiguration`
+/// with the certificates dir, for `kubeadm init phase upload-certs --config`.
+pub fn render_upload_certs(certificate_key: &Secret<String>, kubernetes_dir: &str) -> Rendered {
+    Secret::new(documents(&[
+        to_value(&CertificateKeyOnly {
+            api_version: API_VERSION,
+            kind: "InitConfiguration",
+            certificate_key: certificate_key.expose().clone(),
+        }),
+        to_value(&CertificatesDirOnly {
+            api_version: API_VERSION,
+            kind: "ClusterConfiguration",
+            certificates_dir: format!("{}/pki", kubernetes_dir.trim_end_matches('/')),
+        }),
+    ]))
 }
 
 /// `JoinConfiguration` (with `controlPlane` for control-plane joins).

@@ -163,6 +163,50 @@ impl Kubeadm {
         self.run("join", &args, self.join_timeout, secrets).await
     }
 
+    /// `kubeadm token create --config <file> --kubeconfig <admin.conf>`: a new
+    /// bootstrap token (the leader's join-material refresh).
+    pub async fn token_create(
+        &self,
+        rendered: &config::Rendered,
+        secrets: &[&Secret<String>],
+    ) -> Result<Outcome, Error> {
+        let path = self.write("kubeadm-token.yaml", rendered)?;
+        let admin = self.kubernetes_dir.join("admin.conf");
+        let args = [
+            "token".as_ref(),
+            "create".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--kubeconfig".as_ref(),
+            admin.as_os_str(),
+        ];
+        self.run("token create", &args, self.join_timeout, secrets)
+            .await
+    }
+
+    /// `kubeadm init phase upload-certs --upload-certs --config <file>`:
+    /// re-uploads the control-plane certificates under a new key.
+    pub async fn upload_certs(
+        &self,
+        rendered: &config::Rendered,
+        secrets: &[&Secret<String>],
+    ) -> Result<Outcome, Error> {
+        let path = self.write("kubeadm-upload-certs.yaml", rendered)?;
+        let admin = self.kubernetes_dir.join("admin.conf");
+        let args = [
+            "init".as_ref(),
+            "phase".as_ref(),
+            "upload-certs".as_ref(),
+            "--upload-certs".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--kubeconfig".as_ref(),
+            admin.as_os_str(),
+        ];
+        self.run("upload-certs", &args, self.join_timeout, secrets)
+            .await
+    }
+
     /// `kubeadm reset --force --cert-dir <kubernetes_dir>/pki`: cleans up a
     /// failed local attempt (and removes this node's etcd member, as kubeadm does).
     pub async fn reset(&self) -> Result<Outcome, Error> {

@@ -40,12 +40,12 @@
 //!   node's IP before timing.
 //! - `join --config F` (worker or control plane): writes `kubelet.conf`
 //!   next to `caCertPath`'s `pki/`, pointing at
-//!   `discovery.bootstrapToken.apiServerEndpoint` over plain HTTP (no CA
-//!   data: nothing to verify), and registers the Node
-//!   (`nodeRegistration.name`, `--node-ip`) already `Ready` in the API
-//!   double: one request, no kubelet delay. No discovery, so the token and
-//!   CA pin are not checked. A control plane's etcd member is, again, the
-//!   caller's.
+//!   `discovery.bootstrapToken.apiServerEndpoint` over plain HTTP with the
+//!   cluster CA read from `cluster-info` (a throwaway CA if there is none),
+//!   and registers the Node (`nodeRegistration.name`, `--node-ip`) already
+//!   `Ready` in the API double: two requests, no kubelet delay. No
+//!   discovery checks: the token, its signature and the CA pin are not
+//!   verified. A control plane's etcd member is, again, the caller's.
 //!
 //! The config documents are still parsed (so an agent rendering bug still
 //! fails), system paths are still refused, and every run is still logged to
@@ -2649,21 +2649,35 @@ async fn noop_join(args: &[String]) -> R<()> {
     let ca_path = PathBuf::from(str_at(jc, "/caCertPath").unwrap_or("/etc/kubernetes/pki/ca.crt"));
     let k8s = parent(&parent(&ca_path));
     guard_paths(&[&k8s])?;
-    // Plain HTTP, so no CA to trust: `certificate-authority-data` is left
-    // out rather than paying for a key pair (slow in a debug build).
-    let mut kubelet = kubeconfig(
+    // The cluster CA as kubeadm would put it in kubelet.conf (the agent's
+    // client loads it; without one it would load the system's roots
+    // instead): from cluster-info when there is one, unverified, else a
+    // throwaway (plain HTTP: nothing is verified with it).
+    let api = Api::new(&endpoint);
+    let from_cluster = api
+        .get("/api/v1/namespaces/kube-public/configmaps/cluster-info")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|cm| {
+            let kc: Value = serde_json::from_str(cm["data"]["kubeconfig"].as_str()?).ok()?;
+            let data = kc["clusters"][0]["cluster"]["certificate-authority-data"].as_str()?;
+            String::from_utf8(B64.decode(data).ok()?).ok()
+        });
+    let ca_pem = match from_cluster {
+        Some(pem) => pem,
+        None => generate_ca().map_err(|e| phase_err("kubelet-start", e))?.0,
+    };
+    let kubelet = kubeconfig(
         "kubernetes",
         &format!("http://{endpoint}"),
-        "",
+        &ca_pem,
         &format!("system:node:{node}"),
     );
-    if let Some(cluster) = kubelet["clusters"][0]["cluster"].as_object_mut() {
-        cluster.remove("certificate-authority-data");
-    }
     let kubelet_conf = k8s.join("kubelet.conf");
     write_file(&kubelet_conf, format!("{kubelet:#}\n").as_bytes(), 0o600)
         .map_err(|e| phase_err("kubelet-start", e))?;
-    register_node(&Api::new(&endpoint), &node, &node_ip, true)
+    register_node(&api, &node, &node_ip, true)
         .await
         .map_err(|e| {
             phase_err(
@@ -3154,7 +3168,21 @@ async fn token(args: &[String]) -> R<()> {
     let api = Api::new(&server);
     match sub.as_str() {
         "create" => {
-            let token = match flags.positional.first() {
+            // As kubeadm: with --config, the InitConfiguration's first
+            // bootstrap token (so the token need not be on the command line).
+            let from_config = match flags.value("config") {
+                Some(path) => {
+                    let docs = load_documents(path)?;
+                    find_kind(&docs, "InitConfiguration")
+                        .and_then(|d| str_at(d, "/bootstrapTokens/0/token"))
+                        .map(str::to_string)
+                }
+                None => None,
+            };
+            let token = match from_config
+                .as_deref()
+                .or(flags.positional.first().map(String::as_str))
+            {
                 Some(t) => parse_token(t, "token")?,
                 None => parse_token(&generate_token(), "token")?,
             };

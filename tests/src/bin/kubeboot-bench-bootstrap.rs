@@ -825,8 +825,9 @@ async fn main() {
         &mut out,
         &worker,
         |r| &r.kube,
+        // The agent asks for its own Node only; the rest is the stand-in.
         |k| {
-            if k.starts_with("GET") {
+            if k == "GET /api/v1/nodes/<node>" {
                 "agent"
             } else {
                 "no-op kubeadm"
@@ -851,8 +852,8 @@ recorded, the cluster marked initialized, lock released. The cluster state is ch
 after each run.\n\
 - **Worker path**: one cluster, initialized once (untimed) by a control plane running the full stand-in \
 (real etcd, real join material); then each run is a new worker instance. Timed: registry read, join \
-material read, no-op `kubeadm join` (writes `kubelet.conf` and registers the Node already `Ready` in \
-the API double), the checkpoint, and the agent's wait for its Node to be `Ready` through the API with \
+material read, no-op `kubeadm join` (writes `kubelet.conf` with the cluster CA from `cluster-info`, as \
+kubeadm writes it, and registers the Node already `Ready` in the API double), the checkpoint, and the agent's wait for its Node to be `Ready` through the API with \
 the kubelet's credentials (the Node is registered `Ready`, so one `GET` answers it: see the \
 Kubernetes API table).\n\
 - **\"total − no-op kubeadm\"** subtracts the kubeadm run time the agent itself logs (`kubeadm succeeded \

@@ -1,0 +1,172 @@
+//! `kubeboot daemon`: what keeps running after bootstrap.
+//!
+//! On control planes one daemon at a time is the leader (the `leader` lock)
+//! and runs the cluster-wide tasks each period (plus a random jitter, so
+//! nodes do not move in step): today the join-material refresh. A new leader
+//! starts with a turn at once, so it picks up where a dead one stopped; a
+//! leader that loses its lock stops mid-turn and competes again. SIGTERM or
+//! SIGINT stop the loops, release the lock and exit 0.
+
+use crate::config::{Config, Role};
+use crate::identity::Identity;
+use crate::join_material::JoinStore;
+use crate::kubeadm::Kubeadm;
+use crate::lock::{Guard, LockStore, Locker, Purpose};
+use crate::registry::{Registry, RegistryStore};
+use crate::telemetry;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// What the daemon works with; generic over the stores so tests can inject faults.
+pub struct Daemon<L: LockStore, R: RegistryStore> {
+    pub cfg: Config,
+    pub identity: Identity,
+    pub locker: Locker<L>,
+    pub registry: Registry<R>,
+    pub join: JoinStore,
+    pub kubeadm: Kubeadm,
+}
+
+/// A stop signal the loops watch: `true` once shutdown began.
+pub type Stop = watch::Receiver<bool>;
+
+/// Resolves once `stop` says so (or its sender is gone).
+pub async fn stopped(stop: &mut Stop) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `period` plus a uniformly random share of `jitter`.
+pub fn next_delay(period: Duration, jitter: Duration, random: u64) -> Duration {
+    let jitter_ms = jitter.as_millis() as u64;
+    let extra = if jitter_ms == 0 {
+        0
+    } else {
+        random % (jitter_ms + 1)
+    };
+    period + Duration::from_millis(extra)
+}
+
+fn random_u64() -> u64 {
+    u64::from_le_bytes(
+        uuid::Uuid::new_v4().as_bytes()[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    )
+}
+
+impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
+    /// Runs until `stop` turns true.
+    pub async fn run(&self, mut stop: Stop) {
+        tracing::info!(
+            role = self.cfg.node.role.as_str(),
+            period_ms = self.cfg.daemon.period.as_millis() as u64,
+            "daemon started"
+        );
+        match self.cfg.node.role {
+            Role::ControlPlane => self.leader_loop(stop.clone()).await,
+            Role::Worker => stopped(&mut stop).await,
+        }
+        tracing::info!("daemon stopped");
+    }
+
+    fn delay(&self) -> Duration {
+        next_delay(self.cfg.daemon.period, self.cfg.daemon.jitter, random_u64())
+    }
+
+    async fn leader_loop(&self, mut stop: Stop) {
+        loop {
+            let acquired = tokio::select! {
+                r = self.locker.acquire(Purpose::Leader) => r,
+                _ = stopped(&mut stop) => return,
+            };
+            let guard = match acquired {
+                Ok(g) => g,
+                Err(e) => {
+                    // Timeouts while another leader lives are normal; other
+                    // errors are retried after a period.
+                    if !matches!(e, crate::lock::Error::Timeout { .. }) {
+                        tracing::warn!(error = %e, hint = %e.hint(), "cannot compete for the leader lock");
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.delay()) => {}
+                            _ = stopped(&mut stop) => return,
+                        }
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(
+                fence = guard.fence().map(|f| f.value).unwrap_or_default(),
+                "leading: this node runs the cluster-wide tasks"
+            );
+            loop {
+                tokio::select! {
+                    _ = self.leader_turn(&guard) => {}
+                    _ = guard.lost() => {}
+                    _ = stopped(&mut stop) => {
+                        let _ = guard.release().await;
+                        return;
+                    }
+                }
+                if !guard.is_held() {
+                    tracing::warn!("lost the leader lock; competing again");
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(self.delay()) => {}
+                    _ = guard.lost() => {
+                        tracing::warn!("lost the leader lock; competing again");
+                        break;
+                    }
+                    _ = stopped(&mut stop) => {
+                        let _ = guard.release().await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One turn of every leader task; a failing task is logged and retried
+    /// next turn, it never stops the others.
+    async fn leader_turn(&self, guard: &Guard) {
+        if let Err(e) =
+            crate::refresh::run_once(&self.cfg, &self.kubeadm, &self.join, &self.registry, guard)
+                .instrument(telemetry::phase("refresh-join-material"))
+                .await
+        {
+            tracing::error!(error = %e, hint = %e.hint(), "join material refresh failed; retried next turn");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_are_the_period_plus_at_most_the_jitter() {
+        let period = Duration::from_secs(30);
+        let jitter = Duration::from_secs(5);
+        assert_eq!(next_delay(period, Duration::ZERO, 12345), period);
+        for random in [0, 1, 4999, 5000, 5001, u64::MAX] {
+            let d = next_delay(period, jitter, random);
+            assert!(d >= period && d <= period + jitter, "{d:?}");
+        }
+        assert_eq!(next_delay(period, jitter, 5000), period + jitter);
+    }
+
+    #[tokio::test]
+    async fn stopped_resolves_on_the_signal_or_a_dropped_sender() {
+        let (tx, mut rx) = watch::channel(false);
+        tx.send(true).expect("send");
+        stopped(&mut rx).await;
+        let (tx, mut rx) = watch::channel(false);
+        drop(tx);
+        stopped(&mut rx).await;
+    }
+}

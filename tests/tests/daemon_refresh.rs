@@ -1,0 +1,160 @@
+//! The leader daemon refreshes join material: nodes that boot after the
+//! token and the uploaded certificates are gone still join, through the
+//! refresh the leader makes; SIGTERM stops the daemon cleanly and releases
+//! the leader lock.
+
+use kubeboot::join_material::JoinMaterial;
+use kubeboot_tests::simcluster::{NodeRun, SimCluster};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn assert_ok(runs: &[NodeRun]) {
+    for r in runs {
+        assert_eq!(r.code, Some(0), "node {}:\n{}", r.index, tail(&r.stderr));
+    }
+}
+
+async fn sigterm_and_wait(child: &mut tokio::process::Child) -> (Option<i32>, String) {
+    let pid = child.id().expect("daemon pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the daemon stops within 20 s of SIGTERM")
+        .expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    (status.code(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_refresh() {
+    let sim = SimCluster::start(2, 1).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let registry = sim.registry().await;
+    let pointer = registry
+        .join_pointer()
+        .await
+        .expect("pointer")
+        .expect("published");
+    let store = sim.join_store().await;
+    let old = store.read(&pointer).await.expect("material");
+
+    // Time passes: the token and the uploaded certificates are gone from the
+    // cluster, and the published material says so.
+    let token_id = old
+        .token
+        .expose()
+        .split_once('.')
+        .map(|(id, _)| id.to_string())
+        .expect("token id");
+    assert!(sim.kubeapi.delete_object(&format!(
+        "/api/v1/namespaces/kube-system/secrets/bootstrap-token-{token_id}"
+    )));
+    assert!(sim
+        .kubeapi
+        .delete_object("/api/v1/namespaces/kube-system/secrets/kubeadm-certs"));
+    let past = SystemTime::now() - Duration::from_secs(60);
+    let guard = sim.leader_lock("i-old-leader").await;
+    let expired = store
+        .publish(
+            &registry,
+            &guard,
+            &JoinMaterial {
+                token_expires_at: past,
+                certs_expire_at: Some(past),
+                ..old.clone()
+            },
+            SystemTime::now(),
+        )
+        .await
+        .expect("publish expired");
+    guard.release().await.expect("release");
+
+    // Node 0's daemon leads; node 1 (control plane) and node 2 (worker) boot.
+    let mut daemon = sim
+        .daemon_command(&sim.nodes[0])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon");
+    let runs = sim.bootstrap(&[1, 2]).await;
+    assert_ok(&runs);
+
+    let now = registry
+        .join_pointer()
+        .await
+        .expect("pointer")
+        .expect("published");
+    assert_ne!(now.secret_version, expired.secret_version, "fresh material");
+    let fresh = store.read(&now).await.expect("fresh material");
+    assert_ne!(fresh.token, old.token);
+    assert_ne!(fresh.certificate_key, old.certificate_key);
+    let kubeadm = sim.kubeadm_invocations();
+    assert!(
+        kubeadm
+            .iter()
+            .any(|l| l.contains(" token create ") && l.ends_with("exit=0")),
+        "{kubeadm:#?}"
+    );
+    assert!(
+        kubeadm
+            .iter()
+            .any(|l| l.contains(" init phase upload-certs ") && l.ends_with("exit=0")),
+        "{kubeadm:#?}"
+    );
+    assert_eq!(sim.etcd_members(&[0, 1]).await.len(), 2);
+
+    let (code, stderr) = sigterm_and_wait(&mut daemon).await;
+    assert_eq!(code, Some(0), "{}", tail(&stderr));
+    assert!(
+        stderr.contains("fresh join material published"),
+        "{}",
+        tail(&stderr)
+    );
+    // I6: the fresh secrets are not in the daemon's output.
+    for secret in [
+        fresh.token.expose(),
+        fresh.certificate_key.as_ref().expect("key").expose(),
+    ] {
+        assert!(
+            !stderr.contains(secret.as_str()),
+            "the daemon printed a secret"
+        );
+    }
+    let leader = sim
+        .moto
+        .dynamodb()
+        .await
+        .get_item()
+        .table_name(&sim.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("CLUSTER#{}", sim.name)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("LOCK#leader".into()),
+        )
+        .send()
+        .await
+        .expect("read the leader lock");
+    assert_eq!(
+        leader
+            .item()
+            .and_then(|i| i.get("released"))
+            .and_then(|v| v.as_bool().ok()),
+        Some(&true),
+        "SIGTERM released the leader lock"
+    );
+}
