@@ -280,6 +280,10 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         kcfg::Node {
             name: self.identity.hostname.clone(),
             ip: self.identity.private_ip.clone(),
+            provider_id: kcfg::provider_id(
+                &self.identity.availability_zone,
+                &self.identity.instance_id,
+            ),
         }
     }
 

@@ -469,6 +469,7 @@ struct NodeParts {
     registry: Registry<DynamoRegistryStore>,
     join: crate::join_material::JoinStore,
     kubeadm: crate::kubeadm::Kubeadm,
+    base: aws_config::SdkConfig,
 }
 
 async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error> {
@@ -513,6 +514,7 @@ async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error>
         kubeadm: crate::kubeadm::Kubeadm::from_config(&cfg),
         identity,
         cfg,
+        base,
     })
 }
 
@@ -533,7 +535,22 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
 
 async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
     let p = node_parts(cli, &args.sources).await?;
+    let lifecycle = p.cfg.aws.lifecycle_queue_url.as_ref().map(|url| {
+        use crate::aws::{for_service, Service};
+        (
+            crate::lifecycle::Queue::new(
+                aws_sdk_sqs::Client::new(&for_service(&p.base, &p.cfg, Service::Sqs)),
+                url,
+            ),
+            crate::lifecycle::Hooks::new(aws_sdk_autoscaling::Client::new(&for_service(
+                &p.base,
+                &p.cfg,
+                Service::AutoScaling,
+            ))),
+        )
+    });
     let daemon = crate::daemon::Daemon {
+        lifecycle,
         locker: p.locker,
         registry: p.registry,
         join: p.join,

@@ -2,7 +2,8 @@
 //!
 //! On control planes one daemon at a time is the leader (the `leader` lock)
 //! and runs the cluster-wide tasks each period (plus a random jitter, so
-//! nodes do not move in step): today the join-material refresh. A new leader
+//! nodes do not move in step): the join-material refresh and the lifecycle
+//! queue (terminating instances, see [`crate::lifecycle`]). A new leader
 //! starts with a turn at once, so it picks up where a dead one stopped; a
 //! leader that loses its lock stops mid-turn and competes again. SIGTERM or
 //! SIGINT stop the loops, release the lock and exit 0.
@@ -26,6 +27,8 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub registry: Registry<R>,
     pub join: JoinStore,
     pub kubeadm: Kubeadm,
+    /// The lifecycle queue and the hooks' API, when `aws.lifecycle_queue_url` is set.
+    pub lifecycle: Option<(crate::lifecycle::Queue, crate::lifecycle::Hooks)>,
 }
 
 /// A stop signal the loops watch: `true` once shutdown began.
@@ -140,6 +143,15 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 .await
         {
             tracing::error!(error = %e, hint = %e.hint(), "join material refresh failed; retried next turn");
+        }
+        if let Some((queue, hooks)) = &self.lifecycle {
+            if let Err(e) =
+                crate::lifecycle::drain_queue(&self.cfg, queue, &self.registry, &self.locker, hooks)
+                    .instrument(telemetry::phase("lifecycle"))
+                    .await
+            {
+                tracing::error!(error = %e, hint = %e.hint(), "lifecycle queue turn failed; retried next turn");
+            }
         }
     }
 }

@@ -277,6 +277,20 @@ impl Etcd {
         Ok(())
     }
 
+    /// The leader's member id as the connected member sees it (0: none).
+    pub async fn leader(&self) -> Result<u64, Error> {
+        let mut client = self.client.clone();
+        let status = tokio::time::timeout(self.settings.request_timeout, client.status())
+            .await
+            .map_err(|_| Error::Request {
+                operation: "status",
+                message: "timed out".into(),
+                transient: true,
+            })?
+            .map_err(|e| request("status", e))?;
+        Ok(status.leader())
+    }
+
     /// Removes a member by id. A member that is already gone counts as
     /// removed: a retry after a lost answer, or another path that got there
     /// first, must not fail the caller.

@@ -165,6 +165,149 @@ impl Kubernetes {
     }
 }
 
+/// How a drain ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Pods evicted (namespace/name).
+    pub evicted: Vec<String>,
+    /// Pods still there at the deadline, with the last refusal.
+    pub blocked: Vec<(String, String)>,
+}
+
+/// Whether a drain must evict this Pod: not a DaemonSet's (its controller
+/// would recreate it on the same node), not a static Pod's mirror, not finished.
+pub fn must_evict(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let meta = &pod.metadata;
+    let daemonset = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "DaemonSet" && o.controller == Some(true));
+    let mirror = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    !(daemonset || mirror || finished)
+}
+
+/// The instance id at the end of a Node's `spec.providerID`
+/// (`aws:///us-east-1a/i-0123456789abcdef0`).
+pub fn instance_of(node: &Node) -> Option<&str> {
+    node.spec
+        .as_ref()?
+        .provider_id
+        .as_deref()?
+        .rsplit('/')
+        .next()
+        .filter(|id| id.starts_with("i-"))
+}
+
+impl Kubernetes {
+    /// The name of the Node whose providerID names `instance_id`.
+    pub async fn node_for_instance(&self, instance_id: &str) -> Result<Option<String>, Error> {
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        let list = nodes
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| api_error("list", "nodes", &e))?;
+        Ok(list
+            .items
+            .iter()
+            .find(|n| instance_of(n) == Some(instance_id))
+            .and_then(|n| n.metadata.name.clone()))
+    }
+
+    /// Marks the Node unschedulable.
+    pub async fn cordon(&self, name: &str) -> Result<(), Error> {
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        match nodes.cordon(name).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(api_error("cordon", &format!("node/{name}"), &e)),
+        }
+    }
+
+    /// Evicts every Pod [`must_evict`] names from the Node, through the
+    /// eviction API so PodDisruptionBudgets are honoured: a refused eviction
+    /// (429) is tried again until `deadline`; what is still there then is
+    /// reported, not an error (the instance goes away regardless).
+    pub async fn drain(&self, name: &str, deadline: Duration) -> Result<DrainReport, Error> {
+        use k8s_openapi::api::core::v1::Pod;
+        let pods: kube::Api<Pod> = kube::Api::all(self.client.clone());
+        let until = tokio::time::Instant::now() + deadline;
+        let mut report = DrainReport::default();
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let on_node = pods
+                .list(&kube::api::ListParams::default().fields(&format!("spec.nodeName={name}")))
+                .await
+                .map_err(|e| api_error("list", &format!("pods on node/{name}"), &e))?;
+            let mut blocked = Vec::new();
+            for pod in on_node.items.iter().filter(|p| must_evict(p)) {
+                let (Some(ns), Some(pod_name)) = (&pod.metadata.namespace, &pod.metadata.name)
+                else {
+                    continue;
+                };
+                let id = format!("{ns}/{pod_name}");
+                let namespaced: kube::Api<Pod> = kube::Api::namespaced(self.client.clone(), ns);
+                match namespaced
+                    .evict(pod_name, &kube::api::EvictParams::default())
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(pod = %id, node = name, "evicted");
+                        report.evicted.push(id);
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(kube::Error::Api(s)) if s.code == 429 => {
+                        blocked.push((id, s.message.clone()));
+                    }
+                    Err(e) => blocked.push((id, e.to_string())),
+                }
+            }
+            if blocked.is_empty() {
+                return Ok(report);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                tracing::warn!(
+                    node = name,
+                    blocked = blocked.len(),
+                    "drain deadline passed with pods left"
+                );
+                report.blocked = blocked;
+                return Ok(report);
+            }
+            tracing::info!(
+                node = name,
+                blocked = blocked.len(),
+                "evictions refused (disruption budget?); retrying"
+            );
+            // The last attempt is made at the deadline itself.
+            tokio::time::sleep(delay.min(until - now)).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Deletes the Node object (gone already is fine).
+    pub async fn delete_node(&self, name: &str) -> Result<(), Error> {
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        match nodes
+            .delete(name, &kube::api::DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(api_error("delete", &format!("node/{name}"), &e)),
+        }
+    }
+}
+
 fn api_error(operation: &'static str, object: &str, e: &kube::Error) -> Error {
     let (status, message) = match e {
         kube::Error::Api(s) => (Some(s.code), format!("{} ({})", s.message, s.reason)),
@@ -220,6 +363,46 @@ mod tests {
             )),
             Readiness::NotReady("Ready=Unknown reason=- message=-".into())
         );
+    }
+
+    #[test]
+    fn drains_skip_daemonset_mirror_and_finished_pods() {
+        let pod = |v: serde_json::Value| -> k8s_openapi::api::core::v1::Pod {
+            serde_json::from_value(v).expect("pod")
+        };
+        assert!(must_evict(&pod(
+            serde_json::json!({"metadata": {"name": "web"}})
+        )));
+        assert!(!must_evict(&pod(
+            serde_json::json!({"metadata": {"name": "ds",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "u", "controller": true}]}})
+        )));
+        assert!(must_evict(&pod(
+            serde_json::json!({"metadata": {"name": "rs",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "u", "controller": true}]}})
+        )));
+        assert!(!must_evict(&pod(
+            serde_json::json!({"metadata": {"name": "etcd-n",
+            "annotations": {"kubernetes.io/config.mirror": "abc"}}})
+        )));
+        assert!(!must_evict(&pod(
+            serde_json::json!({"metadata": {"name": "job"}, "status": {"phase": "Succeeded"}})
+        )));
+    }
+
+    #[test]
+    fn instances_come_from_provider_ids() {
+        let node = |id: &str| -> Node {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "n"}, "spec": {"providerID": id}}),
+            )
+            .expect("node")
+        };
+        assert_eq!(
+            instance_of(&node("aws:///us-east-1a/i-0123456789abcdef0")),
+            Some("i-0123456789abcdef0")
+        );
+        assert_eq!(instance_of(&node("kind://docker/kind/node")), None);
     }
 
     #[test]

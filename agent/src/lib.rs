@@ -13,6 +13,7 @@ pub mod identity;
 pub mod join_material;
 pub mod kubeadm;
 pub mod kubernetes;
+pub mod lifecycle;
 pub mod lock;
 pub mod membership;
 pub mod quorum;

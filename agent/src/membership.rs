@@ -212,6 +212,16 @@ pub async fn remove_locked<R: RegistryStore>(
         if verdict.forced {
             tracing::warn!(member_id = %format!("{id:016x}"), "FORCED removal from a two-member cluster: one more failure loses the cluster");
         }
+        // A proposal made while the others elect a new leader is dropped and
+        // times out: when the dead member led, wait for its successor first.
+        if health.iter().any(|h| h.member.id == id && !h.healthy) {
+            for _ in 0..50 {
+                match etcd.leader().await {
+                    Ok(leader) if leader != id && leader != 0 => break,
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
         // The dead member is often the leader: a proposal made while the
         // others elect a new one is dropped and the request times out.
         // Removal is idempotent (a member already gone counts as removed).

@@ -63,6 +63,10 @@ impl TestNode {
         Node {
             name: self.name.clone(),
             ip: self.ip.to_string(),
+            provider_id: kubeboot::kubeadm::config::provider_id(
+                "us-east-1a",
+                "i-0123456789abcdef0",
+            ),
         }
     }
 }

@@ -148,13 +148,25 @@ pub struct Node {
     pub name: String,
     /// Private IPv4: the API server's and etcd's advertise address.
     pub ip: String,
+    /// `aws:///<az>/<instance-id>`: the kubelet registers the Node with it,
+    /// so the daemon finds an instance's Node (the AWS cloud controller
+    /// manager sets the same value).
+    pub provider_id: String,
+}
+
+/// The providerID of an EC2 instance, as Kubernetes' AWS provider writes it.
+pub fn provider_id(availability_zone: &str, instance_id: &str) -> String {
+    format!("aws:///{availability_zone}/{instance_id}")
 }
 
 impl Node {
     fn registration(&self) -> NodeRegistration {
         NodeRegistration {
             name: self.name.clone(),
-            kubelet_extra_args: vec![arg("node-ip", &self.ip)],
+            kubelet_extra_args: vec![
+                arg("node-ip", &self.ip),
+                arg("provider-id", &self.provider_id),
+            ],
         }
     }
 
@@ -393,6 +405,7 @@ mod tests {
         Node {
             name: "ip-10-0-1-2.ec2.internal".into(),
             ip: "10.0.1.2".into(),
+            provider_id: provider_id("us-east-1a", "i-0123456789abcdef0"),
         }
     }
 

@@ -379,7 +379,7 @@ mod tests {
         let bin = fake(
             dir.path(),
             "echo 'using token abcdef.0123456789abcdef' >&2\n\
-             echo 'error execution phase preflight: couldn'\"'\"'t validate the identity of the API Server' >&2\nexit 1",
+             echo 'error execution phase preflight: couldn'\"'\"'t validate the identity of the API Server: cluster CA found in cluster-info ConfigMap is invalid: none of the public keys are pinned' >&2\nexit 1",
         );
         let k = Kubeadm::new(
             bin,

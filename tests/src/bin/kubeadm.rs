@@ -1395,6 +1395,23 @@ async fn wait_member(
 // ---------------------------------------------------------------------------
 // Kubelet effects: Node registration and mirror Pods
 
+/// The kubelet's `--provider-id` from kubeletExtraArgs, which the simulated
+/// kubelet registers its Node with (`spec.providerID`).
+static PROVIDER_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn note_kubelet_args(args: &[(String, String)]) {
+    if let Some((_, id)) = args.iter().find(|(k, _)| k == "provider-id") {
+        let _ = PROVIDER_ID.set(id.clone());
+    }
+}
+
+fn node_spec() -> Value {
+    match PROVIDER_ID.get() {
+        Some(id) => json!({"providerID": id}),
+        None => json!({}),
+    }
+}
+
 /// Registers the Node as a kubelet does (Ready "False" until the double's
 /// kubelet reports ready; already "True" with `ready`, for the no-op mode);
 /// an existing Node is kept. Returns its uid.
@@ -1427,7 +1444,7 @@ async fn register_node(
                 "volumes.kubernetes.io/controller-managed-attach-detach": "true",
             },
         },
-        "spec": {},
+        "spec": node_spec(),
         "status": {
             "conditions": [
                 {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "message": "kubelet has sufficient memory available"},
@@ -1806,10 +1823,10 @@ async fn init(args: &[String]) -> R<()> {
     let node = str_at(init_doc, "/nodeRegistration/name")
         .ok_or_else(|| plain_err("nodeRegistration.name: Required value: the kubeadm stand-in does not default it to the hostname"))?
         .to_string();
-    arg_list(
+    note_kubelet_args(&arg_list(
         init_doc.pointer("/nodeRegistration/kubeletExtraArgs"),
         "NodeRegistrationOptions.nodeRegistration.kubeletExtraArgs",
-    )?;
+    )?);
     let ip = parse_ip(
         str_at(init_doc, "/localAPIEndpoint/advertiseAddress"),
         "localAPIEndpoint.advertiseAddress",
@@ -2297,6 +2314,7 @@ async fn join(args: &[String]) -> R<()> {
         jc.pointer("/nodeRegistration/kubeletExtraArgs"),
         "NodeRegistrationOptions.nodeRegistration.kubeletExtraArgs",
     )?;
+    note_kubelet_args(&kubelet_args);
     // The address the kubelet reports: its --node-ip (the agent always sets it).
     let node_ip: IpAddr = kubelet_args
         .iter()
@@ -2636,6 +2654,7 @@ async fn noop_join(args: &[String]) -> R<()> {
         jc.pointer("/nodeRegistration/kubeletExtraArgs"),
         "NodeRegistrationOptions.nodeRegistration.kubeletExtraArgs",
     )?;
+    note_kubelet_args(&kubelet_args);
     let node_ip: IpAddr = kubelet_args
         .iter()
         .find(|(k, _)| k == "node-ip")

@@ -163,13 +163,59 @@ fn machine() -> String {
     format!("{model}, {cores} cores available, {mem_gib} GiB RAM, Linux {kernel}")
 }
 
-/// The 1-minute load average: the machine may be shared (a concurrent
-/// build shows here, and in the figures).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
+/// CPU clock ticks: (busy, total) over all CPUs since boot (`/proc/stat`).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// CPU clock ticks used by this process and its reaped children (the agent
+/// runs, moto, etcd, the stand-in), from `/proc/self/stat`.
+fn own_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    // Fields 14-17 (utime, stime, cutime, cstime) are 12-15 after the name.
+    after_name
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum()
+}
+
+/// How busy the machine was with other work while the benchmark ran: the
+/// machine is shared (a concurrent build shows here, and in the figures).
+struct Interference {
+    start: (u64, u64),
+    own_start: u64,
+}
+
+impl Interference {
+    fn start() -> Self {
+        Interference {
+            start: machine_ticks(),
+            own_start: own_ticks(),
+        }
+    }
+
+    /// `(others, own)` as percentages of the machine's CPU time meanwhile.
+    fn finish(&self) -> (f64, f64) {
+        let (busy, total) = machine_ticks();
+        let own = own_ticks().saturating_sub(self.own_start) as f64;
+        let busy = busy.saturating_sub(self.start.0) as f64;
+        let total = total.saturating_sub(self.start.1).max(1) as f64;
+        (100.0 * (busy - own).max(0.0) / total, 100.0 * own / total)
+    }
 }
 
 fn moto_version() -> String {
@@ -689,7 +735,7 @@ async fn main() {
     let kubeadm = standin::kubeadm_bin();
     let started = Instant::now();
     let date = k8s_openapi::jiff::Timestamp::now();
-    let load_before = load_average();
+    let interference = Interference::start();
     eprintln!(
         "bootstrap benchmark: {} init runs, {} worker runs",
         opts.init_runs, opts.worker_runs
@@ -709,11 +755,12 @@ async fn main() {
         out,
         "Agent overhead of `kubeboot bootstrap` with kubeadm replaced by a no-op, and AWS API calls per bootstrap.\n"
     );
+    let (others, own) = interference.finish();
     let _ = writeln!(
         out,
-        "- Machine: {}; 1-minute load average {load_before} before, {} after (anything else running shows in the figures)",
-        machine(),
-        load_average()
+        "- Machine: {}; during the benchmark other processes used {others:.0}% of the machine's CPU time \
+         and the benchmark {own:.0}% (the machine is shared: other work shows in the figures)",
+        machine()
     );
     let _ = writeln!(
         out,
@@ -859,7 +906,7 @@ Kubernetes API table).\n\
 - **\"total − no-op kubeadm\"** subtracts the kubeadm run time the agent itself logs (`kubeadm succeeded \
 elapsed_ms`: from spawning the stand-in to its exit): what remains is the agent. The no-op \
 `init` spends most of its time generating the cluster CA (a key pair and a self-signed certificate, \
-debug build; kubeadm makes one too); the no-op `join` is exec plus one API request.\n\
+debug build; kubeadm makes one too); the no-op `join` is exec plus two API requests.\n\
 - **AWS calls** are every request that reached a proxy, SDK retries included. A non-2xx on the happy \
 path is an answer the agent expects and acts on (when this was written: the first `PutSecretValue` \
 of a new cluster answers `ResourceNotFoundException`, and the agent then calls `CreateSecret`).\n\

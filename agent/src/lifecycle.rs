@@ -1,0 +1,548 @@
+//! Instance termination: the ASG's lifecycle hook sends a message (through
+//! EventBridge, or straight from the hook) to an SQS queue; the leader
+//! daemon takes it, cleans up after the instance, and completes the
+//! lifecycle action so the ASG may terminate it.
+//!
+//! - control plane (the instance has a MEMBER record): its etcd member is
+//!   removed under the `membership` lock and the quorum guard, its record
+//!   deleted, its Node deleted;
+//! - worker: cordon, drain through the eviction API (PodDisruptionBudgets
+//!   honoured until `timeouts.drain`), delete the Node.
+//!
+//! I5: the action is completed (CONTINUE) in every case, after cleanup or,
+//! when cleanup fails or is refused, with the failure logged; a heartbeat
+//! keeps the action alive while the work takes long. Every step is
+//! idempotent, so a new leader that receives the message again (the old one
+//! died before deleting it) finishes the job without doing anything twice:
+//! AWS refuses a second completion with "No active Lifecycle Action found",
+//! which counts as done.
+
+use crate::config::Config;
+use crate::etcd::{self, Etcd};
+use crate::kubernetes::Kubernetes;
+use crate::lock::{LockStore, Locker};
+use crate::membership::{self, Target};
+use crate::registry::{Registry, RegistryStore};
+use crate::retry::{classify_sdk_error, RetryClass};
+use serde::Deserialize;
+use std::time::{Duration, Instant};
+
+/// Lifecycle failures, naming the instance or queue involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("lifecycle message is not one kubeboot understands: {reason}")]
+    Message { reason: String },
+    #[error("Auto Scaling {operation} for {instance_id} (group {asg}, hook {hook}): {message}")]
+    AutoScaling {
+        operation: &'static str,
+        instance_id: String,
+        asg: String,
+        hook: String,
+        class: RetryClass,
+        message: String,
+    },
+    #[error("SQS {operation} on {queue}: {message}")]
+    Sqs {
+        operation: &'static str,
+        queue: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Message { .. } => "the queue should only receive the ASG lifecycle hook's messages (EventBridge rule or hook target); the message is deleted".into(),
+            Error::AutoScaling { .. } => "check the instance role may call autoscaling:CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
+            Error::Sqs { .. } => "check aws.lifecycle_queue_url and that the role may receive and delete messages on it".into(),
+            Error::Registry(e) => e.hint(),
+        }
+    }
+}
+
+/// One lifecycle action to complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    pub asg: String,
+    pub hook: String,
+    pub instance_id: String,
+    /// The action's token (messages carry it; a node completing its own
+    /// action by instance id has none).
+    pub token: Option<String>,
+}
+
+/// What a queue message asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Terminating(Action),
+    /// The hook's test notification, sent when the hook is created.
+    Test,
+    /// A transition kubeboot does not act on (e.g. launching): deleted.
+    Ignored(String),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Notification {
+    event: Option<String>,
+    lifecycle_transition: Option<String>,
+    auto_scaling_group_name: Option<String>,
+    lifecycle_hook_name: Option<String>,
+    lifecycle_action_token: Option<String>,
+    #[serde(rename = "EC2InstanceId")]
+    ec2_instance_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "detail-type")]
+    detail_type: Option<String>,
+    detail: Option<Notification>,
+}
+
+const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+
+/// Parses an SQS message body: an EventBridge event (`detail-type` "EC2
+/// Instance-terminate Lifecycle Action", the hook's fields in `detail`) or
+/// the hook's own notification (the same fields at the top level).
+pub fn parse_message(body: &str) -> Result<Event, Error> {
+    let bad = |reason: String| Error::Message { reason };
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let notification: Notification = if value.get("detail").is_some() {
+        let envelope: Envelope =
+            serde_json::from_value(value).map_err(|e| bad(format!("EventBridge event: {e}")))?;
+        envelope.detail.ok_or_else(|| {
+            bad(format!(
+                "EventBridge event {:?} without detail",
+                envelope.detail_type.unwrap_or_default()
+            ))
+        })?
+    } else {
+        serde_json::from_value(value).map_err(|e| bad(format!("hook notification: {e}")))?
+    };
+    if notification.event.as_deref() == Some("autoscaling:TEST_NOTIFICATION") {
+        return Ok(Event::Test);
+    }
+    let transition = notification
+        .lifecycle_transition
+        .ok_or_else(|| bad("no LifecycleTransition".into()))?;
+    if transition != TERMINATING {
+        return Ok(Event::Ignored(transition));
+    }
+    let field = |v: Option<String>, name: &str| v.ok_or_else(|| bad(format!("no {name}")));
+    let instance_id = field(notification.ec2_instance_id, "EC2InstanceId")?;
+    if !instance_id.starts_with("i-") {
+        return Err(bad(format!(
+            "EC2InstanceId {instance_id:?} is not an instance id"
+        )));
+    }
+    Ok(Event::Terminating(Action {
+        asg: field(notification.auto_scaling_group_name, "AutoScalingGroupName")?,
+        hook: field(notification.lifecycle_hook_name, "LifecycleHookName")?,
+        instance_id,
+        token: notification.lifecycle_action_token,
+    }))
+}
+
+/// How completing an action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Completed,
+    /// AWS had no active action: completed before (by us or another path) or timed out.
+    AlreadyDone,
+}
+
+/// Completes and heartbeats lifecycle actions.
+#[derive(Debug, Clone)]
+pub struct Hooks {
+    client: aws_sdk_autoscaling::Client,
+}
+
+impl Hooks {
+    pub fn new(client: aws_sdk_autoscaling::Client) -> Self {
+        Hooks { client }
+    }
+
+    fn error<E>(
+        operation: &'static str,
+        action: &Action,
+        e: &aws_sdk_autoscaling::error::SdkError<
+            E,
+            aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+        >,
+    ) -> Error
+    where
+        E: aws_sdk_autoscaling::error::ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        Error::AutoScaling {
+            operation,
+            instance_id: action.instance_id.clone(),
+            asg: action.asg.clone(),
+            hook: action.hook.clone(),
+            class: classify_sdk_error(e),
+            message: aws_sdk_autoscaling::error::DisplayErrorContext(e).to_string(),
+        }
+    }
+
+    /// CompleteLifecycleAction(CONTINUE).
+    pub async fn complete(&self, action: &Action) -> Result<Completion, Error> {
+        let result = self
+            .client
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(&action.asg)
+            .lifecycle_hook_name(&action.hook)
+            .instance_id(&action.instance_id)
+            .set_lifecycle_action_token(action.token.clone())
+            .lifecycle_action_result("CONTINUE")
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Completion::Completed),
+            Err(e) if no_active_action(&e) => Ok(Completion::AlreadyDone),
+            Err(e) => Err(Self::error("CompleteLifecycleAction", action, &e)),
+        }
+    }
+
+    /// RecordLifecycleActionHeartbeat: more time for the work.
+    pub async fn heartbeat(&self, action: &Action) -> Result<(), Error> {
+        self.client
+            .record_lifecycle_action_heartbeat()
+            .auto_scaling_group_name(&action.asg)
+            .lifecycle_hook_name(&action.hook)
+            .instance_id(&action.instance_id)
+            .set_lifecycle_action_token(action.token.clone())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| Self::error("RecordLifecycleActionHeartbeat", action, &e))
+    }
+}
+
+/// AWS's answer to completing an action that is no longer pending.
+fn no_active_action<E: aws_sdk_autoscaling::error::ProvideErrorMetadata>(
+    e: &aws_sdk_autoscaling::error::SdkError<
+        E,
+        aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+    >,
+) -> bool {
+    use aws_sdk_autoscaling::error::ProvideErrorMetadata;
+    e.code() == Some("ValidationError")
+        && e.message()
+            .is_some_and(|m| m.starts_with("No active Lifecycle Action found"))
+}
+
+/// One received queue message.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub receipt: String,
+    pub body: String,
+}
+
+/// The lifecycle queue.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    client: aws_sdk_sqs::Client,
+    url: String,
+}
+
+impl Queue {
+    pub fn new(client: aws_sdk_sqs::Client, url: impl Into<String>) -> Self {
+        Queue {
+            client,
+            url: url.into(),
+        }
+    }
+
+    /// Up to 10 messages, hidden from other receivers for `visibility`.
+    pub async fn receive(&self, visibility: Duration) -> Result<Vec<Received>, Error> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(10)
+            .visibility_timeout(visibility.as_secs().clamp(1, 43_200) as i32)
+            .wait_time_seconds(0)
+            .send()
+            .await
+            .map_err(|e| Error::Sqs {
+                operation: "ReceiveMessage",
+                queue: self.url.clone(),
+                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+            })?;
+        Ok(out
+            .messages()
+            .iter()
+            .filter_map(|m| {
+                Some(Received {
+                    receipt: m.receipt_handle()?.to_string(),
+                    body: m.body()?.to_string(),
+                })
+            })
+            .collect())
+    }
+
+    /// Deletes a handled message.
+    pub async fn delete(&self, receipt: &str) -> Result<(), Error> {
+        self.client
+            .delete_message()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Sqs {
+                operation: "DeleteMessage",
+                queue: self.url.clone(),
+                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+            })
+    }
+}
+
+/// What handling one termination did, for the log and the note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub instance_id: String,
+    pub control_plane: bool,
+    pub member: Option<String>,
+    pub node: Option<String>,
+    pub cleanup_failures: Vec<String>,
+    pub completion: Completion,
+    pub elapsed: Duration,
+}
+
+/// Cleans up after a terminating instance and completes its action (I5).
+pub async fn handle_termination<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    hooks: &Hooks,
+    action: &Action,
+) -> Result<Report, Error> {
+    let started = Instant::now();
+    let heartbeat = {
+        let hooks = hooks.clone();
+        let action = action.clone();
+        let every = cfg.daemon.lifecycle_heartbeat;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match hooks.heartbeat(&action).await {
+                    Ok(()) => {
+                        tracing::info!(instance_id = %action.instance_id, "lifecycle action heartbeat")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "lifecycle action heartbeat failed"),
+                }
+            }
+        })
+    };
+    let mut failures = Vec::new();
+    let records = registry.members().await?;
+    let record = records
+        .iter()
+        .find(|r| r.instance_id == action.instance_id)
+        .cloned();
+    let kube = match Kubernetes::from_kubeconfig(
+        &cfg.paths.kubernetes_dir.join("admin.conf"),
+        cfg.timeouts.kube_api,
+    )
+    .await
+    {
+        Ok(k) => Some(k),
+        Err(e) => {
+            failures.push(format!("Kubernetes API: {e}"));
+            None
+        }
+    };
+    let mut node = match &kube {
+        Some(k) => match k.node_for_instance(&action.instance_id).await {
+            Ok(n) => n,
+            Err(e) => {
+                failures.push(format!("finding the Node: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    let mut member = None;
+    if let Some(r) = &record {
+        node = node.or_else(|| (!r.name.is_empty()).then(|| r.name.clone()));
+        let settings = etcd::Settings::from_config(cfg);
+        let endpoints: Vec<String> = etcd::recorded_endpoints(&records, &settings)
+            .into_iter()
+            .filter(|e| etcd::host_of(e) != etcd::host_of(&r.peer_url))
+            .collect();
+        let removal = async {
+            let etcd = Etcd::connect_any(&endpoints, &settings)
+                .await
+                .map_err(membership::Error::from)?;
+            membership::remove(
+                &etcd,
+                registry,
+                locker,
+                &Target::Instance(action.instance_id.clone()),
+                false,
+            )
+            .await
+        };
+        match removal.await {
+            Ok(outcome) => {
+                member = outcome.removed.map(|r| format!("{:016x}", r.id));
+            }
+            Err(e) => {
+                tracing::error!(instance_id = %action.instance_id, error = %e, hint = %e.hint(), "etcd member not removed; the reconciler retries once it is safe");
+                failures.push(format!("etcd member: {e}"));
+            }
+        }
+    } else if let (Some(k), Some(name)) = (&kube, &node) {
+        let drained = async {
+            k.cordon(name).await?;
+            k.drain(name, cfg.timeouts.drain).await
+        };
+        match drained.await {
+            Ok(report) if report.blocked.is_empty() => {
+                tracing::info!(node = %name, evicted = report.evicted.len(), "node drained");
+            }
+            Ok(report) => {
+                tracing::error!(node = %name, blocked = ?report.blocked, "drain deadline passed; completing the lifecycle action anyway");
+                failures.push(format!("drain left {} pods", report.blocked.len()));
+            }
+            Err(e) => failures.push(format!("drain: {e}")),
+        }
+    }
+    if let (Some(k), Some(name)) = (&kube, &node) {
+        if let Err(e) = k.delete_node(name).await {
+            failures.push(format!("deleting the Node: {e}"));
+        }
+    }
+    let completion = hooks.complete(action).await;
+    heartbeat.abort();
+    let completion = completion?;
+    let report = Report {
+        instance_id: action.instance_id.clone(),
+        control_plane: record.is_some(),
+        member,
+        node,
+        cleanup_failures: failures,
+        completion,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(
+        instance_id = %report.instance_id,
+        control_plane = report.control_plane,
+        member = report.member.as_deref().unwrap_or("-"),
+        node = report.node.as_deref().unwrap_or("-"),
+        failures = report.cleanup_failures.len(),
+        completion = ?report.completion,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "lifecycle action completed"
+    );
+    Ok(report)
+}
+
+/// One pass over the queue: each termination handled and its message
+/// deleted; messages that cannot be handled now stay for the next turn.
+pub async fn drain_queue<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    queue: &Queue,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    hooks: &Hooks,
+) -> Result<Vec<Report>, Error> {
+    let visibility = cfg.timeouts.drain + Duration::from_secs(120);
+    let mut reports = Vec::new();
+    for message in queue.receive(visibility).await? {
+        match parse_message(&message.body) {
+            Ok(Event::Terminating(action)) => {
+                tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");
+                match handle_termination(cfg, registry, locker, hooks, &action).await {
+                    Ok(report) => {
+                        reports.push(report);
+                        queue.delete(&message.receipt).await?;
+                    }
+                    Err(e) => {
+                        tracing::error!(instance_id = %action.instance_id, error = %e, hint = %e.hint(), "termination not completed; the message comes back");
+                    }
+                }
+            }
+            Ok(Event::Test) => {
+                tracing::info!("lifecycle hook test notification");
+                queue.delete(&message.receipt).await?;
+            }
+            Ok(Event::Ignored(transition)) => {
+                tracing::info!(%transition, "lifecycle message ignored");
+                queue.delete(&message.receipt).await?;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable lifecycle message deleted");
+                queue.delete(&message.receipt).await?;
+            }
+        }
+    }
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIELDS: &str = r#""LifecycleActionToken":"87654321-4321-4321-4321-210987654321","AutoScalingGroupName":"prod-a-control-plane","LifecycleHookName":"kubeboot-terminate","EC2InstanceId":"i-1234567890abcdef0","LifecycleTransition":"autoscaling:EC2_INSTANCE_TERMINATING","NotificationMetadata":"{}","Origin":"AutoScalingGroup","Destination":"EC2""#;
+
+    fn terminating() -> Event {
+        Event::Terminating(Action {
+            asg: "prod-a-control-plane".into(),
+            hook: "kubeboot-terminate".into(),
+            instance_id: "i-1234567890abcdef0".into(),
+            token: Some("87654321-4321-4321-4321-210987654321".into()),
+        })
+    }
+
+    #[test]
+    fn eventbridge_events_and_hook_notifications_both_parse() {
+        let eventbridge = format!(
+            r#"{{"version":"0","id":"12345678-1234-1234-1234-123456789012","detail-type":"EC2 Instance-terminate Lifecycle Action","source":"aws.autoscaling","account":"123456789012","time":"2026-11-22T00:00:00Z","region":"us-east-1","resources":["arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:x"],"detail":{{{FIELDS}}}}}"#
+        );
+        assert_eq!(
+            parse_message(&eventbridge).expect("eventbridge"),
+            terminating()
+        );
+        let direct = format!(
+            r#"{{"Service":"AWS Auto Scaling","Time":"2026-11-22T00:00:00.000Z","RequestId":"r","AccountId":"123456789012",{FIELDS}}}"#
+        );
+        assert_eq!(parse_message(&direct).expect("hook"), terminating());
+    }
+
+    #[test]
+    fn test_notifications_and_launches_are_not_terminations() {
+        let test = r#"{"AccountId":"123456789012","RequestId":"r","AutoScalingGroupARN":"arn","AutoScalingGroupName":"g","Service":"AWS Auto Scaling","Event":"autoscaling:TEST_NOTIFICATION","Time":"2026-11-22T00:00:00.000Z"}"#;
+        assert_eq!(parse_message(test).expect("test"), Event::Test);
+        let launch = FIELDS.replace("TERMINATING", "LAUNCHING");
+        assert_eq!(
+            parse_message(&format!("{{{launch}}}")).expect("launch"),
+            Event::Ignored("autoscaling:EC2_INSTANCE_LAUNCHING".into())
+        );
+    }
+
+    #[test]
+    fn malformed_messages_say_what_is_missing() {
+        for (body, expected) in [
+            ("nonsense", "not JSON"),
+            (r#"{"detail-type":"x","detail":null}"#, "without detail"),
+            (
+                r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_TERMINATING"}"#,
+                "no EC2InstanceId",
+            ),
+            (
+                r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_TERMINATING","EC2InstanceId":"$(id)"}"#,
+                "not an instance id",
+            ),
+            ("{}", "no LifecycleTransition"),
+        ] {
+            let e = parse_message(body).expect_err(body);
+            assert!(e.to_string().contains(expected), "{body}: {e}");
+        }
+    }
+}
