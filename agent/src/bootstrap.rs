@@ -33,15 +33,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::Instrument;
 
-/// Test failpoint: `KBTEST_CRASH_AT=<name>` aborts the process there (no
-/// destructors, like kill -9), so the crash-matrix tests can stop bootstrap
-/// at every checkpoint. Unset in production; costs one environment lookup.
-fn crash_point(name: &str) {
-    if std::env::var("KBTEST_CRASH_AT").is_ok_and(|at| at == name) {
-        tracing::warn!(crash_point = name, "crashing on purpose (KBTEST_CRASH_AT)");
-        std::process::abort();
-    }
-}
+use crate::failpoint::crash_point;
 
 /// Every crash point, in the order bootstrap passes them.
 pub const CRASH_POINTS: &[&str] = &[

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod etcd;
+pub mod failpoint;
 pub mod identity;
 pub mod join_material;
 pub mod kubeadm;

@@ -285,6 +285,23 @@ impl Queue {
             .collect())
     }
 
+    /// Keeps a message hidden for another `visibility` while it is handled.
+    pub async fn extend(&self, receipt: &str, visibility: Duration) -> Result<(), Error> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .visibility_timeout(visibility.as_secs().clamp(1, 43_200) as i32)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Sqs {
+                operation: "ChangeMessageVisibility",
+                queue: self.url.clone(),
+                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+            })
+    }
+
     /// Deletes a handled message.
     pub async fn delete(&self, receipt: &str) -> Result<(), Error> {
         self.client
@@ -418,6 +435,7 @@ pub async fn handle_termination<L: LockStore, R: RegistryStore>(
             failures.push(format!("deleting the Node: {e}"));
         }
     }
+    crate::failpoint::crash_point("lifecycle:after-cleanup");
     let completion = hooks.complete(action).await;
     heartbeat.abort();
     let completion = completion?;
@@ -452,14 +470,31 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
     locker: &Locker<L>,
     hooks: &Hooks,
 ) -> Result<Vec<Report>, Error> {
-    let visibility = cfg.timeouts.drain + Duration::from_secs(120);
+    // Short visibility, extended while a message is handled: if this leader
+    // dies, the next one sees the message again within one heartbeat period.
+    let visibility = cfg.daemon.lifecycle_heartbeat;
     let mut reports = Vec::new();
     for message in queue.receive(visibility).await? {
         match parse_message(&message.body) {
             Ok(Event::Terminating(action)) => {
                 tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");
-                match handle_termination(cfg, registry, locker, hooks, &action).await {
+                let keeper = {
+                    let queue = queue.clone();
+                    let receipt = message.receipt.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(visibility / 2).await;
+                            if let Err(e) = queue.extend(&receipt, visibility).await {
+                                tracing::warn!(error = %e, "cannot keep the lifecycle message hidden");
+                            }
+                        }
+                    })
+                };
+                let handled = handle_termination(cfg, registry, locker, hooks, &action).await;
+                keeper.abort();
+                match handled {
                     Ok(report) => {
+                        crate::failpoint::crash_point("lifecycle:after-complete");
                         reports.push(report);
                         queue.delete(&message.receipt).await?;
                     }

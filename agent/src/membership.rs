@@ -245,6 +245,7 @@ pub async fn remove_locked<R: RegistryStore>(
             }),
         })?;
         tracing::info!(member_id = %format!("{id:016x}"), voters_after = verdict.voters_after, healthy_voters_after = verdict.healthy_voters_after, "etcd member removed");
+        crate::failpoint::crash_point("membership:after-etcd-remove");
         removed = Some(verdict);
     }
     let mut forgot = None;

@@ -27,6 +27,27 @@ fn assert_ok(runs: &[NodeRun]) {
     }
 }
 
+fn spawn_daemon(
+    sim: &SimCluster,
+    index: usize,
+    queue_url: &str,
+    autoscaling: &str,
+    drain: &str,
+    crash_at: Option<&str>,
+) -> tokio::process::Child {
+    let mut cmd = sim.daemon_command(&sim.nodes[index]);
+    cmd.env("KUBEBOOT_AWS_LIFECYCLE_QUEUE_URL", queue_url)
+        .env("KUBEBOOT_AWS_ENDPOINTS_SQS", sim.moto.endpoint())
+        .env("KUBEBOOT_AWS_ENDPOINTS_AUTOSCALING", autoscaling)
+        .env("KUBEBOOT_TIMEOUTS_DRAIN", drain)
+        .env("KUBEBOOT_DAEMON_LIFECYCLE_HEARTBEAT", "10s")
+        .stderr(Stdio::piped());
+    if let Some(point) = crash_at {
+        cmd.env("KBTEST_CRASH_AT", point);
+    }
+    cmd.spawn().expect("daemon")
+}
+
 /// moto's SQS queue, the proxy answering the lifecycle actions, and the
 /// leader daemon on node 0 wired to both.
 struct Lifecycle {
@@ -34,6 +55,7 @@ struct Lifecycle {
     actions: LifecycleActions,
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
+    drain: String,
     daemon: tokio::process::Child,
 }
 
@@ -50,23 +72,32 @@ impl Lifecycle {
             .expect("create queue")
             .queue_url
             .expect("queue url");
-        let daemon = sim
-            .daemon_command(&sim.nodes[0])
-            .env("KUBEBOOT_AWS_LIFECYCLE_QUEUE_URL", &queue_url)
-            .env("KUBEBOOT_AWS_ENDPOINTS_SQS", sim.moto.endpoint())
-            .env("KUBEBOOT_AWS_ENDPOINTS_AUTOSCALING", proxy.endpoint())
-            .env("KUBEBOOT_TIMEOUTS_DRAIN", drain)
-            .env("KUBEBOOT_DAEMON_LIFECYCLE_HEARTBEAT", "10s")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("daemon");
+        let daemon = spawn_daemon(sim, 0, &queue_url, &proxy.endpoint(), drain, None);
         Lifecycle {
             proxy,
             actions,
             sqs,
             queue_url,
+            drain: drain.to_string(),
             daemon,
         }
+    }
+
+    /// Another daemon wired like the first, on `index`, maybe crashing at a point.
+    fn daemon_on(
+        &self,
+        sim: &SimCluster,
+        index: usize,
+        crash_at: Option<&str>,
+    ) -> tokio::process::Child {
+        spawn_daemon(
+            sim,
+            index,
+            &self.queue_url,
+            &self.proxy.endpoint(),
+            &self.drain,
+            crash_at,
+        )
     }
 
     /// Registers a pending termination and sends its EventBridge event.
@@ -161,6 +192,11 @@ impl Lifecycle {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits for the action's completion (however many attempts it took).
+    async fn wait_completed_or_done(&self, token: &str, within: Duration) {
+        self.wait_completed(token, within).await;
     }
 
     async fn stop(mut self) -> String {
@@ -335,4 +371,172 @@ async fn a_worker_is_drained_past_what_a_disruption_budget_allows_until_the_dead
         "{}",
         tail(&stderr)
     );
+}
+
+/// The leader lock's owner, if held.
+async fn leader(sim: &SimCluster) -> Option<String> {
+    let item = sim
+        .moto
+        .dynamodb()
+        .await
+        .get_item()
+        .table_name(&sim.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("CLUSTER#{}", sim.name)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("LOCK#leader".into()),
+        )
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("read the leader lock")
+        .item?;
+    let released = item
+        .get("released")
+        .and_then(|v| v.as_bool().ok())
+        .copied()
+        .unwrap_or(false);
+    (!released)
+        .then(|| item.get("owner").and_then(|v| v.as_s().ok()).cloned())
+        .flatten()
+}
+
+async fn wait_leader(sim: &SimCluster, index: usize) {
+    let started = Instant::now();
+    let id = sim.nodes[index].instance_id();
+    while !leader(sim).await.is_some_and(|o| o.starts_with(&id)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node {index} never led"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After a control plane's termination: etcd, the records and the Nodes no
+/// longer have it, and its action was completed exactly once.
+async fn assert_removed_once(
+    sim: &SimCluster,
+    lifecycle: &Lifecycle,
+    victim: usize,
+    survivors: &[usize],
+) {
+    let victim = &sim.nodes[victim];
+    let members = sim.etcd_members(survivors).await;
+    assert_eq!(members.len(), survivors.len(), "{members:?}");
+    assert!(members
+        .iter()
+        .all(|m| !m.peer_urls[0].contains(&victim.ip())));
+    let records = sim.registry().await.members().await.expect("records");
+    assert_eq!(records.len(), survivors.len(), "{records:?}");
+    assert!(records
+        .iter()
+        .all(|r| r.instance_id != victim.instance_id()));
+    assert_eq!(
+        sim.kubeapi.nodes().len(),
+        survivors.len(),
+        "the Node is deleted"
+    );
+    assert_eq!(
+        lifecycle
+            .actions
+            .accepted_completions(&victim.instance_id()),
+        1
+    );
+}
+
+/// Kills node `index`'s host: its etcd member stops.
+fn host_dies(sim: &SimCluster, index: usize) {
+    let pids = standin::etcd_pids_for(&sim.nodes[index].dir.join("var/lib/etcd"));
+    standin::stop_groups(&pids, Duration::ZERO);
+}
+
+/// Waits for a daemon started with `KBTEST_CRASH_AT=point` to die there.
+async fn crashes_at(child: &mut tokio::process::Child, point: &str) {
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("exits within 60 s")
+        .expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    assert!(
+        !status.success() && stderr.contains(point),
+        "the daemon should have crashed at {point}:\n{}",
+        tail(&stderr)
+    );
+}
+
+/// The removal path's crash matrix: the leader dies at each step, restarts,
+/// and the termination converges with one completion.
+async fn leader_crashes_at(point: &str) {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let mut lifecycle = Lifecycle::start(&sim, "30s").await;
+    // Replace the plain daemon by one that crashes at `point`.
+    let _ = lifecycle.daemon.start_kill();
+    let _ = lifecycle.daemon.wait().await;
+    lifecycle.daemon = lifecycle.daemon_on(&sim, 0, Some(point));
+    host_dies(&sim, 2);
+    let token = lifecycle.terminate(ASG, &sim.nodes[2].instance_id()).await;
+    crashes_at(&mut lifecycle.daemon, point).await;
+    lifecycle.daemon = lifecycle.daemon_on(&sim, 0, None);
+    lifecycle
+        .wait_completed_or_done(&token, Duration::from_secs(90))
+        .await;
+    lifecycle.wait_queue_empty().await;
+    assert_removed_once(&sim, &lifecycle, 2, &[0, 1]).await;
+    lifecycle.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_crashes_after_removing_the_member() {
+    leader_crashes_at("membership:after-etcd-remove").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_crashes_after_cleanup_before_completing() {
+    leader_crashes_at("lifecycle:after-cleanup").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_crashes_after_completing_before_deleting_the_message() {
+    leader_crashes_at("lifecycle:after-complete").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_daemon_takes_over_when_the_leader_dies_mid_removal() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let mut lifecycle = Lifecycle::start(&sim, "30s").await;
+    let _ = lifecycle.daemon.start_kill();
+    let _ = lifecycle.daemon.wait().await;
+    lifecycle.daemon = lifecycle.daemon_on(&sim, 0, Some("membership:after-etcd-remove"));
+    wait_leader(&sim, 0).await;
+    let mut follower = lifecycle.daemon_on(&sim, 1, None);
+
+    host_dies(&sim, 2);
+    let sent = Instant::now();
+    let token = lifecycle.terminate(ASG, &sim.nodes[2].instance_id()).await;
+    crashes_at(&mut lifecycle.daemon, "membership:after-etcd-remove").await;
+    lifecycle
+        .wait_completed_or_done(&token, Duration::from_secs(90))
+        .await;
+    eprintln!(
+        "message to completion across a leader failover: {:?}",
+        sent.elapsed()
+    );
+    wait_leader(&sim, 1).await;
+    lifecycle.wait_queue_empty().await;
+    assert_removed_once(&sim, &lifecycle, 2, &[0, 1]).await;
+
+    // The new leader stops cleanly; the dead one's place is taken by it.
+    std::mem::swap(&mut lifecycle.daemon, &mut follower);
+    let _ = follower.start_kill();
+    lifecycle.stop().await;
 }
