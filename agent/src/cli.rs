@@ -430,7 +430,7 @@ async fn etcd_remove(cli: &Cli, args: &EtcdRemoveArgs) -> Result<ExitCode, Error
     let registry = registry_for(cfg, client.clone());
     let etcd = etcd_client(cfg, &args.etcd, &registry).await?;
     if args.force {
-        tracing::warn!(target = %target, "--force: a two-member cluster may be shrunk to one; one more failure would then lose it");
+        tracing::warn!(removing = %target, "--force: a two-member cluster may be shrunk to one; one more failure would then lose it");
     }
     let locker = Locker::new(
         std::sync::Arc::new(DynamoLockStore::new(
@@ -549,8 +549,13 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
             ))),
         )
     });
+    let instances = crate::reconciler::Instances::new(aws_sdk_ec2::Client::new(
+        &crate::aws::for_service(&p.base, &p.cfg, crate::aws::Service::Ec2),
+    ));
     let daemon = crate::daemon::Daemon {
         lifecycle,
+        instances,
+        suspects: Default::default(),
         locker: p.locker,
         registry: p.registry,
         join: p.join,

@@ -2,8 +2,9 @@
 //!
 //! On control planes one daemon at a time is the leader (the `leader` lock)
 //! and runs the cluster-wide tasks each period (plus a random jitter, so
-//! nodes do not move in step): the join-material refresh and the lifecycle
-//! queue (terminating instances, see [`crate::lifecycle`]). A new leader
+//! nodes do not move in step): the join-material refresh, the dead-member
+//! reconciler ([`crate::reconciler`]) and the lifecycle queue (terminating
+//! instances, see [`crate::lifecycle`]). A new leader
 //! starts with a turn at once, so it picks up where a dead one stopped; a
 //! leader that loses its lock stops mid-turn and competes again. SIGTERM or
 //! SIGINT stop the loops, release the lock and exit 0.
@@ -29,6 +30,10 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub kubeadm: Kubeadm,
     /// The lifecycle queue and the hooks' API, when `aws.lifecycle_queue_url` is set.
     pub lifecycle: Option<(crate::lifecycle::Queue, crate::lifecycle::Hooks)>,
+    /// EC2, for the dead-member reconciler.
+    pub instances: crate::reconciler::Instances,
+    /// The reconciler's suspects, kept across turns while this node leads.
+    pub suspects: tokio::sync::Mutex<crate::reconciler::Suspects>,
 }
 
 /// A stop signal the loops watch: `true` once shutdown began.
@@ -102,6 +107,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     continue;
                 }
             };
+            self.suspects.lock().await.clear();
             tracing::info!(
                 fence = guard.fence().map(|f| f.value).unwrap_or_default(),
                 "leading: this node runs the cluster-wide tasks"
@@ -144,6 +150,20 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         {
             tracing::error!(error = %e, hint = %e.hint(), "join material refresh failed; retried next turn");
         }
+        let mut suspects = self.suspects.lock().await;
+        if let Err(e) = crate::reconciler::run_once(
+            &self.cfg,
+            &self.registry,
+            &self.locker,
+            &self.instances,
+            &mut suspects,
+        )
+        .instrument(telemetry::phase("reconcile"))
+        .await
+        {
+            tracing::error!(error = %e, hint = %e.hint(), "reconciler turn failed; retried next turn");
+        }
+        drop(suspects);
         if let Some((queue, hooks)) = &self.lifecycle {
             if let Err(e) =
                 crate::lifecycle::drain_queue(&self.cfg, queue, &self.registry, &self.locker, hooks)

@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod lock;
 pub mod membership;
 pub mod quorum;
+pub mod reconciler;
 pub mod refresh;
 pub mod registry;
 pub mod retry;

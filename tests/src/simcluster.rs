@@ -90,14 +90,34 @@ impl SimCluster {
         kubeboot::table::create(&moto.dynamodb().await, &table)
             .await
             .expect("create table");
+        // Every node is an instance moto knows, so EC2 answers about it as
+        // it would about a real node (the reconciler asks).
+        let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+        let total = (control_planes + workers) as i32;
+        let launched = ec2
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .instance_type(aws_sdk_ec2::types::InstanceType::M5Large)
+            .min_count(total)
+            .max_count(total)
+            .send()
+            .await
+            .expect("moto launches the instances");
+        let instance_ids: Vec<String> = launched
+            .instances()
+            .iter()
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect();
+        assert_eq!(instance_ids.len(), total as usize, "one instance per node");
         let mut nodes = Vec::new();
-        for index in 0..control_planes + workers {
+        for (index, instance_id) in instance_ids.iter().enumerate() {
             let role = if index < control_planes {
                 "control-plane"
             } else {
                 "worker"
             };
             let identity = ImdsIdentity {
+                instance_id: instance_id.clone(),
                 private_ip: fresh_loopback_ip(),
                 ..ImdsIdentity::default()
             };
@@ -111,7 +131,8 @@ impl SimCluster {
                 format!(
                     "[cluster]\nname = \"{name}\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"{api}\"\n\n\
                      [aws]\ntable = \"{table}\"\nmax_attempts = 5\ninitial_backoff = \"50ms\"\n\n\
-                     [aws.endpoints]\ndynamodb = \"{moto}\"\nssm = \"{moto}\"\nsecretsmanager = \"{moto}\"\n\n\
+                     [aws.endpoints]\ndynamodb = \"{moto}\"\nssm = \"{moto}\"\nsecretsmanager = \"{moto}\"\n\
+                     ec2 = \"{moto}\"\nsqs = \"{moto}\"\nautoscaling = \"{moto}\"\ns3 = \"{moto}\"\nsts = \"{moto}\"\n\n\
                      [imds]\nendpoint = \"{imds}\"\ndeadline = \"20s\"\n\n\
                      [etcd]\nscheme = \"http\"\npromote_timeout = \"2m\"\n\n\
                      [lock]\nlease = \"6s\"\nmargin = \"2s\"\nacquire_timeout = \"5m\"\n\n\

@@ -1,0 +1,386 @@
+//! The dead-member reconciler (leader only): what the lifecycle queue missed
+//! — an instance that vanished without a message, a joiner that died with
+//! its learner half-added, a record left behind — is cleaned up each turn.
+//!
+//! - a recorded member whose instance EC2 no longer reports running, for
+//!   longer than `daemon.reconcile_grace`, is removed (quorum guard applies);
+//! - a member without a record that is unhealthy for longer than the grace
+//!   is removed (a healthy one is left: bootstrap adopts it on restart);
+//! - a learner that never started is removed at once, and a record whose
+//!   member is gone is deleted at once: both only under the `membership`
+//!   lock, which a join in progress holds, so neither can be a join's
+//!   half-made state.
+//!
+//! The turn only runs when the `membership` lock is free (a join or a
+//! termination in progress goes first). What it observed is planned by the
+//! pure [`plan`]; suspicion times live in the leader's memory, so a new
+//! leader waits a whole grace period again (conservative).
+
+use crate::config::Config;
+use crate::etcd::{self, Etcd, Health};
+use crate::lock::{LockStore, Locker, Purpose};
+use crate::membership::{self, Target};
+use crate::registry::{MemberRecord, Registry, RegistryStore};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Reconciler failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("EC2 DescribeInstances: {message}")]
+    Ec2 { message: String },
+    #[error(transparent)]
+    Membership(#[from] membership::Error),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::Error),
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Ec2 { .. } => "check the instance role may call ec2:DescribeInstances; nothing is removed while EC2 cannot be asked".into(),
+            Error::Membership(e) => e.hint(),
+            Error::Registry(e) => e.hint(),
+            Error::Lock(e) => e.hint(),
+        }
+    }
+}
+
+/// One cleanup step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Remove a member (and its record) through the guarded path.
+    Remove { target: Target, why: String },
+    /// Delete a record whose member is gone.
+    Forget { instance_id: String },
+}
+
+/// What the reconciler saw this turn.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub health: Vec<Health>,
+    pub records: Vec<MemberRecord>,
+    /// Recorded instances that EC2 does not report pending or running.
+    pub not_running: HashSet<String>,
+}
+
+/// Suspects and since when (this leader's monotonic clock).
+pub type Suspects = HashMap<String, Instant>;
+
+/// The steps for `seen`, updating `suspects`: only what stayed suspect for
+/// `grace` is removed; what recovered is forgotten.
+pub fn plan(
+    seen: &Observation,
+    suspects: &mut Suspects,
+    now: Instant,
+    grace: Duration,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut current = HashSet::new();
+    let mut suspect = |key: String, step: Step, steps: &mut Vec<Step>| {
+        let since = *suspects.entry(key.clone()).or_insert(now);
+        current.insert(key);
+        if now.duration_since(since) >= grace {
+            steps.push(step);
+        }
+    };
+    for h in &seen.health {
+        let m = &h.member;
+        let record = seen.records.iter().find(|r| r.member_id == m.id);
+        match record {
+            _ if m.is_learner && !m.is_started() => steps.push(Step::Remove {
+                target: Target::Member(m.id),
+                why: "a learner that never started (a join died half-way)".into(),
+            }),
+            Some(r) if seen.not_running.contains(&r.instance_id) => suspect(
+                format!("instance:{}", r.instance_id),
+                Step::Remove {
+                    target: Target::Instance(r.instance_id.clone()),
+                    why: format!("instance {} no longer runs", r.instance_id),
+                },
+                &mut steps,
+            ),
+            None if !h.healthy => suspect(
+                format!("member:{:016x}", m.id),
+                Step::Remove {
+                    target: Target::Member(m.id),
+                    why: "an unrecorded member that stays unhealthy".into(),
+                },
+                &mut steps,
+            ),
+            _ => {}
+        }
+    }
+    for r in &seen.records {
+        if seen.health.iter().all(|h| h.member.id != r.member_id) {
+            steps.push(Step::Forget {
+                instance_id: r.instance_id.clone(),
+            });
+        }
+    }
+    suspects.retain(|k, _| current.contains(k));
+    steps
+}
+
+/// EC2's view of instances.
+#[derive(Debug, Clone)]
+pub struct Instances {
+    client: aws_sdk_ec2::Client,
+}
+
+impl Instances {
+    pub fn new(client: aws_sdk_ec2::Client) -> Self {
+        Instances { client }
+    }
+
+    /// Of `ids`, those EC2 does not report pending or running (terminated,
+    /// stopping, stopped, or unknown). Filters, unlike `InstanceIds`, do not
+    /// fail the whole call for an id EC2 has forgotten.
+    pub async fn not_running(&self, ids: &[String]) -> Result<HashSet<String>, Error> {
+        let mut running = HashSet::new();
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut token = None;
+        loop {
+            let out = self
+                .client
+                .describe_instances()
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("instance-id")
+                        .set_values(Some(ids.to_vec()))
+                        .build(),
+                )
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| Error::Ec2 {
+                    message: aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
+                })?;
+            for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+                let state = instance
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_default();
+                if state == "pending" || state == "running" {
+                    if let Some(id) = instance.instance_id() {
+                        running.insert(id.to_string());
+                    }
+                }
+            }
+            match out.next_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok(ids
+            .iter()
+            .filter(|id| !running.contains(*id))
+            .cloned()
+            .collect())
+    }
+}
+
+/// One reconciler turn; returns the steps taken.
+pub async fn run_once<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    instances: &Instances,
+    suspects: &mut Suspects,
+) -> Result<Vec<Step>, Error> {
+    let Some(guard) = locker.try_acquire(Purpose::Membership).await? else {
+        tracing::debug!("membership lock busy; reconciling next turn");
+        return Ok(Vec::new());
+    };
+    let result = async {
+        let records = registry.members().await?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let settings = etcd::Settings::from_config(cfg);
+        let etcd = Etcd::connect_any(&etcd::recorded_endpoints(&records, &settings), &settings)
+            .await
+            .map_err(membership::Error::from)?;
+        let members = etcd.members().await.map_err(membership::Error::from)?;
+        let ids: Vec<String> = records.iter().map(|r| r.instance_id.clone()).collect();
+        let seen = Observation {
+            health: etcd.health(&members).await,
+            records,
+            not_running: instances.not_running(&ids).await?,
+        };
+        let steps = plan(&seen, suspects, Instant::now(), cfg.daemon.reconcile_grace);
+        let mut done = Vec::new();
+        for step in steps {
+            match &step {
+                Step::Remove { target, why } => {
+                    tracing::warn!(removing = %target, %why, "reconciler removes a member");
+                    match membership::remove_locked(&etcd, registry, &guard, target, false).await {
+                        Ok(_) => done.push(step),
+                        Err(e) => {
+                            tracing::error!(removing = %target, error = %e, hint = %e.hint(), "reconciler could not remove the member; retried next turn")
+                        }
+                    }
+                }
+                Step::Forget { instance_id } => {
+                    tracing::warn!(%instance_id, "reconciler deletes a record whose member is gone");
+                    registry.forget_member(&guard, instance_id).await?;
+                    done.push(step);
+                }
+            }
+        }
+        Ok(done)
+    }
+    .await;
+    let _ = guard.release().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::Member;
+    use std::time::SystemTime;
+
+    fn member(id: u64, started: bool, learner: bool, healthy: bool) -> Health {
+        Health {
+            member: Member {
+                id,
+                name: if started {
+                    format!("m{id}")
+                } else {
+                    String::new()
+                },
+                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
+                client_urls: if started {
+                    vec![format!("https://10.0.0.{id}:2379")]
+                } else {
+                    vec![]
+                },
+                is_learner: learner,
+            },
+            healthy,
+            error: None,
+        }
+    }
+
+    fn record(instance: &str, id: u64) -> MemberRecord {
+        MemberRecord {
+            instance_id: instance.into(),
+            member_id: id,
+            name: format!("m{id}"),
+            peer_url: format!("https://10.0.0.{id}:2380"),
+            confirmed_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn seen(health: Vec<Health>, records: Vec<MemberRecord>, gone: &[&str]) -> Observation {
+        Observation {
+            health,
+            records,
+            not_running: gone.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_gone_instance_is_removed_only_after_the_grace_period() {
+        let t0 = Instant::now();
+        let obs = seen(
+            vec![member(1, true, false, true), member(2, true, false, false)],
+            vec![record("i-1", 1), record("i-2", 2)],
+            &["i-2"],
+        );
+        let mut suspects = Suspects::new();
+        assert!(plan(&obs, &mut suspects, t0, GRACE).is_empty());
+        assert!(plan(&obs, &mut suspects, t0 + GRACE / 2, GRACE).is_empty());
+        assert_eq!(
+            plan(&obs, &mut suspects, t0 + GRACE, GRACE),
+            vec![Step::Remove {
+                target: Target::Instance("i-2".into()),
+                why: "instance i-2 no longer runs".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_suspect_that_recovers_starts_from_zero_next_time() {
+        let t0 = Instant::now();
+        let gone = seen(
+            vec![member(2, true, false, false)],
+            vec![record("i-2", 2)],
+            &["i-2"],
+        );
+        let back = seen(
+            vec![member(2, true, false, true)],
+            vec![record("i-2", 2)],
+            &[],
+        );
+        let mut suspects = Suspects::new();
+        plan(&gone, &mut suspects, t0, GRACE);
+        plan(&back, &mut suspects, t0 + GRACE / 2, GRACE);
+        assert!(suspects.is_empty());
+        assert!(plan(&gone, &mut suspects, t0 + GRACE, GRACE).is_empty());
+    }
+
+    #[test]
+    fn orphan_learners_and_orphan_records_go_at_once() {
+        let obs = seen(
+            vec![member(1, true, false, true), member(7, false, true, false)],
+            vec![record("i-1", 1), record("i-9", 9)],
+            &[],
+        );
+        let steps = plan(&obs, &mut Suspects::new(), Instant::now(), GRACE);
+        assert!(steps.contains(&Step::Remove {
+            target: Target::Member(7),
+            why: "a learner that never started (a join died half-way)".into()
+        }));
+        assert!(steps.contains(&Step::Forget {
+            instance_id: "i-9".into()
+        }));
+        assert_eq!(steps.len(), 2);
+    }
+
+    #[test]
+    fn healthy_unrecorded_members_and_running_instances_are_left_alone() {
+        let t0 = Instant::now();
+        let obs = seen(
+            vec![
+                member(1, true, false, true),
+                member(3, true, false, true),
+                member(4, true, false, false),
+            ],
+            vec![record("i-1", 1), record("i-4", 4)],
+            &[],
+        );
+        let mut suspects = Suspects::new();
+        assert!(plan(&obs, &mut suspects, t0, GRACE).is_empty());
+        // An unhealthy member whose instance still runs (a reboot) is not removed.
+        assert!(plan(&obs, &mut suspects, t0 + 10 * GRACE, GRACE).is_empty());
+    }
+
+    #[test]
+    fn an_unrecorded_member_that_stays_unhealthy_is_removed_after_the_grace() {
+        let t0 = Instant::now();
+        let obs = seen(
+            vec![member(1, true, false, true), member(5, true, false, false)],
+            vec![record("i-1", 1)],
+            &[],
+        );
+        let mut suspects = Suspects::new();
+        assert!(plan(&obs, &mut suspects, t0, GRACE).is_empty());
+        assert_eq!(
+            plan(&obs, &mut suspects, t0 + GRACE, GRACE),
+            vec![Step::Remove {
+                target: Target::Member(5),
+                why: "an unrecorded member that stays unhealthy".into()
+            }]
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The dead-member reconciler, run by the leader daemon: an instance that
+//! vanished without a lifecycle message loses its member after the grace
+//! period (not before); an orphan learner goes at once.
+
+use kubeboot_tests::simcluster::{NodeRun, SimCluster};
+use kubeboot_tests::standin;
+use std::time::{Duration, Instant};
+
+fn assert_ok(runs: &[NodeRun]) {
+    for r in runs {
+        assert_eq!(r.code, Some(0), "node {}:\n{}", r.index, r.stderr);
+    }
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < within, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_lost_without_a_message_is_removed_after_the_grace_period() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let mut daemon = sim
+        .daemon_command(&sim.nodes[0])
+        .env("KUBEBOOT_DAEMON_RECONCILE_GRACE", "10s")
+        .spawn()
+        .expect("daemon");
+
+    // Node 2's instance is terminated with no message: its etcd dies with it.
+    let victim = &sim.nodes[2];
+    let pids = standin::etcd_pids_for(&victim.dir.join("var/lib/etcd"));
+    standin::stop_groups(&pids, Duration::ZERO);
+    aws_sdk_ec2::Client::new(&sim.moto.sdk_config().await)
+        .terminate_instances()
+        .instance_ids(victim.instance_id())
+        .send()
+        .await
+        .expect("terminate in moto");
+    let lost = Instant::now();
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        sim.etcd_members(&[0, 1]).await.len(),
+        3,
+        "nothing is removed before the grace period"
+    );
+    let registry = sim.registry().await;
+    wait_for(
+        "the dead member removed",
+        Duration::from_secs(60),
+        async || sim.etcd_members(&[0, 1]).await.len() == 2,
+    )
+    .await;
+    let took = lost.elapsed();
+    eprintln!("instance lost to member removed: {took:?}");
+    assert!(took >= Duration::from_secs(10), "{took:?}");
+    let records = registry.members().await.expect("records");
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r.instance_id != victim.instance_id()));
+
+    // An orphan learner (a join that died after member add) goes at once.
+    let mut client =
+        etcd_client::Client::connect([format!("http://{}:2379", sim.nodes[0].ip())], None)
+            .await
+            .expect("etcd client");
+    client
+        .member_add(
+            ["http://127.9.9.9:2380"],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("add a learner that never starts");
+    let took = wait_for(
+        "the orphan learner removed",
+        Duration::from_secs(30),
+        async || sim.etcd_members(&[0, 1]).await.len() == 2,
+    )
+    .await;
+    assert!(
+        took < Duration::from_secs(10),
+        "no grace for orphan learners: {took:?}"
+    );
+    let _ = daemon.start_kill();
+    let _ = daemon.wait().await;
+}
