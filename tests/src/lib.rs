@@ -20,4 +20,5 @@ pub mod net;
 pub mod process;
 pub mod simcluster;
 pub mod standin;
+pub mod termination;
 pub mod workspace;

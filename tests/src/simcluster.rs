@@ -90,84 +90,94 @@ impl SimCluster {
         kubeboot::table::create(&moto.dynamodb().await, &table)
             .await
             .expect("create table");
-        // Every node is an instance moto knows, so EC2 answers about it as
-        // it would about a real node (the reconciler asks).
-        let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
-        let total = (control_planes + workers) as i32;
-        let launched = ec2
-            .run_instances()
-            .image_id("ami-12c6146b")
-            .instance_type(aws_sdk_ec2::types::InstanceType::M5Large)
-            .min_count(total)
-            .max_count(total)
-            .send()
-            .await
-            .expect("moto launches the instances");
-        let instance_ids: Vec<String> = launched
-            .instances()
-            .iter()
-            .filter_map(|i| i.instance_id().map(str::to_string))
-            .collect();
-        assert_eq!(instance_ids.len(), total as usize, "one instance per node");
-        let mut nodes = Vec::new();
-        for (index, instance_id) in instance_ids.iter().enumerate() {
-            let role = if index < control_planes {
-                "control-plane"
-            } else {
-                "worker"
-            };
-            let identity = ImdsIdentity {
-                instance_id: instance_id.clone(),
-                private_ip: fresh_loopback_ip(),
-                ..ImdsIdentity::default()
-            };
-            let imds = Imds::start_with(identity).await;
-            imds.set_user_data(Some(user_data(role)));
-            let dir = work.path().join(format!("node-{index}"));
-            std::fs::create_dir_all(&dir).expect("node dir");
-            let config = dir.join("kubeboot.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "[cluster]\nname = \"{name}\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"{api}\"\n\n\
-                     [aws]\ntable = \"{table}\"\nmax_attempts = 5\ninitial_backoff = \"50ms\"\n\n\
-                     [aws.endpoints]\ndynamodb = \"{moto}\"\nssm = \"{moto}\"\nsecretsmanager = \"{moto}\"\n\
-                     ec2 = \"{moto}\"\nsqs = \"{moto}\"\nautoscaling = \"{moto}\"\ns3 = \"{moto}\"\nsts = \"{moto}\"\n\n\
-                     [imds]\nendpoint = \"{imds}\"\ndeadline = \"20s\"\n\n\
-                     [etcd]\nscheme = \"http\"\npromote_timeout = \"2m\"\n\n\
-                     [lock]\nlease = \"6s\"\nmargin = \"2s\"\nacquire_timeout = \"5m\"\n\n\
-                     [timeouts]\nkubeadm_init = \"2m\"\nkubeadm_join = \"3m\"\nkubeadm_reset = \"1m\"\n\n\
-                     [backup]\nenabled = false\n\n[metrics]\nsink = \"off\"\n\n\
-                     [paths]\nkubernetes_dir = \"{d}/etc/kubernetes\"\nstate_dir = \"{d}/var/lib/kubeboot\"\n\
-                     run_dir = \"{d}/run/kubeboot\"\netcd_data_dir = \"{d}/var/lib/etcd\"\n\n\
-                     [binaries]\nkubeadm = \"{kubeadm}\"\n",
-                    api = kubeapi.endpoint(),
-                    moto = moto.endpoint(),
-                    imds = imds.endpoint(),
-                    d = dir.display(),
-                    kubeadm = standin::kubeadm_bin().display(),
-                ),
-            )
-            .expect("node config");
-            nodes.push(SimNode {
-                index,
-                role,
-                imds,
-                dir,
-                config,
-            });
-        }
         let kubeadm_log = work.path().join("kubeadm.log");
-        SimCluster {
+        let mut sim = SimCluster {
             name,
             table,
             moto,
             kubeapi,
-            nodes,
+            nodes: Vec::new(),
             kubeadm_log,
             standin: StandinProcesses::new(),
             work,
+        };
+        for index in 0..control_planes + workers {
+            sim.add_node(if index < control_planes {
+                "control-plane"
+            } else {
+                "worker"
+            })
+            .await;
         }
+        sim
+    }
+
+    /// A new instance (the ASG launched a replacement): moto knows it, it
+    /// has its own loopback address, IMDS double, directory and config.
+    /// Returns its index.
+    pub async fn add_node(&mut self, role: &'static str) -> usize {
+        // Every node is an instance moto knows, so EC2 answers about it as
+        // it would about a real node (the reconciler asks).
+        let ec2 = aws_sdk_ec2::Client::new(&self.moto.sdk_config().await);
+        let launched = ec2
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .instance_type(aws_sdk_ec2::types::InstanceType::M5Large)
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await
+            .expect("moto launches the instance");
+        let instance_id = launched
+            .instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .expect("an instance id")
+            .to_string();
+        let index = self.nodes.len();
+        let identity = ImdsIdentity {
+            instance_id,
+            private_ip: fresh_loopback_ip(),
+            ..ImdsIdentity::default()
+        };
+        let imds = Imds::start_with(identity).await;
+        imds.set_user_data(Some(user_data(role)));
+        let dir = self.work.path().join(format!("node-{index}"));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let config = dir.join("kubeboot.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nname = \"{name}\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"{api}\"\n\n\
+                 [aws]\ntable = \"{table}\"\nmax_attempts = 5\ninitial_backoff = \"50ms\"\n\n\
+                 [aws.endpoints]\ndynamodb = \"{moto}\"\nssm = \"{moto}\"\nsecretsmanager = \"{moto}\"\n\
+                 ec2 = \"{moto}\"\nsqs = \"{moto}\"\nautoscaling = \"{moto}\"\ns3 = \"{moto}\"\nsts = \"{moto}\"\n\n\
+                 [imds]\nendpoint = \"{imds}\"\ndeadline = \"20s\"\n\n\
+                 [etcd]\nscheme = \"http\"\npromote_timeout = \"2m\"\n\n\
+                 [lock]\nlease = \"6s\"\nmargin = \"2s\"\nacquire_timeout = \"5m\"\n\n\
+                 [timeouts]\nkubeadm_init = \"2m\"\nkubeadm_join = \"3m\"\nkubeadm_reset = \"1m\"\n\n\
+                 [backup]\nenabled = false\n\n[metrics]\nsink = \"off\"\n\n\
+                 [paths]\nkubernetes_dir = \"{d}/etc/kubernetes\"\nstate_dir = \"{d}/var/lib/kubeboot\"\n\
+                 run_dir = \"{d}/run/kubeboot\"\netcd_data_dir = \"{d}/var/lib/etcd\"\n\n\
+                 [binaries]\nkubeadm = \"{kubeadm}\"\n",
+                name = self.name,
+                table = self.table,
+                api = self.kubeapi.endpoint(),
+                moto = self.moto.endpoint(),
+                imds = imds.endpoint(),
+                d = dir.display(),
+                kubeadm = standin::kubeadm_bin().display(),
+            ),
+        )
+        .expect("node config");
+        self.nodes.push(SimNode {
+            index,
+            role,
+            imds,
+            dir,
+            config,
+        });
+        index
     }
 
     /// `kubeboot bootstrap` for one node, as systemd would start it.
