@@ -535,25 +535,26 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
 
 async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
     let p = node_parts(cli, &args.sources).await?;
-    let lifecycle = p.cfg.aws.lifecycle_queue_url.as_ref().map(|url| {
-        use crate::aws::{for_service, Service};
-        (
-            crate::lifecycle::Queue::new(
-                aws_sdk_sqs::Client::new(&for_service(&p.base, &p.cfg, Service::Sqs)),
-                url,
-            ),
-            crate::lifecycle::Hooks::new(aws_sdk_autoscaling::Client::new(&for_service(
-                &p.base,
-                &p.cfg,
-                Service::AutoScaling,
-            ))),
+    use crate::aws::{for_service, Service};
+    let queue = p.cfg.aws.lifecycle_queue_url.as_ref().map(|url| {
+        crate::lifecycle::Queue::new(
+            aws_sdk_sqs::Client::new(&for_service(&p.base, &p.cfg, Service::Sqs)),
+            url,
         )
     });
+    let hooks = crate::lifecycle::Hooks::new(aws_sdk_autoscaling::Client::new(&for_service(
+        &p.base,
+        &p.cfg,
+        Service::AutoScaling,
+    )));
+    let imds = crate::identity::Imds::new(&p.cfg.imds)?;
     let instances = crate::reconciler::Instances::new(aws_sdk_ec2::Client::new(
         &crate::aws::for_service(&p.base, &p.cfg, crate::aws::Service::Ec2),
     ));
     let daemon = crate::daemon::Daemon {
-        lifecycle,
+        queue,
+        hooks,
+        imds,
         instances,
         suspects: Default::default(),
         locker: p.locker,

@@ -28,8 +28,12 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub registry: Registry<R>,
     pub join: JoinStore,
     pub kubeadm: Kubeadm,
-    /// The lifecycle queue and the hooks' API, when `aws.lifecycle_queue_url` is set.
-    pub lifecycle: Option<(crate::lifecycle::Queue, crate::lifecycle::Hooks)>,
+    /// The lifecycle queue, when `aws.lifecycle_queue_url` is set.
+    pub queue: Option<crate::lifecycle::Queue>,
+    /// The lifecycle hooks' API (completion, heartbeats).
+    pub hooks: crate::lifecycle::Hooks,
+    /// Instance metadata, for this node's own target lifecycle state.
+    pub imds: crate::identity::Imds,
     /// EC2, for the dead-member reconciler.
     pub instances: crate::reconciler::Instances,
     /// The reconciler's suspects, kept across turns while this node leads.
@@ -75,11 +79,98 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             period_ms = self.cfg.daemon.period.as_millis() as u64,
             "daemon started"
         );
+        let own = self.own_termination_loop(stop.clone());
         match self.cfg.node.role {
-            Role::ControlPlane => self.leader_loop(stop.clone()).await,
-            Role::Worker => stopped(&mut stop).await,
+            Role::ControlPlane => {
+                tokio::join!(self.leader_loop(stop.clone()), own);
+            }
+            Role::Worker => own.await,
         }
+        stopped(&mut stop).await;
         tracing::info!("daemon stopped");
+    }
+
+    /// Every node watches IMDS for its own termination: a control plane
+    /// cleans up and completes its action itself, a worker asks the leader
+    /// (its kubelet may not evict Pods). Idempotent with the queue path.
+    async fn own_termination_loop(&self, mut stop: Stop) {
+        use crate::lifecycle::{own_termination_due, OwnTermination};
+        loop {
+            match own_termination_due(
+                &self.imds,
+                &self.identity.instance_id,
+                &self.cfg.aws.lifecycle_hook,
+            )
+            .await
+            {
+                Ok(Some(action)) => {
+                    let what = match self.cfg.node.role {
+                        Role::ControlPlane => OwnTermination::CleanUpAndComplete,
+                        Role::Worker => OwnTermination::AskTheLeader,
+                    };
+                    tracing::warn!(asg = %action.asg, ?what, "this instance is being terminated");
+                    if self.own_termination(&action, what).await {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the target lifecycle state"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.delay()) => {}
+                _ = stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    /// Acts on this node's own termination; whether it is done.
+    async fn own_termination(
+        &self,
+        action: &crate::lifecycle::Action,
+        what: crate::lifecycle::OwnTermination,
+    ) -> bool {
+        use crate::lifecycle::OwnTermination;
+        match what {
+            OwnTermination::CleanUpAndComplete => {
+                match crate::lifecycle::handle_termination(
+                    &self.cfg,
+                    &self.registry,
+                    &self.locker,
+                    &self.hooks,
+                    action,
+                )
+                .instrument(telemetry::phase("own-termination"))
+                .await
+                {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, hint = %e.hint(), "own termination not completed; retrying next turn");
+                        false
+                    }
+                }
+            }
+            OwnTermination::AskTheLeader => match &self.queue {
+                Some(queue) => match queue.send_own(action).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            "asked the leader to drain this node and complete its action"
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, hint = %e.hint(), "cannot ask the leader; retrying next turn");
+                        false
+                    }
+                },
+                None => {
+                    tracing::error!(
+                        hint = "set aws.lifecycle_queue_url",
+                        "no lifecycle queue: nobody can drain this worker"
+                    );
+                    true
+                }
+            },
+        }
     }
 
     fn delay(&self) -> Duration {
@@ -164,11 +255,16 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             tracing::error!(error = %e, hint = %e.hint(), "reconciler turn failed; retried next turn");
         }
         drop(suspects);
-        if let Some((queue, hooks)) = &self.lifecycle {
-            if let Err(e) =
-                crate::lifecycle::drain_queue(&self.cfg, queue, &self.registry, &self.locker, hooks)
-                    .instrument(telemetry::phase("lifecycle"))
-                    .await
+        if let Some(queue) = &self.queue {
+            if let Err(e) = crate::lifecycle::drain_queue(
+                &self.cfg,
+                queue,
+                &self.registry,
+                &self.locker,
+                &self.hooks,
+            )
+            .instrument(telemetry::phase("lifecycle"))
+            .await
             {
                 tracing::error!(error = %e, hint = %e.hint(), "lifecycle queue turn failed; retried next turn");
             }

@@ -302,6 +302,32 @@ impl Queue {
             })
     }
 
+    /// Sends this instance's own termination notice (a worker cannot drain
+    /// itself: its kubelet credentials may not evict Pods; the leader does).
+    pub async fn send_own(&self, action: &Action) -> Result<(), Error> {
+        let body = serde_json::json!({
+            "Origin": "AutoScalingGroup",
+            "Destination": "EC2",
+            "Service": "kubeboot",
+            "AutoScalingGroupName": action.asg,
+            "LifecycleHookName": action.hook,
+            "EC2InstanceId": action.instance_id,
+            "LifecycleTransition": TERMINATING,
+        });
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body.to_string())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Sqs {
+                operation: "SendMessage",
+                queue: self.url.clone(),
+                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+            })
+    }
+
     /// Deletes a handled message.
     pub async fn delete(&self, receipt: &str) -> Result<(), Error> {
         self.client
@@ -459,6 +485,47 @@ pub async fn handle_termination<L: LockStore, R: RegistryStore>(
         "lifecycle action completed"
     );
     Ok(report)
+}
+
+/// IMDS path of the ASG's target lifecycle state for this instance.
+pub const TARGET_STATE_PATH: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
+/// IMDS path of the ASG name tag (needs InstanceMetadataTags on the launch template).
+pub const ASG_TAG_PATH: &str = "/latest/meta-data/tags/instance/aws:autoscaling:groupName";
+
+/// What this node does when IMDS says its ASG is terminating it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnTermination {
+    /// A control plane cleans up after itself (it has the admin credentials
+    /// and takes the membership lock like anyone) and completes its action.
+    CleanUpAndComplete,
+    /// A worker asks the leader through the lifecycle queue.
+    AskTheLeader,
+}
+
+/// One look at IMDS; `Some` the first time the target state is `Terminated`.
+pub async fn own_termination_due(
+    imds: &crate::identity::Imds,
+    instance_id: &str,
+    hook: &str,
+) -> Result<Option<Action>, crate::identity::Error> {
+    let state = imds.get(TARGET_STATE_PATH).await?;
+    if state.as_deref() != Some(b"Terminated".as_slice()) {
+        return Ok(None);
+    }
+    let asg = imds
+        .get(ASG_TAG_PATH)
+        .await?
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let asg = asg.unwrap_or_else(|| {
+        tracing::error!(hint = "enable InstanceMetadataTags on the launch template", "this instance's ASG name is not in IMDS; its lifecycle action cannot be completed by this node");
+        String::new()
+    });
+    Ok(Some(Action {
+        asg,
+        hook: hook.to_string(),
+        instance_id: instance_id.to_string(),
+        token: None,
+    }))
 }
 
 /// One pass over the queue: each termination handled and its message

@@ -106,6 +106,9 @@ struct Inner {
     pending_time: String,
     user_data: Mutex<Option<Vec<u8>>>,
     lifecycle_state: Mutex<String>,
+    /// Instance tags served under `meta-data/tags/instance/` (the launch
+    /// template enables InstanceMetadataTags).
+    tags: Mutex<BTreeMap<String, String>>,
     fail_next: AtomicU32,
     requests: AtomicU64,
     log: Mutex<Vec<ImdsRequest>>,
@@ -134,6 +137,7 @@ impl Imds {
             pending_time: rfc3339(SystemTime::now()),
             user_data: Mutex::new(None),
             lifecycle_state: Mutex::new("InService".into()),
+            tags: Mutex::new(BTreeMap::new()),
             fail_next: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
@@ -183,6 +187,12 @@ impl Imds {
     /// the agent its ASG is scaling the instance in).
     pub fn set_lifecycle_state(&self, state: &str) {
         *lock(&self.inner.lifecycle_state) = state.to_string();
+    }
+
+    /// Sets an instance tag (e.g. `aws:autoscaling:groupName`, which the ASG
+    /// puts on its instances).
+    pub fn set_tag(&self, key: &str, value: &str) {
+        lock(&self.inner.tags).insert(key.to_string(), value.to_string());
     }
 
     /// Makes the next `n` requests (of any kind) answer 503, like IMDS in
@@ -371,7 +381,8 @@ fn metadata_tree(s: &Inner) -> BTreeMap<String, String> {
         serde_json::to_string_pretty(v).expect("serialize IMDS JSON document")
     };
     let md = |k: &str| format!("meta-data/{k}");
-    BTreeMap::from([
+    let tags = lock(&s.tags).clone();
+    let mut paths = BTreeMap::from([
         (md("ami-id"), id.ami_id.clone()),
         (
             md("autoscaling/target-lifecycle-state"),
@@ -397,7 +408,17 @@ fn metadata_tree(s: &Inner) -> BTreeMap<String, String> {
             "dynamic/instance-identity/document".to_string(),
             pretty(&document),
         ),
-    ])
+    ]);
+    if !tags.is_empty() {
+        paths.insert(
+            md("tags/instance"),
+            tags.keys().cloned().collect::<Vec<_>>().join("\n"),
+        );
+        for (k, v) in tags {
+            paths.insert(md(&format!("tags/instance/{k}")), v);
+        }
+    }
+    paths
 }
 
 fn body(status: StatusCode, content_type: &'static str, bytes: Vec<u8>) -> Response {

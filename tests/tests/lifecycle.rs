@@ -269,3 +269,79 @@ async fn another_daemon_takes_over_when_the_leader_dies_mid_removal() {
     let _ = follower.start_kill();
     lifecycle.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_plane_that_sees_its_own_termination_in_imds_cleans_up_and_completes() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let mut own = lifecycle.daemon_on(&sim, 2, None);
+    let victim = &sim.nodes[2];
+    lifecycle
+        .actions
+        .declare_hook(ASG, kubeboot_tests::termination::HOOK);
+    let token = lifecycle.actions.register(
+        kubeboot_tests::lifecycle_actions::PendingAction::terminating(
+            ASG,
+            kubeboot_tests::termination::HOOK,
+            &victim.instance_id(),
+        ),
+    );
+    // No queue message: only IMDS tells the node.
+    victim.imds.set_tag("aws:autoscaling:groupName", ASG);
+    victim.imds.set_lifecycle_state("Terminated");
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(60))
+        .await;
+    assert_eq!(sim.etcd_members(&[0, 1]).await.len(), 2);
+    let records = sim.registry().await.members().await.expect("records");
+    assert!(records
+        .iter()
+        .all(|r| r.instance_id != victim.instance_id()));
+    assert_eq!(sim.kubeapi.nodes().len(), 2, "its Node is deleted");
+    assert_eq!(
+        lifecycle
+            .actions
+            .accepted_completions(&victim.instance_id()),
+        1
+    );
+    let _ = own.start_kill();
+    let _ = own.wait().await;
+    lifecycle.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_sees_its_own_termination_asks_the_leader_to_drain_it() {
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0, 1]).await);
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let mut own = lifecycle.daemon_on(&sim, 1, None);
+    let worker = &sim.nodes[1];
+    lifecycle
+        .actions
+        .declare_hook("kb-workers", kubeboot_tests::termination::HOOK);
+    let token = lifecycle.actions.register(
+        kubeboot_tests::lifecycle_actions::PendingAction::terminating(
+            "kb-workers",
+            kubeboot_tests::termination::HOOK,
+            &worker.instance_id(),
+        ),
+    );
+    worker
+        .imds
+        .set_tag("aws:autoscaling:groupName", "kb-workers");
+    worker.imds.set_lifecycle_state("Terminated");
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(60))
+        .await;
+    assert_eq!(sim.kubeapi.nodes().len(), 1, "the worker's Node is deleted");
+    assert_eq!(
+        lifecycle
+            .actions
+            .accepted_completions(&worker.instance_id()),
+        1
+    );
+    let _ = own.start_kill();
+    let _ = own.wait().await;
+    lifecycle.stop().await;
+}

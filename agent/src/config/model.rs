@@ -75,6 +75,7 @@ pub struct Aws {
     pub join_secret: String,
     pub ssm_prefix: String,
     pub lifecycle_queue_url: Option<String>,
+    pub lifecycle_hook: String,
     pub backup_bucket: Option<String>,
     pub kms_key_id: Option<String>,
     pub s3_force_path_style: bool,

@@ -146,6 +146,8 @@ pub const KEYS: &[Key] = &[
         "SSM parameter prefix for discovery values; default `/kubeboot/<cluster>`."),
     key("aws.lifecycle_queue_url", Kind::Url, None,
         "SQS queue receiving ASG lifecycle events (control planes only)."),
+    key("aws.lifecycle_hook", Kind::Text, Some("\"kubeboot-terminate\""),
+        "Name of the ASGs' termination lifecycle hook, for a node completing its own action."),
     key("aws.backup_bucket", Kind::BucketName, None, "S3 bucket for etcd snapshots."),
     key("aws.kms_key_id", Kind::Text, None, "KMS key for SSE-KMS on backups; bucket default when unset."),
     key("aws.s3_force_path_style", Kind::Bool, Some("false"),
