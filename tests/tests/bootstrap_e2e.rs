@@ -263,3 +263,38 @@ async fn a_worker_whose_node_never_becomes_ready_fails_clearly_and_a_restart_onl
         "never reset"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orphan_learner_is_removed_before_the_next_join_proceeds() {
+    let sim = SimCluster::start(2, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let mut client =
+        etcd_client::Client::connect([format!("http://{}:2379", sim.nodes[0].ip())], None)
+            .await
+            .expect("etcd client");
+    let orphan = client
+        .member_add(
+            ["http://127.9.9.9:2380"],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("a learner added by a join that died")
+        .member()
+        .expect("member")
+        .id();
+
+    let runs = sim.bootstrap(&[1]).await;
+    assert_ok(&runs);
+    assert!(
+        runs[0]
+            .stderr
+            .contains("removing a stale etcd member before joining"),
+        "{}",
+        tail(&runs[0].stderr)
+    );
+    let members = sim.etcd_members(&[0, 1]).await;
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(members
+        .iter()
+        .all(|m| m.id != orphan && m.is_started() && !m.is_learner));
+}
