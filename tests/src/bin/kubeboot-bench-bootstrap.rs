@@ -461,8 +461,9 @@ async fn start_node_etcd(node: &SimNode) -> ChildGuard {
 }
 
 /// First use of a service in a fresh moto_server costs moto, not the agent,
-/// a one-off initialization (SSM loads its catalogue of public parameters,
-/// ~0.8 s): one untimed read per service, straight to moto, before timing.
+/// a one-off initialization (SSM's has been seen to take ~0.8 s): one
+/// untimed read per service, straight to moto, before timing. Returns how
+/// long the SSM read took.
 async fn warm_up_moto(sim: &SimCluster) -> Duration {
     let sdk = sim.moto.sdk_config().await;
     let t = Instant::now();
@@ -843,9 +844,9 @@ async fn main() {
     );
     let _ = writeln!(
         out,
-        "Not in these figures: the first SSM call to a fresh moto_server takes {} (p50 over the init runs' fresh motos) \
-         while moto loads its catalogue of public parameters; a warm-up call to each service, straight to moto, \
-         precedes every timed region so that cost stays out of the agent's figures.\n",
+        "Not in these figures: moto initializes a service on its first use (SSM's has been seen to take ~0.8 s; \
+         here the first SSM call to each init run's fresh moto_server took {} at p50); a warm-up call to each \
+         service, straight to moto, precedes every timed region so that cost stays out of the agent's figures.\n",
         ms(percentile(&{
             let mut w = warm_ups.clone();
             w.sort();
