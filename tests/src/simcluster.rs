@@ -54,6 +54,27 @@ pub struct NodeRun {
     pub elapsed: Duration,
 }
 
+/// The last lines of a process's output, for assertion messages.
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Every run exited 0; otherwise the failing node's last output.
+pub fn assert_ok(runs: &[NodeRun]) {
+    for r in runs {
+        assert_eq!(
+            r.code,
+            Some(0),
+            "node {} exited {:?} after {:?}:\n{}",
+            r.index,
+            r.code,
+            r.elapsed,
+            tail(&r.stderr)
+        );
+    }
+}
+
 /// The whole simulated cluster; everything stops when it drops.
 pub struct SimCluster {
     pub name: String,

@@ -4,6 +4,7 @@
 
 use crate::awsproxy::AwsProxy;
 use crate::lifecycle_actions::{ActionState, LifecycleActions, LifecycleResult, PendingAction};
+pub use crate::simcluster::tail;
 use crate::simcluster::SimCluster;
 use crate::standin;
 use std::process::Stdio;
@@ -11,12 +12,6 @@ use std::time::{Duration, Instant};
 
 /// The lifecycle hook's name in these tests.
 pub const HOOK: &str = "kubeboot-terminate";
-
-/// The last lines of a process's output, for assertion messages.
-pub fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
 
 /// Starts a daemon on node `index`, wired to the queue and the proxy.
 pub fn spawn_daemon(

@@ -4,12 +4,7 @@
 //! records exactly etcd's started voting members, every node bootstrapped.
 
 use kubeboot::registry::Phase;
-use kubeboot_tests::simcluster::{NodeRun, SimCluster};
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
+use kubeboot_tests::simcluster::{tail, NodeRun, SimCluster};
 
 fn assert_ok(runs: &[NodeRun], context: &str) {
     for r in runs {

@@ -3,26 +3,7 @@
 //! API server.
 
 use kubeboot::registry::Phase;
-use kubeboot_tests::simcluster::{NodeRun, SimCluster};
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}
-
-fn assert_ok(runs: &[NodeRun]) {
-    for r in runs {
-        assert_eq!(
-            r.code,
-            Some(0),
-            "node {} exited {:?} after {:?}:\n{}",
-            r.index,
-            r.code,
-            r.elapsed,
-            tail(&r.stderr)
-        );
-    }
-}
+use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
 
 fn count(lines: &[String], subcommand: &str) -> usize {
     lines

@@ -4,19 +4,8 @@
 
 use kubeboot::join_material::JoinMaterial;
 use kubeboot::registry::JoinPointer;
-use kubeboot_tests::simcluster::{NodeRun, SimCluster};
+use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}
-
-fn assert_ok(runs: &[NodeRun]) {
-    for r in runs {
-        assert_eq!(r.code, Some(0), "node {}:\n{}", r.index, tail(&r.stderr));
-    }
-}
 
 /// `kubeadm join` invocations (successful or not) so far.
 fn joins(sim: &SimCluster) -> Vec<String> {

@@ -4,20 +4,9 @@
 //! the leader lock.
 
 use kubeboot::join_material::JoinMaterial;
-use kubeboot_tests::simcluster::{NodeRun, SimCluster};
+use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-fn assert_ok(runs: &[NodeRun]) {
-    for r in runs {
-        assert_eq!(r.code, Some(0), "node {}:\n{}", r.index, tail(&r.stderr));
-    }
-}
 
 async fn sigterm_and_wait(child: &mut tokio::process::Child) -> (Option<i32>, String) {
     let pid = child.id().expect("daemon pid") as i32;
@@ -132,29 +121,9 @@ async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_
             "the daemon printed a secret"
         );
     }
-    let leader = sim
-        .moto
-        .dynamodb()
-        .await
-        .get_item()
-        .table_name(&sim.table)
-        .key(
-            "pk",
-            aws_sdk_dynamodb::types::AttributeValue::S(format!("CLUSTER#{}", sim.name)),
-        )
-        .key(
-            "sk",
-            aws_sdk_dynamodb::types::AttributeValue::S("LOCK#leader".into()),
-        )
-        .send()
-        .await
-        .expect("read the leader lock");
     assert_eq!(
-        leader
-            .item()
-            .and_then(|i| i.get("released"))
-            .and_then(|v| v.as_bool().ok()),
-        Some(&true),
+        kubeboot_tests::termination::leader(&sim).await,
+        None,
         "SIGTERM released the leader lock"
     );
 }

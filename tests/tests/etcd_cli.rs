@@ -2,7 +2,7 @@
 //! guard refuses what would break quorum, allows removing the dead member,
 //! keeps two-member clusters from shrinking, and removes an orphan learner.
 
-use kubeboot_tests::simcluster::{NodeRun, SimCluster, SimNode};
+use kubeboot_tests::simcluster::{assert_ok, SimCluster, SimNode};
 use kubeboot_tests::standin;
 use std::time::Duration;
 
@@ -25,12 +25,6 @@ async fn kubeboot(node: &SimNode, args: &[&str]) -> Ran {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn assert_ok(runs: &[NodeRun]) {
-    for r in runs {
-        assert_eq!(r.code, Some(0), "node {}:\n{}", r.index, r.stderr);
     }
 }
 

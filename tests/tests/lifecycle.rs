@@ -4,19 +4,13 @@
 //! (PodDisruptionBudgets honoured until the drain deadline, then the action
 //! is completed anyway) and its Node deleted.
 
-use kubeboot_tests::simcluster::{NodeRun, SimCluster};
+use kubeboot_tests::simcluster::{assert_ok, SimCluster};
 use kubeboot_tests::termination::{
     crashes_at, host_dies, tail, wait_leader, Terminations as Lifecycle,
 };
 use std::time::{Duration, Instant};
 
 const ASG: &str = "kb-control-plane";
-
-fn assert_ok(runs: &[NodeRun]) {
-    for r in runs {
-        assert_eq!(r.code, Some(0), "node {}:\n{}", r.index, tail(&r.stderr));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_once() {

@@ -2,15 +2,9 @@
 //! vanished without a lifecycle message loses its member after the grace
 //! period (not before); an orphan learner goes at once.
 
-use kubeboot_tests::simcluster::{NodeRun, SimCluster};
+use kubeboot_tests::simcluster::{assert_ok, SimCluster};
 use kubeboot_tests::standin;
 use std::time::{Duration, Instant};
-
-fn assert_ok(runs: &[NodeRun]) {
-    for r in runs {
-        assert_eq!(r.code, Some(0), "node {}:\n{}", r.index, r.stderr);
-    }
-}
 
 async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
     let started = Instant::now();
