@@ -264,8 +264,8 @@ impl Etcd {
         out
     }
 
-    async fn status_of(&self, endpoints: &[String]) -> Result<(), Error> {
-        let mut client = connect(endpoints, &self.settings, self.tls.clone()).await?;
+    /// One member's status, within the request timeout.
+    async fn status(&self, mut client: Client) -> Result<etcd_client::StatusResponse, Error> {
         tokio::time::timeout(self.settings.request_timeout, client.status())
             .await
             .map_err(|_| Error::Request {
@@ -273,22 +273,17 @@ impl Etcd {
                 message: "timed out".into(),
                 transient: true,
             })?
-            .map_err(|e| request("status", e))?;
-        Ok(())
+            .map_err(|e| request("status", e))
+    }
+
+    async fn status_of(&self, endpoints: &[String]) -> Result<(), Error> {
+        let client = connect(endpoints, &self.settings, self.tls.clone()).await?;
+        self.status(client).await.map(|_| ())
     }
 
     /// The leader's member id as the connected member sees it (0: none).
     pub async fn leader(&self) -> Result<u64, Error> {
-        let mut client = self.client.clone();
-        let status = tokio::time::timeout(self.settings.request_timeout, client.status())
-            .await
-            .map_err(|_| Error::Request {
-                operation: "status",
-                message: "timed out".into(),
-                transient: true,
-            })?
-            .map_err(|e| request("status", e))?;
-        Ok(status.leader())
+        Ok(self.status(self.client.clone()).await?.leader())
     }
 
     /// Removes a member by id. A member that is already gone counts as
