@@ -83,3 +83,59 @@ pub fn for_service(base: &SdkConfig, cfg: &Config, service: Service) -> SdkConfi
         None => base.clone(),
     }
 }
+
+/// Counts the SDK's own retries as the `Retries` metric (Kind `aws`): the
+/// SDK retries inside one call, so without this a throttled table or a
+/// flaky endpoint would be invisible until calls start failing.
+#[derive(Debug)]
+struct RetryCounter;
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for RetryCounter {
+    fn name(&self) -> &'static str {
+        "kubeboot-retry-counter"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let attempts = cfg
+            .load::<aws_smithy_runtime_api::client::retries::RequestAttempts>()
+            .map(|a| a.attempts())
+            .unwrap_or(0);
+        if attempts > 1 {
+            crate::metrics::record(crate::metrics::RETRIES, 1.0, &[("Kind", "aws")]);
+        }
+        Ok(())
+    }
+}
+
+macro_rules! client {
+    ($name:ident, $krate:ident, $service:expr) => {
+        /// A client with the endpoint override, the retry and timeout
+        /// settings of `[aws]`, and the retry counter.
+        pub fn $name(base: &SdkConfig, cfg: &Config) -> $krate::Client {
+            let conf = $krate::config::Builder::from(&for_service(base, cfg, $service))
+                .interceptor(RetryCounter)
+                .build();
+            $krate::Client::from_conf(conf)
+        }
+    };
+}
+
+client!(dynamodb_client, aws_sdk_dynamodb, Service::DynamoDb);
+client!(ssm_client, aws_sdk_ssm, Service::Ssm);
+client!(
+    secretsmanager_client,
+    aws_sdk_secretsmanager,
+    Service::SecretsManager
+);
+client!(ec2_client, aws_sdk_ec2, Service::Ec2);
+client!(sqs_client, aws_sdk_sqs, Service::Sqs);
+client!(
+    autoscaling_client,
+    aws_sdk_autoscaling,
+    Service::AutoScaling
+);

@@ -49,6 +49,19 @@ pub const CRASH_POINTS: &[&str] = &[
     "worker:after-joined",
 ];
 
+/// Once a node knows it joins an initialized cluster, every line it logs
+/// names the init run that started the generation: one Logs Insights query
+/// (`filter run_id = X or init_run_id = X`) finds the cluster's whole story.
+fn note_generation(state: &crate::registry::ClusterState) {
+    if let (Phase::Initialized, Some(init_run_id)) = (state.phase, &state.init_run_id) {
+        telemetry::set_context(telemetry::ContextKey::InitRunId, init_run_id.clone());
+        tracing::info!(
+            generation = state.generation,
+            "joining an initialized cluster"
+        );
+    }
+}
+
 /// Which way this node joins the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -56,6 +69,17 @@ pub enum Path {
     Init,
     ControlPlaneJoin,
     WorkerJoin,
+}
+
+impl Path {
+    /// The name used in logs and as the metrics' `Path` dimension.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Init => "init",
+            Path::ControlPlaneJoin => "control-plane-join",
+            Path::WorkerJoin => "worker-join",
+        }
+    }
 }
 
 /// The local checkpoint (`<state_dir>/bootstrap.json`).
@@ -141,6 +165,12 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         self.cfg.paths.state_dir.join("bootstrap.json")
     }
 
+    /// The path the last attempt chose, as its checkpoint says (for the
+    /// failure metric: which path failed).
+    pub fn attempted_path(&self) -> Option<Path> {
+        self.load_checkpoint().ok().flatten().and_then(|c| c.path)
+    }
+
     fn load_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
         let path = self.checkpoint_path();
         match std::fs::read(&path) {
@@ -213,11 +243,16 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
         self.save_checkpoint(&checkpoint)?;
         let path = match self.cfg.node.role {
+            // A worker learns the generation when it looks for join material.
             Role::Worker => Path::WorkerJoin,
-            Role::ControlPlane => match self.registry.state().await?.phase {
-                Phase::Initialized => Path::ControlPlaneJoin,
-                _ => Path::Init,
-            },
+            Role::ControlPlane => {
+                let state = self.registry.state().await?;
+                note_generation(&state);
+                match state.phase {
+                    Phase::Initialized => Path::ControlPlaneJoin,
+                    _ => Path::Init,
+                }
+            }
         };
         checkpoint.path = Some(path);
         match path {
@@ -303,6 +338,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .await?;
         let state = self.registry.state().await?;
         if state.phase == Phase::Initialized {
+            note_generation(&state);
             tracing::info!("another node initialized the cluster while we waited; joining instead");
             guard.release().await?;
             checkpoint.path = Some(Path::ControlPlaneJoin);
@@ -333,6 +369,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             wall: SystemTime::now(),
         };
         let generation = self.registry.begin_init(guard, state, &claim).await?;
+        telemetry::set_context(telemetry::ContextKey::InitRunId, checkpoint.run_id.clone());
         tracing::info!(generation, "starting a new cluster generation");
         crash_point("init:after-begin");
         // A new generation is a new etcd cluster: members recorded for an
@@ -432,9 +469,11 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// never used: a refresh request is recorded for the leader and the
     /// answer is [`Error::StaleMaterial`], which callers wait out.
     async fn usable_material(&self, with_certs: bool) -> Result<JoinMaterial, Error> {
-        if self.registry.state().await?.phase != Phase::Initialized {
+        let state = self.registry.state().await?;
+        if state.phase != Phase::Initialized {
             return Err(Error::NotReady("the cluster is not initialized yet".into()));
         }
+        note_generation(&state);
         let pointer = self
             .registry
             .join_pointer()

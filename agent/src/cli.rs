@@ -477,7 +477,22 @@ async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error>
     let cfg = loaded.config;
     telemetry::set_context(telemetry::ContextKey::Cluster, cfg.cluster.name.clone());
     telemetry::set_context(telemetry::ContextKey::Role, cfg.node.role.as_str());
+    let metrics = crate::metrics::Metrics::start(
+        crate::metrics::Origin {
+            namespace: cfg.metrics.namespace.clone(),
+            cluster: cfg.cluster.name.clone(),
+            role: cfg.node.role.as_str().to_string(),
+            instance_id: None,
+            log_group: (cfg.metrics.sink == config::MetricsSink::Agent)
+                .then(|| cfg.metrics.log_group.clone())
+                .flatten(),
+        },
+        crate::metrics::Destination::from_config(&cfg.metrics),
+        cfg.metrics.buffer,
+    );
+    crate::metrics::install(metrics.clone());
     let identity = crate::identity::Imds::new(&cfg.imds)?.identity().await?;
+    metrics.set_instance_id(&identity.instance_id);
     telemetry::set_context(
         telemetry::ContextKey::InstanceId,
         identity.instance_id.clone(),
@@ -488,11 +503,7 @@ async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error>
         .clone()
         .unwrap_or_else(|| identity.region.clone());
     let base = crate::aws::sdk_config(&cfg, &region).await?;
-    let ddb = aws_sdk_dynamodb::Client::new(&crate::aws::for_service(
-        &base,
-        &cfg,
-        crate::aws::Service::DynamoDb,
-    ));
+    let ddb = crate::aws::dynamodb_client(&base, &cfg);
     let locks = std::sync::Arc::new(DynamoLockStore::new(
         ddb.clone(),
         &cfg.aws.table,
@@ -519,6 +530,7 @@ async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error>
 }
 
 async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
+    let started = std::time::Instant::now();
     let p = node_parts(cli, &args.sources).await?;
     let bootstrap = crate::bootstrap::Bootstrap {
         locker: p.locker,
@@ -528,35 +540,65 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
         identity: p.identity,
         cfg: p.cfg,
     };
-    let done = bootstrap.run().await?;
-    tracing::info!(run_id = %done.run_id, path = ?done.path, "node bootstrapped");
-    Ok(ExitCode::SUCCESS)
+    crate::systemd::status("bootstrapping");
+    let outcome = bootstrap.run().await;
+    let elapsed = crate::metrics::ms(started.elapsed());
+    let path = match &outcome {
+        Ok(done) => done.path,
+        Err(_) => bootstrap.attempted_path(),
+    }
+    .map(crate::bootstrap::Path::as_str)
+    .unwrap_or("unknown");
+    let result = match outcome {
+        Ok(done) => {
+            crate::metrics::emit(
+                &[
+                    (crate::metrics::BOOTSTRAP_SUCCESS, 1.0),
+                    (crate::metrics::BOOTSTRAP_DURATION, elapsed),
+                ],
+                &[("Path", path)],
+            );
+            tracing::info!(run_id = %done.run_id, path, "node bootstrapped");
+            crate::systemd::ready(&format!("bootstrapped ({path})"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            crate::metrics::emit(
+                &[
+                    (crate::metrics::BOOTSTRAP_FAILURE, 1.0),
+                    (crate::metrics::BOOTSTRAP_DURATION, elapsed),
+                ],
+                &[("Path", path)],
+            );
+            crate::systemd::status(&format!("bootstrap failed ({path}): {e}"));
+            Err(e.into())
+        }
+    };
+    crate::metrics::global()
+        .flush(crate::metrics::FLUSH_GRACE)
+        .await;
+    result
 }
 
 async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
     let p = node_parts(cli, &args.sources).await?;
-    use crate::aws::{for_service, Service};
-    let queue = p.cfg.aws.lifecycle_queue_url.as_ref().map(|url| {
-        crate::lifecycle::Queue::new(
-            aws_sdk_sqs::Client::new(&for_service(&p.base, &p.cfg, Service::Sqs)),
-            url,
-        )
-    });
-    let hooks = crate::lifecycle::Hooks::new(aws_sdk_autoscaling::Client::new(&for_service(
-        &p.base,
-        &p.cfg,
-        Service::AutoScaling,
-    )));
+
+    let queue = p
+        .cfg
+        .aws
+        .lifecycle_queue_url
+        .as_ref()
+        .map(|url| crate::lifecycle::Queue::new(crate::aws::sqs_client(&p.base, &p.cfg), url));
+    let hooks = crate::lifecycle::Hooks::new(crate::aws::autoscaling_client(&p.base, &p.cfg));
     let imds = crate::identity::Imds::new(&p.cfg.imds)?;
-    let instances = crate::reconciler::Instances::new(aws_sdk_ec2::Client::new(
-        &crate::aws::for_service(&p.base, &p.cfg, crate::aws::Service::Ec2),
-    ));
+    let instances = crate::reconciler::Instances::new(crate::aws::ec2_client(&p.base, &p.cfg));
     let daemon = crate::daemon::Daemon {
         queue,
         hooks,
         imds,
         instances,
         suspects: Default::default(),
+        etcd_leader: Default::default(),
         locker: p.locker,
         registry: p.registry,
         join: p.join,
@@ -570,11 +612,18 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
         }
+        crate::systemd::stopping();
         let _ = tx.send(true);
     });
+    crate::systemd::ready("daemon: loops running");
+    let watchdog = tokio::spawn(crate::systemd::watchdog());
     daemon.run(rx).await;
+    watchdog.abort();
+    crate::metrics::global()
+        .flush(crate::metrics::FLUSH_GRACE)
+        .await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -596,11 +645,7 @@ async fn region(cfg: &Config) -> Result<String, Error> {
 /// A DynamoDB client with the configured endpoint, retries and timeouts.
 async fn dynamodb(cfg: &Config) -> Result<aws_sdk_dynamodb::Client, Error> {
     let base = crate::aws::sdk_config(cfg, &region(cfg).await?).await?;
-    Ok(aws_sdk_dynamodb::Client::new(&crate::aws::for_service(
-        &base,
-        cfg,
-        crate::aws::Service::DynamoDb,
-    )))
+    Ok(crate::aws::dynamodb_client(&base, cfg))
 }
 
 async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {

@@ -15,7 +15,7 @@ use crate::join_material::JoinStore;
 use crate::kubeadm::Kubeadm;
 use crate::lock::{Guard, LockStore, Locker, Purpose};
 use crate::registry::{Registry, RegistryStore};
-use crate::telemetry;
+use crate::{systemd, telemetry};
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -38,6 +38,19 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub instances: crate::reconciler::Instances,
     /// The reconciler's suspects, kept across turns while this node leads.
     pub suspects: tokio::sync::Mutex<crate::reconciler::Suspects>,
+    /// The etcd leader the last health look saw (to count leader changes).
+    pub etcd_leader: tokio::sync::Mutex<Option<u64>>,
+}
+
+/// Watchdog name of the own-termination loop (every node).
+pub const OWN_LOOP: &str = "own-termination";
+/// Watchdog name of the leader loop (control planes).
+pub const LEADER_LOOP: &str = "leader";
+
+/// How long a loop may go without progress: one turn may take up to
+/// `daemon.watchdog_stall`, plus the sleep before it.
+pub fn allowance(cfg: &Config) -> Duration {
+    cfg.daemon.watchdog_stall + cfg.daemon.period + cfg.daemon.jitter
 }
 
 /// A stop signal the loops watch: `true` once shutdown began.
@@ -96,6 +109,8 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
     async fn own_termination_loop(&self, mut stop: Stop) {
         use crate::lifecycle::{own_termination_due, OwnTermination};
         loop {
+            systemd::beat(OWN_LOOP, allowance(&self.cfg));
+            crate::failpoint::stall_point("daemon:own-termination").await;
             match own_termination_due(
                 &self.imds,
                 &self.identity.instance_id,
@@ -110,6 +125,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     };
                     tracing::warn!(asg = %action.asg, ?what, "this instance is being terminated");
                     if self.own_termination(&action, what).await {
+                        systemd::done(OWN_LOOP);
                         return;
                     }
                 }
@@ -118,7 +134,10 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.delay()) => {}
-                _ = stopped(&mut stop) => return,
+                _ = stopped(&mut stop) => {
+                    systemd::done(OWN_LOOP);
+                    return;
+                }
             }
         }
     }
@@ -179,9 +198,18 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
 
     async fn leader_loop(&self, mut stop: Stop) {
         loop {
+            // Competing may take up to lock.acquire_timeout before it returns.
+            systemd::beat(
+                LEADER_LOOP,
+                self.cfg.lock.acquire_timeout + allowance(&self.cfg),
+            );
+            systemd::status("follower: competing for the leader lock; watching for termination");
             let acquired = tokio::select! {
                 r = self.locker.acquire(Purpose::Leader) => r,
-                _ = stopped(&mut stop) => return,
+                _ = stopped(&mut stop) => {
+                    systemd::done(LEADER_LOOP);
+                    return;
+                }
             };
             let guard = match acquired {
                 Ok(g) => g,
@@ -204,11 +232,13 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 "leading: this node runs the cluster-wide tasks"
             );
             loop {
+                systemd::beat(LEADER_LOOP, allowance(&self.cfg));
                 tokio::select! {
                     _ = self.leader_turn(&guard) => {}
                     _ = guard.lost() => {}
                     _ = stopped(&mut stop) => {
                         let _ = guard.release().await;
+                        systemd::done(LEADER_LOOP);
                         return;
                     }
                 }
@@ -222,8 +252,9 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                         tracing::warn!("lost the leader lock; competing again");
                         break;
                     }
-                    _ = stopped(&mut stop) => {
+                                        _ = stopped(&mut stop) => {
                         let _ = guard.release().await;
+                        systemd::done(LEADER_LOOP);
                         return;
                     }
                 }
@@ -234,6 +265,14 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
     /// One turn of every leader task; a failing task is logged and retried
     /// next turn, it never stops the others.
     async fn leader_turn(&self, guard: &Guard) {
+        crate::failpoint::stall_point("daemon:leader-turn").await;
+        {
+            let mut last = self.etcd_leader.lock().await;
+            let snapshot = crate::health::report(&self.cfg, &self.registry, *last)
+                .instrument(telemetry::phase("health"))
+                .await;
+            *last = snapshot.leader;
+        }
         if let Err(e) =
             crate::refresh::run_once(&self.cfg, &self.kubeadm, &self.join, &self.registry, guard)
                 .instrument(telemetry::phase("refresh-join-material"))

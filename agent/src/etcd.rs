@@ -44,6 +44,10 @@ pub struct Health {
     pub member: Member,
     pub healthy: bool,
     pub error: Option<String>,
+    /// The member's backend size, when it answered.
+    pub db_size: Option<i64>,
+    /// The leader id as this member sees it (0: none), when it answered.
+    pub leader: Option<u64>,
 }
 
 /// How to reach etcd.
@@ -244,22 +248,26 @@ impl Etcd {
     pub async fn health(&self, members: &[Member]) -> Vec<Health> {
         let mut out = Vec::new();
         for m in members {
-            let (healthy, error) = if !m.is_started() {
-                (
-                    false,
-                    Some("never started (no name, no client URLs)".to_string()),
-                )
+            let mut health = Health {
+                member: m.clone(),
+                healthy: false,
+                error: None,
+                db_size: None,
+                leader: None,
+            };
+            if !m.is_started() {
+                health.error = Some("never started (no name, no client URLs)".to_string());
             } else {
                 match self.status_of(&m.client_urls).await {
-                    Ok(()) => (true, None),
-                    Err(e) => (false, Some(e.to_string())),
+                    Ok(status) => {
+                        health.healthy = true;
+                        health.db_size = Some(status.db_size());
+                        health.leader = Some(status.leader());
+                    }
+                    Err(e) => health.error = Some(e.to_string()),
                 }
-            };
-            out.push(Health {
-                member: m.clone(),
-                healthy,
-                error,
-            });
+            }
+            out.push(health);
         }
         out
     }
@@ -276,9 +284,9 @@ impl Etcd {
             .map_err(|e| request("status", e))
     }
 
-    async fn status_of(&self, endpoints: &[String]) -> Result<(), Error> {
+    async fn status_of(&self, endpoints: &[String]) -> Result<etcd_client::StatusResponse, Error> {
         let client = connect(endpoints, &self.settings, self.tls.clone()).await?;
-        self.status(client).await.map(|_| ())
+        self.status(client).await
     }
 
     /// The leader's member id as the connected member sees it (0: none).
@@ -474,6 +482,8 @@ mod tests {
             member: m,
             healthy: true,
             error: None,
+            db_size: None,
+            leader: None,
         }
     }
 
@@ -482,6 +492,8 @@ mod tests {
             member: m,
             healthy: false,
             error: Some("connection refused".into()),
+            db_size: None,
+            leader: None,
         }
     }
 

@@ -18,7 +18,7 @@
 //! Secrets only ever travel inside [`Secret`]; the one place that exposes
 //! them is [`encode_wire`], which builds the Secrets Manager body.
 
-use crate::aws::{self, Service};
+use crate::aws;
 use crate::config::Config;
 use crate::lock::Guard;
 use crate::registry::{JoinPointer, Registry, RegistryStore};
@@ -652,12 +652,8 @@ impl JoinStore {
     /// Clients with the configured endpoint overrides, for `aws.join_secret`
     /// and `aws.ssm_prefix`.
     pub fn from_config(base: &SdkConfig, cfg: &Config) -> Self {
-        let secrets = aws_sdk_secretsmanager::Client::new(&aws::for_service(
-            base,
-            cfg,
-            Service::SecretsManager,
-        ));
-        let ssm = aws_sdk_ssm::Client::new(&aws::for_service(base, cfg, Service::Ssm));
+        let secrets = aws::secretsmanager_client(base, cfg);
+        let ssm = aws::ssm_client(base, cfg);
         JoinStore::new(
             secrets,
             ssm,

@@ -308,6 +308,41 @@ impl Kubernetes {
     }
 }
 
+impl Kubernetes {
+    /// Whether the API server reports itself ready (`GET /readyz`); a 5xx
+    /// answer is "not ready", no answer at all is an error.
+    pub async fn api_ready(&self) -> Result<bool, Error> {
+        let request = http::Request::get("/readyz")
+            .body(Vec::new())
+            .map_err(|e| Error::Api {
+                operation: "get",
+                object: "/readyz".into(),
+                status: None,
+                message: e.to_string(),
+            })?;
+        match self.client.request_text(request).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code >= 500 => Ok(false),
+            Err(e) => Err(api_error("get", "/readyz", &e)),
+        }
+    }
+
+    /// How many Nodes are `Ready`, and how many are not.
+    pub async fn node_counts(&self) -> Result<(usize, usize), Error> {
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        let list = nodes
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| api_error("list", "nodes", &e))?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|n| readiness(n) == Readiness::Ready)
+            .count();
+        Ok((ready, list.items.len() - ready))
+    }
+}
+
 fn api_error(operation: &'static str, object: &str, e: &kube::Error) -> Error {
     let (status, message) = match e {
         kube::Error::Api(s) => (Some(s.code), format!("{} ({})", s.message, s.reason)),

@@ -22,6 +22,7 @@ use crate::etcd::{self, Etcd};
 use crate::kubernetes::Kubernetes;
 use crate::lock::{LockStore, Locker};
 use crate::membership::{self, Target};
+use crate::metrics;
 use crate::registry::{Registry, RegistryStore};
 use crate::retry::{classify_sdk_error, RetryClass};
 use serde::Deserialize;
@@ -365,6 +366,22 @@ pub async fn handle_termination<L: LockStore, R: RegistryStore>(
     hooks: &Hooks,
     action: &Action,
 ) -> Result<Report, Error> {
+    let outcome = clean_up_and_complete(cfg, registry, locker, hooks, action).await;
+    let counter = match outcome {
+        Ok(_) => metrics::LIFECYCLE_ACTIONS_COMPLETED,
+        Err(_) => metrics::LIFECYCLE_ACTIONS_FAILED,
+    };
+    metrics::record(counter, 1.0, &[]);
+    outcome
+}
+
+async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    hooks: &Hooks,
+    action: &Action,
+) -> Result<Report, Error> {
     let started = Instant::now();
     let heartbeat = {
         let hooks = hooks.clone();
@@ -451,9 +468,13 @@ pub async fn handle_termination<L: LockStore, R: RegistryStore>(
             }
             Ok(report) => {
                 tracing::error!(node = %name, blocked = ?report.blocked, "drain deadline passed; completing the lifecycle action anyway");
+                metrics::record(metrics::DRAIN_FAILURES, 1.0, &[]);
                 failures.push(format!("drain left {} pods", report.blocked.len()));
             }
-            Err(e) => failures.push(format!("drain: {e}")),
+            Err(e) => {
+                metrics::record(metrics::DRAIN_FAILURES, 1.0, &[]);
+                failures.push(format!("drain: {e}"));
+            }
         }
     }
     if let (Some(k), Some(name)) = (&kube, &node) {
@@ -542,6 +563,8 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
     let visibility = cfg.daemon.lifecycle_heartbeat;
     let mut reports = Vec::new();
     for message in queue.receive(visibility).await? {
+        // Each message may take a whole drain: that is progress, not a hang.
+        crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
         match parse_message(&message.body) {
             Ok(Event::Terminating(action)) => {
                 tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");

@@ -313,6 +313,8 @@ mod tests {
             },
             healthy,
             error: None,
+            db_size: None,
+            leader: None,
         }
     }
 

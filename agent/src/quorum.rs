@@ -140,6 +140,8 @@ mod tests {
             },
             healthy,
             error: (!healthy).then(|| "connection refused".to_string()),
+            db_size: None,
+            leader: None,
         }
     }
 

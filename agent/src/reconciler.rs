@@ -266,6 +266,8 @@ mod tests {
             },
             healthy,
             error: None,
+            db_size: None,
+            leader: None,
         }
     }
 

@@ -77,6 +77,9 @@ pub async fn run_once<S: RegistryStore>(
     let Some(pointer) = registry.join_pointer().await? else {
         return Ok(None);
     };
+    if let Ok(age) = SystemTime::now().duration_since(pointer.published_at) {
+        crate::metrics::record(crate::metrics::JOIN_MATERIAL_AGE, age.as_secs_f64(), &[]);
+    }
     let material = join.read(&pointer).await?;
     let request = registry.refresh_request().await?;
     let now = SystemTime::now();

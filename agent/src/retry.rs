@@ -94,7 +94,8 @@ where
             if let Ok(mut l) = last.lock() {
                 *l = Some(e.to_string());
             }
-            tracing::warn!(what, attempt = n, max_attempts = policy.max_attempts, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
+                        tracing::warn!(what, attempt = n, max_attempts = policy.max_attempts, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
+            crate::metrics::record(crate::metrics::RETRIES, 1.0, &[("Kind", "wait")]);
         });
     match policy.deadline {
         None => run.await.map_err(RetryError::Failed),

@@ -60,6 +60,8 @@ pub enum ContextKey {
     InstanceId,
     Role,
     RunId,
+    /// The run id of the `kubeadm init` that started this cluster generation.
+    InitRunId,
 }
 
 impl ContextKey {
@@ -69,6 +71,7 @@ impl ContextKey {
             ContextKey::InstanceId => "instance_id",
             ContextKey::Role => "role",
             ContextKey::RunId => "run_id",
+            ContextKey::InitRunId => "init_run_id",
         }
     }
 }
@@ -154,7 +157,12 @@ where
 #[derive(Debug, Default)]
 struct SpanFields(Map<String, Value>);
 
-/// Stores span fields in the span's extensions as they are recorded.
+/// When a `phase` span began, so its close can report `PhaseDuration`.
+struct PhaseStart(std::time::Instant);
+
+/// Stores span fields in the span's extensions as they are recorded, and
+/// times `phase` spans: every phase, in bootstrap or the daemon, reports its
+/// wall time as the `PhaseDuration` metric without its own code.
 struct SpanFieldsLayer;
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanFieldsLayer {
@@ -162,7 +170,26 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanFieldsLayer {
         let mut fields = SpanFields::default();
         attrs.record(&mut JsonVisitor(&mut fields.0));
         if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
+            let mut ext = span.extensions_mut();
+            ext.insert(fields);
+            if span.name() == "phase" {
+                ext.insert(PhaseStart(std::time::Instant::now()));
+            }
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let ext = span.extensions();
+        let (Some(start), Some(fields)) = (ext.get::<PhaseStart>(), ext.get::<SpanFields>()) else {
+            return;
+        };
+        if let Some(Value::String(phase)) = fields.0.get("phase") {
+            crate::metrics::record(
+                crate::metrics::PHASE_DURATION,
+                crate::metrics::ms(start.0.elapsed()),
+                &[("Phase", phase)],
+            );
         }
     }
 

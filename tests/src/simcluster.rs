@@ -42,6 +42,16 @@ impl SimNode {
     pub fn instance_id(&self) -> String {
         self.imds.identity().instance_id.clone()
     }
+
+    /// The EMF file this node's agent writes (`metrics.sink = "file"`).
+    pub fn metrics_file(&self) -> PathBuf {
+        self.dir.join("metrics.emf")
+    }
+
+    /// Every EMF line this node wrote so far.
+    pub fn metrics_text(&self) -> String {
+        std::fs::read_to_string(self.metrics_file()).unwrap_or_default()
+    }
 }
 
 /// How one `kubeboot bootstrap` run ended.
@@ -86,6 +96,8 @@ pub struct SimCluster {
     /// Dropped before `work`, so stand-in etcd members stop before their dirs go.
     pub standin: StandinProcesses,
     pub work: tempfile::TempDir,
+    /// Everything the agents printed that the harness saw, for the I6 scan.
+    outputs: std::sync::Mutex<Vec<String>>,
 }
 
 fn user_data(role: &str) -> Vec<u8> {
@@ -121,6 +133,7 @@ impl SimCluster {
             kubeadm_log,
             standin: StandinProcesses::new(),
             work,
+            outputs: Default::default(),
         };
         for index in 0..control_planes + workers {
             sim.add_node(if index < control_planes {
@@ -177,7 +190,7 @@ impl SimCluster {
                  [etcd]\nscheme = \"http\"\npromote_timeout = \"2m\"\n\n\
                  [lock]\nlease = \"6s\"\nmargin = \"2s\"\nacquire_timeout = \"5m\"\n\n\
                  [timeouts]\nkubeadm_init = \"2m\"\nkubeadm_join = \"3m\"\nkubeadm_reset = \"1m\"\n\n\
-                 [backup]\nenabled = false\n\n[metrics]\nsink = \"off\"\n\n\
+                 [backup]\nenabled = false\n\n[metrics]\nsink = \"file\"\nfile = \"{d}/metrics.emf\"\n\n\
                  [paths]\nkubernetes_dir = \"{d}/etc/kubernetes\"\nstate_dir = \"{d}/var/lib/kubeboot\"\n\
                  run_dir = \"{d}/run/kubeboot\"\netcd_data_dir = \"{d}/var/lib/etcd\"\n\n\
                  [binaries]\nkubeadm = \"{kubeadm}\"\n",
@@ -254,7 +267,107 @@ impl SimCluster {
         for h in handles {
             out.push(h.await.expect("bootstrap task"));
         }
+        for run in &out {
+            self.record_output(&run.stdout);
+            self.record_output(&run.stderr);
+        }
         out
+    }
+
+    /// Keeps an agent's output for the secret scan when the cluster drops
+    /// (daemon tests pass their daemons' stderr here).
+    pub fn record_output(&self, text: &str) {
+        if let Ok(mut outputs) = self.outputs.lock() {
+            outputs.push(text.to_string());
+        }
+    }
+
+    /// Every EMF document every node wrote, each checked against the
+    /// specification (a broken line fails the caller).
+    pub fn metrics_documents(&self) -> Vec<serde_json::Value> {
+        self.nodes
+            .iter()
+            .flat_map(|n| crate::emf::validate_all(&n.metrics_text()))
+            .collect()
+    }
+
+    /// Every secret value ever published for this cluster: each version of
+    /// the join secret's token, the token's secret half, the certificate key.
+    pub async fn published_secrets(&self) -> Vec<String> {
+        let client = aws_sdk_secretsmanager::Client::new(&self.moto.sdk_config().await);
+        let id = format!("kubeboot/{}/join", self.name);
+        let Ok(versions) = client
+            .list_secret_version_ids()
+            .secret_id(&id)
+            .include_deprecated(true)
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let mut secrets = Vec::new();
+        for v in versions.versions() {
+            let Some(version) = v.version_id() else {
+                continue;
+            };
+            let Ok(value) = client
+                .get_secret_value()
+                .secret_id(&id)
+                .version_id(version)
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let body: serde_json::Value =
+                serde_json::from_str(value.secret_string().unwrap_or("{}")).unwrap_or_default();
+            if let Some(token) = body["token"].as_str() {
+                secrets.push(token.to_string());
+                if let Some((_, half)) = token.split_once('.') {
+                    secrets.push(half.to_string());
+                }
+            }
+            if let Some(key) = body["certificate_key"].as_str() {
+                secrets.push(key.to_string());
+            }
+        }
+        secrets
+    }
+
+    /// I6 across every e2e test: no secret this cluster ever published
+    /// appears in any output the harness saw or any metrics document.
+    fn scan_for_secrets(&self) -> Result<(), String> {
+        let secrets = std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| rt.block_on(self.published_secrets()))
+                    .unwrap_or_default()
+            })
+            .join()
+            .unwrap_or_default()
+        });
+        let mut texts: Vec<(String, String)> = self
+            .outputs
+            .lock()
+            .map(|o| {
+                o.iter()
+                    .map(|t| ("agent output".to_string(), t.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for n in &self.nodes {
+            texts.push((format!("node {} metrics", n.index), n.metrics_text()));
+        }
+        for secret in secrets.iter().filter(|s| s.len() >= 16) {
+            for (what, text) in &texts {
+                if text.contains(secret.as_str()) {
+                    return Err(format!("a published join secret appears in {what}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every stand-in invocation so far, one line each (`<ms> <pid> <argv> exit=<code>`).
@@ -322,5 +435,16 @@ impl SimCluster {
             .await
             .expect("connect to etcd");
         etcd.members().await.expect("member list")
+    }
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Err(leak) = self.scan_for_secrets() {
+            panic!("I6 violated: {leak}");
+        }
     }
 }

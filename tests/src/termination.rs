@@ -186,7 +186,9 @@ impl Terminations {
         self.wait_completed(token, within).await;
     }
 
-    pub async fn stop(mut self) -> String {
+    /// SIGTERMs the daemon, expects exit 0, and hands its stderr to the
+    /// cluster's secret scan as well as to the caller.
+    pub async fn stop(mut self, sim: &SimCluster) -> String {
         let pid = self.daemon.id().expect("pid") as i32;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -202,6 +204,7 @@ impl Terminations {
             use tokio::io::AsyncReadExt;
             let _ = e.read_to_string(&mut stderr).await;
         }
+        sim.record_output(&stderr);
         assert_eq!(status.code(), Some(0), "{}", tail(&stderr));
         drop(self.proxy);
         stderr

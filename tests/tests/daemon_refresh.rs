@@ -105,6 +105,7 @@ async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_
     assert_eq!(sim.etcd_members(&[0, 1]).await.len(), 2);
 
     let (code, stderr) = sigterm_and_wait(&mut daemon).await;
+    sim.record_output(&stderr);
     assert_eq!(code, Some(0), "{}", tail(&stderr));
     assert!(
         stderr.contains("fresh join material published"),

@@ -61,7 +61,7 @@ async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_onc
         sim.registry().await.members().await.expect("records").len(),
         2
     );
-    let stderr = lifecycle.stop().await;
+    let stderr = lifecycle.stop(&sim).await;
     assert!(
         stderr.contains("lifecycle action completed"),
         "{}",
@@ -155,7 +155,7 @@ async fn a_worker_is_drained_past_what_a_disruption_budget_allows_until_the_dead
             .accepted_completions(&worker.instance_id()),
         1
     );
-    let stderr = lifecycle.stop().await;
+    let stderr = lifecycle.stop(&sim).await;
     assert!(
         stderr.contains("drain deadline passed; completing the lifecycle action anyway"),
         "{}",
@@ -214,7 +214,7 @@ async fn leader_crashes_at(point: &str) {
         .await;
     lifecycle.wait_queue_empty().await;
     assert_removed_once(&sim, &lifecycle, 2, &[0, 1]).await;
-    lifecycle.stop().await;
+    lifecycle.stop(&sim).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -261,7 +261,7 @@ async fn another_daemon_takes_over_when_the_leader_dies_mid_removal() {
     // The new leader stops cleanly; the dead one's place is taken by it.
     std::mem::swap(&mut lifecycle.daemon, &mut follower);
     let _ = follower.start_kill();
-    lifecycle.stop().await;
+    lifecycle.stop(&sim).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -301,7 +301,7 @@ async fn a_control_plane_that_sees_its_own_termination_in_imds_cleans_up_and_com
     );
     let _ = own.start_kill();
     let _ = own.wait().await;
-    lifecycle.stop().await;
+    lifecycle.stop(&sim).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -337,5 +337,5 @@ async fn a_worker_that_sees_its_own_termination_asks_the_leader_to_drain_it() {
     );
     let _ = own.start_kill();
     let _ = own.wait().await;
-    lifecycle.stop().await;
+    lifecycle.stop(&sim).await;
 }

@@ -587,6 +587,25 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
             );
         }
     }
+    if let (Some(stall), Some(period), Some(jitter), Some(drain)) = (
+        dur("daemon.watchdog_stall"),
+        dur("daemon.period"),
+        dur("daemon.jitter"),
+        dur("timeouts.drain"),
+    ) {
+        if stall <= period + jitter || stall <= drain {
+            inconsistent(
+                "daemon.watchdog_stall",
+                "daemon.period",
+                format!(
+                    "a healthy turn may take longer than the stall limit (period + jitter = {}, timeouts.drain = {})",
+                    value::format_duration(period + jitter),
+                    value::format_duration(drain)
+                ),
+                "daemon.watchdog_stall > daemon.period + daemon.jitter and > timeouts.drain (the default is 15m)",
+            );
+        }
+    }
     if let (Some(attempt), Some(op)) = (dur("aws.attempt_timeout"), dur("aws.operation_timeout")) {
         if attempt > op {
             inconsistent(

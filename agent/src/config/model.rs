@@ -180,6 +180,8 @@ pub struct Daemon {
     pub reconcile_grace: Duration,
     #[serde(deserialize_with = "duration")]
     pub lifecycle_heartbeat: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub watchdog_stall: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -207,7 +207,9 @@ pub const KEYS: &[Key] = &[
     key("daemon.reconcile_grace", dur(10 * SEC, DAY), Some("\"5m\""),
         "How long an instance must be gone before its etcd member is removed."),
     key("daemon.lifecycle_heartbeat", dur(10 * SEC, 2 * HOUR), Some("\"60s\""),
-        "Interval of lifecycle-action heartbeats while cleanup runs."),
+                "Interval of lifecycle-action heartbeats while cleanup runs."),
+    key("daemon.watchdog_stall", dur(2 * SEC, DAY), Some("\"15m\""),
+        "A daemon turn running longer than this is stuck: the systemd watchdog trips and the unit restarts."),
     // [backup]
     key("backup.enabled", Kind::Bool, Some("true"), "Take etcd snapshots to S3 (control planes, leader only)."),
     key("backup.interval", dur(5 * MIN, 7 * DAY), Some("\"6h\""), "Time between scheduled snapshots."),

@@ -298,6 +298,11 @@ impl<S: LockStore> Locker<S> {
         loop {
             if let Some(guard) = self.attempt(purpose, &mut watch).await? {
                 tracing::info!(lock = %purpose, fence = guard.fence, waited_ms = started.elapsed().as_millis() as u64, "lock acquired");
+                crate::metrics::record(
+                    crate::metrics::LOCK_WAIT,
+                    crate::metrics::ms(started.elapsed()),
+                    &[("Purpose", purpose.as_str())],
+                );
                 return Ok(guard);
             }
             let now = Instant::now();
