@@ -21,6 +21,7 @@ APT_PACKAGES=(
   libprotobuf-dev  # ...and imports google/protobuf/*.proto from it
   shellcheck       # scripts are linted in scripts/test.sh
   python3-venv
+  systemd          # systemd-analyze verify|security for the units in systemd/
   ca-certificates
   curl
 )

@@ -240,6 +240,11 @@ impl Kubeadm {
         tracing::info!(command, binary = %self.binary.display(), timeout_s = timeout.as_secs(), "running kubeadm");
         let mut child = tokio::process::Command::new(&self.binary)
             .args(args)
+            // systemd's notify socket is this unit's, not kubeadm's: a child
+            // (or anything it starts) must not say READY or feed the watchdog.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,150 @@
+//! systemd's side of the agent, seen from the notify socket: bootstrap and
+//! the daemon say READY=1; the daemon pings the watchdog while its loops make
+//! progress, and trips it (and stops pinging) when a loop hangs.
+
+use kubeboot_tests::simcluster::{tail, SimCluster};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::net::UnixDatagram;
+
+/// One notification datagram.
+struct Note {
+    text: String,
+}
+
+/// Reads notifications for `window`, or until `stop` matches one.
+async fn listen(socket: &UnixDatagram, window: Duration, stop: impl Fn(&str) -> bool) -> Vec<Note> {
+    let deadline = Instant::now() + window;
+    let mut notes = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match tokio::time::timeout(left, socket.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = stop(&text);
+                notes.push(Note { text });
+                if done {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    notes
+}
+
+fn count(notes: &[Note], line: &str) -> usize {
+    notes
+        .iter()
+        .filter(|n| n.text.lines().any(|l| l == line))
+        .count()
+}
+
+fn bind(dir: &Path) -> (UnixDatagram, String) {
+    let path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("notify socket");
+    (socket, path.display().to_string())
+}
+
+async fn sigterm(mut child: tokio::process::Child, sim: &SimCluster) -> String {
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    sim.record_output(&stderr);
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bootstrap_says_ready_and_a_hung_daemon_loop_trips_the_watchdog() {
+    let sim = SimCluster::start(1, 0).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (socket, path) = bind(dir.path());
+
+    // Bootstrap: READY=1 once the node is bootstrapped, with the path.
+    let out = sim
+        .bootstrap_command(&sim.nodes[0])
+        .env("NOTIFY_SOCKET", &path)
+        .output()
+        .await
+        .expect("bootstrap");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    sim.record_output(&stderr);
+    assert_eq!(out.status.code(), Some(0), "{}", tail(&stderr));
+    let notes = listen(&socket, Duration::from_secs(2), |t| t.contains("READY=1")).await;
+    let ready = notes
+        .iter()
+        .find(|n| n.text.contains("READY=1"))
+        .expect("bootstrap said READY=1");
+    assert!(
+        ready.text.contains("STATUS=bootstrapped (init)"),
+        "{}",
+        ready.text
+    );
+
+    let daemon = |stall: Option<&str>| {
+        let mut cmd = sim.daemon_command(&sim.nodes[0]);
+        cmd.env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "1000000")
+            .env("KUBEBOOT_DAEMON_WATCHDOG_STALL", "6s")
+            .env("KUBEBOOT_TIMEOUTS_DRAIN", "5s")
+            .stderr(Stdio::piped());
+        if let Some(point) = stall {
+            cmd.env("KBTEST_STALL_AT", point);
+        }
+        cmd.spawn().expect("daemon")
+    };
+
+    // A healthy daemon: READY=1, then pings every half interval and no trip,
+    // well past the stall limit.
+    let healthy = daemon(None);
+    let notes = listen(&socket, Duration::from_secs(9), |_| false).await;
+    let stderr = sigterm(healthy, &sim).await;
+    assert_eq!(count(&notes, "READY=1"), 1, "{}", tail(&stderr));
+    assert!(
+        count(&notes, "WATCHDOG=1") >= 10,
+        "pings while healthy: {}",
+        count(&notes, "WATCHDOG=1")
+    );
+    assert_eq!(count(&notes, "WATCHDOG=trigger"), 0, "{}", tail(&stderr));
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.text.contains("STATUS=leader: etcd 1/1 healthy")),
+        "the health monitor's status line reached systemd"
+    );
+
+    // The leader's turn hangs: pings go on until the loop overruns its
+    // allowance (stall + period), then the watchdog trips and pings stop.
+    let hung = daemon(Some("daemon:leader-turn"));
+    let notes = listen(&socket, Duration::from_secs(30), |t| {
+        t.contains("WATCHDOG=trigger")
+    })
+    .await;
+    let trip = notes
+        .iter()
+        .find(|n| n.text.contains("WATCHDOG=trigger"))
+        .expect("the watchdog tripped");
+    assert!(trip.text.contains("STATUS=stuck: leader"), "{}", trip.text);
+    assert!(
+        count(&notes, "WATCHDOG=1") >= 3,
+        "pinged before the hang showed"
+    );
+    let after = listen(&socket, Duration::from_secs(3), |_| false).await;
+    assert_eq!(
+        count(&after, "WATCHDOG=1"),
+        0,
+        "no ping after the trip, so systemd restarts the unit even if trigger were lost"
+    );
+    let stderr = sigterm(hung, &sim).await;
+    assert!(
+        stderr.contains("daemon loop stuck; tripping the watchdog"),
+        "{}",
+        tail(&stderr)
+    );
+}

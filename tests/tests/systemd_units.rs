@@ -1,0 +1,116 @@
+//! The units in systemd/ as systemd reads them: `systemd-analyze verify`
+//! accepts them, `systemd-analyze security` rates them no worse than agreed,
+//! and what they rely on (notify readiness, exit code 2 for configuration
+//! errors, the watchdog, the command lines) matches the agent.
+
+use kubeboot_tests::workspace::{kubeboot_bin, workspace_root};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const UNITS: &[&str] = &["kubeboot-bootstrap.service", "kubeboot.service"];
+
+/// The highest exposure (×10, as `--threshold` counts) each unit may have.
+/// The bootstrap unit runs kubeadm, which needs root over much of the host
+/// (kubelet config, static Pod manifests, the container runtime), so it is
+/// allowed more than the daemon.
+const EXPOSURE: &[(&str, u32)] = &[("kubeboot-bootstrap.service", 70), ("kubeboot.service", 50)];
+
+fn unit_text(name: &str) -> String {
+    std::fs::read_to_string(workspace_root().join("systemd").join(name))
+        .unwrap_or_else(|e| panic!("systemd/{name}: {e}"))
+}
+
+/// Copies of the units whose ExecStart points at the binary under test
+/// (verify checks that the executable exists).
+fn staged(dir: &Path) -> Vec<PathBuf> {
+    UNITS
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let text =
+                unit_text(name).replace("/usr/bin/kubeboot", &kubeboot_bin().display().to_string());
+            std::fs::write(&path, text).expect("stage unit");
+            path
+        })
+        .collect()
+}
+
+fn directive<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::trim)
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_units() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(staged(dir.path()))
+        .output()
+        .expect("systemd-analyze (scripts/setup.sh installs systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
+
+#[test]
+fn systemd_analyze_security_rates_each_unit_within_its_budget() {
+    let dir = tempfile::tempdir().expect("dir");
+    let staged = staged(dir.path());
+    for (name, threshold) in EXPOSURE {
+        let path = staged
+            .iter()
+            .find(|p| p.ends_with(name))
+            .expect("staged unit");
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--threshold={threshold}"))
+            .arg(path)
+            .output()
+            .expect("systemd-analyze");
+        let report = String::from_utf8_lossy(&out.stdout);
+        let overall = report
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or("no overall line");
+        assert!(
+            out.status.success(),
+            "{name} is above {}.{}: {overall}",
+            threshold / 10,
+            threshold % 10
+        );
+    }
+}
+
+#[test]
+fn the_units_match_what_the_agent_does() {
+    for name in UNITS {
+        let text = unit_text(name);
+        assert_eq!(
+            directive(&text, "Type"),
+            Some("notify"),
+            "{name}: the agent says READY=1"
+        );
+        assert_eq!(
+            directive(&text, "RestartPreventExitStatus"),
+            Some(kubeboot::error::EXIT_USAGE.to_string().as_str()),
+            "{name}: a configuration error must not restart forever"
+        );
+        // The command line parses: `<ExecStart> --help` exits 0.
+        let exec = directive(&text, "ExecStart").expect("ExecStart");
+        let mut words = exec.split_whitespace();
+        assert_eq!(words.next(), Some("/usr/bin/kubeboot"));
+        let status = Command::new(kubeboot_bin())
+            .args(words)
+            .arg("--help")
+            .output()
+            .expect("kubeboot");
+        assert!(status.status.success(), "{name}: {exec} does not parse");
+    }
+    let daemon = unit_text("kubeboot.service");
+    assert!(
+        directive(&daemon, "WatchdogSec").is_some(),
+        "the daemon's watchdog is fed by its loops"
+    );
+    assert_eq!(directive(&daemon, "Restart"), Some("always"));
+}
