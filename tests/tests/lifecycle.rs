@@ -67,6 +67,53 @@ async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_onc
         "{}",
         tail(&stderr)
     );
+    // Metered: both handlings (the completion and the re-delivery AWS
+    // refused as already done) count as completed; none failed.
+    let docs = sim.metrics_documents();
+    assert_eq!(sum(&docs, "LifecycleActionsCompleted"), 2.0);
+    assert_eq!(sum(&docs, "LifecycleActionsFailed"), 0.0);
+}
+
+/// The total of `metric` over documents.
+fn sum(docs: &[serde_json::Value], metric: &str) -> f64 {
+    docs.iter().filter_map(|d| d[metric].as_f64()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttled_completions_are_retried_by_the_sdk_counted_and_completed_once_aws_answers() {
+    use kubeboot_tests::awsproxy::{FaultKind, FaultPlan};
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0, 1]).await);
+    let lifecycle = Lifecycle::start(&sim, "5s").await;
+    lifecycle
+        .proxy
+        .set_faults(FaultPlan::always(FaultKind::Throttle).only(&["CompleteLifecycleAction"]));
+    let worker = sim.nodes[1].instance_id();
+    let token = lifecycle.terminate("kb-workers", &worker).await;
+    let started = Instant::now();
+    loop {
+        let docs = kubeboot_tests::emf::validate_all(&sim.nodes[0].metrics_text());
+        if sum(&docs, "LifecycleActionsFailed") >= 1.0 {
+            assert!(
+                docs.iter().any(|d| d["Kind"] == "aws" && d["Retries"] == 1),
+                "the SDK's retries of the throttled call are counted"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no failure counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lifecycle.proxy.set_faults(FaultPlan::default());
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(60))
+        .await;
+    assert_eq!(lifecycle.actions.accepted_completions(&worker), 1);
+    lifecycle.stop(&sim).await;
+    let docs = sim.metrics_documents();
+    assert!(sum(&docs, "LifecycleActionsCompleted") >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -160,6 +207,11 @@ async fn a_worker_is_drained_past_what_a_disruption_budget_allows_until_the_dead
         stderr.contains("drain deadline passed; completing the lifecycle action anyway"),
         "{}",
         tail(&stderr)
+    );
+    assert_eq!(
+        sum(&sim.metrics_documents(), "DrainFailures"),
+        1.0,
+        "the drain that left a Pod behind is counted"
     );
 }
 
