@@ -228,8 +228,10 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
-/// How long one connect or write to the sink may take before the document is dropped.
-pub const SINK_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long one connect or write to the sink may take before the document
+/// is dropped. The CloudWatch agent listens on loopback, where a connect
+/// takes microseconds; this bounds what a wedged agent can cost, also at exit.
+pub const SINK_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a failed connect, documents are dropped (not queued) for this long.
 pub const RECONNECT_AFTER: Duration = Duration::from_secs(5);
 
