@@ -446,5 +446,17 @@ impl Drop for SimCluster {
         if let Err(leak) = self.scan_for_secrets() {
             panic!("I6 violated: {leak}");
         }
+        // Every EMF line of every e2e run is checked, not only where a test asks.
+        for n in &self.nodes {
+            for (i, line) in n.metrics_text().lines().enumerate() {
+                if let Err(e) = crate::emf::validate(line) {
+                    panic!(
+                        "node {} metrics line {}: invalid EMF: {e}\n{line}",
+                        n.index,
+                        i + 1
+                    );
+                }
+            }
+        }
     }
 }
