@@ -495,9 +495,10 @@ pub fn record(metric: Metric, value: f64, dims: &[(&str, &str)]) {
     emit(&[(metric, value)], dims);
 }
 
-/// Milliseconds of a duration, as a metric value.
+/// Milliseconds of a duration, as a metric value (microsecond resolution,
+/// so the JSON stays short: 2322.929, not 2322.9290159999996).
 pub fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+    d.as_micros() as f64 / 1000.0
 }
 
 #[cfg(test)]
@@ -569,6 +570,16 @@ mod tests {
             &[(LOCK_WAIT, 1.0), (ETCD_MEMBERS, 3.0)],
             &[("Purpose", "init")]
         ));
+    }
+
+    #[test]
+    fn durations_are_milliseconds_with_short_decimals() {
+        assert_eq!(ms(Duration::from_nanos(2_322_929_016)), 2322.929);
+        assert_eq!(
+            number(ms(Duration::from_nanos(2_322_929_016))).to_string(),
+            "2322.929"
+        );
+        assert_eq!(ms(Duration::from_secs(2)), 2000.0);
     }
 
     #[test]

@@ -162,6 +162,24 @@ async fn main() -> ExitCode {
             eprintln!("cannot run kubeboot status: {e}");
         }
     }
+    t.say("metrics each node wrote (EMF, every line checked against the specification):");
+    for n in &sim.nodes {
+        let docs = kubeboot_tests::emf::validate_all(&n.metrics_text());
+        for d in docs.iter().filter(|d| d.get("BootstrapDuration").is_some()) {
+            let outcome = if d.get("BootstrapSuccess").is_some() {
+                "BootstrapSuccess"
+            } else {
+                "BootstrapFailure"
+            };
+            println!(
+                "          node-{}: {outcome} Path={} BootstrapDuration={} ms ({} documents)",
+                n.index,
+                d["Path"].as_str().unwrap_or("?"),
+                d["BootstrapDuration"],
+                docs.len()
+            );
+        }
+    }
     t.say("tearing down: etcd members, doubles, moto_server");
     drop(sim);
     t.say(if failures == 0 {
