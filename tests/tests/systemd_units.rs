@@ -107,6 +107,16 @@ fn the_units_match_what_the_agent_does() {
             .expect("kubeboot");
         assert!(status.status.success(), "{name}: {exec} does not parse");
     }
+    // kubeadm (under bootstrap) writes /etc/kubernetes: the unit must leave
+    // /etc writable (ProtectSystem=full or strict would make it read-only).
+    let bootstrap = unit_text("kubeboot-bootstrap.service");
+    let protect = directive(&bootstrap, "ProtectSystem").unwrap_or("no");
+    let rw = directive(&bootstrap, "ReadWritePaths").unwrap_or("");
+    assert!(
+        matches!(protect, "no" | "yes" | "true")
+            || rw.split_whitespace().any(|p| p == "/etc/kubernetes"),
+        "ProtectSystem={protect} makes /etc/kubernetes read-only for kubeadm"
+    );
     let daemon = unit_text("kubeboot.service");
     assert!(
         directive(&daemon, "WatchdogSec").is_some(),
