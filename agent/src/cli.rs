@@ -78,6 +78,31 @@ pub enum Command {
     /// Inspect and change etcd membership (run on a control plane).
     #[command(subcommand)]
     Etcd(EtcdCommand),
+
+    /// Explain an error code from a log line (e.g. KB-LOCK-001): what failed,
+    /// the probable cause and what to check. Needs no configuration.
+    Explain(ExplainArgs),
+}
+
+/// Options of `kubeboot explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The code, as the error line's `code` field or `[KB-...]` prefix shows
+    /// it; case-insensitive.
+    #[arg(
+        value_name = "CODE",
+        required_unless_present = "list",
+        conflicts_with = "list"
+    )]
+    pub code: Option<String>,
+
+    /// List every code with its title.
+    #[arg(long)]
+    pub list: bool,
+
+    /// Output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 /// `kubeboot etcd ...`
@@ -259,15 +284,27 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Logs a failure with its hint, initializing logging if the command had not.
+/// Logs a failure with its catalogue code and hint, initializing logging if
+/// the command had not. The code is a field (`code`, for queries) and the
+/// message's `[KB-...]` prefix (for people); `explain` says how to learn more.
+/// All on the one error line, so no log level or filter separates them.
 fn report(cli: &Cli, err: &Error) -> ExitCode {
+    use crate::catalogue::Coded;
     let _ = telemetry::init(cli.log_format.unwrap_or(LogFormat::Auto), "info");
     if let Error::Config(config::Error::Invalid { problems }) = err {
         for p in problems {
-            tracing::error!(kind = ?p.kind, source = %p.source, key = %p.key, "{p}");
+            let code = p.code();
+            tracing::error!(code, kind = ?p.kind, source = %p.source, key = %p.key, "[{code}] {p}");
         }
     }
-    tracing::error!(exit_code = err.exit_code(), hint = %err.hint(), "{err}");
+    let code = err.code();
+    tracing::error!(
+        code,
+        exit_code = err.exit_code(),
+        hint = %err.hint(),
+        explain = %format!("kubeboot explain {code}"),
+        "[{code}] {err}"
+    );
     err.to_exit_code()
 }
 
@@ -298,6 +335,7 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
         Command::Etcd(EtcdCommand::Remove(args)) => etcd_remove(cli, args).await,
         Command::Bootstrap(args) => bootstrap(cli, args).await,
         Command::Daemon(args) => daemon(cli, args).await,
+        Command::Explain(args) => explain(args),
         Command::Config(ConfigCommand::Show(args)) => {
             let loaded = load(cli, args.sources.user_data()).await?;
             let out = match args.output {
@@ -308,6 +346,21 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `kubeboot explain`: one entry, or the list; an unknown code is a usage error.
+fn explain(args: &ExplainArgs) -> Result<ExitCode, Error> {
+    use crate::catalogue::{self, ENTRIES};
+    let out = match (&args.code, args.output) {
+        (Some(code), Output::Text) => catalogue::render_text(catalogue::lookup(code)?),
+        (Some(code), Output::Json) => {
+            format!("{:#}\n", serde_json::json!(catalogue::lookup(code)?))
+        }
+        (None, Output::Text) => catalogue::render_list(),
+        (None, Output::Json) => format!("{:#}\n", serde_json::json!(ENTRIES)),
+    };
+    print(&out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Loads the configuration and starts logging as it asks (flag wins over log.format).

@@ -5,6 +5,9 @@
 //! - 2: configuration or usage error: restarting cannot help, so the units set
 //!   `RestartPreventExitStatus=2`;
 //! - 1: any other failure (AWS, etcd, kubeadm, IMDS...): restartable.
+//!
+//! Every failure also has a stable code from [`crate::catalogue`]
+//! ([`Error::code`]), which `kubeboot explain` expands.
 
 use std::process::ExitCode;
 
@@ -42,6 +45,8 @@ pub enum Error {
     Runtime(std::io::Error),
     #[error("cannot write command output: {0}")]
     Output(std::io::Error),
+    #[error(transparent)]
+    UnknownCode(#[from] crate::catalogue::UnknownCode),
 }
 
 impl Error {
@@ -50,7 +55,7 @@ impl Error {
         match self {
             Error::Config(e) if e.is_usage() => EXIT_USAGE,
             Error::Telemetry(crate::telemetry::Error::Level(_)) => EXIT_USAGE,
-            Error::Usage(_) => EXIT_USAGE,
+            Error::Usage(_) | Error::UnknownCode(_) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -77,7 +82,18 @@ impl Error {
             Error::Bootstrap(e) => e.hint(),
             Error::Membership(e) => e.hint(),
             Error::Usage(_) => "see `kubeboot --help`".into(),
+            Error::UnknownCode(_) => "`kubeboot explain --list` lists every code".into(),
         }
+    }
+
+    /// The stable catalogue code, e.g. `KB-LOCK-001` (see `docs/errors.md`).
+    pub fn code(&self) -> &'static str {
+        crate::catalogue::Coded::code(self)
+    }
+
+    /// The catalogue entry: title, probable cause, what to check.
+    pub fn entry(&self) -> &'static crate::catalogue::Entry {
+        crate::catalogue::Coded::entry(self)
     }
 
     /// As a process exit code.

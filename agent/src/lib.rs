@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod bootstrap;
+pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -395,6 +395,7 @@ mod tests {
         let err = k.join(&rendered(), &[&token]).await.unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, Error::Failed { code: Some(1), .. }), "{text}");
+        assert_eq!(crate::catalogue::Coded::code(&err), "KB-KUBEADM-004");
         assert!(!text.contains("abcdef.0123456789abcdef"), "{text}");
         assert!(text.contains("couldn't validate the identity"), "{text}");
         assert!(err.hint().contains("CA public-key pin"), "{}", err.hint());
@@ -460,6 +461,7 @@ mod tests {
             "{err}"
         );
         assert!(err.hint().contains("timeouts.kubeadm_reset"));
+        assert_eq!(crate::catalogue::Coded::code(&err), "KB-KUBEADM-003");
     }
 
     #[tokio::test]
@@ -473,6 +475,7 @@ mod tests {
         );
         let err = k.reset().await.unwrap_err();
         assert!(matches!(err, Error::Spawn { .. }));
+        assert_eq!(crate::catalogue::Coded::code(&err), "KB-KUBEADM-001");
         assert!(err.hint().contains("binaries.kubeadm"));
     }
 

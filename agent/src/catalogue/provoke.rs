@@ -1,0 +1,491 @@
+//! Failures provoked through the real functions with bad input (a missing
+//! file, a refusing server, an impossible removal), each checked for its
+//! catalogue code. The meta-test in `agent/tests/errors.rs` requires every
+//! code to be asserted on a provoked error somewhere; these are the ones a
+//! unit test reaches without etcd, moto or the binary.
+
+use crate::catalogue::Coded;
+use crate::config::{self, LoadOptions, UserData};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// ---------------------------------------------------------------------------
+// A tiny HTTP/1.1 server: answers each request from `respond(method, path)`
+// with (status, content type, body), then closes the connection.
+
+type Respond = Arc<dyn Fn(&str, &str) -> (u16, &'static str, Vec<u8>) + Send + Sync>;
+
+async fn serve(respond: Respond) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let respond = respond.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let mut first = head.lines().next().unwrap_or("").split(' ');
+                let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+                let (status, content_type, body) = respond(method, path);
+                let mut out = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                out.extend_from_slice(&body);
+                let _ = conn.write_all(&out).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn respond(
+    f: impl Fn(&str, &str) -> (u16, &'static str, Vec<u8>) + Send + Sync + 'static,
+) -> Respond {
+    Arc::new(f)
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn worker_toml() -> String {
+    std::fs::read_to_string(examples().join("worker.toml")).expect("examples/worker.toml")
+}
+
+async fn load_text(
+    dir: &Path,
+    text: &str,
+    user_data: Option<&str>,
+    env: &[(&str, &str)],
+) -> Result<config::Loaded, config::Error> {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    let user_data = match user_data {
+        Some(ud) => {
+            let ud_path = dir.join("user-data");
+            std::fs::write(&ud_path, ud).expect("write user-data");
+            UserData::File(ud_path)
+        }
+        None => UserData::Skip,
+    };
+    config::load(&LoadOptions {
+        path,
+        user_data,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+    .await
+}
+
+/// The one problem `text` (plus user-data, env) has, after checking the
+/// command's error is the invalid-configuration one.
+async fn only_problem(
+    text: &str,
+    user_data: Option<&str>,
+    env: &[(&str, &str)],
+) -> config::Problem {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = load_text(dir.path(), text, user_data, env)
+        .await
+        .expect_err("the configuration must be refused");
+    assert_eq!(err.code(), "KB-CONFIG-001");
+    let config::Error::Invalid { mut problems } = err else {
+        unreachable!("KB-CONFIG-001 is Invalid")
+    };
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    problems.remove(0)
+}
+
+#[tokio::test]
+async fn every_kind_of_configuration_problem_has_its_code() {
+    let base = worker_toml();
+    let p = only_problem(&format!("{base}\n[lock\nlease = \"30s\"\n"), None, &[]).await;
+    assert_eq!(p.code(), "KB-CONFIG-010", "{p}");
+    let p = only_problem(&format!("{base}\n[lock]\nleese = \"30s\"\n"), None, &[]).await;
+    assert_eq!(p.code(), "KB-CONFIG-011", "{p}");
+    let p = only_problem(&format!("{base}\n[lock]\nlease = 30\n"), None, &[]).await;
+    assert_eq!(p.code(), "KB-CONFIG-012", "{p}");
+    let p = only_problem(&format!("{base}\n[lock]\nlease = \"11m\"\n"), None, &[]).await;
+    assert_eq!(p.code(), "KB-CONFIG-013", "{p}");
+    let p = only_problem(&base, None, &[("KUBEBOOT_DAEMON_PERIOD", "often")]).await;
+    assert_eq!(p.code(), "KB-CONFIG-014", "{p}");
+    let p = only_problem(&base.replace("role = \"worker\"", ""), None, &[]).await;
+    assert_eq!(p.code(), "KB-CONFIG-015", "{p}");
+    let p = only_problem(&base, Some("[cluster]\nname = \"prod-b\"\n"), &[]).await;
+    assert_eq!(p.code(), "KB-CONFIG-016", "{p}");
+    let p = only_problem(
+        &format!("{base}\n[lock]\nlease = \"30s\"\nmargin = \"20s\"\n"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(p.code(), "KB-CONFIG-017", "{p}");
+}
+
+#[tokio::test]
+async fn unreadable_configuration_sources_have_their_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = config::load(&LoadOptions {
+        path: dir.path().join("nope.toml"),
+        user_data: UserData::Skip,
+        env: vec![],
+    })
+    .await
+    .expect_err("missing file");
+    assert_eq!(missing.code(), "KB-CONFIG-002", "{missing}");
+
+    // config.d is a file, not a directory.
+    std::fs::write(dir.path().join("config.d"), "").expect("write");
+    let err = load_text(dir.path(), &worker_toml(), None, &[])
+        .await
+        .expect_err("config.d is not a directory");
+    assert_eq!(err.code(), "KB-CONFIG-003", "{err}");
+}
+
+#[tokio::test]
+async fn user_data_from_an_unreachable_imds_has_its_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    // Nothing listens on port 9; the shortest deadline keeps the test quick.
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[imds]\nendpoint = \"http://127.0.0.1:9\"\ndeadline = \"1s\"\nrequest_timeout = \"200ms\"\n",
+            worker_toml()
+        ),
+    )
+    .expect("write");
+    let err = config::load(&LoadOptions {
+        path,
+        user_data: UserData::FromImds,
+        env: vec![],
+    })
+    .await
+    .expect_err("IMDS is unreachable");
+    assert_eq!(err.code(), "KB-CONFIG-004", "{err}");
+}
+
+#[test]
+fn a_configuration_the_model_refuses_is_a_bug_with_its_code() {
+    // Last resort, constructed directly: `Internal` means the schema accepted
+    // what the typed model refuses, which `config::tests` proves cannot
+    // happen (it sets every key); no input reaches it.
+    let err = config::Error::Internal("unknown field `x`".into());
+    assert_eq!(err.code(), "KB-CONFIG-005");
+}
+
+// ---------------------------------------------------------------------------
+// Logging
+
+#[test]
+fn an_invalid_log_level_has_its_code() {
+    let err = crate::telemetry::init_with_writer(
+        crate::telemetry::LogFormat::Text,
+        "loud",
+        std::io::sink,
+    )
+    .expect_err("loud is no level");
+    assert_eq!(err.code(), "KB-LOG-001");
+}
+
+// ---------------------------------------------------------------------------
+// IMDS
+
+fn imds_settings(endpoint: String, deadline: Duration) -> config::model::Imds {
+    config::model::Imds {
+        endpoint,
+        user_data: true,
+        request_timeout: Duration::from_millis(500),
+        deadline,
+    }
+}
+
+/// An IMDS whose token endpoint answers `token` and whose other paths answer `get`.
+async fn imds(
+    token: (u16, Vec<u8>),
+    get: (u16, Vec<u8>),
+    deadline: Duration,
+) -> crate::identity::Imds {
+    let addr = serve(respond(move |method, _path| {
+        let (status, body) = if method == "PUT" {
+            token.clone()
+        } else {
+            get.clone()
+        };
+        (status, "text/plain", body)
+    }))
+    .await;
+    crate::identity::Imds::new(&imds_settings(format!("http://{addr}"), deadline))
+        .expect("plain http endpoint")
+}
+
+#[tokio::test]
+async fn imds_failures_have_their_codes() {
+    let err = crate::identity::Imds::new(&imds_settings(
+        "https://169.254.169.254".into(),
+        Duration::from_secs(1),
+    ))
+    .expect_err("https is refused");
+    assert_eq!(err.code(), "KB-IMDS-001", "{err}");
+
+    let long = Duration::from_secs(30);
+    let ok_token = (200, b"token".to_vec());
+
+    let not_text = imds((200, vec![0xff, 0xfe]), (200, vec![]), long).await;
+    let err = not_text.identity().await.expect_err("token is not text");
+    assert_eq!(err.code(), "KB-IMDS-002", "{err}");
+
+    let refused = imds((403, vec![]), (200, vec![]), long).await;
+    let err = refused.identity().await.expect_err("403");
+    assert_eq!(err.code(), "KB-IMDS-003", "{err}");
+
+    let bad_request = imds((400, vec![]), (200, vec![]), long).await;
+    let err = bad_request.identity().await.expect_err("400");
+    assert_eq!(err.code(), "KB-IMDS-004", "{err}");
+
+    let not_ec2 = imds(ok_token.clone(), (404, vec![]), long).await;
+    let err = not_ec2.identity().await.expect_err("404");
+    assert_eq!(err.code(), "KB-IMDS-005", "{err}");
+
+    let failing = imds((500, vec![]), (200, vec![]), Duration::from_millis(300)).await;
+    let err = failing
+        .identity()
+        .await
+        .expect_err("5xx until the deadline");
+    assert_eq!(err.code(), "KB-IMDS-006", "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// AWS
+
+#[tokio::test]
+async fn an_imds_endpoint_the_sdk_cannot_use_has_its_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = load_text(dir.path(), &worker_toml(), None, &[])
+        .await
+        .expect("the example is valid")
+        .config;
+    // Validation refuses such a value; the SDK's own check is what is tested.
+    cfg.imds.endpoint = "http://[::1".into();
+    let err = crate::aws::sdk_config(&cfg, "eu-west-1")
+        .await
+        .expect_err("not a URI");
+    assert_eq!(err.code(), "KB-AWS-001", "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// kubeadm (spawn, timeout and failure are provoked in kubeadm's own tests)
+
+#[tokio::test]
+async fn an_unwritable_run_dir_has_its_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").expect("write");
+    let k = crate::kubeadm::Kubeadm::new(
+        dir.path().join("kubeadm"),
+        file.join("run"),
+        dir.path().join("k8s"),
+        Duration::from_secs(1),
+    );
+    let rendered = crate::secret::Secret::new("{}\n".to_string());
+    let err = k
+        .init(&rendered, &[])
+        .await
+        .expect_err("run dir under a file");
+    assert_eq!(err.code(), "KB-KUBEADM-002", "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// etcd (requests and confirmation need a real etcd: tests/tests/error_codes.rs)
+
+fn etcd_settings(scheme: config::model::EtcdScheme, pki_dir: PathBuf) -> crate::etcd::Settings {
+    crate::etcd::Settings {
+        scheme,
+        client_port: 2379,
+        peer_port: 2380,
+        dial_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_millis(500),
+        pki_dir,
+    }
+}
+
+#[tokio::test]
+async fn etcd_without_certificates_or_listener_has_its_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let https = etcd_settings(config::model::EtcdScheme::Https, dir.path().join("pki"));
+    let err = crate::etcd::Etcd::connect(&["https://127.0.0.1:9".into()], &https)
+        .await
+        .err()
+        .expect("no certificates");
+    assert_eq!(err.code(), "KB-ETCD-001", "{err}");
+
+    let http = etcd_settings(config::model::EtcdScheme::Http, dir.path().join("pki"));
+    let err = crate::etcd::Etcd::connect_any(&["http://127.0.0.1:9".into()], &http)
+        .await
+        .err()
+        .expect("nothing listens");
+    assert_eq!(err.code(), "KB-ETCD-002", "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Kubernetes API
+
+/// A kubeconfig for an API server at `addr`, plain http, no credentials.
+fn kubeconfig(dir: &Path, addr: SocketAddr) -> PathBuf {
+    let path = dir.join("kubelet.conf");
+    let body = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": format!("http://{addr}")}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    });
+    std::fs::write(&path, body.to_string()).expect("write kubeconfig");
+    path
+}
+
+fn status_body(code: u16, reason: &str) -> Vec<u8> {
+    serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("provoked {code}"), "reason": reason, "code": code,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn api(dir: &Path, respond: Respond) -> crate::kubernetes::Kubernetes {
+    let addr = serve(respond).await;
+    crate::kubernetes::Kubernetes::from_kubeconfig(&kubeconfig(dir, addr), Duration::from_secs(2))
+        .await
+        .expect("kubeconfig is valid")
+}
+
+#[tokio::test]
+async fn kubernetes_api_failures_have_their_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = crate::kubernetes::Kubernetes::from_kubeconfig(
+        &dir.path().join("missing.conf"),
+        Duration::from_secs(1),
+    )
+    .await
+    .err()
+    .expect("no kubeconfig");
+    assert_eq!(err.code(), "KB-KUBE-001", "{err}");
+
+    let denied = api(
+        dir.path(),
+        respond(|_, _| (403, "application/json", status_body(403, "Forbidden"))),
+    )
+    .await;
+    let err = denied.node_readiness("n1").await.expect_err("403");
+    assert_eq!(err.code(), "KB-KUBE-002", "{err}");
+
+    let failing = api(
+        dir.path(),
+        respond(|_, _| (500, "application/json", status_body(500, "InternalError"))),
+    )
+    .await;
+    let err = failing.node_readiness("n1").await.expect_err("500");
+    assert_eq!(err.code(), "KB-KUBE-003", "{err}");
+
+    let not_ready = api(
+        dir.path(),
+        respond(|_, path| {
+            let node = serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": path.rsplit('/').next().unwrap_or("n1")},
+                "status": {"conditions": [{"type": "Ready", "status": "False",
+                    "reason": "KubeletNotReady", "message": "container runtime network not ready"}]},
+            });
+            (200, "application/json", node.to_string().into_bytes())
+        }),
+    )
+    .await;
+    let err = not_ready
+        .wait_node_ready("n1", Duration::from_millis(300))
+        .await
+        .expect_err("never Ready");
+    assert_eq!(err.code(), "KB-KUBE-004", "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Join material, quorum guard, lifecycle messages, explain
+
+#[test]
+fn a_ca_file_that_is_no_certificate_has_its_code() {
+    let err = crate::join_material::ca_cert_hash(b"not a certificate").expect_err("not PEM");
+    assert_eq!(err.code(), "KB-JOIN-001", "{err}");
+}
+
+fn member(id: u64, learner: bool) -> crate::etcd::Member {
+    crate::etcd::Member {
+        id,
+        name: format!("m{id}"),
+        peer_urls: vec![format!("http://127.0.0.{id}:2380")],
+        client_urls: vec![format!("http://127.0.0.{id}:2379")],
+        is_learner: learner,
+    }
+}
+
+fn health(id: u64, healthy: bool) -> crate::etcd::Health {
+    crate::etcd::Health {
+        member: member(id, false),
+        healthy,
+        error: (!healthy).then(|| "down".to_string()),
+        db_size: None,
+        leader: None,
+    }
+}
+
+#[test]
+fn every_quorum_refusal_has_its_code() {
+    use crate::quorum::check_removal;
+    let three = [health(1, true), health(2, true), health(3, true)];
+    let err = check_removal(&three, 9, false).expect_err("not a member");
+    assert_eq!(err.code(), "KB-MEMBER-001", "{err}");
+    let err = check_removal(&[health(1, true)], 1, true).expect_err("last voter");
+    assert_eq!(err.code(), "KB-MEMBER-002", "{err}");
+    let err = check_removal(&[health(1, true), health(2, true)], 2, false).expect_err("two voters");
+    assert_eq!(err.code(), "KB-MEMBER-003", "{err}");
+    let one_down = [health(1, true), health(2, true), health(3, false)];
+    let err = check_removal(&one_down, 1, false).expect_err("below quorum");
+    assert_eq!(err.code(), "KB-MEMBER-004", "{err}");
+    // Through the membership error that carries it to the operator.
+    let err = crate::membership::Error::from(err);
+    assert_eq!(err.code(), "KB-MEMBER-004", "{err}");
+}
+
+#[test]
+fn a_lifecycle_message_that_is_not_one_has_its_code() {
+    let err = crate::lifecycle::parse_message("hello").expect_err("not JSON");
+    assert_eq!(err.code(), "KB-LIFE-001", "{err}");
+}
+
+#[test]
+fn an_unknown_code_given_to_explain_has_its_code() {
+    let err =
+        crate::error::Error::from(crate::catalogue::lookup("kb-nope-1").expect_err("no such area"));
+    assert_eq!(err.code(), "KB-CLI-004", "{err}");
+    assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
+}
