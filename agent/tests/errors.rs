@@ -187,7 +187,6 @@ fn in_assertion(text: &str, at: usize) -> bool {
 }
 
 #[test]
-#[ignore = "enabled once tests/tests/error_codes.rs provokes the remaining codes"]
 fn every_code_is_asserted_on_a_provoked_error_by_some_test() {
     let known: BTreeSet<&str> = ENTRIES.iter().map(|e| e.code).collect();
     let mut proven: BTreeMap<&str, Vec<String>> = BTreeMap::new();
