@@ -23,7 +23,13 @@
 //! kubeboot-bench-bootstrap [--runs N] [--init-runs N] [--worker-runs N] [--out FILE] [--logs DIR]
 //! ```
 
+mod bench_common;
+
 use aws_sdk_dynamodb::types::AttributeValue;
+use bench_common::{
+    command_line, date_line, first_line, machine, moto_version, ms, percentile, publish, shown,
+    spread, tail, timeline, warm_up_moto, Interference,
+};
 use kubeboot::registry::Phase;
 use kubeboot::table;
 use kubeboot_tests::awsproxy::{AwsProxy, ProxiedRequest};
@@ -31,12 +37,12 @@ use kubeboot_tests::kubeapi::KubeRequest;
 use kubeboot_tests::process::ChildGuard;
 use kubeboot_tests::simcluster::{SimCluster, SimNode};
 use kubeboot_tests::standin;
-use kubeboot_tests::workspace::{kubeboot_bin, workspace_root};
+use kubeboot_tests::workspace::kubeboot_bin;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Every service the agent has an endpoint override for, each behind its own
 /// proxy so any call is counted under its service (config key under
@@ -106,132 +112,6 @@ fn options() -> Options {
     o.init_runs = init.unwrap_or(o.init_runs);
     o.worker_runs = worker.unwrap_or(o.worker_runs);
     o
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// `| min | p50 | p90 | max |` cells of some samples.
-fn spread(samples: &[Duration]) -> String {
-    let mut s = samples.to_vec();
-    s.sort();
-    format!(
-        "{} | {} | {} | {}",
-        ms(s[0]),
-        ms(percentile(&s, 0.5)),
-        ms(percentile(&s, 0.9)),
-        ms(*s.last().expect("samples"))
-    )
-}
-
-/// Text of one line of a command's output, or a placeholder.
-fn first_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .current_dir(workspace_root())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or("unknown CPU".to_string(), |(_, m)| m.trim().to_string());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|l| l.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or("?".to_string(), |kb| format!("{:.1}", kb / 1024.0 / 1024.0));
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    format!("{model}, {cores} cores available, {mem_gib} GiB RAM, Linux {kernel}")
-}
-
-/// CPU clock ticks: (busy, total) over all CPUs since boot (`/proc/stat`).
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// CPU clock ticks used by this process and its reaped children (the agent
-/// runs, moto, etcd, the stand-in), from `/proc/self/stat`.
-fn own_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    // Fields 14-17 (utime, stime, cutime, cstime) are 12-15 after the name.
-    after_name
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .filter_map(|f| f.parse::<u64>().ok())
-        .sum()
-}
-
-/// How busy the machine was with other work while the benchmark ran: the
-/// machine is shared (a concurrent build shows here, and in the figures).
-struct Interference {
-    start: (u64, u64),
-    own_start: u64,
-}
-
-impl Interference {
-    fn start() -> Self {
-        Interference {
-            start: machine_ticks(),
-            own_start: own_ticks(),
-        }
-    }
-
-    /// `(others, own)` as percentages of the machine's CPU time meanwhile.
-    fn finish(&self) -> (f64, f64) {
-        let (busy, total) = machine_ticks();
-        let own = own_ticks().saturating_sub(self.own_start) as f64;
-        let busy = busy.saturating_sub(self.start.0) as f64;
-        let total = total.saturating_sub(self.start.1).max(1) as f64;
-        (100.0 * (busy - own).max(0.0) / total, 100.0 * own / total)
-    }
-}
-
-fn moto_version() -> String {
-    let python = std::env::var_os("KBTEST_MOTO_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/moto/bin/python"));
-    first_line(
-        &python.display().to_string(),
-        &["-c", "import moto; print(moto.__version__)"],
-    )
 }
 
 /// The AWS proxies, one per service, in front of one moto.
@@ -305,41 +185,6 @@ fn kubeadm_elapsed(stderr: &str) -> Option<Duration> {
             .then(|| v["elapsed_ms"].as_u64().map(Duration::from_millis))
             .flatten()
     })
-}
-
-/// Each distinct log message (first occurrence) with its time since the
-/// process was spawned, from the lines' wall-clock stamps (millisecond
-/// resolution).
-fn timeline(stderr: &str, spawned: SystemTime) -> Vec<(String, Duration)> {
-    let spawned_ms = spawned
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-    let mut out: Vec<(String, Duration)> = Vec::new();
-    for line in stderr.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(message), Some(stamp)) = (v["message"].as_str(), v["timestamp"].as_str()) else {
-            continue;
-        };
-        let Ok(ts) = stamp.parse::<k8s_openapi::jiff::Timestamp>() else {
-            continue;
-        };
-        if out.iter().any(|(m, _)| m == message) {
-            continue;
-        }
-        let offset = (ts.as_millisecond() as f64 - spawned_ms).max(0.0);
-        out.push((
-            message.to_string(),
-            Duration::from_secs_f64(offset / 1000.0),
-        ));
-    }
-    out
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Runs `kubeboot bootstrap` on `node` with the no-op stand-in and AWS
@@ -458,27 +303,6 @@ async fn start_node_etcd(node: &SimNode) -> ChildGuard {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// First use of a service in a fresh moto_server costs moto, not the agent,
-/// a one-off initialization (SSM's has been seen to take ~0.8 s): one
-/// untimed read per service, straight to moto, before timing. Returns how
-/// long the SSM read took.
-async fn warm_up_moto(sim: &SimCluster) -> Duration {
-    let sdk = sim.moto.sdk_config().await;
-    let t = Instant::now();
-    let _ = aws_sdk_ssm::Client::new(&sdk)
-        .get_parameter()
-        .name("/kbbench/warm-up")
-        .send()
-        .await;
-    let ssm = t.elapsed();
-    let _ = aws_sdk_secretsmanager::Client::new(&sdk)
-        .describe_secret()
-        .secret_id("kbbench/warm-up")
-        .send()
-        .await;
-    ssm
 }
 
 /// Init runs, and how long moto's first SSM call took in each fresh moto.
@@ -753,10 +577,6 @@ async fn main() {
     let kubeadm_exec = exec_baseline(&kubeadm, &["version", "-o", "short"], REFERENCE_CALLS).await;
 
     let mut out = String::new();
-    let command: Vec<String> = std::env::args()
-        .skip(1)
-        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
-        .collect();
     let _ = writeln!(out, "# Bootstrap benchmark\n");
     let _ = writeln!(
         out,
@@ -769,40 +589,18 @@ async fn main() {
          and the benchmark {own:.0}% (the machine is shared: other work shows in the figures)",
         machine()
     );
-    let _ = writeln!(
-        out,
-        "- Date: {} (UTC); the benchmark took {:.0} s",
-        k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%d %H:%M", date).unwrap_or_default(),
-        started.elapsed().as_secs_f64()
-    );
-    let driver = format!(
-        "target/debug/kubeboot-bench-bootstrap {}",
-        command.join(" ")
-    );
-    let _ = match std::env::var("KBBENCH_COMMAND") {
-        Ok(script) => writeln!(
-            out,
-            "- Command: `{script}`, which ran `{}`",
-            driver.trim_end()
-        ),
-        Err(_) => writeln!(out, "- Command: `{}`", driver.trim_end()),
-    };
+    let _ = writeln!(out, "{}", date_line(date, started));
+    let _ = writeln!(out, "{}", command_line("kubeboot-bench-bootstrap"));
     let _ = writeln!(
         out,
         "- Agent: `{}` (debug build), source `{}`",
-        agent
-            .strip_prefix(workspace_root())
-            .unwrap_or(&agent)
-            .display(),
+        shown(&agent),
         first_line("git", &["describe", "--always", "--dirty"])
     );
     let _ = writeln!(
         out,
         "- kubeadm: the stand-in `{}` with `KBTEST_KUBEADM_NOOP=1`",
-        kubeadm
-            .strip_prefix(workspace_root())
-            .unwrap_or(&kubeadm)
-            .display()
+        shown(&kubeadm)
     );
     let _ = writeln!(
         out,
@@ -931,14 +729,5 @@ and CPU work, not the round trips.\n\
 - TLS anywhere (etcd and the API double are plain HTTP; AWS goes to moto over HTTP)."
     );
 
-    print!("{out}");
-    if let Some(path) = opts.out {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).expect("report directory");
-        }
-        let tmp = path.with_extension("md.tmp");
-        std::fs::write(&tmp, &out).expect("write report");
-        std::fs::rename(&tmp, &path).expect("move report into place");
-        eprintln!("report written to {}", path.display());
-    }
+    publish(&out, opts.out.as_deref());
 }
