@@ -492,7 +492,12 @@ fn msf(ms: f64) -> String {
 }
 
 fn signed(ms: f64) -> String {
-    format!("{ms:+.1} ms")
+    // No "-0.0": a difference that rounds to zero is shown as ±0.0.
+    if (ms * 10.0).round() == 0.0 {
+        "±0.0 ms".to_string()
+    } else {
+        format!("{ms:+.1} ms")
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
