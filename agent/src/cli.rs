@@ -623,7 +623,8 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
                 ],
                 &[("Path", path)],
             );
-            crate::systemd::status(&format!("bootstrap failed ({path}): {e}"));
+            let code = crate::catalogue::Coded::code(&e);
+            crate::systemd::status(&format!("bootstrap failed ({path}): [{code}] {e}"));
             Err(e.into())
         }
     };
@@ -715,7 +716,7 @@ async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {
     let out = match args.output {
         Output::Json => format!(
             "{:#}\n",
-            serde_json::json!({ "ok": problems.is_empty(), "problems": problems })
+            serde_json::json!({ "ok": problems.is_empty(), "problems": coded(&problems) })
         ),
         Output::Text => check_report(result.as_ref().ok(), &problems),
     };
@@ -725,6 +726,20 @@ async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {
     } else {
         ExitCode::from(EXIT_USAGE)
     })
+}
+
+/// Problems as JSON objects with their catalogue code beside the fields.
+fn coded(problems: &[config::Problem]) -> Vec<serde_json::Value> {
+    problems
+        .iter()
+        .map(|p| {
+            let mut v = serde_json::to_value(p).unwrap_or(serde_json::Value::Null);
+            if let Some(map) = v.as_object_mut() {
+                map.insert("code".into(), crate::catalogue::Coded::code(p).into());
+            }
+            v
+        })
+        .collect()
 }
 
 fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String {
@@ -750,7 +765,11 @@ fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String
         if problems.len() == 1 { "" } else { "s" }
     );
     for (i, p) in problems.iter().enumerate() {
-        out.push_str(&format!("{:>3}. {p}\n", i + 1));
+        out.push_str(&format!(
+            "{:>3}. [{}] {p}\n",
+            i + 1,
+            crate::catalogue::Coded::code(p)
+        ));
     }
     out
 }

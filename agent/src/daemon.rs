@@ -9,6 +9,7 @@
 //! leader that loses its lock stops mid-turn and competes again. SIGTERM or
 //! SIGINT stop the loops, release the lock and exit 0.
 
+use crate::catalogue::Coded;
 use crate::config::{Config, Role};
 use crate::identity::Identity;
 use crate::join_material::JoinStore;
@@ -130,7 +131,9 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot read the target lifecycle state"),
+                Err(e) => {
+                    tracing::warn!(code = e.code(), error = %e, "cannot read the target lifecycle state")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.delay()) => {}
@@ -163,7 +166,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 {
                     Ok(_) => true,
                     Err(e) => {
-                        tracing::error!(error = %e, hint = %e.hint(), "own termination not completed; retrying next turn");
+                        tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "own termination not completed; retrying next turn");
                         false
                     }
                 }
@@ -177,7 +180,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                         true
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, hint = %e.hint(), "cannot ask the leader; retrying next turn");
+                        tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "cannot ask the leader; retrying next turn");
                         false
                     }
                 },
@@ -217,7 +220,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     // Timeouts while another leader lives are normal; other
                     // errors are retried after a period.
                     if !matches!(e, crate::lock::Error::Timeout { .. }) {
-                        tracing::warn!(error = %e, hint = %e.hint(), "cannot compete for the leader lock");
+                        tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "cannot compete for the leader lock");
                         tokio::select! {
                             _ = tokio::time::sleep(self.delay()) => {}
                             _ = stopped(&mut stop) => return,
@@ -278,7 +281,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 .instrument(telemetry::phase("refresh-join-material"))
                 .await
         {
-            tracing::error!(error = %e, hint = %e.hint(), "join material refresh failed; retried next turn");
+            tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "join material refresh failed; retried next turn");
         }
         let mut suspects = self.suspects.lock().await;
         if let Err(e) = crate::reconciler::run_once(
@@ -291,7 +294,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         .instrument(telemetry::phase("reconcile"))
         .await
         {
-            tracing::error!(error = %e, hint = %e.hint(), "reconciler turn failed; retried next turn");
+            tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "reconciler turn failed; retried next turn");
         }
         drop(suspects);
         if let Some(queue) = &self.queue {
@@ -305,7 +308,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             .instrument(telemetry::phase("lifecycle"))
             .await
             {
-                tracing::error!(error = %e, hint = %e.hint(), "lifecycle queue turn failed; retried next turn");
+                tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle queue turn failed; retried next turn");
             }
         }
     }

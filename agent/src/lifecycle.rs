@@ -17,6 +17,7 @@
 //! AWS refuses a second completion with "No active Lifecycle Action found",
 //! which counts as done.
 
+use crate::catalogue::Coded;
 use crate::config::Config;
 use crate::etcd::{self, Etcd};
 use crate::kubernetes::Kubernetes;
@@ -394,7 +395,9 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
                     Ok(()) => {
                         tracing::info!(instance_id = %action.instance_id, "lifecycle action heartbeat")
                     }
-                    Err(e) => tracing::warn!(error = %e, "lifecycle action heartbeat failed"),
+                    Err(e) => {
+                        tracing::warn!(code = e.code(), error = %e, "lifecycle action heartbeat failed")
+                    }
                 }
             }
         })
@@ -453,7 +456,7 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
                 member = outcome.removed.map(|r| format!("{:016x}", r.id));
             }
             Err(e) => {
-                tracing::error!(instance_id = %action.instance_id, error = %e, hint = %e.hint(), "etcd member not removed; the reconciler retries once it is safe");
+                tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "etcd member not removed; the reconciler retries once it is safe");
                 failures.push(format!("etcd member: {e}"));
             }
         }
@@ -575,7 +578,7 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
                         loop {
                             tokio::time::sleep(visibility / 2).await;
                             if let Err(e) = queue.extend(&receipt, visibility).await {
-                                tracing::warn!(error = %e, "cannot keep the lifecycle message hidden");
+                                tracing::warn!(code = e.code(), error = %e, "cannot keep the lifecycle message hidden");
                             }
                         }
                     })
@@ -589,7 +592,7 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
                         queue.delete(&message.receipt).await?;
                     }
                     Err(e) => {
-                        tracing::error!(instance_id = %action.instance_id, error = %e, hint = %e.hint(), "termination not completed; the message comes back");
+                        tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "termination not completed; the message comes back");
                     }
                 }
             }
@@ -602,7 +605,7 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
                 queue.delete(&message.receipt).await?;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "unreadable lifecycle message deleted");
+                tracing::warn!(code = e.code(), error = %e, "unreadable lifecycle message deleted");
                 queue.delete(&message.receipt).await?;
             }
         }

@@ -223,7 +223,7 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
                     match membership::remove_locked(&etcd, registry, &guard, target, false).await {
                         Ok(_) => done.push(step),
                         Err(e) => {
-                            tracing::error!(removing = %target, error = %e, hint = %e.hint(), "reconciler could not remove the member; retried next turn")
+                            tracing::error!(removing = %target, code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "reconciler could not remove the member; retried next turn")
                         }
                     }
                 }

@@ -89,6 +89,12 @@ fn a_broken_config_exits_2_and_lists_every_problem() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     assert!(text.contains(&format!("file {path}")));
+    // Each problem carries its catalogue code, for `kubeboot explain`.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("[KB-CONFIG-011]") && l.contains("lock.leese")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -112,6 +118,7 @@ fn config_check_json_output_is_machine_readable() {
     assert_eq!(v["ok"], false);
     let first = &v["problems"][0];
     assert_eq!(first["kind"], "wrong-type");
+    assert_eq!(first["code"], "KB-CONFIG-012");
     assert_eq!(first["key"], "cluster.name");
     assert_eq!(first["value"], "42");
     assert!(first["source"].as_str().unwrap().starts_with("file "));
