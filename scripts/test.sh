@@ -4,7 +4,7 @@
 #   scripts/test.sh
 #
 # Steps: setup (idempotent) -> rustfmt check -> clippy -D warnings -> shellcheck
-# -> build the binaries the integration tests start -> all tests (nextest).
+# -> cfn-lint + checkov on infra/ -> build the binaries the integration tests start -> all tests (nextest).
 set -euo pipefail
 
 root_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,6 +23,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "shellcheck"
 shellcheck scripts/*.sh .ci/run
+
+step "infra templates: cfn-lint and checkov"
+scripts/lint-infra.sh
 
 step "build binaries used by the tests"
 cargo build --workspace --bins --locked

@@ -112,30 +112,139 @@ impl aws_smithy_runtime_api::client::interceptors::Intercept for RetryCounter {
     }
 }
 
+/// Refuses, before anything is sent, a call that `iam::OPERATIONS` does not
+/// grant this node's role: the instance role in infra/ is generated from the
+/// same list and would deny it in production, so a test reaching the call
+/// fails now with the reason instead.
+#[derive(Debug)]
+struct OperationGuard {
+    /// The IAM service prefix (`dynamodb`, `secretsmanager`, ...).
+    service: &'static str,
+    role: crate::config::model::Role,
+}
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for OperationGuard {
+    fn name(&self) -> &'static str {
+        "kubeboot-operation-guard"
+    }
+
+    // Not read_before_execution: a client interceptor runs that before the
+    // operation's configuration (which holds its name) is applied.
+    fn read_before_serialization(
+        &self,
+        _context: &aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let Some(meta) = cfg.load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+        else {
+            return Err(format!(
+                "{} call without operation metadata: cannot check it against agent/src/iam.rs",
+                self.service
+            )
+            .into());
+        };
+        let action = format!("{}:{}", self.service, meta.name());
+        if crate::iam::permits(self.role, &action) {
+            Ok(())
+        } else {
+            Err(crate::iam::refusal(self.role, &action).into())
+        }
+    }
+}
+
 macro_rules! client {
-    ($name:ident, $krate:ident, $service:expr) => {
+    ($name:ident, $krate:ident, $service:expr, $iam:literal) => {
         /// A client with the endpoint override, the retry and timeout
-        /// settings of `[aws]`, and the retry counter.
+        /// settings of `[aws]`, the retry counter and the operation guard.
         pub fn $name(base: &SdkConfig, cfg: &Config) -> $krate::Client {
             let conf = $krate::config::Builder::from(&for_service(base, cfg, $service))
                 .interceptor(RetryCounter)
+                .interceptor(OperationGuard {
+                    service: $iam,
+                    role: cfg.node.role,
+                })
                 .build();
             $krate::Client::from_conf(conf)
         }
     };
 }
 
-client!(dynamodb_client, aws_sdk_dynamodb, Service::DynamoDb);
-client!(ssm_client, aws_sdk_ssm, Service::Ssm);
+client!(
+    dynamodb_client,
+    aws_sdk_dynamodb,
+    Service::DynamoDb,
+    "dynamodb"
+);
+client!(ssm_client, aws_sdk_ssm, Service::Ssm, "ssm");
 client!(
     secretsmanager_client,
     aws_sdk_secretsmanager,
-    Service::SecretsManager
+    Service::SecretsManager,
+    "secretsmanager"
 );
-client!(ec2_client, aws_sdk_ec2, Service::Ec2);
-client!(sqs_client, aws_sdk_sqs, Service::Sqs);
+client!(ec2_client, aws_sdk_ec2, Service::Ec2, "ec2");
+client!(sqs_client, aws_sdk_sqs, Service::Sqs, "sqs");
 client!(
     autoscaling_client,
     aws_sdk_autoscaling,
-    Service::AutoScaling
+    Service::AutoScaling,
+    "autoscaling"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{merge, parse_toml, Source};
+
+    fn config(role: &str) -> Config {
+        let toml = format!(
+            "[cluster]\nname = \"guard\"\nkubernetes_version = \"1.31.2\"\n\
+             control_plane_endpoint = \"api.guard.internal:6443\"\n\
+             [node]\nrole = \"{role}\"\n[aws]\ntable = \"kubeboot-guard\"\nmax_attempts = 1\n\
+             backup_bucket = \"kubeboot-guard\"\n\
+             [aws.endpoints]\ndynamodb = \"http://127.0.0.1:1\"\n"
+        );
+        let mut problems = Vec::new();
+        let layer = parse_toml(Source::File("guard.toml".into()), &toml, &mut problems);
+        merge(&[layer], problems).expect("valid config").config
+    }
+
+    fn base() -> SdkConfig {
+        SdkConfig::builder()
+            .region(Region::new("eu-west-1"))
+            .behavior_version(BehaviorVersion::latest())
+            .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+                aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"),
+            ))
+            .build()
+    }
+
+    async fn update_item(role: &str) -> String {
+        let cfg = config(role);
+        let client = dynamodb_client(&base(), &cfg);
+        let err = client
+            .update_item()
+            .table_name("kubeboot-guard")
+            .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("x".into()))
+            .send()
+            .await
+            .expect_err("nothing listens on port 1");
+        aws_smithy_types::error::display::DisplayErrorContext(&err).to_string()
+    }
+
+    #[tokio::test]
+    async fn a_worker_updating_an_item_is_refused_before_anything_is_sent() {
+        let message = update_item("worker").await;
+        assert!(
+            message.contains("does not perform dynamodb:UpdateItem as a worker node"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_control_plane_updating_an_item_gets_as_far_as_the_network() {
+        let message = update_item("control-plane").await;
+        assert!(!message.contains("does not perform"), "{message}");
+    }
+}

@@ -12,6 +12,7 @@ pub mod error;
 pub mod etcd;
 pub mod failpoint;
 pub mod health;
+pub mod iam;
 pub mod identity;
 pub mod join_material;
 pub mod kubeadm;

@@ -10,6 +10,7 @@
 //! `KUBEBOOT_`, which belongs to the agent's own configuration).
 
 pub mod awsproxy;
+pub mod cfn;
 pub mod emf;
 pub mod etcd;
 pub mod imds;

@@ -12,13 +12,15 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The operator's node: a control plane, whose instance role may release locks
+/// (a worker's may not: `iam::OPERATIONS`).
 fn write_config(dir: &Path, moto: &str, table: &str, cluster: &str) -> String {
     let path = dir.join("config.toml");
     std::fs::write(
         &path,
         format!(
             "[cluster]\nname = \"{cluster}\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"api:6443\"\n\
-             [node]\nrole = \"worker\"\n\
+             [node]\nrole = \"control-plane\"\n[backup]\nenabled = false\n\
              [aws]\ntable = \"{table}\"\nregion = \"us-east-1\"\nmax_attempts = 2\n[aws.endpoints]\ndynamodb = \"{moto}\"\n\
              [lock]\nlease = \"3s\"\nmargin = \"1s\"\n"
         ),

@@ -1,0 +1,321 @@
+//! The AWS operations the agent performs, per role: the one list the
+//! instance roles in `infra/cluster.json` are checked against.
+//!
+//! Least privilege is only provable if the agent's surface is written down
+//! once. The template test compares each role's policy with [`grants`];
+//! every SDK client checks each call against [`permits`] before sending it
+//! (see `aws::OperationGuard`), so an operation added to the code but not to
+//! this list fails every test that reaches it, long before an instance role
+//! denies it in production.
+
+use crate::config::model::Role;
+use std::collections::BTreeSet;
+
+const CP: &[Role] = &[Role::ControlPlane];
+const BOTH: &[Role] = &[Role::ControlPlane, Role::Worker];
+
+/// What an action is granted on: the template scopes each to the cluster's
+/// own resource of this kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resource {
+    /// The cluster's DynamoDB table, its items limited to the cluster's partition.
+    Table,
+    /// The join-material secret `kubeboot/<cluster>/join`.
+    JoinSecret,
+    /// The SSM parameters under `/kubeboot/<cluster>/`.
+    SsmPrefix,
+    /// The lifecycle queue.
+    LifecycleQueue,
+    /// The cluster's Auto Scaling groups.
+    AutoScalingGroups,
+    /// The cluster's KMS key, only when used by Secrets Manager for the secret.
+    ClusterKey,
+    /// EC2 Describe* calls have no resource-level permissions.
+    AnyInstance,
+}
+
+/// One IAM permission: an action on one kind of resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Grant {
+    /// `service:Action` as IAM spells it.
+    pub action: &'static str,
+    pub resource: Resource,
+}
+
+/// One request the agent sends, and what IAM must grant for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Operation {
+    /// `service:Operation` as the SDK names it (what the clients check).
+    pub call: &'static str,
+    pub roles: &'static [Role],
+    /// What IAM authorizes for this call. Usually the call itself, but
+    /// TransactWriteItems is authorized per item action, and Secrets Manager
+    /// uses the cluster key on the caller's behalf.
+    pub grants: &'static [Grant],
+    /// Where and why; read when reviewing a policy change.
+    pub why: &'static str,
+}
+
+const fn on(action: &'static str, resource: Resource) -> Grant {
+    Grant { action, resource }
+}
+
+const TABLE: Resource = Resource::Table;
+
+/// Every request the agent sends, for which role, and what it needs granted.
+pub const OPERATIONS: &[Operation] = &[
+    Operation {
+        call: "dynamodb:GetItem",
+        roles: BOTH,
+        grants: &[on("dynamodb:GetItem", TABLE)],
+        why:
+            "read the cluster record, the join pointer, a refresh request, a lock (registry, lock)",
+    },
+    Operation {
+        call: "dynamodb:PutItem",
+        roles: BOTH,
+        grants: &[on("dynamodb:PutItem", TABLE)],
+        why: "a joining node records a request for fresh join material (registry)",
+    },
+    Operation {
+        call: "dynamodb:UpdateItem",
+        roles: CP,
+        grants: &[on("dynamodb:UpdateItem", TABLE)],
+        why: "acquire, renew, release and take over the init/membership/leader locks (lock)",
+    },
+    Operation {
+        call: "dynamodb:TransactWriteItems",
+        roles: CP,
+        // The fence check, then one update (cluster record), put (member
+        // record, join pointer) or delete (member record).
+        grants: &[
+            on("dynamodb:ConditionCheckItem", TABLE),
+            on("dynamodb:UpdateItem", TABLE),
+            on("dynamodb:PutItem", TABLE),
+            on("dynamodb:DeleteItem", TABLE),
+        ],
+        why: "fenced writes: cluster record, member records, join pointer (registry)",
+    },
+    Operation {
+        call: "dynamodb:Query",
+        roles: BOTH,
+        grants: &[on("dynamodb:Query", TABLE)],
+        why: "list the cluster's member records (registry, reconciler; `kubeboot status` on any node)",
+    },
+    Operation {
+        call: "secretsmanager:GetSecretValue",
+        roles: BOTH,
+        grants: &[
+            on("secretsmanager:GetSecretValue", Resource::JoinSecret),
+            on("kms:Decrypt", Resource::ClusterKey),
+        ],
+        why: "read the join-material version the join pointer names (join_material)",
+    },
+    Operation {
+        call: "secretsmanager:PutSecretValue",
+        roles: CP,
+        grants: &[
+            on("secretsmanager:PutSecretValue", Resource::JoinSecret),
+            on("kms:GenerateDataKey", Resource::ClusterKey),
+        ],
+        why: "publish a new join-material version (init, refresh)",
+    },
+    Operation {
+        call: "secretsmanager:CreateSecret",
+        roles: CP,
+        grants: &[
+            on("secretsmanager:CreateSecret", Resource::JoinSecret),
+            on("kms:GenerateDataKey", Resource::ClusterKey),
+        ],
+        why: "create the secret when the stack did not (join_material); scoped to its one name",
+    },
+    Operation {
+        call: "ssm:PutParameter",
+        roles: CP,
+        grants: &[on("ssm:PutParameter", Resource::SsmPrefix)],
+        why: "publish the discovery values endpoint and ca-cert-hashes (join_material)",
+    },
+    Operation {
+        call: "sqs:ReceiveMessage",
+        roles: CP,
+        grants: &[on("sqs:ReceiveMessage", Resource::LifecycleQueue)],
+        why: "the leader reads ASG lifecycle events (lifecycle)",
+    },
+    Operation {
+        call: "sqs:DeleteMessage",
+        roles: CP,
+        grants: &[on("sqs:DeleteMessage", Resource::LifecycleQueue)],
+        why: "a handled or irrelevant event is deleted (lifecycle)",
+    },
+    Operation {
+        call: "sqs:ChangeMessageVisibility",
+        roles: CP,
+        grants: &[on("sqs:ChangeMessageVisibility", Resource::LifecycleQueue)],
+        why: "an event being handled is kept invisible while cleanup runs (lifecycle)",
+    },
+    Operation {
+        call: "sqs:SendMessage",
+        roles: BOTH,
+        grants: &[on("sqs:SendMessage", Resource::LifecycleQueue)],
+        why: "a terminating worker asks the leader to drain it (daemon)",
+    },
+    Operation {
+        call: "autoscaling:CompleteLifecycleAction",
+        roles: CP,
+        grants: &[on(
+            "autoscaling:CompleteLifecycleAction",
+            Resource::AutoScalingGroups,
+        )],
+        why: "let a terminating instance go once its member and Node are cleaned up (lifecycle)",
+    },
+    Operation {
+        call: "autoscaling:RecordLifecycleActionHeartbeat",
+        roles: CP,
+        grants: &[on(
+            "autoscaling:RecordLifecycleActionHeartbeat",
+            Resource::AutoScalingGroups,
+        )],
+        why: "keep a termination waiting while a drain runs (lifecycle)",
+    },
+    Operation {
+        call: "ec2:DescribeInstances",
+        roles: CP,
+        grants: &[on("ec2:DescribeInstances", Resource::AnyInstance)],
+        why: "which instances behind etcd members are gone (reconciler)",
+    },
+];
+
+/// What `role`'s policy must grant: each action with its resource kind, sorted.
+pub fn grants(role: Role) -> BTreeSet<Grant> {
+    OPERATIONS
+        .iter()
+        .filter(|op| op.roles.contains(&role))
+        .flat_map(|op| op.grants.iter().copied())
+        .collect()
+}
+
+/// The IAM actions `role` needs, sorted.
+pub fn actions(role: Role) -> BTreeSet<&'static str> {
+    grants(role).into_iter().map(|g| g.action).collect()
+}
+
+/// Whether the agent running as `role` may send `call` (`service:Operation`).
+pub fn permits(role: Role, call: &str) -> bool {
+    OPERATIONS
+        .iter()
+        .any(|op| op.call == call && op.roles.contains(&role))
+}
+
+/// The message when the code sends something this list does not grant.
+pub fn refusal(role: Role, call: &str) -> String {
+    format!(
+        "kubeboot does not perform {call} as a {} node: it is not in the operation list \
+         (agent/src/iam.rs), so the instance role in infra/ does not grant it; \
+         add it there, with the role and why, if the call is intended",
+        role.as_str()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_reads_join_material_but_never_writes_the_cluster_state() {
+        let worker = actions(Role::Worker);
+        assert!(worker.contains("secretsmanager:GetSecretValue"));
+        for forbidden in [
+            "dynamodb:UpdateItem",
+            "dynamodb:TransactWriteItems",
+            "secretsmanager:PutSecretValue",
+            "ssm:PutParameter",
+            "sqs:ReceiveMessage",
+            "ec2:DescribeInstances",
+        ] {
+            assert!(!worker.contains(forbidden), "{forbidden}");
+        }
+    }
+
+    fn named_exactly(name: &str) {
+        let (service, action) = name.split_once(':').expect("service:Action");
+        assert!(
+            !service.is_empty()
+                && service
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+            "{name}"
+        );
+        assert!(
+            action.starts_with(|c: char| c.is_ascii_uppercase()),
+            "{name}"
+        );
+        assert!(
+            action.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{name}: no wildcards"
+        );
+    }
+
+    #[test]
+    fn every_call_and_grant_is_named_exactly_with_no_wildcards() {
+        let mut seen = BTreeSet::new();
+        for op in OPERATIONS {
+            named_exactly(op.call);
+            op.grants.iter().for_each(|g| named_exactly(g.action));
+            assert!(!op.roles.is_empty() && !op.grants.is_empty(), "{}", op.call);
+            assert!(seen.insert(op.call), "{} listed twice", op.call);
+        }
+    }
+
+    #[test]
+    fn a_transaction_is_sendable_but_its_item_actions_are_only_granted() {
+        assert!(permits(Role::ControlPlane, "dynamodb:TransactWriteItems"));
+        assert!(!permits(Role::Worker, "dynamodb:TransactWriteItems"));
+        assert!(!permits(Role::ControlPlane, "dynamodb:DeleteItem"));
+        assert!(!permits(Role::ControlPlane, "kms:Decrypt"));
+        let cp = actions(Role::ControlPlane);
+        assert!(cp.contains("dynamodb:ConditionCheckItem") && cp.contains("dynamodb:DeleteItem"));
+        assert!(
+            !cp.contains("dynamodb:TransactWriteItems"),
+            "not an IAM action"
+        );
+    }
+
+    /// Every called action appears as an SDK call in the agent's source, so
+    /// the list cannot keep a permission the code no longer uses.
+    #[test]
+    fn every_called_action_is_called_somewhere_in_the_source() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut text = String::new();
+        let mut stack = vec![src];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read src") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("iam.rs") {
+                    text.push_str(&std::fs::read_to_string(&path).expect("read"));
+                }
+            }
+        }
+        for op in OPERATIONS {
+            let (_, name) = op.call.split_once(':').expect("service:Operation");
+            let call = format!(".{}()", snake(name));
+            assert!(
+                text.contains(&call),
+                "{} listed but {call} is not in agent/src",
+                op.call
+            );
+        }
+    }
+
+    fn snake(pascal: &str) -> String {
+        let mut out = String::new();
+        for (i, c) in pascal.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        }
+        out
+    }
+}

@@ -1,0 +1,1032 @@
+//! The templates in infra/ against the agent: a stack that deploys but
+//! disagrees with the binary (another table key, a secret name the role cannot
+//! read, an alarm on a metric nobody emits, a permission nobody uses) fails
+//! here, not at 3 a.m.
+//!
+//! Each check returns the problems it finds instead of panicking, so the
+//! negative tests can show that a template edited to grant `dynamodb:*` or to
+//! drop PITR is caught.
+
+use kubeboot::config::model::Role;
+use kubeboot::iam::{self, Resource};
+use kubeboot_tests::cfn::{find_all, scalar, Stack, ACCOUNT, REGION};
+use kubeboot_tests::workspace::{kubeboot_bin, workspace_root};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+
+const STAGE: &str = "production";
+const NAME: &str = "blue";
+/// kubeboot's cluster name for the stack under test.
+const CLUSTER: &str = "production-blue";
+
+fn template(file: &str) -> Value {
+    let path = workspace_root().join("infra").join(file);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+fn cluster_stack(template: Value) -> Stack {
+    Stack::new(
+        template,
+        &[
+            ("Stage", STAGE),
+            ("ClusterName", NAME),
+            ("AlarmEmail", "oncall@example.com"),
+            ("VpcId", "vpc-0123456789abcdef0"),
+            ("VpcCidr", "10.40.0.0/16"),
+            ("ImageId", "ami-0123456789abcdef0"),
+            ("PrivateSubnetIds", "subnet-0a,subnet-0b,subnet-0c"),
+        ],
+    )
+}
+
+fn stack() -> Stack {
+    cluster_stack(template("cluster.json"))
+}
+
+fn assert_none(problems: Vec<String>) {
+    assert!(
+        problems.is_empty(),
+        "infra/ disagrees with the agent:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The checks
+
+/// The table: the agent's key schema and TTL attribute, PITR, SSE, kept on
+/// stack deletion, deletion protection in production.
+fn table_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let props = s.eval(&s.resource("Table")["Properties"]);
+    let keys: Vec<(String, String)> = props["KeySchema"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|k| (scalar(&k["AttributeName"]), scalar(&k["KeyType"])))
+                .collect()
+        })
+        .unwrap_or_default();
+    let want = vec![
+        (
+            kubeboot::table::PARTITION_KEY.to_string(),
+            "HASH".to_string(),
+        ),
+        (kubeboot::table::SORT_KEY.to_string(), "RANGE".to_string()),
+    ];
+    if keys != want {
+        p.push(format!(
+            "table key schema {keys:?}, the agent uses {want:?}"
+        ));
+    }
+    for attr in props["AttributeDefinitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if attr["AttributeType"] != "S" {
+            p.push(format!("table attribute {attr} is not a string"));
+        }
+    }
+    let ttl = &props["TimeToLiveSpecification"];
+    if ttl["AttributeName"] != kubeboot::table::TTL_ATTRIBUTE || ttl["Enabled"] != true {
+        p.push(format!(
+            "table TTL {ttl}, the agent writes {}",
+            kubeboot::table::TTL_ATTRIBUTE
+        ));
+    }
+    if props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] != true {
+        p.push("table without point-in-time recovery".into());
+    }
+    if props["SSESpecification"]["SSEEnabled"] != true {
+        p.push("table without server-side encryption".into());
+    }
+    if scalar(&props["DeletionProtectionEnabled"]) != "true" {
+        p.push("production table without deletion protection".into());
+    }
+    p
+}
+
+/// State that outlives the stack: deleting or replacing the stack keeps it.
+fn retention_problems(s: &Stack) -> Vec<String> {
+    [
+        "Table",
+        "BackupBucket",
+        "ClusterKey",
+        "JoinSecret",
+        "LogGroup",
+    ]
+    .iter()
+    .filter(|id| {
+        let r = s.resource(id);
+        r["DeletionPolicy"] != "Retain" || r["UpdateReplacePolicy"] != "Retain"
+    })
+    .map(|id| format!("{id} is not kept on stack deletion and replacement (Retain)"))
+    .collect()
+}
+
+/// The backup bucket: versioned, SSE-KMS with the cluster key, public access
+/// blocked, TLS only, a lifecycle.
+fn bucket_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let b = s.eval(&s.resource("BackupBucket")["Properties"]);
+    if b["VersioningConfiguration"]["Status"] != "Enabled" {
+        p.push("backup bucket not versioned".into());
+    }
+    let sse = &b["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+        ["ServerSideEncryptionByDefault"];
+    if sse["SSEAlgorithm"] != "aws:kms"
+        || sse["KMSMasterKeyID"] != s.eval(&json!({"Fn::GetAtt": ["ClusterKey", "Arn"]}))
+    {
+        p.push(format!(
+            "backup bucket encryption {sse}, want SSE-KMS with the cluster key"
+        ));
+    }
+    let block = &b["PublicAccessBlockConfiguration"];
+    for k in [
+        "BlockPublicAcls",
+        "BlockPublicPolicy",
+        "IgnorePublicAcls",
+        "RestrictPublicBuckets",
+    ] {
+        if block[k] != true {
+            p.push(format!("backup bucket {k} is not true"));
+        }
+    }
+    if b["LifecycleConfiguration"]["Rules"]
+        .as_array()
+        .is_none_or(|r| r.is_empty())
+    {
+        p.push("backup bucket without lifecycle rules".into());
+    }
+    let policy = s.prop("BackupBucketPolicy", "PolicyDocument");
+    let tls_only = policy["Statement"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|st| {
+            st["Effect"] == "Deny" && st["Condition"]["Bool"]["aws:SecureTransport"] == "false"
+        });
+    if !tls_only {
+        p.push("backup bucket policy does not deny non-TLS requests".into());
+    }
+    p
+}
+
+/// A role's statements, by Sid, from its `kubeboot-agent` policy; and every
+/// problem with the role's other policies.
+fn role_policies(s: &Stack, role_id: &str) -> (Vec<Value>, Vec<String>) {
+    let mut p = Vec::new();
+    let role = s.eval(&s.resource(role_id)["Properties"]);
+    if role.get("ManagedPolicyArns").is_some() {
+        p.push(format!("{role_id} has managed policies: grant only what the agent and the CloudWatch agent use"));
+    }
+    let mut agent = Vec::new();
+    for policy in role["Policies"].as_array().into_iter().flatten() {
+        let statements = policy["PolicyDocument"]["Statement"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        match policy["PolicyName"].as_str() {
+            Some("kubeboot-agent") => agent = statements,
+            Some("cloudwatch-agent") => {
+                let log_group = s.eval(&json!({"Fn::GetAtt": ["LogGroup", "Arn"]}));
+                for st in &statements {
+                    let actions: BTreeSet<String> = strings(&st["Action"]);
+                    let allowed: BTreeSet<String> = [
+                        "logs:CreateLogStream",
+                        "logs:DescribeLogStreams",
+                        "logs:PutLogEvents",
+                    ]
+                    .map(String::from)
+                    .into();
+                    if !actions.is_subset(&allowed) {
+                        p.push(format!("{role_id} cloudwatch-agent grants {actions:?}"));
+                    }
+                    let log_group = scalar(&log_group);
+                    for r in strings(&st["Resource"]) {
+                        if !r.starts_with(&log_group) {
+                            p.push(format!("{role_id} cloudwatch-agent reaches beyond the cluster log group: {r}"));
+                        }
+                    }
+                }
+            }
+            other => p.push(format!("{role_id} has an unexpected policy {other:?}")),
+        }
+    }
+    (agent, p)
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    match v {
+        Value::Array(a) => a.iter().map(scalar).collect(),
+        Value::Null => BTreeSet::new(),
+        other => [scalar(other)].into(),
+    }
+}
+
+/// What each resource kind must resolve to for this cluster.
+fn expected_resources(
+    s: &Stack,
+    cfg: &kubeboot::config::Config,
+    kind: Resource,
+) -> BTreeSet<String> {
+    let param = |name: &str| {
+        format!(
+            "arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{}/{name}",
+            cfg.aws.ssm_prefix
+        )
+    };
+    let set = |items: &[String]| items.iter().cloned().collect();
+    match kind {
+        Resource::Table => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["Table", "Arn"]})))]),
+        Resource::JoinSecret => set(&[format!(
+            "arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{}-*",
+            cfg.aws.join_secret
+        )]),
+        Resource::SsmPrefix => set(&[
+            param(kubeboot::join_material::SSM_ENDPOINT),
+            param(kubeboot::join_material::SSM_CA_CERT_HASHES),
+        ]),
+        Resource::LifecycleQueue => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["LifecycleQueue", "Arn"]})))]),
+        Resource::AutoScalingGroups => set(&[format!(
+            "arn:aws:autoscaling:{REGION}:{ACCOUNT}:autoScalingGroup:*:autoScalingGroupName/kubeboot-{CLUSTER}-*"
+        )]),
+        Resource::ClusterKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["ClusterKey", "Arn"]})))]),
+        Resource::AnyInstance => set(&["*".to_string()]),
+    }
+}
+
+/// Least privilege: each role's `kubeboot-agent` policy grants exactly the
+/// agent's operation list for that role, each on the cluster's own resource;
+/// no wildcard action anywhere in a role.
+fn iam_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    for (role, role_id) in [
+        (Role::ControlPlane, "ControlPlaneRole"),
+        (Role::Worker, "WorkerRole"),
+    ] {
+        let cfg = node_config(s, role);
+        let (statements, mut others) = role_policies(s, role_id);
+        p.append(&mut others);
+        let mut granted: BTreeSet<(String, String)> = BTreeSet::new();
+        for st in &statements {
+            if st["Effect"] != "Allow" {
+                continue;
+            }
+            let sid = scalar(&st["Sid"]);
+            let kind = [
+                Resource::Table,
+                Resource::JoinSecret,
+                Resource::SsmPrefix,
+                Resource::LifecycleQueue,
+                Resource::AutoScalingGroups,
+                Resource::ClusterKey,
+                Resource::AnyInstance,
+            ]
+            .into_iter()
+            .find(|k| format!("{k:?}") == sid);
+            let Some(kind) = kind else {
+                p.push(format!(
+                    "{role_id}: statement {sid:?} names no resource kind of agent/src/iam.rs"
+                ));
+                continue;
+            };
+            let resources = strings(&st["Resource"]);
+            let want = expected_resources(s, &cfg, kind);
+            if resources != want {
+                p.push(format!(
+                    "{role_id}: {sid} on {resources:?}, the agent uses {want:?}"
+                ));
+            }
+            if kind == Resource::Table {
+                let keys =
+                    strings(&st["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"]);
+                let pk = kubeboot::table::cluster_pk(&cfg.cluster.name);
+                if keys != [pk.clone()].into() {
+                    p.push(format!(
+                        "{role_id}: table access not limited to the partition {pk}: {keys:?}"
+                    ));
+                }
+            }
+            if kind == Resource::ClusterKey
+                && scalar(&st["Condition"]["StringEquals"]["kms:ViaService"])
+                    != format!("secretsmanager.{REGION}.amazonaws.com")
+            {
+                p.push(format!(
+                    "{role_id}: the cluster key is usable outside Secrets Manager"
+                ));
+            }
+            for action in strings(&st["Action"]) {
+                if action.contains('*') {
+                    p.push(format!("{role_id}: wildcard action {action}"));
+                }
+                granted.insert((sid.clone(), action));
+            }
+        }
+        let want: BTreeSet<(String, String)> = iam::grants(role)
+            .into_iter()
+            .map(|g| (format!("{:?}", g.resource), g.action.to_string()))
+            .collect();
+        for extra in granted.difference(&want) {
+            p.push(format!(
+                "{role_id} grants {} on {} which the agent never needs (agent/src/iam.rs)",
+                extra.1, extra.0
+            ));
+        }
+        for missing in want.difference(&granted) {
+            p.push(format!(
+                "{role_id} lacks {} on {}, which the agent needs",
+                missing.1, missing.0
+            ));
+        }
+    }
+    p
+}
+
+/// The configuration a node of `role` gets from its launch template's
+/// user-data, parsed and validated by the agent's own loader.
+fn node_config(s: &Stack, role: Role) -> kubeboot::config::Config {
+    let (dir, user_data) = write_user_data(s, role);
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "").expect("write empty config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let loaded = rt
+        .block_on(kubeboot::config::load(&kubeboot::config::LoadOptions {
+            path: config,
+            user_data: kubeboot::config::UserData::File(user_data),
+            env: vec![],
+        }))
+        .unwrap_or_else(|e| panic!("{role:?} user-data is refused by the agent: {e}"));
+    loaded.config
+}
+
+fn launch_template(role: Role) -> &'static str {
+    match role {
+        Role::ControlPlane => "ControlPlaneLaunchTemplate",
+        Role::Worker => "WorkerLaunchTemplate",
+    }
+}
+
+fn write_user_data(s: &Stack, role: Role) -> (tempfile::TempDir, std::path::PathBuf) {
+    let data = s.prop(launch_template(role), "LaunchTemplateData");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("user-data");
+    std::fs::write(&path, scalar(&data["UserData"])).expect("write user-data");
+    (dir, path)
+}
+
+/// Names the user-data gives the agent match the resources the stack makes.
+fn user_data_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let secret_name = scalar(&s.prop("JoinSecret", "Name"));
+    let table = scalar(&s.eval(&json!({"Ref": "Table"})));
+    let queue = scalar(&s.eval(&json!({"Ref": "LifecycleQueue"})));
+    let log_group = scalar(&s.eval(&json!({"Ref": "LogGroup"})));
+    let endpoint = format!(
+        "{}:6443",
+        scalar(&s.eval(&json!({"Fn::GetAtt": ["ApiLoadBalancer", "DNSName"]})))
+    );
+    for role in [Role::ControlPlane, Role::Worker] {
+        let cfg = node_config(s, role);
+        let mut expect = |what: &str, got: &str, want: &str| {
+            if got != want {
+                p.push(format!(
+                    "{role:?} user-data {what} = {got:?}, the stack has {want:?}"
+                ));
+            }
+        };
+        expect("node.role", cfg.node.role.as_str(), role.as_str());
+        expect("cluster.name", &cfg.cluster.name, CLUSTER);
+        expect("aws.table", &cfg.aws.table, &table);
+        expect("aws.join_secret", &cfg.aws.join_secret, &secret_name);
+        expect(
+            "aws.ssm_prefix",
+            &cfg.aws.ssm_prefix,
+            &format!("/kubeboot/{CLUSTER}"),
+        );
+        expect(
+            "aws.lifecycle_queue_url",
+            cfg.aws.lifecycle_queue_url.as_deref().unwrap_or(""),
+            &queue,
+        );
+        expect(
+            "cluster.control_plane_endpoint",
+            &cfg.cluster.control_plane_endpoint,
+            &endpoint,
+        );
+        expect(
+            "metrics.log_group",
+            cfg.metrics.log_group.as_deref().unwrap_or(""),
+            &log_group,
+        );
+        expect(
+            "aws.backup_bucket",
+            cfg.aws.backup_bucket.as_deref().unwrap_or(""),
+            &scalar(&s.eval(&json!({"Ref": "BackupBucket"}))),
+        );
+        let data = s.prop(launch_template(role), "LaunchTemplateData");
+        let md = &data["MetadataOptions"];
+        if md["HttpTokens"] != "required" {
+            p.push(format!("{role:?} launch template allows IMDSv1"));
+        }
+        if md["InstanceMetadataTags"] != "enabled" {
+            p.push(format!(
+                "{role:?} launch template hides instance tags from IMDS; the agent reads {}",
+                kubeboot::lifecycle::ASG_TAG_PATH
+            ));
+        }
+        let profile = scalar(&data["IamInstanceProfile"]["Arn"]);
+        let want_profile = match role {
+            Role::ControlPlane => "ControlPlaneInstanceProfile",
+            Role::Worker => "WorkerInstanceProfile",
+        };
+        if !profile.ends_with(want_profile) {
+            p.push(format!(
+                "{role:?} launch template uses instance profile {profile}"
+            ));
+        }
+    }
+    p
+}
+
+/// The ASGs' hooks and the EventBridge rule deliver what the agent parses.
+fn lifecycle_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let rule = s.eval(&s.resource("LifecycleRule")["Properties"]);
+    let pattern = &rule["EventPattern"];
+    let groups = strings(&pattern["detail"]["AutoScalingGroupName"]);
+    let queue_arn = s.eval(&json!({"Fn::GetAtt": ["LifecycleQueue", "Arn"]}));
+    if rule["Targets"][0]["Arn"] != queue_arn {
+        p.push(format!(
+            "lifecycle rule targets {}, not the queue",
+            rule["Targets"][0]["Arn"]
+        ));
+    }
+    let cfg = node_config(s, Role::ControlPlane);
+    for id in ["ControlPlaneGroup", "WorkerGroup"] {
+        let asg = s.eval(&s.resource(id)["Properties"]);
+        let name = scalar(&asg["AutoScalingGroupName"]);
+        if !groups.contains(&name) {
+            p.push(format!("lifecycle rule does not match {id} ({name})"));
+        }
+        let hooks = asg["LifecycleHookSpecificationList"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let Some(hook) = hooks
+            .iter()
+            .find(|h| h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING")
+        else {
+            p.push(format!("{id} has no termination lifecycle hook"));
+            continue;
+        };
+        let hook_name = scalar(&hook["LifecycleHookName"]);
+        if hook_name != cfg.aws.lifecycle_hook {
+            p.push(format!(
+                "{id} hook {hook_name:?}, the agent completes {:?}",
+                cfg.aws.lifecycle_hook
+            ));
+        }
+        // The event EventBridge delivers for this rule, as the leader reads it.
+        let event = json!({
+            "version": "0", "id": "6a7e8feb-b491-4cf7-a9f1-bf3703467718",
+            "detail-type": pattern["detail-type"][0],
+            "source": pattern["source"][0],
+            "account": ACCOUNT, "time": "2026-11-29T00:00:00Z", "region": REGION,
+            "resources": [format!("arn:aws:autoscaling:{REGION}:{ACCOUNT}:autoScalingGroup:x:autoScalingGroupName/{name}")],
+            "detail": {
+                "LifecycleActionToken": "87654321-4321-4321-4321-210987654321",
+                "AutoScalingGroupName": name,
+                "LifecycleHookName": hook_name,
+                "EC2InstanceId": "i-0123456789abcdef0",
+                "LifecycleTransition": hook["LifecycleTransition"],
+                "Origin": "AutoScalingGroup", "Destination": "EC2"
+            }
+        });
+        match kubeboot::lifecycle::parse_message(&event.to_string()) {
+            Ok(kubeboot::lifecycle::Event::Terminating(action))
+                if action.asg == name && action.hook == cfg.aws.lifecycle_hook => {}
+            other => p.push(format!("the agent reads {id}'s event as {other:?}")),
+        }
+    }
+    if pattern["detail-type"] != json!(["EC2 Instance-terminate Lifecycle Action"])
+        || pattern["source"] != json!(["aws.autoscaling"])
+    {
+        p.push(format!("lifecycle rule pattern {pattern}"));
+    }
+    p
+}
+
+/// A metric series an alarm or a widget reads.
+struct Series {
+    namespace: String,
+    name: String,
+    dims: Vec<(String, String)>,
+    from: String,
+}
+
+fn alarm_series(s: &Stack) -> Vec<Series> {
+    let mut out = Vec::new();
+    for id in s.of_type("AWS::CloudWatch::Alarm") {
+        let a = s.eval(&s.resource(&id)["Properties"]);
+        let dims = |d: &Value| {
+            d.as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| (scalar(&x["Name"]), scalar(&x["Value"])))
+                .collect()
+        };
+        if a.get("MetricName").is_some() {
+            out.push(Series {
+                namespace: scalar(&a["Namespace"]),
+                name: scalar(&a["MetricName"]),
+                dims: dims(&a["Dimensions"]),
+                from: id.clone(),
+            });
+        }
+        for m in a["Metrics"].as_array().into_iter().flatten() {
+            let metric = &m["MetricStat"]["Metric"];
+            if metric.is_object() {
+                out.push(Series {
+                    namespace: scalar(&metric["Namespace"]),
+                    name: scalar(&metric["MetricName"]),
+                    dims: dims(&metric["Dimensions"]),
+                    from: id.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn dashboard_series(s: &Stack) -> Vec<Series> {
+    let body: Value = serde_json::from_str(&scalar(&s.prop("Dashboard", "DashboardBody")))
+        .expect("dashboard body is JSON");
+    let mut out = Vec::new();
+    for w in body["widgets"].as_array().into_iter().flatten() {
+        for m in w["properties"]["metrics"].as_array().into_iter().flatten() {
+            let parts: Vec<String> = m
+                .as_array()
+                .expect("metric array")
+                .iter()
+                .map(scalar)
+                .collect();
+            out.push(Series {
+                namespace: parts[0].clone(),
+                name: parts[1].clone(),
+                dims: parts[2..]
+                    .chunks(2)
+                    .map(|c| (c[0].clone(), c[1].clone()))
+                    .collect(),
+                from: format!("dashboard widget {}", w["properties"]["title"]),
+            });
+        }
+    }
+    out
+}
+
+/// Alarms and the dashboard read series the agent emits: its namespace, a
+/// catalogue metric, exactly that metric's dimension names, this cluster,
+/// real roles and paths. Every alarm notifies the topic.
+fn metric_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let namespace = node_config(s, Role::ControlPlane).metrics.namespace;
+    let paths: BTreeSet<&str> = [
+        kubeboot::bootstrap::Path::Init,
+        kubeboot::bootstrap::Path::ControlPlaneJoin,
+        kubeboot::bootstrap::Path::WorkerJoin,
+    ]
+    .map(kubeboot::bootstrap::Path::as_str)
+    .into_iter()
+    .chain(["unknown"])
+    .collect();
+    let series: Vec<Series> = alarm_series(s)
+        .into_iter()
+        .chain(dashboard_series(s))
+        .collect();
+    if series.iter().filter(|x| x.namespace == namespace).count() < 10 {
+        p.push("fewer than 10 series on kubeboot's metrics".into());
+    }
+    for x in series.iter().filter(|x| x.namespace != "AWS/SQS") {
+        if x.namespace != namespace {
+            p.push(format!(
+                "{}: namespace {}, the agent emits to {namespace}",
+                x.from, x.namespace
+            ));
+            continue;
+        }
+        let Some(metric) = kubeboot::metrics::by_name(&x.name) else {
+            p.push(format!(
+                "{}: metric {} is not one the agent emits",
+                x.from, x.name
+            ));
+            continue;
+        };
+        let names: Vec<&str> = x.dims.iter().map(|(k, _)| k.as_str()).collect();
+        let want: Vec<&str> = kubeboot::metrics::BASE_DIMENSIONS
+            .iter()
+            .chain(metric.dimensions)
+            .copied()
+            .collect();
+        if names != want {
+            p.push(format!(
+                "{}: {} with dimensions {names:?}, the agent emits {want:?}",
+                x.from, x.name
+            ));
+        }
+        for (k, v) in &x.dims {
+            let ok = match k.as_str() {
+                "ClusterName" => v == CLUSTER,
+                "Role" => v == Role::ControlPlane.as_str() || v == Role::Worker.as_str(),
+                "Path" => paths.contains(v.as_str()),
+                _ => true,
+            };
+            if !ok {
+                p.push(format!(
+                    "{}: {} {k} = {v:?} is never emitted",
+                    x.from, x.name
+                ));
+            }
+        }
+    }
+    let topic = s.eval(&json!({"Ref": "AlarmTopic"}));
+    for id in s.of_type("AWS::CloudWatch::Alarm") {
+        let actions = s.prop(&id, "AlarmActions");
+        if !actions.as_array().is_some_and(|a| a.contains(&topic)) {
+            p.push(format!("alarm {id} does not notify the alarm topic"));
+        }
+    }
+    // The join-material alarm fires only when the leader missed the refresh.
+    let stale = s
+        .prop("JoinMaterialStale", "Threshold")
+        .as_f64()
+        .unwrap_or(0.0);
+    let refresh_due = (kubeboot::join_material::TOKEN_TTL
+        - kubeboot::refresh::TOKEN_REFRESH_BEFORE)
+        .as_secs_f64();
+    if !(stale > refresh_due && stale < kubeboot::join_material::TOKEN_TTL.as_secs_f64()) {
+        p.push(format!(
+            "JoinMaterialStale at {stale} s; refresh is due at {refresh_due} s"
+        ));
+    }
+    p
+}
+
+/// Alerts cannot be silently off: the subscription exists and its address is
+/// a required parameter.
+fn alert_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let email = &s.template["Parameters"]["AlarmEmail"];
+    if email.get("Default").is_some() {
+        p.push("AlarmEmail has a default: alerts could go nowhere".into());
+    }
+    let sub = &s.resource("AlarmSubscription")["Properties"];
+    if sub["Endpoint"] != json!({"Ref": "AlarmEmail"})
+        || sub["TopicArn"] != json!({"Ref": "AlarmTopic"})
+    {
+        p.push(format!("alarm subscription {sub}"));
+    }
+    if s.resource("AlarmSubscription").get("Condition").is_some() {
+        p.push("the alarm subscription is conditional".into());
+    }
+    p
+}
+
+/// Stage: required, one of the Mappings rows, read only through
+/// `FindInMap [StageSettings, !Ref Stage, key]`; every name carries it.
+fn stage_problems(t: &Value, file: &str) -> Vec<String> {
+    let mut p = Vec::new();
+    let stage = &t["Parameters"]["Stage"];
+    if stage.get("Default").is_some() {
+        p.push(format!("{file}: Stage has a default"));
+    }
+    let rows: BTreeSet<String> = t["Mappings"]["StageSettings"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    if strings(&stage["AllowedValues"]) != rows {
+        p.push(format!(
+            "{file}: Stage allows {:?}, StageSettings has rows {rows:?}",
+            stage["AllowedValues"]
+        ));
+    }
+    let keys: Vec<BTreeSet<String>> = t["Mappings"]["StageSettings"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(_, row)| {
+            row.as_object()
+                .map(|r| r.keys().cloned().collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    if keys.windows(2).any(|w| w[0] != w[1]) {
+        p.push(format!("{file}: StageSettings rows have different keys"));
+    }
+    let mut lookups = Vec::new();
+    find_all(t, "Fn::FindInMap", &mut lookups);
+    for l in lookups {
+        if l[0] != "StageSettings" || l[1] != json!({"Ref": "Stage"}) {
+            p.push(format!(
+                "{file}: FindInMap {l} does not read the stage's own row"
+            ));
+        }
+    }
+    p
+}
+
+fn names_problems(t: &Value, file: &str, params: &[(&str, &str)]) -> Vec<String> {
+    const NAME_PROPS: &[&str] = &[
+        "TableName",
+        "BucketName",
+        "QueueName",
+        "TopicName",
+        "AlarmName",
+        "DashboardName",
+        "LaunchTemplateName",
+        "AutoScalingGroupName",
+        "LogGroupName",
+        "AliasName",
+        "Name",
+        "GroupName",
+    ];
+    let mut p = Vec::new();
+    let with = |stage: &str| {
+        let mut all = params.to_vec();
+        all.push(("Stage", stage));
+        Stack::new(t.clone(), &all)
+    };
+    let (dev, prod) = (with("dev"), with("production"));
+    for (id, r) in dev.resources() {
+        for prop in NAME_PROPS {
+            if r["Properties"].get(*prop).is_none() {
+                continue;
+            }
+            let d = scalar(&dev.prop(id, prop));
+            let pr = scalar(&prod.prop(id, prop));
+            if d == pr || !pr.contains("production") {
+                p.push(format!("{file}: {id}.{prop} = {pr:?} is not stage-scoped"));
+            }
+        }
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+
+#[test]
+fn the_table_is_the_agents_table_with_pitr_and_sse_and_it_survives_deletion() {
+    let s = stack();
+    assert_none(table_problems(&s));
+    assert_none(retention_problems(&s));
+    assert_none(bucket_problems(&s));
+}
+
+#[test]
+fn each_role_is_granted_exactly_what_the_agent_calls_on_the_clusters_own_resources() {
+    assert_none(iam_problems(&stack()));
+}
+
+#[test]
+fn user_data_names_what_the_stack_made_and_passes_kubeboot_config_check() {
+    let s = stack();
+    assert_none(user_data_problems(&s));
+    for role in [Role::ControlPlane, Role::Worker] {
+        let (dir, user_data) = write_user_data(&s, role);
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "").expect("write config");
+        let out = std::process::Command::new(kubeboot_bin())
+            .args(["--config"])
+            .arg(&config)
+            .args(["config", "check", "--user-data"])
+            .arg(&user_data)
+            .env_remove("KUBEBOOT_CONFIG")
+            .output()
+            .expect("run kubeboot config check");
+        assert!(
+            out.status.success(),
+            "kubeboot config check refuses the {role:?} user-data:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn lifecycle_events_reach_the_leader_in_a_shape_it_acts_on() {
+    assert_none(lifecycle_problems(&stack()));
+}
+
+#[test]
+fn alarms_and_the_dashboard_watch_metrics_the_agent_emits_and_reach_a_required_address() {
+    let s = stack();
+    assert_none(metric_problems(&s));
+    assert_none(alert_problems(&s));
+}
+
+#[test]
+fn every_setting_comes_from_the_stages_own_row_and_every_name_carries_the_stage() {
+    let cluster = template("cluster.json");
+    let network = template("network.json");
+    assert_none(stage_problems(&cluster, "cluster.json"));
+    assert_none(stage_problems(&network, "network.json"));
+    assert_none(names_problems(
+        &cluster,
+        "cluster.json",
+        &[
+            ("ClusterName", NAME),
+            ("AlarmEmail", "oncall@example.com"),
+            ("VpcCidr", "10.40.0.0/16"),
+        ],
+    ));
+    assert_none(names_problems(
+        &network,
+        "network.json",
+        &[("ClusterName", NAME)],
+    ));
+}
+
+#[test]
+fn worker_groups_carry_the_cluster_autoscaler_discovery_tags() {
+    let s = stack();
+    let tags = s.prop("WorkerGroup", "Tags");
+    let has = |k: &str, v: &str| {
+        tags.as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["Key"] == k && t["Value"] == v && t["PropagateAtLaunch"] == true)
+    };
+    assert!(has("k8s.io/cluster-autoscaler/enabled", "true"), "{tags}");
+    assert!(
+        has(&format!("k8s.io/cluster-autoscaler/{CLUSTER}"), "owned"),
+        "{tags}"
+    );
+}
+
+#[test]
+fn the_network_gives_nodes_a_private_path_to_every_service_the_agent_calls() {
+    let t = template("network.json");
+    let mut services = BTreeSet::new();
+    for (_, r) in t["Resources"].as_object().expect("resources") {
+        if r["Type"] == "AWS::EC2::VPCEndpoint" {
+            let name = scalar(
+                &Stack::new(t.clone(), &[("Stage", "dev"), ("ClusterName", NAME)])
+                    .eval(&r["Properties"]["ServiceName"]),
+            );
+            services.insert(name.rsplit('.').next().unwrap_or_default().to_string());
+        }
+    }
+    for op in iam::OPERATIONS {
+        for g in op.grants {
+            let service = g.action.split(':').next().expect("service");
+            assert!(
+                services.contains(service),
+                "no VPC endpoint for {service} ({})",
+                g.action
+            );
+        }
+    }
+    // The CloudWatch agent ships the EMF metrics and logs.
+    for service in ["logs", "monitoring", "s3"] {
+        assert!(services.contains(service), "no VPC endpoint for {service}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A template that drifts fails the suite.
+
+fn edited(edit: impl FnOnce(&mut Value)) -> Stack {
+    let mut t = template("cluster.json");
+    edit(&mut t);
+    cluster_stack(t)
+}
+
+fn agent_statements<'a>(t: &'a mut Value, role_id: &str) -> &'a mut Vec<Value> {
+    t["Resources"][role_id]["Properties"]["Policies"]
+        .as_array_mut()
+        .expect("policies")
+        .iter_mut()
+        .find(|p| p["PolicyName"] == "kubeboot-agent")
+        .expect("kubeboot-agent policy")["PolicyDocument"]["Statement"]
+        .as_array_mut()
+        .expect("statements")
+}
+
+#[test]
+fn a_template_granting_dynamodb_star_fails() {
+    let s = edited(|t| {
+        let table = agent_statements(t, "ControlPlaneRole")
+            .iter_mut()
+            .find(|st| st["Sid"] == "Table")
+            .expect("Table statement");
+        table["Action"] = json!("dynamodb:*");
+    });
+    let problems = iam_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("wildcard action dynamodb:*")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("lacks dynamodb:GetItem")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_template_granting_an_action_the_agent_never_calls_fails() {
+    let s = edited(|t| {
+        agent_statements(t, "WorkerRole")
+            .iter_mut()
+            .find(|st| st["Sid"] == "Table")
+            .expect("Table statement")["Action"]
+            .as_array_mut()
+            .expect("actions")
+            .push(json!("dynamodb:Scan"));
+    });
+    let problems = iam_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p
+                .contains("WorkerRole grants dynamodb:Scan on Table which the agent never needs")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_template_without_pitr_fails_here_and_in_the_linters() {
+    let mut t = template("cluster.json");
+    t["Resources"]["Table"]["Properties"]
+        .as_object_mut()
+        .expect("table properties")
+        .remove("PointInTimeRecoverySpecification");
+    let problems = table_problems(&cluster_stack(t.clone()));
+    assert_eq!(
+        problems,
+        vec!["table without point-in-time recovery".to_string()]
+    );
+
+    // checkov agrees (CKV_AWS_28): the lint step of scripts/test.sh would fail too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cluster.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&t).expect("json")).expect("write");
+    let out = std::process::Command::new(workspace_root().join("scripts/lint-infra.sh"))
+        .arg(&path)
+        .current_dir(workspace_root())
+        .output()
+        .expect("run scripts/lint-infra.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "lint passed a table without PITR:\n{text}"
+    );
+    assert!(text.contains("CKV_AWS_28"), "{text}");
+}
+
+#[test]
+fn user_data_naming_another_table_fails() {
+    let s = edited(|t| {
+        let ud = &mut t["Resources"]["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+            ["UserData"]["Fn::Base64"]["Fn::Sub"];
+        let text = ud
+            .as_str()
+            .expect("user-data text")
+            .replace("table = \"${Table}\"", "table = \"kubeboot-other\"");
+        *ud = json!(text);
+    });
+    let problems = user_data_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("Worker user-data aws.table = \"kubeboot-other\"")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn an_alarm_on_a_metric_nobody_emits_fails() {
+    let s = edited(|t| {
+        t["Resources"]["DrainFailed"]["Properties"]["MetricName"] = json!("DrainFailure");
+    });
+    let problems = metric_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("DrainFailed: metric DrainFailure is not one the agent emits")),
+        "{problems:?}"
+    );
+}
