@@ -299,6 +299,10 @@ catalogue! {
         cause: "Receiving, hiding, sending or deleting a message failed: wrong queue URL, missing permissions, or SQS unavailable.",
         check: "aws.lifecycle_queue_url, aws.endpoints.sqs, and sqs:ReceiveMessage, ChangeMessageVisibility, SendMessage and DeleteMessage for the role.";
 
+    LIFE_NOT_TERMINATING = "KB-LIFE-004", "a termination notice for an instance Auto Scaling is not terminating",
+        cause: "A lifecycle message names an instance that Auto Scaling holds in another state or group: an old duplicate, or a notice forged by a principal that may send to the queue (any node of the cluster). It is deleted, nothing is drained or removed.",
+        check: "CloudTrail for sqs:SendMessage on the lifecycle queue around the time, and the sending node's instance role.";
+
     RECON_EC2 = "KB-RECON-001", "cannot ask EC2 which instances run",
         cause: "EC2 DescribeInstances failed (permissions, throttling); the reconciler removes nothing while it cannot ask.",
         check: "ec2:DescribeInstances for the role, aws.endpoints.ec2.";
@@ -568,6 +572,7 @@ impl Coded for lifecycle::Error {
         match self {
             E::Message { .. } => &LIFE_MESSAGE,
             E::AutoScaling { .. } => &LIFE_AUTOSCALING,
+            E::NotTerminating { .. } => &LIFE_NOT_TERMINATING,
             E::Sqs { .. } => &LIFE_SQS,
             E::Registry(e) => e.entry(),
         }

@@ -20,6 +20,9 @@ const BOTH: &[Role] = &[Role::ControlPlane, Role::Worker];
 pub enum Resource {
     /// The cluster's DynamoDB table, its items limited to the cluster's partition.
     Table,
+    /// The same table, limited to the cluster's request partition
+    /// (`table::requests_pk`): the only items a worker may write.
+    Requests,
     /// The join-material secret `kubeboot/<cluster>/join`.
     JoinSecret,
     /// The SSM parameters under `/kubeboot/<cluster>/`.
@@ -30,7 +33,8 @@ pub enum Resource {
     AutoScalingGroups,
     /// The cluster's KMS key, only when used by Secrets Manager for the secret.
     ClusterKey,
-    /// EC2 Describe* calls have no resource-level permissions.
+    /// Describe calls that have no resource-level permissions (EC2
+    /// DescribeInstances, Auto Scaling DescribeAutoScalingInstances).
     AnyInstance,
 }
 
@@ -67,15 +71,18 @@ pub const OPERATIONS: &[Operation] = &[
     Operation {
         call: "dynamodb:GetItem",
         roles: BOTH,
-        grants: &[on("dynamodb:GetItem", TABLE)],
+        grants: &[
+            on("dynamodb:GetItem", TABLE),
+            on("dynamodb:GetItem", Resource::Requests),
+        ],
         why:
             "read the cluster record, the join pointer, a refresh request, a lock (registry, lock)",
     },
     Operation {
         call: "dynamodb:PutItem",
         roles: BOTH,
-        grants: &[on("dynamodb:PutItem", TABLE)],
-        why: "a joining node records a request for fresh join material (registry)",
+        grants: &[on("dynamodb:PutItem", Resource::Requests)],
+        why: "a joining node records a request for fresh join material, in the request partition only (registry)",
     },
     Operation {
         call: "dynamodb:UpdateItem",
@@ -178,6 +185,15 @@ pub const OPERATIONS: &[Operation] = &[
         why: "keep a termination waiting while a drain runs (lifecycle)",
     },
     Operation {
+        call: "autoscaling:DescribeAutoScalingInstances",
+        roles: CP,
+        grants: &[on(
+            "autoscaling:DescribeAutoScalingInstances",
+            Resource::AnyInstance,
+        )],
+        why: "a termination notice is acted on only if Auto Scaling is terminating that instance (lifecycle)",
+    },
+    Operation {
         call: "ec2:DescribeInstances",
         roles: CP,
         grants: &[on("ec2:DescribeInstances", Resource::AnyInstance)],
@@ -224,6 +240,12 @@ mod tests {
     fn a_worker_reads_join_material_but_never_writes_the_cluster_state() {
         let worker = actions(Role::Worker);
         assert!(worker.contains("secretsmanager:GetSecretValue"));
+        let puts: Vec<Resource> = grants(Role::Worker)
+            .into_iter()
+            .filter(|g| g.action == "dynamodb:PutItem")
+            .map(|g| g.resource)
+            .collect();
+        assert_eq!(puts, [Resource::Requests], "a worker writes requests only");
         for forbidden in [
             "dynamodb:UpdateItem",
             "dynamodb:TransactWriteItems",

@@ -43,6 +43,13 @@ pub enum Error {
         class: RetryClass,
         message: String,
     },
+    #[error("lifecycle message says {instance_id} of {claimed_asg} is terminating, but Auto Scaling has it {state} in {asg}: not acted on")]
+    NotTerminating {
+        instance_id: String,
+        claimed_asg: String,
+        asg: String,
+        state: String,
+    },
     #[error("SQS {operation} on {queue}: {message}")]
     Sqs {
         operation: &'static str,
@@ -59,6 +66,7 @@ impl Error {
         match self {
             Error::Message { .. } => "the queue should only receive the ASG lifecycle hook's messages (EventBridge rule or hook target); the message is deleted".into(),
             Error::AutoScaling { .. } => "check the instance role may call autoscaling:CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
+            Error::NotTerminating { .. } => "a stale or forged notice: only EventBridge and the cluster's own nodes may send to the queue; if it was not an old duplicate, check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
             Error::Sqs { .. } => "check aws.lifecycle_queue_url and that the role may receive and delete messages on it".into(),
             Error::Registry(e) => e.hint(),
         }
@@ -221,6 +229,54 @@ impl Hooks {
             .await
             .map(|_| ())
             .map_err(|e| Self::error("RecordLifecycleActionHeartbeat", action, &e))
+    }
+}
+
+/// Which group holds an instance and in which lifecycle state, as Auto
+/// Scaling reports it (`InService`, `Terminating:Wait`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub asg: String,
+    pub state: String,
+}
+
+impl Hooks {
+    /// Auto Scaling's view of `action`'s instance; `None` when no group holds
+    /// it (terminated and gone).
+    pub async fn placement(&self, action: &Action) -> Result<Option<Placement>, Error> {
+        let out = self
+            .client
+            .describe_auto_scaling_instances()
+            .instance_ids(&action.instance_id)
+            .send()
+            .await
+            .map_err(|e| Self::error("DescribeAutoScalingInstances", action, &e))?;
+        Ok(out
+            .auto_scaling_instances()
+            .iter()
+            .find(|i| i.instance_id() == Some(action.instance_id.as_str()))
+            .map(|i| Placement {
+                asg: i.auto_scaling_group_name().unwrap_or_default().to_string(),
+                state: i.lifecycle_state().unwrap_or_default().to_string(),
+            }))
+    }
+}
+
+/// Whether a queued termination may be acted on: the queue accepts messages
+/// from any node of the cluster, so a message alone is not proof. Auto
+/// Scaling must have the instance terminating in the group the message
+/// names, or no longer hold it at all (gone: cleaning up after it is what the
+/// reconciler would do too).
+pub fn vet(action: &Action, seen: Option<&Placement>) -> Result<(), Error> {
+    match seen {
+        None => Ok(()),
+        Some(p) if p.asg == action.asg && p.state.starts_with("Terminating") => Ok(()),
+        Some(p) => Err(Error::NotTerminating {
+            instance_id: action.instance_id.clone(),
+            claimed_asg: action.asg.clone(),
+            asg: p.asg.clone(),
+            state: p.state.clone(),
+        }),
     }
 }
 
@@ -570,6 +626,19 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
         crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
         match parse_message(&message.body) {
             Ok(Event::Terminating(action)) => {
+                match hooks.placement(&action).await {
+                    Ok(seen) => {
+                        if let Err(e) = vet(&action, seen.as_ref()) {
+                            tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle message refused and deleted");
+                            queue.delete(&message.receipt).await?;
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "cannot check the termination with Auto Scaling; the message comes back");
+                        continue;
+                    }
+                }
                 tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");
                 let keeper = {
                     let queue = queue.clone();
@@ -626,6 +695,39 @@ mod tests {
             instance_id: "i-1234567890abcdef0".into(),
             token: Some("87654321-4321-4321-4321-210987654321".into()),
         })
+    }
+
+    fn action() -> Action {
+        Action {
+            asg: "prod-a-control-plane".into(),
+            hook: "kubeboot-terminate".into(),
+            instance_id: "i-1234567890abcdef0".into(),
+            token: None,
+        }
+    }
+
+    fn at(asg: &str, state: &str) -> Placement {
+        Placement {
+            asg: asg.into(),
+            state: state.into(),
+        }
+    }
+
+    #[test]
+    fn a_notice_is_acted_on_only_while_auto_scaling_terminates_the_instance_or_after_it_is_gone() {
+        let a = action();
+        assert!(vet(&a, Some(&at("prod-a-control-plane", "Terminating:Wait"))).is_ok());
+        assert!(vet(&a, Some(&at("prod-a-control-plane", "Terminating:Proceed"))).is_ok());
+        assert!(vet(&a, None).is_ok(), "gone: clean up after it");
+        for (asg, state) in [
+            ("prod-a-control-plane", "InService"),
+            ("prod-a-control-plane", "Standby"),
+            ("prod-a-workers", "Terminating:Wait"),
+        ] {
+            let err = vet(&a, Some(&at(asg, state))).expect_err(state);
+            assert_eq!(err.code(), "KB-LIFE-004", "{err}");
+            assert!(err.to_string().contains(state), "{err}");
+        }
     }
 
     #[test]

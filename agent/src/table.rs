@@ -31,6 +31,14 @@ pub fn cluster_pk(cluster: &str) -> String {
     format!("CLUSTER#{cluster}")
 }
 
+/// The partition of requests any node may write (`REQUESTS#<name>`; today the
+/// join-material refresh request). Kept apart from the cluster's records so an
+/// instance role can be allowed to put items here and nowhere else
+/// (`dynamodb:LeadingKeys`): a worker cannot overwrite STATE, a lock or a member.
+pub fn requests_pk(cluster: &str) -> String {
+    format!("REQUESTS#{cluster}")
+}
+
 /// Failure to create the table (tests and the local demo only; production uses the template).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

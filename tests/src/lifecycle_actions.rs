@@ -49,6 +49,10 @@ pub const API_VERSION: &str = "2011-01-01";
 /// Query `Action` of the completion call.
 pub const COMPLETE_ACTION: &str = "CompleteLifecycleAction";
 
+/// Query `Action` of the call that tells which group holds an instance and
+/// in which lifecycle state.
+pub const DESCRIBE_INSTANCES_ACTION: &str = "DescribeAutoScalingInstances";
+
 /// Query `Action` of the heartbeat call.
 pub const HEARTBEAT_ACTION: &str = "RecordLifecycleActionHeartbeat";
 
@@ -406,6 +410,8 @@ struct Inner {
     hooks: BTreeSet<(String, String)>,
     actions: Vec<Action>,
     calls: Vec<LifecycleCall>,
+    /// Instances declared `InService` in a group (instance → group).
+    in_service: std::collections::BTreeMap<String, String>,
 }
 
 impl Inner {
@@ -470,6 +476,7 @@ impl LifecycleActions {
                 hooks: BTreeSet::new(),
                 actions: Vec::new(),
                 calls: Vec::new(),
+                in_service: Default::default(),
             })),
         }
     }
@@ -509,6 +516,68 @@ impl LifecycleActions {
         self.lock()
             .hooks
             .insert((asg_name.to_string(), hook_name.to_string()));
+    }
+
+    /// Declares an instance `InService` in `asg_name` (until an action is
+    /// registered for it), for `DescribeAutoScalingInstances`.
+    pub fn in_service(&self, asg_name: &str, instance_id: &str) {
+        self.lock()
+            .in_service
+            .insert(instance_id.to_string(), asg_name.to_string());
+    }
+
+    /// The group and lifecycle state AWS would report for `instance_id`: its
+    /// latest action's (`Pending:Wait`/`Terminating:Wait` while pending,
+    /// `InService`/`Terminating:Proceed` once ended), else the declared
+    /// `InService`, else `None` (no group holds it).
+    pub fn lifecycle_state(&self, instance_id: &str) -> Option<(String, String)> {
+        let inner = self.lock_expired();
+        if let Some(a) = inner
+            .actions
+            .iter()
+            .rev()
+            .find(|a| a.spec.instance_id == instance_id)
+        {
+            let state = match (a.spec.transition, a.state) {
+                (Transition::Launching, ActionState::Pending) => "Pending:Wait",
+                (Transition::Launching, _) => "InService",
+                (Transition::Terminating, ActionState::Pending) => "Terminating:Wait",
+                (Transition::Terminating, _) => "Terminating:Proceed",
+            };
+            return Some((a.spec.asg_name.clone(), state.to_string()));
+        }
+        inner
+            .in_service
+            .get(instance_id)
+            .map(|asg| (asg.clone(), "InService".to_string()))
+    }
+
+    fn describe_instances(&self, req: &IncomingRequest) -> ProxyResponse {
+        let mut members = String::new();
+        for n in 1.. {
+            let Some(id) = req.param(&format!("InstanceIds.member.{n}")) else {
+                break;
+            };
+            if let Some((asg, state)) = self.lifecycle_state(id) {
+                members.push_str(&format!(
+                    "      <member>\n        <InstanceId>{}</InstanceId>\n        <InstanceType>m6i.large</InstanceType>\n        <AutoScalingGroupName>{}</AutoScalingGroupName>\n        <AvailabilityZone>us-east-1a</AvailabilityZone>\n        <LifecycleState>{state}</LifecycleState>\n        <HealthStatus>HEALTHY</HealthStatus>\n        <ProtectedFromScaleIn>false</ProtectedFromScaleIn>\n      </member>\n",
+                    xml_escape(id),
+                    xml_escape(&asg)
+                ));
+            }
+        }
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let body = format!(
+            "<DescribeAutoScalingInstancesResponse xmlns=\"{NAMESPACE}\">\n  <DescribeAutoScalingInstancesResult>\n    <AutoScalingInstances>\n{members}    </AutoScalingInstances>\n  </DescribeAutoScalingInstancesResult>\n  <ResponseMetadata>\n    <RequestId>{request_id}</RequestId>\n  </ResponseMetadata>\n</DescribeAutoScalingInstancesResponse>\n"
+        );
+        ProxyResponse {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), "text/xml".into()),
+                ("x-amzn-requestid".into(), request_id),
+            ],
+            body: body.into_bytes(),
+        }
     }
 
     /// Puts an instance in the wait state: the action becomes pending from
@@ -612,16 +681,21 @@ impl LifecycleActions {
             .count()
     }
 
-    /// Answers `CompleteLifecycleAction` and `RecordLifecycleActionHeartbeat`
-    /// query requests; `None` for anything else, which the proxy forwards.
+    /// Answers `CompleteLifecycleAction`, `RecordLifecycleActionHeartbeat` and
+    /// `DescribeAutoScalingInstances` (from the registered actions and
+    /// declared instances) query requests; `None` for anything else, which
+    /// the proxy forwards.
     /// Usable as an [`crate::awsproxy::Handler`] body too.
     pub fn handle(&self, req: &IncomingRequest) -> Option<ProxyResponse> {
-        let operation = LifecycleOperation::from_action(req.param("Action")?)?;
         // Only the Query protocol: a JSON request with the same target is
         // some other service's.
         if req.header("x-amz-target").is_some() {
             return None;
         }
+        if req.param("Action")? == DESCRIBE_INSTANCES_ACTION {
+            return Some(self.describe_instances(req));
+        }
+        let operation = LifecycleOperation::from_action(req.param("Action")?)?;
         let param = |name: &str| req.param(name).map(str::to_string);
         let mut inner = self.lock_expired();
         let outcome = apply(&mut inner, operation, req);

@@ -14,10 +14,8 @@ use kubeboot_tests::workspace::{kubeboot_bin, workspace_root};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
-const STAGE: &str = "production";
+const STAGES: [&str; 3] = ["dev", "staging", "production"];
 const NAME: &str = "blue";
-/// kubeboot's cluster name for the stack under test.
-const CLUSTER: &str = "production-blue";
 
 fn template(file: &str) -> Value {
     let path = workspace_root().join("infra").join(file);
@@ -26,11 +24,20 @@ fn template(file: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
+/// kubeboot's cluster name for the stack under test (`<Stage>-<ClusterName>`).
+fn cluster(s: &Stack) -> String {
+    format!("{}-{}", s.params["Stage"], s.params["ClusterName"])
+}
+
 fn cluster_stack(template: Value) -> Stack {
+    staged(template, "production")
+}
+
+fn staged(template: Value, stage: &str) -> Stack {
     Stack::new(
         template,
         &[
-            ("Stage", STAGE),
+            ("Stage", stage),
             ("ClusterName", NAME),
             ("AlarmEmail", "oncall@example.com"),
             ("VpcId", "vpc-0123456789abcdef0"),
@@ -43,6 +50,15 @@ fn cluster_stack(template: Value) -> Stack {
 
 fn stack() -> Stack {
     cluster_stack(template("cluster.json"))
+}
+
+/// The cluster template at every stage.
+fn stacks() -> Vec<Stack> {
+    let t = template("cluster.json");
+    STAGES
+        .iter()
+        .map(|stage| staged(t.clone(), stage))
+        .collect()
 }
 
 fn assert_none(problems: Vec<String>) {
@@ -241,9 +257,12 @@ fn expected_resources(
     };
     let set = |items: &[String]| items.iter().cloned().collect();
     match kind {
-        Resource::Table => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["Table", "Arn"]})))]),
+        Resource::Table | Resource::Requests => {
+            set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["Table", "Arn"]})))])
+        }
+        // Secrets Manager appends "-" and six random characters.
         Resource::JoinSecret => set(&[format!(
-            "arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{}-*",
+            "arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{}-??????",
             cfg.aws.join_secret
         )]),
         Resource::SsmPrefix => set(&[
@@ -251,9 +270,16 @@ fn expected_resources(
             param(kubeboot::join_material::SSM_CA_CERT_HASHES),
         ]),
         Resource::LifecycleQueue => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["LifecycleQueue", "Arn"]})))]),
-        Resource::AutoScalingGroups => set(&[format!(
-            "arn:aws:autoscaling:{REGION}:{ACCOUNT}:autoScalingGroup:*:autoScalingGroupName/kubeboot-{CLUSTER}-*"
-        )]),
+        Resource::AutoScalingGroups => s
+            .of_type("AWS::AutoScaling::AutoScalingGroup")
+            .iter()
+            .map(|id| {
+                format!(
+                    "arn:aws:autoscaling:{REGION}:{ACCOUNT}:autoScalingGroup:*:autoScalingGroupName/{}",
+                    scalar(&s.prop(id, "AutoScalingGroupName"))
+                )
+            })
+            .collect(),
         Resource::ClusterKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["ClusterKey", "Arn"]})))]),
         Resource::AnyInstance => set(&["*".to_string()]),
     }
@@ -264,6 +290,33 @@ fn expected_resources(
 /// no wildcard action anywhere in a role.
 fn iam_problems(s: &Stack) -> Vec<String> {
     let mut p = Vec::new();
+    for kind in [
+        "AWS::IAM::Policy",
+        "AWS::IAM::ManagedPolicy",
+        "AWS::IAM::RolePolicy",
+        "AWS::IAM::User",
+        "AWS::IAM::Group",
+    ] {
+        for id in s.of_type(kind) {
+            p.push(format!(
+                "{id}: a {kind} outside the roles' reviewed inline policies"
+            ));
+        }
+    }
+    for role_id in s.of_type("AWS::IAM::Role") {
+        let mut statements = Vec::new();
+        find_all(s.resource(&role_id), "Statement", &mut statements);
+        for st in statements
+            .iter()
+            .flat_map(|v| v.as_array().into_iter().flatten())
+        {
+            for k in ["NotAction", "NotResource", "NotPrincipal"] {
+                if st.get(k).is_some() {
+                    p.push(format!("{role_id}: a statement with {k}"));
+                }
+            }
+        }
+    }
     for (role, role_id) in [
         (Role::ControlPlane, "ControlPlaneRole"),
         (Role::Worker, "WorkerRole"),
@@ -279,6 +332,7 @@ fn iam_problems(s: &Stack) -> Vec<String> {
             let sid = scalar(&st["Sid"]);
             let kind = [
                 Resource::Table,
+                Resource::Requests,
                 Resource::JoinSecret,
                 Resource::SsmPrefix,
                 Resource::LifecycleQueue,
@@ -301,10 +355,13 @@ fn iam_problems(s: &Stack) -> Vec<String> {
                     "{role_id}: {sid} on {resources:?}, the agent uses {want:?}"
                 ));
             }
-            if kind == Resource::Table {
+            if kind == Resource::Table || kind == Resource::Requests {
                 let keys =
                     strings(&st["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"]);
-                let pk = kubeboot::table::cluster_pk(&cfg.cluster.name);
+                let pk = match kind {
+                    Resource::Table => kubeboot::table::cluster_pk(&cfg.cluster.name),
+                    _ => kubeboot::table::requests_pk(&cfg.cluster.name),
+                };
                 if keys != [pk.clone()].into() {
                     p.push(format!(
                         "{role_id}: table access not limited to the partition {pk}: {keys:?}"
@@ -401,13 +458,13 @@ fn user_data_problems(s: &Stack) -> Vec<String> {
             }
         };
         expect("node.role", cfg.node.role.as_str(), role.as_str());
-        expect("cluster.name", &cfg.cluster.name, CLUSTER);
+        expect("cluster.name", &cfg.cluster.name, &cluster(s));
         expect("aws.table", &cfg.aws.table, &table);
         expect("aws.join_secret", &cfg.aws.join_secret, &secret_name);
         expect(
             "aws.ssm_prefix",
             &cfg.aws.ssm_prefix,
-            &format!("/kubeboot/{CLUSTER}"),
+            &format!("/kubeboot/{}", cluster(s)),
         );
         expect(
             "aws.lifecycle_queue_url",
@@ -512,6 +569,33 @@ fn lifecycle_problems(s: &Stack) -> Vec<String> {
             Ok(kubeboot::lifecycle::Event::Terminating(action))
                 if action.asg == name && action.hook == cfg.aws.lifecycle_hook => {}
             other => p.push(format!("the agent reads {id}'s event as {other:?}")),
+        }
+    }
+    let rule_arn = s.eval(&json!({"Fn::GetAtt": ["LifecycleRule", "Arn"]}));
+    for id in s.of_type("AWS::SQS::QueuePolicy") {
+        let policy = s.prop(&id, "PolicyDocument");
+        for st in policy["Statement"].as_array().into_iter().flatten() {
+            if st["Effect"] != "Allow" {
+                continue;
+            }
+            let ok = st["Principal"] == json!({"Service": "events.amazonaws.com"})
+                && strings(&st["Action"]) == ["sqs:SendMessage".to_string()].into()
+                && st["Condition"]["ArnEquals"]["aws:SourceArn"] == rule_arn;
+            if !ok {
+                p.push(format!(
+                    "{id} allows more than the lifecycle rule's delivery: {st}"
+                ));
+            }
+        }
+    }
+    for queue in ["LifecycleQueue", "LifecycleDeadLetterQueue"] {
+        let covered = s.of_type("AWS::SQS::QueuePolicy").iter().any(|id| {
+            s.prop(id, "Queues")
+                .as_array()
+                .is_some_and(|q| q.contains(&s.eval(&json!({"Ref": queue}))))
+        });
+        if !covered {
+            p.push(format!("no policy lets EventBridge deliver to {queue}"));
         }
     }
     if pattern["detail-type"] != json!(["EC2 Instance-terminate Lifecycle Action"])
@@ -641,7 +725,7 @@ fn metric_problems(s: &Stack) -> Vec<String> {
         }
         for (k, v) in &x.dims {
             let ok = match k.as_str() {
-                "ClusterName" => v == CLUSTER,
+                "ClusterName" => *v == cluster(s),
                 "Role" => v == Role::ControlPlane.as_str() || v == Role::Worker.as_str(),
                 "Path" => paths.contains(v.as_str()),
                 _ => true,
@@ -777,6 +861,92 @@ fn names_problems(t: &Value, file: &str, params: &[(&str, &str)]) -> Vec<String>
     p
 }
 
+/// The NLB does not preserve client IPs (an internal NLB drops a target's
+/// connection to itself when it does: kubelet on the first control plane could
+/// not reach its own API server), so the control planes take 6443 from the
+/// load balancer's security group only.
+fn load_balancer_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let attrs = s.prop("ApiTargetGroup", "TargetGroupAttributes");
+    let preserve = attrs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["Key"] == "preserve_client_ip.enabled")
+        .map(|a| scalar(&a["Value"]));
+    if preserve.as_deref() != Some("false") {
+        p.push(format!("API target group preserves client IPs ({preserve:?}): a control plane cannot reach itself through the NLB"));
+    }
+    let inline = s.prop("ControlPlaneSecurityGroup", "SecurityGroupIngress");
+    for rule in inline.as_array().into_iter().flatten() {
+        p.push(format!(
+            "control-plane security group has an inline ingress rule {rule}"
+        ));
+    }
+    let lb_sg = json!({"Ref": "ApiLoadBalancerSecurityGroup"});
+    let mut api_sources = Vec::new();
+    for id in s.of_type("AWS::EC2::SecurityGroupIngress") {
+        let props = &s.resource(&id)["Properties"];
+        let port = |k: &str| props[k].as_u64().unwrap_or(0);
+        if props["GroupId"] == json!({"Ref": "ControlPlaneSecurityGroup"})
+            && port("FromPort") <= 6443
+            && port("ToPort") >= 6443
+        {
+            api_sources.push(props["SourceSecurityGroupId"].clone());
+            if props.get("CidrIp").is_some() {
+                p.push(format!("{id}: 6443 open to a CIDR"));
+            }
+        }
+    }
+    if api_sources != vec![lb_sg] {
+        p.push(format!("6443 on the control planes from {api_sources:?}, want the load balancer's security group only"));
+    }
+    p
+}
+
+/// With instance tags in IMDS (the agent reads its ASG name there), EC2
+/// refuses to launch an instance whose tag keys contain "/" or a space.
+fn instance_tag_problems(s: &Stack) -> Vec<String> {
+    let legal = |k: &str| {
+        !k.is_empty()
+            && k != "."
+            && k != ".."
+            && k != "_index"
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-=.,_:@".contains(c))
+    };
+    let mut p = Vec::new();
+    for role in [Role::ControlPlane, Role::Worker] {
+        let data = s.prop(launch_template(role), "LaunchTemplateData");
+        if data["MetadataOptions"]["InstanceMetadataTags"] != "enabled" {
+            continue;
+        }
+        for spec in data["TagSpecifications"].as_array().into_iter().flatten() {
+            if spec["ResourceType"] == "instance" {
+                for t in spec["Tags"].as_array().into_iter().flatten() {
+                    let k = scalar(&t["Key"]);
+                    if !legal(&k) {
+                        p.push(format!(
+                            "{role:?} launch template tags instances with {k:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        let group = match role {
+            Role::ControlPlane => "ControlPlaneGroup",
+            Role::Worker => "WorkerGroup",
+        };
+        for t in s.prop(group, "Tags").as_array().into_iter().flatten() {
+            let k = scalar(&t["Key"]);
+            if t["PropagateAtLaunch"] == true && !legal(&k) {
+                p.push(format!("{group} propagates tag {k:?} to instances whose tags are in IMDS: launches fail"));
+            }
+        }
+    }
+    p
+}
+
 // ---------------------------------------------------------------------------
 // Scenarios
 
@@ -789,14 +959,40 @@ fn the_table_is_the_agents_table_with_pitr_and_sse_and_it_survives_deletion() {
 }
 
 #[test]
+fn every_stage_keeps_its_state_encrypted_and_retained() {
+    for s in stacks() {
+        assert_none(retention_problems(&s));
+        assert_none(bucket_problems(&s));
+    }
+}
+
+#[test]
 fn each_role_is_granted_exactly_what_the_agent_calls_on_the_clusters_own_resources() {
-    assert_none(iam_problems(&stack()));
+    for s in stacks() {
+        assert_none(iam_problems(&s));
+    }
+}
+
+#[test]
+fn the_api_load_balancer_lets_a_control_plane_reach_itself_and_nothing_else_reaches_6443() {
+    for s in stacks() {
+        assert_none(load_balancer_problems(&s));
+    }
+}
+
+#[test]
+fn instance_tags_readable_from_imds_are_tags_ec2_accepts() {
+    for s in stacks() {
+        assert_none(instance_tag_problems(&s));
+    }
 }
 
 #[test]
 fn user_data_names_what_the_stack_made_and_passes_kubeboot_config_check() {
+    for s in stacks() {
+        assert_none(user_data_problems(&s));
+    }
     let s = stack();
-    assert_none(user_data_problems(&s));
     for role in [Role::ControlPlane, Role::Worker] {
         let (dir, user_data) = write_user_data(&s, role);
         let config = dir.path().join("config.toml");
@@ -820,14 +1016,17 @@ fn user_data_names_what_the_stack_made_and_passes_kubeboot_config_check() {
 
 #[test]
 fn lifecycle_events_reach_the_leader_in_a_shape_it_acts_on() {
-    assert_none(lifecycle_problems(&stack()));
+    for s in stacks() {
+        assert_none(lifecycle_problems(&s));
+    }
 }
 
 #[test]
 fn alarms_and_the_dashboard_watch_metrics_the_agent_emits_and_reach_a_required_address() {
-    let s = stack();
-    assert_none(metric_problems(&s));
-    assert_none(alert_problems(&s));
+    for s in stacks() {
+        assert_none(metric_problems(&s));
+        assert_none(alert_problems(&s));
+    }
 }
 
 #[test]
@@ -856,15 +1055,20 @@ fn every_setting_comes_from_the_stages_own_row_and_every_name_carries_the_stage(
 fn worker_groups_carry_the_cluster_autoscaler_discovery_tags() {
     let s = stack();
     let tags = s.prop("WorkerGroup", "Tags");
+    // On the group, where cluster-autoscaler reads them; not on instances,
+    // whose tags are in IMDS and may not contain "/".
     let has = |k: &str, v: &str| {
         tags.as_array()
             .into_iter()
             .flatten()
-            .any(|t| t["Key"] == k && t["Value"] == v && t["PropagateAtLaunch"] == true)
+            .any(|t| t["Key"] == k && t["Value"] == v && t["PropagateAtLaunch"] == false)
     };
     assert!(has("k8s.io/cluster-autoscaler/enabled", "true"), "{tags}");
     assert!(
-        has(&format!("k8s.io/cluster-autoscaler/{CLUSTER}"), "owned"),
+        has(
+            &format!("k8s.io/cluster-autoscaler/{}", cluster(&s)),
+            "owned"
+        ),
         "{tags}"
     );
 }
@@ -1027,6 +1231,47 @@ fn an_alarm_on_a_metric_nobody_emits_fails() {
         problems
             .iter()
             .any(|p| p.contains("DrainFailed: metric DrainFailure is not one the agent emits")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_template_preserving_client_ips_or_opening_6443_to_the_vpc_fails() {
+    let s = edited(|t| {
+        let attrs = t["Resources"]["ApiTargetGroup"]["Properties"]["TargetGroupAttributes"]
+            .as_array_mut()
+            .expect("attributes");
+        attrs.retain(|a| a["Key"] != "preserve_client_ip.enabled");
+        t["Resources"]["ControlPlaneSecurityGroup"]["Properties"]["SecurityGroupIngress"] = json!([
+            {"IpProtocol": "tcp", "FromPort": 6443, "ToPort": 6443, "CidrIp": {"Ref": "VpcCidr"}, "Description": "api"}
+        ]);
+    });
+    let problems = load_balancer_problems(&s);
+    assert!(
+        problems.iter().any(|p| p.contains("preserves client IPs")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("inline ingress rule")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn propagating_a_tag_with_a_slash_to_instances_fails() {
+    let s = edited(|t| {
+        for tag in t["Resources"]["WorkerGroup"]["Properties"]["Tags"]
+            .as_array_mut()
+            .expect("tags")
+        {
+            tag["PropagateAtLaunch"] = json!(true);
+        }
+    });
+    let problems = instance_tag_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("\"k8s.io/cluster-autoscaler/enabled\"")),
         "{problems:?}"
     );
 }

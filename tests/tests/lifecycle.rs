@@ -74,6 +74,52 @@ async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_onc
     assert_eq!(sum(&docs, "LifecycleActionsFailed"), 0.0);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_notice_for_a_control_plane_in_service_is_refused_and_nothing_is_removed() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let victim = sim.nodes[2].instance_id();
+    lifecycle.actions.in_service(ASG, &victim);
+
+    // Any node may send to the queue; this notice names a healthy control
+    // plane that Auto Scaling is not terminating.
+    lifecycle
+        .send(ASG, &victim, "11111111-2222-3333-4444-555555555555")
+        .await;
+    lifecycle.wait_queue_empty().await;
+
+    assert_eq!(sim.etcd_members(&[0, 1, 2]).await.len(), 3);
+    assert_eq!(
+        sim.registry().await.members().await.expect("records").len(),
+        3
+    );
+    assert_eq!(sim.kubeapi.nodes().len(), 3, "no Node deleted");
+    assert!(
+        lifecycle
+            .actions
+            .calls_for(
+                kubeboot_tests::lifecycle_actions::LifecycleOperation::Complete,
+                &victim
+            )
+            .is_empty(),
+        "no completion attempted"
+    );
+    let stderr = lifecycle.stop(&sim).await;
+    let refused = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "lifecycle message refused and deleted")
+        .unwrap_or_else(|| panic!("no refusal line in\n{}", tail(&stderr)));
+    assert_eq!(refused["code"], "KB-LIFE-004", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("InService")),
+        "{refused}"
+    );
+}
+
 /// The total of `metric` over documents.
 fn sum(docs: &[serde_json::Value], metric: &str) -> f64 {
     docs.iter().filter_map(|d| d[metric].as_f64()).sum()
@@ -111,9 +157,27 @@ async fn throttled_completions_are_retried_by_the_sdk_counted_and_completed_once
         .wait_completed(&token, Duration::from_secs(60))
         .await;
     assert_eq!(lifecycle.actions.accepted_completions(&worker), 1);
-    lifecycle.stop(&sim).await;
+    let stderr = lifecycle.stop(&sim).await;
     let docs = sim.metrics_documents();
     assert!(sum(&docs, "LifecycleActionsCompleted") >= 1.0);
+    // The failed turn's error line carries its catalogue code for `kubeboot explain`.
+    let failed: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("termination not completed"))
+        })
+        .collect();
+    assert!(
+        !failed.is_empty(),
+        "no failed-turn line in\n{}",
+        tail(&stderr)
+    );
+    for line in &failed {
+        assert_eq!(line["code"], "KB-LIFE-002", "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,9 +23,21 @@ pub struct DynamoRegistryStore {
     client: Client,
     table: String,
     pk: String,
+    /// The partition any node may write: refresh requests.
+    requests_pk: String,
 }
 
 type Item = HashMap<String, AttributeValue>;
+
+fn item_key(pk: &str, sk: String) -> Item {
+    HashMap::from([
+        (
+            table::PARTITION_KEY.to_string(),
+            AttributeValue::S(pk.to_string()),
+        ),
+        (table::SORT_KEY.to_string(), AttributeValue::S(sk)),
+    ])
+}
 
 impl DynamoRegistryStore {
     pub fn new(client: Client, table: &str, cluster: &str) -> Self {
@@ -33,17 +45,16 @@ impl DynamoRegistryStore {
             client,
             table: table.to_string(),
             pk: table::cluster_pk(cluster),
+            requests_pk: table::requests_pk(cluster),
         }
     }
 
     fn key(&self, sk: String) -> Item {
-        HashMap::from([
-            (
-                table::PARTITION_KEY.to_string(),
-                AttributeValue::S(self.pk.clone()),
-            ),
-            (table::SORT_KEY.to_string(), AttributeValue::S(sk)),
-        ])
+        item_key(&self.pk, sk)
+    }
+
+    fn request_key(&self, sk: &str) -> Item {
+        item_key(&self.requests_pk, sk.to_string())
     }
 
     fn fence_check(&self, fence: Fence) -> Result<TransactWriteItem, StoreError> {
@@ -301,7 +312,7 @@ impl RegistryStore for DynamoRegistryStore {
     }
 
     async fn put_refresh(&self, request: &RefreshRequest) -> Result<(), StoreError> {
-        let mut item = self.key(table::REFRESH_SK.into());
+        let mut item = self.request_key(table::REFRESH_SK);
         item.insert("requested_by".into(), s(&request.requested_by));
         item.insert("what".into(), s(&request.what));
         item.insert("stale_version".into(), s(&request.stale_version));
@@ -321,7 +332,7 @@ impl RegistryStore for DynamoRegistryStore {
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(self.key(table::REFRESH_SK.into())))
+            .set_key(Some(self.request_key(table::REFRESH_SK)))
             .consistent_read(true)
             .send()
             .await
