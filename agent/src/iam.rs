@@ -302,23 +302,30 @@ mod tests {
         );
     }
 
-    /// Every called action appears as an SDK call in the agent's source, so
-    /// the list cannot keep a permission the code no longer uses.
-    #[test]
-    fn every_called_action_is_called_somewhere_in_the_source() {
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let mut text = String::new();
-        let mut stack = vec![src];
+    /// The agent's source files (without their unit tests) and their text.
+    fn sources() -> Vec<(std::path::PathBuf, String)> {
+        let mut out = Vec::new();
+        let mut stack = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
         while let Some(dir) = stack.pop() {
             for entry in std::fs::read_dir(&dir).expect("read src") {
                 let path = entry.expect("entry").path();
                 if path.is_dir() {
                     stack.push(path);
                 } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("iam.rs") {
-                    text.push_str(&std::fs::read_to_string(&path).expect("read"));
+                    let text = std::fs::read_to_string(&path).expect("read");
+                    let code = text.split("#[cfg(test)]").next().unwrap_or("").to_string();
+                    out.push((path, code));
                 }
             }
         }
+        out
+    }
+
+    /// Every listed call appears as an SDK call in the agent's source, so the
+    /// list cannot keep a permission the code no longer uses.
+    #[test]
+    fn every_called_action_is_called_somewhere_in_the_source() {
+        let text: String = sources().into_iter().map(|(_, t)| t).collect();
         for op in OPERATIONS {
             let (_, name) = op.call.split_once(':').expect("service:Operation");
             let call = format!(".{}()", snake(name));
@@ -328,6 +335,62 @@ mod tests {
                 op.call
             );
         }
+    }
+
+    /// The other way round, for paths no test reaches (the clients' guard
+    /// catches the rest): every operation called on an SDK client field
+    /// (`client`, `secrets`, `ssm`, in files that use an AWS SDK) is listed.
+    #[test]
+    fn every_operation_the_source_calls_on_a_client_is_listed() {
+        // Tests and the local demo create the table; production uses the template.
+        const NOT_AGENT_OPERATIONS: &[&str] = &["create_table", "update_time_to_live"];
+        // Fields named like clients (`endpoints.ssm`) that are plain values.
+        const NOT_SDK: &[&str] = &["as_deref", "as_ref", "clone", "is_some", "is_none", "take"];
+        let listed: BTreeSet<String> = OPERATIONS
+            .iter()
+            .map(|op| snake(op.call.split_once(':').expect("service:Operation").1))
+            .collect();
+        let mut found = 0;
+        // Only files that use an AWS SDK crate: etcd and kube clients are `client` too.
+        for (path, text) in sources()
+            .into_iter()
+            .filter(|(_, t)| t.contains("aws_sdk_"))
+        {
+            for receiver in ["client", "secrets", "ssm"] {
+                for (at, _) in text.match_indices(receiver) {
+                    let before = text[..at].chars().next_back();
+                    if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                        continue;
+                    }
+                    let rest = text[at + receiver.len()..].trim_start();
+                    let Some(rest) = rest.strip_prefix('.') else {
+                        continue;
+                    };
+                    let method: String = rest
+                        .trim_start()
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                        .collect();
+                    if method.is_empty()
+                        || !rest.trim_start()[method.len()..].starts_with("()")
+                        || NOT_AGENT_OPERATIONS.contains(&method.as_str())
+                        || NOT_SDK.contains(&method.as_str())
+                    {
+                        continue;
+                    }
+                    found += 1;
+                    assert!(
+                        listed.contains(&method),
+                        "{} calls .{method}() on an SDK client but iam::OPERATIONS does not list it",
+                        path.display()
+                    );
+                }
+            }
+        }
+        assert!(
+            found >= OPERATIONS.len(),
+            "the scan found only {found} calls"
+        );
     }
 
     fn snake(pascal: &str) -> String {
