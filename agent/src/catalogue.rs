@@ -293,8 +293,8 @@ catalogue! {
         cause: "The queue received a message that is neither an ASG lifecycle hook notification nor its EventBridge event; it is deleted.",
         check: "Only the ASG termination hook (directly or through an EventBridge rule) should send to aws.lifecycle_queue_url.";
     LIFE_AUTOSCALING = "KB-LIFE-002", "an Auto Scaling lifecycle call failed",
-        cause: "CompleteLifecycleAction or RecordLifecycleActionHeartbeat failed: the role may not call it on this group, or Auto Scaling is throttling. The ASG applies the hook's default result at its timeout.",
-        check: "autoscaling:CompleteLifecycleAction and RecordLifecycleActionHeartbeat for the role on the group, aws.lifecycle_hook, aws.endpoints.autoscaling.";
+        cause: "DescribeAutoScalingInstances, CompleteLifecycleAction or RecordLifecycleActionHeartbeat failed: the role may not call it on this group, or Auto Scaling is throttling. The ASG applies the hook's default result at its timeout.",
+        check: "autoscaling:DescribeAutoScalingInstances, CompleteLifecycleAction and RecordLifecycleActionHeartbeat for the role, aws.lifecycle_hook, aws.endpoints.autoscaling.";
     LIFE_SQS = "KB-LIFE-003", "a lifecycle queue call failed",
         cause: "Receiving, hiding, sending or deleting a message failed: wrong queue URL, missing permissions, or SQS unavailable.",
         check: "aws.lifecycle_queue_url, aws.endpoints.sqs, and sqs:ReceiveMessage, ChangeMessageVisibility, SendMessage and DeleteMessage for the role.";

@@ -65,7 +65,7 @@ impl Error {
     pub fn hint(&self) -> String {
         match self {
             Error::Message { .. } => "the queue should only receive the ASG lifecycle hook's messages (EventBridge rule or hook target); the message is deleted".into(),
-            Error::AutoScaling { .. } => "check the instance role may call autoscaling:CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
+            Error::AutoScaling { .. } => "check the instance role may call autoscaling:DescribeAutoScalingInstances, CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
             Error::NotTerminating { .. } => "a stale or forged notice: only EventBridge and the cluster's own nodes may send to the queue; if it was not an old duplicate, check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
             Error::Sqs { .. } => "check aws.lifecycle_queue_url and that the role may receive and delete messages on it".into(),
             Error::Registry(e) => e.hint(),
@@ -230,17 +230,7 @@ impl Hooks {
             .map(|_| ())
             .map_err(|e| Self::error("RecordLifecycleActionHeartbeat", action, &e))
     }
-}
 
-/// Which group holds an instance and in which lifecycle state, as Auto
-/// Scaling reports it (`InService`, `Terminating:Wait`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
-    pub asg: String,
-    pub state: String,
-}
-
-impl Hooks {
     /// Auto Scaling's view of `action`'s instance; `None` when no group holds
     /// it (terminated and gone).
     pub async fn placement(&self, action: &Action) -> Result<Option<Placement>, Error> {
@@ -260,6 +250,14 @@ impl Hooks {
                 state: i.lifecycle_state().unwrap_or_default().to_string(),
             }))
     }
+}
+
+/// Which group holds an instance and in which lifecycle state, as Auto
+/// Scaling reports it (`InService`, `Terminating:Wait`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub asg: String,
+    pub state: String,
 }
 
 /// Whether a queued termination may be acted on: the queue accepts messages

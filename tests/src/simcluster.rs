@@ -70,6 +70,13 @@ pub fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// The JSON log lines of an agent's output (other lines skipped).
+pub fn log_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Every run exited 0; otherwise the failing node's last output.
 pub fn assert_ok(runs: &[NodeRun]) {
     for r in runs {

@@ -4,8 +4,8 @@
 
 use crate::awsproxy::AwsProxy;
 use crate::lifecycle_actions::{ActionState, LifecycleActions, LifecycleResult, PendingAction};
-pub use crate::simcluster::tail;
 use crate::simcluster::SimCluster;
+pub use crate::simcluster::{log_lines, tail};
 use crate::standin;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

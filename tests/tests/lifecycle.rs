@@ -6,7 +6,7 @@
 
 use kubeboot_tests::simcluster::{assert_ok, SimCluster};
 use kubeboot_tests::termination::{
-    crashes_at, host_dies, tail, wait_leader, Terminations as Lifecycle,
+    crashes_at, host_dies, log_lines, tail, wait_leader, Terminations as Lifecycle,
 };
 use std::time::{Duration, Instant};
 
@@ -106,9 +106,8 @@ async fn a_forged_notice_for_a_control_plane_in_service_is_refused_and_nothing_i
         "no completion attempted"
     );
     let stderr = lifecycle.stop(&sim).await;
-    let refused = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let refused = log_lines(&stderr)
+        .into_iter()
         .find(|l| l["message"] == "lifecycle message refused and deleted")
         .unwrap_or_else(|| panic!("no refusal line in\n{}", tail(&stderr)));
     assert_eq!(refused["code"], "KB-LIFE-004", "{refused}");
@@ -161,9 +160,8 @@ async fn throttled_completions_are_retried_by_the_sdk_counted_and_completed_once
     let docs = sim.metrics_documents();
     assert!(sum(&docs, "LifecycleActionsCompleted") >= 1.0);
     // The failed turn's error line carries its catalogue code for `kubeboot explain`.
-    let failed: Vec<serde_json::Value> = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let failed: Vec<serde_json::Value> = log_lines(&stderr)
+        .into_iter()
         .filter(|l| {
             l["message"]
                 .as_str()

@@ -4,7 +4,7 @@
 //! member die.
 
 use kubeboot_tests::emf;
-use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
+use kubeboot_tests::simcluster::{assert_ok, log_lines, tail, SimCluster};
 use kubeboot_tests::termination::host_dies;
 use serde_json::Value;
 use std::process::Stdio;
@@ -13,14 +13,6 @@ use std::time::{Duration, Instant};
 /// Documents that carry `metric`.
 fn with_metric<'a>(docs: &'a [Value], metric: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d.get(metric).is_some()).collect()
-}
-
-/// The JSON log lines of an agent's stderr.
-fn log_lines(stderr: &str) -> Vec<Value> {
-    stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// Waits until node `index` wrote a health document satisfying `pred`.
