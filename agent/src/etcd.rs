@@ -154,6 +154,9 @@ impl Error {
 /// A client to the cluster's etcd.
 pub struct Etcd {
     client: Client,
+    /// The endpoints `client` balances over, each tried alone when a request
+    /// through the balanced client reached no member.
+    endpoints: Vec<String>,
     settings: Settings,
     tls: Option<TlsOptions>,
 }
@@ -172,6 +175,50 @@ fn request(operation: &'static str, e: etcd_client::Error) -> Error {
         operation,
         message,
         transient,
+    }
+}
+
+/// How one request attempt failed, before it becomes an [`Error`].
+#[derive(Debug)]
+enum Failure {
+    TimedOut,
+    Etcd(etcd_client::Error),
+}
+
+impl Failure {
+    /// The request reached no member (refused, unreachable, no answer in
+    /// time), so another member may still answer it.
+    fn reached_no_member(&self) -> bool {
+        match self {
+            Failure::TimedOut => true,
+            Failure::Etcd(
+                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_),
+            ) => true,
+            Failure::Etcd(etcd_client::Error::GRpcStatus(status)) => {
+                status.code() == tonic::Code::Unavailable
+            }
+            Failure::Etcd(_) => false,
+        }
+    }
+
+    fn into_error(self, operation: &'static str) -> Error {
+        match self {
+            Failure::TimedOut => Error::Request {
+                operation,
+                message: "timed out".into(),
+                transient: true,
+            },
+            Failure::Etcd(e) => request(operation, e),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::TimedOut => f.write_str("timed out"),
+            Failure::Etcd(e) => write!(f, "{e}"),
+        }
     }
 }
 
@@ -194,6 +241,7 @@ impl Etcd {
         let client = connect(endpoints, settings, tls.clone()).await?;
         Ok(Etcd {
             client,
+            endpoints: endpoints.to_vec(),
             settings: settings.clone(),
             tls,
         })
@@ -222,15 +270,12 @@ impl Etcd {
 
     /// The member list, as etcd reports it.
     pub async fn members(&self) -> Result<Vec<Member>, Error> {
-        let mut client = self.client.clone();
-        let resp = tokio::time::timeout(self.settings.request_timeout, client.member_list())
+        let resp = self
+            .on_any_member("member list", |mut client| async move {
+                client.member_list().await
+            })
             .await
-            .map_err(|_| Error::Request {
-                operation: "member list",
-                message: "timed out".into(),
-                transient: true,
-            })?
-            .map_err(|e| request("member list", e))?;
+            .map_err(|f| f.into_error("member list"))?;
         Ok(resp
             .members()
             .iter()
@@ -272,48 +317,88 @@ impl Etcd {
         out
     }
 
-    /// One member's status, within the request timeout.
-    async fn status(&self, mut client: Client) -> Result<etcd_client::StatusResponse, Error> {
-        tokio::time::timeout(self.settings.request_timeout, client.status())
-            .await
-            .map_err(|_| Error::Request {
-                operation: "status",
-                message: "timed out".into(),
-                transient: true,
-            })?
-            .map_err(|e| request("status", e))
-    }
-
+    /// The status of the member behind `endpoints`, within the request timeout.
     async fn status_of(&self, endpoints: &[String]) -> Result<etcd_client::StatusResponse, Error> {
         let client = connect(endpoints, &self.settings, self.tls.clone()).await?;
-        self.status(client).await
+        self.attempt(client, &|mut client: Client| async move {
+            client.status().await
+        })
+        .await
+        .map_err(|f| f.into_error("status"))
     }
 
     /// The leader's member id as the connected member sees it (0: none).
     pub async fn leader(&self) -> Result<u64, Error> {
-        Ok(self.status(self.client.clone()).await?.leader())
+        let status = self
+            .on_any_member("status", |mut client| async move { client.status().await })
+            .await
+            .map_err(|f| f.into_error("status"))?;
+        Ok(status.leader())
     }
 
     /// Removes a member by id. A member that is already gone counts as
     /// removed: a retry after a lost answer, or another path that got there
     /// first, must not fail the caller.
     pub async fn remove(&self, id: u64) -> Result<(), Error> {
-        let mut client = self.client.clone();
-        let answer = tokio::time::timeout(self.settings.request_timeout, client.member_remove(id))
-            .await
-            .map_err(|_| Error::Request {
-                operation: "member remove",
-                message: "timed out".into(),
-                transient: true,
-            })?;
+        let answer = self
+            .on_any_member("member remove", |mut client| async move {
+                client.member_remove(id).await
+            })
+            .await;
         match answer {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("member not found") => {
+            Err(Failure::Etcd(e)) if e.to_string().contains("member not found") => {
                 tracing::info!(member_id = %format!("{id:016x}"), "member already removed");
                 Ok(())
             }
-            Err(e) => Err(request("member remove", e)),
+            Err(f) => Err(f.into_error("member remove")),
         }
+    }
+
+    /// Runs `call` through the balanced client and, if that reached no
+    /// member, through each endpoint alone. The balanced channel routes some
+    /// requests to a member that is down, and a cluster that has lost one
+    /// member is exactly when membership must still be read and changed.
+    /// Safe for writes too: a request that reached no member did nothing,
+    /// and after a timeout the only write here (remove) is idempotent.
+    async fn on_any_member<T, F, Fut>(&self, operation: &'static str, call: F) -> Result<T, Failure>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let first = match self.attempt(self.client.clone(), &call).await {
+            Err(f) if f.reached_no_member() && self.endpoints.len() > 1 => f,
+            answer => return answer,
+        };
+        tracing::debug!(operation, error = %first, "no member answered through the balanced client; trying each endpoint");
+        for endpoint in &self.endpoints {
+            let client = match connect(
+                std::slice::from_ref(endpoint),
+                &self.settings,
+                self.tls.clone(),
+            )
+            .await
+            {
+                Ok(client) => client,
+                Err(_) => continue,
+            };
+            match self.attempt(client, &call).await {
+                Err(f) if f.reached_no_member() => continue,
+                answer => return answer,
+            }
+        }
+        Err(first)
+    }
+
+    async fn attempt<T, F, Fut>(&self, client: Client, call: &F) -> Result<T, Failure>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        tokio::time::timeout(self.settings.request_timeout, call(client))
+            .await
+            .map_err(|_| Failure::TimedOut)?
+            .map_err(Failure::Etcd)
     }
 
     /// I2: waits (up to `within`) until the member with `peer_url` is started,
@@ -455,6 +540,42 @@ pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_requests_that_reached_no_member_are_tried_on_another() {
+        let status = |code| {
+            Failure::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(
+                code, "x",
+            )))
+        };
+        assert!(Failure::TimedOut.reached_no_member());
+        assert!(status(tonic::Code::Unavailable).reached_no_member());
+        // etcd answered: another member would answer the same.
+        assert!(!status(tonic::Code::NotFound).reached_no_member());
+        assert!(!status(tonic::Code::PermissionDenied).reached_no_member());
+        assert!(!status(tonic::Code::FailedPrecondition).reached_no_member());
+        assert!(!Failure::Etcd(etcd_client::Error::InvalidArgs("x".into())).reached_no_member());
+        // What the caller sees is still classified as before.
+        let err = status(tonic::Code::Unavailable).into_error("member list");
+        assert!(matches!(
+            err,
+            Error::Request {
+                operation: "member list",
+                transient: true,
+                ..
+            }
+        ));
+        let err = Failure::TimedOut.into_error("status");
+        assert_eq!(
+            err.to_string(),
+            Error::Request {
+                operation: "status",
+                message: "timed out".into(),
+                transient: true
+            }
+            .to_string()
+        );
+    }
 
     #[test]
     fn hosts_come_out_of_peer_urls() {

@@ -66,3 +66,40 @@ async fn members_health_and_confirmation_follow_what_etcd_reports() {
         .expect_err("unhealthy")
         .contains(&cluster.member(2).name));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_over_every_member_still_reads_and_removes_when_one_member_is_dead() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let etcd = Etcd::connect(&cluster.endpoints(), &settings())
+        .await
+        .expect("connect");
+    let dead = cluster.member(2);
+    cluster.kill_member(2);
+
+    // The balanced client routes some requests to the dead member; each one
+    // must still be answered by a live member, never fail with "refused".
+    for round in 0..30 {
+        let members = etcd
+            .members()
+            .await
+            .unwrap_or_else(|e| panic!("member list {round} with one member dead: {e}"));
+        assert_eq!(members.len(), 3);
+        etcd.leader()
+            .await
+            .unwrap_or_else(|e| panic!("leader {round} with one member dead: {e}"));
+    }
+
+    // Removing the dead member (quorum stays at two of two) goes through too.
+    let members = etcd.members().await.expect("members");
+    let gone = kubeboot::etcd::find_by_peer_url(&members, &dead.peer_url)
+        .expect("the dead member is listed")
+        .id;
+    etcd.remove(gone).await.expect("remove the dead member");
+    let left = etcd.members().await.expect("members after removal");
+    assert_eq!(left.len(), 2);
+    assert!(left
+        .iter()
+        .all(|m| m.peer_urls != vec![dead.peer_url.clone()]));
+    // A second removal (a retry after a lost answer) is not an error.
+    etcd.remove(gone).await.expect("removing again is a no-op");
+}
