@@ -186,16 +186,23 @@ enum Failure {
 }
 
 impl Failure {
-    /// The request reached no member (refused, unreachable, no answer in
-    /// time), so another member may still answer it.
-    fn reached_no_member(&self) -> bool {
+    /// No member answered (refused, connection broken, unavailable, no
+    /// answer in time), so another member may still answer it.
+    fn no_member_answered(&self) -> bool {
         match self {
             Failure::TimedOut => true,
             Failure::Etcd(
                 etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_),
             ) => true,
+            // Cancelled is how the channel's own request timeout ends a call;
+            // a connection that broke under the call is Unknown, caused by I/O.
             Failure::Etcd(etcd_client::Error::GRpcStatus(status)) => {
-                status.code() == tonic::Code::Unavailable
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                ) || caused_by_io(status)
             }
             Failure::Etcd(_) => false,
         }
@@ -211,6 +218,18 @@ impl Failure {
             Failure::Etcd(e) => request(operation, e),
         }
     }
+}
+
+/// Whether an I/O error (refused, reset, broken pipe) is behind `e`.
+fn caused_by_io(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = e.source();
+    while let Some(cause) = next {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 impl std::fmt::Display for Failure {
@@ -355,19 +374,19 @@ impl Etcd {
         }
     }
 
-    /// Runs `call` through the balanced client and, if that reached no
-    /// member, through each endpoint alone. The balanced channel routes some
-    /// requests to a member that is down, and a cluster that has lost one
-    /// member is exactly when membership must still be read and changed.
-    /// Safe for writes too: a request that reached no member did nothing,
-    /// and after a timeout the only write here (remove) is idempotent.
+    /// Runs `call` through the balanced client and, if no member answered it,
+    /// through each endpoint alone. The balanced channel routes some requests
+    /// to a member that is down, and a cluster that has lost one member is
+    /// exactly when membership must still be read and changed. Safe for
+    /// writes too: the only write here (remove) is idempotent, so a repeat
+    /// after a connection broke under it or timed out changes nothing.
     async fn on_any_member<T, F, Fut>(&self, operation: &'static str, call: F) -> Result<T, Failure>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let first = match self.attempt(self.client.clone(), &call).await {
-            Err(f) if f.reached_no_member() && self.endpoints.len() > 1 => f,
+            Err(f) if f.no_member_answered() && self.endpoints.len() > 1 => f,
             answer => return answer,
         };
         tracing::debug!(operation, error = %first, "no member answered through the balanced client; trying each endpoint");
@@ -383,7 +402,7 @@ impl Etcd {
                 Err(_) => continue,
             };
             match self.attempt(client, &call).await {
-                Err(f) if f.reached_no_member() => continue,
+                Err(f) if f.no_member_answered() => continue,
                 answer => return answer,
             }
         }
@@ -542,19 +561,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_requests_that_reached_no_member_are_tried_on_another() {
+    fn only_requests_no_member_answered_are_tried_on_another() {
         let status = |code| {
             Failure::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(
                 code, "x",
             )))
         };
-        assert!(Failure::TimedOut.reached_no_member());
-        assert!(status(tonic::Code::Unavailable).reached_no_member());
+        assert!(Failure::TimedOut.no_member_answered());
+        assert!(status(tonic::Code::Unavailable).no_member_answered());
+        assert!(status(tonic::Code::Cancelled).no_member_answered());
+        assert!(status(tonic::Code::DeadlineExceeded).no_member_answered());
+        // The connection to a member that died broke under the call.
+        #[derive(Debug)]
+        struct Transport(std::io::Error);
+        impl std::fmt::Display for Transport {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("transport error")
+            }
+        }
+        impl std::error::Error for Transport {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let mut broken = tonic::Status::new(tonic::Code::Unknown, "transport error");
+        broken.set_source(std::sync::Arc::new(Transport(std::io::Error::from(
+            std::io::ErrorKind::BrokenPipe,
+        ))));
+        assert!(Failure::Etcd(etcd_client::Error::GRpcStatus(broken)).no_member_answered());
+        assert!(!status(tonic::Code::Unknown).no_member_answered());
         // etcd answered: another member would answer the same.
-        assert!(!status(tonic::Code::NotFound).reached_no_member());
-        assert!(!status(tonic::Code::PermissionDenied).reached_no_member());
-        assert!(!status(tonic::Code::FailedPrecondition).reached_no_member());
-        assert!(!Failure::Etcd(etcd_client::Error::InvalidArgs("x".into())).reached_no_member());
+        assert!(!status(tonic::Code::NotFound).no_member_answered());
+        assert!(!status(tonic::Code::PermissionDenied).no_member_answered());
+        assert!(!status(tonic::Code::FailedPrecondition).no_member_answered());
+        assert!(!Failure::Etcd(etcd_client::Error::InvalidArgs("x".into())).no_member_answered());
         // What the caller sees is still classified as before.
         let err = status(tonic::Code::Unavailable).into_error("member list");
         assert!(matches!(

@@ -148,3 +148,47 @@ async fn bootstrap_says_ready_and_a_hung_daemon_loop_trips_the_watchdog() {
         tail(&stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_bootstrap_tells_systemd_why_with_its_code_and_never_says_ready() {
+    let sim = SimCluster::start(1, 0).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (socket, path) = bind(dir.path());
+
+    // kubeadm exits 1 without a word: the node cannot bootstrap.
+    let out = sim
+        .bootstrap_command(&sim.nodes[0])
+        .env("NOTIFY_SOCKET", &path)
+        .env("KUBEBOOT_BINARIES_KUBEADM", "/bin/false")
+        .output()
+        .await
+        .expect("bootstrap");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    sim.record_output(&stderr);
+    assert_ne!(out.status.code(), Some(0), "{}", tail(&stderr));
+    let logged = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| l["code"].as_str().map(str::to_string))
+        .next_back()
+        .unwrap_or_else(|| panic!("the failure is logged with its code: {}", tail(&stderr)));
+
+    // systemd shows the same code the log has, so `systemctl status` leads
+    // straight to `kubeboot explain`; and the unit never became ready.
+    let notes = listen(&socket, Duration::from_secs(2), |t| {
+        t.contains("bootstrap failed")
+    })
+    .await;
+    assert_eq!(count(&notes, "STATUS=bootstrapping"), 1);
+    assert_eq!(count(&notes, "READY=1"), 0);
+    let failed = notes
+        .iter()
+        .find(|n| n.text.contains("STATUS=bootstrap failed"))
+        .unwrap_or_else(|| panic!("a failure STATUS line: {}", tail(&stderr)));
+    assert!(
+        failed.text.contains(&format!("[{logged}]")),
+        "{} (logged {logged})",
+        failed.text
+    );
+    assert!(logged.starts_with("KB-KUBEADM-"), "{logged}");
+}
