@@ -60,6 +60,21 @@ async fn sigterm(mut child: tokio::process::Child, sim: &SimCluster) -> String {
     stderr
 }
 
+/// Bootstraps the first node with systemd's notify socket at `path`: its
+/// exit code and stderr.
+async fn bootstrap(sim: &SimCluster, path: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = sim
+        .bootstrap_command(&sim.nodes[0])
+        .env("NOTIFY_SOCKET", path)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("bootstrap");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    sim.record_output(&stderr);
+    (out.status.code(), stderr)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bootstrap_says_ready_and_a_hung_daemon_loop_trips_the_watchdog() {
     let sim = SimCluster::start(1, 0).await;
@@ -67,15 +82,8 @@ async fn bootstrap_says_ready_and_a_hung_daemon_loop_trips_the_watchdog() {
     let (socket, path) = bind(dir.path());
 
     // Bootstrap: READY=1 once the node is bootstrapped, with the path.
-    let out = sim
-        .bootstrap_command(&sim.nodes[0])
-        .env("NOTIFY_SOCKET", &path)
-        .output()
-        .await
-        .expect("bootstrap");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    sim.record_output(&stderr);
-    assert_eq!(out.status.code(), Some(0), "{}", tail(&stderr));
+    let (code, stderr) = bootstrap(&sim, &path, &[]).await;
+    assert_eq!(code, Some(0), "{}", tail(&stderr));
     let notes = listen(&socket, Duration::from_secs(2), |t| t.contains("READY=1")).await;
     let ready = notes
         .iter()
@@ -156,16 +164,9 @@ async fn a_failed_bootstrap_tells_systemd_why_with_its_code_and_never_says_ready
     let (socket, path) = bind(dir.path());
 
     // kubeadm exits 1 without a word: the node cannot bootstrap.
-    let out = sim
-        .bootstrap_command(&sim.nodes[0])
-        .env("NOTIFY_SOCKET", &path)
-        .env("KUBEBOOT_BINARIES_KUBEADM", "/bin/false")
-        .output()
-        .await
-        .expect("bootstrap");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    sim.record_output(&stderr);
-    assert_ne!(out.status.code(), Some(0), "{}", tail(&stderr));
+    let (code, stderr) =
+        bootstrap(&sim, &path, &[("KUBEBOOT_BINARIES_KUBEADM", "/bin/false")]).await;
+    assert_ne!(code, Some(0), "{}", tail(&stderr));
     let logged = stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
