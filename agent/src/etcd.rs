@@ -187,8 +187,13 @@ enum Failure {
 
 impl Failure {
     /// No member answered (refused, connection broken, unavailable, no
-    /// answer in time), so another member may still answer it.
+    /// answer in time), so another member may still answer it. A refusal
+    /// in etcd's own words ("etcdserver: no leader", "unhealthy cluster")
+    /// is an answer: a live member gave it, and the caller decides.
     fn no_member_answered(&self) -> bool {
+        if self.answered_by_etcd() {
+            return false;
+        }
         match self {
             Failure::TimedOut => true,
             Failure::Etcd(
@@ -206,6 +211,11 @@ impl Failure {
             }
             Failure::Etcd(_) => false,
         }
+    }
+
+    fn answered_by_etcd(&self) -> bool {
+        matches!(self, Failure::Etcd(etcd_client::Error::GRpcStatus(status))
+            if status.message().starts_with("etcdserver:"))
     }
 
     fn into_error(self, operation: &'static str) -> Error {
@@ -346,7 +356,7 @@ impl Etcd {
         .map_err(|f| f.into_error("status"))
     }
 
-    /// The leader's member id as the connected member sees it (0: none).
+    /// The leader's member id as the member that answered sees it (0: none).
     pub async fn leader(&self) -> Result<u64, Error> {
         let status = self
             .on_any_member("status", |mut client| async move { client.status().await })
@@ -380,6 +390,7 @@ impl Etcd {
     /// exactly when membership must still be read and changed. Safe for
     /// writes too: the only write here (remove) is idempotent, so a repeat
     /// after a connection broke under it or timed out changes nothing.
+    /// At worst one request timeout per endpoint, plus one.
     async fn on_any_member<T, F, Fut>(&self, operation: &'static str, call: F) -> Result<T, Failure>
     where
         F: Fn(Client) -> Fut,
@@ -590,6 +601,11 @@ mod tests {
         ))));
         assert!(Failure::Etcd(etcd_client::Error::GRpcStatus(broken)).no_member_answered());
         assert!(!status(tonic::Code::Unknown).no_member_answered());
+        // A live member refused in etcd's words: its answer stands.
+        for refusal in ["etcdserver: unhealthy cluster", "etcdserver: no leader"] {
+            let refused = tonic::Status::new(tonic::Code::Unavailable, refusal);
+            assert!(!Failure::Etcd(etcd_client::Error::GRpcStatus(refused)).no_member_answered());
+        }
         // etcd answered: another member would answer the same.
         assert!(!status(tonic::Code::NotFound).no_member_answered());
         assert!(!status(tonic::Code::PermissionDenied).no_member_answered());

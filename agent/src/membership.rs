@@ -195,6 +195,10 @@ pub async fn remove<L: LockStore, R: RegistryStore>(
     result
 }
 
+/// How long a removal of a dead member waits for the others to elect its
+/// successor, when it led (a few election timeouts).
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(10);
+
 /// [`remove`] for a caller that already holds the `membership` lock.
 pub async fn remove_locked<R: RegistryStore>(
     etcd: &Etcd,
@@ -214,11 +218,18 @@ pub async fn remove_locked<R: RegistryStore>(
         }
         // A proposal made while the others elect a new leader is dropped and
         // times out: when the dead member led, wait for its successor first.
+        // Bounded as a whole: the removal below retries on its own.
         if health.iter().any(|h| h.member.id == id && !h.healthy) {
-            for _ in 0..50 {
-                match etcd.leader().await {
-                    Ok(leader) if leader != id && leader != 0 => break,
-                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            let until = tokio::time::Instant::now() + SUCCESSOR_WAIT;
+            loop {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, etcd.leader()).await {
+                    Ok(Ok(leader)) if leader != id && leader != 0 => break,
+                    Ok(_) => tokio::time::sleep(left.min(Duration::from_millis(200))).await,
+                    Err(_) => break,
                 }
             }
         }
