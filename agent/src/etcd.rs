@@ -154,8 +154,8 @@ impl Error {
 /// A client to the cluster's etcd.
 pub struct Etcd {
     client: Client,
-    /// The endpoints `client` balances over, each tried alone when a request
-    /// through the balanced client reached no member.
+    /// The endpoints `client` balances over, each tried alone when no member
+    /// answered a request through the balanced client.
     endpoints: Vec<String>,
     settings: Settings,
     tls: Option<TlsOptions>,
