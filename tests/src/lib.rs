@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod imds;
 pub mod kubeapi;
 pub mod lifecycle_actions;
+pub mod machine;
 pub mod memstore;
 pub mod moto;
 pub mod net;
