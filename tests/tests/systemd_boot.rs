@@ -5,10 +5,62 @@
 
 use kubeboot_tests::machine::{Machine, Options};
 use kubeboot_tests::process::pid_alive;
+use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
+use kubeboot_tests::standin;
 use std::path::PathBuf;
 use std::time::Duration;
 
 const BOOTSTRAP: &str = "kubeboot-bootstrap.service";
+const DAEMON: &str = "kubeboot.service";
+/// Where the machine sees the simulated cluster's directory (not under
+/// /tmp: the units have PrivateTmp=yes).
+const GUEST_SIM: &str = "/var/lib/kbtest-sim";
+
+/// Node `index`'s config as the machine needs it at
+/// /etc/kubeboot/config.toml: the kubeadm stand-in at /usr/bin/kubeadm, the
+/// sim's directory at [`GUEST_SIM`], and with `node_paths` the node's own
+/// directories where a real node has them (inside the machine's overlay).
+fn machine_config(sim: &SimCluster, index: usize, node_paths: bool) -> String {
+    let node = &sim.nodes[index];
+    let mut text = std::fs::read_to_string(&node.config).expect("node config");
+    text = text.replace(
+        &standin::kubeadm_bin().display().to_string(),
+        "/usr/bin/kubeadm",
+    );
+    if node_paths {
+        let d = node.dir.display().to_string();
+        for path in [
+            "/etc/kubernetes",
+            "/var/lib/kubeboot",
+            "/run/kubeboot",
+            "/var/lib/etcd",
+        ] {
+            text = text.replace(&format!("\"{d}{path}\""), &format!("\"{path}\""));
+        }
+    }
+    text.replace(&sim.work.path().display().to_string(), GUEST_SIM)
+}
+
+/// A machine that can see the sim's directory, with `config` installed.
+fn sim_machine(sim: &SimCluster, config: &str) -> Machine {
+    let machine = Machine::boot(Options::node().bind_rw(sim.work.path(), GUEST_SIM));
+    machine.write_file("/etc/kubeboot/config.toml", config.as_bytes(), 0o600);
+    machine
+}
+
+/// The stand-in's knobs for a unit, as a drop-in's `[Service]` lines.
+fn standin_environment(sim: &SimCluster) -> String {
+    let log = sim
+        .kubeadm_log
+        .display()
+        .to_string()
+        .replace(&sim.work.path().display().to_string(), GUEST_SIM);
+    format!(
+        "Environment=KUBEADM_STANDIN_INIT_SYSTEM=systemd\n\
+         Environment={}={log}\n",
+        standin::LOG_ENV
+    )
+}
 
 fn mounts() -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -145,4 +197,145 @@ fn bootstrap_restarting_the_kubelet_becomes_ready() {
         kubelet_before,
         "the kubelet was restarted"
     );
+}
+
+/// A configuration error exits 2, which the unit does not restart.
+#[test]
+fn a_configuration_error_fails_the_bootstrap_unit_without_restarts() {
+    let machine = Machine::boot(Options::node());
+    // No user-data (IMDS is not needed to see the file is wrong).
+    machine.write_file(
+        "/etc/kubeboot/config.toml",
+        b"[imds]\nuser_data = false\n\n[cluster]\nname = \"Not_A_Label\"\n",
+        0o600,
+    );
+    machine.install_repo_unit(BOOTSTRAP);
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP]);
+    machine
+        .wait_state(BOOTSTRAP, "failed", Duration::from_secs(30))
+        .unwrap_or_else(|(active, sub)| {
+            panic!(
+                "{BOOTSTRAP} is {active}/{sub}:\n{}",
+                machine.report(BOOTSTRAP)
+            )
+        });
+    assert_eq!(machine.show(BOOTSTRAP, "ExecMainStatus"), "2");
+    assert_eq!(machine.show(BOOTSTRAP, "NRestarts"), "0");
+    let journal = machine.journal(BOOTSTRAP);
+    assert!(journal.contains("KB-CONFIG-"), "{}", tail(&journal));
+}
+
+/// A daemon loop that hangs stops feeding the watchdog; systemd kills the
+/// daemon and starts it again (the real unit, with a drop-in that only
+/// shortens the watchdog and the restart delay and sets the hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn systemd_restarts_a_daemon_whose_loop_hangs() {
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let machine = sim_machine(&sim, &machine_config(&sim, 0, false));
+    machine.install_repo_unit(BOOTSTRAP);
+    machine.install_repo_unit(DAEMON);
+    // Bootstrap already ran (outside): its checkpoint says done.
+    machine.install_drop_in(
+        BOOTSTRAP,
+        "test",
+        &format!("[Service]\n{}", standin_environment(&sim)),
+    );
+    machine.install_drop_in(
+        DAEMON,
+        "test",
+        &format!(
+            "[Service]\nWatchdogSec=3s\nRestartSec=1s\n{}\
+             Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n\
+             Environment=KUBEBOOT_DAEMON_WATCHDOG_STALL=6s KUBEBOOT_TIMEOUTS_DRAIN=5s\n\
+             Environment=KBTEST_STALL_AT=daemon:leader-turn\n",
+            standin_environment(&sim)
+        ),
+    );
+    machine.systemctl_ok(&["start", "--no-block", DAEMON]);
+    let restarted = machine.wait_until(DAEMON, Duration::from_secs(90), |active, _| {
+        active == "failed"
+            || machine
+                .show(DAEMON, "NRestarts")
+                .parse::<u32>()
+                .unwrap_or(0)
+                >= 1
+    });
+    let journal = machine.journal(DAEMON);
+    sim.record_output(&journal);
+    let took = restarted.unwrap_or_else(|(active, sub)| {
+        panic!(
+            "{DAEMON} is {active}/{sub}, never restarted:\n{}",
+            machine.report(DAEMON)
+        )
+    });
+    let restarts = machine.show(DAEMON, "NRestarts");
+    assert_ne!(restarts, "0", "{}", machine.report(DAEMON));
+    eprintln!("{DAEMON} restarted by systemd after {took:?}");
+    assert_eq!(
+        machine.show(BOOTSTRAP, "ActiveState"),
+        "active",
+        "{}",
+        machine.report(BOOTSTRAP)
+    );
+    assert!(
+        journal.contains("stuck: leader"),
+        "the daemon said which loop hung:\n{}",
+        tail(&journal)
+    );
+    assert!(
+        journal.contains("Watchdog request") || journal.contains("Watchdog timeout"),
+        "systemd acted on the watchdog:\n{}",
+        tail(&journal)
+    );
+}
+
+/// A worker bootstraps under the real unit: kubeadm (the stand-in) restarts
+/// the kubelet through systemd, the Node becomes Ready, the unit says
+/// READY=1 and the daemon starts after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_bootstraps_under_the_real_unit() {
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let machine = sim_machine(&sim, &machine_config(&sim, 1, true));
+    machine.install_repo_unit(BOOTSTRAP);
+    machine.install_drop_in(
+        BOOTSTRAP,
+        "test",
+        &format!(
+            "[Service]\n{}Environment={}=1\n",
+            standin_environment(&sim),
+            standin::ALLOW_SYSTEM_PATHS_ENV
+        ),
+    );
+    let kubelet_before = machine.show("kubelet.service", "InvocationID");
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP]);
+    let waited = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, _| {
+        active == "active" || active == "failed"
+    });
+    let journal = machine.journal(BOOTSTRAP);
+    sim.record_output(&journal);
+    let took = waited.unwrap_or_else(|(active, sub)| {
+        panic!(
+            "{BOOTSTRAP} is {active}/{sub}:\n{}",
+            machine.report(BOOTSTRAP)
+        )
+    });
+    assert_eq!(
+        machine.show(BOOTSTRAP, "ActiveState"),
+        "active",
+        "{}\n{}",
+        machine.report(BOOTSTRAP),
+        machine.report("kubelet.service")
+    );
+    eprintln!("worker bootstrapped under systemd in {took:?}");
+    assert_ne!(
+        machine.show("kubelet.service", "InvocationID"),
+        kubelet_before,
+        "kubeadm restarted the kubelet"
+    );
+    assert_eq!(machine.show("kubelet.service", "ActiveState"), "active");
+    // Real node paths inside the machine, written by kubeadm and the agent.
+    assert!(machine.read_file("/etc/kubernetes/kubelet.conf").is_some());
+    assert!(journal.contains("bootstrap complete"), "{}", tail(&journal));
 }

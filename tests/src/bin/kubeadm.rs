@@ -143,6 +143,47 @@ fn plain_err(msg: impl Display) -> Failure {
     Failure(msg.to_string())
 }
 
+/// Names the init system the stand-in drives, like kubeadm's detection of
+/// `systemctl`; only `systemd` is modelled, and unset means none, so tests
+/// outside a systemd machine never touch the host's services.
+const INIT_SYSTEM_ENV: &str = "KUBEADM_STANDIN_INIT_SYSTEM";
+
+/// kubeadm's kubelet-start: `systemctl daemon-reload`, then `systemctl
+/// restart kubelet`, each waited for without a timeout (upstream
+/// cmd/kubeadm/app/phases/kubelet/kubelet.go `TryStartKubelet` →
+/// cmd/kubeadm/app/util/initsystem/initsystem_unix.go
+/// `SystemdInitSystem.ServiceRestart`). Only with
+/// `KUBEADM_STANDIN_INIT_SYSTEM=systemd`. kubeadm only warns when systemctl
+/// fails and then times out waiting for the kubelet; the stand-in, which
+/// has no kubelet to wait for, fails at once with the warning's text.
+fn try_start_kubelet(phase: &str) -> R<()> {
+    if std::env::var(INIT_SYSTEM_ENV).as_deref() != Ok("systemd") {
+        return Ok(());
+    }
+    for args in [&["daemon-reload"][..], &["restart", "kubelet"][..]] {
+        let out = Command::new("systemctl")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| phase_err(phase, format!("systemctl: {e}")))?;
+        if !out.status.success() {
+            let why = format!(
+                "systemctl {}: {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            println!("[kubelet-start] WARNING: unable to start the kubelet service: [{why}]");
+            println!("[kubelet-start] Please ensure kubelet is reloaded and running manually.");
+            return Err(phase_err(
+                phase,
+                format!("the kubelet is not running: {why}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Milliseconds from an environment knob, or the default.
 fn knob(name: &str, default_ms: u64) -> Duration {
     Duration::from_millis(
@@ -1983,6 +2024,7 @@ async fn init(args: &[String]) -> R<()> {
     write_etcd_manifest(&manifests, &member, "etcd")?;
     println!("[kubelet-start] Writing kubelet environment file with flags to file \"/var/lib/kubelet/kubeadm-flags.env\"");
     println!("[kubelet-start] Starting the kubelet");
+    try_start_kubelet("kubelet-start")?;
     let state_dir = k8s.join(standin::STATE_DIR);
     let mut child =
         spawn_etcd(&member, &state_dir).map_err(|e| phase_err("wait-control-plane", e))?;
@@ -2501,6 +2543,7 @@ async fn join(args: &[String]) -> R<()> {
         "[kubelet-start] Writing kubelet configuration to file \"/var/lib/kubelet/config.yaml\""
     );
     println!("[kubelet-start] Starting the kubelet");
+    try_start_kubelet("kubelet-start")?;
     println!("[kubelet-start] Waiting for the kubelet to perform the TLS Bootstrap");
     let kubelet = kubeconfig(
         &cluster_name,
@@ -2560,9 +2603,10 @@ async fn join_worker(
         "[kubelet-start] Writing kubelet configuration to file \"/var/lib/kubelet/config.yaml\""
     );
     println!("[kubelet-start] Writing kubelet environment file with flags to file \"/var/lib/kubelet/kubeadm-flags.env\"");
-    println!("[kubelet-start] Starting the kubelet");
     write_file(ca_path, found.ca_pem.as_bytes(), 0o644)
         .map_err(|e| phase_err("kubelet-start", e))?;
+    println!("[kubelet-start] Starting the kubelet");
+    try_start_kubelet("kubelet-start")?;
     let kubelet = kubeconfig(
         cluster_name,
         &found.server,
