@@ -225,11 +225,13 @@ fn a_configuration_error_fails_the_bootstrap_unit_without_restarts() {
     assert!(journal.contains("KB-CONFIG-"), "{}", tail(&journal));
 }
 
-/// A daemon loop that hangs stops feeding the watchdog; systemd kills the
-/// daemon and starts it again (the real unit, with a drop-in that only
-/// shortens the watchdog and the restart delay and sets the hang).
+/// The daemon runs under its real unit's sandbox (READY=1, the leader's
+/// health in STATUS=, no restarts); when a loop then hangs it stops feeding
+/// the watchdog and systemd kills and restarts it. The unit file is the
+/// repo's; drop-ins only shorten the watchdog, the restart delay and the
+/// daemon's period, and set the hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn systemd_restarts_a_daemon_whose_loop_hangs() {
+async fn the_daemon_runs_under_its_unit_and_systemd_restarts_it_when_a_loop_hangs() {
     let sim = SimCluster::start(1, 0).await;
     assert_ok(&sim.bootstrap(&[0]).await);
     let machine = sim_machine(&sim, &machine_config(&sim, 0, false));
@@ -247,12 +249,46 @@ async fn systemd_restarts_a_daemon_whose_loop_hangs() {
         &format!(
             "[Service]\nWatchdogSec=3s\nRestartSec=1s\n{}\
              Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n\
-             Environment=KUBEBOOT_DAEMON_WATCHDOG_STALL=6s KUBEBOOT_TIMEOUTS_DRAIN=5s\n\
-             Environment=KBTEST_STALL_AT=daemon:leader-turn\n",
+             Environment=KUBEBOOT_DAEMON_WATCHDOG_STALL=6s KUBEBOOT_TIMEOUTS_DRAIN=5s\n",
             standin_environment(&sim)
         ),
     );
     machine.systemctl_ok(&["start", "--no-block", DAEMON]);
+    let healthy = machine.wait_until(DAEMON, Duration::from_secs(60), |active, _| {
+        active == "failed"
+            || (active == "active"
+                && machine
+                    .show(DAEMON, "StatusText")
+                    .starts_with("leader: etcd"))
+    });
+    let record = |machine: &Machine| sim.record_output(&machine.journal(DAEMON));
+    if let Err((active, sub)) = healthy {
+        record(&machine);
+        panic!("{DAEMON} is {active}/{sub}:\n{}", machine.report(DAEMON));
+    }
+    assert_eq!(machine.show(BOOTSTRAP, "ActiveState"), "active");
+    // Healthy turns for longer than the watchdog interval: no restart.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        machine.show(DAEMON, "ActiveState"),
+        "active",
+        "{}",
+        machine.report(DAEMON)
+    );
+    assert_eq!(
+        machine.show(DAEMON, "NRestarts"),
+        "0",
+        "{}",
+        machine.report(DAEMON)
+    );
+
+    // The leader's turn hangs.
+    machine.install_drop_in(
+        DAEMON,
+        "stall",
+        "[Service]\nEnvironment=KBTEST_STALL_AT=daemon:leader-turn\n",
+    );
+    machine.systemctl_ok(&["restart", "--no-block", DAEMON]);
     let restarted = machine.wait_until(DAEMON, Duration::from_secs(90), |active, _| {
         active == "failed"
             || machine
@@ -261,23 +297,21 @@ async fn systemd_restarts_a_daemon_whose_loop_hangs() {
                 .unwrap_or(0)
                 >= 1
     });
+    record(&machine);
     let journal = machine.journal(DAEMON);
-    sim.record_output(&journal);
     let took = restarted.unwrap_or_else(|(active, sub)| {
         panic!(
             "{DAEMON} is {active}/{sub}, never restarted:\n{}",
             machine.report(DAEMON)
         )
     });
-    let restarts = machine.show(DAEMON, "NRestarts");
-    assert_ne!(restarts, "0", "{}", machine.report(DAEMON));
-    eprintln!("{DAEMON} restarted by systemd after {took:?}");
-    assert_eq!(
-        machine.show(BOOTSTRAP, "ActiveState"),
-        "active",
+    assert_ne!(
+        machine.show(DAEMON, "NRestarts"),
+        "0",
         "{}",
-        machine.report(BOOTSTRAP)
+        machine.report(DAEMON)
     );
+    eprintln!("{DAEMON} restarted by systemd {took:?} after the hang was set");
     assert!(
         journal.contains("stuck: leader"),
         "the daemon said which loop hung:\n{}",
