@@ -124,3 +124,51 @@ fn the_units_match_what_the_agent_does() {
     );
     assert_eq!(directive(&daemon, "Restart"), Some("always"));
 }
+
+/// What the units promise each other and kubeadm (`tests/tests/systemd_boot.rs`
+/// shows the same under real systemd).
+#[test]
+fn the_units_are_ordered_and_bounded_for_what_bootstrap_runs() {
+    let bootstrap = unit_text("kubeboot-bootstrap.service");
+    let before: Vec<&str> = directive(&bootstrap, "Before")
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert!(
+        !before.contains(&"kubelet.service"),
+        "kubeadm restarts the kubelet and waits for it: bootstrap ordered before the kubelet deadlocks"
+    );
+    assert!(before.contains(&"kubeboot.service"), "{before:?}");
+
+    // The outer bound exceeds the agent's own bounds on its longest path
+    // (the arithmetic is in the unit), with room for ~15 AWS calls.
+    let default = |key: &str| {
+        let literal = kubeboot::config::schema::find(key)
+            .and_then(|k| k.default)
+            .unwrap_or_else(|| panic!("{key} has a default"));
+        kubeboot::config::value::parse_duration(literal.trim_matches('"'))
+            .unwrap_or_else(|| panic!("{key} = {literal}"))
+    };
+    let longest = default("imds.deadline")
+        + default("timeouts.kubeadm_reset")
+        + default("lock.acquire_timeout") * 2
+        + default("timeouts.join_material")
+        + default("timeouts.kubeadm_join") * 3
+        + default("etcd.promote_timeout")
+        + default("aws.operation_timeout") * 15;
+    let start = directive(&bootstrap, "TimeoutStartSec").expect("TimeoutStartSec");
+    let outer = kubeboot::config::value::parse_duration(&start.replace("min", "m"))
+        .unwrap_or_else(|| panic!("TimeoutStartSec={start}"));
+    assert!(
+        outer > longest,
+        "TimeoutStartSec={start} is within the agent's own worst case ({longest:?})"
+    );
+
+    // kubeadm token create / upload-certs (the leader's refresh) use netlink.
+    let daemon = unit_text("kubeboot.service");
+    let families = directive(&daemon, "RestrictAddressFamilies").unwrap_or("");
+    assert!(
+        families.split_whitespace().any(|f| f == "AF_NETLINK"),
+        "{families}"
+    );
+}
