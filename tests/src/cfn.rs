@@ -212,8 +212,9 @@ impl Stack {
                 named("LogGroupName")
             ),
             ("AWS::ElasticLoadBalancingV2::LoadBalancer", "DNSName") => format!(
+                // AWS keeps the case of the generated load balancer name.
                 "internal-{}-0123456789abcdef.elb.{REGION}.amazonaws.com",
-                id.to_lowercase()
+                id
             ),
             ("AWS::EC2::LaunchTemplate", "LatestVersionNumber") => "1".into(),
             (_, "Arn") => format!("arn:aws:synthesized:{REGION}:{ACCOUNT}:{id}"),

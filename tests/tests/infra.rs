@@ -471,10 +471,13 @@ fn user_data_problems(s: &Stack) -> Vec<String> {
             cfg.aws.lifecycle_queue_url.as_deref().unwrap_or(""),
             &queue,
         );
+        // The load balancer's DNS name keeps its capitals (the evaluator
+        // synthesizes it as AWS does) and kubeadm refuses them: the agent
+        // hands kubeadm the same name in lowercase (DNS ignores case).
         expect(
             "cluster.control_plane_endpoint",
             &cfg.cluster.control_plane_endpoint,
-            &endpoint,
+            &endpoint.to_ascii_lowercase(),
         );
         expect(
             "metrics.log_group",

@@ -30,12 +30,19 @@ pub struct Config {
     pub log: Log,
 }
 
+fn lowercase_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(super::value::lowercase_host(&s))
+}
+
 /// Which cluster this node belongs to and how it is shaped.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     pub name: String,
     pub kubernetes_version: String,
+    /// Host in lowercase, whatever the source wrote (kubeadm refuses capitals).
+    #[serde(deserialize_with = "lowercase_endpoint")]
     pub control_plane_endpoint: String,
     pub pod_subnet: String,
     pub service_subnet: String,

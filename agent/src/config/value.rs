@@ -34,7 +34,7 @@ pub fn expected_form(kind: Kind) -> String {
         Kind::KubeVersion => {
             "a Kubernetes version 1.31 or newer like \"1.31.2\" or \"v1.31.2\" (kubeadm config v1beta4)".into()
         }
-        Kind::HostPort => "\"host:port\", e.g. \"api.example.internal:6443\"".into(),
+        Kind::HostPort => "\"host:port\" with an IP or a DNS name (letters, digits, '-', '.'), e.g. \"api.example.internal:6443\"".into(),
         Kind::Cidr => "an IPv4 CIDR like \"10.244.0.0/16\"".into(),
         Kind::Region => "an AWS region code like \"eu-west-1\"".into(),
         Kind::Url => "an http:// or https:// URL, e.g. \"http://127.0.0.1:5000\"".into(),
@@ -126,7 +126,7 @@ fn string_ok(kind: Kind, s: &str) -> bool {
     match kind {
         Kind::ClusterName => is_dns_label(s, 40),
         Kind::KubeVersion => is_kube_version(s),
-        Kind::HostPort => split_host_port(s).is_some(),
+        Kind::HostPort => is_endpoint(s),
         Kind::Cidr => is_cidr(s),
         Kind::Region => is_region(s),
         Kind::Url => is_url(s, &["http", "https"]),
@@ -202,6 +202,35 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c));
     (port > 0 && host_ok).then_some((host, port))
+}
+
+/// A `host:port` kubeadm accepts as `controlPlaneEndpoint`: an IP address
+/// (IPv6 in brackets) or a DNS-1123 subdomain, compared without case (the
+/// agent lowercases it, see [`lowercase_host`]): kubeadm refuses capitals,
+/// and a load balancer's generated DNS name may have them.
+fn is_endpoint(s: &str) -> bool {
+    let Some((host, _)) = split_host_port(s) else {
+        return false;
+    };
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let host = host.to_ascii_lowercase();
+    host.len() <= 253 && host.split('.').all(|label| is_dns_label(label, 63))
+}
+
+/// `host:port` with the host in lowercase: DNS is case-insensitive, and
+/// kubeadm validates `controlPlaneEndpoint`'s host as a lowercase DNS-1123
+/// subdomain (upstream: cmd/kubeadm/app/apis/kubeadm/validation, via
+/// `validation.IsDNS1123Subdomain`).
+pub fn lowercase_host(s: &str) -> String {
+    match s.rsplit_once(':') {
+        Some((host, port)) => format!("{}:{port}", host.to_ascii_lowercase()),
+        None => s.to_ascii_lowercase(),
+    }
 }
 
 fn is_cidr(s: &str) -> bool {
@@ -399,6 +428,21 @@ mod tests {
         assert!(!ok(Kind::HostPort, "api.internal"));
         assert!(!ok(Kind::HostPort, ":6443"));
         assert!(!ok(Kind::HostPort, "api:0"));
+        // kubeadm takes a DNS-1123 name: capitals are lowercased, not refused;
+        // an underscore or an empty label is refused.
+        assert!(ok(
+            Kind::HostPort,
+            "Internal-KubeB-ApiLo-1A2B.elb.us-east-1.amazonaws.com:6443"
+        ));
+        assert!(!ok(Kind::HostPort, "api_server.internal:6443"));
+        assert!(!ok(Kind::HostPort, "api..internal:6443"));
+        assert!(!ok(Kind::HostPort, "-api.internal:6443"));
+        assert!(ok(Kind::HostPort, "10.0.0.10:6443"));
+        assert!(ok(Kind::HostPort, "[fd00::1]:6443"));
+        assert_eq!(
+            lowercase_host("Internal-KubeB-ApiLo.elb.amazonaws.com:6443"),
+            "internal-kubeb-apilo.elb.amazonaws.com:6443"
+        );
         assert!(ok(Kind::Cidr, "10.244.0.0/16"));
         assert!(!ok(Kind::Cidr, "10.244.0.0/33"));
         assert!(ok(Kind::Region, "eu-west-1"));
