@@ -110,6 +110,8 @@ pub enum Error {
     Etcd(#[from] etcd::Error),
     #[error(transparent)]
     Kubernetes(#[from] crate::kubernetes::Error),
+    #[error(transparent)]
+    Membership(#[from] crate::membership::Error),
     #[error("cannot use the checkpoint {}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
     #[error("the cluster is not ready for this node yet: {0}")]
@@ -141,6 +143,7 @@ impl Error {
             Error::Kubeadm(e) => e.hint(),
             Error::Etcd(e) => e.hint(),
             Error::Kubernetes(e) => e.hint(),
+            Error::Membership(e) => e.hint(),
             Error::Checkpoint { .. } => "check paths.state_dir is writable by root; delete a corrupt bootstrap.json to start over".into(),
             Error::NotReady(_) => "it is retried; `kubeboot status` shows the cluster record and the members".into(),
             Error::StaleMaterial(_) => "the leader's daemon refreshes join material when asked (REFRESH record in `kubeboot status`); this node waits up to timeouts.join_material".into(),
@@ -200,8 +203,17 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        std::fs::write(&tmp, body).map_err(fail)?;
-        std::fs::rename(&tmp, &path).map_err(fail)
+        // Durable before it counts: the file's data, then its name in the
+        // directory (a power loss must not leave an empty or old checkpoint
+        // that tells the next boot to reset a member that joined).
+        let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+        std::io::Write::write_all(&mut f, &body).map_err(fail)?;
+        f.sync_all().map_err(fail)?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(fail)?;
+        std::fs::File::open(&self.cfg.paths.state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(fail)
     }
 
     /// Runs bootstrap to completion (or to an error that systemd's restart retries).
@@ -239,7 +251,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             tracing::warn!(
                 "an earlier attempt ran kubeadm and did not finish: resetting this node first"
             );
-            self.kubeadm.reset().await?;
+            self.reset().await?;
         }
         self.save_checkpoint(&checkpoint)?;
         let path = match self.cfg.node.role {
@@ -266,41 +278,165 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         Ok(checkpoint)
     }
 
-    /// After a crash: if the cluster is initialized and etcd confirms this
-    /// node's own member (started, voting, healthy), the earlier attempt got
-    /// that far — record the member if the crash came first, and do not reset
-    /// (resetting the first control plane would destroy the cluster).
+    /// After a crash or a reboot mid-bootstrap: adopt this node's etcd
+    /// member (the earlier attempt got that far: record it if the crash came
+    /// first) instead of resetting it. Returns false when the node must be
+    /// reset.
+    ///
+    /// Only a member of the recorded cluster is adopted: its id is the one
+    /// recorded for this instance or, when the crash came before the record,
+    /// its member list holds a member recorded for another instance. A
+    /// one-member etcd of an init that another node took over is not, and
+    /// is reset (recording it would put a second cluster in the registry).
+    ///
+    /// A member recorded as this node's is never reset on a mere timeout
+    /// (etcd can be slow after a reboot): only when the other recorded
+    /// members answer without it is it gone. Otherwise bootstrap fails and
+    /// systemd retries later.
     async fn adopt_own_member(&self) -> Result<bool, Error> {
         if self.registry.state().await?.phase != Phase::Initialized {
             return Ok(false);
         }
         let settings = self.etcd_settings();
-        let Ok(etcd) =
-            Etcd::connect(&[settings.client_url(&self.identity.private_ip)], &settings).await
-        else {
-            return Ok(false);
-        };
         let peer_url = settings.peer_url(&self.identity.private_ip);
-        if etcd
-            .confirm(&peer_url, Duration::from_secs(5))
-            .await
-            .is_err()
-        {
-            return Ok(false);
+        let records = self.registry.members().await?;
+        let me = &self.identity.instance_id;
+        let own_record = records
+            .iter()
+            .find(|r| &r.instance_id == me && r.peer_url == peer_url);
+        // A recorded member gets the full promotion window to come back.
+        let wait = match own_record {
+            Some(_) => self.cfg.etcd.promote_timeout,
+            None => Duration::from_secs(5),
+        };
+        match self.local_member(&settings, &peer_url, wait).await {
+            Ok((member, ids)) => {
+                let of_recorded_cluster = match own_record {
+                    Some(r) => r.member_id == member.id,
+                    None => ids.iter().any(|id| {
+                        records
+                            .iter()
+                            .any(|r| &r.instance_id != me && r.member_id == *id)
+                    }),
+                };
+                if !of_recorded_cluster {
+                    tracing::warn!(member_id = %member.hex_id(), "the local etcd member is not of the recorded cluster (another node's init took over); it is reset, not adopted");
+                    return Ok(false);
+                }
+                if own_record.is_none() {
+                    let guard = self.locker.acquire(Purpose::Membership).await?;
+                    let result = self.confirm_and_record(&guard).await;
+                    let _ = guard.release().await;
+                    result?;
+                }
+                Ok(true)
+            }
+            Err(why) => {
+                let Some(record) = own_record else {
+                    return Ok(false);
+                };
+                let id = format!("{:016x}", record.member_id);
+                let others: Vec<String> = records
+                    .iter()
+                    .filter(|r| &r.instance_id != me)
+                    .filter_map(|r| etcd::host_of(&r.peer_url).map(|h| settings.client_url(h)))
+                    .collect();
+                let keep = |reason: String| {
+                    Err(Error::NotReady(format!(
+                        "this node's etcd member {id} is recorded as the cluster's and did not answer within {} ({why}); {reason}: not resetting it",
+                        value::format_duration(wait)
+                    )))
+                };
+                if others.is_empty() {
+                    return keep("it is the only recorded member".into());
+                }
+                let listed = match Etcd::connect_any(&others, &settings).await {
+                    Ok(etcd) => etcd.members().await,
+                    Err(e) => Err(e),
+                };
+                match listed {
+                    Ok(members) if members.iter().all(|m| m.id != record.member_id) => {
+                        tracing::warn!(member_id = %id, "this node's recorded etcd member is no longer in the cluster; resetting");
+                        Ok(false)
+                    }
+                    Ok(_) => keep("the other members still list it".into()),
+                    Err(e) => keep(format!("the other members could not be asked ({e})")),
+                }
+            }
         }
-        let recorded = self
+    }
+
+    /// This node's own etcd member, confirmed (started, voting, healthy)
+    /// through its own client URL within `wait`, and the ids its member
+    /// list holds.
+    async fn local_member(
+        &self,
+        settings: &etcd::Settings,
+        peer_url: &str,
+        wait: Duration,
+    ) -> Result<(etcd::Member, Vec<u64>), etcd::Error> {
+        let etcd =
+            Etcd::connect(&[settings.client_url(&self.identity.private_ip)], settings).await?;
+        let member = etcd.confirm(peer_url, wait).await?;
+        let ids = etcd.members().await?.iter().map(|m| m.id).collect();
+        Ok((member, ids))
+    }
+
+    /// `kubeadm reset` of an unfinished attempt. On a control plane it
+    /// changes etcd membership (kubeadm removes the node's member), so it
+    /// runs under the `membership` lock, and this node's member, if the
+    /// other recorded members still list it, goes first through the quorum
+    /// guard (refused: nothing is reset, systemd retries later).
+    async fn reset(&self) -> Result<(), Error> {
+        if self.cfg.node.role != Role::ControlPlane {
+            self.kubeadm.reset().await?;
+            return Ok(());
+        }
+        let guard = self
+            .locker
+            .acquire(Purpose::Membership)
+            .instrument(telemetry::phase("membership-lock"))
+            .await?;
+        let result = async {
+            self.remove_own_member(&guard).await?;
+            self.kubeadm.reset().await?;
+            Ok(())
+        }
+        .await;
+        let _ = guard.release().await;
+        result
+    }
+
+    /// Removes this node's member through the other recorded members, under
+    /// the quorum guard; nothing to do when they cannot be reached (the
+    /// reconciler removes what is left) or do not list it.
+    async fn remove_own_member(&self, guard: &Guard) -> Result<(), Error> {
+        let settings = self.etcd_settings();
+        let peer_url = settings.peer_url(&self.identity.private_ip);
+        let others: Vec<String> = self
             .registry
             .members()
             .await?
             .iter()
-            .any(|r| r.instance_id == self.identity.instance_id && r.peer_url == peer_url);
-        if !recorded {
-            let guard = self.locker.acquire(Purpose::Membership).await?;
-            let result = self.confirm_and_record(&guard).await;
-            let _ = guard.release().await;
-            result?;
+            .filter(|r| r.instance_id != self.identity.instance_id && r.peer_url != peer_url)
+            .filter_map(|r| etcd::host_of(&r.peer_url).map(|h| settings.client_url(h)))
+            .collect();
+        if others.is_empty() {
+            return Ok(());
         }
-        Ok(true)
+        let Ok(etcd) = Etcd::connect_any(&others, &settings).await else {
+            tracing::warn!(
+                "no other recorded etcd member answers; kubeadm reset removes what it can"
+            );
+            return Ok(());
+        };
+        let members = etcd.members().await?;
+        let Some(own) = etcd::find_by_peer_url(&members, &peer_url) else {
+            return Ok(());
+        };
+        let target = crate::membership::Target::Member(own.id);
+        crate::membership::remove_locked(&etcd, &self.registry, guard, &target, false).await?;
+        Ok(())
     }
 
     fn node(&self) -> kcfg::Node {
@@ -393,9 +529,6 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             dns_domain: cfg.cluster.dns_domain.clone(),
             etcd_data_dir: cfg.paths.etcd_data_dir.display().to_string(),
             kubernetes_dir: cfg.paths.kubernetes_dir.display().to_string(),
-            etcd_scheme: cfg.etcd.scheme,
-            etcd_client_port: cfg.etcd.client_port,
-            etcd_peer_port: cfg.etcd.peer_port,
             token: token.clone(),
             token_ttl: join_material::TOKEN_TTL,
             certificate_key: key.clone(),
@@ -577,19 +710,6 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         if endpoints.is_empty() {
             return Err(Error::NotReady("no recorded etcd member to join".into()));
         }
-        let etcd = Etcd::connect_any(&endpoints, &settings).await?;
-        let health = etcd.health(&etcd.members().await?).await;
-        let (stale, ready) = etcd::join_plan(&health, &own_peer);
-        for s in &stale {
-            let (Stale::OrphanLearner(m) | Stale::OwnLeftover(m)) = s;
-            tracing::warn!(member_id = %m.hex_id(), reason = ?s, "removing a stale etcd member before joining");
-            etcd.remove(m.id).await?;
-            if let Some(r) = records.iter().find(|r| r.member_id == m.id) {
-                self.registry.forget_member(guard, &r.instance_id).await?;
-            }
-        }
-        ready.map_err(Error::NotReady)?;
-        crash_point("join:after-cleanup");
         let material = self.usable_material(true).await?;
         let rendered = kcfg::render_join(&kcfg::JoinParams {
             node: self.node(),
@@ -599,11 +719,32 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             certificate_key: material.certificate_key.clone(),
             kubernetes_dir: self.cfg.paths.kubernetes_dir.display().to_string(),
         });
-        checkpoint.kubeadm_started = true;
-        self.save_checkpoint(checkpoint)?;
         let secrets: Vec<&crate::secret::Secret<String>> = std::iter::once(&material.token)
             .chain(material.certificate_key.as_ref())
             .collect();
+        // From here kubeadm writes to this node: a crash must reset first.
+        checkpoint.kubeadm_started = true;
+        self.save_checkpoint(checkpoint)?;
+        // A joining node has no etcd credentials until kubeadm downloads the
+        // shared CAs and issues its own certificates; only then can it check
+        // etcd's health and remove stale members before the join itself.
+        self.guarded(guard, async {
+            Ok(self.kubeadm.join_prepare_certs(&rendered, &secrets).await?)
+        })
+        .instrument(telemetry::phase("kubeadm-join-certs"))
+        .await?;
+        let etcd = Etcd::connect_any(&endpoints, &settings).await?;
+        let health = etcd.health(&etcd.members().await?).await;
+        let (stale, ready) = etcd::join_plan(&health, &own_peer);
+        for s in &stale {
+            let (Stale::OrphanLearner(m) | Stale::OwnLeftover(m)) = s;
+            tracing::warn!(member_id = %m.hex_id(), reason = ?s, "removing a stale etcd member before joining");
+            // The guarded path: fresh health, the quorum guard, the record.
+            let target = crate::membership::Target::Member(m.id);
+            crate::membership::remove_locked(&etcd, &self.registry, guard, &target, false).await?;
+        }
+        ready.map_err(Error::NotReady)?;
+        crash_point("join:after-cleanup");
         self.guarded(guard, async {
             Ok(self.kubeadm.join(&rendered, &secrets).await?)
         })

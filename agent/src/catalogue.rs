@@ -460,6 +460,7 @@ impl Coded for bootstrap::Error {
             E::Kubeadm(e) => e.entry(),
             E::Etcd(e) => e.entry(),
             E::Kubernetes(e) => e.entry(),
+            E::Membership(e) => e.entry(),
             E::Checkpoint { .. } => &BOOT_CHECKPOINT,
             E::NotReady(_) => &BOOT_NOT_READY,
             // Stale material is what the wait for material retries; once it

@@ -504,6 +504,26 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error>
     Client::connect(endpoints, Some(opts)).await
 }
 
+/// A client over https as kubeadm's control planes reach etcd: the etcd CA
+/// and the `apiserver-etcd-client` identity from a node's `pki/`.
+pub async fn connect_tls(
+    endpoints: &[String],
+    pki_dir: &std::path::Path,
+) -> Result<Client, String> {
+    let files = crate::pki::etcd_client_files(pki_dir)?;
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(files.ca))
+                .identity(etcd_client::Identity::from_pem(files.cert, files.key)),
+        );
+    Client::connect(endpoints, Some(opts))
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// One readiness probe of a single member.
 async fn probe(url: &str) -> Result<(), String> {
     let mut c = connect(&[url.to_string()])

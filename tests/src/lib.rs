@@ -20,6 +20,7 @@ pub mod machine;
 pub mod memstore;
 pub mod moto;
 pub mod net;
+pub mod pki;
 pub mod process;
 pub mod simcluster;
 pub mod standin;

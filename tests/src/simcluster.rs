@@ -194,7 +194,7 @@ impl SimCluster {
                  [aws.endpoints]\ndynamodb = \"{moto}\"\nssm = \"{moto}\"\nsecretsmanager = \"{moto}\"\n\
                  ec2 = \"{moto}\"\nsqs = \"{moto}\"\nautoscaling = \"{moto}\"\ns3 = \"{moto}\"\nsts = \"{moto}\"\n\n\
                  [imds]\nendpoint = \"{imds}\"\ndeadline = \"20s\"\n\n\
-                 [etcd]\nscheme = \"http\"\npromote_timeout = \"2m\"\n\n\
+                 [etcd]\npromote_timeout = \"2m\"\n\n\
                  [lock]\nlease = \"6s\"\nmargin = \"2s\"\nacquire_timeout = \"5m\"\n\n\
                  [timeouts]\nkubeadm_init = \"2m\"\nkubeadm_join = \"3m\"\nkubeadm_reset = \"1m\"\n\n\
                  [backup]\nenabled = false\n\n[metrics]\nsink = \"file\"\nfile = \"{d}/metrics.emf\"\n\n\
@@ -386,6 +386,21 @@ impl SimCluster {
             .collect()
     }
 
+    /// The kubeadm runs whose command (the words before the first flag) is
+    /// exactly `command` — `join` is the whole join, not its phases — for
+    /// `node` only when given (its config or cert dir is under its directory).
+    pub fn kubeadm_runs(&self, command: &str, node: Option<usize>) -> Vec<standin::Invocation> {
+        let dir = node.map(|i| format!("{}/", self.nodes[i].dir.display()));
+        standin::invocations(&self.kubeadm_log)
+            .into_iter()
+            .filter(|inv| inv.command() == command)
+            .filter(|inv| {
+                dir.as_ref()
+                    .is_none_or(|d| inv.args.iter().any(|a| a.starts_with(d.as_str())))
+            })
+            .collect()
+    }
+
     /// The registry as the agent sees it.
     pub async fn registry(&self) -> Registry<DynamoRegistryStore> {
         let client = self.moto.dynamodb().await;
@@ -424,16 +439,71 @@ impl SimCluster {
         locker.acquire(Purpose::Leader).await.expect("leader lock")
     }
 
-    /// etcd's member list, asked through the given nodes' client URLs.
-    pub async fn etcd_members(&self, through: &[usize]) -> Vec<kubeboot::etcd::Member> {
-        let settings = kubeboot::etcd::Settings {
-            scheme: kubeboot::config::model::EtcdScheme::Http,
+    /// How the harness reaches the cluster's etcd: https, as every control
+    /// plane does, with a copy of a control plane's etcd client identity
+    /// (taken once, so it outlives that node's reset or death).
+    pub fn etcd_settings(&self) -> kubeboot::etcd::Settings {
+        const FILES: [&str; 3] = [
+            "etcd/ca.crt",
+            "apiserver-etcd-client.crt",
+            "apiserver-etcd-client.key",
+        ];
+        let dir = self.work.path().join("harness-pki");
+        if !dir.join(FILES[2]).exists() {
+            let source = self
+                .nodes
+                .iter()
+                .filter(|n| n.role == "control-plane")
+                .map(|n| n.dir.join("etc/kubernetes/pki"))
+                .find(|pki| FILES.iter().all(|f| pki.join(f).exists()))
+                .expect("no control plane has etcd client credentials yet");
+            for f in FILES {
+                let to = dir.join(f);
+                std::fs::create_dir_all(to.parent().expect("parent")).expect("harness pki dir");
+                std::fs::copy(source.join(f), &to).expect("copy etcd client credentials");
+            }
+        }
+        kubeboot::etcd::Settings {
+            scheme: kubeboot::config::model::EtcdScheme::Https,
             client_port: 2379,
             peer_port: 2380,
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
-            pki_dir: "/nonexistent".into(),
-        };
+            pki_dir: dir,
+        }
+    }
+
+    /// A raw etcd client through node `via`'s client URL (https, the
+    /// harness's copy of a control plane's etcd client identity).
+    pub async fn etcd_client(&self, via: usize) -> etcd_client::Client {
+        let settings = self.etcd_settings();
+        crate::etcd::connect_tls(
+            &[settings.client_url(&self.nodes[via].ip())],
+            &settings.pki_dir,
+        )
+        .await
+        .expect("etcd client")
+    }
+
+    /// What a control-plane join that died right after `member add` leaves:
+    /// a learner that never starts. Returns its member id.
+    pub async fn add_orphan_learner(&self, via: usize) -> u64 {
+        self.etcd_client(via)
+            .await
+            .member_add(
+                ["https://127.9.9.9:2380"],
+                Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+            )
+            .await
+            .expect("add a learner that never starts")
+            .member()
+            .expect("member")
+            .id()
+    }
+
+    /// etcd's member list, asked through the given nodes' client URLs.
+    pub async fn etcd_members(&self, through: &[usize]) -> Vec<kubeboot::etcd::Member> {
+        let settings = self.etcd_settings();
         let endpoints: Vec<String> = through
             .iter()
             .map(|&i| settings.client_url(&self.nodes[i].ip()))

@@ -157,11 +157,7 @@ async fn crash_after_a_joined_worker_saved_its_checkpoint_resumes_at_readiness()
         "{}",
         tail(&runs[0].stderr)
     );
-    let joins = sim
-        .kubeadm_invocations()
-        .iter()
-        .filter(|l| l.split_whitespace().nth(2) == Some("join"))
-        .count();
+    let joins = sim.kubeadm_runs("join", None).len();
     assert_eq!(joins, 1, "the restart does not join (or reset) again");
     assert_converged(&sim, &[0], "worker:after-joined").await;
 }
@@ -178,4 +174,86 @@ async fn crash_after_a_worker_join() {
         2,
         "the worker is registered once"
     );
+}
+
+/// `kubeadm <command>` runs of one node.
+fn invocations_of(sim: &SimCluster, node: usize, command: &str) -> usize {
+    sim.kubeadm_runs(command, Some(node)).len()
+}
+
+/// The etcd process the stand-in started for `node` (its static Pod).
+fn etcd_pid(sim: &SimCluster, node: usize) -> i32 {
+    let path = sim.nodes[node]
+        .dir
+        .join("etc/kubernetes")
+        .join(kubeboot_tests::standin::STATE_DIR)
+        .join("etcd.pid");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+/// Before: a node whose `kubeadm init` was taken over (it paused past its
+/// lease, another node started generation g+1 and finished) came back,
+/// confirmed its own one-member etcd and recorded it: two etcd clusters in
+/// one registry, and the next leader would "lead" the wrong one. Now its
+/// member is not of the recorded cluster: it is reset and joins as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_init_was_taken_over_resets_instead_of_adopting_a_second_cluster() {
+    let sim = SimCluster::start(2, 0).await;
+    crash(&sim, 0, "init:after-kubeadm").await;
+    // Node 0's etcd (a cluster of its own) keeps running; node 1 takes the
+    // init lock over once node 0's lease has run out.
+    assert_ok(&sim.bootstrap(&[1]).await, "takeover");
+    let runs = sim.bootstrap(&[0]).await;
+    assert_ok(&runs, "the crashed node again");
+    assert!(
+        runs[0].stderr.contains("not of the recorded cluster"),
+        "{}",
+        tail(&runs[0].stderr)
+    );
+    assert_eq!(invocations_of(&sim, 0, "reset"), 1, "node 0 was reset");
+    assert_converged(&sim, &[0, 1], "init taken over").await;
+}
+
+/// Before: after a reboot the bootstrap gave the local etcd 5 s and then ran
+/// `kubeadm reset` on the cluster's only member. Now a member recorded as
+/// this node's is kept while nobody says it is gone: bootstrap fails (systemd
+/// retries), and adopts it once etcd answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_etcd_after_a_reboot_is_never_reset_when_it_is_the_recorded_member() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let sim = SimCluster::start(1, 0).await;
+    crash(&sim, 0, "init:after-mark").await;
+    let before = sim.etcd_members(&[0]).await;
+    let pid = Pid::from_raw(etcd_pid(&sim, 0));
+    kill(pid, Signal::SIGSTOP).expect("pause etcd");
+    let mut cmd = sim.bootstrap_command(&sim.nodes[0]);
+    cmd.env("KUBEBOOT_ETCD_PROMOTE_TIMEOUT", "3s")
+        .env("KUBEBOOT_ETCD_DIAL_TIMEOUT", "1s");
+    let out = cmd.output().await.expect("agent runs");
+    kill(pid, Signal::SIGCONT).expect("resume etcd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", tail(&stderr));
+    assert!(stderr.contains("not resetting it"), "{}", tail(&stderr));
+    assert_eq!(invocations_of(&sim, 0, "reset"), 0, "nothing was reset");
+
+    let runs = sim.bootstrap(&[0]).await;
+    assert_ok(&runs, "etcd answers again");
+    assert!(
+        runs[0].stderr.contains("its member is adopted"),
+        "{}",
+        tail(&runs[0].stderr)
+    );
+    assert_eq!(invocations_of(&sim, 0, "reset"), 0, "nothing was reset");
+    let after = sim.etcd_members(&[0]).await;
+    assert_eq!(
+        before.iter().map(|m| m.id).collect::<Vec<_>>(),
+        after.iter().map(|m| m.id).collect::<Vec<_>>(),
+        "the same member"
+    );
+    assert_converged(&sim, &[0], "slow etcd").await;
 }

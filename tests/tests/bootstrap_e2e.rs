@@ -5,10 +5,11 @@
 use kubeboot::registry::Phase;
 use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
 
-fn count(lines: &[String], subcommand: &str) -> usize {
-    lines
+/// Successful kubeadm runs of `command` (a join's phases are not a join).
+fn count(sim: &SimCluster, command: &str) -> usize {
+    sim.kubeadm_runs(command, None)
         .iter()
-        .filter(|l| l.split_whitespace().nth(2) == Some(subcommand) && l.ends_with("exit=0"))
+        .filter(|r| r.exit == 0)
         .count()
 }
 
@@ -23,13 +24,13 @@ async fn three_control_planes_and_two_workers_boot_at_once_and_form_one_cluster(
 
     let kubeadm = sim.kubeadm_invocations();
     assert_eq!(
-        count(&kubeadm, "init"),
+        count(&sim, "init"),
         1,
         "exactly one kubeadm init:\n{}",
         kubeadm.join("\n")
     );
     assert_eq!(
-        count(&kubeadm, "join"),
+        count(&sim, "join"),
         4,
         "two control-plane and two worker joins:\n{}",
         kubeadm.join("\n")
@@ -234,7 +235,7 @@ async fn a_worker_whose_node_never_becomes_ready_fails_clearly_and_a_restart_onl
         .expect("patch the Node");
     let again = sim.bootstrap(&[1]).await;
     assert_ok(&again);
-    assert_eq!(count(&sim.kubeadm_invocations(), "join"), 1, "joined once");
+    assert_eq!(count(&sim, "join"), 1, "joined once");
     assert_eq!(
         sim.kubeadm_invocations()
             .iter()
@@ -249,20 +250,7 @@ async fn a_worker_whose_node_never_becomes_ready_fails_clearly_and_a_restart_onl
 async fn an_orphan_learner_is_removed_before_the_next_join_proceeds() {
     let sim = SimCluster::start(2, 0).await;
     assert_ok(&sim.bootstrap(&[0]).await);
-    let mut client =
-        etcd_client::Client::connect([format!("http://{}:2379", sim.nodes[0].ip())], None)
-            .await
-            .expect("etcd client");
-    let orphan = client
-        .member_add(
-            ["http://127.9.9.9:2380"],
-            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
-        )
-        .await
-        .expect("a learner added by a join that died")
-        .member()
-        .expect("member")
-        .id();
+    let orphan = sim.add_orphan_learner(0).await;
 
     let runs = sim.bootstrap(&[1]).await;
     assert_ok(&runs);

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// `kubeadm join` invocations (successful or not) so far.
 fn joins(sim: &SimCluster) -> Vec<String> {
-    sim.kubeadm_invocations()
+    sim.kubeadm_runs("join", None)
         .into_iter()
-        .filter(|l| l.split_whitespace().nth(2) == Some("join"))
+        .map(|r| r.args.join(" "))
         .collect()
 }
 

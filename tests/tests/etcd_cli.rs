@@ -129,17 +129,7 @@ async fn an_orphan_learner_is_listed_and_removed_without_touching_quorum() {
     let sim = SimCluster::start(1, 0).await;
     assert_ok(&sim.bootstrap(&[0]).await);
     let n0 = &sim.nodes[0];
-    let mut client = etcd_client::Client::connect([format!("http://{}:2379", n0.ip())], None)
-        .await
-        .expect("etcd client");
-    let added = client
-        .member_add(
-            ["http://127.9.9.9:2380"],
-            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
-        )
-        .await
-        .expect("add a learner that never starts");
-    let id = added.member().expect("member").id();
+    let id = sim.add_orphan_learner(0).await;
 
     let listed = kubeboot(n0, &["etcd", "members"]).await;
     assert!(

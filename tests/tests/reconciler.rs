@@ -60,17 +60,7 @@ async fn an_instance_lost_without_a_message_is_removed_after_the_grace_period() 
         .all(|r| r.instance_id != victim.instance_id()));
 
     // An orphan learner (a join that died after member add) goes at once.
-    let mut client =
-        etcd_client::Client::connect([format!("http://{}:2379", sim.nodes[0].ip())], None)
-            .await
-            .expect("etcd client");
-    client
-        .member_add(
-            ["http://127.9.9.9:2380"],
-            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
-        )
-        .await
-        .expect("add a learner that never starts");
+    sim.add_orphan_learner(0).await;
     let took = wait_for(
         "the orphan learner removed",
         Duration::from_secs(30),

@@ -13,17 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn settings() -> Settings {
-    Settings {
-        scheme: kubeboot::config::model::EtcdScheme::Http,
-        client_port: 2379,
-        peer_port: 2380,
-        dial_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(3),
-        pki_dir: "/nonexistent".into(),
-    }
-}
-
 /// Member list == records: same ids, every member started and voting.
 async fn assert_consistent(sim: &SimCluster, live: &[usize], step: &str) {
     let members = sim.etcd_members(live).await;
@@ -52,10 +41,8 @@ async fn every_control_plane_is_replaced_five_times_without_losing_quorum_or_dat
     for r in sim.bootstrap(&[0, 1, 2]).await {
         assert_eq!(r.code, Some(0), "{}", tail(&r.stderr));
     }
-    let endpoint = |sim: &SimCluster, i: usize| format!("http://{}:2379", sim.nodes[i].ip());
-    let mut kv = etcd_client::Client::connect([endpoint(&sim, 0)], None)
-        .await
-        .expect("etcd client");
+    let endpoint = |sim: &SimCluster, i: usize| format!("https://{}:2379", sim.nodes[i].ip());
+    let mut kv = sim.etcd_client(0).await;
     kv.put("canary", "written before the first replacement", None)
         .await
         .expect("put");
@@ -69,6 +56,7 @@ async fn every_control_plane_is_replaced_five_times_without_losing_quorum_or_dat
     let lost = Arc::new(AtomicU32::new(0));
     let checks = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let settings: Settings = sim.etcd_settings();
     let watcher = {
         let (live, lost, checks, stop) = (
             live_endpoints.clone(),
@@ -79,7 +67,7 @@ async fn every_control_plane_is_replaced_five_times_without_losing_quorum_or_dat
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let endpoints = live.lock().expect("live").clone();
-                if let Ok(etcd) = Etcd::connect_any(&endpoints, &settings()).await {
+                if let Ok(etcd) = Etcd::connect_any(&endpoints, &settings).await {
                     if let Ok(members) = etcd.members().await {
                         let health = etcd.health(&members).await;
                         let voters = health.iter().filter(|h| !h.member.is_learner).count();
@@ -171,9 +159,7 @@ async fn every_control_plane_is_replaced_five_times_without_losing_quorum_or_dat
     assert!(checks.load(Ordering::Relaxed) > 50, "the watcher watched");
     assert_eq!(lost.load(Ordering::Relaxed), 0, "quorum was never lost");
 
-    let mut kv = etcd_client::Client::connect([endpoint(&sim, live[0])], None)
-        .await
-        .expect("etcd client");
+    let mut kv = sim.etcd_client(live[0]).await;
     let got = kv.get("canary", None).await.expect("get");
     assert_eq!(
         got.kvs()

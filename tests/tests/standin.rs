@@ -9,12 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use kubeboot::config::model::EtcdScheme;
 use kubeboot::kubeadm::config::{
     render_init, render_join, write_private, InitParams, JoinParams, Node,
 };
 use kubeboot::secret::Secret;
-use kubeboot_tests::etcd::connect;
+use kubeboot_tests::etcd::connect_tls;
 use kubeboot_tests::kubeapi::{KubeApi, EVICTION_BLOCKED_ANNOTATION};
 use kubeboot_tests::net::{fresh_loopback_ip, http_request};
 use kubeboot_tests::process::pid_alive;
@@ -52,11 +51,15 @@ impl TestNode {
     }
 
     fn client_url(&self) -> String {
-        format!("http://{}:2379", self.ip)
+        format!("https://{}:2379", self.ip)
     }
 
     fn peer_url(&self) -> String {
-        format!("http://{}:2380", self.ip)
+        format!("https://{}:2380", self.ip)
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.k8s().join("pki")
     }
 
     fn agent_node(&self) -> Node {
@@ -108,9 +111,6 @@ impl Scenario {
             dns_domain: "cluster.local".into(),
             etcd_data_dir: n.data_dir().display().to_string(),
             kubernetes_dir: n.k8s().display().to_string(),
-            etcd_scheme: EtcdScheme::Http,
-            etcd_client_port: 2379,
-            etcd_peer_port: 2380,
             token: self.token.clone(),
             token_ttl: Duration::from_secs(86_400),
             certificate_key: self.key.clone(),
@@ -181,7 +181,9 @@ impl Scenario {
 
     /// Members as etcd reports them through `via`'s client URL.
     async fn members(&self, via: &TestNode) -> Vec<(String, bool, Vec<String>)> {
-        let mut c = connect(&[via.client_url()]).await.expect("connect etcd");
+        let mut c = connect_tls(&[via.client_url()], &via.pki())
+            .await
+            .expect("connect etcd");
         let list = c.member_list().await.expect("member list");
         let mut members: Vec<(String, bool, Vec<String>)> = list
             .members()
@@ -716,7 +718,7 @@ async fn an_expired_certificate_key_fails_the_control_plane_join() {
     let out = s.kubeadm(&["join", "--config", path(&cfg)], &[]).await;
     assert_fails_with(
         &out,
-        &["error decoding certs: cipher: message authentication failed"],
+        &["error decoding secret data with provided key: cipher: message authentication failed"],
     );
     assert_eq!(s.members(&cp).await.len(), 1);
     s.join(&cp1, Some(&new_key)).await;
@@ -980,8 +982,10 @@ async fn a_stale_learner_blocks_the_control_plane_join_like_kubeadm() {
     let cp0 = s.node("cp0");
     s.init(&cp0).await;
     // A join that crashed after `member add`: a learner that never started.
-    let mut etcd = connect(&[cp0.client_url()]).await.expect("connect");
-    let ghost = format!("http://{}:2380", fresh_loopback_ip());
+    let mut etcd = connect_tls(&[cp0.client_url()], &cp0.pki())
+        .await
+        .expect("connect");
+    let ghost = format!("https://{}:2380", fresh_loopback_ip());
     etcd.member_add(
         [ghost.as_str()],
         Some(etcd_client::MemberAddOptions::new().with_is_learner()),

@@ -77,7 +77,6 @@ struct Networking {
 #[serde(rename_all = "camelCase")]
 struct LocalEtcd {
     data_dir: String,
-    extra_args: Vec<Arg>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,10 +190,6 @@ pub struct InitParams {
     pub etcd_data_dir: String,
     /// `paths.kubernetes_dir`: certificates go to its `pki/`.
     pub kubernetes_dir: String,
-    /// `http` only in tests and the local simulation; production is `https`.
-    pub etcd_scheme: crate::config::model::EtcdScheme,
-    pub etcd_client_port: u16,
-    pub etcd_peer_port: u16,
     pub token: Secret<String>,
     pub token_ttl: std::time::Duration,
     pub certificate_key: Secret<String>,
@@ -231,14 +226,15 @@ fn documents(docs: &[serde_json::Value]) -> String {
 }
 
 /// `InitConfiguration` + `ClusterConfiguration`.
+///
+/// No etcd `extraArgs`: the ClusterConfiguration is cluster-wide (kubeadm
+/// stores it in the `kubeadm-config` ConfigMap and every joining control
+/// plane applies its `extraArgs` over its own defaults), so a URL with this
+/// node's address there would make every later member listen on and
+/// advertise the first node's address. kubeadm's own defaults are per node
+/// and what kubeboot wants: https on the advertise address, 2379 and 2380,
+/// client-certificate authentication.
 pub fn render_init(p: &InitParams) -> Rendered {
-    use crate::config::model::EtcdScheme;
-    let scheme = match p.etcd_scheme {
-        EtcdScheme::Https => "https",
-        EtcdScheme::Http => "http",
-    };
-    let client_url = format!("{scheme}://{}:{}", p.node.ip, p.etcd_client_port);
-    let peer_url = format!("{scheme}://{}:{}", p.node.ip, p.etcd_peer_port);
     let init = InitConfiguration {
         api_version: API_VERSION,
         kind: "InitConfiguration",
@@ -266,15 +262,6 @@ pub fn render_init(p: &InitParams) -> Rendered {
         etcd: Etcd {
             local: LocalEtcd {
                 data_dir: p.etcd_data_dir.clone(),
-                extra_args: vec![
-                    arg(
-                        "listen-client-urls",
-                        format!("{client_url},{scheme}://127.0.0.1:{}", p.etcd_client_port),
-                    ),
-                    arg("advertise-client-urls", client_url),
-                    arg("listen-peer-urls", &peer_url),
-                    arg("initial-advertise-peer-urls", peer_url),
-                ],
             },
         },
         api_server: ApiServer {
@@ -396,7 +383,6 @@ pub fn write_private(path: &Path, rendered: &Rendered) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::model::EtcdScheme;
     use std::time::Duration;
 
     const TOKEN: &str = "abcdef.0123456789abcdef";
@@ -429,9 +415,6 @@ mod tests {
             dns_domain: "cluster.local".into(),
             etcd_data_dir: "/var/lib/etcd".into(),
             kubernetes_dir: "/etc/kubernetes".into(),
-            etcd_scheme: EtcdScheme::Https,
-            etcd_client_port: 2379,
-            etcd_peer_port: 2380,
             token: Secret::new(TOKEN.into()),
             token_ttl: Duration::from_secs(86_400),
             certificate_key: Secret::new("0f".repeat(32)),
@@ -460,9 +443,16 @@ mod tests {
         assert_eq!(d[1]["kubernetesVersion"], "v1.31.2");
         assert_eq!(d[1]["controlPlaneEndpoint"], "api.prod-a.internal:6443");
         assert_eq!(d[1]["networking"]["podSubnet"], "10.244.0.0/16");
+        // Cluster-wide: nothing of this node's may be in it (joiners apply
+        // etcd.local.extraArgs over their own defaults).
         assert_eq!(
-            d[1]["etcd"]["local"]["extraArgs"][1]["value"],
-            "https://10.0.1.2:2379"
+            d[1]["etcd"]["local"],
+            serde_json::json!({"dataDir": "/var/lib/etcd"})
+        );
+        assert!(
+            !d[1].to_string().contains("10.0.1.2"),
+            "the ClusterConfiguration names this node: {}",
+            d[1]
         );
         assert_eq!(d[1]["apiServer"]["certSANs"][0], "api.prod-a.internal");
         assert_eq!(d[1]["certificatesDir"], "/etc/kubernetes/pki");

@@ -59,11 +59,22 @@ impl Error {
             Error::Spawn { .. } => "check binaries.kubeadm points at the kubeadm installed by the AMI build".into(),
             Error::WriteConfig { .. } => "check paths.run_dir exists and is writable by root".into(),
             Error::TimedOut { command, .. } => format!(
-                "raise timeouts.kubeadm_{command} if the node is just slow; otherwise check `journalctl -u kubelet` \
-                 and `crictl ps -a` for components that do not start"
+                "raise timeouts.{} if the node is just slow; otherwise check `journalctl -u kubelet` \
+                 and `crictl ps -a` for components that do not start",
+                timeout_key(command)
             ),
             Error::Failed { hint, .. } => (*hint).into(),
         }
+    }
+}
+
+/// The `[timeouts]` key that bounds a kubeadm command (the leader's token
+/// and upload-certs calls and the join phases share `kubeadm_join`).
+fn timeout_key(command: &str) -> &'static str {
+    match command {
+        "init" => "kubeadm_init",
+        "reset" => "kubeadm_reset",
+        _ => "kubeadm_join",
     }
 }
 
@@ -76,7 +87,7 @@ pub fn diagnose(output: &str) -> &'static str {
             "the bootstrap token is unknown or expired: the leader must refresh the join material"),
         (&["none of the public keys", "cluster CA found in cluster-info ConfigMap is invalid"],
             "the CA public-key pin does not match the cluster's CA: the join material is stale or belongs to another cluster"),
-        (&["kubeadm-certs", "error downloading the secret", "couldn't download", "decrypt", "certificate key"],
+        (&["kubeadm-certs", "error downloading the secret", "couldn't download", "decrypt", "certificate key", "error decoding secret data"],
             "the uploaded control-plane certificates are gone (kubeadm deletes them after 2 h) or the certificate key is wrong: refresh the join material"),
         (&["check-etcd", "etcd cluster is not healthy", "etcdserver: unhealthy cluster", "too many learner members"],
             "etcd is not healthy or still holds a stale member/learner: stale members must be removed before a join"),
@@ -161,6 +172,39 @@ impl Kubeadm {
         let path = self.write("kubeadm-join.yaml", rendered)?;
         let args = ["join".as_ref(), "--config".as_ref(), path.as_os_str()];
         self.run("join", &args, self.join_timeout, secrets).await
+    }
+
+    /// `kubeadm join phase control-plane-prepare download-certs` then
+    /// `... certs`, with the join config: the shared CAs (opened with the
+    /// certificate key) and this node's own certificates, among them the
+    /// etcd client identity a joining control plane needs before it can
+    /// check etcd's health or remove a stale member. Until then the node has
+    /// no `pki/` at all. The full `kubeadm join` that follows reuses them
+    /// (its control-plane preflight does not refuse an existing CA).
+    pub async fn join_prepare_certs(
+        &self,
+        rendered: &config::Rendered,
+        secrets: &[&Secret<String>],
+    ) -> Result<(), Error> {
+        let path = self.write("kubeadm-join.yaml", rendered)?;
+        for (command, phase) in [
+            (
+                "join phase control-plane-prepare download-certs",
+                "download-certs",
+            ),
+            ("join phase control-plane-prepare certs", "certs"),
+        ] {
+            let args = [
+                "join".as_ref(),
+                "phase".as_ref(),
+                "control-plane-prepare".as_ref(),
+                phase.as_ref(),
+                "--config".as_ref(),
+                path.as_os_str(),
+            ];
+            self.run(command, &args, self.join_timeout, secrets).await?;
+        }
+        Ok(())
     }
 
     /// `kubeadm token create --config <file> --kubeconfig <admin.conf>`: a new

@@ -65,8 +65,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use etcd_client::{Client, ConnectOptions, Member, MemberAddOptions};
 use k8s_openapi::jiff::Timestamp;
-use kubeboot_tests::kubeapi::{self, hmac_sha256};
+use kubeboot_tests::kubeapi;
 use kubeboot_tests::net::http_request;
+use kubeboot_tests::pki;
 use kubeboot_tests::process::pid_alive;
 use kubeboot_tests::standin::{
     self, etcd_data_dir_for, etcd_pids_for, forget_pid, is_etcd_for, record_pid, stop_groups,
@@ -203,22 +204,6 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Go's `hex.DecodeString`, with Go's error texts.
-fn hex_decode(s: &str) -> Result<Vec<u8>, String> {
-    if let Some(c) = s.chars().find(|c| !c.is_ascii_hexdigit()) {
-        return Err(format!(
-            "encoding/hex: invalid byte: U+{:04X} {c:?}",
-            u32::from(c)
-        ));
-    }
-    if s.len() % 2 == 1 {
-        return Err("encoding/hex: odd length hex string".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
-        .collect()
-}
-
 fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
@@ -499,9 +484,12 @@ async fn run(args: &[String]) -> R<()> {
         "init" if noop && rest.first().map(String::as_str) != Some("phase") => {
             noop_init(rest).await
         }
-        "join" if noop => noop_join(rest).await,
+        "join" if noop && rest.first().map(String::as_str) != Some("phase") => {
+            noop_join(rest).await
+        }
         "init" if rest.first().map(String::as_str) == Some("phase") => init_phase(&rest[1..]).await,
         "init" => init(rest).await,
+        "join" if rest.first().map(String::as_str) == Some("phase") => join_phase(&rest[1..]).await,
         "join" => join(rest).await,
         "reset" => reset(rest).await,
         "token" => token(rest).await,
@@ -982,32 +970,9 @@ fn kubeconfig(cluster: &str, server: &str, ca_pem: &str, user: &str) -> Value {
 // Certificates
 
 /// A self-signed cluster CA (`CN=kubernetes`, 10 years), as kubeadm's
-/// `certs/ca` phase creates it (ECDSA P-256 rather than RSA 2048).
+/// `certs/ca` phase creates it (see [`pki`]).
 fn generate_ca() -> Result<(String, String), String> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "kubernetes");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::CrlSign,
-    ];
-    let today = Timestamp::now()
-        .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC)
-        .date();
-    let (y, m, d) = (
-        i32::from(today.year()),
-        u8::try_from(today.month()).unwrap_or(1),
-        u8::try_from(today.day()).unwrap_or(1),
-    );
-    params.not_before = rcgen::date_time_ymd(y - 1, m, d.min(28));
-    params.not_after = rcgen::date_time_ymd(y + 10, m, d.min(28));
-    let key = KeyPair::generate().map_err(|e| e.to_string())?;
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    Ok((cert.pem(), key.serialize_pem()))
+    pki::generate_ca(pki::CLUSTER_CA)
 }
 
 /// `sha256:<hex of the DER SubjectPublicKeyInfo>`, kubeadm's CA pin.
@@ -1023,77 +988,23 @@ fn ca_pin(pem: &str) -> Result<String, String> {
     Ok(format!("sha256:{}", hex(&Sha256::digest(&spki))))
 }
 
-fn keystream_xor(key: &[u8], nonce: &[u8], data: &[u8]) -> Vec<u8> {
-    data.chunks(32)
-        .enumerate()
-        .flat_map(|(i, chunk)| {
-            let mut h = Sha256::new();
-            h.update(key);
-            h.update(nonce);
-            h.update((i as u64).to_be_bytes());
-            let block = h.finalize();
-            chunk
-                .iter()
-                .zip(block.iter())
-                .map(|(a, b)| a ^ b)
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-/// Encrypt-then-MAC with the certificate key, standing in for kubeadm's
-/// AES-GCM: only the right key recovers the certificates, and a wrong one
-/// fails authentication.
-fn seal(key: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let random = uuid::Uuid::new_v4();
-    let nonce = &random.as_bytes()[..12];
-    let ct = keystream_xor(key, nonce, plaintext);
-    let mut out = nonce.to_vec();
-    out.extend_from_slice(&ct);
-    let tag = hmac_sha256(key, &out);
-    out.extend_from_slice(&tag);
-    out
-}
-
-fn open_sealed(key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
-    let failed = || "cipher: message authentication failed".to_string();
-    if sealed.len() < 12 + 32 {
-        return Err(failed());
-    }
-    let (body, tag) = sealed.split_at(sealed.len() - 32);
-    if hmac_sha256(key, body) != tag {
-        return Err(failed());
-    }
-    let (nonce, ct) = body.split_at(12);
-    Ok(keystream_xor(key, nonce, ct))
-}
-
-/// The 32-byte AES key from a `--certificate-key`, with kubeadm's errors.
-fn certificate_key_bytes(key: &str) -> Result<Vec<u8>, String> {
-    let bytes = hex_decode(key).map_err(|e| format!("error decoding certificate key: {e}"))?;
-    if bytes.len() != 32 {
-        return Err(format!(
-            "error decoding certificate key: crypto/aes: invalid key size {}",
-            bytes.len()
-        ));
-    }
-    Ok(bytes)
-}
-
-/// Stores the CA sealed with the certificate key in `kube-system/kubeadm-certs`.
-async fn upload_certs(api: &Api, pki: &Path, key: &str) -> R<()> {
+/// Stores the shared CAs and the service-account key pair, each sealed
+/// with the certificate key (AES-256-GCM), in `kube-system/kubeadm-certs`
+/// (upstream: `cmd/kubeadm/app/phases/copycerts/copycerts.go`).
+async fn upload_certs(api: &Api, pki_dir: &Path, key: &str) -> R<()> {
     let fail = |m: String| phase_err("upload-certs", format!("error uploading certs: {m}"));
-    let key_bytes = certificate_key_bytes(key).map_err(fail)?;
+    let key_bytes = pki::certificate_key_bytes(key).map_err(fail)?;
     let mut data = serde_json::Map::new();
-    for name in ["ca.crt", "ca.key"] {
-        let path = pki.join(name);
+    for name in pki::SHARED_FILES {
+        let path = pki_dir.join(name);
         let content = std::fs::read(&path).map_err(|e| {
             fail(format!(
                 "failed to load {name}: open {}: {e}",
                 path.display()
             ))
         })?;
-        data.insert(name.into(), json!(B64.encode(seal(&key_bytes, &content))));
+        let sealed = pki::seal(&key_bytes, &content).map_err(fail)?;
+        data.insert(pki::secret_key_of(name), json!(B64.encode(sealed)));
     }
     let secret = json!({
         "apiVersion": "v1",
@@ -1353,10 +1264,34 @@ fn watchdog(args: &[String]) {
     }
 }
 
+/// The node's `pki/` directory, where kubeadm's etcd client reads its
+/// credentials (set once per run by the command that knows it).
+static PKI_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn set_pki_dir(pki: &Path) {
+    let _ = PKI_DIR.set(pki.to_path_buf());
+}
+
+/// An etcd client as kubeadm makes one (`etcdutil.NewFromCluster`): over
+/// https with `etcd/ca.crt` and the `apiserver-etcd-client` identity from
+/// this node's `pki/`, which must be there (a worker, or a control plane
+/// that has not downloaded the certificates, cannot talk to etcd).
 async fn etcd_client(urls: &[String]) -> Result<Client, String> {
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5));
+    if urls.iter().any(|u| u.starts_with("https://")) {
+        let pki_dir = PKI_DIR
+            .get()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CERT_DIR));
+        let files = pki::etcd_client_files(&pki_dir)?;
+        opts = opts.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(files.ca))
+                .identity(etcd_client::Identity::from_pem(files.cert, files.key)),
+        );
+    }
     Client::connect(urls, Some(opts))
         .await
         .map_err(|e| etcd_msg(&e))
@@ -1919,16 +1854,13 @@ async fn init(args: &[String]) -> R<()> {
         .chain(&urls.listen_peer)
         .chain([&client, &peer])
     {
-        match split_url(u) {
-            Some(("http", _, _)) => {}
-            Some(("https", _, _)) => {
-                return Err(plain_err(format!(
-                    "etcd URL {u}: the kubeadm stand-in runs etcd over plain http only (set etcd.scheme = \"http\" in tests)"
-                )))
-            }
-            _ => return Err(plain_err(format!("etcd URL {u:?} is not scheme://host:port"))),
+        if !matches!(split_url(u), Some(("http" | "https", _, _))) {
+            return Err(plain_err(format!(
+                "etcd URL {u:?} is not scheme://host:port"
+            )));
         }
     }
+    set_pki_dir(&pki);
 
     println!("[init] Using Kubernetes version: {version}");
     println!("[preflight] Running pre-flight checks");
@@ -1953,38 +1885,23 @@ async fn init(args: &[String]) -> R<()> {
         "[certs] Using certificateDir folder {:?}",
         pki.display().to_string()
     );
-    let (ca_crt, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
-    let ca_pem = if ca_crt.exists() && ca_key.exists() {
-        println!("[certs] Using existing ca certificate authority");
-        std::fs::read_to_string(&ca_crt)
-            .map_err(|e| phase_err("certs/ca", format!("failure loading ca certificate: {e}")))?
-    } else {
-        println!("[certs] Generating \"ca\" certificate and key");
-        let (cert, key_pem) = generate_ca().map_err(|e| {
-            phase_err(
-                "certs/ca",
-                format!("failure while creating CA certificate: {e}"),
-            )
-        })?;
-        write_file(&ca_crt, cert.as_bytes(), 0o644).map_err(|e| phase_err("certs/ca", e))?;
-        write_file(&ca_key, key_pem.as_bytes(), 0o600).map_err(|e| phase_err("certs/ca", e))?;
-        cert
+    let names = pki::NodeNames {
+        node_name: node.clone(),
+        advertise: ip,
+        api_sans: vec![host_of(&endpoint).to_string()],
     };
-    let pin = ca_pin(&ca_pem).map_err(|e| phase_err("certs/ca", e))?;
-    for c in [
-        "apiserver",
-        "apiserver-kubelet-client",
-        "front-proxy-ca",
-        "front-proxy-client",
-        "etcd/ca",
-        "etcd/server",
-        "etcd/peer",
-        "etcd/healthcheck-client",
-        "apiserver-etcd-client",
-    ] {
-        println!("[certs] Generating {c:?} certificate and key");
+    let said = pki::ensure_authorities(&pki)
+        .and_then(|mut said| {
+            said.extend(pki::ensure_leaves(&pki, &names)?);
+            Ok(said)
+        })
+        .map_err(|e| phase_err("certs", e))?;
+    for line in said {
+        println!("{line}");
     }
-    println!("[certs] Generating \"sa\" key and public key");
+    let ca_pem = std::fs::read_to_string(pki.join("ca.crt"))
+        .map_err(|e| phase_err("certs/ca", format!("failure loading ca certificate: {e}")))?;
+    let pin = ca_pin(&ca_pem).map_err(|e| phase_err("certs/ca", e))?;
 
     // kubeconfig
     let server = format!("http://{endpoint}");
@@ -2017,7 +1934,7 @@ async fn init(args: &[String]) -> R<()> {
             &urls,
             &format!("{node}={peer}"),
             "new",
-            &extra,
+            &[pki::etcd_tls_flags(&pki), extra.clone()].concat(),
         ),
     };
     write_control_plane_manifests(&manifests, "control-plane")?;
@@ -2336,8 +2253,31 @@ fn validate_pins(pins: &[String], unsafe_skip: bool) -> R<()> {
     Ok(())
 }
 
-async fn join(args: &[String]) -> R<()> {
-    let flags = parse_flags(args, &[("config", true), ("ignore-preflight-errors", true)])?;
+/// What every `kubeadm join` (and its `control-plane-prepare` phases) knows
+/// once the config is read and discovery has established trust.
+struct JoinContext {
+    node: String,
+    /// The kubelet's `--node-ip` (the agent always sets it).
+    node_ip: IpAddr,
+    endpoint: String,
+    k8s: PathBuf,
+    pki: PathBuf,
+    ca_path: PathBuf,
+    data_dir: PathBuf,
+    /// `controlPlane.localAPIEndpoint.advertiseAddress` of a control-plane join.
+    ip: Option<IpAddr>,
+    cert_key: Option<String>,
+    api: Api,
+    found: Discovered,
+    /// The cluster's ClusterConfiguration from the `kubeadm-config` ConfigMap.
+    cluster_cfg: Value,
+    cluster_name: String,
+}
+
+/// Reads the JoinConfiguration, runs preflight (the worker's or the control
+/// plane's, as kubeadm's `JoinNodeChecks`), discovery, and fetches the
+/// cluster's configuration, as `kubeadm join` does before its phases.
+async fn join_context(flags: &Flags, preflight: bool) -> R<JoinContext> {
     if !flags.positional.is_empty() {
         return Err(plain_err(
             "the kubeadm stand-in joins with --config only (no endpoint or discovery flags on the command line)",
@@ -2357,7 +2297,6 @@ async fn join(args: &[String]) -> R<()> {
         "NodeRegistrationOptions.nodeRegistration.kubeletExtraArgs",
     )?;
     note_kubelet_args(&kubelet_args);
-    // The address the kubelet reports: its --node-ip (the agent always sets it).
     let node_ip: IpAddr = kubelet_args
         .iter()
         .find(|(k, _)| k == "node-ip")
@@ -2398,11 +2337,18 @@ async fn join(args: &[String]) -> R<()> {
         .and_then(|cp| str_at(cp, "/certificateKey"))
         .map(str::to_string);
 
-    println!("[preflight] Running pre-flight checks");
-    let mut pre = Preflight::new(flags.value("ignore-preflight-errors"));
-    pre.file_available(&k8s.join("kubelet.conf"));
-    pre.file_available(&ca_path);
-    pre.finish()?;
+    if preflight {
+        println!("[preflight] Running pre-flight checks");
+        let mut pre = Preflight::new(flags.value("ignore-preflight-errors"));
+        pre.file_available(&k8s.join("kubelet.conf"));
+        // kubeadm checks the CA path only for workers: a control plane may
+        // have downloaded the certificates already (upstream:
+        // cmd/kubeadm/app/preflight/checks.go, JoinNodeChecks).
+        if ip.is_none() {
+            pre.file_available(&ca_path);
+        }
+        pre.finish()?;
+    }
 
     let api = Api::new(&endpoint);
     let found = discover(&api, &token, &pins, unsafe_skip).await?;
@@ -2420,24 +2366,185 @@ async fn join(args: &[String]) -> R<()> {
     let cluster_name = str_at(&cluster_cfg, "/clusterName")
         .unwrap_or("kubernetes")
         .to_string();
+    set_pki_dir(&pki);
+    Ok(JoinContext {
+        node,
+        node_ip,
+        endpoint,
+        k8s,
+        pki,
+        ca_path,
+        data_dir,
+        ip,
+        cert_key,
+        api,
+        found,
+        cluster_cfg,
+        cluster_name,
+    })
+}
 
-    let Some(ip) = ip else {
-        return join_worker(&api, &node, &node_ip, &k8s, &ca_path, &found, &cluster_name).await;
+impl JoinContext {
+    /// The control-plane join's advertise address and certificate key, or
+    /// kubeadm's refusal when the certificates are neither given nor there.
+    fn control_plane(&self) -> R<(IpAddr, Option<&str>)> {
+        let ip = self.ip.ok_or_else(|| {
+            plain_err("this phase needs a JoinConfiguration with a controlPlane section")
+        })?;
+        if self.cert_key.is_none() && !self.ca_path.exists() {
+            // Without a key kubeadm expects the certificates copied by hand.
+            return Err(phase_err(
+                "preflight",
+                format!(
+                    "\nOne or more conditions for hosting a new control plane instance is not satisfied.\n\n\
+                     [failure loading certificate for CA: couldn't load the certificate file {}: open {}: no such file or directory]\n\n\
+                     Please ensure that:\n* The cluster has a stable controlPlaneEndpoint address.\n\
+                     * The certificates that must be shared among control plane instances are provided.",
+                    self.ca_path.display(),
+                    self.ca_path.display()
+                ),
+            ));
+        }
+        Ok((ip, self.cert_key.as_deref()))
+    }
+
+    /// control-plane-prepare/download-certs: the shared CAs and keys from
+    /// `kube-system/kubeadm-certs`, opened with the certificate key
+    /// (upstream: cmd/kubeadm/app/phases/copycerts/copycerts.go, `DownloadCerts`).
+    async fn download_certs(&self) -> R<()> {
+        let Some(cert_key) = self.control_plane()?.1 else {
+            println!("[download-certs] Skipping phase. Please see --certificate-key");
+            return Ok(());
+        };
+        println!("[download-certs] Downloading the certificates in Secret \"kubeadm-certs\" in the \"kube-system\" Namespace");
+        let certs_fail = |m: String| {
+            phase_err(
+                "control-plane-prepare/download-certs",
+                format!("error downloading certs: {m}"),
+            )
+        };
+        let not_found = || {
+            certs_fail(
+                "error downloading the secret: Secret \"kubeadm-certs\" was not found in the \"kube-system\" Namespace. \
+                 This Secret might have expired. Please, run `kubeadm init phase upload-certs --upload-certs` on a control plane to generate a new one"
+                    .into(),
+            )
+        };
+        let secret = self
+            .api
+            .get("/api/v1/namespaces/kube-system/secrets/kubeadm-certs")
+            .await
+            .map_err(|e| certs_fail(format!("error downloading the secret: {e}")))?
+            .ok_or_else(not_found)?;
+        let expired = secret["metadata"]["annotations"][CERTS_EXPIRY_ANNOTATION]
+            .as_str()
+            .and_then(parse_rfc3339)
+            .is_some_and(|t| t <= SystemTime::now());
+        if expired {
+            return Err(not_found());
+        }
+        let key_bytes = pki::certificate_key_bytes(cert_key).map_err(certs_fail)?;
+        // Open everything before writing anything: a wrong key leaves no file.
+        let mut opened = Vec::new();
+        for name in pki::SHARED_FILES {
+            let sealed = secret["data"][pki::secret_key_of(name)]
+                .as_str()
+                .and_then(|d| B64.decode(d).ok())
+                .ok_or_else(|| {
+                    certs_fail(format!(
+                        "the Secret does not include the required certificate or key - name: {name}, path: {}",
+                        self.pki.join(name).display()
+                    ))
+                })?;
+            let plain = pki::open(&key_bytes, &sealed).map_err(|e| {
+                certs_fail(format!("error decoding secret data with provided key: {e}"))
+            })?;
+            opened.push((name, plain));
+        }
+        for (name, plain) in opened {
+            let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+            write_file(&self.pki.join(name), &plain, mode).map_err(certs_fail)?;
+        }
+        Ok(())
+    }
+
+    /// control-plane-prepare/certs: this node's own certificates, signed by
+    /// the CAs downloaded before (refused without them, as kubeadm does).
+    fn certs(&self) -> R<()> {
+        let (ip, _) = self.control_plane()?;
+        println!(
+            "[certs] Using certificateDir folder {:?}",
+            self.pki.display().to_string()
+        );
+        let endpoint = str_at(&self.cluster_cfg, "/controlPlaneEndpoint").unwrap_or(&self.endpoint);
+        let names = pki::NodeNames {
+            node_name: self.node.clone(),
+            advertise: ip,
+            api_sans: vec![host_of(endpoint).to_string()],
+        };
+        let said = pki::ensure_leaves(&self.pki, &names)
+            .map_err(|e| phase_err("control-plane-prepare/certs", e))?;
+        for line in said {
+            println!("{line}");
+        }
+        println!(
+            "[certs] Valid certificates and keys now exist in {:?}",
+            self.pki.display().to_string()
+        );
+        Ok(())
+    }
+}
+
+/// The host of `host:port` (an IPv6 literal keeps its brackets off).
+fn host_of(endpoint: &str) -> &str {
+    endpoint
+        .rsplit_once(':')
+        .map_or(endpoint, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
+/// `kubeadm join phase control-plane-prepare download-certs|certs --config F`:
+/// what a control plane needs before it can talk to etcd (the agent's
+/// health check and stale-member cleanup come between these and the join).
+async fn join_phase(args: &[String]) -> R<()> {
+    let usage = || {
+        plain_err(
+            "the kubeadm stand-in implements only `join phase control-plane-prepare download-certs|certs`",
+        )
     };
-    let Some(cert_key) = cert_key else {
-        // Without a key kubeadm expects the certificates copied by hand.
-        return Err(phase_err(
-            "preflight",
-            format!(
-                "\nOne or more conditions for hosting a new control plane instance is not satisfied.\n\n\
-                 [failure loading certificate for CA: couldn't load the certificate file {}: open {}: no such file or directory]\n\n\
-                 Please ensure that:\n* The cluster has a stable controlPlaneEndpoint address.\n\
-                 * The certificates that must be shared among control plane instances are provided.",
-                ca_path.display(),
-                ca_path.display()
-            ),
-        ));
+    let (Some("control-plane-prepare"), Some(sub)) = (
+        args.first().map(String::as_str),
+        args.get(1).map(String::as_str),
+    ) else {
+        return Err(usage());
     };
+    let flags = parse_flags(&args[2..], &[("config", true)])?;
+    let ctx = join_context(&flags, false).await?;
+    match sub {
+        "download-certs" => ctx.download_certs().await,
+        "certs" => ctx.certs(),
+        _ => Err(usage()),
+    }
+}
+
+async fn join(args: &[String]) -> R<()> {
+    let flags = parse_flags(args, &[("config", true), ("ignore-preflight-errors", true)])?;
+    let ctx = join_context(&flags, true).await?;
+    let Some(ip) = ctx.ip else {
+        return join_worker(
+            &ctx.api,
+            &ctx.node,
+            &ctx.node_ip,
+            &ctx.k8s,
+            &ctx.ca_path,
+            &ctx.found,
+            &ctx.cluster_name,
+        )
+        .await;
+    };
+    ctx.control_plane()?;
+    let (node, k8s, api) = (&ctx.node, &ctx.k8s, &ctx.api);
 
     println!(
         "[preflight] Running pre-flight checks before initializing the new control plane instance"
@@ -2449,70 +2556,13 @@ async fn join(args: &[String]) -> R<()> {
     }
     pre.port(&ip, 2379);
     pre.port(&ip, 2380);
-    pre.dir_available(&data_dir);
+    pre.dir_available(&ctx.data_dir);
     pre.finish()?;
 
-    // control-plane-prepare/download-certs
-    println!("[download-certs] Downloading the certificates in Secret \"kubeadm-certs\" in the \"kube-system\" Namespace");
-    let certs_fail = |m: String| {
-        phase_err(
-            "control-plane-prepare/download-certs",
-            format!("error downloading certs: {m}"),
-        )
-    };
-    let not_found = || {
-        certs_fail(
-            "error downloading the secret: Secret \"kubeadm-certs\" was not found in the \"kube-system\" Namespace. \
-             This Secret might have expired. Please, run `kubeadm init phase upload-certs --upload-certs` on a control plane to generate a new one"
-                .into(),
-        )
-    };
-    let secret = api
-        .get("/api/v1/namespaces/kube-system/secrets/kubeadm-certs")
-        .await
-        .map_err(|e| certs_fail(format!("error downloading the secret: {e}")))?
-        .ok_or_else(not_found)?;
-    let expired = secret["metadata"]["annotations"][CERTS_EXPIRY_ANNOTATION]
-        .as_str()
-        .and_then(parse_rfc3339)
-        .is_some_and(|t| t <= SystemTime::now());
-    if expired {
-        return Err(not_found());
-    }
-    let key_bytes = certificate_key_bytes(&cert_key).map_err(certs_fail)?;
-    for name in ["ca.crt", "ca.key"] {
-        let sealed = secret["data"][name]
-            .as_str()
-            .and_then(|d| B64.decode(d).ok())
-            .ok_or_else(|| {
-                certs_fail(format!("error decoding certs: the Secret has no {name:?}"))
-            })?;
-        let plain = open_sealed(&key_bytes, &sealed)
-            .map_err(|e| certs_fail(format!("error decoding certs: {e}")))?;
-        let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
-        write_file(&pki.join(name), &plain, mode).map_err(certs_fail)?;
-    }
-    println!(
-        "[certs] Using certificateDir folder {:?}",
-        pki.display().to_string()
-    );
-    for c in [
-        "apiserver",
-        "apiserver-kubelet-client",
-        "front-proxy-client",
-        "etcd/server",
-        "etcd/peer",
-        "etcd/healthcheck-client",
-        "apiserver-etcd-client",
-    ] {
-        println!("[certs] Generating {c:?} certificate and key");
-    }
-    println!(
-        "[certs] Valid certificates and keys now exist in {:?}",
-        pki.display().to_string()
-    );
-    let control_plane_endpoint = str_at(&cluster_cfg, "/controlPlaneEndpoint")
-        .unwrap_or(&endpoint)
+    ctx.download_certs().await?;
+    ctx.certs()?;
+    let control_plane_endpoint = str_at(&ctx.cluster_cfg, "/controlPlaneEndpoint")
+        .unwrap_or(&ctx.endpoint)
         .to_string();
     let server = format!("http://{control_plane_endpoint}");
     println!("[kubeconfig] Generating kubeconfig files");
@@ -2526,7 +2576,7 @@ async fn join(args: &[String]) -> R<()> {
         ("scheduler.conf", "system:kube-scheduler"),
     ] {
         println!("[kubeconfig] Writing {file:?} kubeconfig file");
-        let cfg = kubeconfig(&cluster_name, &server, &found.ca_pem, user);
+        let cfg = kubeconfig(&ctx.cluster_name, &server, &ctx.found.ca_pem, user);
         write_file(&k8s.join(file), format!("{cfg:#}\n").as_bytes(), 0o600)
             .map_err(|e| phase_err("control-plane-prepare/kubeconfig", e))?;
     }
@@ -2534,7 +2584,7 @@ async fn join(args: &[String]) -> R<()> {
 
     // check-etcd
     println!("[check-etcd] Checking that the etcd cluster is healthy");
-    let members = check_etcd(&api)
+    let members = check_etcd(api)
         .await
         .map_err(|e| phase_err("check-etcd", e))?;
 
@@ -2546,9 +2596,9 @@ async fn join(args: &[String]) -> R<()> {
     try_start_kubelet("kubelet-start")?;
     println!("[kubelet-start] Waiting for the kubelet to perform the TLS Bootstrap");
     let kubelet = kubeconfig(
-        &cluster_name,
-        &found.server,
-        &found.ca_pem,
+        &ctx.cluster_name,
+        &ctx.found.server,
+        &ctx.found.ca_pem,
         &format!("system:node:{node}"),
     );
     write_file(
@@ -2557,7 +2607,7 @@ async fn join(args: &[String]) -> R<()> {
         0o600,
     )
     .map_err(|e| phase_err("kubelet-start", e))?;
-    let node_uid = register_node(&api, &node, &ip, false).await.map_err(|e| {
+    let node_uid = register_node(api, node, &ip, false).await.map_err(|e| {
         phase_err(
             "kubelet-start",
             format!("error registering node {node:?}: {e}"),
@@ -2565,8 +2615,12 @@ async fn join(args: &[String]) -> R<()> {
     })?;
 
     // control-plane-join/etcd
-    let member = join_etcd(&node, &ip, &data_dir, &k8s, &members).await?;
-    create_etcd_mirror_pod(&api, &node, &node_uid, &ip, &member)
+    let extra = arg_list(
+        ctx.cluster_cfg.pointer("/etcd/local/extraArgs"),
+        "LocalEtcd.etcd.local.extraArgs",
+    )?;
+    let member = join_etcd(node, &ip, &ctx.data_dir, k8s, &ctx.pki, &members, &extra).await?;
+    create_etcd_mirror_pod(api, node, &node_uid, &ip, &member)
         .await
         .map_err(|e| {
             phase_err(
@@ -2574,7 +2628,7 @@ async fn join(args: &[String]) -> R<()> {
                 format!("error creating the etcd mirror Pod: {e}"),
             )
         })?;
-    mark_control_plane(&api, &node).await?;
+    mark_control_plane(api, node).await?;
     println!(
         "\nThis node has joined the cluster and a new control plane instance was created:\n\n\
 * Certificate signing request was sent to apiserver and approval was received.\n\
@@ -2835,13 +2889,20 @@ async fn check_etcd(api: &Api) -> Result<Vec<Member>, String> {
 }
 
 /// control-plane-join/etcd: add this node as a learner (reusing a member
-/// already added for its peer URL), start it, promote it.
+/// already added for its peer URL), start it, promote it. The member's
+/// flags are kubeadm's defaults for this node overridden by the cluster's
+/// `etcd.local.extraArgs` (upstream: cmd/kubeadm/app/phases/etcd/local.go,
+/// `getEtcdCommand`; the peer URL added is always this node's,
+/// `etcdutil.GetPeerURL`), so node-specific URLs in the cluster-wide
+/// ClusterConfiguration break every join as they do on real nodes.
 async fn join_etcd(
     node: &str,
     ip: &IpAddr,
     data_dir: &Path,
     k8s: &Path,
+    pki_dir: &Path,
     members: &[Member],
+    extra: &[(String, String)],
 ) -> R<LocalEtcd> {
     let fail = |m: String| {
         phase_err(
@@ -2849,18 +2910,28 @@ async fn join_etcd(
             format!("error creating local etcd static pod manifest file: {m}"),
         )
     };
-    let scheme = members
-        .iter()
-        .flat_map(|m| m.peer_urls())
-        .find_map(|u| split_url(u).map(|(s, _, _)| s.to_string()))
-        .unwrap_or_else(|| "http".into());
-    if scheme != "http" {
-        return Err(fail(format!(
-            "existing members use {scheme}; the kubeadm stand-in runs etcd over plain http only"
-        )));
-    }
-    let peer = format!("http://{ip}:2380");
-    let client = format!("http://{ip}:2379");
+    let peer = format!("https://{ip}:2380");
+    let extra_get = |n: &str| extra.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let split = |s: Option<String>, default: String| -> Vec<String> {
+        s.unwrap_or(default)
+            .split(',')
+            .map(str::to_string)
+            .collect()
+    };
+    let client = extra_get("advertise-client-urls").unwrap_or_else(|| format!("https://{ip}:2379"));
+    let advertised_peer = extra_get("initial-advertise-peer-urls").unwrap_or_else(|| peer.clone());
+    let urls = EtcdUrls {
+        listen_client: drop_shared_loopback(
+            &split(
+                extra_get("listen-client-urls"),
+                format!("https://127.0.0.1:2379,https://{ip}:2379"),
+            ),
+            ip,
+        ),
+        listen_peer: split(extra_get("listen-peer-urls"), peer.clone()),
+        client: client.clone(),
+        peer: advertised_peer.clone(),
+    };
     let voters: Vec<String> = members
         .iter()
         .filter(|m| !m.is_learner())
@@ -2916,18 +2987,14 @@ async fn join_etcd(
         })
         .collect::<Vec<_>>()
         .join(",");
-    let urls = EtcdUrls {
-        client: client.clone(),
-        peer: peer.clone(),
-        listen_client: vec![client.clone()],
-        listen_peer: vec![peer.clone()],
-    };
+    let mut flags = pki::etcd_tls_flags(pki_dir);
+    flags.extend(extra.iter().cloned());
     let member = LocalEtcd {
         name: node.to_string(),
         data_dir: data_dir.to_path_buf(),
         client_url: client.clone(),
-        peer_url: peer.clone(),
-        args: etcd_args(node, data_dir, &urls, &initial_cluster, "existing", &[]),
+        peer_url: advertised_peer.clone(),
+        args: etcd_args(node, data_dir, &urls, &initial_cluster, "existing", &flags),
     };
     println!("[etcd] Announced new etcd member joining to the existing etcd cluster");
     write_etcd_manifest(&k8s.join("manifests"), &member, "control-plane-join/etcd")?;
@@ -2985,6 +3052,7 @@ async fn reset(args: &[String]) -> R<()> {
         ],
     )?;
     let pki = PathBuf::from(flags.value("cert-dir").unwrap_or(DEFAULT_CERT_DIR));
+    set_pki_dir(&pki);
     let k8s = parent(&pki);
     let manifests = k8s.join("manifests");
     let local = LocalEtcd::from_manifest(&manifests.join("etcd.yaml"));
@@ -3371,18 +3439,6 @@ mod tests {
     }
 
     #[test]
-    fn sealed_certs_open_only_with_their_key() {
-        let key = [7u8; 32];
-        let sealed = seal(&key, b"-----BEGIN CERTIFICATE-----");
-        assert_eq!(
-            open_sealed(&key, &sealed).unwrap(),
-            b"-----BEGIN CERTIFICATE-----"
-        );
-        let err = open_sealed(&[8u8; 32], &sealed).unwrap_err();
-        assert_eq!(err, "cipher: message authentication failed");
-    }
-
-    #[test]
     fn flags_parse_like_cobra() {
         let args: Vec<String> = ["--config", "/x", "--upload-certs", "--v=5"]
             .iter()
@@ -3400,19 +3456,6 @@ mod tests {
         assert!(parse_flags(&short, &[("force", false)])
             .unwrap()
             .on("force"));
-    }
-
-    #[test]
-    fn hex_errors_read_like_go() {
-        assert_eq!(
-            hex_decode("0g").unwrap_err(),
-            "encoding/hex: invalid byte: U+0067 'g'"
-        );
-        assert_eq!(
-            hex_decode("abc").unwrap_err(),
-            "encoding/hex: odd length hex string"
-        );
-        assert_eq!(hex_decode("0aff").unwrap(), vec![0x0a, 0xff]);
     }
 
     #[test]

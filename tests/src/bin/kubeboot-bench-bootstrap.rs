@@ -202,7 +202,11 @@ async fn timed_bootstrap(
         sim.kubeapi.request_log().len(),
     );
     let mut cmd = sim.bootstrap_command(node);
-    cmd.env("KBTEST_KUBEADM_NOOP", "1").envs(proxies.envs());
+    // The no-op stand-in makes no PKI; the member it "started" is the
+    // bench's own plain-http etcd (`start_node_etcd`).
+    cmd.env("KBTEST_KUBEADM_NOOP", "1")
+        .env("KUBEBOOT_ETCD_SCHEME", "http")
+        .envs(proxies.envs());
     let spawned = SystemTime::now();
     let started = Instant::now();
     let out = cmd.output().await.expect("kubeboot runs");

@@ -1,0 +1,498 @@
+//! kubeadm's PKI, with real keys, as the kubeadm stand-in lays it out.
+//!
+//! Upstream: `cmd/kubeadm/app/phases/certs/certlist.go` (which certificate,
+//! which CA, which usages and SANs), `cmd/kubeadm/app/util/pkiutil` (SAN
+//! lists: `GetEtcdAltNames`/`GetEtcdPeerAltNames` add the node name,
+//! `localhost`, the advertise address, `127.0.0.1` and `::1`),
+//! `cmd/kubeadm/app/phases/copycerts/copycerts.go` (what `--upload-certs`
+//! shares: the cluster CA, the front-proxy CA, the service-account key pair
+//! and, with local etcd, the etcd CA; a file `etcd/ca.crt` is the Secret key
+//! `etcd-ca.crt`) and `cmd/kubeadm/app/util/crypto/crypto.go` (AES-GCM with
+//! the certificate key, the random nonce prepended to the sealed data).
+//!
+//! Keys are ECDSA P-256 rather than kubeadm's RSA 2048 (what the agent reads
+//! does not depend on the algorithm, and they are made in microseconds).
+//! What matters for strictness is here: etcd serves only with these
+//! certificates, asks clients for one signed by `etcd/ca`, and a node has
+//! none of it until `kubeadm init` made it or a control-plane join
+//! downloaded the CAs with the right certificate key and issued its own.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use std::net::IpAddr;
+use std::path::Path;
+
+/// A certificate authority of the cluster: its file stem under `pki/` and
+/// the common name kubeadm gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authority {
+    pub stem: &'static str,
+    pub common_name: &'static str,
+}
+
+pub const CLUSTER_CA: Authority = Authority {
+    stem: "ca",
+    common_name: "kubernetes",
+};
+pub const ETCD_CA: Authority = Authority {
+    stem: "etcd/ca",
+    common_name: "etcd-ca",
+};
+pub const FRONT_PROXY_CA: Authority = Authority {
+    stem: "front-proxy-ca",
+    common_name: "front-proxy-ca",
+};
+pub const AUTHORITIES: [Authority; 3] = [CLUSTER_CA, ETCD_CA, FRONT_PROXY_CA];
+
+/// Files `--upload-certs` puts (sealed) in `kube-system/kubeadm-certs`, in
+/// kubeadm's order; the Secret's key is the path with `/` turned into `-`.
+pub const SHARED_FILES: [&str; 8] = [
+    "ca.crt",
+    "ca.key",
+    "front-proxy-ca.crt",
+    "front-proxy-ca.key",
+    "sa.pub",
+    "sa.key",
+    "etcd/ca.crt",
+    "etcd/ca.key",
+];
+
+/// The Secret data key of a shared file (`etcd/ca.crt` → `etcd-ca.crt`).
+pub fn secret_key_of(file: &str) -> String {
+    file.replace('/', "-")
+}
+
+/// What a node's own certificates name: kubeadm's `certs` phase input.
+#[derive(Debug, Clone)]
+pub struct NodeNames {
+    pub node_name: String,
+    pub advertise: IpAddr,
+    /// `controlPlaneEndpoint`'s host and `apiServer.certSANs`.
+    pub api_sans: Vec<String>,
+}
+
+/// One leaf kubeadm issues on every control plane.
+struct Leaf {
+    stem: &'static str,
+    ca: Authority,
+    common_name: String,
+    organization: Option<&'static str>,
+    server: bool,
+    client: bool,
+    sans: Vec<String>,
+}
+
+fn leaves(n: &NodeNames) -> Vec<Leaf> {
+    let etcd_sans = vec![
+        n.node_name.clone(),
+        "localhost".into(),
+        n.advertise.to_string(),
+        "127.0.0.1".into(),
+        "::1".into(),
+    ];
+    let mut api_sans = vec![
+        n.node_name.clone(),
+        "kubernetes".into(),
+        "kubernetes.default".into(),
+        "kubernetes.default.svc".into(),
+        n.advertise.to_string(),
+    ];
+    api_sans.extend(n.api_sans.iter().cloned());
+    vec![
+        Leaf {
+            stem: "apiserver",
+            ca: CLUSTER_CA,
+            common_name: "kube-apiserver".into(),
+            organization: None,
+            server: true,
+            client: false,
+            sans: api_sans,
+        },
+        Leaf {
+            stem: "apiserver-kubelet-client",
+            ca: CLUSTER_CA,
+            common_name: "kube-apiserver-kubelet-client".into(),
+            organization: Some("kubeadm:cluster-admins"),
+            server: false,
+            client: true,
+            sans: vec![],
+        },
+        Leaf {
+            stem: "front-proxy-client",
+            ca: FRONT_PROXY_CA,
+            common_name: "front-proxy-client".into(),
+            organization: None,
+            server: false,
+            client: true,
+            sans: vec![],
+        },
+        Leaf {
+            stem: "etcd/server",
+            ca: ETCD_CA,
+            common_name: n.node_name.clone(),
+            organization: None,
+            server: true,
+            client: true,
+            sans: etcd_sans.clone(),
+        },
+        Leaf {
+            stem: "etcd/peer",
+            ca: ETCD_CA,
+            common_name: n.node_name.clone(),
+            organization: None,
+            server: true,
+            client: true,
+            sans: etcd_sans,
+        },
+        Leaf {
+            stem: "etcd/healthcheck-client",
+            ca: ETCD_CA,
+            common_name: "kube-etcd-healthcheck-client".into(),
+            organization: None,
+            server: false,
+            client: true,
+            sans: vec![],
+        },
+        Leaf {
+            stem: "apiserver-etcd-client",
+            ca: ETCD_CA,
+            common_name: "kube-apiserver-etcd-client".into(),
+            organization: None,
+            server: false,
+            client: true,
+            sans: vec![],
+        },
+    ]
+}
+
+/// The stems of every leaf, in the order kubeadm prints them.
+pub fn leaf_stems() -> Vec<&'static str> {
+    leaves(&NodeNames {
+        node_name: String::new(),
+        advertise: IpAddr::from([127, 0, 0, 1]),
+        api_sans: vec![],
+    })
+    .iter()
+    .map(|l| l.stem)
+    .collect()
+}
+
+fn validity(params: &mut CertificateParams, years: i32) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    // Civil date of `now` (UTC), Howard Hinnant's algorithm.
+    let days = now.div_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+    params.not_before = rcgen::date_time_ymd(y, m, 1);
+    params.not_after = rcgen::date_time_ymd(y + years, m, d.min(28));
+}
+
+fn ca_params(ca: Authority) -> Result<CertificateParams, String> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, ca.common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::CrlSign,
+    ];
+    validity(&mut params, 10);
+    Ok(params)
+}
+
+/// A new self-signed CA: `(certificate PEM, key PEM)`, 10 years, as
+/// kubeadm's `certs/ca`, `certs/etcd-ca` and `certs/front-proxy-ca` phases.
+pub fn generate_ca(ca: Authority) -> Result<(String, String), String> {
+    let params = ca_params(ca)?;
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn issue(leaf: &Leaf, ca_key_pem: &str) -> Result<(String, String), String> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| format!("{}.key: {e}", leaf.ca.stem))?;
+    let issuer = Issuer::new(ca_params(leaf.ca)?, ca_key);
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, leaf.common_name.as_str());
+    if let Some(o) = leaf.organization {
+        params.distinguished_name.push(DnType::OrganizationName, o);
+    }
+    for s in &leaf.sans {
+        params.subject_alt_names.push(match s.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(s.clone().try_into().map_err(|e| format!("SAN {s}: {e}"))?),
+        });
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    if leaf.server {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    if leaf.client {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
+    validity(&mut params, 1);
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    f.write_all(contents)
+        .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// kubeadm's `certs` phase for the CAs and the service-account key on the
+/// first control plane: each made unless already there (a CA on disk is
+/// used as it is). Returns kubeadm's progress lines.
+pub fn ensure_authorities(pki: &Path) -> Result<Vec<String>, String> {
+    let mut said = Vec::new();
+    for ca in AUTHORITIES {
+        let crt = pki.join(format!("{}.crt", ca.stem));
+        let key = pki.join(format!("{}.key", ca.stem));
+        let label = ca.stem.replace('/', "-");
+        if crt.exists() && key.exists() {
+            said.push(format!(
+                "[certs] Using existing {label} certificate authority"
+            ));
+            continue;
+        }
+        said.push(format!("[certs] Generating {label:?} certificate and key"));
+        let (c, k) = generate_ca(ca)?;
+        write(&crt, c.as_bytes(), 0o644)?;
+        write(&key, k.as_bytes(), 0o600)?;
+    }
+    let (sa_key, sa_pub) = (pki.join("sa.key"), pki.join("sa.pub"));
+    if sa_key.exists() && sa_pub.exists() {
+        said.push("[certs] Using the existing \"sa\" key".into());
+    } else {
+        said.push("[certs] Generating \"sa\" key and public key".into());
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        write(&sa_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write(&sa_pub, key.public_key_pem().as_bytes(), 0o644)?;
+    }
+    Ok(said)
+}
+
+/// kubeadm's `certs` phase for this node's leaves, signed by the CAs on
+/// disk (which a joining control plane must have downloaded first: without
+/// them this fails with kubeadm's "couldn't load the certificate file").
+/// An existing leaf is kept (kubeadm reuses a valid one).
+pub fn ensure_leaves(pki: &Path, names: &NodeNames) -> Result<Vec<String>, String> {
+    let mut said = Vec::new();
+    for leaf in leaves(names) {
+        let crt = pki.join(format!("{}.crt", leaf.stem));
+        let key = pki.join(format!("{}.key", leaf.stem));
+        if crt.exists() && key.exists() {
+            said.push(format!(
+                "[certs] Using the existing {:?} certificate and key",
+                leaf.stem
+            ));
+            continue;
+        }
+        let ca_crt = pki.join(format!("{}.crt", leaf.ca.stem));
+        let ca_key = pki.join(format!("{}.key", leaf.ca.stem));
+        for f in [&ca_crt, &ca_key] {
+            if !f.exists() {
+                return Err(format!(
+                    "couldn't load the certificate file {}: open {}: no such file or directory",
+                    f.display(),
+                    f.display()
+                ));
+            }
+        }
+        let ca_key_pem = std::fs::read_to_string(&ca_key)
+            .map_err(|e| format!("failure loading {} key: {e}", leaf.ca.stem))?;
+        said.push(format!(
+            "[certs] Generating {:?} certificate and key",
+            leaf.stem
+        ));
+        let (c, k) = issue(&leaf, &ca_key_pem)?;
+        write(&crt, c.as_bytes(), 0o644)?;
+        write(&key, k.as_bytes(), 0o600)?;
+    }
+    Ok(said)
+}
+
+/// The 32-byte AES key of a `--certificate-key` (64 hex digits), with kubeadm's errors.
+pub fn certificate_key_bytes(key: &str) -> Result<Vec<u8>, String> {
+    // Never echo the key itself: it decrypts the cluster's CA keys.
+    let bad = || "error decoding certificate key: encoding/hex: invalid byte".to_string();
+    if key.len() % 2 != 0 {
+        return Err("error decoding certificate key: encoding/hex: odd length hex string".into());
+    }
+    let bytes = (0..key.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(key.get(i..i + 2).unwrap_or("zz"), 16).map_err(|_| bad()))
+        .collect::<Result<Vec<u8>, String>>()?;
+    if bytes.len() != 32 {
+        return Err(format!(
+            "error decoding certificate key: crypto/aes: invalid key size {}",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+fn aes_key(key: &[u8]) -> Result<aws_lc_rs::aead::LessSafeKey, String> {
+    let unbound = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key)
+        .map_err(|_| format!("crypto/aes: invalid key size {}", key.len()))?;
+    Ok(aws_lc_rs::aead::LessSafeKey::new(unbound))
+}
+
+/// AES-256-GCM as kubeadm's `EncryptBytes`: a random 12-byte nonce, then
+/// the sealed data with its tag.
+pub fn seal(key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
+    let key = aes_key(key)?;
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&uuid::Uuid::new_v4().as_bytes()[..12]);
+    let mut data = plaintext.to_vec();
+    key.seal_in_place_append_tag(
+        aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+        aws_lc_rs::aead::Aad::empty(),
+        &mut data,
+    )
+    .map_err(|_| "cipher: sealing failed".to_string())?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&data);
+    Ok(out)
+}
+
+/// Opens what [`seal`] made; a wrong key fails as Go's AES-GCM does.
+pub fn open(key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
+    let key = aes_key(key)?;
+    if sealed.len() < 12 + 16 {
+        return Err("ciphertext too short".into());
+    }
+    let (nonce, body) = sealed.split_at(12);
+    let mut nonce_arr = [0u8; 12];
+    nonce_arr.copy_from_slice(nonce);
+    let mut data = body.to_vec();
+    let plain = key
+        .open_in_place(
+            aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce_arr),
+            aws_lc_rs::aead::Aad::empty(),
+            &mut data,
+        )
+        .map_err(|_| "cipher: message authentication failed".to_string())?;
+    Ok(plain.to_vec())
+}
+
+/// The etcd flags of kubeadm's static Pod that make it serve and peer over
+/// TLS with client-certificate authentication
+/// (`cmd/kubeadm/app/phases/etcd/local.go`, `getEtcdCommand`).
+pub fn etcd_tls_flags(pki: &Path) -> Vec<(String, String)> {
+    let p = |f: &str| pki.join(f).display().to_string();
+    vec![
+        ("cert-file".into(), p("etcd/server.crt")),
+        ("key-file".into(), p("etcd/server.key")),
+        ("client-cert-auth".into(), "true".into()),
+        ("trusted-ca-file".into(), p("etcd/ca.crt")),
+        ("peer-cert-file".into(), p("etcd/peer.crt")),
+        ("peer-key-file".into(), p("etcd/peer.key")),
+        ("peer-client-cert-auth".into(), "true".into()),
+        ("peer-trusted-ca-file".into(), p("etcd/ca.crt")),
+    ]
+}
+
+/// The client identity kubeadm and the API server use for etcd, as PEM.
+pub struct EtcdClientFiles {
+    /// `etcd/ca.crt`
+    pub ca: Vec<u8>,
+    /// `apiserver-etcd-client.crt`
+    pub cert: Vec<u8>,
+    /// `apiserver-etcd-client.key`
+    pub key: Vec<u8>,
+}
+
+/// [`EtcdClientFiles`] read from `pki`; missing files fail as kubeadm does.
+pub fn etcd_client_files(pki: &Path) -> Result<EtcdClientFiles, String> {
+    let read = |f: &str| {
+        let path = pki.join(f);
+        std::fs::read(&path).map_err(|e| {
+            format!(
+                "error creating etcd client: open {}: {}",
+                path.display(),
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    "no such file or directory".to_string()
+                } else {
+                    e.to_string()
+                }
+            )
+        })
+    };
+    Ok(EtcdClientFiles {
+        ca: read("etcd/ca.crt")?,
+        cert: read("apiserver-etcd-client.crt")?,
+        key: read("apiserver-etcd-client.key")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_certificates_open_only_with_their_key() {
+        let key = [7u8; 32];
+        let sealed = seal(&key, b"ca.key contents").unwrap();
+        assert_eq!(open(&key, &sealed).unwrap(), b"ca.key contents");
+        let wrong = [8u8; 32];
+        assert_eq!(
+            open(&wrong, &sealed).unwrap_err(),
+            "cipher: message authentication failed"
+        );
+    }
+
+    #[test]
+    fn a_joining_node_cannot_issue_leaves_before_it_has_the_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = NodeNames {
+            node_name: "ip-10-0-0-1".into(),
+            advertise: "127.0.0.9".parse().unwrap(),
+            api_sans: vec!["api.example.internal".into()],
+        };
+        let err = ensure_leaves(dir.path(), &names).unwrap_err();
+        assert!(err.contains("couldn't load the certificate file"), "{err}");
+        ensure_authorities(dir.path()).unwrap();
+        ensure_leaves(dir.path(), &names).unwrap();
+        for stem in leaf_stems() {
+            assert!(dir.path().join(format!("{stem}.crt")).exists(), "{stem}");
+        }
+        etcd_client_files(dir.path()).unwrap();
+    }
+}
