@@ -122,6 +122,8 @@ pub enum Error {
     MaterialDeadline { waited: Duration, last: String },
     #[error("lost the {0} lock while working; the step is retried from the start")]
     LockLost(Purpose),
+    #[error("stopped (SIGTERM) before bootstrap finished; the next start resumes")]
+    Stopped,
 }
 
 impl Classify for Error {
@@ -149,6 +151,7 @@ impl Error {
             Error::StaleMaterial(_) => "the leader's daemon refreshes join material when asked (REFRESH record in `kubeboot status`); this node waits up to timeouts.join_material".into(),
             Error::MaterialDeadline { .. } => "check the leader's daemon (journalctl -u kubeboot-daemon) and `kubeboot status`: is the cluster initialized, is a REFRESH request pending? systemd restarts bootstrap".into(),
             Error::LockLost(_) => "another node took over (this one was slow or paused); systemd restarts bootstrap".into(),
+            Error::Stopped => "nothing if the stop was intended; the next start resets an unfinished kubeadm step and runs again".into(),
         }
     }
 }

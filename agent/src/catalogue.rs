@@ -202,6 +202,9 @@ catalogue! {
     BOOT_NO_MATERIAL = "KB-BOOT-003", "no usable join material in time",
         cause: "Within timeouts.join_material the cluster was not initialized, nothing was published, or the material stayed too close to expiry (token or uploaded certificates) because no leader refreshed it.",
         check: "The leader's daemon (`journalctl -u kubeboot`) and `kubeboot status`: is the cluster initialized, is a REFRESH request pending? systemd restarts bootstrap.";
+    BOOT_STOPPED = "KB-BOOT-004", "bootstrap was stopped before it finished",
+        cause: "SIGTERM or SIGINT reached `kubeboot bootstrap` (`systemctl stop`, a shutdown) while it waited for a lock, join material or etcd (abandoned at once), or a stopped kubeadm step did not end within 20 s.",
+        check: "Nothing when the stop was intended: the next start resumes from the checkpoint (an unfinished kubeadm step is reset first); locks it held expire after their lease.";
 
     MEMBER_NOT_A_MEMBER = "KB-MEMBER-001", "the member is not in etcd's member list",
         cause: "The member to remove is not (or no longer) a member: already removed, or the id is wrong.",
@@ -262,6 +265,9 @@ catalogue! {
     KUBEADM_FAILED = "KB-KUBEADM-004", "kubeadm failed",
         cause: "kubeadm exited non-zero. The hint says what its output points to: leftovers of an earlier attempt, an unknown or expired token, a CA pin mismatch, uploaded certificates gone, an unhealthy etcd, or an unreachable API endpoint.",
         check: "The hint and kubeadm's last output in the message; `journalctl -u kubelet`.";
+    KUBEADM_STOPPED = "KB-KUBEADM-005", "kubeadm was stopped because the agent was asked to stop",
+        cause: "SIGTERM or SIGINT reached the agent while kubeadm ran (`systemctl stop`, a shutdown, Ctrl-C): kubeadm got SIGTERM, and SIGKILL if it had not exited within 10 s.",
+        check: "Nothing when the stop was intended: the next start resets this node's unfinished attempt (`kubeadm reset`) and runs again. Otherwise, who stopped the unit (`journalctl -u kubeboot-bootstrap`).";
 
     ETCD_CERTIFICATE = "KB-ETCD-001", "cannot read the etcd client certificates",
         cause: "kubeadm's etcd CA or the API server's etcd client certificate is missing: init or join did not get that far, or paths.kubernetes_dir is wrong.",
@@ -467,6 +473,7 @@ impl Coded for bootstrap::Error {
             // escapes, the node ran out of time waiting for usable material.
             E::StaleMaterial(_) | E::MaterialDeadline { .. } => &BOOT_NO_MATERIAL,
             E::LockLost(_) => &LOCK_LOST,
+            E::Stopped => &BOOT_STOPPED,
         }
     }
 }
@@ -534,6 +541,7 @@ impl Coded for kubeadm::Error {
             E::WriteConfig { .. } => &KUBEADM_WRITE_CONFIG,
             E::TimedOut { .. } => &KUBEADM_TIMED_OUT,
             E::Failed { .. } => &KUBEADM_FAILED,
+            E::Stopped { .. } => &KUBEADM_STOPPED,
         }
     }
 }

@@ -585,16 +585,17 @@ async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error>
 async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
     let started = std::time::Instant::now();
     let p = node_parts(cli, &args.sources).await?;
+    let stop = stop_on_signal()?;
     let bootstrap = crate::bootstrap::Bootstrap {
         locker: p.locker,
         registry: p.registry,
         join: p.join,
-        kubeadm: p.kubeadm,
+        kubeadm: p.kubeadm.with_stop(stop.clone()),
         identity: p.identity,
         cfg: p.cfg,
     };
     crate::systemd::status("bootstrapping");
-    let outcome = bootstrap.run().await;
+    let outcome = until_stopped(bootstrap.run(), stop, &bootstrap.kubeadm).await;
     let elapsed = crate::metrics::ms(started.elapsed());
     let path = match &outcome {
         Ok(done) => done.path,
@@ -634,8 +635,54 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
     result
 }
 
+/// A flag that turns `true` on SIGTERM (`systemctl stop`, shutdown) or
+/// SIGINT; `STOPPING=1` is sent to systemd then.
+fn stop_on_signal() -> Result<tokio::sync::watch::Receiver<bool>, Error> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::Runtime)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        }
+        crate::systemd::stopping();
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// How long a stopped bootstrap gets to end a running kubeadm step
+/// (kubeadm's SIGTERM-to-SIGKILL grace, then releasing its lock) before the
+/// process exits anyway; below the unit's `TimeoutStopSec`.
+const BOOTSTRAP_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Runs bootstrap until it ends or a stop is asked. Then a running kubeadm
+/// is stopped by the flag and its step given [`BOOTSTRAP_STOP_WAIT`] to fail
+/// and release its lock; any other wait (a lock, join material, etcd) is
+/// abandoned at once (a lease held then expires on its own).
+async fn until_stopped<T>(
+    work: impl std::future::Future<Output = Result<T, crate::bootstrap::Error>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    kubeadm: &crate::kubeadm::Kubeadm,
+) -> Result<T, crate::bootstrap::Error> {
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => return done,
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    if !kubeadm.is_running() {
+        return Err(crate::bootstrap::Error::Stopped);
+    }
+    match tokio::time::timeout(BOOTSTRAP_STOP_WAIT, work).await {
+        Ok(done) => done,
+        Err(_) => Err(crate::bootstrap::Error::Stopped),
+    }
+}
+
 async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
     let p = node_parts(cli, &args.sources).await?;
+    let rx = stop_on_signal()?;
 
     let queue = p
         .cfg
@@ -656,21 +703,10 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
         locker: p.locker,
         registry: p.registry,
         join: p.join,
-        kubeadm: p.kubeadm,
+        kubeadm: p.kubeadm.with_stop(rx.clone()),
         identity: p.identity,
         cfg: p.cfg,
     };
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(Error::Runtime)?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        }
-        crate::systemd::stopping();
-        let _ = tx.send(true);
-    });
     crate::systemd::ready("daemon: loops running");
     let watchdog = tokio::spawn(crate::systemd::watchdog());
     daemon.run(rx).await;

@@ -422,11 +422,10 @@ impl SimCluster {
         )
     }
 
-    /// Takes the `leader` lock as `owner` would (what the daemon that
-    /// refreshes join material holds).
-    pub async fn leader_lock(&self, owner: &str) -> Guard {
+    /// A locker on the cluster's table as `owner`, with the sim's lease.
+    pub async fn locker(&self, owner: &str) -> Locker<DynamoLockStore> {
         let store = DynamoLockStore::new(self.moto.dynamodb().await, &self.table, &self.name);
-        let locker = Locker::new(
+        Locker::new(
             Arc::new(store),
             Owner::new(owner),
             Settings {
@@ -435,8 +434,17 @@ impl SimCluster {
                 acquire_timeout: Duration::from_secs(60),
                 wall_clock: Arc::new(SystemTime::now),
             },
-        );
-        locker.acquire(Purpose::Leader).await.expect("leader lock")
+        )
+    }
+
+    /// Takes the `leader` lock as `owner` would (what the daemon that
+    /// refreshes join material holds).
+    pub async fn leader_lock(&self, owner: &str) -> Guard {
+        self.locker(owner)
+            .await
+            .acquire(Purpose::Leader)
+            .await
+            .expect("leader lock")
     }
 
     /// How the harness reaches the cluster's etcd: https, as every control

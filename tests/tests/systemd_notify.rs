@@ -191,3 +191,112 @@ async fn a_failed_bootstrap_tells_systemd_why_with_its_code_and_never_says_ready
     );
     assert!(logged.starts_with("KB-KUBEADM-"), "{logged}");
 }
+
+/// The code on the agent's last error line.
+fn last_code(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| l["code"].as_str().map(str::to_string))
+        .next_back()
+        .unwrap_or_else(|| panic!("no error line with a code: {}", tail(stderr)))
+}
+
+/// `systemctl stop` (SIGTERM to the main process, KillMode=mixed) while
+/// kubeadm runs. Before: tokio's default left SIGTERM fatal, the agent died
+/// at once and kubeadm ran on until systemd's final SIGKILL, mid-phase. Now
+/// kubeadm is sent SIGTERM first, the step fails with KB-KUBEADM-005, the
+/// init lock is released (the next start does not wait out a lease), and
+/// systemd hears STOPPING=1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_bootstrap_stops_kubeadm_first_and_releases_its_lock() {
+    let sim = SimCluster::start(1, 0).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (socket, path) = bind(dir.path());
+    let started_marker = dir.path().join("kubeadm-started");
+    let term_marker = dir.path().join("kubeadm-got-sigterm");
+    let fake = dir.path().join("kubeadm");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\ntrap 'echo yes > {}; exit 143' TERM\necho started > {}\n\
+             echo '[init] Using Kubernetes version: v1.31.2'\nsleep 120 >/dev/null 2>&1 &\nwait\n",
+            term_marker.display(),
+            started_marker.display()
+        ),
+    )
+    .expect("fake kubeadm");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let child = sim
+        .bootstrap_command(&sim.nodes[0])
+        .env("NOTIFY_SOCKET", &path)
+        .env("KUBEBOOT_BINARIES_KUBEADM", &fake)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bootstrap");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started_marker.exists() {
+        assert!(Instant::now() < deadline, "kubeadm never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopping = Instant::now();
+    let stderr = sigterm(child, &sim).await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "stopped in {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&term_marker)
+            .unwrap_or_default()
+            .trim(),
+        "yes",
+        "kubeadm got SIGTERM: {}",
+        tail(&stderr)
+    );
+    assert_eq!(last_code(&stderr), "KB-KUBEADM-005");
+    let notes = listen(&socket, Duration::from_secs(1), |_| false).await;
+    assert_eq!(count(&notes, "STOPPING=1"), 1);
+    assert_eq!(count(&notes, "READY=1"), 0);
+
+    // The init lock was released, not left to expire.
+    let free = sim
+        .locker("i-harness")
+        .await
+        .try_acquire(kubeboot::lock::Purpose::Init)
+        .await
+        .expect("lock store");
+    assert!(
+        free.is_some(),
+        "the stopped bootstrap left the init lock held"
+    );
+    if let Some(g) = free {
+        g.release().await.expect("release");
+    }
+    // The next start resets the unfinished attempt and initializes.
+    let runs = sim.bootstrap(&[0]).await;
+    assert_eq!(runs[0].code, Some(0), "{}", tail(&runs[0].stderr));
+    assert_eq!(sim.kubeadm_runs("reset", Some(0)).len(), 1, "reset first");
+}
+
+/// SIGTERM while a worker waits for join material (no kubeadm running):
+/// the wait is abandoned at once with KB-BOOT-004.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bootstrap_stopped_while_waiting_ends_at_once_with_its_code() {
+    let sim = SimCluster::start(0, 1).await;
+    let child = sim
+        .bootstrap_command(&sim.nodes[0])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bootstrap");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopping = Instant::now();
+    let stderr = sigterm(child, &sim).await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stopped in {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(last_code(&stderr), "KB-BOOT-004", "{}", tail(&stderr));
+}

@@ -43,6 +43,8 @@ pub enum Error {
         after: Duration,
         tail: String,
     },
+    #[error("`kubeadm {command}` was stopped: the agent was asked to stop (SIGTERM). Last output:\n{tail}")]
+    Stopped { command: &'static str, tail: String },
     #[error("`kubeadm {command}` failed (exit {}). Last output:\n{tail}", code.map_or("by signal".to_string(), |c| c.to_string()))]
     Failed {
         command: &'static str,
@@ -64,6 +66,7 @@ impl Error {
                 timeout_key(command)
             ),
             Error::Failed { hint, .. } => (*hint).into(),
+            Error::Stopped { .. } => "the next start resets this unfinished attempt and runs again".into(),
         }
     }
 }
@@ -115,6 +118,12 @@ pub struct Kubeadm {
     pub init_timeout: Duration,
     pub join_timeout: Duration,
     pub reset_timeout: Duration,
+    /// Set to `true` when the agent must stop: a running kubeadm gets
+    /// SIGTERM (then SIGKILL after [`STOP_GRACE`]) instead of being left
+    /// behind, and its step fails with [`Error::Stopped`].
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// How many kubeadm processes this handle (and its clones) run now.
+    running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Kubeadm {
@@ -124,6 +133,8 @@ impl Kubeadm {
             binary: cfg.binaries.kubeadm.clone(),
             run_dir: cfg.paths.run_dir.clone(),
             kubernetes_dir: cfg.paths.kubernetes_dir.clone(),
+            stop: None,
+            running: Default::default(),
             init_timeout: cfg.timeouts.kubeadm_init,
             join_timeout: cfg.timeouts.kubeadm_join,
             reset_timeout: cfg.timeouts.kubeadm_reset,
@@ -144,7 +155,20 @@ impl Kubeadm {
             init_timeout: timeout,
             join_timeout: timeout,
             reset_timeout: timeout,
+            stop: None,
+            running: Default::default(),
         }
+    }
+
+    /// Whether a kubeadm started through this handle (or a clone) runs now.
+    pub fn is_running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// Stops running kubeadm when `stop` turns `true` (see [`Kubeadm::stop`]).
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// `kubeadm init --config <file> --upload-certs`.
@@ -281,6 +305,7 @@ impl Kubeadm {
         secrets: &[&Secret<String>],
     ) -> Result<Outcome, Error> {
         let started = Instant::now();
+        let _running = Running::new(&self.running);
         tracing::info!(command, binary = %self.binary.display(), timeout_s = timeout.as_secs(), "running kubeadm");
         let mut child = tokio::process::Command::new(&self.binary)
             .args(args)
@@ -300,13 +325,22 @@ impl Kubeadm {
             })?;
         let stdout = tokio::spawn(read_tail(child.stdout.take()));
         let stderr = tokio::spawn(read_tail(child.stderr.take()));
-        let status = match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(status) => Some(status.map_err(|source| Error::Spawn {
-                binary: self.binary.clone(),
-                source,
-            })?),
-            Err(_) => {
-                let _ = child.kill().await;
+        let mut stopped = false;
+        let status = tokio::select! {
+            waited = tokio::time::timeout(timeout, child.wait()) => match waited {
+                Ok(status) => Some(status.map_err(|source| Error::Spawn {
+                    binary: self.binary.clone(),
+                    source,
+                })?),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    None
+                }
+            },
+            () = stop_requested(self.stop.clone()) => {
+                tracing::warn!(command, "stopping kubeadm: the agent was asked to stop");
+                terminate(&mut child).await;
+                stopped = true;
                 None
             }
         };
@@ -318,6 +352,7 @@ impl Kubeadm {
         };
         let tail = tail_of(&format!("{}{}", out.stdout, out.stderr));
         match status {
+            None if stopped => Err(Error::Stopped { command, tail }),
             None => Err(Error::TimedOut {
                 command,
                 after: timeout,
@@ -338,6 +373,53 @@ impl Kubeadm {
                 tail,
             }),
         }
+    }
+}
+
+/// Counts a kubeadm run for [`Kubeadm::is_running`] while it lives.
+struct Running(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Running {
+    fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Running(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How long a stopped kubeadm gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves once `stop` turns `true`; never without one (or once its
+/// sender is gone without asking).
+async fn stop_requested(stop: Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(mut rx) = stop {
+        if rx.wait_for(|s| *s).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// SIGTERM, then SIGKILL if kubeadm has not exited within [`STOP_GRACE`]:
+/// a kubeadm stopped half-way is reset by the next start, one killed
+/// without a chance would be too, but a clean stop lets it say why.
+async fn terminate(child: &mut tokio::process::Child) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
     }
 }
 
@@ -506,6 +588,57 @@ mod tests {
         );
         assert!(err.hint().contains("timeouts.kubeadm_reset"));
         assert_eq!(crate::catalogue::Coded::code(&err), "KB-KUBEADM-003");
+    }
+
+    #[tokio::test]
+    async fn a_stop_request_terminates_a_running_kubeadm_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("got-sigterm");
+        let bin = fake(
+            dir.path(),
+            &format!(
+                "trap 'echo yes > {}; exit 143' TERM\necho '[kubelet-start] Starting the kubelet'\nsleep 30 >/dev/null 2>&1 &\nwait",
+                marker.display()
+            ),
+        );
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let k = Kubeadm::new(
+            bin,
+            dir.path().join("run"),
+            dir.path().join("k8s"),
+            Duration::from_secs(60),
+        )
+        .with_stop(rx);
+        let started = Instant::now();
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tx.send(true).unwrap();
+            tx
+        });
+        let err = k.reset().await.unwrap_err();
+        drop(stopper.await);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(
+                err,
+                Error::Stopped {
+                    command: "reset",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Starting the kubelet"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap_or_default().trim(),
+            "yes",
+            "kubeadm was sent SIGTERM, not killed outright"
+        );
+        assert_eq!(crate::catalogue::Coded::code(&err), "KB-KUBEADM-005");
     }
 
     #[tokio::test]
