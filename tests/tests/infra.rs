@@ -867,7 +867,9 @@ fn names_problems(t: &Value, file: &str, params: &[(&str, &str)]) -> Vec<String>
 /// The NLB does not preserve client IPs (an internal NLB drops a target's
 /// connection to itself when it does: kubelet on the first control plane could
 /// not reach its own API server), so the control planes take 6443 from the
-/// load balancer's security group only.
+/// load balancer's security group, and from the nodes' groups for the paths
+/// pods use (the in-cluster `kubernetes` Service goes to the control planes'
+/// addresses directly), and from nothing else.
 fn load_balancer_problems(s: &Stack) -> Vec<String> {
     let mut p = Vec::new();
     let attrs = s.prop("ApiTargetGroup", "TargetGroupAttributes");
@@ -901,8 +903,30 @@ fn load_balancer_problems(s: &Stack) -> Vec<String> {
             }
         }
     }
-    if api_sources != vec![lb_sg] {
-        p.push(format!("6443 on the control planes from {api_sources:?}, want the load balancer's security group only"));
+    // The paths to 6443 a cluster uses: kubelets, kubeadm and the agent
+    // through the load balancer; pods through the in-cluster `kubernetes`
+    // Service, which kube-proxy sends to the control planes' own addresses
+    // (from a worker, or from another control plane). Nothing else.
+    let wanted = [
+        ("the load balancer", lb_sg),
+        (
+            "pods on workers (the kubernetes Service)",
+            json!({"Ref": "WorkerSecurityGroup"}),
+        ),
+        (
+            "pods on control planes (the kubernetes Service)",
+            json!({"Ref": "ControlPlaneSecurityGroup"}),
+        ),
+    ];
+    for (who, sg) in &wanted {
+        if !api_sources.contains(sg) {
+            p.push(format!("6443 on the control planes is closed to {who}"));
+        }
+    }
+    for sg in &api_sources {
+        if !wanted.iter().any(|(_, w)| w == sg) {
+            p.push(format!("6443 on the control planes is open to {sg}"));
+        }
     }
     p
 }
@@ -977,7 +1001,7 @@ fn each_role_is_granted_exactly_what_the_agent_calls_on_the_clusters_own_resourc
 }
 
 #[test]
-fn the_api_load_balancer_lets_a_control_plane_reach_itself_and_nothing_else_reaches_6443() {
+fn the_api_is_reachable_through_the_load_balancer_and_by_the_paths_pods_use_and_nothing_else() {
     for s in stacks() {
         assert_none(load_balancer_problems(&s));
     }
@@ -1256,6 +1280,30 @@ fn a_template_preserving_client_ips_or_opening_6443_to_the_vpc_fails() {
     );
     assert!(
         problems.iter().any(|p| p.contains("inline ingress rule")),
+        "{problems:?}"
+    );
+}
+
+/// Before: 6443 on the control planes came from the load balancer only,
+/// and pods (CoreDNS, the pod network's agents) could not reach the API.
+#[test]
+fn a_template_closing_6443_to_pods_fails() {
+    let s = edited(|t| {
+        let resources = t["Resources"].as_object_mut().expect("resources");
+        resources.remove("ApiFromWorkers");
+        resources.remove("ApiFromControlPlanes");
+    });
+    let problems = load_balancer_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("closed to pods on workers")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("closed to pods on control planes")),
         "{problems:?}"
     );
 }
