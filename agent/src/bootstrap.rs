@@ -228,6 +228,9 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
+        if self.cfg.paths.kubernetes_dir != std::path::Path::new(KUBEADM_DIR) {
+            tracing::warn!(kubernetes_dir = %self.cfg.paths.kubernetes_dir.display(), "paths.kubernetes_dir is not {KUBEADM_DIR}: kubeadm takes only its pki/ from it and writes its kubeconfigs to {KUBEADM_DIR} regardless (a setting for tests and the simulation)");
+        }
         let mut checkpoint = Checkpoint {
             run_id,
             path: None,
@@ -800,6 +803,10 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         Ok(())
     }
 }
+
+/// Where kubeadm writes its kubeconfigs and manifests, whatever its
+/// configuration says (upstream: `kubeadmconstants.KubernetesDir`).
+const KUBEADM_DIR: &str = "/etc/kubernetes";
 
 /// How long the token must still be valid when a node starts its join.
 const TOKEN_MARGIN: Duration = Duration::from_secs(300);

@@ -229,7 +229,8 @@ pub const KEYS: &[Key] = &[
     key("metrics.buffer", Kind::Int { min: 16, max: 100_000 }, Some("1024"),
         "Metric documents buffered before new ones are dropped (and counted)."),
     // [paths]
-    key("paths.kubernetes_dir", Kind::AbsPath, Some("\"/etc/kubernetes\""), "kubeadm's configuration root."),
+    key("paths.kubernetes_dir", Kind::AbsPath, Some("\"/etc/kubernetes\""),
+        "kubeadm's configuration root. Keep the default on a node: kubeadm takes only its `pki/` from here (certificatesDir) and always writes its kubeconfigs and manifests to /etc/kubernetes; other values are for tests and the simulation."),
     key("paths.state_dir", Kind::AbsPath, Some("\"/var/lib/kubeboot\""), "Checkpoints and local state."),
     key("paths.run_dir", Kind::AbsPath, Some("\"/run/kubeboot\""), "Runtime files (rendered kubeadm configs)."),
     key("paths.etcd_data_dir", Kind::AbsPath, Some("\"/var/lib/etcd\""), "Stacked etcd data directory."),
