@@ -259,16 +259,18 @@ fn issue(leaf: &Leaf, ca_key_pem: &str) -> Result<(String, String), String> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+/// Writes a file with exactly `mode` (a file already there is replaced, so
+/// its old mode cannot survive), creating its directory.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     }
+    let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(path)
         .map_err(|e| format!("open {}: {e}", path.display()))?;
@@ -293,8 +295,8 @@ pub fn ensure_authorities(pki: &Path) -> Result<Vec<String>, String> {
         }
         said.push(format!("[certs] Generating {label:?} certificate and key"));
         let (c, k) = generate_ca(ca)?;
-        write(&crt, c.as_bytes(), 0o644)?;
-        write(&key, k.as_bytes(), 0o600)?;
+        write_file(&crt, c.as_bytes(), 0o644)?;
+        write_file(&key, k.as_bytes(), 0o600)?;
     }
     let (sa_key, sa_pub) = (pki.join("sa.key"), pki.join("sa.pub"));
     if sa_key.exists() && sa_pub.exists() {
@@ -302,8 +304,8 @@ pub fn ensure_authorities(pki: &Path) -> Result<Vec<String>, String> {
     } else {
         said.push("[certs] Generating \"sa\" key and public key".into());
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        write(&sa_key, key.serialize_pem().as_bytes(), 0o600)?;
-        write(&sa_pub, key.public_key_pem().as_bytes(), 0o644)?;
+        write_file(&sa_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&sa_pub, key.public_key_pem().as_bytes(), 0o644)?;
     }
     Ok(said)
 }
@@ -342,8 +344,8 @@ pub fn ensure_leaves(pki: &Path, names: &NodeNames) -> Result<Vec<String>, Strin
             leaf.stem
         ));
         let (c, k) = issue(&leaf, &ca_key_pem)?;
-        write(&crt, c.as_bytes(), 0o644)?;
-        write(&key, k.as_bytes(), 0o600)?;
+        write_file(&crt, c.as_bytes(), 0o644)?;
+        write_file(&key, k.as_bytes(), 0o600)?;
     }
     Ok(said)
 }
