@@ -3,12 +3,13 @@
 //! restarts, configuration errors, the daemon's watchdog, and a worker's
 //! bootstrap end to end. Needs root, like the machine.
 
+use kubeboot::join_material::JoinMaterial;
 use kubeboot_tests::machine::{Machine, Options};
 use kubeboot_tests::process::pid_alive;
 use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
 use kubeboot_tests::standin;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 const BOOTSTRAP: &str = "kubeboot-bootstrap.service";
 const DAEMON: &str = "kubeboot.service";
@@ -46,6 +47,165 @@ fn sim_machine(sim: &SimCluster, config: &str) -> Machine {
     let machine = Machine::boot(Options::node().bind_rw(sim.work.path(), GUEST_SIM));
     machine.write_file("/etc/kubeboot/config.toml", config.as_bytes(), 0o600);
     machine
+}
+
+/// A machine for node `index` with its own directories bound at a node's
+/// paths (`/etc/kubernetes`, `/var/lib/kubeboot`, `/var/lib/etcd`; the
+/// harness reads its PKI and etcd through them) and the sim's directory,
+/// its config installed with those paths.
+fn node_machine(sim: &SimCluster, index: usize) -> Machine {
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = &sim.nodes[index];
+    let mut options = Options::node().bind_rw(sim.work.path(), GUEST_SIM);
+    for path in ["/etc/kubernetes", "/var/lib/kubeboot", "/var/lib/etcd"] {
+        let host = node.dir.join(&path[1..]);
+        std::fs::create_dir_all(&host).expect("node dir");
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o700))
+            .expect("node dir mode");
+        options = options.bind_rw(host, path);
+    }
+    let machine = Machine::boot(options);
+    machine.write_file(
+        "/etc/kubeboot/config.toml",
+        machine_config(sim, index, true).as_bytes(),
+        0o600,
+    );
+    machine
+}
+
+/// Installs both repo units with the drop-ins a control plane's test
+/// needs: the stand-in's knobs (system paths allowed), and for the daemon
+/// a one-second period.
+fn install_control_plane_units(machine: &Machine, sim: &SimCluster) {
+    let standin = format!(
+        "{}Environment={}=1\n",
+        standin_environment(sim),
+        standin::ALLOW_SYSTEM_PATHS_ENV
+    );
+    machine.install_repo_unit(BOOTSTRAP);
+    machine.install_repo_unit(DAEMON);
+    machine.install_drop_in(BOOTSTRAP, "test", &format!("[Service]\n{standin}"));
+    machine.install_drop_in(
+        DAEMON,
+        "test",
+        &format!(
+            "[Service]\nRestartSec=1s\n{standin}\
+             Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n"
+        ),
+    );
+}
+
+/// Waits for the bootstrap unit to settle (active or failed) and the
+/// daemon to lead; panics with both units' state otherwise. Returns how
+/// long bootstrap took.
+fn wait_bootstrapped_and_leading(machine: &Machine, sim: &SimCluster) -> Duration {
+    let settled = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, sub| {
+        active == "failed" || (active == "active" && sub == "exited")
+    });
+    sim.record_output(&machine.journal(BOOTSTRAP));
+    let took = settled.unwrap_or_else(|(active, sub)| {
+        panic!(
+            "{BOOTSTRAP} is {active}/{sub}:\n{}",
+            machine.report(BOOTSTRAP)
+        )
+    });
+    assert_eq!(
+        machine.show(BOOTSTRAP, "ActiveState"),
+        "active",
+        "{}",
+        machine.report(BOOTSTRAP)
+    );
+    let leading = machine.wait_until(DAEMON, Duration::from_secs(60), |active, _| {
+        active == "failed"
+            || (active == "active"
+                && machine
+                    .show(DAEMON, "StatusText")
+                    .starts_with("leader: etcd"))
+    });
+    sim.record_output(&machine.journal(DAEMON));
+    if let Err((active, sub)) = leading {
+        panic!("{DAEMON} is {active}/{sub}:\n{}", machine.report(DAEMON));
+    }
+    took
+}
+
+/// The machine's etcd (started by kubeadm): its pid inside the machine
+/// and its cgroup there, or why not.
+fn local_etcd(machine: &Machine) -> Result<(String, String), String> {
+    let pid = machine
+        .read_file("/etc/kubernetes/standin/etcd.pid")
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .ok_or("no etcd.pid")?;
+    let cgroup = machine
+        .read_file(&format!("/proc/{pid}/cgroup"))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .ok_or_else(|| format!("etcd {pid} is not running"))?;
+    let comm = machine
+        .read_file(&format!("/proc/{pid}/comm"))
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    if comm != "etcd" {
+        return Err(format!("pid {pid} is {comm:?}, not etcd"));
+    }
+    let unit = cgroup
+        .lines()
+        .find(|l| l.contains("name=systemd") || l.starts_with("0::"))
+        .and_then(|l| l.rsplit(':').next())
+        .unwrap_or("")
+        .to_string();
+    Ok((pid, unit))
+}
+
+/// "Restarts" the node as far as the units go: both stopped, then started
+/// again as at boot; waits until bootstrap has run again.
+fn restart_units(machine: &Machine) {
+    let before: Vec<String> = [BOOTSTRAP, DAEMON]
+        .iter()
+        .map(|u| machine.show(u, "InvocationID"))
+        .collect();
+    machine.systemctl_ok(&["stop", DAEMON, BOOTSTRAP]);
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP, DAEMON]);
+    for (unit, before) in [BOOTSTRAP, DAEMON].iter().zip(before) {
+        machine
+            .wait_until(unit, Duration::from_secs(60), |_, _| {
+                machine.show(unit, "InvocationID") != before
+            })
+            .unwrap_or_else(|(active, sub)| panic!("{unit} not started again: {active}/{sub}"));
+    }
+}
+
+/// Polls `unit`'s journal until it holds `needle` `times` times; whether it
+/// did within `timeout`.
+fn wait_journal(
+    machine: &Machine,
+    unit: &str,
+    needle: &str,
+    times: usize,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if machine.journal(unit).matches(needle).count() >= times {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Etcd's members as the harness sees them: every one started and voting.
+async fn assert_voters(sim: &SimCluster, through: &[usize], count: usize) -> Vec<u64> {
+    let members = sim.etcd_members(through).await;
+    assert_eq!(members.len(), count, "{members:?}");
+    assert!(
+        members.iter().all(|m| m.is_started() && !m.is_learner),
+        "{members:?}"
+    );
+    let mut ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// The stand-in's knobs for a unit, as a drop-in's `[Service]` lines.
@@ -372,4 +532,288 @@ async fn a_worker_bootstraps_under_the_real_unit() {
     // Real node paths inside the machine, written by kubeadm and the agent.
     assert!(machine.read_file("/etc/kubernetes/kubelet.conf").is_some());
     assert!(journal.contains("bootstrap complete"), "{}", tail(&journal));
+}
+
+/// The first control plane initializes the cluster under the real units:
+/// kubeadm init (its etcd over https with kubeadm's PKI) restarts the
+/// kubelet, the unit says READY=1 and the daemon then leads. kubeadm's etcd
+/// outlives the agent's exit and the daemon's start. Then the units are
+/// restarted as on a reboot: bootstrap finds its checkpoint done, nothing
+/// is reset, and the same member serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_control_plane_initializes_under_the_real_units_and_a_restart_resets_nothing() {
+    let sim = SimCluster::start(1, 0).await;
+    let machine = node_machine(&sim, 0);
+    install_control_plane_units(&machine, &sim);
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP, DAEMON]);
+    let took = wait_bootstrapped_and_leading(&machine, &sim);
+    eprintln!("first control plane initialized under systemd in {took:?}");
+    let journal = machine.journal(BOOTSTRAP);
+    assert!(
+        journal.contains("cluster initialized"),
+        "{}",
+        tail(&journal)
+    );
+    assert!(journal.contains("bootstrap complete"), "{}", tail(&journal));
+    // (The machine's kubeadm arguments are node paths, not the sim's: the
+    // runs are counted cluster-wide.)
+    assert_eq!(sim.kubeadm_runs("init", None).len(), 1);
+    let etcd = local_etcd(&machine);
+    eprintln!("etcd after bootstrap and the daemon's start: {etcd:?}");
+    let (pid, _) = etcd.unwrap_or_else(|e| panic!("{e}\n{}", machine.report(BOOTSTRAP)));
+    let members = assert_voters(&sim, &[0], 1).await;
+
+    restart_units(&machine);
+    let took = wait_bootstrapped_and_leading(&machine, &sim);
+    eprintln!("restarted units active again in {took:?}");
+    let journal = machine.journal(BOOTSTRAP);
+    assert!(
+        journal.contains("already bootstrapped; nothing to do"),
+        "{}",
+        tail(&journal)
+    );
+    let etcd = local_etcd(&machine);
+    eprintln!("etcd after the units' restart: {etcd:?}");
+    assert_eq!(
+        etcd.map(|e| e.0),
+        Ok(pid),
+        "kubeadm's etcd outlives the units' restart"
+    );
+    assert!(sim.kubeadm_runs("reset", None).is_empty(), "no reset");
+    assert_eq!(
+        assert_voters(&sim, &[0], 1).await,
+        members,
+        "the same member"
+    );
+}
+
+/// A second control plane joins the cluster (initialized by node 0 outside
+/// the machine) under the real units: it downloads the certificates, its
+/// etcd joins as a learner and is promoted, the unit says READY=1 and its
+/// daemon leads. A restart of the units then resets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_control_plane_joins_under_the_real_units_and_a_restart_resets_nothing() {
+    let sim = SimCluster::start(2, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let machine = node_machine(&sim, 1);
+    install_control_plane_units(&machine, &sim);
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP, DAEMON]);
+    let took = wait_bootstrapped_and_leading(&machine, &sim);
+    eprintln!("second control plane joined under systemd in {took:?}");
+    let journal = machine.journal(BOOTSTRAP);
+    assert!(journal.contains("ControlPlaneJoin"), "{}", tail(&journal));
+    assert!(journal.contains("bootstrap complete"), "{}", tail(&journal));
+    assert_eq!(sim.kubeadm_runs("join", None).len(), 1);
+    let members = assert_voters(&sim, &[0, 1], 2).await;
+    let etcd = local_etcd(&machine);
+    eprintln!("etcd after the join and the daemon's start: {etcd:?}");
+    let (pid, _) = etcd.unwrap_or_else(|e| panic!("{e}\n{}", machine.report(BOOTSTRAP)));
+
+    restart_units(&machine);
+    wait_bootstrapped_and_leading(&machine, &sim);
+    let journal = machine.journal(BOOTSTRAP);
+    assert!(
+        journal.contains("already bootstrapped; nothing to do"),
+        "{}",
+        tail(&journal)
+    );
+    assert_eq!(local_etcd(&machine).map(|e| e.0), Ok(pid));
+    assert!(sim.kubeadm_runs("reset", None).is_empty(), "no reset");
+    assert_eq!(assert_voters(&sim, &[0, 1], 2).await, members);
+}
+
+/// The agent dies (abort, as kill -9: no cleanup) right after `kubeadm
+/// join` of a control plane returned; systemd's Restart=on-failure starts it
+/// again, and it adopts the member kubeadm made instead of resetting it:
+/// kubeadm's etcd outlived the crash and the unit's cleanup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_plane_join_killed_after_kubeadm_is_converged_by_systemd_without_reset() {
+    const CRASH: &str = "/etc/systemd/system/kubeboot-bootstrap.service.d/crash.conf";
+    let sim = SimCluster::start(2, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let machine = node_machine(&sim, 1);
+    install_control_plane_units(&machine, &sim);
+    machine.install_drop_in(BOOTSTRAP, "restart", "[Service]\nRestartSec=2s\n");
+    machine.install_drop_in(
+        BOOTSTRAP,
+        "crash",
+        "[Service]\nEnvironment=KBTEST_CRASH_AT=join:after-kubeadm\n",
+    );
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP]);
+    // Once the agent runs (its environment fixed at exec), the crash
+    // drop-in goes: systemd's restart is a plain start, however late the
+    // test sees the crash.
+    machine
+        .wait_until(BOOTSTRAP, Duration::from_secs(60), |active, _| {
+            active != "inactive" && machine.show(BOOTSTRAP, "ExecMainPID") != "0"
+        })
+        .unwrap_or_else(|(active, sub)| panic!("{BOOTSTRAP} did not start: {active}/{sub}"));
+    let rm = machine.exec(&["rm", CRASH]);
+    assert!(rm.status.success(), "{rm:?}");
+    machine.systemctl_ok(&["daemon-reload"]);
+    let crashed = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, _| {
+        active == "failed" || machine.show(BOOTSTRAP, "NRestarts") != "0"
+    });
+    sim.record_output(&machine.journal(BOOTSTRAP));
+    if let Err((active, sub)) = crashed {
+        panic!(
+            "{BOOTSTRAP} is {active}/{sub}:\n{}",
+            machine.report(BOOTSTRAP)
+        );
+    }
+    let after_crash = local_etcd(&machine);
+    eprintln!("crashed and restarted by systemd; etcd: {after_crash:?}");
+    machine.systemctl_ok(&["start", "--no-block", DAEMON]);
+    let took = wait_bootstrapped_and_leading(&machine, &sim);
+    eprintln!("converged by systemd's restart in {took:?}");
+    let journal = machine.journal(BOOTSTRAP);
+    // systemd saw the abort and restarted the unit once.
+    for seen in [
+        "crashing on purpose",
+        "status=6/ABRT",
+        "Scheduled restart job",
+    ] {
+        assert!(journal.contains(seen), "{seen}:\n{}", tail(&journal));
+    }
+    assert!(
+        journal.contains("its member is adopted"),
+        "{}",
+        tail(&journal)
+    );
+    assert_eq!(machine.show(BOOTSTRAP, "NRestarts"), "1");
+    assert!(sim.kubeadm_runs("reset", None).is_empty(), "no reset");
+    assert_eq!(sim.kubeadm_runs("join", None).len(), 1, "one join");
+    assert_eq!(
+        local_etcd(&machine).map(|e| e.0),
+        after_crash.map(|e| e.0),
+        "the etcd kubeadm started survived the crash"
+    );
+    assert_voters(&sim, &[0, 1], 2).await;
+}
+
+/// Publishes the cluster's join material again as already expired (token
+/// and certificates), so the leader refreshes it on its next turn; returns
+/// the version published.
+async fn expire_join_material(sim: &SimCluster) -> String {
+    let registry = sim.registry().await;
+    let pointer = registry
+        .join_pointer()
+        .await
+        .expect("pointer")
+        .expect("published");
+    let store = sim.join_store().await;
+    let material = store.read(&pointer).await.expect("material");
+    let past = SystemTime::now() - Duration::from_secs(60);
+    let guard = sim.leader_lock("i-harness").await;
+    let expired = store
+        .publish(
+            &registry,
+            &guard,
+            &JoinMaterial {
+                token_expires_at: past,
+                certs_expire_at: Some(past),
+                ..material
+            },
+            SystemTime::now(),
+        )
+        .await
+        .expect("publish expired material");
+    guard.release().await.expect("release");
+    expired.secret_version
+}
+
+/// The leader under the real kubeboot.service refreshes join material:
+/// `kubeadm token create` and `init phase upload-certs` find the node's
+/// address over netlink (the agent's configs for them name none), which
+/// the unit allows. With `AF_NETLINK` taken out of RestrictAddressFamilies
+/// (a drop-in) the same refresh fails and nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_refreshes_join_material_under_its_unit_and_not_without_af_netlink() {
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let machine = sim_machine(&sim, &machine_config(&sim, 0, false));
+    machine.install_repo_unit(BOOTSTRAP);
+    machine.install_repo_unit(DAEMON);
+    machine.install_drop_in(
+        BOOTSTRAP,
+        "test",
+        &format!("[Service]\n{}", standin_environment(&sim)),
+    );
+    machine.install_drop_in(
+        DAEMON,
+        "test",
+        &format!(
+            "[Service]\nRestartSec=1s\n{}\
+             Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n",
+            standin_environment(&sim)
+        ),
+    );
+    let registry = sim.registry().await;
+    let version = |p: Option<kubeboot::registry::JoinPointer>| p.expect("published").secret_version;
+
+    // As shipped (AF_NETLINK allowed): refreshed.
+    let expired = expire_join_material(&sim).await;
+    machine.systemctl_ok(&["start", "--no-block", DAEMON]);
+    let published = wait_journal(
+        &machine,
+        DAEMON,
+        "fresh join material published",
+        1,
+        Duration::from_secs(60),
+    );
+    sim.record_output(&machine.journal(DAEMON));
+    assert!(published, "{}", machine.report(DAEMON));
+    let now = version(registry.join_pointer().await.expect("pointer"));
+    assert_ne!(now, expired, "fresh material");
+    let ok = |cmd: &str| {
+        sim.kubeadm_runs(cmd, None)
+            .iter()
+            .filter(|r| r.exit == 0)
+            .count()
+    };
+    assert_eq!(ok("token create"), 1);
+    assert_eq!(ok("init phase upload-certs"), 1);
+
+    // Without AF_NETLINK: kubeadm cannot find the address, nothing is published.
+    machine.systemctl_ok(&["stop", DAEMON]);
+    machine.install_drop_in(
+        DAEMON,
+        "no-netlink",
+        "[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n",
+    );
+    let expired = expire_join_material(&sim).await;
+    machine.systemctl_ok(&["start", "--no-block", DAEMON]);
+    let failed = wait_journal(
+        &machine,
+        DAEMON,
+        "join material refresh failed",
+        2,
+        Duration::from_secs(60),
+    );
+    let journal = machine.journal(DAEMON);
+    sim.record_output(&journal);
+    assert!(failed, "{}", machine.report(DAEMON));
+    let refused = journal
+        .lines()
+        .find(|l| l.contains("join material refresh failed"))
+        .unwrap_or("");
+    eprintln!("without AF_NETLINK: {refused}");
+    assert!(
+        refused.contains("address family not supported by protocol"),
+        "kubeadm's error reaches the log:\n{}",
+        tail(&journal)
+    );
+    let refused = sim
+        .kubeadm_runs("token create", None)
+        .iter()
+        .filter(|r| r.exit != 0)
+        .count();
+    assert!(refused >= 2, "token create refused on each turn");
+    assert_eq!(ok("token create"), 1, "no token created since");
+    assert_eq!(
+        version(registry.join_pointer().await.expect("pointer")),
+        expired,
+        "nothing published"
+    );
+    assert_eq!(machine.show(DAEMON, "ActiveState"), "active");
 }
