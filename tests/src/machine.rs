@@ -22,7 +22,9 @@
 //! - the units the host has enabled (`/etc/systemd/system`, every
 //!   `*.target.wants` in `/usr/lib/systemd/system`) and the generators are
 //!   hidden under empty tmpfs, so only what a test installs exists; systemd
-//!   boots to `kubeboot-test.target` (the kubelet double plus journald);
+//!   boots to `kubeboot-test.target` (the kubelet double plus journald;
+//!   the double starts the static etcd kubeadm left, as a kubelet does at
+//!   boot);
 //! - the root is `pivot_root`ed and the host's mounts detached, so the
 //!   machine cannot see any host path it was not handed ([`Options::bind`]).
 //!
@@ -50,11 +52,39 @@ pub const TARGET: &str = "kubeboot-test.target";
 /// `kubelet.service` on the machine: a process that starts at once and
 /// stays up until stopped, like a kubelet waiting for its config. kubeadm
 /// (the stand-in, with `KUBEADM_STANDIN_INIT_SYSTEM=systemd`) restarts it.
+/// At its first start after a boot it runs the static Pods kubeadm left
+/// ([`KUBELET_SCRIPT`]).
 pub const KUBELET_DOUBLE: &str = "[Unit]\n\
-    Description=kubelet (test double: stays up until stopped)\n\
+    Description=kubelet (test double: starts the static etcd at boot, then stays up until stopped)\n\
     \n\
     [Service]\n\
-    ExecStart=/bin/sleep infinity\n";
+    ExecStart=/usr/local/libexec/kbtest-kubelet\n";
+
+/// What the kubelet double runs. At its first start after a boot (a flag in
+/// the fresh `/run`) it starts the etcd of a static Pod manifest kubeadm
+/// left in `/etc/kubernetes/manifests` (the stand-in writes them as JSON),
+/// in a scope of its own as the container runtime would, with the
+/// manifest's command; the restarts kubeadm asks for later start nothing
+/// (the stand-in's kubeadm starts the etcd it makes itself). Then it idles.
+pub const KUBELET_SCRIPT: &str = r#"#!/bin/sh
+set -u
+if [ ! -e /run/kbtest-kubelet-booted ]; then
+  : > /run/kbtest-kubelet-booted
+  m=/etc/kubernetes/manifests/etcd.yaml
+  if [ -f "$m" ] && ! pgrep -x etcd > /dev/null; then
+    set --
+    for a in $(jq -r '.spec.containers[0].command[]' "$m"); do set -- "$@" "$a"; done
+    mkdir -p /etc/kubernetes/standin
+    setsid systemd-run --scope --quiet --collect --unit=kubepods-etcd-static -- "$@" \
+      >> /etc/kubernetes/standin/etcd.log 2>&1 < /dev/null &
+    echo "started the static etcd: $*"
+  fi
+fi
+exec sleep infinity
+"#;
+
+/// Where the machine has [`KUBELET_SCRIPT`].
+const KUBELET_SCRIPT_PATH: &str = "/usr/local/libexec/kbtest-kubelet";
 
 /// Longest a single command run in the machine may take.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -162,6 +192,7 @@ struct Bind {
 pub struct Options {
     binds: Vec<Bind>,
     units: Vec<(String, String)>,
+    files: Vec<(String, String, u32)>,
 }
 
 impl Options {
@@ -173,7 +204,14 @@ impl Options {
         Options::default()
             .bind_ro(crate::workspace::kubeboot_bin(), "/usr/bin/kubeboot")
             .bind_ro(crate::standin::kubeadm_bin(), "/usr/bin/kubeadm")
+            .file(KUBELET_SCRIPT_PATH, KUBELET_SCRIPT, 0o755)
             .unit("kubelet.service", KUBELET_DOUBLE)
+    }
+
+    /// A file written in the machine before the units are installed.
+    pub fn file(mut self, path: &str, text: &str, mode: u32) -> Self {
+        self.files.push((path.to_string(), text.to_string(), mode));
+        self
     }
 
     /// Hands a host file or directory to the machine, read-only, at `guest`.
@@ -321,6 +359,9 @@ impl Machine {
         };
         machine.pid1 = machine.wait_pid1();
         machine.wait_manager();
+        for (path, text, mode) in &options.files {
+            machine.write_file(path, text.as_bytes(), *mode);
+        }
         for (unit, text) in &options.units {
             machine.write_file(
                 &format!("/etc/systemd/system/{unit}"),

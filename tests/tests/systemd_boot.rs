@@ -817,3 +817,71 @@ async fn the_leader_refreshes_join_material_under_its_unit_and_not_without_af_ne
     );
     assert_eq!(machine.show(DAEMON, "ActiveState"), "active");
 }
+
+/// Power is lost mid-bootstrap: the first control plane's agent dies right
+/// after the registry marked the cluster initialized (the unit is not
+/// restarted), then the machine is killed outright, etcd with it. The next
+/// boot (a new machine over the same node directories, a fresh `/run`)
+/// starts etcd from its static Pod manifest, as the kubelet does, and the
+/// bootstrap unit resumes from its checkpoint: it adopts its recorded
+/// member instead of running `kubeadm reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_power_loss_mid_bootstrap_the_next_boot_adopts_the_member_without_reset() {
+    let sim = SimCluster::start(1, 0).await;
+    let machine = node_machine(&sim, 0);
+    install_control_plane_units(&machine, &sim);
+    machine.install_drop_in(
+        BOOTSTRAP,
+        "crash",
+        "[Service]\nRestart=no\nEnvironment=KBTEST_CRASH_AT=init:after-mark\n",
+    );
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP]);
+    let crashed = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, _| {
+        active == "failed" || active == "active"
+    });
+    let journal = machine.journal(BOOTSTRAP);
+    sim.record_output(&journal);
+    if let Err((active, sub)) = crashed {
+        panic!(
+            "{BOOTSTRAP} is {active}/{sub}:\n{}",
+            machine.report(BOOTSTRAP)
+        );
+    }
+    assert!(
+        journal.contains("crashing on purpose"),
+        "{}",
+        tail(&journal)
+    );
+    let members = assert_voters(&sim, &[0], 1).await;
+    drop(machine);
+
+    let machine = node_machine(&sim, 0);
+    assert!(
+        wait_journal(
+            &machine,
+            "kubelet.service",
+            "started the static etcd",
+            1,
+            Duration::from_secs(30)
+        ),
+        "the kubelet double starts etcd at boot:\n{}",
+        machine.report("kubelet.service")
+    );
+    install_control_plane_units(&machine, &sim);
+    machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP, DAEMON]);
+    let took = wait_bootstrapped_and_leading(&machine, &sim);
+    eprintln!("resumed after the reboot in {took:?}");
+    let journal = machine.journal(BOOTSTRAP);
+    assert!(
+        journal.contains("its member is adopted"),
+        "{}",
+        tail(&journal)
+    );
+    assert!(sim.kubeadm_runs("reset", None).is_empty(), "no reset");
+    assert_eq!(sim.kubeadm_runs("init", None).len(), 1, "one init");
+    assert_eq!(
+        assert_voters(&sim, &[0], 1).await,
+        members,
+        "the same member"
+    );
+}
