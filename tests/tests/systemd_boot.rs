@@ -798,6 +798,10 @@ async fn the_leader_refreshes_join_material_under_its_unit_and_not_without_af_ne
         .find(|l| l.contains("join material refresh failed"))
         .unwrap_or("");
     eprintln!("without AF_NETLINK: {refused}");
+    eprintln!(
+        "the daemon's STATUS= meanwhile: {:?}",
+        machine.show(DAEMON, "StatusText")
+    );
     assert!(
         refused.contains("address family not supported by protocol"),
         "kubeadm's error reaches the log:\n{}",
