@@ -11,7 +11,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 fn joins(sim: &SimCluster) -> Vec<String> {
     sim.kubeadm_runs("join", None)
         .into_iter()
-        .map(|r| r.args.join(" "))
+        .map(|r| {
+            format!(
+                "{} {} {} exit={}",
+                r.unix_ms,
+                r.pid,
+                r.args.join(" "),
+                r.exit
+            )
+        })
         .collect()
 }
 

@@ -548,6 +548,53 @@ async fn a_worker_joins_with_the_token_and_ca_pin_and_its_node_becomes_ready() {
     wait_ready(&s.api, &w1.name).await;
 }
 
+/// What the agent used to render: this node's etcd URLs in the
+/// ClusterConfiguration's `etcd.local.extraArgs`. That document is
+/// cluster-wide (the `kubeadm-config` ConfigMap) and a joiner applies its
+/// extraArgs over its own defaults (upstream: phases/etcd/local.go), so the
+/// second control plane's etcd advertises and listens on the first node's
+/// address and the join fails. The agent renders none now
+/// (`kubeadm::config` unit test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_specific_etcd_urls_in_the_cluster_configuration_break_the_next_join() {
+    let s = Scenario::start().await;
+    let cp0 = s.node("cp0");
+    let cfg = s.init_config(&cp0);
+    let text = std::fs::read_to_string(&cfg).expect("init config");
+    let mut docs: Vec<Value> = text
+        .split("---\n")
+        .map(|d| serde_json::from_str(d).expect("JSON document"))
+        .collect();
+    docs[1]["etcd"]["local"]["extraArgs"] = json!([
+        {"name": "listen-client-urls", "value": cp0.client_url()},
+        {"name": "advertise-client-urls", "value": cp0.client_url()},
+        {"name": "listen-peer-urls", "value": cp0.peer_url()},
+        {"name": "initial-advertise-peer-urls", "value": cp0.peer_url()},
+    ]);
+    let rendered: Vec<String> = docs.iter().map(|d| format!("{d:#}\n")).collect();
+    write_private(&cfg, &Secret::new(rendered.join("---\n"))).expect("write");
+    let out = s
+        .kubeadm(&["init", "--config", path(&cfg), "--upload-certs"], &[])
+        .await;
+    assert_success(&out, "init");
+    let cp1 = s.node("cp1");
+    let join = s.join_config(&cp1, &s.token, vec![s.pin()], Some(&s.key));
+    // cp1's etcd cannot serve as cp0: its learner never catches up, and
+    // the promotion gives up (as kubeadm's retries do, sooner here).
+    let out = s
+        .kubeadm(
+            &["join", "--config", path(&join)],
+            &[("KBTEST_KUBEADM_PROMOTE_TIMEOUT_MS", "3000")],
+        )
+        .await;
+    assert_fails_with(&out, &["error execution phase control-plane-join/etcd"]);
+    assert_eq!(
+        s.members(&cp0).await.len(),
+        2,
+        "cp0 and cp1's learner that never started"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_join_as_learners_then_voters() {
     let s = Scenario::start().await;

@@ -11,10 +11,30 @@
 //!
 //! What it reads: the `--config` file's documents (JSON objects separated by
 //! `---` lines, `kubeadm.k8s.io/v1beta4`), only the fields the agent
-//! renders. What it does NOT do: TLS anywhere (etcd and the API are plain
-//! HTTP, so an `https` etcd URL is refused), kube-apiserver /
-//! controller-manager / scheduler / kubelet processes (their manifests are
-//! written, their effects on the API are simulated), CoreDNS/kube-proxy.
+//! renders. What it does NOT do: kube-apiserver / controller-manager /
+//! scheduler / kubelet processes (their manifests are written, their effects
+//! on the API are simulated), CoreDNS/kube-proxy, TLS to the API double.
+//!
+//! ## What it refuses, as kubeadm does (each cites its upstream source)
+//!
+//! - etcd is https with client-certificate auth, with kubeadm's PKI
+//!   (`kubeboot_tests::pki`): no etcd call without this node's
+//!   `apiserver-etcd-client` identity, so a worker, or a control plane
+//!   before `download-certs`, cannot reach etcd;
+//! - a joining control plane has no `pki/` until `download-certs` opened the
+//!   shared CAs with the right certificate key (AES-256-GCM: a wrong key
+//!   fails and writes nothing) and `certs` issued its own certificates;
+//! - a joiner's etcd runs with the cluster's `etcd.local.extraArgs` (from
+//!   the `kubeadm-config` ConfigMap) over its own defaults, so node-specific
+//!   URLs there break every later join;
+//! - preflight: existing manifests, kubelet.conf, a used etcd data dir or
+//!   port, a worker's existing CA (not a control plane's:
+//!   `preflight/checks.go` `JoinNodeChecks`);
+//! - discovery: an unknown or expired token, a wrong CA pin, expired
+//!   uploaded certificates; a stale learner or an unstarted voter in etcd
+//!   (`check-etcd`, `member add`: one learner at a time);
+//! - `kubelet-start`: with `KUBEADM_STANDIN_INIT_SYSTEM=systemd`, `systemctl
+//!   restart kubelet`, blocking, as kubeadm does under systemd.
 //!
 //! Knobs (environment): `KBTEST_PID_DIR`, `KBTEST_OWNER_PID`,
 //! `KBTEST_KUBEADM_LOG` (see `kubeboot_tests::standin`), `KBTEST_ETCD_BIN`,
@@ -56,7 +76,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::io::{BufRead as _, Write as _};
 use std::net::{IpAddr, TcpListener};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -280,18 +299,7 @@ fn guard_paths(paths: &[&Path]) -> R<()> {
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
-    f.write_all(contents)
-        .map_err(|e| format!("write {}: {e}", path.display()))
+    pki::write_file(path, contents, mode)
 }
 
 fn dir_is_empty(path: &Path) -> bool {
@@ -1178,6 +1186,13 @@ fn drop_shared_loopback(urls: &[String], advertise: &IpAddr) -> Vec<String> {
 /// Starts etcd detached (own session, so it outlives this process like a
 /// static Pod), records its pid for the test harness and the reset, and
 /// starts the owner watchdog.
+///
+/// With `KUBEADM_STANDIN_INIT_SYSTEM=systemd` etcd runs in a transient
+/// scope of its own (`systemd-run --scope`, which execs etcd in this same
+/// child), as the container runtime runs a static Pod's containers: not in
+/// the cgroup of whatever unit ran kubeadm, so stopping or restarting that
+/// unit (whose KillMode kills what is left in its cgroup) leaves etcd up,
+/// as on a node.
 fn spawn_etcd(member: &LocalEtcd, state_dir: &Path) -> Result<Child, String> {
     std::fs::create_dir_all(state_dir)
         .map_err(|e| format!("mkdir {}: {e}", state_dir.display()))?;
@@ -1189,7 +1204,17 @@ fn spawn_etcd(member: &LocalEtcd, state_dir: &Path) -> Result<Child, String> {
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("open {}: {e}", log_path.display()))?;
-    let mut cmd = Command::new(etcd_bin());
+    let mut cmd = if std::env::var(INIT_SYSTEM_ENV).as_deref() == Ok("systemd") {
+        let mut cmd = Command::new("systemd-run");
+        cmd.args(["--scope", "--quiet", "--collect"])
+            .arg(format!("--unit=kubepods-etcd-{}", std::process::id()))
+            .arg("--description=etcd (the kubeadm stand-in's static Pod)")
+            .arg("--")
+            .arg(etcd_bin());
+        cmd
+    } else {
+        Command::new(etcd_bin())
+    };
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("ETCD") {
             cmd.env_remove(k);
@@ -2121,6 +2146,7 @@ async fn init_phase(args: &[String]) -> R<()> {
     };
     let empty = json!({});
     let init_doc = find_kind(&docs, "InitConfiguration").unwrap_or(&empty);
+    default_advertise_address(Some(init_doc))?;
     let cluster = find_kind(&docs, "ClusterConfiguration").unwrap_or(&empty);
     let pki = PathBuf::from(str_at(cluster, "/certificatesDir").unwrap_or(DEFAULT_CERT_DIR));
     let kubeconfig_path = flags
@@ -3269,6 +3295,85 @@ async fn remove_own_member(api: Option<&Api>, m: &LocalEtcd) {
 // ---------------------------------------------------------------------------
 // kubeadm token
 
+/// kubeadm's defaulting of `localAPIEndpoint.advertiseAddress`, which
+/// `token create` and `init phase upload-certs` run on their configuration
+/// like `init` (upstream `SetAPIEndpointDynamicDefaults` →
+/// `ChooseAPIServerBindAddress` → apimachinery's `ResolveBindAddress`):
+/// without an address (or with an unspecified or loopback one) kubeadm picks
+/// the host's, reading the default routes and then the interfaces' addresses
+/// with Go's `net.InterfaceByName`/`Addrs`, which on Linux is a netlink
+/// dump (`syscall.NetlinkRIB`: an `AF_NETLINK`/`NETLINK_ROUTE` socket). The
+/// stand-in makes the same dump (and ignores the answer); when the socket
+/// is refused (`RestrictAddressFamilies=` without `AF_NETLINK` gives
+/// `EAFNOSUPPORT`) it fails as kubeadm does, with Go's error.
+fn default_advertise_address(init: Option<&Value>) -> R<()> {
+    let given = init
+        .and_then(|d| str_at(d, "/localAPIEndpoint/advertiseAddress"))
+        .filter(|a| !a.is_empty());
+    if let Some(address) = given {
+        let ip: IpAddr = address.parse().map_err(|_| {
+            plain_err(format!(
+                "couldn't use \"{address}\" as \"apiserver-advertise-address\", must be ipv4 or ipv6 address"
+            ))
+        })?;
+        if !ip.is_unspecified() && !ip.is_loopback() {
+            return Ok(());
+        }
+    }
+    netlink_link_dump().map_err(|e| {
+        plain_err(format!(
+            "route ip+net: netlinkrib: {}",
+            e.desc().to_lowercase()
+        ))
+    })
+}
+
+/// `syscall.NetlinkRIB(RTM_GETLINK, AF_UNSPEC)`: socket, bind, one dump
+/// request, read until `NLMSG_DONE`.
+fn netlink_link_dump() -> nix::Result<()> {
+    use nix::sys::socket::{
+        bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    use std::os::fd::AsRawFd as _;
+    const RTM_GETLINK: u16 = 18;
+    const NLM_F_REQUEST_DUMP: u16 = 0x301;
+    const NLMSG_DONE: u16 = 3;
+    const NLMSG_ERROR: u16 = 2;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    // nlmsghdr (len, type, flags, seq, pid) + rtgenmsg (family).
+    let mut request = Vec::with_capacity(17);
+    request.extend_from_slice(&17u32.to_ne_bytes());
+    request.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+    request.extend_from_slice(&NLM_F_REQUEST_DUMP.to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes());
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    request.push(0);
+    send(fd.as_raw_fd(), &request, MsgFlags::empty())?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
+            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap_or_default());
+            if kind == NLMSG_DONE || kind == NLMSG_ERROR || len < 16 {
+                return Ok(());
+            }
+            at += (len + 3) & !3;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
 async fn token(args: &[String]) -> R<()> {
     let Some((sub, rest)) = args.split_first() else {
         return Err(plain_err(
@@ -3301,15 +3406,15 @@ async fn token(args: &[String]) -> R<()> {
         "create" => {
             // As kubeadm: with --config, the InitConfiguration's first
             // bootstrap token (so the token need not be on the command line).
-            let from_config = match flags.value("config") {
-                Some(path) => {
-                    let docs = load_documents(path)?;
-                    find_kind(&docs, "InitConfiguration")
-                        .and_then(|d| str_at(d, "/bootstrapTokens/0/token"))
-                        .map(str::to_string)
-                }
-                None => None,
+            let docs = match flags.value("config") {
+                Some(path) => load_documents(path)?,
+                None => Vec::new(),
             };
+            let init_doc = find_kind(&docs, "InitConfiguration");
+            default_advertise_address(init_doc)?;
+            let from_config = init_doc
+                .and_then(|d| str_at(d, "/bootstrapTokens/0/token"))
+                .map(str::to_string);
             let token = match from_config
                 .as_deref()
                 .or(flags.positional.first().map(String::as_str))
@@ -3469,5 +3574,19 @@ mod tests {
             drop_shared_loopback(&urls, &ip),
             vec!["http://127.3.4.5:2379".to_string()]
         );
+    }
+
+    #[test]
+    fn the_advertise_address_is_looked_up_over_netlink_only_when_none_is_usable() {
+        // None given: the netlink dump, which a test process may make.
+        default_advertise_address(None).expect("netlink dump");
+        default_advertise_address(Some(&json!({"localAPIEndpoint": {}}))).expect("dump");
+        let given = |a: &str| {
+            default_advertise_address(Some(&json!({"localAPIEndpoint": {"advertiseAddress": a}})))
+        };
+        given("10.0.1.5").expect("an address needs no lookup");
+        given("127.0.0.1").expect("loopback: looked up");
+        let err = given("not-an-ip").expect_err("refused");
+        assert!(err.0.contains("must be ipv4 or ipv6 address"), "{}", err.0);
     }
 }
