@@ -5,6 +5,12 @@
 //! one learner at a time, unstarted members without names — are exactly what
 //! a fake would get wrong. So tests drive real `etcd` 3.4 processes, one per
 //! fresh 127.x.y.z address with the standard ports, like separate nodes.
+//!
+//! These clusters serve plain http: the tests that use them are about the
+//! agent's membership, health and failover logic, not transport. Everything
+//! that goes through kubeadm (the simulated cluster, the e2e suite, the
+//! demo) runs etcd over https with kubeadm's PKI and client-certificate
+//! auth, as a real node does; [`connect_tls`] reaches those.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
