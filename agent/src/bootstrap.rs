@@ -310,10 +310,15 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         let own_record = records
             .iter()
             .find(|r| &r.instance_id == me && r.peer_url == peer_url);
-        // A recorded member gets the full promotion window to come back.
-        let wait = match own_record {
-            Some(_) => self.cfg.etcd.promote_timeout,
-            None => Duration::from_secs(5),
+        // A recorded member, or one whose data is on this disk (a power loss
+        // after the join, before the record), gets the full promotion window
+        // to come back: after a reboot the kubelet starts etcd late.
+        let has_data =
+            std::fs::read_dir(&self.cfg.paths.etcd_data_dir).is_ok_and(|mut d| d.next().is_some());
+        let wait = if own_record.is_some() || has_data {
+            self.cfg.etcd.promote_timeout
+        } else {
+            Duration::from_secs(5)
         };
         match self.local_member(&settings, &peer_url, wait).await {
             Ok((member, ids)) => {
@@ -717,17 +722,8 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             return Err(Error::NotReady("no recorded etcd member to join".into()));
         }
         let material = self.usable_material(true).await?;
-        let rendered = kcfg::render_join(&kcfg::JoinParams {
-            node: self.node(),
-            api_server_endpoint: material.endpoint.clone(),
-            token: material.token.clone(),
-            ca_cert_hashes: material.ca_cert_hashes.clone(),
-            certificate_key: material.certificate_key.clone(),
-            kubernetes_dir: self.cfg.paths.kubernetes_dir.display().to_string(),
-        });
-        let secrets: Vec<&crate::secret::Secret<String>> = std::iter::once(&material.token)
-            .chain(material.certificate_key.as_ref())
-            .collect();
+        let rendered = self.render_join(&material);
+        let secrets = material.secrets();
         // From here kubeadm writes to this node: a crash must reset first.
         checkpoint.kubeadm_started = true;
         self.save_checkpoint(checkpoint)?;
@@ -751,6 +747,12 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
         ready.map_err(Error::NotReady)?;
         crash_point("join:after-cleanup");
+        // The prepare phases and the cleanup took time, and the join itself
+        // downloads the uploaded certificates again: they must still be
+        // there for it (else the wait for a refresh starts over).
+        let material = self.usable_material(true).await?;
+        let rendered = self.render_join(&material);
+        let secrets = material.secrets();
         self.guarded(guard, async {
             Ok(self.kubeadm.join(&rendered, &secrets).await?)
         })
@@ -760,6 +762,19 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         self.confirm_and_record(guard).await?;
         crash_point("join:after-record");
         Ok(())
+    }
+
+    /// The JoinConfiguration for `material` (a control plane's when it
+    /// carries a certificate key).
+    fn render_join(&self, material: &JoinMaterial) -> kcfg::Rendered {
+        kcfg::render_join(&kcfg::JoinParams {
+            node: self.node(),
+            api_server_endpoint: material.endpoint.clone(),
+            token: material.token.clone(),
+            ca_cert_hashes: material.ca_cert_hashes.clone(),
+            certificate_key: material.certificate_key.clone(),
+            kubernetes_dir: self.cfg.paths.kubernetes_dir.display().to_string(),
+        })
     }
 
     async fn worker_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {

@@ -274,13 +274,13 @@ catalogue! {
         check: "<paths.kubernetes_dir>/pki/etcd/ca.crt and pki/apiserver-etcd-client.{crt,key}.";
     ETCD_CONNECT = "KB-ETCD-002", "cannot reach etcd",
         cause: "No endpoint answered: etcd is not running, the port or scheme is wrong, or the security groups block the client port.",
-        check: "`crictl ps --name etcd`, etcd.client_port, etcd.scheme, security groups between control planes.";
+        check: "`crictl ps --name etcd`, etcd.scheme, the client port 2379, security groups between control planes.";
     ETCD_REQUEST = "KB-ETCD-003", "an etcd request failed",
         cause: "etcd refused or timed out a request: no leader (an election, lost quorum), permission denied, or an overloaded member.",
         check: "`kubeboot etcd members` and `etcdctl endpoint status --cluster`; the etcd logs (`crictl logs` of the etcd container).";
     ETCD_NOT_CONFIRMED = "KB-ETCD-004", "the etcd member did not become a started, voting, healthy member",
         cause: "After init or join, etcd does not report this node's member started (name and client URLs), voting (not a learner) and healthy within etcd.promote_timeout; it is not recorded (I2).",
-        check: "This node's etcd log (`crictl logs` of the etcd container), peer connectivity on etcd.peer_port, `kubeboot etcd members`.";
+        check: "This node's etcd log (`crictl logs` of the etcd container), peer connectivity on port 2380, `kubeboot etcd members`.";
 
     KUBE_KUBECONFIG = "KB-KUBE-001", "cannot use the kubeconfig",
         cause: "The kubeconfig kubeadm writes (kubelet.conf or admin.conf) is missing or unreadable: kubeadm did not get that far, or paths.kubernetes_dir is wrong.",

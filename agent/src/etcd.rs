@@ -67,8 +67,9 @@ impl Settings {
     pub fn from_config(cfg: &crate::config::Config) -> Self {
         Settings {
             scheme: cfg.etcd.scheme,
-            client_port: cfg.etcd.client_port,
-            peer_port: cfg.etcd.peer_port,
+            // kubeadm's stacked etcd (its constants; not configurable there).
+            client_port: 2379,
+            peer_port: 2380,
             dial_timeout: cfg.etcd.dial_timeout,
             request_timeout: cfg.etcd.request_timeout,
             pki_dir: cfg.paths.kubernetes_dir.join("pki"),
@@ -142,10 +143,10 @@ impl Error {
             Error::Certificate { .. } => "kubeadm writes pki/etcd/ca.crt and pki/apiserver-etcd-client.{crt,key}: \
                 check paths.kubernetes_dir and that init/join got that far"
                 .into(),
-            Error::Connect { .. } => "check etcd is running (`crictl ps --name etcd`), etcd.client_port and etcd.scheme".into(),
+            Error::Connect { .. } => "check etcd is running (`crictl ps --name etcd`), etcd.scheme and the client port 2379".into(),
             Error::Request { .. } => "etcd refused or timed out; `kubeboot status` and `etcdctl member list` show the members".into(),
             Error::NotConfirmed { .. } | Error::ConfirmTimeout { .. } => "the new member did not become a started, \
-                voting, healthy member: check its etcd log (`crictl logs` of the etcd container) and peer connectivity on etcd.peer_port"
+                voting, healthy member: check its etcd log (`crictl logs` of the etcd container) and peer connectivity on port 2380"
                 .into(),
         }
     }

@@ -369,6 +369,14 @@ fn runs_out(expires_at: SystemTime, now: SystemTime, margin: Duration) -> bool {
 }
 
 impl JoinMaterial {
+    /// Its secret values (the token, and the certificate key when there is
+    /// one): what kubeadm's output is scrubbed of.
+    pub fn secrets(&self) -> Vec<&Secret<String>> {
+        std::iter::once(&self.token)
+            .chain(self.certificate_key.as_ref())
+            .collect()
+    }
+
     /// New material with a new token and, for control-plane joins, a new
     /// certificate key. Take `now` *before* kubeadm creates the token or
     /// uploads the certificates, so the recorded expiries are never later

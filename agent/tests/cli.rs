@@ -74,7 +74,7 @@ fn a_broken_config_exits_2_and_lists_every_problem() {
     );
     let out = kubeboot(
         &["config", "check", "--no-user-data", "--config", &path],
-        &[("KUBEBOOT_ETCD_CLIENT_PORT", "http")],
+        &[("KUBEBOOT_METRICS_BUFFER", "lots")],
     );
     assert_eq!(out.status.code(), Some(2));
     let text = stdout(&out);
@@ -84,7 +84,7 @@ fn a_broken_config_exits_2_and_lists_every_problem() {
         "node.role = \"wroker\": invalid value; expected one of \"control-plane\", \"worker\"",
         "aws.max_attempts = 0: out of range; expected a whole number from 1 to 10",
         "lock.leese = \"1m\": unknown key; expected a known key (did you mean `lock.lease`?)",
-        "env KUBEBOOT_ETCD_CLIENT_PORT: etcd.client_port = \"http\": wrong type (text)",
+        "env KUBEBOOT_METRICS_BUFFER: metrics.buffer = \"lots\": wrong type (text)",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }

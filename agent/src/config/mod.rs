@@ -626,15 +626,6 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
             );
         }
     }
-    let port = |p: &str| entries.get(p).and_then(|e| e.value.as_integer());
-    if port("etcd.client_port").is_some() && port("etcd.client_port") == port("etcd.peer_port") {
-        inconsistent(
-            "etcd.peer_port",
-            "etcd.client_port",
-            "client and peer ports are the same".into(),
-            "two different ports",
-        );
-    }
     if text("metrics.sink") == Some("file") && !set("metrics.file") {
         inconsistent("metrics.sink", "metrics.file", "sink is \"file\" but no file is set".into(),
             "metrics.file = \"/var/log/kubeboot/metrics.emf\" (an absolute path) with sink = \"file\"");

@@ -135,8 +135,6 @@ pub enum EtcdScheme {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Etcd {
-    pub client_port: u16,
-    pub peer_port: u16,
     pub scheme: EtcdScheme,
     #[serde(deserialize_with = "duration")]
     pub dial_timeout: Duration,

@@ -118,8 +118,6 @@ const fn dur(min_ms: u64, max_ms: u64) -> Kind {
     Kind::Duration { min_ms, max_ms }
 }
 
-const PORT: Kind = Kind::Int { min: 1, max: 65535 };
-
 /// Every key, grouped by section. Order is the order of the reference.
 #[rustfmt::skip]
 pub const KEYS: &[Key] = &[
@@ -176,10 +174,8 @@ pub const KEYS: &[Key] = &[
     local_only(key("imds.deadline", dur(SEC, 30 * MIN), Some("\"5m\""),
         "How long to keep retrying IMDS in the early-boot window.")),
     // [etcd]
-    key("etcd.client_port", PORT, Some("2379"), "etcd client port on control planes."),
-    key("etcd.peer_port", PORT, Some("2380"), "etcd peer port on control planes."),
     key("etcd.scheme", Kind::OneOf(&["https", "http"]), Some("\"https\""),
-        "etcd URL scheme; kubeadm's stacked etcd uses https with client certificates."),
+        "How the agent reaches etcd. kubeadm's stacked etcd is always https with client certificates on ports 2379/2380; `http` is for tests against plain etcd."),
     key("etcd.dial_timeout", dur(100, MIN), Some("\"5s\""), "Timeout to connect to an etcd member."),
     key("etcd.request_timeout", dur(100, 5 * MIN), Some("\"10s\""), "Timeout of one etcd request."),
     key("etcd.promote_timeout", dur(SEC, 30 * MIN), Some("\"2m\""),

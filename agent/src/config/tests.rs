@@ -125,14 +125,14 @@ fn wrong_type_names_key_value_and_form() {
     let p = only(merge_text(
         &[(
             Source::File("/c.toml".into()),
-            &base_plus("[etcd]\nclient_port = \"2379\""),
+            &base_plus("[metrics]\nbuffer = \"1024\""),
         )],
         &[],
     ));
     assert_eq!(p.kind, ProblemKind::WrongType);
-    assert_eq!(p.key, "etcd.client_port");
-    assert_eq!(p.value.as_deref(), Some("\"2379\""));
-    assert!(p.expected.contains("whole number from 1 to 65535"));
+    assert_eq!(p.key, "metrics.buffer");
+    assert_eq!(p.value.as_deref(), Some("\"1024\""));
+    assert!(p.expected.contains("whole number from 16 to 100000"));
 }
 
 #[test]
