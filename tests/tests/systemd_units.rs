@@ -150,6 +150,8 @@ fn the_units_are_ordered_and_bounded_for_what_bootstrap_runs() {
             .unwrap_or_else(|| panic!("{key} = {literal}"))
     };
     let longest = default("imds.deadline")
+        + default("etcd.promote_timeout") // a recorded member's wait before any reset
+        + default("lock.acquire_timeout") // the membership lock the reset runs under
         + default("timeouts.kubeadm_reset")
         + default("lock.acquire_timeout") * 2
         + default("timeouts.join_material")
