@@ -319,15 +319,25 @@ pub fn ensure_leaves(pki: &Path, names: &NodeNames) -> Result<Vec<String>, Strin
     for leaf in leaves(names) {
         let crt = pki.join(format!("{}.crt", leaf.stem));
         let key = pki.join(format!("{}.key", leaf.stem));
+        let ca_crt = pki.join(format!("{}.crt", leaf.ca.stem));
+        let ca_key = pki.join(format!("{}.key", leaf.ca.stem));
         if crt.exists() && key.exists() {
+            // kubeadm reuses a leaf only if its CA signed it
+            // (certs/certs.go, writeCertificateFilesIfNotExist).
+            let read =
+                |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+            if !signed_by(&read(&crt)?, &read(&ca_crt)?) {
+                return Err(format!(
+                    "certificate {} is not signed by corresponding CA",
+                    leaf.stem
+                ));
+            }
             said.push(format!(
                 "[certs] Using the existing {:?} certificate and key",
                 leaf.stem
             ));
             continue;
         }
-        let ca_crt = pki.join(format!("{}.crt", leaf.ca.stem));
-        let ca_key = pki.join(format!("{}.key", leaf.ca.stem));
         for f in [&ca_crt, &ca_key] {
             if !f.exists() {
                 return Err(format!(
@@ -348,6 +358,39 @@ pub fn ensure_leaves(pki: &Path, names: &NodeNames) -> Result<Vec<String>, Strin
         write_file(&key, k.as_bytes(), 0o600)?;
     }
     Ok(said)
+}
+
+/// Whether the CA in `ca_pem` signed the certificate in `leaf_pem` (its
+/// issuer is the CA's subject and the ECDSA signature verifies with the
+/// CA's key).
+pub fn signed_by(leaf_pem: &str, ca_pem: &str) -> bool {
+    use x509_cert::der::{DecodePem, Encode};
+    let (Ok(leaf), Ok(ca)) = (
+        x509_cert::Certificate::from_pem(leaf_pem.as_bytes()),
+        x509_cert::Certificate::from_pem(ca_pem.as_bytes()),
+    ) else {
+        return false;
+    };
+    if leaf.tbs_certificate().issuer() != ca.tbs_certificate().subject() {
+        return false;
+    }
+    let Ok(tbs) = leaf.tbs_certificate().to_der() else {
+        return false;
+    };
+    let Some(signature) = leaf.signature().as_bytes() else {
+        return false;
+    };
+    let Some(key) = ca
+        .tbs_certificate()
+        .subject_public_key_info()
+        .subject_public_key
+        .as_bytes()
+    else {
+        return false;
+    };
+    aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1, key)
+        .verify(&tbs, signature)
+        .is_ok()
 }
 
 /// The 32-byte AES key of a `--certificate-key` (64 hex digits), with kubeadm's errors.
@@ -496,5 +539,28 @@ mod tests {
             assert!(dir.path().join(format!("{stem}.crt")).exists(), "{stem}");
         }
         etcd_client_files(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_leaf_left_from_another_ca_is_refused_like_kubeadm() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = NodeNames {
+            node_name: "ip-10-0-0-2".into(),
+            advertise: "127.0.0.8".parse().unwrap(),
+            api_sans: vec![],
+        };
+        ensure_authorities(dir.path()).unwrap();
+        ensure_leaves(dir.path(), &names).unwrap();
+        let leaf = std::fs::read_to_string(dir.path().join("etcd/server.crt")).unwrap();
+        let ca = std::fs::read_to_string(dir.path().join("etcd/ca.crt")).unwrap();
+        assert!(signed_by(&leaf, &ca));
+        ensure_leaves(dir.path(), &names).unwrap();
+        // A new etcd CA (another cluster's, downloaded over the leftovers).
+        let (other, other_key) = generate_ca(ETCD_CA).unwrap();
+        write_file(&dir.path().join("etcd/ca.crt"), other.as_bytes(), 0o644).unwrap();
+        write_file(&dir.path().join("etcd/ca.key"), other_key.as_bytes(), 0o600).unwrap();
+        assert!(!signed_by(&leaf, &other));
+        let err = ensure_leaves(dir.path(), &names).unwrap_err();
+        assert!(err.contains("is not signed by corresponding CA"), "{err}");
     }
 }
