@@ -447,6 +447,37 @@ impl SimCluster {
             .expect("leader lock")
     }
 
+    /// Publishes the cluster's current join material again as already
+    /// expired (token and uploaded certificates), as the leader `owner`, so
+    /// the next leader turn refreshes it; returns the version published.
+    pub async fn expire_join_material(&self, owner: &str) -> String {
+        let registry = self.registry().await;
+        let pointer = registry
+            .join_pointer()
+            .await
+            .expect("pointer")
+            .expect("published");
+        let store = self.join_store().await;
+        let material = store.read(&pointer).await.expect("material");
+        let past = SystemTime::now() - Duration::from_secs(60);
+        let guard = self.leader_lock(owner).await;
+        let expired = store
+            .publish(
+                &registry,
+                &guard,
+                &kubeboot::join_material::JoinMaterial {
+                    token_expires_at: past,
+                    certs_expire_at: Some(past),
+                    ..material
+                },
+                SystemTime::now(),
+            )
+            .await
+            .expect("publish expired material");
+        guard.release().await.expect("release");
+        expired.secret_version
+    }
+
     /// How the harness reaches the cluster's etcd: https, as every control
     /// plane does, with a copy of a control plane's etcd client identity
     /// (taken once, so it outlives that node's reset or death).

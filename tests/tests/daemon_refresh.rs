@@ -3,10 +3,9 @@
 //! refresh the leader makes; SIGTERM stops the daemon cleanly and releases
 //! the leader lock.
 
-use kubeboot::join_material::JoinMaterial;
 use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
 use std::process::Stdio;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 async fn sigterm_and_wait(child: &mut tokio::process::Child) -> (Option<i32>, String) {
     let pid = child.id().expect("daemon pid") as i32;
@@ -54,22 +53,7 @@ async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_
     assert!(sim
         .kubeapi
         .delete_object("/api/v1/namespaces/kube-system/secrets/kubeadm-certs"));
-    let past = SystemTime::now() - Duration::from_secs(60);
-    let guard = sim.leader_lock("i-old-leader").await;
-    let expired = store
-        .publish(
-            &registry,
-            &guard,
-            &JoinMaterial {
-                token_expires_at: past,
-                certs_expire_at: Some(past),
-                ..old.clone()
-            },
-            SystemTime::now(),
-        )
-        .await
-        .expect("publish expired");
-    guard.release().await.expect("release");
+    let expired = sim.expire_join_material("i-old-leader").await;
 
     // Node 0's daemon leads; node 1 (control plane) and node 2 (worker) boot.
     let mut daemon = sim
@@ -85,7 +69,7 @@ async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_
         .await
         .expect("pointer")
         .expect("published");
-    assert_ne!(now.secret_version, expired.secret_version, "fresh material");
+    assert_ne!(now.secret_version, expired, "fresh material");
     let fresh = store.read(&now).await.expect("fresh material");
     assert_ne!(fresh.token, old.token);
     assert_ne!(fresh.certificate_key, old.certificate_key);

@@ -3,13 +3,12 @@
 //! restarts, configuration errors, the daemon's watchdog, and a worker's
 //! bootstrap end to end. Needs root, like the machine.
 
-use kubeboot::join_material::JoinMaterial;
 use kubeboot_tests::machine::{Machine, Options};
 use kubeboot_tests::process::pid_alive;
 use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
 use kubeboot_tests::standin;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 const BOOTSTRAP: &str = "kubeboot-bootstrap.service";
 const DAEMON: &str = "kubeboot.service";
@@ -82,6 +81,13 @@ fn install_control_plane_units(machine: &Machine, sim: &SimCluster) {
         standin_environment(sim),
         standin::ALLOW_SYSTEM_PATHS_ENV
     );
+    install_units(machine, &standin, "");
+}
+
+/// Installs both repo units with the test's drop-ins: `standin` (the
+/// stand-in's knobs) for both, and for the daemon a one-second period,
+/// a quick restart and `daemon_extra`.
+fn install_units(machine: &Machine, standin: &str, daemon_extra: &str) {
     machine.install_repo_unit(BOOTSTRAP);
     machine.install_repo_unit(DAEMON);
     machine.install_drop_in(BOOTSTRAP, "test", &format!("[Service]\n{standin}"));
@@ -90,7 +96,7 @@ fn install_control_plane_units(machine: &Machine, sim: &SimCluster) {
         "test",
         &format!(
             "[Service]\nRestartSec=1s\n{standin}\
-             Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n"
+             Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n{daemon_extra}"
         ),
     );
 }
@@ -395,23 +401,12 @@ async fn the_daemon_runs_under_its_unit_and_systemd_restarts_it_when_a_loop_hang
     let sim = SimCluster::start(1, 0).await;
     assert_ok(&sim.bootstrap(&[0]).await);
     let machine = sim_machine(&sim, &machine_config(&sim, 0, false));
-    machine.install_repo_unit(BOOTSTRAP);
-    machine.install_repo_unit(DAEMON);
     // Bootstrap already ran (outside): its checkpoint says done.
-    machine.install_drop_in(
-        BOOTSTRAP,
-        "test",
-        &format!("[Service]\n{}", standin_environment(&sim)),
-    );
-    machine.install_drop_in(
-        DAEMON,
-        "test",
-        &format!(
-            "[Service]\nWatchdogSec=3s\nRestartSec=1s\n{}\
-             Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n\
-             Environment=KUBEBOOT_DAEMON_WATCHDOG_STALL=6s KUBEBOOT_TIMEOUTS_DRAIN=5s\n",
-            standin_environment(&sim)
-        ),
+    install_units(
+        &machine,
+        &standin_environment(&sim),
+        "WatchdogSec=3s\n\
+         Environment=KUBEBOOT_DAEMON_WATCHDOG_STALL=6s KUBEBOOT_TIMEOUTS_DRAIN=5s\n",
     );
     machine.systemctl_ok(&["start", "--no-block", DAEMON]);
     let healthy = machine.wait_until(DAEMON, Duration::from_secs(60), |active, _| {
@@ -691,37 +686,6 @@ async fn a_control_plane_join_killed_after_kubeadm_is_converged_by_systemd_witho
     assert_voters(&sim, &[0, 1], 2).await;
 }
 
-/// Publishes the cluster's join material again as already expired (token
-/// and certificates), so the leader refreshes it on its next turn; returns
-/// the version published.
-async fn expire_join_material(sim: &SimCluster) -> String {
-    let registry = sim.registry().await;
-    let pointer = registry
-        .join_pointer()
-        .await
-        .expect("pointer")
-        .expect("published");
-    let store = sim.join_store().await;
-    let material = store.read(&pointer).await.expect("material");
-    let past = SystemTime::now() - Duration::from_secs(60);
-    let guard = sim.leader_lock("i-harness").await;
-    let expired = store
-        .publish(
-            &registry,
-            &guard,
-            &JoinMaterial {
-                token_expires_at: past,
-                certs_expire_at: Some(past),
-                ..material
-            },
-            SystemTime::now(),
-        )
-        .await
-        .expect("publish expired material");
-    guard.release().await.expect("release");
-    expired.secret_version
-}
-
 /// The leader under the real kubeboot.service refreshes join material:
 /// `kubeadm token create` and `init phase upload-certs` find the node's
 /// address over netlink (the agent's configs for them name none), which
@@ -732,27 +696,12 @@ async fn the_leader_refreshes_join_material_under_its_unit_and_not_without_af_ne
     let sim = SimCluster::start(1, 0).await;
     assert_ok(&sim.bootstrap(&[0]).await);
     let machine = sim_machine(&sim, &machine_config(&sim, 0, false));
-    machine.install_repo_unit(BOOTSTRAP);
-    machine.install_repo_unit(DAEMON);
-    machine.install_drop_in(
-        BOOTSTRAP,
-        "test",
-        &format!("[Service]\n{}", standin_environment(&sim)),
-    );
-    machine.install_drop_in(
-        DAEMON,
-        "test",
-        &format!(
-            "[Service]\nRestartSec=1s\n{}\
-             Environment=KUBEBOOT_DAEMON_PERIOD=1s KUBEBOOT_DAEMON_JITTER=0s\n",
-            standin_environment(&sim)
-        ),
-    );
+    install_units(&machine, &standin_environment(&sim), "");
     let registry = sim.registry().await;
     let version = |p: Option<kubeboot::registry::JoinPointer>| p.expect("published").secret_version;
 
     // As shipped (AF_NETLINK allowed): refreshed.
-    let expired = expire_join_material(&sim).await;
+    let expired = sim.expire_join_material("i-harness").await;
     machine.systemctl_ok(&["start", "--no-block", DAEMON]);
     let published = wait_journal(
         &machine,
@@ -781,7 +730,7 @@ async fn the_leader_refreshes_join_material_under_its_unit_and_not_without_af_ne
         "no-netlink",
         "[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n",
     );
-    let expired = expire_join_material(&sim).await;
+    let expired = sim.expire_join_material("i-harness").await;
     machine.systemctl_ok(&["start", "--no-block", DAEMON]);
     let failed = wait_journal(
         &machine,
