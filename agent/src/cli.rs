@@ -31,9 +31,17 @@ Exit codes:
   1  failure that a retry or restart may fix (AWS, etcd, kubeadm, instance metadata)
   2  configuration or usage error: fix the input; systemd does not restart on it";
 
+/// `--version`: a test build (failpoints compiled in) says so, so an image
+/// that ships one by mistake is caught by looking.
+const VERSION: &str = if crate::failpoint::COMPILED_IN {
+    concat!(env!("CARGO_PKG_VERSION"), " (test build: failpoints compiled in)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// `kubeboot` command line.
 #[derive(Debug, Parser)]
-#[command(name = "kubeboot", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+#[command(name = "kubeboot", version = VERSION, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Configuration file; drop-ins are read from config.d/*.toml beside it.
     #[arg(long, global = true, env = "KUBEBOOT_CONFIG", value_name = "PATH", default_value = config::DEFAULT_PATH)]

@@ -1,10 +1,18 @@
 //! Test failpoints: `KBTEST_CRASH_AT=<name>` aborts the process at the named
 //! point (no destructors, like kill -9), so the crash-matrix tests can stop
-//! bootstrap and the daemon at every step. Unset in production, where a
-//! point costs one environment lookup. `KBTEST_STALL_AT=<name>` hangs a
+//! bootstrap and the daemon at every step. `KBTEST_STALL_AT=<name>` hangs a
 //! loop forever at the named point instead (the watchdog test).
+//!
+//! They exist only with the `failpoints` cargo feature, which the test crate
+//! enables: the shipped binary (`cargo build --release -p kubeboot`) compiles
+//! every point to nothing, so no environment variable on a node can crash or
+//! hang it.
 
-/// Aborts the process if `KBTEST_CRASH_AT` names this point.
+/// Whether this build honours the failpoint variables (test builds only).
+pub const COMPILED_IN: bool = cfg!(feature = "failpoints");
+
+/// Aborts the process if `KBTEST_CRASH_AT` names this point (test builds).
+#[cfg(feature = "failpoints")]
 pub fn crash_point(name: &str) {
     if std::env::var("KBTEST_CRASH_AT").is_ok_and(|at| at == name) {
         tracing::warn!(crash_point = name, "crashing on purpose (KBTEST_CRASH_AT)");
@@ -12,12 +20,23 @@ pub fn crash_point(name: &str) {
     }
 }
 
+/// A crash point in a shipped build: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn crash_point(_name: &str) {}
+
 /// Never returns if `KBTEST_STALL_AT` names this point: the loop hangs the
 /// way a deadlock or a call without a timeout would, so the watchdog test
-/// can see the watchdog trip.
+/// can see the watchdog trip (test builds).
+#[cfg(feature = "failpoints")]
 pub async fn stall_point(name: &str) {
     if std::env::var("KBTEST_STALL_AT").is_ok_and(|at| at == name) {
         tracing::warn!(stall_point = name, "stalling on purpose (KBTEST_STALL_AT)");
         std::future::pending::<()>().await;
     }
 }
+
+/// A stall point in a shipped build: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub async fn stall_point(_name: &str) {}

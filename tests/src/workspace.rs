@@ -67,8 +67,31 @@ pub fn kubeboot_bin() -> PathBuf {
              (tests would otherwise run yesterday's agent)",
             path.display()
         );
+        assert_test_build(&path);
     }
     path
+}
+
+/// The crash and stall points exist only in a build with the `failpoints`
+/// feature, which building the workspace enables. `cargo build -p kubeboot`
+/// or `cargo test -p kubeboot` alone rebuild the binary without it, and the
+/// crash-matrix tests would then wait for crashes that never come.
+fn assert_test_build(path: &Path) {
+    static CHECKED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let version = CHECKED.get_or_init(|| {
+        std::process::Command::new(path)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    });
+    assert!(
+        version.contains("failpoints compiled in"),
+        "agent binary {} is not a test build ({:?}): run `cargo build --workspace --bins` \
+         (a package-only build leaves out the failpoints the tests use)",
+        path.display(),
+        version.trim()
+    );
 }
 
 fn modified(path: &Path) -> std::time::SystemTime {
