@@ -34,7 +34,10 @@ Exit codes:
 /// `--version`: a test build (failpoints compiled in) says so, so an image
 /// that ships one by mistake is caught by looking.
 const VERSION: &str = if crate::failpoint::COMPILED_IN {
-    concat!(env!("CARGO_PKG_VERSION"), " (test build: failpoints compiled in)")
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (test build: failpoints compiled in)"
+    )
 } else {
     env!("CARGO_PKG_VERSION")
 };

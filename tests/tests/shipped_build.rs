@@ -13,12 +13,24 @@ use std::process::Command;
 fn the_shipped_package_build_has_no_failpoints() {
     let tree = |package: &str| {
         let out = Command::new(env!("CARGO"))
-            .args(["tree", "--offline", "--locked", "-e", "features", "--prefix", "none"])
+            .args([
+                "tree",
+                "--offline",
+                "--locked",
+                "-e",
+                "features",
+                "--prefix",
+                "none",
+            ])
             .args(["-p", package, "-i", "kubeboot"])
             .current_dir(workspace_root())
             .output()
             .expect("cargo tree runs");
-        assert!(out.status.success(), "cargo tree: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cargo tree: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let shipped = tree("kubeboot");
@@ -37,10 +49,16 @@ fn the_shipped_package_build_has_no_failpoints() {
 /// image by mistake is caught by `kubeboot --version`.
 #[test]
 fn a_test_build_says_so_in_its_version() {
-    let out = Command::new(kubeboot_bin()).arg("--version").output().expect("kubeboot runs");
+    let out = Command::new(kubeboot_bin())
+        .arg("--version")
+        .output()
+        .expect("kubeboot runs");
     assert!(out.status.success());
     let version = String::from_utf8_lossy(&out.stdout);
-    assert!(version.contains("test build: failpoints compiled in"), "{version}");
+    assert!(
+        version.contains("test build: failpoints compiled in"),
+        "{version}"
+    );
 }
 
 /// No code outside the failpoint module reads a `KBTEST_` variable: every
@@ -55,8 +73,7 @@ fn only_the_failpoint_module_reads_test_variables() {
             let path = entry.expect("dir entry").path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs")
-                && !path.ends_with("failpoint.rs")
+            } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("failpoint.rs")
             {
                 let text = std::fs::read_to_string(&path).expect("source is readable");
                 for (n, line) in text.lines().enumerate() {
@@ -68,5 +85,9 @@ fn only_the_failpoint_module_reads_test_variables() {
             }
         }
     }
-    assert!(offenders.is_empty(), "test variables read outside failpoint.rs:\n{}", offenders.join("\n"));
+    assert!(
+        offenders.is_empty(),
+        "test variables read outside failpoint.rs:\n{}",
+        offenders.join("\n")
+    );
 }
