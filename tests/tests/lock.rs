@@ -531,8 +531,10 @@ async fn join_material_becomes_current_only_through_a_fenced_pointer() {
     let fx = Fixture::new().await;
     let registry = fx.registry();
     assert_eq!(registry.join_pointer().await.expect("read"), None);
-    let pointer = |version: &str| registry::JoinPointer {
+    let pointer = |version: &str, seq: u64| registry::JoinPointer {
         secret_version: version.into(),
+        key_version: None,
+        seq,
         endpoint: "api:6443".into(),
         ca_cert_hashes: vec![format!("sha256:{}", "ab".repeat(32))],
         token_expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
@@ -545,12 +547,12 @@ async fn join_material_becomes_current_only_through_a_fenced_pointer() {
         .await
         .expect("acquire");
     registry
-        .publish_join(&old, &pointer("v1"))
+        .publish_join(&old, &pointer("v1", 1))
         .await
         .expect("publish v1");
     assert_eq!(
         registry.join_pointer().await.expect("read"),
-        Some(pointer("v1"))
+        Some(pointer("v1", 1))
     );
     // The old holder is frozen and loses the lock; the new holder publishes v2.
     let stale = old.fence().expect("held");
@@ -561,13 +563,15 @@ async fn join_material_becomes_current_only_through_a_fenced_pointer() {
         .await
         .expect("takeover");
     registry
-        .publish_join(&new, &pointer("v2"))
+        .publish_join(&new, &pointer("v2", 2))
         .await
         .expect("publish v2");
     // The frozen holder's late pointer write (its secret version "v0") is refused.
     let raw = DynamoRegistryStore::new(fx.client.clone(), &fx.table, &fx.cluster);
     assert_eq!(
-        raw.put_join(stale, &pointer("v0")).await.expect("answer"),
+        raw.put_join(stale, &pointer("v0", 3))
+            .await
+            .expect("answer"),
         WriteResult::FenceRejected
     );
     assert_eq!(
@@ -636,4 +640,191 @@ async fn a_takeover_needs_the_record_version_it_watched() {
     );
     assert!(guard.is_held());
     guard.release().await.expect("release");
+}
+
+/// A store whose renewals and reads hang for good once `stuck` is set (a
+/// connection that stopped answering under one loop of the daemon); calls
+/// started after `stuck` is cleared go through.
+struct StuckCalls {
+    inner: DynamoLockStore,
+    stuck: AtomicBool,
+}
+
+impl StuckCalls {
+    async fn hang_if_stuck(&self) {
+        if self.stuck.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl LockStore for StuckCalls {
+    async fn acquire_free(
+        &self,
+        p: Purpose,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.acquire_free(p, c).await
+    }
+    async fn take_over(
+        &self,
+        p: Purpose,
+        o: &str,
+        c: &Claim<'_>,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.take_over(p, o, c).await
+    }
+    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
+        self.hang_if_stuck().await;
+        self.inner.read(p).await
+    }
+    async fn heartbeat(
+        &self,
+        p: Purpose,
+        owner: &str,
+        old: &str,
+        new: &str,
+        wall: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.hang_if_stuck().await;
+        self.inner.heartbeat(p, owner, old, new, wall).await
+    }
+    async fn release(
+        &self,
+        p: Purpose,
+        owner: &str,
+        rvn: &str,
+        wall: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.inner.release(p, owner, rvn, wall).await
+    }
+    async fn force_release(
+        &self,
+        p: Purpose,
+        o: &str,
+        wall: SystemTime,
+    ) -> Result<Option<LockItem>, StoreError> {
+        self.inner.force_release(p, o, wall).await
+    }
+}
+
+/// The daemon's leader loop and its reconciler share one owner. The leader
+/// loop's calls hang past its lease, the reconciler takes the membership lock
+/// over, and then the leader loop gets to release its (lost) guard: that
+/// release is refused and must stay refused, not free the reconciler's lock.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_release_never_frees_the_lock_another_loop_of_the_same_process_took() {
+    let fx = Fixture::new().await;
+    let owner = Owner::new("i-00000000000000001");
+    let leader_store = Arc::new(StuckCalls {
+        inner: (*fx.store()).clone(),
+        stuck: AtomicBool::new(false),
+    });
+    let leader_loop = Locker::new(
+        leader_store.clone(),
+        owner.clone(),
+        settings(SystemTime::now),
+    );
+    let reconciler_loop = Locker::new(fx.store(), owner.clone(), settings(SystemTime::now));
+
+    let stale = leader_loop
+        .acquire(Purpose::Membership)
+        .await
+        .expect("leader loop acquires");
+    let stale_fence = stale.fence().expect("held").value;
+    leader_store.stuck.store(true, Ordering::SeqCst);
+    let taken = reconciler_loop
+        .acquire(Purpose::Membership)
+        .await
+        .expect("the reconciler takes the silent lease over");
+    let fence = taken.fence().expect("held").value;
+    assert_eq!(fence, stale_fence + 1);
+    leader_store.stuck.store(false, Ordering::SeqCst);
+
+    stale
+        .release()
+        .await
+        .expect("releasing a lock that is no longer ours is not an error");
+    let item = fx
+        .store()
+        .read(Purpose::Membership)
+        .await
+        .expect("read")
+        .expect("item");
+    assert!(
+        !item.released,
+        "the stale guard (fence {stale_fence}) released the lock held by the other loop (fence {fence}): {item:?}"
+    );
+    assert_eq!(item.fence, fence);
+    assert!(taken.is_held());
+    // Nobody else gets in while the reconciler holds it.
+    assert!(fx
+        .locker("i-00000000000000002")
+        .try_acquire(Purpose::Membership)
+        .await
+        .expect("answer")
+        .is_none());
+    taken.release().await.expect("release");
+}
+
+/// The reconciler only ever calls `try_acquire`, once per turn. After the
+/// holder crashed (no renewal, no release), a later turn must take the lease
+/// over once it stood still for lease + margin on the reconciler's clock; a
+/// live holder is never taken over, and no turn blocks for a lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn try_acquire_takes_over_a_crashed_holders_lease_on_a_later_turn_but_never_a_live_one() {
+    let fx = Fixture::new().await;
+    let holder = fx.locker("i-00000000000000001");
+    let reconciler = fx.locker("i-00000000000000002");
+    let turn = Duration::from_millis(500);
+    let guard = holder
+        .acquire(Purpose::Membership)
+        .await
+        .expect("holder acquires");
+
+    let live_until = Instant::now() + 2 * (LEASE + MARGIN);
+    while Instant::now() < live_until {
+        let started = Instant::now();
+        let got = reconciler
+            .try_acquire(Purpose::Membership)
+            .await
+            .expect("answer");
+        assert!(got.is_none(), "took a live holder's lock: {got:?}");
+        assert!(
+            started.elapsed() < LEASE / 3,
+            "try_acquire blocked for {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(turn).await;
+    }
+    assert!(guard.is_held());
+
+    drop(guard); // crash: renewals stop, nothing is released
+    let crashed = Instant::now();
+    let taken = loop {
+        let started = Instant::now();
+        let got = reconciler
+            .try_acquire(Purpose::Membership)
+            .await
+            .expect("answer");
+        assert!(started.elapsed() < LEASE / 3, "try_acquire blocked");
+        if let Some(g) = got {
+            break g;
+        }
+        assert!(
+            crashed.elapsed() < 3 * (LEASE + MARGIN),
+            "the reconciler's try_acquire never took over the crashed holder's lease ({:?} after the crash)",
+            crashed.elapsed()
+        );
+        tokio::time::sleep(turn).await;
+    };
+    let took = crashed.elapsed();
+    println!("try_acquire took over {took:?} after the crash");
+    assert!(took >= LEASE, "took over after {took:?}, before one lease");
+    assert!(
+        took <= LEASE + MARGIN + 2 * turn + Duration::from_millis(500),
+        "took {took:?}"
+    );
+    assert_eq!(taken.fence().expect("held").value, 2);
+    taken.release().await.expect("release");
 }

@@ -275,3 +275,57 @@ async fn a_release_racing_an_in_flight_renewal_still_frees_the_lock() {
     );
     assert_eq!(gb.fence().expect("held").value, 2);
 }
+
+/// The reconciler's turns call `try_acquire` every 10 s. While the holder
+/// lives they never get the lock; once it crashed, the first turn at least
+/// lease + margin after a turn first saw its last record version takes over.
+#[tokio::test(start_paused = true)]
+async fn try_acquire_remembers_a_silent_holder_across_turns_and_takes_over_after_lease_and_margin()
+{
+    let store = MemStore::new(1, Faults::none());
+    let holder = Locker::new(store.handle("A"), Owner::new("i-a"), settings());
+    let reconciler = Locker::new(store.handle("R"), Owner::new("i-r"), settings());
+    let turn = Duration::from_secs(10);
+    let guard = holder
+        .acquire(Purpose::Membership)
+        .await
+        .expect("A acquires");
+    for _ in 0..30 {
+        let got = reconciler
+            .try_acquire(Purpose::Membership)
+            .await
+            .expect("answer");
+        assert!(got.is_none(), "a live holder was taken over");
+        tokio::time::sleep(turn).await;
+    }
+    assert!(guard.is_held());
+    drop(guard);
+    let crashed = tokio::time::Instant::now();
+    let mut turns = 0;
+    let taken = loop {
+        turns += 1;
+        if let Some(g) = reconciler
+            .try_acquire(Purpose::Membership)
+            .await
+            .expect("answer")
+        {
+            break g;
+        }
+        assert!(
+            turns < 30,
+            "after {turns} turns ({:?}) try_acquire has not taken over the crashed holder's lease",
+            crashed.elapsed()
+        );
+        tokio::time::sleep(turn).await;
+    };
+    let took = crashed.elapsed();
+    // The holder's last renewal was sent up to lease / 3 before the crash,
+    // and a turn can have seen it then; the takeover comes at the first turn
+    // lease + margin after a turn first saw it.
+    assert!(
+        took >= LEASE + MARGIN - LEASE / 3,
+        "took over after {took:?}"
+    );
+    assert!(took <= LEASE + MARGIN + turn, "took over after {took:?}");
+    assert_eq!(taken.fence().expect("held").value, 2);
+}

@@ -23,6 +23,7 @@
 pub mod dynamo;
 
 use serde::Serialize;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -274,6 +275,11 @@ pub struct Locker<S> {
     store: Arc<S>,
     owner: Owner,
     settings: Settings,
+    /// What [`Locker::try_acquire`] has seen of each lock's holder, kept
+    /// across calls: a caller that never waits (the reconciler, once per
+    /// turn) can only take over a dead holder's lease by remembering since
+    /// when its record version stood still.
+    observed: Mutex<HashMap<Purpose, Watch>>,
 }
 
 impl<S: LockStore> Locker<S> {
@@ -282,6 +288,7 @@ impl<S: LockStore> Locker<S> {
             store,
             owner,
             settings,
+            observed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -326,9 +333,28 @@ impl<S: LockStore> Locker<S> {
         }
     }
 
-    /// One attempt without waiting: the guard if the lock was free, else `None`.
+    /// One attempt without waiting: the guard if the lock was free, or if
+    /// its holder's record version has stood still for lease + margin since
+    /// an earlier call first saw it (on our monotonic clock); else `None`.
     pub async fn try_acquire(&self, purpose: Purpose) -> Result<Option<Guard>, Error> {
-        self.attempt(purpose, &mut Watch::default()).await
+        let mut watch = self.observed().get(&purpose).cloned().unwrap_or_default();
+        let result = self.attempt(purpose, &mut watch).await;
+        match &result {
+            Ok(None) => {
+                self.observed().insert(purpose, watch);
+            }
+            // Ours now, or the store failed for good: start afresh next time.
+            _ => {
+                self.observed().remove(&purpose);
+            }
+        }
+        result
+    }
+
+    fn observed(&self) -> std::sync::MutexGuard<'_, HashMap<Purpose, Watch>> {
+        self.observed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Claims the lock if free, or takes it over if the holder's record version
@@ -459,7 +485,7 @@ impl<S: LockStore> Locker<S> {
 }
 
 /// What a waiter has seen of the holder, on its own monotonic clock.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Watch {
     /// Record version, the holder's lease, and when we first saw that version.
     seen: Option<(String, Duration, Instant)>,
@@ -713,7 +739,9 @@ impl Guard {
         self.settings_lease
     }
 
-    /// Stops renewing and releases the lock (conditioned on still holding it).
+    /// Stops renewing and releases the lock, conditioned on this guard's own
+    /// acquisition: the owner is per process and the daemon's loops share
+    /// it, so only the fence tells this guard's hold from another loop's.
     pub async fn release(self) -> Result<(), Error> {
         self.heartbeat.abort();
         let rvn = {
@@ -727,7 +755,9 @@ impl Guard {
         let wall = (self.wall_clock)();
         // A renewal already in flight when we stopped the heartbeat can land
         // after this and move the record version: read back and release
-        // again with what is there, while the record is still ours.
+        // again with what is there, while the record is still this guard's
+        // (our owner *and* our fence: a takeover, even by another loop of
+        // this process, bumps the fence).
         let mut rvn = rvn;
         let mut last_error = None;
         for _ in 0..3 {
@@ -746,7 +776,11 @@ impl Guard {
                 Err(e) => last_error = Some(e),
             }
             match self.release.read().await {
-                Ok(Some(item)) if item.owner == self.owner && !item.released => rvn = item.rvn,
+                Ok(Some(item))
+                    if item.owner == self.owner && item.fence == self.fence && !item.released =>
+                {
+                    rvn = item.rvn
+                }
                 Ok(_) => return Ok(()),
                 Err(e) => last_error = Some(e),
             }
