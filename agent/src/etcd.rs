@@ -3,9 +3,13 @@
 //!
 //! A member is *confirmed* only when etcd itself reports it started (it has
 //! a name and client URLs — an added-but-never-started member has neither),
-//! voting (not a learner) and healthy (its own endpoint answers). What must be
-//! cleaned up before a join (I3) is decided by a pure function over the
-//! member list and health, so every case is unit-tested.
+//! voting (not a learner) and healthy. *Healthy* is more than "its endpoint
+//! answered Status" (a member cut off from the others still answers): it
+//! also sees a leader, reports no raft error, and the cluster has no active
+//! alarm (NOSPACE or CORRUPT stop every write, whichever member raised it);
+//! [`judge`] decides that. What must be cleaned up before a join (I3) is
+//! decided by a pure function over the member list and health, so every
+//! case is unit-tested.
 
 use crate::config::model::EtcdScheme;
 use crate::retry::{self, Classify, RetryClass, WaitPolicy};
@@ -38,16 +42,62 @@ impl Member {
     }
 }
 
-/// A member and whether its own endpoint answered.
+/// A member and whether it is healthy ([`judge`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Health {
     pub member: Member,
     pub healthy: bool,
+    /// Why it is not healthy: no answer, no leader, a raft error, an alarm.
     pub error: Option<String>,
     /// The member's backend size, when it answered.
     pub db_size: Option<i64>,
     /// The leader id as this member sees it (0: none), when it answered.
     pub leader: Option<u64>,
+}
+
+/// An active cluster alarm, as the Alarm API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Alarm {
+    /// The member that raised it.
+    pub member_id: u64,
+    /// `NOSPACE`, `CORRUPT` (etcd's names).
+    pub kind: String,
+}
+
+impl Alarm {
+    /// What the alarm means and what the operator does about it.
+    fn describe(&self) -> String {
+        let what = match self.kind.as_str() {
+            "NOSPACE" => "the backend reached its quota and etcd accepts no writes:                 free space (`etcdctl compact` to the current revision, then `etcdctl defrag`                 on every member) or raise --quota-backend-bytes, then `etcdctl alarm disarm`",
+            "CORRUPT" => "a member's data differs from the others' and etcd refuses requests:                 replace or restore that member from a snapshot, then `etcdctl alarm disarm`",
+            _ => "`etcdctl alarm list` shows it; clear its cause, then `etcdctl alarm disarm`",
+        };
+        format!(
+            "etcd alarm {} is active (raised by member {:016x}): {what}",
+            self.kind, self.member_id
+        )
+    }
+}
+
+/// Whether a member that answered Status is healthy: it sees a leader, it
+/// reports no raft error, and no alarm is active in the cluster. `Err` names
+/// the first condition that fails, alarms first (they say what to do).
+pub fn judge(leader: u64, errors: &[String], alarms: &[Alarm]) -> Result<(), String> {
+    if let Some(alarm) = alarms.first() {
+        let more = alarms.len() - 1;
+        return Err(if more == 0 {
+            alarm.describe()
+        } else {
+            format!("{} (and {more} more alarm(s))", alarm.describe())
+        });
+    }
+    if leader == 0 {
+        return Err("no leader (Status.leader = 0): it cannot reach a quorum of its peers".into());
+    }
+    if !errors.is_empty() {
+        return Err(format!("raft errors: {}", errors.join("; ")));
+    }
+    Ok(())
 }
 
 /// How to reach etcd.
@@ -319,9 +369,46 @@ impl Etcd {
             .collect())
     }
 
-    /// Asks every started member's own endpoint for its status.
+    /// The cluster's active alarms. A failed list is an empty one (logged):
+    /// the list goes through raft, so it fails when there is no leader, and
+    /// each member's Status then says so; Status also carries the alarms
+    /// the member knows of, among its errors.
+    pub async fn alarms(&self) -> Vec<Alarm> {
+        let answer = self
+            .on_any_member("alarm list", |mut client| async move {
+                client
+                    .alarm(
+                        etcd_client::AlarmAction::Get,
+                        etcd_client::AlarmType::None,
+                        None,
+                    )
+                    .await
+            })
+            .await;
+        match answer {
+            Ok(resp) => resp
+                .alarms()
+                .iter()
+                .filter(|a| a.alarm() != etcd_client::AlarmType::None)
+                .map(|a| Alarm {
+                    member_id: a.member_id(),
+                    kind: a.alarm().as_str_name().to_string(),
+                })
+                .collect(),
+            Err(f) => {
+                tracing::warn!(error = %f, "cannot list etcd alarms; judging health by each member's status");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Asks every started member's own endpoint for its status, and the
+    /// cluster for its alarms, and judges each member ([`judge`]). Alarms are
+    /// listed only when some member sees a leader: without one the list
+    /// cannot answer, and every member is unhealthy anyway.
     pub async fn health(&self, members: &[Member]) -> Vec<Health> {
         let mut out = Vec::new();
+        let mut statuses = Vec::new();
         for m in members {
             let mut health = Health {
                 member: m.clone(),
@@ -330,19 +417,31 @@ impl Etcd {
                 db_size: None,
                 leader: None,
             };
+            let mut status = None;
             if !m.is_started() {
                 health.error = Some("never started (no name, no client URLs)".to_string());
             } else {
                 match self.status_of(&m.client_urls).await {
-                    Ok(status) => {
-                        health.healthy = true;
-                        health.db_size = Some(status.db_size());
-                        health.leader = Some(status.leader());
+                    Ok(s) => {
+                        health.db_size = Some(s.db_size());
+                        health.leader = Some(s.leader());
+                        status = Some(s);
                     }
                     Err(e) => health.error = Some(e.to_string()),
                 }
             }
             out.push(health);
+            statuses.push(status);
+        }
+        let led = statuses.iter().flatten().any(|s| s.leader() != 0);
+        let alarms = if led { self.alarms().await } else { Vec::new() };
+        for (health, status) in out.iter_mut().zip(&statuses) {
+            if let Some(status) = status {
+                match judge(status.leader(), status.errors(), &alarms) {
+                    Ok(()) => health.healthy = true,
+                    Err(why) => health.error = Some(why),
+                }
+            }
         }
         out
     }
@@ -468,9 +567,16 @@ impl Etcd {
         if member.is_learner {
             return Err(not("still a learner"));
         }
-        self.status_of(&member.client_urls)
+        let status = self
+            .status_of(&member.client_urls)
             .await
             .map_err(|e| not(&format!("its endpoint does not answer: {e}")))?;
+        let alarms = if status.leader() != 0 {
+            self.alarms().await
+        } else {
+            Vec::new()
+        };
+        judge(status.leader(), status.errors(), &alarms).map_err(|why| not(&why))?;
         Ok(member.clone())
     }
 }
@@ -540,7 +646,7 @@ pub enum Stale {
 /// other than our own leftover must be started and healthy.
 pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(), String>) {
     let mut stale = Vec::new();
-    let mut unhealthy = Vec::new();
+    let mut unhealthy: Vec<(&str, Vec<String>)> = Vec::new();
     for h in health {
         let m = &h.member;
         if m.peer_urls.iter().any(|u| u == own_peer_url) {
@@ -548,22 +654,31 @@ pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(
         } else if m.is_learner && !m.is_started() {
             stale.push(Stale::OrphanLearner(m.clone()));
         } else if !h.healthy {
-            unhealthy.push(format!(
-                "{} ({}): {}",
+            let who = format!(
+                "{} ({})",
                 m.hex_id(),
                 if m.name.is_empty() {
                     "unnamed"
                 } else {
                     &m.name
-                },
-                h.error.as_deref().unwrap_or("unhealthy")
-            ));
+                }
+            );
+            // Members with one reason (a cluster-wide alarm) share one line.
+            let why = h.error.as_deref().unwrap_or("unhealthy");
+            match unhealthy.iter_mut().find(|(w, _)| *w == why) {
+                Some((_, names)) => names.push(who),
+                None => unhealthy.push((why, vec![who])),
+            }
         }
     }
     let ready = if unhealthy.is_empty() {
         Ok(())
     } else {
-        Err(format!("unhealthy members: {}", unhealthy.join("; ")))
+        let lines: Vec<String> = unhealthy
+            .iter()
+            .map(|(why, names)| format!("{}: {why}", names.join(", ")))
+            .collect();
+        Err(format!("unhealthy members: {}", lines.join("; ")))
     };
     (stale, ready)
 }
@@ -726,6 +841,63 @@ mod tests {
         let reason = ready.unwrap_err();
         assert!(
             reason.contains("0000000000000002 (b): connection refused"),
+            "{reason}"
+        );
+    }
+
+    fn alarm(member_id: u64, kind: &str) -> Alarm {
+        Alarm {
+            member_id,
+            kind: kind.into(),
+        }
+    }
+
+    #[test]
+    fn answering_status_is_not_enough_to_be_healthy() {
+        assert_eq!(judge(7, &[], &[]), Ok(()));
+        let no_leader = judge(0, &[], &[]).unwrap_err();
+        assert!(no_leader.starts_with("no leader"), "{no_leader}");
+        let raft = judge(7, &["etcdserver: no leader".into()], &[]).unwrap_err();
+        assert_eq!(raft, "raft errors: etcdserver: no leader");
+    }
+
+    #[test]
+    fn an_alarm_anywhere_makes_every_member_unhealthy_and_says_what_to_do() {
+        let nospace = judge(7, &[], &[alarm(0xa, "NOSPACE")]).unwrap_err();
+        assert!(
+            nospace.starts_with("etcd alarm NOSPACE is active (raised by member 000000000000000a)"),
+            "{nospace}"
+        );
+        for what in ["compact", "defrag", "--quota-backend-bytes", "alarm disarm"] {
+            assert!(nospace.contains(what), "{nospace}");
+        }
+        let corrupt = judge(7, &[], &[alarm(0xb, "CORRUPT"), alarm(0xa, "NOSPACE")]).unwrap_err();
+        assert!(
+            corrupt.contains("CORRUPT") && corrupt.contains("snapshot"),
+            "{corrupt}"
+        );
+        assert!(corrupt.ends_with("(and 1 more alarm(s))"), "{corrupt}");
+        // The alarm is named before the errors that follow from it.
+        let both = judge(
+            0,
+            &["memberID:10 alarm:NOSPACE".into()],
+            &[alarm(0xa, "NOSPACE")],
+        );
+        assert!(both.unwrap_err().contains("NOSPACE is active"));
+    }
+
+    #[test]
+    fn a_member_without_a_leader_blocks_the_join_by_name() {
+        let mut h = healthy(member(2, "b", "10.0.0.2", false));
+        h.healthy = false;
+        h.error = judge(0, &[], &[]).err();
+        let (_, ready) = join_plan(
+            &[healthy(member(1, "a", "10.0.0.1", false)), h],
+            "https://10.0.0.9:2380",
+        );
+        let reason = ready.unwrap_err();
+        assert!(
+            reason.contains("0000000000000002 (b): no leader"),
             "{reason}"
         );
     }

@@ -26,6 +26,9 @@ pub struct Snapshot {
     pub leader: Option<u64>,
     /// Why etcd could not be asked at all.
     pub etcd_error: Option<String>,
+    /// Why members are not healthy (no answer, no leader, raft errors, an
+    /// alarm), each reason once with the members it concerns.
+    pub etcd_problems: Vec<String>,
     pub api_ready: bool,
     pub nodes_ready: Option<usize>,
     pub nodes_not_ready: Option<usize>,
@@ -39,6 +42,19 @@ pub fn etcd_figures(health: &[Health], snapshot: &mut Snapshot) {
     snapshot.learners = health.iter().filter(|h| h.member.is_learner).count();
     snapshot.voters = snapshot.members - snapshot.learners;
     snapshot.healthy = health.iter().filter(|h| h.healthy).count();
+    let mut problems: Vec<(&str, Vec<String>)> = Vec::new();
+    for h in health.iter().filter(|h| !h.healthy) {
+        let why = h.error.as_deref().unwrap_or("unhealthy");
+        let who = h.member.hex_id();
+        match problems.iter_mut().find(|(w, _)| *w == why) {
+            Some((_, names)) => names.push(who),
+            None => problems.push((why, vec![who])),
+        }
+    }
+    snapshot.etcd_problems = problems
+        .into_iter()
+        .map(|(why, names)| format!("{}: {why}", names.join(", ")))
+        .collect();
     snapshot.db_size = health.iter().filter_map(|h| h.db_size).max();
     let mut votes: Vec<(u64, usize)> = Vec::new();
     for id in health.iter().filter_map(|h| h.leader).filter(|id| *id != 0) {
@@ -161,6 +177,7 @@ pub async fn report<S: RegistryStore>(
     if s.etcd_error.is_some() || s.healthy < s.members || !s.api_ready {
         tracing::warn!(
             etcd_error = s.etcd_error.as_deref().unwrap_or("-"),
+            etcd_problems = %s.etcd_problems.join("; "),
             api_error = s.api_error.as_deref().unwrap_or("-"),
             "cluster health: {line}"
         );
@@ -206,6 +223,29 @@ mod tests {
         assert_eq!((s.members, s.voters, s.learners, s.healthy), (4, 3, 1, 3));
         assert_eq!(s.db_size, Some(40_960));
         assert_eq!(s.leader, Some(1), "the majority's leader wins");
+        assert_eq!(s.etcd_problems, vec!["0000000000000002: refused"]);
+    }
+
+    #[test]
+    fn members_that_answer_without_a_leader_or_under_an_alarm_are_not_counted_healthy() {
+        let mut s = Snapshot::default();
+        let mut lost = health(1, false, Some((20_480, 0)));
+        lost.healthy = false;
+        lost.error = crate::etcd::judge(0, &[], &[]).err();
+        let mut alarmed = health(2, false, Some((20_480, 3)));
+        alarmed.healthy = false;
+        alarmed.error = Some("etcd alarm NOSPACE is active".into());
+        let mut alarmed_too = health(3, false, Some((20_480, 3)));
+        alarmed_too.healthy = false;
+        alarmed_too.error = alarmed.error.clone();
+        etcd_figures(&[lost, alarmed, alarmed_too], &mut s);
+        assert_eq!((s.members, s.healthy), (3, 0));
+        assert_eq!(s.etcd_problems.len(), 2, "{:?}", s.etcd_problems);
+        assert!(s.etcd_problems[0].starts_with("0000000000000001: no leader"));
+        assert_eq!(
+            s.etcd_problems[1],
+            "0000000000000002, 0000000000000003: etcd alarm NOSPACE is active"
+        );
     }
 
     #[test]

@@ -112,3 +112,125 @@ async fn a_client_over_every_member_still_reads_and_removes_when_one_member_is_d
     // A second removal (a retry after a lost answer) is not an error.
     etcd.remove(gone).await.expect("removing again is a no-op");
 }
+
+/// The health of the member behind `peer_url`, as the agent judges it.
+fn health_of<'a>(
+    health: &'a [kubeboot::etcd::Health],
+    peer_url: &str,
+) -> &'a kubeboot::etcd::Health {
+    health
+        .iter()
+        .find(|h| h.member.peer_urls.iter().any(|u| u == peer_url))
+        .unwrap_or_else(|| panic!("no member with peer URL {peer_url} in {health:?}"))
+}
+
+/// Two of three members are gone: the survivor still answers Status, but it
+/// has no leader (Status.leader = 0) and can commit nothing. It must not
+/// count as healthy, and cannot be confirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_that_answers_but_has_no_leader_is_unhealthy_and_never_confirmed() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let survivor = cluster.member(0);
+    cluster.kill_member(1);
+    cluster.kill_member(2);
+    let etcd = Etcd::connect(std::slice::from_ref(&survivor.client_url), &settings())
+        .await
+        .expect("connect to the survivor");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let health = loop {
+        let health = etcd.health(&etcd.members().await.expect("members")).await;
+        let h = health_of(&health, &survivor.peer_url);
+        if !h.healthy {
+            break health;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the survivor of three sees leader {:?} yet counts as healthy: {h:?}",
+            h.leader
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let h = health_of(&health, &survivor.peer_url);
+    let reason = h.error.as_deref().unwrap_or_default();
+    assert!(reason.contains("no leader"), "{h:?}");
+    let (_, ready) = join_plan(&health, "http://127.255.255.254:2380");
+    let why = ready.expect_err("no join into a cluster without a leader");
+    assert!(
+        why.contains(&survivor.name) && why.contains("no leader"),
+        "{why}"
+    );
+    let err = etcd
+        .confirm(&survivor.peer_url, Duration::from_secs(2))
+        .await
+        .expect_err("a member without a leader is not confirmed");
+    assert!(err.to_string().contains("no leader"), "{err}");
+}
+
+/// An active NOSPACE alarm puts the whole cluster in maintenance mode (no
+/// writes): every member is unhealthy while it lasts, a join is refused with
+/// what to do, the quorum guard refuses a removal it would otherwise allow,
+/// and everything is healthy again once the alarm is disarmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_active_nospace_alarm_makes_every_member_unhealthy_and_blocks_a_join_with_a_hint() {
+    use etcd_client::{AlarmAction, AlarmOptions, AlarmType};
+    let cluster = EtcdCluster::start(3).await;
+    let etcd = Etcd::connect(&cluster.endpoints(), &settings())
+        .await
+        .expect("connect");
+    let raiser = cluster.member(0);
+    let mut options = AlarmOptions::new();
+    options.with_member(raiser.id);
+    let mut client = cluster.client().await;
+    client
+        .alarm(
+            AlarmAction::Activate,
+            AlarmType::Nospace,
+            Some(options.clone()),
+        )
+        .await
+        .expect("activate NOSPACE");
+
+    let health = etcd.health(&etcd.members().await.expect("members")).await;
+    for h in &health {
+        assert!(
+            !h.healthy,
+            "a member counts as healthy under NOSPACE: {h:?}"
+        );
+        let reason = h.error.as_deref().unwrap_or_default();
+        assert!(reason.contains("NOSPACE"), "{h:?}");
+    }
+    let (_, ready) = join_plan(&health, "http://127.255.255.254:2380");
+    let why = ready.expect_err("no join under NOSPACE");
+    for what in [
+        "NOSPACE",
+        "defrag",
+        "compact",
+        "quota-backend-bytes",
+        "alarm disarm",
+    ] {
+        assert!(
+            why.contains(what),
+            "the refusal does not say {what:?}: {why}"
+        );
+    }
+    let victim = health_of(&health, &cluster.member(2).peer_url).member.id;
+    let refusal = kubeboot::quorum::check_removal(&health, victim, false)
+        .expect_err("no removal counted on members that cannot write");
+    println!("quorum guard under NOSPACE: {refusal}");
+    let err = etcd
+        .confirm(&cluster.member(1).peer_url, Duration::from_secs(2))
+        .await
+        .expect_err("no member is confirmed under NOSPACE");
+    assert!(err.to_string().contains("NOSPACE"), "{err}");
+
+    client
+        .alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options))
+        .await
+        .expect("disarm NOSPACE");
+    let health = etcd.health(&etcd.members().await.expect("members")).await;
+    assert!(health.iter().all(|h| h.healthy), "{health:?}");
+    assert_eq!(join_plan(&health, "http://127.255.255.254:2380").1, Ok(()));
+    etcd.confirm(&cluster.member(1).peer_url, Duration::from_secs(2))
+        .await
+        .expect("confirmed once the alarm is gone");
+}
