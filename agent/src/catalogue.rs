@@ -17,8 +17,9 @@
 //! that cannot happen any more keeps its entry (say so in its cause).
 
 use crate::{
-    aws, bootstrap, config, error, etcd, identity, join_material, kubeadm, kubernetes, lifecycle,
-    lock, membership, quorum, reconciler, refresh, registry, retry::RetryClass, status, telemetry,
+    aws, bootstrap, certs, config, error, etcd, identity, join_material, kubeadm, kubernetes,
+    lifecycle, lock, membership, quorum, reconciler, refresh, registry, retry::RetryClass, status,
+    telemetry,
 };
 
 /// One catalogue entry.
@@ -52,6 +53,7 @@ pub const AREAS: &[(&str, &str)] = &[
     ("KUBE", "the Kubernetes API"),
     ("LIFE", "ASG lifecycle hooks and the lifecycle queue"),
     ("RECON", "the dead-member reconciler"),
+    ("CERT", "kubeadm's certificates: expiry and renewal"),
 ];
 
 /// Declares each entry as a `pub static` and lists them all in [`ENTRIES`],
@@ -312,6 +314,22 @@ catalogue! {
     RECON_EC2 = "KB-RECON-001", "cannot ask EC2 which instances run",
         cause: "EC2 DescribeInstances failed (permissions, throttling); the reconciler removes nothing while it cannot ask.",
         check: "ec2:DescribeInstances for the role, aws.endpoints.ec2.";
+
+    CERT_READ = "KB-CERT-001", "cannot read a kubeadm certificate",
+        cause: "A leaf certificate, CA or kubeconfig kubeadm writes on every control plane is missing or unreadable under paths.kubernetes_dir: the node's init or join did not finish, or paths.kubernetes_dir is wrong. Its expiry is unknown, so it is neither reported nor renewed.",
+        check: "The file in the message; `kubeadm certs check-expiration` on the node.";
+    CERT_PARSE = "KB-CERT-002", "a kubeadm certificate cannot be parsed",
+        cause: "The file is not a PEM X.509 certificate, or the kubeconfig's client-certificate-data is not base64 PEM: a hand edit or a truncated write.",
+        check: "`kubeadm certs check-expiration`; `kubeadm certs renew <name>` rewrites the certificate.";
+    CERT_NOT_RENEWED = "KB-CERT-003", "renewal left certificates about to expire",
+        cause: "`kubeadm certs renew all` exited 0 but some certificates still expire within the renewal window: their CA key is not on the node (an external CA: kubeadm says \"Detected external ca, ... can't be renewed\" and skips them), or the CA itself expires first.",
+        check: "kubeadm's output in the log; renew the listed certificates with the external CA, or replace the node before they lapse. Retried every turn.";
+    CERT_RESTART = "KB-CERT-004", "cannot move the static Pod manifests to restart the control plane",
+        cause: "After renewing, the control plane's static Pod manifests are moved out of <paths.kubernetes_dir>/manifests and back (the restart kubeadm's documentation prescribes); a move failed (permissions, a full or read-only file system).",
+        check: "<paths.kubernetes_dir>/manifests and kubeboot-parked-manifests next to it: every manifest must end up back in manifests/ (the next turn moves parked ones back).";
+    CERT_ETCD_AFTER_RESTART = "KB-CERT-005", "etcd did not come back healthy after the certificate restart",
+        cause: "After the renewed certificates' restart, this node's etcd member did not answer as started, voting and healthy within etcd.promote_timeout: the kubelet did not restart it, or it refuses the renewed certificates.",
+        check: "`crictl ps -a --name etcd` and its logs, `kubeadm certs check-expiration`, `kubeboot etcd members`.";
 }
 
 /// An error with a catalogue entry.
@@ -595,6 +613,21 @@ impl Coded for reconciler::Error {
             E::Ec2 { .. } => &RECON_EC2,
             E::Membership(e) => e.entry(),
             E::Registry(e) => e.entry(),
+            E::Lock(e) => e.entry(),
+        }
+    }
+}
+
+impl Coded for certs::Error {
+    fn entry(&self) -> &'static Entry {
+        use certs::Error as E;
+        match self {
+            E::Read { .. } => &CERT_READ,
+            E::Parse { .. } => &CERT_PARSE,
+            E::NotRenewed { .. } => &CERT_NOT_RENEWED,
+            E::Restart { .. } => &CERT_RESTART,
+            E::EtcdAfterRestart(_) => &CERT_ETCD_AFTER_RESTART,
+            E::Kubeadm(e) => e.entry(),
             E::Lock(e) => e.entry(),
         }
     }

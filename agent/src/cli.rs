@@ -334,7 +334,9 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
                 &cfg.cluster.name,
             )));
             let status =
-                crate::status::gather(&cfg.cluster.name, &cfg.aws.table, &locks, &registry).await?;
+                crate::status::gather(&cfg.cluster.name, &cfg.aws.table, &locks, &registry)
+                    .await?
+                    .with_local_certificates(&cfg.paths.kubernetes_dir);
             print(&match args.output {
                 Output::Text => crate::status::render_text(&status),
                 Output::Json => format!("{:#}\n", crate::status::to_json(&status)),

@@ -96,7 +96,15 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         let own = self.own_termination_loop(stop.clone());
         match self.cfg.node.role {
             Role::ControlPlane => {
-                tokio::join!(self.leader_loop(stop.clone()), own);
+                // Every control plane renews its own kubeadm certificates.
+                let certs = crate::certs::Renewal {
+                    cfg: &self.cfg,
+                    kubeadm: &self.kubeadm,
+                    locker: &self.locker,
+                    private_ip: &self.identity.private_ip,
+                };
+                let certs = crate::certs::watch(certs, stop.clone());
+                tokio::join!(self.leader_loop(stop.clone()), own, certs);
             }
             Role::Worker => own.await,
         }

@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod bootstrap;
 pub mod catalogue;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -103,6 +103,9 @@ catalogue! {
     DRAIN_FAILURES = "DrainFailures", Count, [], "Worker drains that left Pods behind or failed.";
     JOIN_MATERIAL_AGE = "JoinMaterialAge", Seconds, [], "Age of the published join material.";
     METRICS_DROPPED = "MetricsDropped", Count, [], "Metric documents dropped because the sink was down, slow or the buffer full.";
+    CERTIFICATE_DAYS_LEFT = "CertificateDaysLeft", Count, [], "Days until this control plane's first kubeadm leaf certificate expires (negative once expired); renewed at 30.";
+    CERTIFICATE_RENEWALS = "CertificateRenewals", Count, [], "Certificate renewals (kubeadm certs renew all and a control-plane restart) that completed.";
+    CERTIFICATE_RENEWAL_FAILURES = "CertificateRenewalFailures", Count, [], "Certificate renewals that failed this turn (retried next turn).";
 }
 
 /// Looks a metric up by name (alarms and docs name metrics by string).

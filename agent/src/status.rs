@@ -11,7 +11,7 @@ use serde_json::json;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Everything `status` shows, read at one moment.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Status {
     pub cluster: String,
     pub table: String,
@@ -25,6 +25,17 @@ pub struct Status {
     /// This host's wall clock when read; lease ages are computed against the
     /// holder's own stamps and shown as such (never used for decisions).
     pub observed_at: SystemTime,
+    /// This node's own kubeadm certificates (a control plane's; empty on a
+    /// worker or off-node): per node, unlike everything above.
+    pub certificates: crate::certs::Inventory,
+}
+
+impl Status {
+    /// Adds this node's kubeadm certificates, read under `kubernetes_dir`.
+    pub fn with_local_certificates(mut self, kubernetes_dir: &std::path::Path) -> Status {
+        self.certificates = crate::certs::inventory(kubernetes_dir);
+        self
+    }
 }
 
 /// Failure to gather the status.
@@ -76,6 +87,7 @@ pub async fn gather<L: LockStore, R: RegistryStore>(
         join: registry.join_pointer().await?,
         refresh: registry.refresh_request().await?,
         observed_at: SystemTime::now(),
+        certificates: Default::default(),
     })
 }
 
@@ -199,7 +211,62 @@ pub fn render_text(s: &Status) -> String {
         ));
     }
     out.push_str(&join_lines(s));
+    out.push_str(&certificate_lines(s));
     out
+}
+
+/// This node's certificates: the soonest leaf and CA, and what is unreadable.
+fn certificate_lines(s: &Status) -> String {
+    let c = &s.certificates;
+    if c.is_empty() {
+        return "certificates on this node: none (not a control plane, or not joined yet)\n".into();
+    }
+    let mut out = String::from("certificates on this node:");
+    for (what, e) in [("leaf", c.soonest_leaf()), ("CA", c.soonest_authority())] {
+        if let Some(e) = e {
+            out.push_str(&format!(
+                "  soonest {what} {} expires {}",
+                e.name,
+                until(s.observed_at, e.not_after)
+            ));
+        }
+    }
+    if let Some(e) = c.soonest_leaf() {
+        let left = e
+            .not_after
+            .duration_since(s.observed_at)
+            .unwrap_or(Duration::ZERO);
+        if left <= crate::certs::RENEW_BEFORE {
+            out.push_str("  (DUE: the daemon renews it)");
+        }
+    }
+    out.push('\n');
+    for p in &c.problems {
+        out.push_str(&format!("  [{}] {p}\n", crate::catalogue::Coded::code(p)));
+    }
+    out
+}
+
+fn certificates_json(s: &Status) -> serde_json::Value {
+    let c = &s.certificates;
+    let entry = |e: &crate::certs::Expiry| {
+        json!({
+            "name": e.name,
+            "kind": e.kind,
+            "not_after_ms": epoch_ms(e.not_after),
+            "days_left": crate::certs::days_left(e.not_after, s.observed_at),
+        })
+    };
+    json!({
+        "soonest": c.soonest_leaf().map(entry),
+        "soonest_authority": c.soonest_authority().map(entry),
+        "renew_before_days": crate::certs::RENEW_BEFORE.as_secs() / 86_400,
+        "all": c.expiries.iter().map(entry).collect::<Vec<_>>(),
+        "problems": c.problems.iter().map(|p| json!({
+            "code": crate::catalogue::Coded::code(p),
+            "error": p.to_string(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn epoch_ms(t: SystemTime) -> u64 {
@@ -249,6 +316,7 @@ pub fn to_json(s: &Status) -> serde_json::Value {
             "requested_at_ms": epoch_ms(r.requested_at),
             "fulfilled": r.fulfilled_by(s.join.as_ref()),
         })),
+        "certificates": certificates_json(s),
         "observed_at_ms": observed,
     })
 }
@@ -307,6 +375,8 @@ mod tests {
             }],
             join: Some(JoinPointer {
                 secret_version: "v-2".into(),
+                key_version: None,
+                seq: 2,
                 endpoint: "api:6443".into(),
                 ca_cert_hashes: vec![format!("sha256:{}", "ab".repeat(32))],
                 token_expires_at: t0 + Duration::from_secs(120),
@@ -314,13 +384,52 @@ mod tests {
                 published_at: t0 - Duration::from_secs(3600),
             }),
             refresh: Some(RefreshRequest {
+                origin: crate::registry::Origin::Worker,
                 requested_by: "i-0new".into(),
                 what: "token".into(),
                 stale_version: "v-2".into(),
                 requested_at: t0 - Duration::from_secs(30),
             }),
             observed_at: t0,
+            certificates: crate::certs::Inventory {
+                expiries: vec![
+                    crate::certs::Expiry {
+                        name: "etcd/peer".into(),
+                        kind: crate::certs::Kind::Leaf,
+                        not_after: t0 + Duration::from_secs(20 * 86_400),
+                    },
+                    crate::certs::Expiry {
+                        name: "apiserver".into(),
+                        kind: crate::certs::Kind::Leaf,
+                        not_after: t0 + Duration::from_secs(300 * 86_400),
+                    },
+                    crate::certs::Expiry {
+                        name: "ca".into(),
+                        kind: crate::certs::Kind::Authority,
+                        not_after: t0 + Duration::from_secs(3000 * 86_400),
+                    },
+                ],
+                problems: vec![],
+            },
         }
+    }
+
+    #[test]
+    fn the_soonest_certificate_on_this_node_is_shown_and_flagged_when_due() {
+        let s = sample();
+        let text = render_text(&s);
+        assert!(
+            text.contains("certificates on this node:  soonest leaf etcd/peer expires in 20d  soonest CA ca expires in 3000d  (DUE: the daemon renews it)"),
+            "{text}"
+        );
+        let v = to_json(&s);
+        assert_eq!(v["certificates"]["soonest"]["name"], "etcd/peer");
+        assert_eq!(v["certificates"]["soonest"]["days_left"], 20.0);
+        assert_eq!(v["certificates"]["soonest_authority"]["name"], "ca");
+        assert_eq!(v["certificates"]["all"].as_array().map(Vec::len), Some(3));
+        let mut none = sample();
+        none.certificates = Default::default();
+        assert!(render_text(&none).contains("certificates on this node: none"));
     }
 
     #[test]

@@ -507,6 +507,268 @@ pub fn etcd_client_files(pki: &Path) -> Result<EtcdClientFiles, String> {
     })
 }
 
+// ---------------------------------------------------------------------------
+// Renewal (`kubeadm certs renew`) and certificates that expire soon
+
+/// The CA that signs each leaf kubeadm issues, by stem.
+pub fn leaf_authority(stem: &str) -> Option<Authority> {
+    leaves(&NodeNames {
+        node_name: String::new(),
+        advertise: IpAddr::from([127, 0, 0, 1]),
+        api_sans: vec![],
+    })
+    .into_iter()
+    .find(|l| l.stem == stem)
+    .map(|l| l.ca)
+}
+
+/// The kubeconfigs whose embedded client certificate kubeadm renews, with
+/// the subject kubeadm gives it (`phases/kubeconfig/kubeconfig.go`); all
+/// signed by the cluster CA. `kubelet.conf` is not here: the kubelet
+/// rotates its own.
+pub const KUBECONFIG_CLIENTS: [(&str, &str, Option<&str>); 4] = [
+    (
+        "admin.conf",
+        "kubernetes-admin",
+        Some("kubeadm:cluster-admins"),
+    ),
+    (
+        "super-admin.conf",
+        "kubernetes-super-admin",
+        Some("system:masters"),
+    ),
+    (
+        "controller-manager.conf",
+        "system:kube-controller-manager",
+        None,
+    ),
+    ("scheduler.conf", "system:kube-scheduler", None),
+];
+
+/// What renewal keeps of a certificate: kubeadm's `certToConfig` (common
+/// name, organizations, DNS and IP SANs, extended key usages).
+struct Kept {
+    common_name: String,
+    organizations: Vec<String>,
+    sans: Vec<SanType>,
+    server: bool,
+    client: bool,
+}
+
+fn kept_of(pem: &str) -> Result<Kept, String> {
+    use x509_cert::der::DecodePem;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::{ExtendedKeyUsage, SubjectAltName};
+    let cert = x509_cert::Certificate::from_pem(pem.as_bytes())
+        .map_err(|e| format!("failed to parse certificate: {e}"))?;
+    let tbs = cert.tbs_certificate();
+    let subject = tbs.subject();
+    let common_name = subject
+        .common_name()
+        .map_err(|e| e.to_string())?
+        .map(String::from)
+        .unwrap_or_default();
+    let organizations = subject
+        .iter()
+        .filter(|a| a.oid == x509_cert::der::oid::db::rfc4519::ORGANIZATION_NAME)
+        .filter_map(|a| x509_cert::ext::pkix::name::DirectoryString::try_from(&a.value).ok())
+        .map(String::from)
+        .collect();
+    let mut sans = Vec::new();
+    if let Some((_, SubjectAltName(names))) = tbs
+        .get_extension::<SubjectAltName>()
+        .map_err(|e| e.to_string())?
+    {
+        for name in names {
+            match name {
+                GeneralName::DnsName(d) => sans.push(SanType::DnsName(
+                    d.to_string().try_into().map_err(|e| format!("SAN: {e}"))?,
+                )),
+                GeneralName::IpAddress(o) => {
+                    let b = o.as_bytes();
+                    let ip = match b.len() {
+                        4 => IpAddr::from(<[u8; 4]>::try_from(b).map_err(|e| e.to_string())?),
+                        16 => IpAddr::from(<[u8; 16]>::try_from(b).map_err(|e| e.to_string())?),
+                        n => return Err(format!("IP SAN of {n} bytes")),
+                    };
+                    sans.push(SanType::IpAddress(ip));
+                }
+                _ => {}
+            }
+        }
+    }
+    let (mut server, mut client) = (false, false);
+    if let Some((_, ExtendedKeyUsage(usages))) = tbs
+        .get_extension::<ExtendedKeyUsage>()
+        .map_err(|e| e.to_string())?
+    {
+        use x509_cert::der::oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_SERVER_AUTH};
+        server = usages.contains(&ID_KP_SERVER_AUTH);
+        client = usages.contains(&ID_KP_CLIENT_AUTH);
+    }
+    Ok(Kept {
+        common_name,
+        organizations,
+        sans,
+        server,
+        client,
+    })
+}
+
+/// Sets `params`' validity: from five minutes ago until `not_after`
+/// (rcgen's dates without naming the `time` crate).
+fn set_validity(params: &mut CertificateParams, not_after: std::time::SystemTime) {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let since =
+        |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    params.not_before =
+        epoch + since(std::time::SystemTime::now() - std::time::Duration::from_secs(300));
+    params.not_after = epoch + since(not_after);
+}
+
+/// Signs a new key for `kept` with the CA `ca` in `pki`, valid until `not_after`.
+fn sign(
+    kept: &Kept,
+    pki: &Path,
+    ca: Authority,
+    not_after: std::time::SystemTime,
+) -> Result<(String, String), String> {
+    let ca_key_path = pki.join(format!("{}.key", ca.stem));
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path)
+        .map_err(|e| format!("failure loading {} certificate authority: {e}", ca.stem))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| format!("{}.key: {e}", ca.stem))?;
+    let issuer = Issuer::new(ca_params(ca)?, ca_key);
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, kept.common_name.as_str());
+    for o in &kept.organizations {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, o.as_str());
+    }
+    params.subject_alt_names = kept.sans.clone();
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    if kept.server {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    if kept.client {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
+    set_validity(&mut params, not_after);
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Re-signs the leaf `<stem>.crt` in `pki` with its CA, keeping its names
+/// and usages, with a new key, valid until `not_after` (what kubeadm's
+/// `RenewUsingLocalCA` does with now + one year).
+pub fn renew_leaf(pki: &Path, stem: &str, not_after: std::time::SystemTime) -> Result<(), String> {
+    let ca = leaf_authority(stem).ok_or_else(|| format!("{stem} is not a known certificate"))?;
+    let crt = pki.join(format!("{stem}.crt"));
+    let pem = std::fs::read_to_string(&crt).map_err(|e| format!("{}: {e}", crt.display()))?;
+    let (c, k) = sign(&kept_of(&pem)?, pki, ca, not_after)?;
+    write_file(&pki.join(format!("{stem}.key")), k.as_bytes(), 0o600)?;
+    write_file(&crt, c.as_bytes(), 0o644)
+}
+
+/// The PEM certificate embedded in a kubeconfig (JSON, as the stand-in
+/// writes them) for its first user, if any.
+pub fn kubeconfig_client_pem(path: &Path) -> Result<Option<String>, String> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let Some(data) = cfg["users"][0]["user"]["client-certificate-data"].as_str() else {
+        return Ok(None);
+    };
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|e| format!("{}: client-certificate-data: {e}", path.display()))?;
+    Ok(Some(String::from_utf8_lossy(&pem).into_owned()))
+}
+
+/// Writes a client certificate and key into the kubeconfig at `path`
+/// (`client-certificate-data` / `client-key-data`, as kubeadm embeds them).
+fn embed(path: &Path, cert: &str, key: &str) -> Result<(), String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let user = cfg["users"][0]["user"]
+        .as_object_mut()
+        .ok_or_else(|| format!("{}: no users[0].user", path.display()))?;
+    user.insert("client-certificate-data".into(), b64.encode(cert).into());
+    user.insert("client-key-data".into(), b64.encode(key).into());
+    write_file(path, format!("{cfg:#}\n").as_bytes(), 0o600)
+}
+
+/// Re-signs the client certificate embedded in the kubeconfig `path` with
+/// the cluster CA in `pki`, keeping its subject, valid until `not_after`.
+/// A kubeconfig with no embedded certificate fails as kubeadm's does.
+pub fn renew_kubeconfig(
+    path: &Path,
+    pki: &Path,
+    not_after: std::time::SystemTime,
+) -> Result<(), String> {
+    let pem = kubeconfig_client_pem(path)?.ok_or_else(|| {
+        format!(
+            "failed to load existing certificate {}: the kubeconfig has no client-certificate-data",
+            path.display()
+        )
+    })?;
+    let (c, k) = sign(&kept_of(&pem)?, pki, CLUSTER_CA, not_after)?;
+    embed(path, &c, &k)
+}
+
+/// A control plane whose certificates were issued long ago: every leaf
+/// under `<kubernetes_dir>/pki` re-signed by its CA to expire at
+/// `not_after`, and the kubeconfigs kubeadm renews given an embedded
+/// client certificate (kubeadm's subjects) expiring then too. The node's
+/// etcd keeps serving: it reads its certificate files at each handshake.
+pub fn age_node_certificates(
+    kubernetes_dir: &Path,
+    not_after: std::time::SystemTime,
+) -> Result<(), String> {
+    let pki = kubernetes_dir.join("pki");
+    for stem in leaf_stems() {
+        renew_leaf(&pki, stem, not_after)?;
+    }
+    for (file, cn, org) in KUBECONFIG_CLIENTS {
+        let path = kubernetes_dir.join(file);
+        if !path.exists() {
+            continue;
+        }
+        let kept = Kept {
+            common_name: cn.to_string(),
+            organizations: org.map(str::to_string).into_iter().collect(),
+            sans: vec![],
+            server: false,
+            client: true,
+        };
+        let (c, k) = sign(&kept, &pki, CLUSTER_CA, not_after)?;
+        embed(&path, &c, &k)?;
+    }
+    Ok(())
+}
+
+/// The notAfter of a PEM certificate.
+pub fn not_after_of(pem: &str) -> Result<std::time::SystemTime, String> {
+    use x509_cert::der::DecodePem;
+    let cert = x509_cert::Certificate::from_pem(pem.as_bytes())
+        .map_err(|e| format!("failed to parse certificate: {e}"))?;
+    Ok(cert.tbs_certificate().validity().not_after.to_system_time())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

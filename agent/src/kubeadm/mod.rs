@@ -275,6 +275,27 @@ impl Kubeadm {
             .await
     }
 
+    /// `kubeadm certs renew all --cert-dir <kubernetes_dir>/pki`: re-signs
+    /// this node's leaf certificates and the kubeconfigs' client
+    /// certificates with the local CAs, each keeping its names and usages.
+    /// kubeadm reads the ClusterConfiguration from the cluster when it
+    /// can and goes on without it (renewal must work on a broken control
+    /// plane); the restart that loads them is the caller's.
+    pub async fn certs_renew_all(&self) -> Result<Outcome, Error> {
+        let cert_dir = self.kubernetes_dir.join("pki");
+        let admin = self.kubernetes_dir.join("admin.conf");
+        let args = [
+            "certs".as_ref(),
+            "renew".as_ref(),
+            "all".as_ref(),
+            "--cert-dir".as_ref(),
+            cert_dir.as_os_str(),
+            "--kubeconfig".as_ref(),
+            admin.as_os_str(),
+        ];
+        self.run("certs renew", &args, self.join_timeout, &[]).await
+    }
+
     /// `kubeadm reset --force --cert-dir <kubernetes_dir>/pki`: cleans up a
     /// failed local attempt (and removes this node's etcd member, as kubeadm does).
     pub async fn reset(&self) -> Result<Outcome, Error> {
