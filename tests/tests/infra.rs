@@ -1326,3 +1326,27 @@ fn propagating_a_tag_with_a_slash_to_instances_fails() {
         "{problems:?}"
     );
 }
+
+/// The certificate alarm fires only once the daemon's renewal window has
+/// passed with no renewal: below the window, above zero, on the minimum
+/// over the control planes (each reports its own certificates).
+#[test]
+fn the_certificate_alarm_fires_after_renewal_failed_well_before_expiry() {
+    let s = stack();
+    let metric = s.prop("CertificatesExpiring", "MetricName");
+    assert_eq!(metric, json!(kubeboot::metrics::CERTIFICATE_DAYS_LEFT.name));
+    assert_eq!(s.prop("CertificatesExpiring", "Statistic"), json!("Minimum"));
+    assert_eq!(
+        s.prop("CertificatesExpiring", "ComparisonOperator"),
+        json!("LessThanThreshold")
+    );
+    let threshold = s
+        .prop("CertificatesExpiring", "Threshold")
+        .as_f64()
+        .unwrap_or(-1.0);
+    let window = (kubeboot::certs::RENEW_BEFORE.as_secs() / 86_400) as f64;
+    assert!(
+        threshold > 0.0 && threshold < window,
+        "alarm at {threshold} days, renewal from {window} days"
+    );
+}
