@@ -25,7 +25,9 @@ use crate::identity::Identity;
 use crate::join_material::{self, JoinMaterial, JoinStore, Refresh};
 use crate::kubeadm::{self, config as kcfg, Kubeadm};
 use crate::lock::{Guard, LockStore, Locker, Purpose};
-use crate::registry::{InitClaim, MemberRecord, Phase, RefreshRequest, Registry, RegistryStore};
+use crate::registry::{
+    InitClaim, MemberRecord, Origin, Phase, RefreshRequest, Registry, RegistryStore,
+};
 use crate::retry::{self, Classify, RetryClass, WaitPolicy};
 use crate::telemetry;
 use serde::{Deserialize, Serialize};
@@ -623,7 +625,12 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .join_pointer()
             .await?
             .ok_or_else(|| Error::NotReady("no join material has been published".into()))?;
-        let material = self.join.read(&pointer).await?;
+        // A worker never reads the certificate key (its role cannot).
+        let material = if with_certs {
+            self.join.read(&pointer).await?
+        } else {
+            self.join.read_token(&pointer).await?
+        };
         let now = SystemTime::now();
         let need = stale_part(
             material.refresh_needed(now, TOKEN_MARGIN, CERTS_MARGIN),
@@ -632,14 +639,18 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         let Some(what) = need else {
             return Ok(material);
         };
-        let already = self
-            .registry
-            .refresh_request()
-            .await?
-            .is_some_and(|r| r.stale_version == pointer.secret_version && r.what == what);
+        let origin = if with_certs {
+            Origin::ControlPlane
+        } else {
+            Origin::Worker
+        };
+        let already = self.registry.refresh_requests().await?.iter().any(|r| {
+            r.origin == origin && r.stale_version == pointer.secret_version && r.what == what
+        });
         if !already {
             self.registry
                 .request_refresh(&RefreshRequest {
+                    origin,
                     requested_by: self.identity.instance_id.clone(),
                     what: what.to_string(),
                     stale_version: pointer.secret_version.clone(),

@@ -254,6 +254,9 @@ catalogue! {
     JOIN_SSM_UNAVAILABLE = "KB-JOIN-009", "SSM Parameter Store is unavailable",
         cause: "SSM throttled, failed or timed out after the SDK's retries.",
         check: "SSM throttling in CloudWatch, network to SSM. The step is retried.";
+    JOIN_SUPERSEDED = "KB-JOIN-010", "join material was published by someone else during a refresh",
+        cause: "While the leader refreshed, another publication moved the join pointer (an init of a new generation, or a leader before a takeover). The refresh rotated nothing in the cluster.",
+        check: "Nothing, usually: the next turn refreshes from the new material. If it repeats, `kubeboot status` for the lock holders (two leaders?).";
 
     KUBEADM_SPAWN = "KB-KUBEADM-001", "cannot start kubeadm",
         cause: "binaries.kubeadm does not exist or is not executable.",
@@ -640,6 +643,7 @@ impl Coded for refresh::Error {
             E::Registry(e) => e.entry(),
             E::JoinMaterial(e) => e.entry(),
             E::Kubeadm(e) => e.entry(),
+            E::Superseded { .. } => &JOIN_SUPERSEDED,
         }
     }
 }

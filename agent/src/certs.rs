@@ -349,14 +349,8 @@ impl Error {
 /// The `[timeouts]` and the kubelet's pace for one renewal, so tests can
 /// shorten the kubelet's file-check period.
 fn file_check() -> Duration {
-    #[cfg(feature = "failpoints")]
-    if let Some(ms) = std::env::var("KBTEST_KUBELET_FILE_CHECK_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        return Duration::from_millis(ms);
-    }
-    KUBELET_FILE_CHECK + FILE_CHECK_MARGIN
+    crate::failpoint::duration_override("KUBELET_FILE_CHECK_MS")
+        .unwrap_or(KUBELET_FILE_CHECK + FILE_CHECK_MARGIN)
 }
 
 /// Moves back manifests a renewal parked (an agent stopped mid-restart

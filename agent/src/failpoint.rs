@@ -40,3 +40,21 @@ pub async fn stall_point(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub async fn stall_point(_name: &str) {}
+
+/// A test's shorter version of a wait the real component imposes (the
+/// kubelet's file-check period): `KBTEST_<name>` in milliseconds (test
+/// builds only; a shipped build always waits the real time).
+#[cfg(feature = "failpoints")]
+pub fn duration_override(name: &str) -> Option<std::time::Duration> {
+    std::env::var(format!("KBTEST_{name}"))
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
+}
+
+/// No override in a shipped build.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn duration_override(_name: &str) -> Option<std::time::Duration> {
+    None
+}

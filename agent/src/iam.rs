@@ -23,16 +23,20 @@ pub enum Resource {
     /// The same table, limited to the cluster's request partition
     /// (`table::requests_pk`): the only items a worker may write.
     Requests,
-    /// The join-material secret `kubeboot/<cluster>/join`.
+    /// The token secret `kubeboot/<cluster>/join` (every node reads it).
     JoinSecret,
+    /// The certificate-key secret `kubeboot/<cluster>/certificate-key`: the
+    /// control-plane role only, since the key decrypts the uploaded CA keys.
+    CertificateKeySecret,
     /// The SSM parameters under `/kubeboot/<cluster>/`.
     SsmPrefix,
     /// The lifecycle queue.
     LifecycleQueue,
     /// The cluster's Auto Scaling groups.
     AutoScalingGroups,
-    /// The cluster's KMS key, only when used by Secrets Manager for the secret.
-    ClusterKey,
+    /// The KMS key of the two join secrets (no other data, no service
+    /// principal), only when used by Secrets Manager for them.
+    SecretsKey,
     /// Describe calls that have no resource-level permissions (EC2
     /// DescribeInstances, Auto Scaling DescribeAutoScalingInstances).
     AnyInstance,
@@ -54,8 +58,11 @@ pub struct Operation {
     pub roles: &'static [Role],
     /// What IAM authorizes for this call. Usually the call itself, but
     /// TransactWriteItems is authorized per item action, and Secrets Manager
-    /// uses the cluster key on the caller's behalf.
+    /// uses the secrets key on the caller's behalf.
     pub grants: &'static [Grant],
+    /// Granted to the control-plane role only, on top of `grants` (a call
+    /// both roles send on resources only one may reach).
+    pub control_plane_only: &'static [Grant],
     /// Where and why; read when reviewing a policy change.
     pub why: &'static str,
 }
@@ -75,6 +82,7 @@ pub const OPERATIONS: &[Operation] = &[
             on("dynamodb:GetItem", TABLE),
             on("dynamodb:GetItem", Resource::Requests),
         ],
+        control_plane_only: &[],
         why:
             "read the cluster record, the join pointer, a refresh request, a lock (registry, lock)",
     },
@@ -82,12 +90,14 @@ pub const OPERATIONS: &[Operation] = &[
         call: "dynamodb:PutItem",
         roles: BOTH,
         grants: &[on("dynamodb:PutItem", Resource::Requests)],
+        control_plane_only: &[],
         why: "a joining node records a request for fresh join material, in the request partition only (registry)",
     },
     Operation {
         call: "dynamodb:UpdateItem",
         roles: CP,
         grants: &[on("dynamodb:UpdateItem", TABLE)],
+        control_plane_only: &[],
         why: "acquire, renew, release and take over the init/membership/leader locks (lock)",
     },
     Operation {
@@ -101,12 +111,14 @@ pub const OPERATIONS: &[Operation] = &[
             on("dynamodb:PutItem", TABLE),
             on("dynamodb:DeleteItem", TABLE),
         ],
+        control_plane_only: &[],
         why: "fenced writes: cluster record, member records, join pointer (registry)",
     },
     Operation {
         call: "dynamodb:Query",
         roles: BOTH,
         grants: &[on("dynamodb:Query", TABLE)],
+        control_plane_only: &[],
         why: "list the cluster's member records (registry, reconciler; `kubeboot status` on any node)",
     },
     Operation {
@@ -114,17 +126,23 @@ pub const OPERATIONS: &[Operation] = &[
         roles: BOTH,
         grants: &[
             on("secretsmanager:GetSecretValue", Resource::JoinSecret),
-            on("kms:Decrypt", Resource::ClusterKey),
+            on("kms:Decrypt", Resource::SecretsKey),
         ],
-        why: "read the join-material version the join pointer names (join_material)",
+        control_plane_only: &[on(
+            "secretsmanager:GetSecretValue",
+            Resource::CertificateKeySecret,
+        )],
+        why: "read the join-material versions the join pointer names; the certificate key only on control planes (join_material)",
     },
     Operation {
         call: "secretsmanager:PutSecretValue",
         roles: CP,
         grants: &[
             on("secretsmanager:PutSecretValue", Resource::JoinSecret),
-            on("kms:GenerateDataKey", Resource::ClusterKey),
+            on("secretsmanager:PutSecretValue", Resource::CertificateKeySecret),
+            on("kms:GenerateDataKey", Resource::SecretsKey),
         ],
+        control_plane_only: &[],
         why: "publish a new join-material version (init, refresh)",
     },
     Operation {
@@ -132,38 +150,45 @@ pub const OPERATIONS: &[Operation] = &[
         roles: CP,
         grants: &[
             on("secretsmanager:CreateSecret", Resource::JoinSecret),
-            on("kms:GenerateDataKey", Resource::ClusterKey),
+            on("secretsmanager:CreateSecret", Resource::CertificateKeySecret),
+            on("kms:GenerateDataKey", Resource::SecretsKey),
         ],
+        control_plane_only: &[],
         why: "create the secret when the stack did not (join_material); scoped to its one name",
     },
     Operation {
         call: "ssm:PutParameter",
         roles: CP,
         grants: &[on("ssm:PutParameter", Resource::SsmPrefix)],
+        control_plane_only: &[],
         why: "publish the discovery values endpoint and ca-cert-hashes (join_material)",
     },
     Operation {
         call: "sqs:ReceiveMessage",
         roles: CP,
         grants: &[on("sqs:ReceiveMessage", Resource::LifecycleQueue)],
+        control_plane_only: &[],
         why: "the leader reads ASG lifecycle events (lifecycle)",
     },
     Operation {
         call: "sqs:DeleteMessage",
         roles: CP,
         grants: &[on("sqs:DeleteMessage", Resource::LifecycleQueue)],
+        control_plane_only: &[],
         why: "a handled or irrelevant event is deleted (lifecycle)",
     },
     Operation {
         call: "sqs:ChangeMessageVisibility",
         roles: CP,
         grants: &[on("sqs:ChangeMessageVisibility", Resource::LifecycleQueue)],
+        control_plane_only: &[],
         why: "an event being handled is kept invisible while cleanup runs (lifecycle)",
     },
     Operation {
         call: "sqs:SendMessage",
         roles: BOTH,
         grants: &[on("sqs:SendMessage", Resource::LifecycleQueue)],
+        control_plane_only: &[],
         why: "a terminating worker asks the leader to drain it (daemon)",
     },
     Operation {
@@ -173,6 +198,7 @@ pub const OPERATIONS: &[Operation] = &[
             "autoscaling:CompleteLifecycleAction",
             Resource::AutoScalingGroups,
         )],
+        control_plane_only: &[],
         why: "let a terminating instance go once its member and Node are cleaned up (lifecycle)",
     },
     Operation {
@@ -182,6 +208,7 @@ pub const OPERATIONS: &[Operation] = &[
             "autoscaling:RecordLifecycleActionHeartbeat",
             Resource::AutoScalingGroups,
         )],
+        control_plane_only: &[],
         why: "keep a termination waiting while a drain runs (lifecycle)",
     },
     Operation {
@@ -191,12 +218,14 @@ pub const OPERATIONS: &[Operation] = &[
             "autoscaling:DescribeAutoScalingInstances",
             Resource::AnyInstance,
         )],
+        control_plane_only: &[],
         why: "a termination notice is acted on only if Auto Scaling is terminating that instance (lifecycle)",
     },
     Operation {
         call: "ec2:DescribeInstances",
         roles: CP,
         grants: &[on("ec2:DescribeInstances", Resource::AnyInstance)],
+        control_plane_only: &[],
         why: "which instances behind etcd members are gone (reconciler)",
     },
 ];
@@ -206,7 +235,14 @@ pub fn grants(role: Role) -> BTreeSet<Grant> {
     OPERATIONS
         .iter()
         .filter(|op| op.roles.contains(&role))
-        .flat_map(|op| op.grants.iter().copied())
+        .flat_map(|op| {
+            let extra = if role == Role::ControlPlane {
+                op.control_plane_only
+            } else {
+                &[]
+            };
+            op.grants.iter().chain(extra).copied()
+        })
         .collect()
 }
 
@@ -246,6 +282,20 @@ mod tests {
             .map(|g| g.resource)
             .collect();
         assert_eq!(puts, [Resource::Requests], "a worker writes requests only");
+        let secrets: Vec<Resource> = grants(Role::Worker)
+            .into_iter()
+            .filter(|g| g.action.starts_with("secretsmanager:"))
+            .map(|g| g.resource)
+            .collect();
+        assert_eq!(
+            secrets,
+            [Resource::JoinSecret],
+            "a worker reads the token secret and never the certificate key"
+        );
+        assert!(grants(Role::ControlPlane).contains(&on(
+            "secretsmanager:GetSecretValue",
+            Resource::CertificateKeySecret
+        )));
         for forbidden in [
             "dynamodb:UpdateItem",
             "dynamodb:TransactWriteItems",

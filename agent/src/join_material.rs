@@ -7,16 +7,21 @@
 //! read it, and refreshed by the leader before it runs out.
 //!
 //! Where it lives:
-//! - the secrets (token, certificate key) in ONE Secrets Manager secret, each
-//!   publication a new secret version, in the wire format of [`encode_wire`];
+//! - the secrets in TWO Secrets Manager secrets, split by who may read them:
+//!   the bootstrap token (with the endpoint and CA pins) in `aws.join_secret`,
+//!   which every node reads ([`encode_wire`]); the certificate key in
+//!   `aws.certificate_key_secret`, which only the control-plane role may read
+//!   ([`encode_key_wire`]). The key decrypts kubeadm's uploaded `ca.key`,
+//!   `etcd/ca.key` and `sa.key`, and a bootstrap token may read the uploaded
+//!   Secret: a worker that could read both would own the cluster;
 //! - the non-secret discovery values (endpoint, CA pins) also in SSM
 //!   parameters under `aws.ssm_prefix`, for operators and tools;
 //! - which secret version is *current* in the registry's fenced join pointer
 //!   ([`crate::registry::JoinPointer`]). Readers never trust `AWSCURRENT`:
 //!   a publisher that lost its lock may still have written a newer version.
 //!
-//! Secrets only ever travel inside [`Secret`]; the one place that exposes
-//! them is [`encode_wire`], which builds the Secrets Manager body.
+//! Secrets only ever travel inside [`Secret`]; the places that expose them
+//! are [`encode_wire`] and [`encode_key_wire`], which build the secret bodies.
 
 use crate::aws;
 use crate::config::Config;
@@ -42,8 +47,10 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const CERTS_TTL: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// Version of the wire format this agent writes and reads. A reader refuses
-/// other versions rather than guessing at fields it does not know.
-pub const WIRE_FORMAT: u32 = 1;
+/// other versions rather than guessing at fields it does not know. Format 1
+/// kept the certificate key in the token secret every node can read; 2
+/// splits them.
+pub const WIRE_FORMAT: u32 = 2;
 
 /// Name of the SSM parameter (under `aws.ssm_prefix`) holding the endpoint.
 pub const SSM_ENDPOINT: &str = "endpoint";
@@ -429,10 +436,19 @@ impl JoinMaterial {
         next
     }
 
-    /// The registry's pointer to this material once stored as `secret_version`.
-    pub fn pointer(&self, secret_version: String, published_at: SystemTime) -> JoinPointer {
+    /// The registry's pointer to this material once stored as `secret_version`
+    /// (and its key as `key_version`), publication `seq`.
+    pub fn pointer(
+        &self,
+        secret_version: String,
+        key_version: Option<String>,
+        seq: u64,
+        published_at: SystemTime,
+    ) -> JoinPointer {
         JoinPointer {
             secret_version,
+            key_version,
+            seq,
             endpoint: self.endpoint.clone(),
             ca_cert_hashes: self.ca_cert_hashes.clone(),
             token_expires_at: self.token_expires_at,
@@ -475,29 +491,43 @@ impl JoinMaterial {
 // ---------------------------------------------------------------------------
 // Wire format
 
-/// The secret's body as written: borrowed, exposed strings. Only
+/// The token secret's body as written: borrowed, exposed strings. Only
 /// [`encode_wire`] builds one.
 #[derive(Serialize)]
 struct WireOut<'a> {
     format: u32,
     token: &'a str,
-    certificate_key: Option<&'a str>,
     ca_cert_hashes: &'a [String],
     endpoint: &'a str,
     token_expires_at: u64,
-    certs_expire_at: Option<u64>,
 }
 
-/// The secret's body as read (after its `format` was checked): secrets go
-/// straight into [`Secret`]; unknown fields are ignored.
+/// The token secret's body as read (after its `format` was checked): the
+/// token goes straight into [`Secret`]; unknown fields are ignored, except a
+/// certificate key, which must never be in the secret every node can read.
 #[derive(Deserialize)]
 struct WireIn {
     token: Secret<String>,
-    certificate_key: Option<Secret<String>>,
     ca_cert_hashes: Vec<String>,
     endpoint: String,
     token_expires_at: u64,
-    certs_expire_at: Option<u64>,
+    #[serde(default)]
+    certificate_key: Option<serde::de::IgnoredAny>,
+}
+
+/// The certificate-key secret's body as written. Only [`encode_key_wire`] builds one.
+#[derive(Serialize)]
+struct KeyWireOut<'a> {
+    format: u32,
+    certificate_key: &'a str,
+    certs_expire_at: u64,
+}
+
+/// The certificate-key secret's body as read.
+#[derive(Deserialize)]
+struct KeyWireIn {
+    certificate_key: Secret<String>,
+    certs_expire_at: u64,
 }
 
 /// Only the version, read first so that a newer format is reported as such
@@ -519,24 +549,19 @@ fn from_epoch_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// The Secrets Manager body for `material`, JSON:
-/// `{"format":1,"token":…,"certificate_key":…|null,"ca_cert_hashes":[…],
-/// "endpoint":"host:port","token_expires_at":<epoch ms>,"certs_expire_at":<epoch ms>|null}`.
+/// The token secret's body (`aws.join_secret`, readable by every node), JSON:
+/// `{"format":2,"token":…,"ca_cert_hashes":[…],"endpoint":"host:port","token_expires_at":<epoch ms>}`.
+/// The certificate key is never in it (see [`encode_key_wire`]).
 ///
-/// THE place where the token and certificate key are exposed; the body is
-/// returned as a [`Secret`] so it cannot be logged either.
+/// One of the two places where a secret is exposed; the body is returned as
+/// a [`Secret`] so it cannot be logged either.
 pub fn encode_wire(material: &JoinMaterial) -> Result<Secret<String>, Error> {
     let wire = WireOut {
         format: WIRE_FORMAT,
         token: material.token.expose(),
-        certificate_key: material
-            .certificate_key
-            .as_ref()
-            .map(|k| k.expose().as_str()),
         ca_cert_hashes: &material.ca_cert_hashes,
         endpoint: &material.endpoint,
         token_expires_at: epoch_ms(material.token_expires_at),
-        certs_expire_at: material.certs_expire_at.map(epoch_ms),
     };
     // Strings, numbers and options always serialize; should that ever change,
     // serde_json's serializer errors name the problem, not the values.
@@ -547,9 +572,28 @@ pub fn encode_wire(material: &JoinMaterial) -> Result<Secret<String>, Error> {
         })
 }
 
-/// Parses a Secrets Manager body. Errors say what is wrong and where, never
-/// what the body contains.
-pub fn decode_wire(body: &str) -> Result<JoinMaterial, Malformed> {
+/// The certificate-key secret's body (`aws.certificate_key_secret`, readable
+/// by control planes only), JSON:
+/// `{"format":2,"certificate_key":"<64 hex>","certs_expire_at":<epoch ms>}`;
+/// `None` when the material has no uploaded certificates.
+pub fn encode_key_wire(material: &JoinMaterial) -> Result<Option<Secret<String>>, Error> {
+    let (Some(key), Some(at)) = (&material.certificate_key, material.certs_expire_at) else {
+        return Ok(None);
+    };
+    let wire = KeyWireOut {
+        format: WIRE_FORMAT,
+        certificate_key: key.expose(),
+        certs_expire_at: epoch_ms(at),
+    };
+    serde_json::to_string(&wire)
+        .map(|s| Some(Secret::new(s)))
+        .map_err(|e| Error::Invalid {
+            reason: format!("cannot encode the certificate-key body: {e}"),
+        })
+}
+
+/// Checks the size and the format version of a body before its fields.
+fn check_envelope(body: &str) -> Result<(), Malformed> {
     if body.len() > MAX_BODY_BYTES {
         return Err(Malformed::TooLarge {
             bytes: body.len(),
@@ -562,17 +606,23 @@ pub fn decode_wire(body: &str) -> Result<JoinMaterial, Malformed> {
             found: version.format,
         });
     }
+    Ok(())
+}
+
+/// Parses a token secret body into material without a certificate key.
+/// Errors say what is wrong and where, never what the body contains.
+pub fn decode_wire(body: &str) -> Result<JoinMaterial, Malformed> {
+    check_envelope(body)?;
     let wire: WireIn = serde_json::from_str(body).map_err(|e| json_error(&e))?;
     let field = |field, expected| Malformed::Field { field, expected };
+    if wire.certificate_key.is_some() {
+        return Err(field(
+            "certificate_key",
+            "absent (the key lives in the control-plane-only secret)",
+        ));
+    }
     if !is_token(wire.token.expose()) {
         return Err(field("token", "a bootstrap token [a-z0-9]{6}.[a-z0-9]{16}"));
-    }
-    if wire
-        .certificate_key
-        .as_ref()
-        .is_some_and(|k| !is_certificate_key(k.expose()))
-    {
-        return Err(field("certificate_key", "64 lowercase hex digits or null"));
     }
     if wire.ca_cert_hashes.is_empty()
         || wire.ca_cert_hashes.len() > MAX_CA_PINS
@@ -589,20 +639,28 @@ pub fn decode_wire(body: &str) -> Result<JoinMaterial, Malformed> {
             "host:port (a DNS name or IP address, port 1-65535)",
         ));
     }
-    if wire.certificate_key.is_some() != wire.certs_expire_at.is_some() {
-        return Err(field(
-            "certs_expire_at",
-            "set exactly when certificate_key is",
-        ));
-    }
     Ok(JoinMaterial {
         token: wire.token,
-        certificate_key: wire.certificate_key,
+        certificate_key: None,
         ca_cert_hashes: wire.ca_cert_hashes,
         endpoint: wire.endpoint,
         token_expires_at: from_epoch_ms(wire.token_expires_at),
-        certs_expire_at: wire.certs_expire_at.map(from_epoch_ms),
+        certs_expire_at: None,
     })
+}
+
+/// Parses a certificate-key secret body: the key and when the uploaded
+/// certificates expire.
+pub fn decode_key_wire(body: &str) -> Result<(Secret<String>, SystemTime), Malformed> {
+    check_envelope(body)?;
+    let wire: KeyWireIn = serde_json::from_str(body).map_err(|e| json_error(&e))?;
+    if !is_certificate_key(wire.certificate_key.expose()) {
+        return Err(Malformed::Field {
+            field: "certificate_key",
+            expected: "64 lowercase hex digits",
+        });
+    }
+    Ok((wire.certificate_key, from_epoch_ms(wire.certs_expire_at)))
 }
 
 /// serde_json's messages quote offending values (`invalid type: string
@@ -638,7 +696,15 @@ pub struct JoinStore {
     secrets: aws_sdk_secretsmanager::Client,
     ssm: aws_sdk_ssm::Client,
     secret_name: String,
+    key_secret_name: String,
     ssm_prefix: String,
+}
+
+/// Which of the two secrets a call is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Token,
+    Key,
 }
 
 impl JoinStore {
@@ -647,18 +713,20 @@ impl JoinStore {
         secrets: aws_sdk_secretsmanager::Client,
         ssm: aws_sdk_ssm::Client,
         secret_name: impl Into<String>,
+        key_secret_name: impl Into<String>,
         ssm_prefix: impl Into<String>,
     ) -> Self {
         JoinStore {
             secrets,
             ssm,
             secret_name: secret_name.into(),
+            key_secret_name: key_secret_name.into(),
             ssm_prefix: ssm_prefix.into(),
         }
     }
 
-    /// Clients with the configured endpoint overrides, for `aws.join_secret`
-    /// and `aws.ssm_prefix`.
+    /// Clients with the configured endpoint overrides, for `aws.join_secret`,
+    /// `aws.certificate_key_secret` and `aws.ssm_prefix`.
     pub fn from_config(base: &SdkConfig, cfg: &Config) -> Self {
         let secrets = aws::secretsmanager_client(base, cfg);
         let ssm = aws::ssm_client(base, cfg);
@@ -666,13 +734,26 @@ impl JoinStore {
             secrets,
             ssm,
             cfg.aws.join_secret.clone(),
+            cfg.aws.certificate_key_secret.clone(),
             cfg.aws.ssm_prefix.clone(),
         )
     }
 
-    /// The secret's name.
+    /// The token secret's name.
     pub fn secret_name(&self) -> &str {
         &self.secret_name
+    }
+
+    /// The certificate-key secret's name.
+    pub fn key_secret_name(&self) -> &str {
+        &self.key_secret_name
+    }
+
+    fn name(&self, which: Which) -> &str {
+        match which {
+            Which::Token => &self.secret_name,
+            Which::Key => &self.key_secret_name,
+        }
     }
 
     /// Full name of the SSM parameter `name` under the prefix.
@@ -680,20 +761,9 @@ impl JoinStore {
         parameter_name(&self.ssm_prefix, name)
     }
 
-    /// Publishes `material` and makes it current. In this order:
-    ///
-    /// 1. the lock must still be held (fail fast, write nothing);
-    /// 2. a new secret version (PutSecretValue, or CreateSecret if the secret
-    ///    does not exist yet — the stack creates it in production) with a
-    ///    fresh ClientRequestToken, so the SDK's retries are idempotent;
-    /// 3. the SSM discovery parameters (not secret; the same for every
-    ///    publication of a cluster generation);
-    /// 4. the registry's join pointer, a FENCED write: only now do readers see
-    ///    the new version.
-    ///
-    /// A publisher that lost its lock fails at 1 or 4. Failing at 4, it leaves
-    /// an orphan secret version — possibly even labelled `AWSCURRENT` — that
-    /// nobody reads, because readers follow the pointer, never the label.
+    /// Publishes `material` and makes it current: [`Self::stage`] after the
+    /// current pointer, then [`Self::commit`]. A publisher that lost its lock
+    /// fails before writing or at the fenced pointer.
     pub async fn publish<S: RegistryStore>(
         &self,
         registry: &Registry<S>,
@@ -702,27 +772,101 @@ impl JoinStore {
         now: SystemTime,
     ) -> Result<JoinPointer, Error> {
         guard.fence()?;
-        material.validate()?;
-        let version = self.put_secret(material).await?;
-        tracing::info!(secret = %self.secret_name, version = %version, "join material stored; not current until the pointer is published");
-        guard.fence()?;
-        self.put_parameter(SSM_ENDPOINT, &material.endpoint).await?;
-        self.put_parameter(SSM_CA_CERT_HASHES, &material.ca_cert_hashes.join(","))
+        let previous = registry.join_pointer().await?;
+        let pointer = self
+            .stage(guard, material, previous.as_ref(), None, now)
             .await?;
-        let pointer = material.pointer(version, now);
-        registry.publish_join(guard, &pointer).await?;
-        tracing::info!(
-            secret = %self.secret_name,
-            version = %pointer.secret_version,
-            token_expires_at_ms = epoch_ms(material.token_expires_at),
-            certs_expire_at_ms = material.certs_expire_at.map(epoch_ms),
-            "join material published"
-        );
+        self.commit(registry, guard, &pointer).await?;
         Ok(pointer)
     }
 
-    /// The current material: the version the registry points at, or `None`
-    /// if nothing was published yet.
+    /// Writes `material`'s secret versions, not current yet, and returns the
+    /// pointer that would make them current after `previous`:
+    ///
+    /// 1. the lock must still be held (fail fast, write nothing);
+    /// 2. a new token-secret version (PutSecretValue, or CreateSecret if the
+    ///    secret does not exist yet — the stack creates it in production) with
+    ///    a fresh ClientRequestToken, so the SDK's retries are idempotent;
+    /// 3. a new certificate-key version, unless `keep_key_version` names the
+    ///    version already holding this material's key (a token-only refresh).
+    ///
+    /// Nothing is rotated in the cluster yet: a caller that creates a token or
+    /// uploads certificates does so after this succeeded, so a failure here
+    /// leaves the published material working.
+    pub async fn stage(
+        &self,
+        guard: &Guard,
+        material: &JoinMaterial,
+        previous: Option<&JoinPointer>,
+        keep_key_version: Option<String>,
+        now: SystemTime,
+    ) -> Result<JoinPointer, Error> {
+        guard.fence()?;
+        material.validate()?;
+        let version = self
+            .put_secret(Which::Token, &encode_wire(material)?)
+            .await?;
+        let key_version = match (encode_key_wire(material)?, keep_key_version) {
+            (None, _) => None,
+            (Some(_), Some(kept)) => Some(kept),
+            (Some(body), None) => Some(self.put_secret(Which::Key, &body).await?),
+        };
+        tracing::info!(secret = %self.secret_name, version = %version, key_version = key_version.as_deref(), "join material stored; not current until the pointer is published");
+        let seq = previous.map_or(0, |p| p.seq) + 1;
+        Ok(material.pointer(version, key_version, seq, now))
+    }
+
+    /// Makes a staged `pointer` current:
+    ///
+    /// 1. the registry's join pointer, a FENCED compare-and-swap from
+    ///    publication `seq - 1`: only now do readers see the new versions;
+    /// 2. then the SSM discovery parameters (not secret, unfenced: SSM has
+    ///    no conditional write). Written only after the fenced pointer, so a
+    ///    publisher that lost its lock never reaches them; and read back
+    ///    against the pointer afterwards, so that of two publishers racing
+    ///    here the values of the current pointer are the ones left.
+    ///
+    /// A publisher refused at 1 leaves orphan secret versions — possibly even
+    /// labelled `AWSCURRENT` — that nobody reads, because readers follow the
+    /// pointer, never the label.
+    pub async fn commit<S: RegistryStore>(
+        &self,
+        registry: &Registry<S>,
+        guard: &Guard,
+        pointer: &JoinPointer,
+    ) -> Result<(), Error> {
+        registry.publish_join(guard, pointer).await?;
+        tracing::info!(
+            secret = %self.secret_name,
+            version = %pointer.secret_version,
+            seq = pointer.seq,
+            token_expires_at_ms = epoch_ms(pointer.token_expires_at),
+            certs_expire_at_ms = pointer.certs_expire_at.map(epoch_ms),
+            "join material published"
+        );
+        self.put_discovery(pointer).await?;
+        if let Some(current) = registry.join_pointer().await? {
+            if current.seq != pointer.seq {
+                tracing::info!(
+                    seq = pointer.seq,
+                    current = current.seq,
+                    "a newer publication landed meanwhile; writing its discovery values"
+                );
+                self.put_discovery(&current).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_discovery(&self, pointer: &JoinPointer) -> Result<(), Error> {
+        self.put_parameter(SSM_ENDPOINT, &pointer.endpoint).await?;
+        self.put_parameter(SSM_CA_CERT_HASHES, &pointer.ca_cert_hashes.join(","))
+            .await
+    }
+
+    /// The current material with its certificate key (a control plane's
+    /// view): the versions the registry points at, or `None` if nothing was
+    /// published yet.
     pub async fn current<S: RegistryStore>(
         &self,
         registry: &Registry<S>,
@@ -733,27 +877,35 @@ impl JoinStore {
         }
     }
 
-    /// The material `pointer` names, checked against it (a secret version
-    /// that disagrees with its pointer is refused).
+    /// The material `pointer` names with its certificate key, for control
+    /// planes (the only role that may read the key secret).
     pub async fn read(&self, pointer: &JoinPointer) -> Result<JoinMaterial, Error> {
+        let mut material = self.read_token(pointer).await?;
+        if let Some(key_version) = &pointer.key_version {
+            let body = self.get_secret(Which::Key, key_version).await?;
+            let (key, expires_at) =
+                decode_key_wire(body.expose()).map_err(|source| Error::Malformed {
+                    secret: self.key_secret_name.clone(),
+                    version: key_version.clone(),
+                    source,
+                })?;
+            material.certificate_key = Some(key);
+            material.certs_expire_at = Some(expires_at);
+        }
+        Ok(material)
+    }
+
+    /// The material `pointer` names without the certificate key: what a
+    /// worker reads (its role cannot read the key secret, and never asks).
+    /// Checked against the pointer (a version that disagrees is refused).
+    pub async fn read_token(&self, pointer: &JoinPointer) -> Result<JoinMaterial, Error> {
         let version = pointer.secret_version.as_str();
-        let out = self
-            .secrets
-            .get_secret_value()
-            .secret_id(&self.secret_name)
-            .version_id(version)
-            .send()
-            .await
-            .map_err(|e| self.secrets_error("GetSecretValue", &e))?;
-        let malformed = |source| Error::Malformed {
+        let body = self.get_secret(Which::Token, version).await?;
+        let material = decode_wire(body.expose()).map_err(|source| Error::Malformed {
             secret: self.secret_name.clone(),
             version: version.to_string(),
             source,
-        };
-        let body = out
-            .secret_string()
-            .ok_or_else(|| malformed(Malformed::NotAString))?;
-        let material = decode_wire(body).map_err(malformed)?;
+        })?;
         let mismatch = |what| Error::PointerMismatch {
             secret: self.secret_name.clone(),
             version: version.to_string(),
@@ -768,16 +920,36 @@ impl JoinStore {
         Ok(material)
     }
 
-    /// Writes a new secret version and returns its VersionId.
-    async fn put_secret(&self, material: &JoinMaterial) -> Result<String, Error> {
-        let body = encode_wire(material)?;
+    /// The body of one secret version, as a [`Secret`].
+    async fn get_secret(&self, which: Which, version: &str) -> Result<Secret<String>, Error> {
+        let name = self.name(which);
+        let out = self
+            .secrets
+            .get_secret_value()
+            .secret_id(name)
+            .version_id(version)
+            .send()
+            .await
+            .map_err(|e| self.secrets_error(which, "GetSecretValue", &e))?;
+        out.secret_string
+            .map(Secret::new)
+            .ok_or_else(|| Error::Malformed {
+                secret: name.to_string(),
+                version: version.to_string(),
+                source: Malformed::NotAString,
+            })
+    }
+
+    /// Writes a new version of one secret and returns its VersionId.
+    async fn put_secret(&self, which: Which, body: &Secret<String>) -> Result<String, Error> {
+        let name = self.name(which);
         // One token for the whole step: the SDK's retries, and the fallback
         // put after a concurrent create, are then idempotent.
         let request_token = uuid::Uuid::new_v4().to_string();
         let put = || {
             self.secrets
                 .put_secret_value()
-                .secret_id(&self.secret_name)
+                .secret_id(name)
                 .client_request_token(&request_token)
                 .secret_string(body.expose())
                 .send()
@@ -788,12 +960,16 @@ impl JoinStore {
                 if e.as_service_error()
                     .is_some_and(|s| s.is_resource_not_found_exception()) =>
             {
-                tracing::info!(secret = %self.secret_name, "join secret does not exist yet; creating it");
+                tracing::info!(secret = %name, "join secret does not exist yet; creating it");
+                let description = match which {
+                    Which::Token => "kubeboot join material: bootstrap token, endpoint, CA pins (the registry's join pointer names the current version)",
+                    Which::Key => "kubeboot certificate key for control-plane joins; control-plane role only (the registry's join pointer names the current version)",
+                };
                 let created = self
                     .secrets
                     .create_secret()
-                    .name(&self.secret_name)
-                    .description("kubeboot join material: bootstrap token and certificate key (see the registry's join pointer for the current version)")
+                    .name(name)
+                    .description(description)
                     .client_request_token(&request_token)
                     .secret_string(body.expose())
                     .send()
@@ -807,13 +983,13 @@ impl JoinStore {
                         // Another publisher created it first: put our version.
                         put()
                             .await
-                            .map_err(|e| self.secrets_error("PutSecretValue", &e))?
+                            .map_err(|e| self.secrets_error(which, "PutSecretValue", &e))?
                             .version_id
                     }
-                    Err(e) => return Err(self.secrets_error("CreateSecret", &e)),
+                    Err(e) => return Err(self.secrets_error(which, "CreateSecret", &e)),
                 }
             }
-            Err(e) => return Err(self.secrets_error("PutSecretValue", &e)),
+            Err(e) => return Err(self.secrets_error(which, "PutSecretValue", &e)),
         };
         // Secrets Manager uses the ClientRequestToken as the VersionId.
         Ok(version.unwrap_or(request_token))
@@ -838,13 +1014,18 @@ impl JoinStore {
         Ok(())
     }
 
-    fn secrets_error<E>(&self, operation: &'static str, e: &SdkError<E, HttpResponse>) -> Error
+    fn secrets_error<E>(
+        &self,
+        which: Which,
+        operation: &'static str,
+        e: &SdkError<E, HttpResponse>,
+    ) -> Error
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         Error::SecretsManager {
             operation,
-            secret: self.secret_name.clone(),
+            secret: self.name(which).to_string(),
             class: classify_sdk_error(e),
             message: DisplayErrorContext(e).to_string(),
         }
@@ -1112,34 +1293,58 @@ tPZ7
         }
         let body = encode_wire(&m).expect("encode");
         assert!(!format!("{body:?} {body}").contains("abcdef"));
+        let key = encode_key_wire(&m).expect("encode").expect("a key");
+        assert!(!format!("{key:?} {key}").contains("0f0f"));
     }
 
     #[test]
-    fn the_wire_format_round_trips_and_is_the_documented_json() {
+    fn the_token_and_the_certificate_key_are_written_to_different_bodies() {
         let m = material();
         let body = encode_wire(&m).expect("encode");
         let json: serde_json::Value = serde_json::from_str(body.expose()).expect("json");
         assert_eq!(
             json,
             serde_json::json!({
-                "format": 1,
+                "format": 2,
                 "token": "abcdef.0123456789abcdef",
-                "certificate_key": "0f".repeat(32),
                 "ca_cert_hashes": [RSA_CA_HASH],
                 "endpoint": "api.example.internal:6443",
                 "token_expires_at": 1_900_000_000_123u64,
+            })
+        );
+        assert!(
+            !body.expose().contains(&"0f".repeat(32)),
+            "no key in the token secret"
+        );
+        let key = encode_key_wire(&m).expect("encode").expect("a key");
+        let json: serde_json::Value = serde_json::from_str(key.expose()).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "format": 2,
+                "certificate_key": "0f".repeat(32),
                 "certs_expire_at": 1_800_007_200_456u64,
             })
         );
-        assert_eq!(decode_wire(body.expose()).expect("decode"), m);
+        assert!(
+            !key.expose().contains("abcdef"),
+            "no token in the key secret"
+        );
+
         let workers = JoinMaterial {
             certificate_key: None,
             certs_expire_at: None,
-            ..m
+            ..m.clone()
         };
-        let body = encode_wire(&workers).expect("encode");
-        assert!(body.expose().contains("\"certificate_key\":null"));
         assert_eq!(decode_wire(body.expose()).expect("decode"), workers);
+        assert_eq!(
+            decode_key_wire(key.expose()).expect("decode"),
+            (
+                m.certificate_key.clone().expect("key"),
+                m.certs_expire_at.expect("expiry")
+            )
+        );
+        assert!(encode_key_wire(&workers).expect("encode").is_none());
         // Sub-millisecond precision is rounded down, never up.
         let precise = JoinMaterial {
             token_expires_at: at(10) + Duration::from_nanos(999_999),
@@ -1147,6 +1352,30 @@ tPZ7
         };
         let back = decode_wire(encode_wire(&precise).expect("encode").expose()).expect("decode");
         assert_eq!(back.token_expires_at, at(10));
+    }
+
+    #[test]
+    fn a_token_secret_carrying_a_certificate_key_is_refused() {
+        // What format 1 wrote: the key beside the token, readable by workers.
+        let good = encode_wire(&material()).expect("encode").expose().clone();
+        let leaky = good.replacen(
+            '{',
+            &format!("{{\"certificate_key\":\"{}\",", "0f".repeat(32)),
+            1,
+        );
+        let e = decode_wire(&leaky).expect_err("a key in the token secret");
+        assert_eq!(
+            e,
+            Malformed::Field {
+                field: "certificate_key",
+                expected: "absent (the key lives in the control-plane-only secret)"
+            }
+        );
+        assert!(!format!("{e} {e:?}").contains("0f0f"));
+        assert_eq!(
+            decode_wire(&good.replace("\"format\":2", "\"format\":1")).expect_err("old"),
+            Malformed::Format { found: 1 }
+        );
     }
 
     #[test]
@@ -1158,7 +1387,7 @@ tPZ7
             ("truncated", good[..good.len() - 10].to_string()),
             (
                 "wrong type",
-                good.replace("\"format\":1", &format!("\"format\":\"{token}\"")),
+                good.replace("\"format\":2", &format!("\"format\":\"{token}\"")),
             ),
             (
                 "token wrong type",
@@ -1169,7 +1398,7 @@ tPZ7
                 "missing",
                 good.replace(&format!("\"token\":\"{token}\","), ""),
             ),
-            ("newer", good.replace("\"format\":1", "\"format\":2")),
+            ("newer", good.replace("\"format\":2", "\"format\":3")),
             (
                 "no pins",
                 good.replace(&format!("[\"{RSA_CA_HASH}\"]"), "[]"),
@@ -1192,8 +1421,8 @@ tPZ7
             Malformed::MissingField("token".into())
         );
         assert_eq!(
-            decode_wire(&good.replace("\"format\":1", "\"format\":2")).expect_err("newer"),
-            Malformed::Format { found: 2 }
+            decode_wire(&good.replace("\"format\":2", "\"format\":3")).expect_err("newer"),
+            Malformed::Format { found: 3 }
         );
         for endpoint in [
             "api:6443 --v=9",
@@ -1218,6 +1447,25 @@ tPZ7
             decode_wire(&" ".repeat(MAX_BODY_BYTES + 1)),
             Err(Malformed::TooLarge { .. })
         ));
+        let key = encode_key_wire(&material())
+            .expect("encode")
+            .expect("key")
+            .expose()
+            .clone();
+        for (name, body) in [
+            ("short key", key.replace(&"0f".repeat(32), "0f0f")),
+            (
+                "upper-case key",
+                key.replace(&"0f".repeat(32), &"0F".repeat(32)),
+            ),
+            (
+                "no expiry",
+                key.replace(",\"certs_expire_at\":1800007200456", ""),
+            ),
+        ] {
+            let e = decode_key_wire(&body).expect_err(name);
+            assert!(!format!("{e} {e:?}").contains("0f0f"), "{name}: {e}");
+        }
     }
 
     #[test]

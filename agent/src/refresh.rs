@@ -1,24 +1,43 @@
 //! The leader's join-material refresh: a new bootstrap token before the
-//! current one runs out (24 h), the control-plane certificates re-uploaded
-//! under a new key before kubeadm deletes them (2 h), and at once when a
-//! joiner's REFRESH request names the current version.
+//! current one runs out (24 h), and the control-plane certificates uploaded
+//! under a new key when a control plane asks for them.
+//!
+//! The certificates are not kept uploaded around the clock: the uploaded
+//! `kubeadm-certs` Secret holds the cluster's CA keys, readable with a
+//! bootstrap token, and only a control plane's join needs it. So it exists
+//! after `kubeadm init` (the first control planes join then) and for two
+//! hours after a joining control plane asked, no longer.
+//!
+//! Who may ask for what: a request read from the request partition (which
+//! workers can write) gets a token at most; only a request from the cluster
+//! partition (control-plane role only) can rotate the certificate key. And
+//! every rotation on request is rate-limited, so no node can make the
+//! leader rotate every turn.
 //!
 //! kubeadm gets the new token and key in 0600 configuration files, never on
 //! its command line (any local user can read /proc/*/cmdline). The new
-//! material becomes current only through the registry's fenced JOIN pointer,
-//! so a leader that lost its lock cannot publish.
+//! secret versions are written BEFORE kubeadm rotates anything, and the
+//! pointer is checked to be still the one refreshed, so a refresh that cannot
+//! publish does not invalidate the published key. The new material becomes
+//! current only through the registry's fenced JOIN pointer, so a leader that
+//! lost its lock cannot publish.
 
 use crate::config::Config;
 use crate::join_material::{self, JoinMaterial, JoinStore, Refresh};
 use crate::kubeadm::{self, config as kcfg, Kubeadm};
 use crate::lock::Guard;
-use crate::registry::{JoinPointer, RefreshRequest, Registry, RegistryStore};
+use crate::registry::{JoinPointer, Origin, RefreshRequest, Registry, RegistryStore};
 use std::time::{Duration, SystemTime};
 
 /// Refresh the token when less than this is left (of its 24 h).
 pub const TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(6 * 60 * 60);
-/// Re-upload the certificates when less than this is left (of their 2 h).
+/// On a control plane's request, re-upload the certificates when less than
+/// this is left (of their 2 h), whatever the rate limit says.
 pub const CERTS_REFRESH_BEFORE: Duration = Duration::from_secs(30 * 60);
+/// A request rotates the token at most this often.
+pub const MIN_TOKEN_ROTATION: Duration = Duration::from_secs(10 * 60);
+/// A request rotates the certificate key at most this often.
+pub const MIN_CERTS_ROTATION: Duration = Duration::from_secs(10 * 60);
 
 /// Refresh failures.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +48,8 @@ pub enum Error {
     JoinMaterial(#[from] join_material::Error),
     #[error(transparent)]
     Kubeadm(#[from] kubeadm::Error),
+    #[error("join material publication {seen} was replaced by {now} while refreshing; nothing was rotated")]
+    Superseded { seen: u64, now: u64 },
 }
 
 impl Error {
@@ -38,26 +59,50 @@ impl Error {
             Error::Registry(e) => e.hint(),
             Error::JoinMaterial(e) => e.hint(),
             Error::Kubeadm(e) => e.hint(),
+            Error::Superseded { .. } => "another publisher (an init, or a leader before a takeover) published meanwhile; the next turn refreshes from the new material if needed".into(),
         }
     }
 }
 
-/// What to refresh now: what runs out within the schedule, plus what a
-/// pending request for the current version asks for.
+/// How long ago something with lifetime `ttl` that expires at `expires_at`
+/// was made.
+fn age(expires_at: SystemTime, ttl: Duration, now: SystemTime) -> Duration {
+    now.duration_since(expires_at.checked_sub(ttl).unwrap_or(expires_at))
+        .unwrap_or(Duration::ZERO)
+}
+
+/// What to refresh now: a token that runs out within the schedule, plus what
+/// the pending requests for the current version may have:
+/// - a worker's request (any request from the request partition): the token
+///   only, whatever it names;
+/// - a control plane's: the token and/or the certificates;
+/// - either only if what it asks for was last rotated at least
+///   [`MIN_TOKEN_ROTATION`] / [`MIN_CERTS_ROTATION`] ago (certificates that
+///   are missing or within [`CERTS_REFRESH_BEFORE`] of their end are always
+///   re-uploaded for a control plane).
 pub fn plan(
     material: &JoinMaterial,
     current_version: &str,
-    request: Option<&RefreshRequest>,
+    requests: &[RefreshRequest],
     now: SystemTime,
 ) -> Refresh {
     let scheduled = material.refresh_needed(now, TOKEN_REFRESH_BEFORE, CERTS_REFRESH_BEFORE);
-    let (mut token, mut certs) = (scheduled.token(), scheduled.certs());
-    if let Some(r) = request.filter(|r| r.stale_version == current_version) {
-        token |= matches!(r.what.as_str(), "token" | "both");
-        certs |= matches!(r.what.as_str(), "certs" | "both");
+    let mut token = scheduled.token();
+    let mut certs = false;
+    let token_age = age(material.token_expires_at, join_material::TOKEN_TTL, now);
+    let certs_due = scheduled.certs()
+        || material
+            .certs_expire_at
+            .is_some_and(|at| age(at, join_material::CERTS_TTL, now) >= MIN_CERTS_ROTATION);
+    for r in requests
+        .iter()
+        .filter(|r| r.stale_version == current_version)
+    {
+        let asks_token = matches!(r.what.as_str(), "token" | "both");
+        let asks_certs = matches!(r.what.as_str(), "certs" | "both");
+        token |= asks_token && token_age >= MIN_TOKEN_ROTATION;
+        certs |= asks_certs && r.origin == Origin::ControlPlane && certs_due;
     }
-    // Material published for workers only has no certificates to refresh.
-    certs &= material.certificate_key.is_some();
     match (token, certs) {
         (false, false) => Refresh::Nothing,
         (true, false) => Refresh::Token,
@@ -81,14 +126,38 @@ pub async fn run_once<S: RegistryStore>(
         crate::metrics::record(crate::metrics::JOIN_MATERIAL_AGE, age.as_secs_f64(), &[]);
     }
     let material = join.read(&pointer).await?;
-    let request = registry.refresh_request().await?;
+    let requests = registry.refresh_requests().await?;
     let now = SystemTime::now();
-    let refresh = plan(&material, &pointer.secret_version, request.as_ref(), now);
+    let refresh = plan(&material, &pointer.secret_version, &requests, now);
+    for r in requests
+        .iter()
+        .filter(|r| r.stale_version == pointer.secret_version)
+    {
+        if r.origin == Origin::Worker && matches!(r.what.as_str(), "certs" | "both") {
+            tracing::warn!(requested_by = %r.requested_by, what = %r.what, "a refresh request from the worker partition asks for the certificates; workers are given a token only");
+        }
+    }
     if refresh == Refresh::Nothing {
         return Ok(None);
     }
-    tracing::info!(?refresh, version = %pointer.secret_version, requested_by = request.as_ref().map(|r| r.requested_by.as_str()), "refreshing join material");
+    tracing::info!(?refresh, version = %pointer.secret_version, "refreshing join material");
     let next = material.refreshed(refresh, now);
+    // The secrets first, then check the pointer is still ours to move: only
+    // then rotate in the cluster (an uploaded key replaces the published one).
+    let keep_key = (!refresh.certs())
+        .then(|| pointer.key_version.clone())
+        .flatten();
+    let staged = join
+        .stage(guard, &next, Some(&pointer), keep_key, SystemTime::now())
+        .await?;
+    guard.fence().map_err(join_material::Error::from)?;
+    let seen = registry.join_pointer().await?.map_or(0, |p| p.seq);
+    if seen != pointer.seq {
+        return Err(Error::Superseded {
+            seen: pointer.seq,
+            now: seen,
+        });
+    }
     if refresh.token() {
         let rendered = kcfg::render_token(&next.token, join_material::TOKEN_TTL);
         kubeadm.token_create(&rendered, &[&next.token]).await?;
@@ -100,11 +169,9 @@ pub async fn run_once<S: RegistryStore>(
             kubeadm.upload_certs(&rendered, &[key]).await?;
         }
     }
-    let published = join
-        .publish(registry, guard, &next, SystemTime::now())
-        .await?;
-    tracing::info!(version = %published.secret_version, "fresh join material published");
-    Ok(Some(published))
+    join.commit(registry, guard, &staged).await?;
+    tracing::info!(version = %staged.secret_version, seq = staged.seq, "fresh join material published");
+    Ok(Some(staged))
 }
 
 #[cfg(test)]
@@ -118,21 +185,24 @@ mod tests {
     }
 
     const HOUR: u64 = 3600;
+    const NOW: u64 = 100 * HOUR;
 
+    /// Material whose token has `token_left_h` hours and whose certificates
+    /// have `certs_left_min` minutes left.
     fn material(token_left_h: u64, certs_left_min: Option<u64>) -> JoinMaterial {
-        let now = 100 * HOUR;
         JoinMaterial {
             token: Secret::new("abcdef.0123456789abcdef".into()),
             certificate_key: certs_left_min.map(|_| Secret::new("0f".repeat(32))),
             ca_cert_hashes: vec![format!("sha256:{}", "ab".repeat(32))],
             endpoint: "api:6443".into(),
-            token_expires_at: at(now + token_left_h * HOUR),
-            certs_expire_at: certs_left_min.map(|m| at(now + m * 60)),
+            token_expires_at: at(NOW + token_left_h * HOUR),
+            certs_expire_at: certs_left_min.map(|m| at(NOW + m * 60)),
         }
     }
 
-    fn request(what: &str, version: &str) -> RefreshRequest {
+    fn request(origin: Origin, what: &str, version: &str) -> RefreshRequest {
         RefreshRequest {
+            origin,
             requested_by: "i-0new".into(),
             what: what.into(),
             stale_version: version.into(),
@@ -140,54 +210,96 @@ mod tests {
         }
     }
 
+    fn cp(what: &str) -> RefreshRequest {
+        request(Origin::ControlPlane, what, "v1")
+    }
+
+    fn worker(what: &str) -> RefreshRequest {
+        request(Origin::Worker, what, "v1")
+    }
+
     #[test]
-    fn the_schedule_refreshes_what_runs_out_and_requests_add_to_it() {
-        let now = at(100 * HOUR);
+    fn the_schedule_renews_the_token_but_never_uploads_certificates_on_its_own() {
+        let now = at(NOW);
         assert_eq!(
-            plan(&material(20, Some(90)), "v1", None, now),
+            plan(&material(20, Some(90)), "v1", &[], now),
             Refresh::Nothing
         );
+        assert_eq!(plan(&material(5, Some(90)), "v1", &[], now), Refresh::Token);
+        // Certificates running out, or gone: nobody asked, nothing uploaded.
         assert_eq!(
-            plan(&material(5, Some(90)), "v1", None, now),
-            Refresh::Token
+            plan(&material(20, Some(20)), "v1", &[], now),
+            Refresh::Nothing
         );
+        assert_eq!(plan(&material(20, None), "v1", &[], now), Refresh::Nothing);
+        assert_eq!(plan(&material(1, Some(1)), "v1", &[], now), Refresh::Token);
+    }
+
+    #[test]
+    fn a_control_plane_gets_certificates_uploaded_when_it_asks() {
+        let now = at(NOW);
+        // Uploaded 100 min ago (20 left) or gone: uploaded now.
         assert_eq!(
-            plan(&material(20, Some(20)), "v1", None, now),
+            plan(&material(20, Some(20)), "v1", &[cp("certs")], now),
             Refresh::Certs
         );
-        assert_eq!(plan(&material(1, Some(1)), "v1", None, now), Refresh::Both);
-        // A request for the current version adds what it names...
-        let fresh = material(20, Some(90));
         assert_eq!(
-            plan(&fresh, "v1", Some(&request("token", "v1")), now),
-            Refresh::Token
-        );
-        assert_eq!(
-            plan(&fresh, "v1", Some(&request("certs", "v1")), now),
+            plan(&material(20, None), "v1", &[cp("certs")], now),
             Refresh::Certs
         );
         assert_eq!(
-            plan(&fresh, "v1", Some(&request("both", "v1")), now),
+            plan(&material(5, None), "v1", &[cp("both")], now),
             Refresh::Both
         );
-        // ...and one for an older version was already answered.
+        // A request about an older version was already answered.
         assert_eq!(
-            plan(&fresh, "v2", Some(&request("both", "v1")), now),
+            plan(&material(20, Some(20)), "v2", &[cp("certs")], now),
             Refresh::Nothing
         );
     }
 
     #[test]
-    fn material_without_certificates_only_ever_refreshes_the_token() {
-        let now = at(100 * HOUR);
-        let workers_only = material(20, None);
+    fn a_worker_may_ask_for_a_token_only() {
+        let now = at(NOW);
+        // Tokens made 4 h ago: the request is honoured for the token only.
+        for what in ["token", "both", "certs"] {
+            let expected = if what == "certs" {
+                Refresh::Nothing
+            } else {
+                Refresh::Token
+            };
+            assert_eq!(
+                plan(&material(20, Some(20)), "v1", &[worker(what)], now),
+                expected,
+                "{what}"
+            );
+        }
+        // Even with no certificates uploaded at all.
         assert_eq!(
-            plan(&workers_only, "v1", Some(&request("both", "v1")), now),
+            plan(&material(20, None), "v1", &[worker("both")], now),
             Refresh::Token
         );
-        assert_eq!(
-            plan(&workers_only, "v1", Some(&request("certs", "v1")), now),
-            Refresh::Nothing
-        );
+    }
+
+    #[test]
+    fn rotations_on_request_are_rate_limited() {
+        let now = at(NOW);
+        // A token made 5 minutes ago (24 h minus 5 min left) is not rotated
+        // again on anyone's request; nor certificates uploaded 5 minutes ago.
+        let fresh = JoinMaterial {
+            token_expires_at: now + join_material::TOKEN_TTL - Duration::from_secs(300),
+            certs_expire_at: Some(now + join_material::CERTS_TTL - Duration::from_secs(300)),
+            ..material(0, Some(0))
+        };
+        for r in [cp("both"), worker("both"), cp("token"), cp("certs")] {
+            assert_eq!(
+                plan(&fresh, "v1", &[r.clone()], now),
+                Refresh::Nothing,
+                "{r:?}"
+            );
+        }
+        // Eleven minutes later both may be rotated again.
+        let later = now + Duration::from_secs(660);
+        assert_eq!(plan(&fresh, "v1", &[cp("both")], later), Refresh::Both);
     }
 }

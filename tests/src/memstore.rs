@@ -104,7 +104,8 @@ struct World {
     state: Option<ClusterState>,
     members: BTreeMap<String, MemberRecord>,
     join: Option<JoinPointer>,
-    refresh: Option<RefreshRequest>,
+    /// The latest request of each origin.
+    refresh: Vec<RefreshRequest>,
     fenced: Vec<FencedWrite>,
     /// Generations that went initializing → initialized.
     initialized: Vec<u64>,
@@ -535,11 +536,9 @@ impl RegistryStore for Handle {
     ) -> Result<WriteResult, StoreError> {
         let pointer = pointer.clone();
         self.fenced("put join", fence, move |w| {
-            // Same condition as DynamoDB: never roll the pointer back.
-            if w.join
-                .as_ref()
-                .is_some_and(|j| j.published_at > pointer.published_at)
-            {
+            // Same condition as DynamoDB: publication seq - 1 must be current.
+            let current = w.join.as_ref().map_or(0, |j| j.seq);
+            if current != pointer.seq.saturating_sub(1) {
                 return false;
             }
             w.join = Some(pointer);
@@ -557,13 +556,16 @@ impl RegistryStore for Handle {
     async fn put_refresh(&self, request: &RefreshRequest) -> Result<(), StoreError> {
         let request = request.clone();
         self.store
-            .call("put refresh", true, (), move |w| w.refresh = Some(request))
+            .call("put refresh", true, (), move |w| {
+                w.refresh.retain(|r| r.origin != request.origin);
+                w.refresh.push(request);
+            })
             .await
     }
 
-    async fn read_refresh(&self) -> Result<Option<RefreshRequest>, StoreError> {
+    async fn read_refresh(&self) -> Result<Vec<RefreshRequest>, StoreError> {
         self.store
-            .call("read refresh", false, None, |w| w.refresh.clone())
+            .call("read refresh", false, Vec::new(), |w| w.refresh.clone())
             .await
     }
 

@@ -299,43 +299,48 @@ impl SimCluster {
     }
 
     /// Every secret value ever published for this cluster: each version of
-    /// the join secret's token, the token's secret half, the certificate key.
+    /// the token secret's token, the token's secret half, and each version
+    /// of the certificate-key secret's key.
     pub async fn published_secrets(&self) -> Vec<String> {
         let client = aws_sdk_secretsmanager::Client::new(&self.moto.sdk_config().await);
-        let id = format!("kubeboot/{}/join", self.name);
-        let Ok(versions) = client
-            .list_secret_version_ids()
-            .secret_id(&id)
-            .include_deprecated(true)
-            .send()
-            .await
-        else {
-            return Vec::new();
-        };
         let mut secrets = Vec::new();
-        for v in versions.versions() {
-            let Some(version) = v.version_id() else {
-                continue;
-            };
-            let Ok(value) = client
-                .get_secret_value()
+        for id in [
+            format!("kubeboot/{}/join", self.name),
+            format!("kubeboot/{}/certificate-key", self.name),
+        ] {
+            let Ok(versions) = client
+                .list_secret_version_ids()
                 .secret_id(&id)
-                .version_id(version)
+                .include_deprecated(true)
                 .send()
                 .await
             else {
                 continue;
             };
-            let body: serde_json::Value =
-                serde_json::from_str(value.secret_string().unwrap_or("{}")).unwrap_or_default();
-            if let Some(token) = body["token"].as_str() {
-                secrets.push(token.to_string());
-                if let Some((_, half)) = token.split_once('.') {
-                    secrets.push(half.to_string());
+            for v in versions.versions() {
+                let Some(version) = v.version_id() else {
+                    continue;
+                };
+                let Ok(value) = client
+                    .get_secret_value()
+                    .secret_id(&id)
+                    .version_id(version)
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let body: serde_json::Value =
+                    serde_json::from_str(value.secret_string().unwrap_or("{}")).unwrap_or_default();
+                if let Some(token) = body["token"].as_str() {
+                    secrets.push(token.to_string());
+                    if let Some((_, half)) = token.split_once('.') {
+                        secrets.push(half.to_string());
+                    }
                 }
-            }
-            if let Some(key) = body["certificate_key"].as_str() {
-                secrets.push(key.to_string());
+                if let Some(key) = body["certificate_key"].as_str() {
+                    secrets.push(key.to_string());
+                }
             }
         }
         secrets
@@ -418,6 +423,7 @@ impl SimCluster {
             aws_sdk_secretsmanager::Client::new(&sdk),
             aws_sdk_ssm::Client::new(&sdk),
             format!("kubeboot/{}/join", self.name),
+            format!("kubeboot/{}/certificate-key", self.name),
             format!("/kubeboot/{}", self.name),
         )
     }

@@ -239,6 +239,7 @@ impl JoinFixture {
             aws_sdk_secretsmanager::Client::new(sdk),
             aws_sdk_ssm::Client::new(sdk),
             self.secret.clone(),
+            format!("{}-key", self.secret),
             "/kubeboot/codes",
         )
     }
@@ -275,21 +276,21 @@ async fn unreadable_join_material_has_its_codes() {
 
     // Nothing was ever published under that name.
     let err = store
-        .read(&material.pointer("v-none".into(), SystemTime::now()))
+        .read(&material.pointer("v-none".into(), None, 1, SystemTime::now()))
         .await
         .expect_err("no secret");
     assert_eq!(err.code(), "KB-JOIN-006", "{err}");
 
     let version = fx.put("not json at all").await;
     let err = store
-        .read(&material.pointer(version, SystemTime::now()))
+        .read(&material.pointer(version, None, 1, SystemTime::now()))
         .await
         .expect_err("malformed");
     assert_eq!(err.code(), "KB-JOIN-003", "{err}");
 
     let version = fx.put("{\"format\": 99}").await;
     let err = store
-        .read(&material.pointer(version, SystemTime::now()))
+        .read(&material.pointer(version, None, 1, SystemTime::now()))
         .await
         .expect_err("another version's format");
     assert_eq!(err.code(), "KB-JOIN-004", "{err}");
@@ -298,7 +299,7 @@ async fn unreadable_join_material_has_its_codes() {
     let version = fx.put(body.expose()).await;
     let other = JoinMaterial::fresh("api.other.test:6443", pins(), SystemTime::now(), true);
     let err = store
-        .read(&other.pointer(version.clone(), SystemTime::now()))
+        .read(&other.pointer(version.clone(), None, 1, SystemTime::now()))
         .await
         .expect_err("pointer names another endpoint");
     assert_eq!(err.code(), "KB-JOIN-005", "{err}");
@@ -308,7 +309,7 @@ async fn unreadable_join_material_has_its_codes() {
     proxy.set_faults(FaultPlan::always(FaultKind::ServerError).only(&["GetSecretValue"]));
     let failing = fx.store_via(&no_retries(&at(&fx.sdk, &proxy.endpoint())));
     let err = failing
-        .read(&material.pointer(version, SystemTime::now()))
+        .read(&material.pointer(version, None, 1, SystemTime::now()))
         .await
         .expect_err("5xx");
     assert_eq!(err.code(), "KB-JOIN-007", "{err}");
@@ -632,4 +633,124 @@ async fn the_cli_reports_codes_for_an_empty_and_a_missing_table() {
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(line["code"], "KB-REG-003", "{stderr}");
     assert_eq!(line["explain"], "kubeboot explain KB-REG-003", "{stderr}");
+}
+
+/// A registry whose join pointer moves on after its first read, as if
+/// another publisher (a new generation's init) published meanwhile.
+struct Racing {
+    inner: Arc<Handle>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl kubeboot::registry::RegistryStore for Racing {
+    async fn read_state(
+        &self,
+    ) -> Result<Option<kubeboot::registry::ClusterState>, kubeboot::lock::StoreError> {
+        self.inner.read_state().await
+    }
+    async fn begin_init(
+        &self,
+        fence: kubeboot::lock::Fence,
+        expected_generation: u64,
+        claim: &InitClaim,
+    ) -> Result<kubeboot::registry::WriteResult, kubeboot::lock::StoreError> {
+        self.inner
+            .begin_init(fence, expected_generation, claim)
+            .await
+    }
+    async fn finish_init(
+        &self,
+        fence: kubeboot::lock::Fence,
+        generation: u64,
+        run_id: &str,
+        wall: SystemTime,
+    ) -> Result<kubeboot::registry::WriteResult, kubeboot::lock::StoreError> {
+        self.inner
+            .finish_init(fence, generation, run_id, wall)
+            .await
+    }
+    async fn put_member(
+        &self,
+        fence: kubeboot::lock::Fence,
+        record: &MemberRecord,
+    ) -> Result<kubeboot::registry::WriteResult, kubeboot::lock::StoreError> {
+        self.inner.put_member(fence, record).await
+    }
+    async fn delete_member(
+        &self,
+        fence: kubeboot::lock::Fence,
+        instance_id: &str,
+    ) -> Result<kubeboot::registry::WriteResult, kubeboot::lock::StoreError> {
+        self.inner.delete_member(fence, instance_id).await
+    }
+    async fn list_members(&self) -> Result<Vec<MemberRecord>, kubeboot::lock::StoreError> {
+        self.inner.list_members().await
+    }
+    async fn put_join(
+        &self,
+        fence: kubeboot::lock::Fence,
+        pointer: &kubeboot::registry::JoinPointer,
+    ) -> Result<kubeboot::registry::WriteResult, kubeboot::lock::StoreError> {
+        self.inner.put_join(fence, pointer).await
+    }
+    async fn read_join(
+        &self,
+    ) -> Result<Option<kubeboot::registry::JoinPointer>, kubeboot::lock::StoreError> {
+        let read = self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pointer = self.inner.read_join().await?;
+        Ok(pointer.map(|mut p| {
+            if read > 0 {
+                p.seq += 1;
+                p.secret_version = "v-published-meanwhile".into();
+            }
+            p
+        }))
+    }
+    async fn put_refresh(
+        &self,
+        request: &kubeboot::registry::RefreshRequest,
+    ) -> Result<(), kubeboot::lock::StoreError> {
+        self.inner.put_refresh(request).await
+    }
+    async fn read_refresh(
+        &self,
+    ) -> Result<Vec<kubeboot::registry::RefreshRequest>, kubeboot::lock::StoreError> {
+        self.inner.read_refresh().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_overtaken_by_another_publication_has_its_code() {
+    let fx = JoinFixture::new().await;
+    let mem = MemStore::new(7, Faults::none());
+    let who = "i-0000000000000000a";
+    let guard = mem_locker(&mem, who, quick())
+        .acquire(Purpose::Leader)
+        .await
+        .expect("leader lock");
+    // Published material whose token has run out: the leader must refresh.
+    let past = SystemTime::now() - Duration::from_secs(60);
+    let join = fx.store_via(&fx.sdk);
+    join.publish(
+        &mem_registry(&mem, who),
+        &guard,
+        &JoinMaterial {
+            token_expires_at: past,
+            ..JoinMaterial::fresh(ENDPOINT, pins(), past, true)
+        },
+        past,
+    )
+    .await
+    .expect("publish");
+    let racing = Registry::new(Arc::new(Racing {
+        inner: mem.handle(who),
+        reads: Default::default(),
+    }));
+    let leader = node("control-plane", "kubeboot-codes").await;
+    let kubeadm = kubeboot::kubeadm::Kubeadm::from_config(&leader.cfg);
+    let err = kubeboot::refresh::run_once(&leader.cfg, &kubeadm, &join, &racing, &guard)
+        .await
+        .expect_err("overtaken");
+    assert_eq!(err.code(), "KB-JOIN-010", "{err}");
+    assert!(err.to_string().contains("nothing was rotated"), "{err}");
 }

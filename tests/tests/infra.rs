@@ -131,7 +131,9 @@ fn retention_problems(s: &Stack) -> Vec<String> {
         "Table",
         "BackupBucket",
         "ClusterKey",
+        "SecretsKey",
         "JoinSecret",
+        "CertificateKeySecret",
         "LogGroup",
     ]
     .iter()
@@ -265,6 +267,10 @@ fn expected_resources(
             "arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{}-??????",
             cfg.aws.join_secret
         )]),
+        Resource::CertificateKeySecret => set(&[format!(
+            "arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{}-??????",
+            cfg.aws.certificate_key_secret
+        )]),
         Resource::SsmPrefix => set(&[
             param(kubeboot::join_material::SSM_ENDPOINT),
             param(kubeboot::join_material::SSM_CA_CERT_HASHES),
@@ -280,7 +286,7 @@ fn expected_resources(
                 )
             })
             .collect(),
-        Resource::ClusterKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["ClusterKey", "Arn"]})))]),
+        Resource::SecretsKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["SecretsKey", "Arn"]})))]),
         Resource::AnyInstance => set(&["*".to_string()]),
     }
 }
@@ -334,10 +340,11 @@ fn iam_problems(s: &Stack) -> Vec<String> {
                 Resource::Table,
                 Resource::Requests,
                 Resource::JoinSecret,
+                Resource::CertificateKeySecret,
                 Resource::SsmPrefix,
                 Resource::LifecycleQueue,
                 Resource::AutoScalingGroups,
-                Resource::ClusterKey,
+                Resource::SecretsKey,
                 Resource::AnyInstance,
             ]
             .into_iter()
@@ -368,12 +375,12 @@ fn iam_problems(s: &Stack) -> Vec<String> {
                     ));
                 }
             }
-            if kind == Resource::ClusterKey
+            if kind == Resource::SecretsKey
                 && scalar(&st["Condition"]["StringEquals"]["kms:ViaService"])
                     != format!("secretsmanager.{REGION}.amazonaws.com")
             {
                 p.push(format!(
-                    "{role_id}: the cluster key is usable outside Secrets Manager"
+                    "{role_id}: the secrets key is usable outside Secrets Manager"
                 ));
             }
             for action in strings(&st["Action"]) {
@@ -461,6 +468,11 @@ fn user_data_problems(s: &Stack) -> Vec<String> {
         expect("cluster.name", &cfg.cluster.name, &cluster(s));
         expect("aws.table", &cfg.aws.table, &table);
         expect("aws.join_secret", &cfg.aws.join_secret, &secret_name);
+        expect(
+            "aws.certificate_key_secret",
+            &cfg.aws.certificate_key_secret,
+            &scalar(&s.prop("CertificateKeySecret", "Name")),
+        );
         expect(
             "aws.ssm_prefix",
             &cfg.aws.ssm_prefix,
@@ -1169,6 +1181,213 @@ fn a_template_granting_dynamodb_star_fails() {
         problems
             .iter()
             .any(|p| p.contains("lacks dynamodb:GetItem")),
+        "{problems:?}"
+    );
+}
+
+/// Whoever reads the certificate key and holds a bootstrap token can decrypt
+/// the cluster's CA keys: the worker role must not reach the key's secret,
+/// by its own policy or the secret's, and the two secrets are apart.
+fn secret_split_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let (join, key) = (
+        scalar(&s.prop("JoinSecret", "Name")),
+        scalar(&s.prop("CertificateKeySecret", "Name")),
+    );
+    if join == key {
+        p.push(format!(
+            "the token and the certificate key share the secret {join}"
+        ));
+    }
+    // What the key secret's ARN looks like (Secrets Manager appends six characters).
+    let key_arn = format!("arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{key}-AbCdEf");
+    let (statements, _) = role_policies(s, "WorkerRole");
+    for st in statements.iter().filter(|st| st["Effect"] == "Allow") {
+        let reaches_key = strings(&st["Resource"])
+            .iter()
+            .any(|pattern| iam_glob(pattern, &key_arn));
+        let secrets_action = strings(&st["Action"])
+            .iter()
+            .any(|a| a.starts_with("secretsmanager:") || a == "*");
+        if reaches_key && secrets_action {
+            p.push(format!(
+                "WorkerRole statement {} reaches the certificate-key secret",
+                scalar(&st["Sid"])
+            ));
+        }
+    }
+    let worker_arn = s.eval(&json!({"Fn::GetAtt": ["WorkerRole", "Arn"]}));
+    let denies_workers = s
+        .of_type("AWS::SecretsManager::ResourcePolicy")
+        .iter()
+        .map(|id| s.eval(&s.resource(id)["Properties"]))
+        .filter(|props| props["SecretId"] == s.eval(&json!({"Ref": "CertificateKeySecret"})))
+        .flat_map(|props| {
+            props["ResourcePolicy"]["Statement"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .any(|st| {
+            st["Effect"] == "Deny"
+                && st["Principal"]["AWS"] == worker_arn
+                && strings(&st["Action"])
+                    .iter()
+                    .any(|a| a == "secretsmanager:*")
+        });
+    if !denies_workers {
+        p.push("the certificate-key secret's resource policy does not deny the worker role".into());
+    }
+    for (id, key_id) in [
+        ("JoinSecret", "SecretsKey"),
+        ("CertificateKeySecret", "SecretsKey"),
+    ] {
+        if s.prop(id, "KmsKeyId") != s.eval(&json!({"Fn::GetAtt": [key_id, "Arn"]})) {
+            p.push(format!("{id} is not encrypted with {key_id}"));
+        }
+    }
+    p
+}
+
+/// IAM's resource wildcards: `*` any run of characters, `?` one.
+fn iam_glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    // matches[i][j]: p[..i] matches t[..j]
+    let mut matches = vec![vec![false; t.len() + 1]; p.len() + 1];
+    matches[0][0] = true;
+    for i in 1..=p.len() {
+        for j in 0..=t.len() {
+            matches[i][j] = match p[i - 1] {
+                '*' => matches[i - 1][j] || (j > 0 && matches[i][j - 1]),
+                '?' => j > 0 && matches[i - 1][j - 1],
+                c => j > 0 && t[j - 1] == c && matches[i - 1][j - 1],
+            };
+        }
+    }
+    matches[p.len()][t.len()]
+}
+
+/// The secrets key serves the join secrets alone: no service principal in
+/// its policy. The cluster key lets CloudWatch use it only for this
+/// account's own alarms, and Logs only for the cluster's log group.
+fn kms_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let policy = |id: &str| {
+        s.eval(&s.resource(id)["Properties"]["KeyPolicy"]["Statement"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    for st in policy("SecretsKey") {
+        if st["Principal"]["Service"].is_string() {
+            p.push(format!(
+                "SecretsKey lets the service {} use it",
+                st["Principal"]["Service"]
+            ));
+        }
+    }
+    for st in policy("ClusterKey") {
+        let Some(service) = st["Principal"]["Service"].as_str().map(str::to_string) else {
+            continue;
+        };
+        let condition = &st["Condition"];
+        let scoped = if service.starts_with("logs.") {
+            !condition["ArnLike"]["kms:EncryptionContext:aws:logs:arn"].is_null()
+        } else {
+            scalar(&condition["StringEquals"]["aws:SourceAccount"]) == ACCOUNT
+                && scalar(&condition["ArnLike"]["aws:SourceArn"]).starts_with(&format!(
+                    "arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:kubeboot-{}-",
+                    cluster(s)
+                ))
+        };
+        if !scoped {
+            p.push(format!(
+                "ClusterKey lets {service} use it without a source account/ARN or context condition: {condition}"
+            ));
+        }
+    }
+    p
+}
+
+#[test]
+fn only_control_planes_can_reach_the_certificate_key_and_each_kms_key_serves_its_own() {
+    for s in stacks() {
+        assert_none(secret_split_problems(&s));
+        assert_none(kms_problems(&s));
+    }
+}
+
+#[test]
+fn a_worker_role_granted_the_certificate_key_fails() {
+    let s = edited(|t| {
+        let st = agent_statements(t, "WorkerRole")
+            .iter_mut()
+            .find(|st| st["Sid"] == "JoinSecret")
+            .expect("JoinSecret statement");
+        st["Resource"] = json!({"Fn::Sub": "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:${AWS::AccountId}:secret:kubeboot/${Stage}-${ClusterName}/*"});
+    });
+    let problems = secret_split_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p
+                .contains("WorkerRole statement JoinSecret reaches the certificate-key secret")),
+        "{problems:?}"
+    );
+    // Dropping the secret's own deny, or sharing one secret, is caught too.
+    let s = edited(|t| {
+        t["Resources"]
+            .as_object_mut()
+            .expect("resources")
+            .remove("CertificateKeySecretPolicy");
+        t["Resources"]["CertificateKeySecret"]["Properties"]["Name"] =
+            t["Resources"]["JoinSecret"]["Properties"]["Name"].clone();
+    });
+    let problems = secret_split_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("does not deny the worker role")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("share the secret")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_kms_key_open_to_cloudwatch_without_conditions_fails() {
+    let s = edited(|t| {
+        let statements = t["Resources"]["ClusterKey"]["Properties"]["KeyPolicy"]["Statement"]
+            .as_array_mut()
+            .expect("statements");
+        for st in statements.iter_mut() {
+            if st["Principal"]["Service"] == "cloudwatch.amazonaws.com" {
+                st.as_object_mut().expect("statement").remove("Condition");
+            }
+        }
+        let cw = statements
+            .iter()
+            .find(|st| st["Principal"]["Service"] == "cloudwatch.amazonaws.com")
+            .cloned()
+            .expect("cloudwatch statement");
+        t["Resources"]["SecretsKey"]["Properties"]["KeyPolicy"]["Statement"]
+            .as_array_mut()
+            .expect("statements")
+            .push(cw);
+    });
+    let problems = kms_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("ClusterKey lets cloudwatch.amazonaws.com use it without")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("SecretsKey lets the service")),
         "{problems:?}"
     );
 }

@@ -13,7 +13,7 @@ use kubeboot_tests::moto::Moto;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const LEASE: Duration = Duration::from_secs(3);
+const LEASE: Duration = Duration::from_secs(6);
 const MARGIN: Duration = Duration::from_secs(1);
 const ENDPOINT: &str = "api.cluster.test:6443";
 
@@ -61,6 +61,7 @@ impl Fixture {
             self.secrets(),
             self.ssm(),
             self.secret_name(),
+            format!("kubeboot/{}/certificate-key", self.cluster),
             format!("/kubeboot/{}", self.cluster),
         )
     }
@@ -429,4 +430,126 @@ async fn discovery_values_are_in_ssm_and_secrets_are_not() {
         }
     }
     guard.release().await.expect("release");
+}
+
+/// The SSM value of discovery parameter `name`.
+async fn parameter(fx: &Fixture, store: &JoinStore, name: &str) -> String {
+    fx.ssm()
+        .get_parameter()
+        .name(store.parameter(name))
+        .send()
+        .await
+        .expect("parameter exists")
+        .parameter()
+        .and_then(|p| p.value())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_whose_clock_runs_ahead_does_not_block_the_next_publication() {
+    let fx = Fixture::new().await;
+    let (store, registry) = (fx.join_store(), fx.registry());
+    let guard = fx
+        .locker(fx.lock_store(), "i-00000000000000001")
+        .acquire(Purpose::Leader)
+        .await
+        .expect("acquire");
+    // A publisher on a host whose clock is two hours ahead.
+    let ahead = now_ms() + Duration::from_secs(2 * 3600);
+    let first = store
+        .publish(
+            &registry,
+            &guard,
+            &JoinMaterial::fresh(ENDPOINT, pins(), ahead, true),
+            ahead,
+        )
+        .await
+        .expect("publish with a clock ahead");
+    // The next publication, from a host with the right time, is not refused:
+    // publications are ordered by their number, not by anyone's clock.
+    let now = now_ms();
+    let second = store
+        .publish(
+            &registry,
+            &guard,
+            &JoinMaterial::fresh(ENDPOINT, pins(), now, true),
+            now,
+        )
+        .await
+        .expect("a later publication with an earlier clock");
+    assert_eq!(second.seq, first.seq + 1);
+    assert_eq!(
+        registry.join_pointer().await.expect("read"),
+        Some(second.clone())
+    );
+    // A pointer write that skips or repeats a number is refused.
+    let again = JoinMaterial::fresh(ENDPOINT, pins(), now, true).pointer(
+        "v-late".into(),
+        None,
+        second.seq,
+        now,
+    );
+    let err = registry
+        .publish_join(&guard, &again)
+        .await
+        .expect_err("publication number already taken");
+    assert!(
+        matches!(err, kubeboot::registry::Error::Conflict { .. }),
+        "{err}"
+    );
+    guard.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_that_lost_its_lock_cannot_overwrite_the_discovery_values() {
+    let fx = Fixture::new().await;
+    let (store, registry) = (fx.join_store(), fx.registry());
+    let old = fx
+        .locker(Frozen(fx.lock_store()), "i-00000000000000001")
+        .acquire(Purpose::Init)
+        .await
+        .expect("old acquires");
+    // The new holder initialized a new generation with a new CA.
+    let new = fx
+        .locker(fx.lock_store(), "i-00000000000000002")
+        .acquire(Purpose::Init)
+        .await
+        .expect("new takes over");
+    let new_pins = vec![format!("sha256:{}", "12".repeat(32))];
+    store
+        .publish(
+            &registry,
+            &new,
+            &JoinMaterial::fresh(ENDPOINT, new_pins.clone(), now_ms(), true),
+            now_ms(),
+        )
+        .await
+        .expect("new publishes");
+
+    // The stale holder wakes up and publishes its generation's CA pin.
+    let stale_endpoint = "stale.cluster.test:6443";
+    let err = store
+        .publish(
+            &registry,
+            &old,
+            &JoinMaterial::fresh(stale_endpoint, pins(), now_ms(), true),
+            now_ms(),
+        )
+        .await
+        .expect_err("stale publisher refused");
+    assert!(
+        matches!(
+            err,
+            join_material::Error::Registry(kubeboot::registry::Error::LockLost { .. })
+        ),
+        "{err}"
+    );
+    // Operators and tools reading SSM still see the new generation's values.
+    assert_eq!(
+        parameter(&fx, &store, SSM_CA_CERT_HASHES).await,
+        new_pins.join(",")
+    );
+    assert_eq!(parameter(&fx, &store, SSM_ENDPOINT).await, ENDPOINT);
+    new.release().await.expect("release");
 }

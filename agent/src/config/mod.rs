@@ -648,6 +648,10 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
         == Some(true);
     if text("node.role") == Some("control-plane") && backups_on && !set("aws.backup_bucket") {
         inconsistent(
+        (
+            "aws.certificate_key_secret",
+            format!("kubeboot/{name}/certificate-key"),
+        ),
             "aws.backup_bucket",
             "backup.enabled",
             "control planes take backups but no bucket is set".into(),

@@ -80,6 +80,9 @@ pub struct Aws {
     pub region: Option<String>,
     pub table: String,
     pub join_secret: String,
+    /// Only the control-plane role can read it: whoever holds the key and
+    /// the uploaded certificates owns the cluster's CAs.
+    pub certificate_key_secret: String,
     pub ssm_prefix: String,
     pub lifecycle_queue_url: Option<String>,
     pub lifecycle_hook: String,

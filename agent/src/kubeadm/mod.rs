@@ -109,6 +109,29 @@ pub fn diagnose(output: &str) -> &'static str {
 }
 
 /// The kubeadm executable and where its configs go.
+/// A rendered kubeadm configuration on disk. It may hold the bootstrap token
+/// or the certificate key, so it lives exactly as long as the kubeadm run
+/// that reads it: dropped (success, failure, timeout, a stopped agent's
+/// cancelled future) means deleted.
+#[derive(Debug)]
+struct RenderedFile(PathBuf);
+
+impl RenderedFile {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RenderedFile {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %self.0.display(), error = %e, "cannot delete a rendered kubeadm configuration (it may hold a secret); delete it by hand"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Kubeadm {
     binary: PathBuf,
@@ -177,7 +200,8 @@ impl Kubeadm {
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
     ) -> Result<Outcome, Error> {
-        let path = self.write("kubeadm-init.yaml", rendered)?;
+        let file = self.write("kubeadm-init.yaml", rendered)?;
+        let path = file.path();
         let args = [
             "init".as_ref(),
             "--config".as_ref(),
@@ -193,7 +217,8 @@ impl Kubeadm {
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
     ) -> Result<Outcome, Error> {
-        let path = self.write("kubeadm-join.yaml", rendered)?;
+        let file = self.write("kubeadm-join.yaml", rendered)?;
+        let path = file.path();
         let args = ["join".as_ref(), "--config".as_ref(), path.as_os_str()];
         self.run("join", &args, self.join_timeout, secrets).await
     }
@@ -210,7 +235,8 @@ impl Kubeadm {
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
     ) -> Result<(), Error> {
-        let path = self.write("kubeadm-join.yaml", rendered)?;
+        let file = self.write("kubeadm-join.yaml", rendered)?;
+        let path = file.path();
         for (command, phase) in [
             (
                 "join phase control-plane-prepare download-certs",
@@ -238,7 +264,8 @@ impl Kubeadm {
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
     ) -> Result<Outcome, Error> {
-        let path = self.write("kubeadm-token.yaml", rendered)?;
+        let file = self.write("kubeadm-token.yaml", rendered)?;
+        let path = file.path();
         let admin = self.kubernetes_dir.join("admin.conf");
         let args = [
             "token".as_ref(),
@@ -259,7 +286,8 @@ impl Kubeadm {
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
     ) -> Result<Outcome, Error> {
-        let path = self.write("kubeadm-upload-certs.yaml", rendered)?;
+        let file = self.write("kubeadm-upload-certs.yaml", rendered)?;
+        let path = file.path();
         let admin = self.kubernetes_dir.join("admin.conf");
         let args = [
             "init".as_ref(),
@@ -309,13 +337,15 @@ impl Kubeadm {
         self.run("reset", &args, self.reset_timeout, &[]).await
     }
 
-    fn write(&self, name: &str, rendered: &config::Rendered) -> Result<PathBuf, Error> {
+    /// Writes a rendered configuration (0600) for one kubeadm run; the file
+    /// is deleted when the returned guard drops, however the run ends.
+    fn write(&self, name: &str, rendered: &config::Rendered) -> Result<RenderedFile, Error> {
         let path = self.run_dir.join(name);
         config::write_private(&path, rendered).map_err(|source| Error::WriteConfig {
             path: path.clone(),
             source,
         })?;
-        Ok(path)
+        Ok(RenderedFile(path))
     }
 
     async fn run(
@@ -497,12 +527,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn init_passes_an_argv_and_a_private_config() {
+    async fn init_passes_an_argv_and_a_private_config_that_is_gone_afterwards() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("args");
+        let mode = dir.path().join("mode");
         let bin = fake(
             dir.path(),
-            &format!("printf '%s\\n' \"$@\" > {}; echo ok", log.display()),
+            &format!(
+                "printf '%s\\n' \"$@\" > {}; stat -c %a \"$3\" > {}; echo ok",
+                log.display(),
+                mode.display()
+            ),
         );
         let k = Kubeadm::new(
             bin,
@@ -518,10 +553,20 @@ mod tests {
             args,
             format!("init\n--config\n{}\n--upload-certs\n", config.display())
         );
-        assert_eq!(
-            std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
-            0o600
+        assert_eq!(std::fs::read_to_string(&mode).unwrap().trim(), "600");
+        assert!(
+            !config.exists(),
+            "the config (it holds the token and the certificate key) outlived kubeadm"
         );
+        // A failing or timed-out run leaves nothing behind either.
+        let failing = Kubeadm::new(
+            fake(dir.path(), "sleep 5"),
+            dir.path().join("run"),
+            dir.path().join("k8s"),
+            Duration::from_millis(200),
+        );
+        failing.join(&rendered(), &[]).await.unwrap_err();
+        assert!(!config_path(&dir.path().join("run"), "join").exists());
     }
 
     #[tokio::test]

@@ -2,8 +2,8 @@
 //! ConditionCheck on the fencing lock item plus the record write.
 
 use super::{
-    ClusterState, InitClaim, JoinPointer, MemberRecord, Phase, RefreshRequest, RegistryStore,
-    WriteResult,
+    ClusterState, InitClaim, JoinPointer, MemberRecord, Origin, Phase, RefreshRequest,
+    RegistryStore, WriteResult,
 };
 use crate::lock::dynamo::{epoch_ms, lock_sk, store_error};
 use crate::lock::{Fence, StoreError, StoreErrorClass};
@@ -266,6 +266,10 @@ impl RegistryStore for DynamoRegistryStore {
     ) -> Result<WriteResult, StoreError> {
         let mut item = self.key(table::JOIN_SK.into());
         item.insert("secret_version".into(), s(&pointer.secret_version));
+        if let Some(key_version) = &pointer.key_version {
+            item.insert("key_version".into(), s(key_version));
+        }
+        item.insert("seq".into(), n(pointer.seq));
         item.insert("endpoint".into(), s(&pointer.endpoint));
         item.insert(
             "ca_cert_hashes".into(),
@@ -280,14 +284,22 @@ impl RegistryStore for DynamoRegistryStore {
         }
         item.insert("published_at".into(), n(epoch_ms(pointer.published_at)));
         item.insert("fence".into(), n(fence.value));
-        // A late-landing earlier publish must not roll the pointer back.
+        // Compare-and-swap on the publication number: a late-landing or
+        // concurrent publish cannot roll the pointer back or skip one, and no
+        // host's clock is compared with another's.
+        let previous = pointer.seq.saturating_sub(1);
         let put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(item))
-            .condition_expression("attribute_not_exists(#pk) OR #at <= :at")
-            .expression_attribute_names("#pk", table::PARTITION_KEY)
-            .expression_attribute_names("#at", "published_at")
-            .expression_attribute_values(":at", n(epoch_ms(pointer.published_at)))
+            .expression_attribute_names("#seq", "seq");
+        let put = if previous == 0 {
+            put.condition_expression("attribute_not_exists(#pk) OR attribute_not_exists(#seq)")
+                .expression_attribute_names("#pk", table::PARTITION_KEY)
+        } else {
+            put.condition_expression("#seq = :previous")
+                .expression_attribute_values(":previous", n(previous))
+        };
+        let put = put
             .build()
             .map_err(|e| invalid("publish join pointer", &e))?;
         self.transact(
@@ -312,32 +324,66 @@ impl RegistryStore for DynamoRegistryStore {
     }
 
     async fn put_refresh(&self, request: &RefreshRequest) -> Result<(), StoreError> {
-        let mut item = self.request_key(table::REFRESH_SK);
-        item.insert("requested_by".into(), s(&request.requested_by));
-        item.insert("what".into(), s(&request.what));
-        item.insert("stale_version".into(), s(&request.stale_version));
-        item.insert("requested_at".into(), n(epoch_ms(request.requested_at)));
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| store_error("request join material refresh", &e))?;
+        let operation = "request join material refresh";
+        match request.origin {
+            // Workers may write the request partition only (PutItem there).
+            Origin::Worker => {
+                let mut item = self.request_key(table::REFRESH_SK);
+                item.insert("requested_by".into(), s(&request.requested_by));
+                item.insert("what".into(), s(&request.what));
+                item.insert("stale_version".into(), s(&request.stale_version));
+                item.insert("requested_at".into(), n(epoch_ms(request.requested_at)));
+                self.client
+                    .put_item()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .send()
+                    .await
+                    .map_err(|e| store_error(operation, &e))?;
+            }
+            // Control planes write the cluster partition, which the worker
+            // role cannot (UpdateItem, which they already have for the locks).
+            Origin::ControlPlane => {
+                self.client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(self.key(table::REFRESH_SK.into())))
+                    .update_expression(
+                        "SET requested_by = :by, #what = :what, stale_version = :stale, requested_at = :at",
+                    )
+                    .expression_attribute_names("#what", "what")
+                    .expression_attribute_values(":by", s(&request.requested_by))
+                    .expression_attribute_values(":what", s(&request.what))
+                    .expression_attribute_values(":stale", s(&request.stale_version))
+                    .expression_attribute_values(":at", n(epoch_ms(request.requested_at)))
+                    .send()
+                    .await
+                    .map_err(|e| store_error(operation, &e))?;
+            }
+        }
         Ok(())
     }
 
-    async fn read_refresh(&self) -> Result<Option<RefreshRequest>, StoreError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.request_key(table::REFRESH_SK)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| store_error("read refresh request", &e))?;
-        out.item.as_ref().map(parse_refresh).transpose()
+    async fn read_refresh(&self) -> Result<Vec<RefreshRequest>, StoreError> {
+        let mut requests = Vec::new();
+        for (origin, key) in [
+            (Origin::Worker, self.request_key(table::REFRESH_SK)),
+            (Origin::ControlPlane, self.key(table::REFRESH_SK.into())),
+        ] {
+            let out = self
+                .client
+                .get_item()
+                .table_name(&self.table)
+                .set_key(Some(key))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| store_error("read refresh request", &e))?;
+            if let Some(item) = out.item.as_ref() {
+                requests.push(parse_refresh(item, origin)?);
+            }
+        }
+        Ok(requests)
     }
 
     async fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {
@@ -444,6 +490,13 @@ fn parse_join(item: &Item) -> Result<JoinPointer, StoreError> {
     Ok(JoinPointer {
         secret_version: text("secret_version")
             .ok_or_else(|| malformed("read join pointer", "secret_version"))?,
+        key_version: text("key_version"),
+        // A pointer an older agent wrote has no number: publication 0.
+        seq: item
+            .get("seq")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0),
         endpoint: text("endpoint").unwrap_or_default(),
         ca_cert_hashes: item
             .get("ca_cert_hashes")
@@ -457,7 +510,7 @@ fn parse_join(item: &Item) -> Result<JoinPointer, StoreError> {
     })
 }
 
-fn parse_refresh(item: &Item) -> Result<RefreshRequest, StoreError> {
+fn parse_refresh(item: &Item, origin: Origin) -> Result<RefreshRequest, StoreError> {
     let text = |k: &str| {
         item.get(k)
             .and_then(|v| v.as_s().ok())
@@ -465,6 +518,7 @@ fn parse_refresh(item: &Item) -> Result<RefreshRequest, StoreError> {
             .ok_or_else(|| malformed("read refresh request", k))
     };
     Ok(RefreshRequest {
+        origin,
         requested_by: text("requested_by")?,
         what: text("what")?,
         stale_version: text("stale_version")?,

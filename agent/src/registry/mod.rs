@@ -106,8 +106,17 @@ pub struct MemberRecord {
 /// the non-secret facts about it. The secret itself never enters the table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JoinPointer {
-    /// Secrets Manager `VersionId` holding the token and certificate key.
+    /// `VersionId` of the token secret (`aws.join_secret`): the token, the
+    /// endpoint and the CA pins. Every publication writes a new one, so it
+    /// also names the publication (refresh requests refer to it).
     pub secret_version: String,
+    /// `VersionId` of the certificate-key secret (`aws.certificate_key_secret`,
+    /// readable by control planes only), when certificates are uploaded.
+    pub key_version: Option<String>,
+    /// Publication number: a publish moves the pointer from `seq - 1` to
+    /// `seq` (compare-and-swap), so publications are ordered without
+    /// comparing clocks of different hosts.
+    pub seq: u64,
     pub endpoint: String,
     pub ca_cert_hashes: Vec<String>,
     #[serde(skip)]
@@ -121,10 +130,18 @@ pub struct JoinPointer {
 
 /// A joiner found the current join material too close to expiry and asks
 /// the leader for fresh material. Not fenced (joiners hold no lock that
-/// could fence it) and harmless: the latest request wins, and a pointer to
+/// could fence it): the latest request of each origin wins, and a pointer to
 /// any version other than `stale_version` fulfils it.
+///
+/// Where it is stored says who may have written it: workers can write only
+/// the request partition, so a request read from there is a worker's
+/// whatever it claims, and the leader grants a worker a token only. Rotations
+/// are rate-limited besides (`refresh::plan`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RefreshRequest {
+    /// Who may have written it, from where it was read (never from its content).
+    pub origin: Origin,
+    /// The instance id the requester gave (informational: not authenticated).
     pub requested_by: String,
     /// `token`, `certs` or `both`.
     pub what: String,
@@ -132,6 +149,16 @@ pub struct RefreshRequest {
     pub stale_version: String,
     #[serde(skip)]
     pub requested_at: SystemTime,
+}
+
+/// Which role could have written a refresh request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// The request partition, which every node role may write.
+    Worker,
+    /// The cluster partition, which only the control-plane role may write.
+    ControlPlane,
 }
 
 impl RefreshRequest {
@@ -182,21 +209,22 @@ pub trait RegistryStore: Send + Sync + 'static {
         instance_id: &str,
     ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
     fn list_members(&self) -> impl Future<Output = Result<Vec<MemberRecord>, StoreError>> + Send;
-    /// Points at new join material (no condition besides the fence: the latest holder wins).
+    /// Points at new join material: fenced, and only if the pointer is still
+    /// publication `pointer.seq - 1` (none yet, or one without a number, for 1).
     fn put_join(
         &self,
         fence: Fence,
         pointer: &JoinPointer,
     ) -> impl Future<Output = Result<WriteResult, StoreError>> + Send;
     fn read_join(&self) -> impl Future<Output = Result<Option<JoinPointer>, StoreError>> + Send;
-    /// Records a refresh request (unconditional: the latest request wins).
+    /// Records a refresh request where its origin may write (unconditional:
+    /// the latest request of that origin wins).
     fn put_refresh(
         &self,
         request: &RefreshRequest,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn read_refresh(
-        &self,
-    ) -> impl Future<Output = Result<Option<RefreshRequest>, StoreError>> + Send;
+    /// The requests of both origins, each with the origin of where it was read.
+    fn read_refresh(&self) -> impl Future<Output = Result<Vec<RefreshRequest>, StoreError>> + Send;
 }
 
 /// Registry failures.
@@ -315,8 +343,8 @@ impl<S: RegistryStore> Registry<S> {
             })
     }
 
-    /// The latest refresh request, if any was made.
-    pub async fn refresh_request(&self) -> Result<Option<RefreshRequest>, Error> {
+    /// The latest refresh request of each origin (at most two).
+    pub async fn refresh_requests(&self) -> Result<Vec<RefreshRequest>, Error> {
         self.store
             .read_refresh()
             .await
@@ -324,6 +352,15 @@ impl<S: RegistryStore> Registry<S> {
                 operation: "read refresh request",
                 source,
             })
+    }
+
+    /// The latest refresh request of any origin, if any was made.
+    pub async fn refresh_request(&self) -> Result<Option<RefreshRequest>, Error> {
+        Ok(self
+            .refresh_requests()
+            .await?
+            .into_iter()
+            .max_by_key(|r| r.requested_at))
     }
 
     /// Makes `pointer` the current join material (fenced: a holder that lost
@@ -342,7 +379,9 @@ impl<S: RegistryStore> Registry<S> {
             || self.store.put_join(fence, pointer),
             || async {
                 let current = self.join_pointer().await?;
-                Ok(current.is_some_and(|p| p.secret_version == pointer.secret_version))
+                Ok(current.is_some_and(|p| {
+                    p.seq == pointer.seq && p.secret_version == pointer.secret_version
+                }))
             },
         )
         .await
