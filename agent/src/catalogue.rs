@@ -314,9 +314,16 @@ catalogue! {
         cause: "A lifecycle message names an instance that Auto Scaling holds in another state or group: an old duplicate, or a notice forged by a principal that may send to the queue (any node of the cluster). It is deleted, nothing is drained or removed.",
         check: "CloudTrail for sqs:SendMessage on the lifecycle queue around the time, and the sending node's instance role.";
 
+    LIFE_NOT_IN_GROUP = "KB-LIFE-005", "a termination notice for an instance no Auto Scaling group holds",
+        cause: "A lifecycle message names an instance that Auto Scaling does not know: an old duplicate for an instance already terminated (the reconciler cleans up after it), or a notice forged by a principal that may send to the queue. It is deleted, nothing is drained or removed.",
+        check: "`aws autoscaling describe-auto-scaling-instances --instance-ids <id>`, CloudTrail for sqs:SendMessage on the lifecycle queue around the time.";
+
     RECON_EC2 = "KB-RECON-001", "cannot ask EC2 which instances run",
         cause: "EC2 DescribeInstances failed (permissions, throttling); the reconciler removes nothing while it cannot ask.",
         check: "ec2:DescribeInstances for the role, aws.endpoints.ec2.";
+    RECON_LEADER_NOT_RUNNING = "KB-RECON-002", "EC2 does not report this leader running: its answer is not trusted",
+        cause: "DescribeInstances did not list the leader's own instance as running: the agent asks the wrong region or endpoint, or EC2 answered from stale or partial data. The reconciler removes nothing on such an answer.",
+        check: "the region the agent uses (IMDS placement, aws.endpoints.ec2) against the instances' region; `aws ec2 describe-instances --instance-ids <this instance>`.";
 
     CERT_READ = "KB-CERT-001", "cannot read a kubeadm certificate",
         cause: "A leaf certificate, CA or kubeconfig kubeadm writes on every control plane is missing or unreadable under paths.kubernetes_dir: the node's init or join did not finish, or paths.kubernetes_dir is wrong. Its expiry is unknown, so it is neither reported nor renewed.",
@@ -603,6 +610,7 @@ impl Coded for lifecycle::Error {
             E::Message { .. } => &LIFE_MESSAGE,
             E::AutoScaling { .. } => &LIFE_AUTOSCALING,
             E::NotTerminating { .. } => &LIFE_NOT_TERMINATING,
+            E::NotInGroup { .. } => &LIFE_NOT_IN_GROUP,
             E::Sqs { .. } => &LIFE_SQS,
             E::Registry(e) => e.entry(),
         }
@@ -614,6 +622,7 @@ impl Coded for reconciler::Error {
         use reconciler::Error as E;
         match self {
             E::Ec2 { .. } => &RECON_EC2,
+            E::LeaderNotRunning { .. } => &RECON_LEADER_NOT_RUNNING,
             E::Membership(e) => e.entry(),
             E::Registry(e) => e.entry(),
             E::Lock(e) => e.entry(),

@@ -297,6 +297,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             &self.registry,
             &self.locker,
             &self.instances,
+            &self.identity.instance_id,
             &mut suspects,
         )
         .instrument(telemetry::phase("reconcile"))

@@ -43,12 +43,21 @@ pub enum Error {
         class: RetryClass,
         message: String,
     },
-    #[error("lifecycle message says {instance_id} of {claimed_asg} is terminating, but Auto Scaling has it {state} in {asg}: not acted on")]
+    #[error(
+        "lifecycle message says {instance_id} of {claimed_asg} is terminating, but Auto Scaling has it {state} in {asg}: not acted on"
+    )]
     NotTerminating {
         instance_id: String,
         claimed_asg: String,
         asg: String,
         state: String,
+    },
+    #[error(
+        "lifecycle message says {instance_id} of {claimed_asg} is terminating, but no Auto Scaling group holds it: not acted on"
+    )]
+    NotInGroup {
+        instance_id: String,
+        claimed_asg: String,
     },
     #[error("SQS {operation} on {queue}: {message}")]
     Sqs {
@@ -67,6 +76,7 @@ impl Error {
             Error::Message { .. } => "the queue should only receive the ASG lifecycle hook's messages (EventBridge rule or hook target); the message is deleted".into(),
             Error::AutoScaling { .. } => "check the instance role may call autoscaling:DescribeAutoScalingInstances, CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
             Error::NotTerminating { .. } => "a stale or forged notice: only EventBridge and the cluster's own nodes may send to the queue; if it was not an old duplicate, check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
+            Error::NotInGroup { .. } => "an old notice for an instance already gone (the reconciler removes what it left once EC2 no longer runs it), or a forged one: check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
             Error::Sqs { .. } => "check aws.lifecycle_queue_url and that the role may receive and delete messages on it".into(),
             Error::Registry(e) => e.hint(),
         }
@@ -263,11 +273,15 @@ pub struct Placement {
 /// Whether a queued termination may be acted on: the queue accepts messages
 /// from any node of the cluster, so a message alone is not proof. Auto
 /// Scaling must have the instance terminating in the group the message
-/// names, or no longer hold it at all (gone: cleaning up after it is what the
-/// reconciler would do too).
+/// names. An instance no group holds is refused too: a notice forged for an
+/// instance outside every group, or an old one for an instance already gone
+/// (the reconciler cleans up after that one, on EC2's word).
 pub fn vet(action: &Action, seen: Option<&Placement>) -> Result<(), Error> {
     match seen {
-        None => Ok(()),
+        None => Err(Error::NotInGroup {
+            instance_id: action.instance_id.clone(),
+            claimed_asg: action.asg.clone(),
+        }),
         Some(p) if p.asg == action.asg && p.state.starts_with("Terminating") => Ok(()),
         Some(p) => Err(Error::NotTerminating {
             instance_id: action.instance_id.clone(),
@@ -413,6 +427,111 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
+/// How many workers of one batch are drained at once: each drain is mostly
+/// waiting on evictions, but every one lists and evicts Pods through the API
+/// server.
+pub const CONCURRENT_DRAINS: usize = 4;
+
+/// What the handlings of one batch share: control-plane removals go one at a
+/// time (each takes the `membership` lock; this process's handlings queue
+/// here rather than compete for it), workers' drains at most
+/// [`CONCURRENT_DRAINS`] at once.
+pub struct Limits {
+    removals: tokio::sync::Mutex<()>,
+    drains: tokio::sync::Semaphore,
+}
+
+impl Limits {
+    pub fn new() -> Self {
+        Limits {
+            removals: tokio::sync::Mutex::new(()),
+            drains: tokio::sync::Semaphore::new(CONCURRENT_DRAINS),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs `work` with `companion` beside it in the same future, and returns
+/// the work's output. No task is spawned: when the work ends, or the caller
+/// drops the whole future (a leader that lost its lock drops its turn), the
+/// companion stops with it. A heartbeat or a visibility keeper must never
+/// outlive the handling it serves.
+pub async fn alongside<T>(
+    work: impl std::future::Future<Output = T>,
+    companion: impl std::future::Future<Output = std::convert::Infallible>,
+) -> T {
+    tokio::pin!(work, companion);
+    tokio::select! {
+        biased;
+        out = &mut work => out,
+        never = &mut companion => match never {},
+    }
+}
+
+/// Heartbeats `action` at once and then every `every`, forever: run it
+/// [`alongside`] the work. The first beat counts from receipt, so an action
+/// waiting for its turn in a batch does not reach its heartbeat timeout.
+async fn keep_alive(hooks: &Hooks, action: &Action, every: Duration) -> std::convert::Infallible {
+    loop {
+        match hooks.heartbeat(action).await {
+            Ok(()) => {
+                tracing::info!(instance_id = %action.instance_id, "lifecycle action heartbeat")
+            }
+            Err(e) => {
+                tracing::warn!(instance_id = %action.instance_id, code = e.code(), error = %e, "lifecycle action heartbeat failed")
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Keeps a message hidden while it is handled, forever: run it
+/// [`alongside`] the handling. Once the handling ends or is dropped, the
+/// message is visible again within `visibility`.
+async fn keep_hidden(
+    queue: &Queue,
+    receipt: &str,
+    visibility: Duration,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(visibility / 2).await;
+        if let Err(e) = queue.extend(receipt, visibility).await {
+            tracing::warn!(code = e.code(), error = %e, "cannot keep the lifecycle message hidden");
+        }
+    }
+}
+
+/// Runs every future to its end within the caller's task, outputs in input
+/// order: like spawning them, but dropping the caller drops them all.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
 /// Cleans up after a terminating instance and completes its action (I5).
 pub async fn handle_termination<L: LockStore, R: RegistryStore>(
     cfg: &Config,
@@ -421,7 +540,25 @@ pub async fn handle_termination<L: LockStore, R: RegistryStore>(
     hooks: &Hooks,
     action: &Action,
 ) -> Result<Report, Error> {
-    let outcome = clean_up_and_complete(cfg, registry, locker, hooks, action).await;
+    let limits = Limits::new();
+    alongside(
+        handle_limited(cfg, registry, locker, hooks, action, &limits),
+        keep_alive(hooks, action, cfg.daemon.lifecycle_heartbeat),
+    )
+    .await
+}
+
+/// [`handle_termination`] without its heartbeat (the caller keeps the
+/// action alive), within a batch's `limits`; metered.
+async fn handle_limited<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    hooks: &Hooks,
+    action: &Action,
+    limits: &Limits,
+) -> Result<Report, Error> {
+    let outcome = clean_up_and_complete(cfg, registry, locker, hooks, action, limits).await;
     let counter = match outcome {
         Ok(_) => metrics::LIFECYCLE_ACTIONS_COMPLETED,
         Err(_) => metrics::LIFECYCLE_ACTIONS_FAILED,
@@ -430,32 +567,50 @@ pub async fn handle_termination<L: LockStore, R: RegistryStore>(
     outcome
 }
 
+/// The etcd member of a control plane that has no MEMBER record (a crash
+/// between its join and the record, or a record deleted by hand): kubeadm
+/// names a stacked etcd member after its Node. `None` when etcd has no such
+/// member (a worker), or when etcd cannot be asked (logged: the member, if
+/// any, is then left to the reconciler).
+async fn unrecorded_member(
+    cfg: &Config,
+    records: &[crate::registry::MemberRecord],
+    node: &str,
+) -> Option<(Etcd, u64)> {
+    let settings = etcd::Settings::from_config(cfg);
+    let endpoints = etcd::recorded_endpoints(records, &settings);
+    let found = async {
+        let etcd = Etcd::connect_any(&endpoints, &settings).await?;
+        let members = etcd.members().await?;
+        let id = members.iter().find(|m| m.name == node).map(|m| m.id);
+        Ok::<_, etcd::Error>(id.map(|id| (etcd, id)))
+    };
+    match found.await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(node, code = e.code(), error = %e, hint = %e.hint(), "cannot ask etcd whether this unrecorded instance is a control plane; handled as a worker");
+            None
+        }
+    }
+}
+
+/// How a terminating control plane is known.
+enum Leaving<'a> {
+    /// By its MEMBER record.
+    Recorded(&'a crate::registry::MemberRecord),
+    /// By its Node's name among etcd's members (through that client).
+    Unrecorded(Box<Etcd>, u64),
+}
+
 async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
     cfg: &Config,
     registry: &Registry<R>,
     locker: &Locker<L>,
     hooks: &Hooks,
     action: &Action,
+    limits: &Limits,
 ) -> Result<Report, Error> {
     let started = Instant::now();
-    let heartbeat = {
-        let hooks = hooks.clone();
-        let action = action.clone();
-        let every = cfg.daemon.lifecycle_heartbeat;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match hooks.heartbeat(&action).await {
-                    Ok(()) => {
-                        tracing::info!(instance_id = %action.instance_id, "lifecycle action heartbeat")
-                    }
-                    Err(e) => {
-                        tracing::warn!(code = e.code(), error = %e, "lifecycle action heartbeat failed")
-                    }
-                }
-            }
-        })
-    };
     let mut failures = Vec::new();
     let records = registry.members().await?;
     let record = records
@@ -484,27 +639,52 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
         },
         None => None,
     };
+    // A control plane is one etcd knows: by its record, else by its Node's
+    // name among the members (never drained as a worker, its member left).
+    let unrecorded = match (&record, &node) {
+        (None, Some(name)) => unrecorded_member(cfg, &records, name).await,
+        _ => None,
+    };
+    let leaving = match (&record, unrecorded) {
+        (Some(r), _) => Some(Leaving::Recorded(r)),
+        (None, Some((etcd, id))) => Some(Leaving::Unrecorded(Box::new(etcd), id)),
+        (None, None) => None,
+    };
+    let control_plane = leaving.is_some();
     let mut member = None;
-    if let Some(r) = &record {
-        node = node.or_else(|| (!r.name.is_empty()).then(|| r.name.clone()));
-        let settings = etcd::Settings::from_config(cfg);
-        let endpoints: Vec<String> = etcd::recorded_endpoints(&records, &settings)
-            .into_iter()
-            .filter(|e| etcd::host_of(e) != etcd::host_of(&r.peer_url))
-            .collect();
+    if let Some(leaving) = leaving {
+        let _serialized = limits.removals.lock().await;
+        crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
         let removal = async {
-            let etcd = Etcd::connect_any(&endpoints, &settings)
-                .await
-                .map_err(membership::Error::from)?;
-            membership::remove(
+            let (etcd, target) = match leaving {
+                Leaving::Recorded(r) => {
+                    let settings = etcd::Settings::from_config(cfg);
+                    let endpoints: Vec<String> = etcd::recorded_endpoints(&records, &settings)
+                        .into_iter()
+                        .filter(|e| etcd::host_of(e) != etcd::host_of(&r.peer_url))
+                        .collect();
+                    let etcd = Etcd::connect_any(&endpoints, &settings)
+                        .await
+                        .map_err(membership::Error::from)?;
+                    (etcd, Target::Instance(action.instance_id.clone()))
+                }
+                Leaving::Unrecorded(etcd, id) => {
+                    tracing::warn!(instance_id = %action.instance_id, member_id = %format!("{id:016x}"), "a control plane without a member record: its etcd member is found by its Node's name");
+                    (*etcd, Target::Member(id))
+                }
+            };
+            membership::remove_in(
                 &etcd,
                 registry,
                 locker,
-                &Target::Instance(action.instance_id.clone()),
-                false,
+                &target,
+                crate::quorum::Context::Terminating,
             )
             .await
         };
+        if let Some(r) = &record {
+            node = node.or_else(|| (!r.name.is_empty()).then(|| r.name.clone()));
+        }
         match removal.await {
             Ok(outcome) => {
                 member = outcome.removed.map(|r| format!("{:016x}", r.id));
@@ -516,6 +696,8 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
         }
     } else if let (Some(k), Some(name)) = (&kube, &node) {
         let drained = async {
+            // Closed only when the batch is dropped; then nothing drains.
+            let _slot = limits.drains.acquire().await;
             k.cordon(name).await?;
             k.drain(name, cfg.timeouts.drain).await
         };
@@ -540,12 +722,10 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
         }
     }
     crate::failpoint::crash_point("lifecycle:after-cleanup");
-    let completion = hooks.complete(action).await;
-    heartbeat.abort();
-    let completion = completion?;
+    let completion = hooks.complete(action).await?;
     let report = Report {
         instance_id: action.instance_id.clone(),
-        control_plane: record.is_some(),
+        control_plane,
         member,
         node,
         cleanup_failures: failures,
@@ -606,8 +786,10 @@ pub async fn own_termination_due(
     }))
 }
 
-/// One pass over the queue: each termination handled and its message
-/// deleted; messages that cannot be handled now stay for the next turn.
+/// One pass over the queue: the terminations of a batch are handled
+/// together (each heartbeated and kept hidden from receipt, workers drained
+/// concurrently, control planes removed one at a time) and each message
+/// deleted once handled; messages that cannot be handled now come back.
 pub async fn drain_queue<L: LockStore, R: RegistryStore>(
     cfg: &Config,
     queue: &Queue,
@@ -616,53 +798,13 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
     hooks: &Hooks,
 ) -> Result<Vec<Report>, Error> {
     // Short visibility, extended while a message is handled: if this leader
-    // dies, the next one sees the message again within one heartbeat period.
+    // dies or stops leading, the next one sees the message again within one
+    // heartbeat period.
     let visibility = cfg.daemon.lifecycle_heartbeat;
-    let mut reports = Vec::new();
+    let mut batch = Vec::new();
     for message in queue.receive(visibility).await? {
-        // Each message may take a whole drain: that is progress, not a hang.
-        crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
         match parse_message(&message.body) {
-            Ok(Event::Terminating(action)) => {
-                match hooks.placement(&action).await {
-                    Ok(seen) => {
-                        if let Err(e) = vet(&action, seen.as_ref()) {
-                            tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle message refused and deleted");
-                            queue.delete(&message.receipt).await?;
-                            continue;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "cannot check the termination with Auto Scaling; the message comes back");
-                        continue;
-                    }
-                }
-                tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");
-                let keeper = {
-                    let queue = queue.clone();
-                    let receipt = message.receipt.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::time::sleep(visibility / 2).await;
-                            if let Err(e) = queue.extend(&receipt, visibility).await {
-                                tracing::warn!(code = e.code(), error = %e, "cannot keep the lifecycle message hidden");
-                            }
-                        }
-                    })
-                };
-                let handled = handle_termination(cfg, registry, locker, hooks, &action).await;
-                keeper.abort();
-                match handled {
-                    Ok(report) => {
-                        crate::failpoint::crash_point("lifecycle:after-complete");
-                        reports.push(report);
-                        queue.delete(&message.receipt).await?;
-                    }
-                    Err(e) => {
-                        tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "termination not completed; the message comes back");
-                    }
-                }
-            }
+            Ok(Event::Terminating(action)) => batch.push((message, action)),
             Ok(Event::Test) => {
                 tracing::info!("lifecycle hook test notification");
                 queue.delete(&message.receipt).await?;
@@ -677,7 +819,76 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
             }
         }
     }
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    // A batch may take a whole drain: that is progress, not a hang.
+    crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
+    let limits = Limits::new();
+    let handlings: Vec<_> = batch
+        .iter()
+        .map(|(message, action)| {
+            alongside(
+                handle_message(
+                    cfg, queue, registry, locker, hooks, action, message, &limits,
+                ),
+                keep_hidden(queue, &message.receipt, visibility),
+            )
+        })
+        .collect();
+    let mut reports = Vec::new();
+    for outcome in join_all(handlings).await {
+        if let Some(report) = outcome? {
+            reports.push(report);
+        }
+    }
     Ok(reports)
+}
+
+/// One termination of a batch: vetted with Auto Scaling, handled while its
+/// action is heartbeated, its message deleted. `None` when it was refused
+/// or comes back later.
+#[allow(clippy::too_many_arguments)]
+async fn handle_message<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    queue: &Queue,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    hooks: &Hooks,
+    action: &Action,
+    message: &Received,
+    limits: &Limits,
+) -> Result<Option<Report>, Error> {
+    match hooks.placement(action).await {
+        Ok(seen) => {
+            if let Err(e) = vet(action, seen.as_ref()) {
+                tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle message refused and deleted");
+                queue.delete(&message.receipt).await?;
+                return Ok(None);
+            }
+        }
+        Err(e) => {
+            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "cannot check the termination with Auto Scaling; the message comes back");
+            return Ok(None);
+        }
+    }
+    tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");
+    let handled = alongside(
+        handle_limited(cfg, registry, locker, hooks, action, limits),
+        keep_alive(hooks, action, cfg.daemon.lifecycle_heartbeat),
+    )
+    .await;
+    match handled {
+        Ok(report) => {
+            crate::failpoint::crash_point("lifecycle:after-complete");
+            queue.delete(&message.receipt).await?;
+            Ok(Some(report))
+        }
+        Err(e) => {
+            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "termination not completed; the message comes back");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -712,11 +923,12 @@ mod tests {
     }
 
     #[test]
-    fn a_notice_is_acted_on_only_while_auto_scaling_terminates_the_instance_or_after_it_is_gone() {
+    fn a_notice_is_acted_on_only_while_auto_scaling_terminates_the_instance_in_its_group() {
         let a = action();
         assert!(vet(&a, Some(&at("prod-a-control-plane", "Terminating:Wait"))).is_ok());
         assert!(vet(&a, Some(&at("prod-a-control-plane", "Terminating:Proceed"))).is_ok());
-        assert!(vet(&a, None).is_ok(), "gone: clean up after it");
+        let err = vet(&a, None).expect_err("no group holds it");
+        assert_eq!(err.code(), "KB-LIFE-005", "{err}");
         for (asg, state) in [
             ("prod-a-control-plane", "InService"),
             ("prod-a-control-plane", "Standby"),

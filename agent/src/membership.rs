@@ -77,8 +77,7 @@ impl std::fmt::Display for Target {
 }
 
 /// The forms [`parse_target`] accepts, for error messages.
-pub const TARGET_FORMS: &str =
-    "an instance id (i- and 8 or 17 hex digits) or an etcd member id (1-16 hex digits, as etcdctl prints it)";
+pub const TARGET_FORMS: &str = "an instance id (i- and 8 or 17 hex digits) or an etcd member id (1-16 hex digits, as etcdctl prints it)";
 
 /// Parses `i-0123456789abcdef0` or a hex member id (`8e9e05c52164694d`).
 pub fn parse_target(s: &str) -> Option<Target> {
@@ -181,7 +180,8 @@ pub struct Outcome {
     pub forgot: Option<String>,
 }
 
-/// Removes `target` under the membership lock and the quorum guard.
+/// Removes `target` under the membership lock and the quorum guard, as an
+/// operator's choice (`force` lifts the two-voter rule).
 pub async fn remove<L: LockStore, R: RegistryStore>(
     etcd: &Etcd,
     registry: &Registry<R>,
@@ -189,8 +189,27 @@ pub async fn remove<L: LockStore, R: RegistryStore>(
     target: &Target,
     force: bool,
 ) -> Result<Outcome, Error> {
+    remove_in(
+        etcd,
+        registry,
+        locker,
+        target,
+        quorum::Context::Operator { force },
+    )
+    .await
+}
+
+/// [`remove`], judged in `context` (a terminating instance's member is
+/// judged by the cluster after the termination).
+pub async fn remove_in<L: LockStore, R: RegistryStore>(
+    etcd: &Etcd,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    target: &Target,
+    context: quorum::Context,
+) -> Result<Outcome, Error> {
     let guard = locker.acquire(Purpose::Membership).await?;
-    let result = remove_locked(etcd, registry, &guard, target, force).await;
+    let result = remove_locked_in(etcd, registry, &guard, target, context).await;
     let _ = guard.release().await;
     result
 }
@@ -207,12 +226,30 @@ pub async fn remove_locked<R: RegistryStore>(
     target: &Target,
     force: bool,
 ) -> Result<Outcome, Error> {
+    remove_locked_in(
+        etcd,
+        registry,
+        guard,
+        target,
+        quorum::Context::Operator { force },
+    )
+    .await
+}
+
+/// [`remove_in`] for a caller that already holds the `membership` lock.
+pub async fn remove_locked_in<R: RegistryStore>(
+    etcd: &Etcd,
+    registry: &Registry<R>,
+    guard: &Guard,
+    target: &Target,
+    context: quorum::Context,
+) -> Result<Outcome, Error> {
     let health = etcd.health(&etcd.members().await?).await;
     let records = registry.members().await?;
     let (id, record) = resolve(target, &health, &records)?;
     let mut removed = None;
     if let Some(id) = id {
-        let verdict = quorum::check_removal(&health, id, force)?;
+        let verdict = quorum::judge(&health, id, context)?;
         if verdict.forced {
             tracing::warn!(member_id = %format!("{id:016x}"), "FORCED removal from a two-member cluster: one more failure loses the cluster");
         }

@@ -6,8 +6,12 @@
 //! Rules:
 //! - a learner does not vote: removing it never changes quorum;
 //! - the last voting member is never removed (that is the cluster);
-//! - a cluster of two voters is not shrunk unless an operator forces it
-//!   (one more failure would then be total);
+//! - a cluster of two voters is not shrunk by an operator's choice unless
+//!   forced (one more failure would then be total);
+//! - a member whose instance is terminating leaves whatever we decide, so
+//!   the cluster is judged as it will be after the termination: removing it
+//!   first is right whenever the others keep quorum, two voters included
+//!   (1 healthy of 1 keeps quorum; keeping it would leave 1 of 2, none);
 //! - otherwise the healthy voters that remain must reach quorum of the new
 //!   size (`voters_after / 2 + 1`). Force does not lift this: etcd could not
 //!   commit the change anyway, and trying makes things worse.
@@ -21,9 +25,13 @@ pub enum Refusal {
     NotAMember { id: u64 },
     #[error("member {id:016x} is the last voting member: removing it would destroy the cluster")]
     LastVoter { id: u64 },
-    #[error("the cluster has only {voters} voting members: removing one leaves no tolerance for any failure")]
+    #[error(
+        "the cluster has only {voters} voting members: removing one leaves no tolerance for any failure"
+    )]
     TwoVoters { voters: usize },
-    #[error("removing member {id:016x} would leave {healthy_after} healthy of {voters_after} voting members, below quorum {quorum_after}; unhealthy now: {unhealthy}")]
+    #[error(
+        "removing member {id:016x} would leave {healthy_after} healthy of {voters_after} voting members, below quorum {quorum_after}; unhealthy now: {unhealthy}"
+    )]
     BelowQuorum {
         id: u64,
         healthy_after: usize,
@@ -61,14 +69,31 @@ pub struct Removal {
     pub forced: bool,
 }
 
+/// Why a member is to be removed: the judgement differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// An operator (or a join's cleanup) chooses to shrink the cluster; the
+    /// two-voter rule holds unless `force`.
+    Operator { force: bool },
+    /// Its instance is terminating (or gone): the member leaves either way,
+    /// so only the cluster after it matters.
+    Terminating,
+}
+
 /// Quorum of a cluster of `voters` voting members.
 pub fn quorum(voters: usize) -> usize {
     voters / 2 + 1
 }
 
-/// Whether removing member `id` from the cluster described by `health` is
-/// safe (see the module rules). `force` lifts only the two-voter rule.
+/// Whether an operator may remove member `id` from the cluster described by
+/// `health` (see the module rules). `force` lifts only the two-voter rule.
 pub fn check_removal(health: &[Health], id: u64, force: bool) -> Result<Removal, Refusal> {
+    judge(health, id, Context::Operator { force })
+}
+
+/// Whether removing member `id` from the cluster described by `health` is
+/// safe in `context` (see the module rules).
+pub fn judge(health: &[Health], id: u64, context: Context) -> Result<Removal, Refusal> {
     let target = health
         .iter()
         .find(|h| h.member.id == id)
@@ -109,18 +134,22 @@ pub fn check_removal(health: &[Health], id: u64, force: bool) -> Result<Removal,
             },
         });
     }
-    if voters.len() == 2 && !force {
-        return Err(Refusal::TwoVoters {
-            voters: voters.len(),
-        });
-    }
+    let forced = match context {
+        Context::Operator { force: false } if voters.len() == 2 => {
+            return Err(Refusal::TwoVoters {
+                voters: voters.len(),
+            });
+        }
+        Context::Operator { force } => force && voters.len() == 2,
+        Context::Terminating => false,
+    };
     Ok(Removal {
         id,
         learner: false,
         voters_after,
         healthy_voters_after: healthy_after,
         quorum_after,
-        forced: voters.len() == 2,
+        forced,
     })
 }
 
@@ -167,28 +196,42 @@ mod tests {
                     .filter(|h| !h.member.is_learner && h.healthy)
                     .count();
                 for target in &cluster {
-                    for force in [false, true] {
+                    for context in [
+                        Context::Operator { force: false },
+                        Context::Operator { force: true },
+                        Context::Terminating,
+                    ] {
                         checked += 1;
-                        let verdict = check_removal(&cluster, target.member.id, force);
+                        let verdict = judge(&cluster, target.member.id, context);
                         let learner = target.member.is_learner;
                         let after = voters - usize::from(!learner);
                         let healthy_after = healthy - usize::from(!learner && target.healthy);
+                        let operator_may_shrink_two = context != Context::Operator { force: false };
                         let safe = learner
                             || (voters > 1
                                 && healthy_after >= quorum(after)
-                                && (voters > 2 || force));
+                                && (voters > 2 || operator_may_shrink_two));
                         assert_eq!(
                             verdict.is_ok(),
                             safe,
-                            "cluster {cluster:?} remove {} force {force}: {verdict:?}",
+                            "cluster {cluster:?} remove {} {context:?}: {verdict:?}",
                             target.member.id
                         );
                         match verdict {
                             Ok(r) => {
                                 assert!(learner || r.healthy_voters_after >= r.quorum_after);
-                                assert_eq!(r.forced, !learner && voters == 2);
+                                assert_eq!(
+                                    r.forced,
+                                    !learner
+                                        && voters == 2
+                                        && context == Context::Operator { force: true }
+                                );
                             }
-                            Err(Refusal::TwoVoters { .. }) => assert!(!force && voters == 2),
+                            Err(Refusal::TwoVoters { .. }) => {
+                                assert!(
+                                    context == Context::Operator { force: false } && voters == 2
+                                )
+                            }
                             Err(Refusal::LastVoter { .. }) => assert_eq!(voters, 1),
                             Err(Refusal::BelowQuorum {
                                 healthy_after: h,
@@ -201,7 +244,7 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 20_000, "{checked}");
+        assert!(checked > 30_000, "{checked}");
     }
 
     #[test]
@@ -243,6 +286,40 @@ mod tests {
         assert_eq!(
             check_removal(&two, 9, false),
             Err(Refusal::NotAMember { id: 9 })
+        );
+    }
+
+    #[test]
+    fn a_terminating_member_of_two_goes_first_because_the_survivor_then_keeps_quorum() {
+        let two = [member(1, false, true), member(2, false, true)];
+        let r = judge(&two, 2, Context::Terminating).expect("terminating member of two");
+        assert_eq!(
+            (
+                r.voters_after,
+                r.healthy_voters_after,
+                r.quorum_after,
+                r.forced
+            ),
+            (1, 1, 1, false)
+        );
+        // The operator's rule is unchanged: two voters refuse without force.
+        assert_eq!(
+            judge(&two, 2, Context::Operator { force: false }),
+            Err(Refusal::TwoVoters { voters: 2 })
+        );
+        // Termination does not lift the quorum rule or the last voter's.
+        let one_down = [
+            member(1, false, true),
+            member(2, false, true),
+            member(3, false, false),
+        ];
+        assert!(matches!(
+            judge(&one_down, 1, Context::Terminating),
+            Err(Refusal::BelowQuorum { .. })
+        ));
+        assert_eq!(
+            judge(&[member(1, false, true)], 1, Context::Terminating),
+            Err(Refusal::LastVoter { id: 1 })
         );
     }
 

@@ -29,6 +29,14 @@ use std::time::{Duration, Instant};
 pub enum Error {
     #[error("EC2 DescribeInstances: {message}")]
     Ec2 { message: String },
+    #[error(
+        "EC2 does not report this leader's own instance {instance_id} running (it reported {reported} of {asked} instances asked): not trusting its answer"
+    )]
+    LeaderNotRunning {
+        instance_id: String,
+        reported: usize,
+        asked: usize,
+    },
     #[error(transparent)]
     Membership(#[from] membership::Error),
     #[error(transparent)]
@@ -42,6 +50,7 @@ impl Error {
     pub fn hint(&self) -> String {
         match self {
             Error::Ec2 { .. } => "check the instance role may call ec2:DescribeInstances; nothing is removed while EC2 cannot be asked".into(),
+            Error::LeaderNotRunning { .. } => "check the region and EC2 endpoint the agent uses (IMDS placement, aws.endpoints.ec2) are the instances'; nothing is removed while EC2's answer does not show this instance running".into(),
             Error::Membership(e) => e.hint(),
             Error::Registry(e) => e.hint(),
             Error::Lock(e) => e.hint(),
@@ -65,6 +74,10 @@ pub struct Observation {
     pub records: Vec<MemberRecord>,
     /// Recorded instances that EC2 does not report pending or running.
     pub not_running: HashSet<String>,
+    /// Whether the member list came from the etcd leader. A follower's may
+    /// lag behind a member just added: a record is forgotten only on the
+    /// leader's word.
+    pub from_leader: bool,
 }
 
 /// Suspects and since when (this leader's monotonic clock).
@@ -115,7 +128,7 @@ pub fn plan(
         }
     }
     for r in &seen.records {
-        if seen.health.iter().all(|h| h.member.id != r.member_id) {
+        if seen.from_leader && seen.health.iter().all(|h| h.member.id != r.member_id) {
             steps.push(Step::Forget {
                 instance_id: r.instance_id.clone(),
             });
@@ -138,12 +151,37 @@ impl Instances {
 
     /// Of `ids`, those EC2 does not report pending or running (terminated,
     /// stopping, stopped, or unknown). Filters, unlike `InstanceIds`, do not
-    /// fail the whole call for an id EC2 has forgotten.
-    pub async fn not_running(&self, ids: &[String]) -> Result<HashSet<String>, Error> {
-        let mut running = HashSet::new();
-        if ids.is_empty() {
-            return Ok(HashSet::new());
+    /// fail the whole call for an id EC2 has forgotten, so an empty answer
+    /// (wrong region or endpoint, stale data) would say "all gone": the
+    /// leader's own instance is asked too, and an answer that does not show
+    /// it running is refused.
+    pub async fn not_running(
+        &self,
+        ids: &[String],
+        leader: &str,
+    ) -> Result<HashSet<String>, Error> {
+        let mut asked: Vec<String> = ids.to_vec();
+        if !asked.iter().any(|id| id == leader) {
+            asked.push(leader.to_string());
         }
+        let running = self.running(&asked).await?;
+        if !running.contains(leader) {
+            return Err(Error::LeaderNotRunning {
+                instance_id: leader.to_string(),
+                reported: running.len(),
+                asked: asked.len(),
+            });
+        }
+        Ok(ids
+            .iter()
+            .filter(|id| !running.contains(*id))
+            .cloned()
+            .collect())
+    }
+
+    /// Of `ids`, those EC2 reports pending or running.
+    async fn running(&self, ids: &[String]) -> Result<HashSet<String>, Error> {
+        let mut running = HashSet::new();
         let mut token = None;
         loop {
             let out = self
@@ -178,20 +216,39 @@ impl Instances {
                 _ => break,
             }
         }
-        Ok(ids
-            .iter()
-            .filter(|id| !running.contains(*id))
-            .cloned()
-            .collect())
+        Ok(running)
     }
 }
 
+/// The member list as the etcd leader serves it, through a client to the
+/// leader alone (etcd-client 0.21 has no linearizable MemberList; a member
+/// serves its own, possibly lagging, view). `None` when no member answers
+/// as the leader (an election under way): no record is forgotten then.
+async fn members_from_leader(
+    etcd: &Etcd,
+    members: &[etcd::Member],
+    settings: &etcd::Settings,
+) -> Option<Vec<etcd::Member>> {
+    let leader = etcd.leader().await.ok()?;
+    let urls = &members.iter().find(|m| m.id == leader)?.client_urls;
+    let direct = Etcd::connect(urls, settings).await.ok()?;
+    // It must see itself as the leader, not only be named so by another.
+    if direct.leader().await.ok()? != leader {
+        return None;
+    }
+    direct.members().await.ok()
+}
+
 /// One reconciler turn; returns the steps taken.
+///
+/// `leader` is this node's own instance id: EC2 must report it running for
+/// its answer about the others to be believed.
 pub async fn run_once<L: LockStore, R: RegistryStore>(
     cfg: &Config,
     registry: &Registry<R>,
     locker: &Locker<L>,
     instances: &Instances,
+    leader: &str,
     suspects: &mut Suspects,
 ) -> Result<Vec<Step>, Error> {
     let Some(guard) = locker.try_acquire(Purpose::Membership).await? else {
@@ -209,10 +266,22 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
             .map_err(membership::Error::from)?;
         let members = etcd.members().await.map_err(membership::Error::from)?;
         let ids: Vec<String> = records.iter().map(|r| r.instance_id.clone()).collect();
+        let not_running = instances.not_running(&ids, leader).await?;
+        let from_leader = members_from_leader(&etcd, &members, &settings).await;
+        let (members, from_leader) = match from_leader {
+            Some(list) => (list, true),
+            None => {
+                tracing::info!(
+                    "no etcd member answers as the leader; no record is forgotten this turn"
+                );
+                (members, false)
+            }
+        };
         let seen = Observation {
             health: etcd.health(&members).await,
             records,
-            not_running: instances.not_running(&ids).await?,
+            not_running,
+            from_leader,
         };
         let steps = plan(&seen, suspects, Instant::now(), cfg.daemon.reconcile_grace);
         let mut done = Vec::new();
@@ -286,7 +355,33 @@ mod tests {
             health,
             records,
             not_running: gone.iter().map(|s| s.to_string()).collect(),
+            from_leader: true,
         }
+    }
+
+    #[test]
+    fn a_record_is_forgotten_only_on_the_leaders_member_list() {
+        // A follower that has not applied a join yet lists no member for
+        // the joiner's fresh record: that is no proof the member is gone.
+        let lagging = Observation {
+            from_leader: false,
+            ..seen(
+                vec![member(1, true, false, true)],
+                vec![record("i-1", 1), record("i-2", 2)],
+                &[],
+            )
+        };
+        assert!(plan(&lagging, &mut Suspects::new(), Instant::now(), GRACE).is_empty());
+        let leaders = Observation {
+            from_leader: true,
+            ..lagging
+        };
+        assert_eq!(
+            plan(&leaders, &mut Suspects::new(), Instant::now(), GRACE),
+            vec![Step::Forget {
+                instance_id: "i-2".into()
+            }]
+        );
     }
 
     const GRACE: Duration = Duration::from_secs(300);

@@ -3,7 +3,10 @@
 //! daemons wired to both; plus the host-level events around them.
 
 use crate::awsproxy::AwsProxy;
-use crate::lifecycle_actions::{ActionState, LifecycleActions, LifecycleResult, PendingAction};
+use crate::lifecycle_actions::{
+    ActionState, LifecycleActions, LifecycleCall, LifecycleOperation, LifecycleResult,
+    PendingAction,
+};
 use crate::simcluster::SimCluster;
 pub use crate::simcluster::{log_lines, tail};
 use crate::standin;
@@ -22,13 +25,68 @@ pub fn spawn_daemon(
     drain: &str,
     crash_at: Option<&str>,
 ) -> tokio::process::Child {
+    spawn_daemon_with(
+        sim,
+        index,
+        queue_url,
+        autoscaling,
+        drain,
+        crash_at,
+        &Wiring::default(),
+    )
+}
+
+/// How a test wires its daemons beyond the queue and the lifecycle actions.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    /// `daemon.lifecycle_heartbeat` (also the queue's visibility period).
+    pub lifecycle_heartbeat: &'static str,
+    /// AWS services (`dynamodb`, `ec2`, ...) whose requests go through the
+    /// proxy too, so a test can break them with faults or answer them.
+    pub through_proxy: Vec<&'static str>,
+    /// Further `KUBEBOOT_*` settings.
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl Default for Wiring {
+    fn default() -> Self {
+        Wiring {
+            lifecycle_heartbeat: "10s",
+            through_proxy: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// [`spawn_daemon`] with the test's [`Wiring`]; `autoscaling` is the proxy.
+pub fn spawn_daemon_with(
+    sim: &SimCluster,
+    index: usize,
+    queue_url: &str,
+    autoscaling: &str,
+    drain: &str,
+    crash_at: Option<&str>,
+    wiring: &Wiring,
+) -> tokio::process::Child {
     let mut cmd = sim.daemon_command(&sim.nodes[index]);
     cmd.env("KUBEBOOT_AWS_LIFECYCLE_QUEUE_URL", queue_url)
         .env("KUBEBOOT_AWS_ENDPOINTS_SQS", sim.moto.endpoint())
         .env("KUBEBOOT_AWS_ENDPOINTS_AUTOSCALING", autoscaling)
         .env("KUBEBOOT_TIMEOUTS_DRAIN", drain)
-        .env("KUBEBOOT_DAEMON_LIFECYCLE_HEARTBEAT", "10s")
+        .env(
+            "KUBEBOOT_DAEMON_LIFECYCLE_HEARTBEAT",
+            wiring.lifecycle_heartbeat,
+        )
         .stderr(Stdio::piped());
+    for service in &wiring.through_proxy {
+        cmd.env(
+            format!("KUBEBOOT_AWS_ENDPOINTS_{}", service.to_ascii_uppercase()),
+            autoscaling,
+        );
+    }
+    for (key, value) in &wiring.env {
+        cmd.env(key, value);
+    }
     if let Some(point) = crash_at {
         cmd.env("KBTEST_CRASH_AT", point);
     }
@@ -43,11 +101,17 @@ pub struct Terminations {
     pub sqs: aws_sdk_sqs::Client,
     pub queue_url: String,
     pub drain: String,
+    pub wiring: Wiring,
     pub daemon: tokio::process::Child,
 }
 
 impl Terminations {
     pub async fn start(sim: &SimCluster, drain: &str) -> Terminations {
+        Self::start_with(sim, drain, Wiring::default()).await
+    }
+
+    /// [`Terminations::start`] with the daemons wired as `wiring` says.
+    pub async fn start_with(sim: &SimCluster, drain: &str, wiring: Wiring) -> Terminations {
         let proxy = AwsProxy::start(&sim.moto.endpoint()).await;
         let actions = proxy.enable_lifecycle_actions();
         let sqs = aws_sdk_sqs::Client::new(&sim.moto.sdk_config().await);
@@ -59,13 +123,14 @@ impl Terminations {
             .expect("create queue")
             .queue_url
             .expect("queue url");
-        let daemon = spawn_daemon(sim, 0, &queue_url, &proxy.endpoint(), drain, None);
+        let daemon = spawn_daemon_with(sim, 0, &queue_url, &proxy.endpoint(), drain, None, &wiring);
         Terminations {
             proxy,
             actions,
             sqs,
             queue_url,
             drain: drain.to_string(),
+            wiring,
             daemon,
         }
     }
@@ -77,13 +142,14 @@ impl Terminations {
         index: usize,
         crash_at: Option<&str>,
     ) -> tokio::process::Child {
-        spawn_daemon(
+        spawn_daemon_with(
             sim,
             index,
             &self.queue_url,
             &self.proxy.endpoint(),
             &self.drain,
             crash_at,
+            &self.wiring,
         )
     }
 
@@ -94,6 +160,14 @@ impl Terminations {
             .actions
             .register(PendingAction::terminating(asg, HOOK, instance_id));
         self.send(asg, instance_id, &token).await;
+        token
+    }
+
+    /// Registers `action` (the test's hook timeouts) and sends its event.
+    pub async fn terminate_action(&self, action: PendingAction) -> String {
+        let (asg, instance_id) = (action.asg_name.clone(), action.instance_id.clone());
+        let token = self.actions.register(action);
+        self.send(&asg, &instance_id, &token).await;
         token
     }
 
@@ -125,6 +199,31 @@ impl Terminations {
             .send()
             .await
             .expect("send lifecycle message");
+    }
+
+    /// Messages a receiver could take now (not hidden by a handler).
+    pub async fn visible_messages(&self) -> u32 {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        self.sqs
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .expect("queue attributes")
+            .attributes()
+            .and_then(|m| m.get(&A::ApproximateNumberOfMessages))
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    }
+
+    /// Heartbeats sent for `instance_id` after `since` (on the actions' clock).
+    pub fn heartbeats_after(&self, instance_id: &str, since: Duration) -> Vec<LifecycleCall> {
+        self.actions
+            .calls_for(LifecycleOperation::Heartbeat, instance_id)
+            .into_iter()
+            .filter(|c| c.at > since)
+            .collect()
     }
 
     /// Waits until every message was handled and deleted.
@@ -195,15 +294,23 @@ impl Terminations {
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("SIGTERM");
-        let status = tokio::time::timeout(Duration::from_secs(20), self.daemon.wait())
-            .await
-            .expect("daemon stops")
-            .expect("wait");
+        let status = tokio::time::timeout(Duration::from_secs(20), self.daemon.wait()).await;
         let mut stderr = String::new();
+        if status.is_err() {
+            let _ = self.daemon.start_kill();
+            let _ = self.daemon.wait().await;
+        }
         if let Some(mut e) = self.daemon.stderr.take() {
             use tokio::io::AsyncReadExt;
             let _ = e.read_to_string(&mut stderr).await;
         }
+        let status = match status {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!(
+                "the daemon did not stop within 20 s of SIGTERM:\n{}",
+                tail(&stderr)
+            ),
+        };
         sim.record_output(&stderr);
         assert_eq!(status.code(), Some(0), "{}", tail(&stderr));
         drop(self.proxy);
@@ -276,4 +383,39 @@ pub async fn crashes_at(child: &mut tokio::process::Child, point: &str) {
         "the daemon should have crashed at {point}:\n{}",
         tail(&stderr)
     );
+}
+
+/// A worker the test makes up for the drain path: its Node (named after the
+/// instance, with its providerID) and one Pod on it that a disruption budget
+/// keeps from being evicted, so its drain lasts until `timeouts.drain`.
+/// Returns the Node's name.
+pub async fn blocked_worker(sim: &SimCluster, instance_id: &str) -> String {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    let name = format!("worker-{instance_id}");
+    let mut config = kube::Config::new(sim.kubeapi.url().parse().expect("url"));
+    config.default_retry = false;
+    let client = kube::Client::try_from(config).expect("kube client");
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"providerID": format!("aws:///us-east-1a/{instance_id}")},
+    }))
+    .expect("node");
+    kube::Api::<Node>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &node)
+        .await
+        .expect("create node");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": format!("db-{instance_id}"),
+            "namespace": "default",
+            "annotations": {crate::kubeapi::EVICTION_BLOCKED_ANNOTATION: "blocked"},
+        },
+        "spec": {"nodeName": name, "containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .expect("pod");
+    kube::Api::<Pod>::namespaced(client, "default")
+        .create(&kube::api::PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    name
 }

@@ -403,10 +403,16 @@ async fn lifecycle_and_ec2_failures_have_their_codes() {
     proxy.set_faults(FaultPlan::always(FaultKind::ServerError).only(&["DescribeInstances"]));
     let instances = kubeboot::reconciler::Instances::new(aws_sdk_ec2::Client::new(&via_proxy));
     let err = instances
-        .not_running(&["i-0000000000000000a".to_string()])
+        .not_running(&["i-0000000000000000a".to_string()], "i-0000000000000000b")
         .await
         .expect_err("EC2 fails");
     assert_eq!(err.code(), "KB-RECON-001", "{err}");
+    proxy.clear_faults();
+    let err = instances
+        .not_running(&["i-0000000000000000a".to_string()], "i-0000000000000000b")
+        .await
+        .expect_err("EC2 does not know the leader");
+    assert_eq!(err.code(), "KB-RECON-002", "{err}");
 }
 
 // ---------------------------------------------------------------------------

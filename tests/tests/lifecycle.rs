@@ -453,3 +453,280 @@ async fn a_worker_that_sees_its_own_termination_asks_the_leader_to_drain_it() {
     let _ = own.wait().await;
     lifecycle.stop(&sim).await;
 }
+
+/// Lifecycle tests whose daemon heartbeats every 10 s (the least allowed;
+/// also the queue's visibility period) with some AWS services behind the
+/// proxy.
+fn wired(through_proxy: &[&'static str]) -> kubeboot_tests::termination::Wiring {
+    kubeboot_tests::termination::Wiring {
+        lifecycle_heartbeat: "10s",
+        through_proxy: through_proxy.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The daemon's heartbeat (and visibility) period in these tests.
+const PERIOD: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_termination_that_fails_early_leaves_no_heartbeat_behind() {
+    use kubeboot_tests::awsproxy::{FaultKind, FaultPlan};
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let lifecycle = Lifecycle::start_with(&sim, "5s", wired(&["dynamodb"])).await;
+    let worker = "i-0a1b2c3d4e5f60718";
+    kubeboot_tests::termination::blocked_worker(&sim, worker).await;
+
+    // Every read of the member records fails (500): each handling of the
+    // message fails right after it began, turn after turn.
+    lifecycle
+        .proxy
+        .set_faults(FaultPlan::always(FaultKind::ServerError).only(&["Query"]));
+    let token = lifecycle.terminate("kb-workers", worker).await;
+    let started = Instant::now();
+    while lifecycle.proxy.stats().server_errors == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no Query failed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    lifecycle.proxy.clear_faults();
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(60))
+        .await;
+    let completed = lifecycle
+        .actions
+        .calls_for(
+            kubeboot_tests::lifecycle_actions::LifecycleOperation::Complete,
+            worker,
+        )
+        .iter()
+        .find(|c| c.accepted())
+        .map(|c| c.at)
+        .expect("the accepted completion");
+
+    // Nothing of the failed handlings still runs: no heartbeat comes after
+    // the completion (a request already in flight may land just after it).
+    tokio::time::sleep(2 * PERIOD + Duration::from_secs(2)).await;
+    let late = lifecycle.heartbeats_after(worker, completed + Duration::from_secs(1));
+    assert!(
+        late.is_empty(),
+        "heartbeats after the completion: {late:#?}"
+    );
+    lifecycle.stop(&sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_that_loses_its_lock_mid_drain_stops_heartbeating_and_lets_the_message_go() {
+    use kubeboot_tests::awsproxy::{FaultKind, FaultPlan};
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let lifecycle = Lifecycle::start_with(&sim, "60s", wired(&["dynamodb"])).await;
+    let worker = "i-0b1b2c3d4e5f60718";
+    kubeboot_tests::termination::blocked_worker(&sim, worker).await;
+    let token = lifecycle.terminate("kb-workers", worker).await;
+    // The drain is under way (a budget holds its Pod) once heartbeats come.
+    let started = Instant::now();
+    while lifecycle
+        .heartbeats_after(worker, Duration::ZERO)
+        .is_empty()
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no heartbeat");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // DynamoDB stops answering the leader's renewals (they time out; a
+    // partition, not a refusal, so the daemon's log stays quiet and its
+    // piped stderr never fills): after lease - margin (4 s) the daemon is no
+    // leader any more and its turn is dropped mid-drain.
+    lifecycle
+        .proxy
+        .set_faults(FaultPlan::always(FaultKind::Timeout).only(&["UpdateItem"]));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let lost = lifecycle.actions.now();
+    let dropped = Instant::now();
+    while lifecycle.visible_messages().await == 0 {
+        assert!(
+            dropped.elapsed() < PERIOD + Duration::from_secs(2),
+            "the message is still hidden one period after the turn was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep((2 * PERIOD + Duration::from_secs(1)).saturating_sub(dropped.elapsed()))
+        .await;
+    let late = lifecycle.heartbeats_after(worker, lost);
+    assert!(late.is_empty(), "heartbeats after the lost turn: {late:#?}");
+    assert_eq!(
+        lifecycle.actions.state(&token),
+        Some(kubeboot_tests::lifecycle_actions::ActionState::Pending),
+        "not completed by a daemon that no longer leads"
+    );
+    lifecycle.proxy.clear_faults();
+    lifecycle.stop(&sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_terminating_workers_is_heartbeated_from_receipt_and_drained_together() {
+    use kubeboot_tests::lifecycle_actions::PendingAction;
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let lifecycle = Lifecycle::start_with(&sim, "6s", wired(&[])).await;
+    let workers = [
+        "i-0c1b2c3d4e5f60711",
+        "i-0c1b2c3d4e5f60712",
+        "i-0c1b2c3d4e5f60713",
+        "i-0c1b2c3d4e5f60714",
+    ];
+    for w in workers {
+        kubeboot_tests::termination::blocked_worker(&sim, w).await;
+    }
+    // A scale-in of four: each drain lasts its whole 6 s deadline (a budget
+    // holds a Pod), and each action dies 14 s after its last heartbeat (the
+    // daemon's period is 10 s): one after another, the third and fourth
+    // would start after their actions had died.
+    let mut tokens = Vec::new();
+    for w in workers {
+        tokens.push(
+            lifecycle
+                .terminate_action(
+                    PendingAction::terminating("kb-workers", kubeboot_tests::termination::HOOK, w)
+                        .with_heartbeat_timeout(Duration::from_secs(14)),
+                )
+                .await,
+        );
+    }
+    let started = Instant::now();
+    for token in &tokens {
+        lifecycle
+            .wait_completed(token, Duration::from_secs(60))
+            .await;
+    }
+    let took = started.elapsed();
+    eprintln!("four drains of 6 s each: {took:?}");
+    assert!(
+        took < Duration::from_secs(18),
+        "drained together, not one after another: {took:?}"
+    );
+    for w in workers {
+        assert_eq!(lifecycle.actions.accepted_completions(w), 1, "{w}");
+    }
+    lifecycle.stop(&sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_plane_terminated_from_two_leaves_etcd_first_and_the_survivor_keeps_quorum() {
+    let sim = SimCluster::start(2, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1]).await);
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let victim = &sim.nodes[1];
+    // The ASG terminates node 1 (scale-in or replacement): it still runs
+    // while its action waits.
+    let token = lifecycle.terminate(ASG, &victim.instance_id()).await;
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(60))
+        .await;
+    let members = sim.etcd_members(&[0]).await;
+    assert_eq!(
+        members.len(),
+        1,
+        "the terminating member left before its action was completed: {members:?}"
+    );
+    // Then the instance goes; the survivor alone is the cluster and writes.
+    host_dies(&sim, 1);
+    let mut etcd = sim.etcd_client(0).await;
+    let died = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), etcd.put("kb-test", "alive", None)).await
+        {
+            Ok(Ok(_)) => break,
+            other => {
+                let status = tokio::time::timeout(Duration::from_secs(2), etcd.status()).await;
+                eprintln!(
+                    "put after {:?}: {other:?}; status {status:?}",
+                    died.elapsed()
+                );
+                assert!(
+                    died.elapsed() < Duration::from_secs(30),
+                    "the survivor never commits"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "the survivor commits {:?} after the other host died",
+        died.elapsed()
+    );
+    let records = sim.registry().await.members().await.expect("records");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(
+        lifecycle
+            .actions
+            .accepted_completions(&victim.instance_id()),
+        1
+    );
+    lifecycle.stop(&sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notice_for_an_instance_no_auto_scaling_group_holds_is_refused() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let victim = sim.nodes[2].instance_id();
+    lifecycle
+        .actions
+        .declare_hook(ASG, kubeboot_tests::termination::HOOK);
+    // Auto Scaling does not know the instance at all (launched outside any
+    // group, or the notice is made up).
+    lifecycle
+        .send(ASG, &victim, "11111111-2222-3333-4444-555555555555")
+        .await;
+    lifecycle.wait_queue_empty().await;
+    assert_eq!(sim.etcd_members(&[0, 1, 2]).await.len(), 3);
+    assert_eq!(
+        sim.registry().await.members().await.expect("records").len(),
+        3
+    );
+    assert_eq!(sim.kubeapi.nodes().len(), 3, "no Node deleted");
+    let stderr = lifecycle.stop(&sim).await;
+    let refused = log_lines(&stderr)
+        .into_iter()
+        .find(|l| l["message"] == "lifecycle message refused and deleted")
+        .unwrap_or_else(|| panic!("no refusal line in\n{}", tail(&stderr)));
+    assert_eq!(refused["code"], "KB-LIFE-005", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminating_control_plane_without_a_member_record_still_leaves_etcd() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let victim = sim.nodes[2].instance_id();
+    // Its record is gone (deleted by hand, or never written: a crash
+    // between the join and the record).
+    {
+        let registry = sim.registry().await;
+        let guard = sim
+            .locker("test-operator")
+            .await
+            .acquire(kubeboot::lock::Purpose::Membership)
+            .await
+            .expect("membership lock");
+        registry
+            .forget_member(&guard, &victim)
+            .await
+            .expect("forget the record");
+        guard.release().await.expect("release");
+    }
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    host_dies(&sim, 2);
+    let token = lifecycle.terminate(ASG, &victim).await;
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(60))
+        .await;
+    let members = sim.etcd_members(&[0, 1]).await;
+    assert_eq!(members.len(), 2, "its member is removed: {members:?}");
+    assert_eq!(sim.kubeapi.nodes().len(), 2, "its Node is deleted");
+    lifecycle.stop(&sim).await;
+}

@@ -74,3 +74,56 @@ async fn an_instance_lost_without_a_message_is_removed_after_the_grace_period() 
     let _ = daemon.start_kill();
     let _ = daemon.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ec2_answer_that_does_not_show_the_leader_running_removes_nothing() {
+    use kubeboot_tests::awsproxy::{AwsProxy, ProxyResponse};
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    // EC2 answers DescribeInstances with no reservations at all, as it does
+    // when asked in the wrong region or by a lagging replica.
+    let proxy = AwsProxy::start(&sim.moto.endpoint()).await;
+    proxy.set_handler(std::sync::Arc::new(|req| {
+        (req.param("Action") == Some("DescribeInstances")).then(|| {
+            ProxyResponse::xml(
+                200,
+                "<DescribeInstancesResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\
+                 <requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId>\
+                 <reservationSet/></DescribeInstancesResponse>",
+            )
+        })
+    }));
+    let mut daemon = sim
+        .daemon_command(&sim.nodes[0])
+        .env("KUBEBOOT_DAEMON_RECONCILE_GRACE", "10s")
+        .env("KUBEBOOT_AWS_ENDPOINTS_EC2", proxy.endpoint())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("daemon");
+    let started = Instant::now();
+    // Well past the grace period (10 s, the least allowed).
+    while started.elapsed() < Duration::from_secs(25) {
+        assert_eq!(
+            sim.etcd_members(&[0, 1, 2]).await.len(),
+            3,
+            "a member was removed on EC2's empty answer"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        sim.registry().await.members().await.expect("records").len(),
+        3
+    );
+    let _ = daemon.start_kill();
+    let out = daemon.wait_with_output().await.expect("daemon output");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    sim.record_output(&stderr);
+    assert!(
+        kubeboot_tests::simcluster::log_lines(&stderr)
+            .iter()
+            .any(|l| l["code"] == "KB-RECON-002"),
+        "no KB-RECON-002 line in\n{}",
+        kubeboot_tests::simcluster::tail(&stderr)
+    );
+    assert!(!proxy.log_for("DescribeInstances").is_empty());
+}
