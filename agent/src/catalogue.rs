@@ -97,7 +97,7 @@ catalogue! {
         check: "Report it with the command line that produced it.";
 
     CONFIG_INVALID = "KB-CONFIG-001", "the configuration is invalid",
-        cause: "One or more configuration sources hold problems. Each problem is logged on its own line with its own code (KB-CONFIG-010 to KB-CONFIG-017), naming the source, key, value and the form expected.",
+        cause: "One or more configuration sources hold problems. Each problem is logged on its own line with its own code (KB-CONFIG-010 to KB-CONFIG-018), naming the source, key, value and the form expected.",
         check: "`kubeboot config check` lists every problem at once; `kubeboot config show` prints the merged result and where each value came from.";
     CONFIG_READ = "KB-CONFIG-002", "a configuration file cannot be read",
         cause: "The configuration file (or a drop-in, or the --user-data file) does not exist or is not readable: --config / KUBEBOOT_CONFIG points elsewhere, or the AMI build did not install /etc/kubeboot/config.toml.",
@@ -111,6 +111,12 @@ catalogue! {
     CONFIG_INTERNAL = "KB-CONFIG-005", "validated configuration does not load (kubeboot bug)",
         cause: "The configuration passed every check but the typed model refused it: the schema and the model disagree.",
         check: "Report it with the output of `kubeboot config show`.";
+    CONFIG_NOT_REGULAR = "KB-CONFIG-006", "a configuration path is not a regular file",
+        cause: "--config / KUBEBOOT_CONFIG (or --user-data) names a directory, a device such as /dev/zero, a FIFO or a socket. kubeboot refuses it before reading: a pipe or device may never end.",
+        check: "The path in the message: `ls -l` it; write a generated configuration to a file first.";
+    CONFIG_TOO_LARGE = "KB-CONFIG-007", "a configuration file is too large",
+        cause: "The configuration file, a drop-in or the --user-data file is larger than 1 MiB; real ones are a few KiB. It is refused whole, never read in part.",
+        check: "The path in the message: is it the right file (not a log or a dump)?";
     CONFIG_SYNTAX = "KB-CONFIG-010", "configuration syntax error",
         cause: "A source is not valid TOML, or the user-data cannot be decoded (broken MIME, gzip or base64, or not UTF-8). A document with a syntax error reports only that.",
         check: "The line and column in the problem; for user-data, the launch template's user-data as the instance received it.";
@@ -135,6 +141,9 @@ catalogue! {
     CONFIG_INCONSISTENT = "KB-CONFIG-017", "configuration keys do not fit together",
         cause: "Keys that are fine alone but not together: lock.margin above lock.lease / 3, daemon.jitter not below daemon.period, metrics.sink = \"file\" without metrics.file, a control plane with backups but no bucket.",
         check: "The rule quoted in the problem.";
+    CONFIG_RETIRED = "KB-CONFIG-018", "a configuration key kubeboot no longer reads",
+        cause: "A source sets a key kubeboot retired, such as join.token, join.certificate_key or join.ca_cert_hashes (or their KUBEBOOT_JOIN_* variables): join material comes from Secrets Manager and the cluster record. Its value is never printed.",
+        check: "Delete the key from the file, drop-ins, user-data or environment; the problem says what replaced it.";
 
     IMDS_ENDPOINT = "KB-IMDS-001", "the IMDS endpoint is not usable",
         cause: "imds.endpoint is not a plain http:// URL (IMDS is never served over https).",
@@ -383,6 +392,8 @@ impl Coded for config::Error {
             E::DropInDir { .. } => &CONFIG_DROPIN_DIR,
             E::Imds { .. } => &CONFIG_USERDATA,
             E::Internal(_) => &CONFIG_INTERNAL,
+            E::NotRegular { .. } => &CONFIG_NOT_REGULAR,
+            E::TooLarge { .. } => &CONFIG_TOO_LARGE,
         }
     }
 }
@@ -399,6 +410,7 @@ impl Coded for config::ProblemKind {
             K::Missing => &CONFIG_MISSING,
             K::Conflict => &CONFIG_CONFLICT,
             K::Inconsistent => &CONFIG_INCONSISTENT,
+            K::Retired => &CONFIG_RETIRED,
         }
     }
 }
@@ -802,7 +814,7 @@ pub fn markdown() -> String {
          Codes are stable: a code is never renumbered, never reused and never changes meaning. \
          A new condition gets the next free number of its area. A code names a condition, not \
          one spot in the code, so a few failures that mean the same to an operator share one.\n\n\
-         Configuration problems carry their own codes (KB-CONFIG-010 to KB-CONFIG-017), one log \
+         Configuration problems carry their own codes (KB-CONFIG-010 to KB-CONFIG-018), one log \
          line per problem, besides KB-CONFIG-001 for the failed command.\n\n\
          | area | covers |\n|---|---|\n",
     );

@@ -226,7 +226,9 @@ pub struct StatusArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate every source and print every problem (not just the first). Exits 2 on any problem.
-    Check(ConfigArgs),
+    /// Checks the file, drop-ins and environment alone unless --with-user-data or --user-data FILE
+    /// is given: it works off EC2 (a laptop, CI, a Packer build) without waiting for metadata.
+    Check(CheckArgs),
     /// Print the merged configuration, secrets redacted, with the source of each value.
     Show(ConfigArgs),
 }
@@ -240,6 +242,33 @@ pub struct ConfigArgs {
     /// Output format for the printed data.
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
     pub output: Output,
+}
+
+/// Options of `kubeboot config check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    /// Also fetch the user-data from the instance metadata service and check the merged result
+    /// (waits up to imds.deadline for IMDS; its failure alone exits 1).
+    #[arg(long, conflicts_with_all = ["user_data", "no_user_data"])]
+    pub with_user_data: bool,
+
+    /// Output format for the printed data.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+impl CheckArgs {
+    /// The linter reads user-data only when asked: from a file, or from IMDS.
+    fn user_data(&self) -> UserData {
+        match (&self.sources.user_data, self.with_user_data) {
+            (Some(path), _) => UserData::File(path.clone()),
+            (None, true) => UserData::FromImds,
+            (None, false) => UserData::Skip,
+        }
+    }
 }
 
 /// Where the user-data source comes from, for every command that loads the configuration.
@@ -302,7 +331,7 @@ pub fn main() -> ExitCode {
 fn report(cli: &Cli, err: &Error) -> ExitCode {
     use crate::catalogue::Coded;
     let _ = telemetry::init(cli.log_format.unwrap_or(LogFormat::Auto), "info");
-    if let Error::Config(config::Error::Invalid { problems }) = err {
+    if let Error::Config(config::Error::Invalid { problems, .. }) = err {
         for p in problems {
             let code = p.code();
             tracing::error!(code, kind = ?p.kind, source = %p.source, key = %p.key, "[{code}] {p}");
@@ -751,23 +780,43 @@ async fn dynamodb(cfg: &Config) -> Result<aws_sdk_dynamodb::Client, Error> {
     Ok(crate::aws::dynamodb_client(&base, cfg))
 }
 
-async fn config_check(cli: &Cli, args: &ConfigArgs) -> Result<ExitCode, Error> {
+async fn config_check(cli: &Cli, args: &CheckArgs) -> Result<ExitCode, Error> {
+    let user_data = args.user_data();
     let result = config::load(&LoadOptions::from_process(
         cli.config.clone(),
-        args.sources.user_data(),
+        user_data.clone(),
     ))
     .await;
-    let problems = match &result {
-        Ok(_) => Vec::new(),
-        Err(config::Error::Invalid { problems }) => problems.clone(),
+    let (problems, omitted, unread) = match &result {
+        Ok(_) => (Vec::new(), 0, None),
+        Err(config::Error::Invalid {
+            problems,
+            omitted,
+            user_data_unread,
+        }) => (problems.clone(), *omitted, user_data_unread.clone()),
         Err(_) => return result.map(|_| ExitCode::SUCCESS).map_err(Error::from),
+    };
+    let user_data_note = match (&user_data, unread) {
+        (_, Some(why)) => format!("user-data not merged: {why}"),
+        (UserData::Skip, None) => "user-data not merged (pass --with-user-data to fetch it from \
+            instance metadata, or --user-data FILE)"
+            .to_string(),
+        _ => "user-data merged".to_string(),
     };
     let out = match args.output {
         Output::Json => format!(
             "{:#}\n",
-            serde_json::json!({ "ok": problems.is_empty(), "problems": coded(&problems) })
+            serde_json::json!({
+                "ok": problems.is_empty(),
+                "problems": coded(&problems),
+                "omitted": omitted,
+                "user_data": user_data_note,
+            })
         ),
-        Output::Text => check_report(result.as_ref().ok(), &problems),
+        Output::Text => format!(
+            "{}{user_data_note}\n",
+            check_report(result.as_ref().ok(), &problems, omitted)
+        ),
     };
     print(&out)?;
     Ok(if problems.is_empty() {
@@ -791,7 +840,7 @@ fn coded(problems: &[config::Problem]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String {
+fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem], omitted: usize) -> String {
     if let Some(l) = loaded {
         let mut sources: Vec<String> = l.entries.values().map(|e| e.source.to_string()).collect();
         sources.retain(|s| !s.starts_with("default"));
@@ -808,16 +857,21 @@ fn check_report(loaded: Option<&Loaded>, problems: &[config::Problem]) -> String
             }
         );
     }
+    let total = problems.len() + omitted;
     let mut out = format!(
-        "configuration has {} problem{}:\n",
-        problems.len(),
-        if problems.len() == 1 { "" } else { "s" }
+        "configuration has {total} problem{}:\n",
+        if total == 1 { "" } else { "s" }
     );
     for (i, p) in problems.iter().enumerate() {
         out.push_str(&format!(
             "{:>3}. [{}] {p}\n",
             i + 1,
             crate::catalogue::Coded::code(p)
+        ));
+    }
+    if omitted > 0 {
+        out.push_str(&format!(
+            "     … and {omitted} more not listed: fix the ones above and check again\n"
         ));
     }
     out

@@ -235,7 +235,7 @@ async fn config_check_reads_user_data_through_imds_and_names_it_in_problems() {
     };
 
     imds.set_user_data(Some(multipart("[node]\nrole = \"worker\"\n")));
-    let ok = run(&["config", "check"]);
+    let ok = run(&["config", "check", "--with-user-data"]);
     let out = String::from_utf8_lossy(&ok.stdout);
     assert_eq!(
         ok.status.code(),
@@ -251,7 +251,7 @@ async fn config_check_reads_user_data_through_imds_and_names_it_in_problems() {
     imds.set_user_data(Some(multipart(
         "[node]\nrole = \"wroker\"\n[imds]\nendpoint = \"http://10.1.1.1\"\n",
     )));
-    let bad = run(&["config", "check"]);
+    let bad = run(&["config", "check", "--with-user-data"]);
     let out = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(2), "{out}");
     assert!(
@@ -259,6 +259,19 @@ async fn config_check_reads_user_data_through_imds_and_names_it_in_problems() {
         "{out}"
     );
     assert!(out.contains("imds.endpoint"), "{out}");
+
+    // Without the flag the linter checks the file alone and says so.
+    let alone = run(&["config", "check"]);
+    let out = String::from_utf8_lossy(&alone.stdout);
+    assert_eq!(
+        alone.status.code(),
+        Some(2),
+        "node.role is only in user-data: {out}"
+    );
+    assert!(
+        out.contains("node.role") && out.contains("user-data not merged"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

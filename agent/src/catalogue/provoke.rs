@@ -109,7 +109,7 @@ async fn only_problem(
         .await
         .expect_err("the configuration must be refused");
     assert_eq!(err.code(), "KB-CONFIG-001");
-    let config::Error::Invalid { mut problems } = err else {
+    let config::Error::Invalid { mut problems, .. } = err else {
         unreachable!("KB-CONFIG-001 is Invalid")
     };
     assert_eq!(problems.len(), 1, "{problems:#?}");

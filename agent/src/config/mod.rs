@@ -12,6 +12,7 @@
 //! and expected form, so one `kubeboot config check` tells an operator all
 //! that is wrong.
 
+pub mod input;
 pub mod model;
 pub mod schema;
 pub mod userdata;
@@ -73,6 +74,8 @@ pub enum ProblemKind {
     Conflict,
     /// Keys that are fine alone but not together.
     Inconsistent,
+    /// A key kubeboot no longer reads (its value is never shown).
+    Retired,
 }
 
 /// One thing wrong with the configuration, with everything needed to fix it.
@@ -94,6 +97,12 @@ fn display<S: serde::Serializer>(v: &Source, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 
+/// Most problems listed; the rest are counted ("… and N more"), so a file
+/// of 100,000 typos stays readable and fast.
+pub const MAX_REPORTED: usize = 50;
+/// Longest key path shown; a longer (unknown) one is cut.
+const MAX_KEY_SHOWN: usize = 100;
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.source, self.key)?;
@@ -107,13 +116,26 @@ impl fmt::Display for Problem {
 /// Failure to produce a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("configuration is invalid ({} problem{})", problems.len(), if problems.len() == 1 { "" } else { "s" })]
-    Invalid { problems: Vec<Problem> },
+    #[error("configuration is invalid ({}){}", count(problems.len() + omitted),
+        user_data_unread.as_ref().map_or(String::new(), |why| format!("; user-data not merged: {why}")))]
+    Invalid {
+        /// The first [`MAX_REPORTED`] problems.
+        problems: Vec<Problem>,
+        /// How many more were found and not listed.
+        omitted: usize,
+        /// Why user-data, asked for, was not read (the local sources'
+        /// problems are reported whatever instance metadata does).
+        user_data_unread: Option<String>,
+    },
     #[error("cannot read configuration file {}: {source}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("configuration file {} is {kind}, not a regular file", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("configuration file {} is larger than {}", path.display(), input::size(*limit))]
+    TooLarge { path: PathBuf, limit: u64 },
     #[error("cannot list drop-in directory {}: {source}", path.display())]
     DropInDir {
         path: PathBuf,
@@ -139,6 +161,10 @@ impl Error {
             Error::Read { .. } | Error::DropInDir { .. } => {
                 "check the path exists and is readable by the kubeboot service user".into()
             }
+            Error::NotRegular { .. } => "point --config / KUBEBOOT_CONFIG (or --user-data) at a regular TOML file; \
+                to feed a generated config, write it to a file first".into(),
+            Error::TooLarge { .. } => "a configuration is a few KiB: check the path names the right file \
+                (not a log, an image or a generated dump)".into(),
             Error::Imds { .. } => "on EC2: check the instance metadata service is enabled with IMDSv2 and reachable \
                 (hop limit); off EC2: pass --user-data FILE or --no-user-data, or set imds.user_data = false"
                 .into(),
@@ -150,6 +176,30 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         !matches!(self, Error::Imds { .. } | Error::Internal(_))
     }
+}
+
+fn count(n: usize) -> String {
+    format!("{n} problem{}", if n == 1 { "" } else { "s" })
+}
+
+/// Keeps the first [`MAX_REPORTED`] problems and counts the rest.
+fn invalid(mut problems: Vec<Problem>, user_data_unread: Option<String>) -> Error {
+    let omitted = problems.len().saturating_sub(MAX_REPORTED);
+    problems.truncate(MAX_REPORTED);
+    Error::Invalid {
+        problems,
+        omitted,
+        user_data_unread,
+    }
+}
+
+/// A key path as output may show it: an unknown one can be any length.
+fn shown_key(path: &str) -> String {
+    if path.chars().count() <= MAX_KEY_SHOWN {
+        return path.to_string();
+    }
+    let head: String = path.chars().take(MAX_KEY_SHOWN).collect();
+    format!("{head}… ({} characters)", path.chars().count())
 }
 
 /// A value together with where it came from.
@@ -172,6 +222,22 @@ pub fn parse_toml(source: Source, text: &str, problems: &mut Vec<Problem>) -> La
         source: source.clone(),
         entries: Vec::new(),
     };
+    if let Some(line) = input::too_deep(text, input::MAX_DEPTH) {
+        problems.push(Problem {
+            kind: ProblemKind::Syntax,
+            source,
+            key: format!("line {line}"),
+            value: text.lines().nth(line - 1).map(redact_line),
+            reason: format!(
+                "arrays or tables nested deeper than {} levels",
+                input::MAX_DEPTH
+            ),
+            expected:
+                "a flat value: every kubeboot key is a string, number, boolean or list of strings"
+                    .into(),
+        });
+        return layer;
+    }
     match text.parse::<toml::Table>() {
         Ok(table) => flatten(&source, &table, "", &mut layer.entries, problems),
         Err(e) => problems.push(syntax_problem(source, text, &e)),
@@ -207,16 +273,23 @@ fn syntax_problem(source: Source, text: &str, e: &toml::de::Error) -> Problem {
     }
 }
 
-/// A broken line may hold a secret we could not yet attribute to a key.
+/// A broken line may hold a secret under any key (`tokn = "..."`): only
+/// what stands before its `=` is shown, or a section header, cut short.
 fn redact_line(line: &str) -> String {
-    let lower = line.to_ascii_lowercase();
-    if lower.contains("token") || lower.contains("key") || lower.contains("secret") {
-        format!(
-            "`{}`",
-            line.split('=').next().unwrap_or("").trim().to_string() + " = " + REDACTED
-        )
-    } else {
-        format!("`{line}`")
+    let cut = |s: &str| -> String {
+        let s = s.trim();
+        if s.chars().count() > 60 {
+            format!("{}…", s.chars().take(60).collect::<String>())
+        } else {
+            s.to_string()
+        }
+    };
+    match line.split_once('=') {
+        Some((key, _)) => format!("`{} = {REDACTED}`", cut(key)),
+        None if line.trim_start().starts_with('[') && !line.contains(['"', '\'']) => {
+            format!("`{}`", cut(line))
+        }
+        None => format!("`{REDACTED}` (the line is not shown)"),
     }
 }
 
@@ -233,7 +306,9 @@ fn flatten(
         } else {
             format!("{prefix}.{name}")
         };
-        if let Some(key) = schema::find(&path) {
+        if let Some(instead) = schema::retired(&path) {
+            problems.push(retired(source.clone(), &path, instead));
+        } else if let Some(key) = schema::find(&path) {
             if key.not_from_user_data && matches!(source, Source::UserData(_)) {
                 problems.push(Problem {
                     kind: ProblemKind::Conflict,
@@ -256,8 +331,11 @@ fn flatten(
                     kind: ProblemKind::WrongType,
                     source: source.clone(),
                     key: path.clone(),
-                    value: Some(value.to_string()),
-                    reason: "is a section, not a value".into(),
+                    value: None,
+                    reason: format!(
+                        "is a section, not a value (a {} was given; not shown)",
+                        type_name(value)
+                    ),
                     expected: format!(
                         "a [{path}] table with keys {}",
                         schema::children(&path).join(", ")
@@ -265,22 +343,31 @@ fn flatten(
                 }),
             }
         } else {
-            problems.push(unknown_key(
-                source.clone(),
-                &path,
-                prefix,
-                Some(value.to_string()),
-            ));
+            // Never the value: an unknown key may be a misspelt secret.
+            let listed = problems.len() < MAX_REPORTED;
+            problems.push(unknown_key(source.clone(), &path, prefix, value, listed));
         }
     }
 }
 
-fn unknown_key(source: Source, path: &str, section: &str, value: Option<String>) -> Problem {
-    let expected = match schema::suggest(path) {
+/// `listed` is false once [`MAX_REPORTED`] problems are in: the problem is
+/// only counted, so the "did you mean" search is skipped.
+fn unknown_key(
+    source: Source,
+    path: &str,
+    section: &str,
+    value: &toml::Value,
+    listed: bool,
+) -> Problem {
+    let expected = match listed.then(|| schema::suggest(path)).flatten() {
+        _ if !listed => String::new(),
         Some(near) => format!("a known key (did you mean `{near}`?)"),
         None if section.is_empty() => {
             format!("a known section: {}", schema::children("").join(", "))
         }
+        None if schema::children(section).is_empty() => schema::retired_section(section)
+            .unwrap_or("no key: kubeboot reads nothing in this section")
+            .to_string(),
         None => format!(
             "a key of [{section}]: {}",
             schema::children(section).join(", ")
@@ -289,10 +376,21 @@ fn unknown_key(source: Source, path: &str, section: &str, value: Option<String>)
     Problem {
         kind: ProblemKind::UnknownKey,
         source,
-        key: path.to_string(),
-        value,
-        reason: "unknown key".into(),
+        key: shown_key(path),
+        value: None,
+        reason: format!("unknown key (its {} value is not shown)", type_name(value)),
         expected,
+    }
+}
+
+fn retired(source: Source, key: &str, instead: &str) -> Problem {
+    Problem {
+        kind: ProblemKind::Retired,
+        source,
+        key: key.to_string(),
+        value: None,
+        reason: "kubeboot no longer reads this key (its value is not shown)".into(),
+        expected: instead.to_string(),
     }
 }
 
@@ -303,7 +401,13 @@ fn refused(source: Source, key: &Key, value: &toml::Value, refusal: &Refusal) ->
             format!("wrong type ({})", type_name(value)),
         ),
         Refusal::OutOfRange { .. } => (ProblemKind::OutOfRange, "out of range".to_string()),
-        Refusal::Invalid { .. } => (ProblemKind::Invalid, "invalid value".to_string()),
+        Refusal::Invalid { .. } => (
+            ProblemKind::Invalid,
+            match value.as_str().and_then(|s| value::url_fault(key.kind, s)) {
+                Some(fault) => format!("invalid URL: {fault}"),
+                None => "invalid value".to_string(),
+            },
+        ),
     };
     Problem {
         kind,
@@ -327,12 +431,32 @@ fn type_name(v: &toml::Value) -> &'static str {
     }
 }
 
-/// A value as it may appear in output: secrets never do.
+/// A value as it may appear in output: secrets never do, others quoted and cut short.
 fn show_value(key: &Key, value: &toml::Value) -> String {
-    if key.secret {
-        REDACTED.to_string()
-    } else {
-        value.to_string()
+    match (key.secret, key.kind, value.as_str()) {
+        (true, _, _) => REDACTED.to_string(),
+        (_, Kind::AwsUrl | Kind::ImdsUrl | Kind::SocketUrl, Some(url)) => {
+            value::preview(&toml::Value::String(without_credentials(url)))
+        }
+        _ => value::preview(value),
+    }
+}
+
+/// A URL with any `user:password@` before its host replaced by `<redacted>@`.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!(
+            "{}{REDACTED}{}",
+            if scheme.is_empty() {
+                String::new()
+            } else {
+                format!("{scheme}://")
+            },
+            &rest[at..]
+        ),
+        None => url.to_string(),
     }
 }
 
@@ -354,15 +478,24 @@ where
     let mut layers = Vec::new();
     for (var, raw) in vars {
         let source = Source::Env(var.clone());
+        if let Some((path, instead)) = schema::RETIRED
+            .iter()
+            .find(|(p, _)| schema::env_var(p) == var)
+        {
+            problems.push(retired(source, &format!("{var} ({path})"), instead));
+            continue;
+        }
         let Some(key) = schema::KEYS.iter().find(|k| schema::env_var(k.path) == var) else {
-            let near = schema::suggest_env(&var);
+            let listed = problems.len() < MAX_REPORTED;
+            let near = listed.then(|| schema::suggest_env(&var)).flatten();
             problems.push(Problem {
                 kind: ProblemKind::UnknownKey,
                 source,
-                key: var.clone(),
+                key: shown_key(&var),
                 value: None,
-                reason: "unknown kubeboot variable".into(),
+                reason: "unknown kubeboot variable (its value is not shown)".into(),
                 expected: match near {
+                    _ if !listed => String::new(),
                     Some(near) => format!("a key override (did you mean {near}?)"),
                     None => {
                         "KUBEBOOT_CONFIG or KUBEBOOT_<SECTION>_<KEY> for a key in the reference"
@@ -396,12 +529,6 @@ fn env_value(kind: Kind, raw: &str) -> toml::Value {
             "false" => toml::Value::Boolean(false),
             _ => toml::Value::String(raw.into()),
         },
-        Kind::CaCertHashes => toml::Value::Array(
-            raw.split(',')
-                .map(|s| toml::Value::String(s.trim().into()))
-                .filter(|v| v.as_str() != Some(""))
-                .collect(),
-        ),
         _ => toml::Value::String(raw.into()),
     }
 }
@@ -490,7 +617,7 @@ pub fn merge(layers: &[Layer], mut problems: Vec<Problem>) -> Result<Loaded, Err
     }
     cross_check(&entries, &mut problems);
     if !problems.is_empty() {
-        return Err(Error::Invalid { problems });
+        return Err(invalid(problems, None));
     }
     let config = nest(&entries)
         .try_into::<Config>()
@@ -521,6 +648,10 @@ fn derive_defaults(entries: &mut BTreeMap<&'static str, Entry>) {
     };
     for (path, value) in [
         ("aws.join_secret", format!("kubeboot/{name}/join")),
+        (
+            "aws.certificate_key_secret",
+            format!("kubeboot/{name}/certificate-key"),
+        ),
         ("aws.ssm_prefix", format!("/kubeboot/{name}")),
         ("metrics.log_group", format!("/kubeboot/{name}/metrics")),
     ] {
@@ -630,28 +761,12 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
         inconsistent("metrics.sink", "metrics.file", "sink is \"file\" but no file is set".into(),
             "metrics.file = \"/var/log/kubeboot/metrics.emf\" (an absolute path) with sink = \"file\"");
     }
-    if set("join.token") && !set("join.ca_cert_hashes") {
-        inconsistent("join.token", "join.ca_cert_hashes", "a pre-shared token without CA pins".into(),
-            "join.ca_cert_hashes = [\"sha256:...\"] alongside join.token (kubeadm verifies the CA with it)");
-    }
-    if set("join.certificate_key") && !set("join.token") {
-        inconsistent(
-            "join.certificate_key",
-            "join.token",
-            "a certificate key without a token".into(),
-            "join.token alongside join.certificate_key",
-        );
-    }
     let backups_on = entries
         .get("backup.enabled")
         .and_then(|e| e.value.as_bool())
         == Some(true);
     if text("node.role") == Some("control-plane") && backups_on && !set("aws.backup_bucket") {
         inconsistent(
-        (
-            "aws.certificate_key_secret",
-            format!("kubeboot/{name}/certificate-key"),
-        ),
             "aws.backup_bucket",
             "backup.enabled",
             "control planes take backups but no bucket is set".into(),
@@ -763,20 +878,14 @@ impl LoadOptions {
 /// Reads every source, merges and validates.
 pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
     let mut problems = Vec::new();
-    let text = std::fs::read_to_string(&opts.path).map_err(|source| Error::Read {
-        path: opts.path.clone(),
-        source,
-    })?;
+    let text = read_text(&opts.path)?;
     let mut layers = vec![parse_toml(
         Source::File(opts.path.clone()),
         &text,
         &mut problems,
     )];
     for path in drop_ins(&opts.path)? {
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = read_text(&path)?;
         layers.push(parse_toml(Source::DropIn(path), &text, &mut problems));
     }
     let env_layers = parse_env(
@@ -786,19 +895,24 @@ pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
 
     let raw_user_data = match &opts.user_data {
         UserData::Skip => None,
-        UserData::File(path) => Some(std::fs::read(path).map_err(|source| Error::Read {
-            path: path.clone(),
-            source,
-        })?),
+        UserData::File(path) => Some(read_bounded(path)?),
         UserData::FromImds => {
             let local: Vec<Layer> = layers.iter().chain(&env_layers).cloned().collect();
             let settings = imds_settings(&local);
             if settings.user_data {
-                let imds = crate::identity::Imds::new(&settings)
-                    .map_err(|source| Error::Imds { source })?;
-                imds.user_data()
-                    .await
-                    .map_err(|source| Error::Imds { source })?
+                let fetched = match crate::identity::Imds::new(&settings) {
+                    Ok(imds) => imds.user_data().await,
+                    Err(e) => Err(e),
+                };
+                match fetched {
+                    Ok(raw) => raw,
+                    // The local sources' own problems are the operator's to
+                    // fix whatever instance metadata does (exit 2, not 1).
+                    Err(source) if !problems.is_empty() => {
+                        return Err(invalid(problems, Some(source.to_string())))
+                    }
+                    Err(source) => return Err(Error::Imds { source }),
+                }
             } else {
                 None
             }
@@ -815,6 +929,7 @@ pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
             Err(e) => problems.push(Problem {
                 kind: match e {
                     userdata::UserDataError::MultipleParts(_) => ProblemKind::Conflict,
+                    userdata::UserDataError::TooLarge { .. } => ProblemKind::OutOfRange,
                     _ => ProblemKind::Syntax,
                 },
                 source: Source::UserData("document"),
@@ -830,6 +945,32 @@ pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
     }
     layers.extend(env_layers);
     merge(&layers, problems)
+}
+
+/// Reads a config file or drop-in: a regular file of at most
+/// [`input::MAX_BYTES`], as UTF-8.
+fn read_text(path: &Path) -> Result<String, Error> {
+    String::from_utf8(read_bounded(path)?).map_err(|e| Error::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+    })
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, Error> {
+    input::read_file(path, input::MAX_BYTES).map_err(|e| match e {
+        input::ReadError::NotRegular(kind) => Error::NotRegular {
+            path: path.to_path_buf(),
+            kind,
+        },
+        input::ReadError::TooLarge { limit } => Error::TooLarge {
+            path: path.to_path_buf(),
+            limit,
+        },
+        input::ReadError::Io(source) => Error::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
 }
 
 /// The drop-in files next to the config file, in the order they apply.

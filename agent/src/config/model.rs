@@ -4,7 +4,6 @@
 //! [`super::merge`]), so deserializing it cannot fail on user input; the
 //! shapes here mirror [`super::schema::KEYS`] one to one (a test checks).
 
-use crate::secret::Secret;
 use serde::{Deserialize, Deserializer};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,8 +24,6 @@ pub struct Config {
     pub metrics: Metrics,
     pub paths: Paths,
     pub binaries: Binaries,
-    #[serde(default)]
-    pub join: Join,
     pub log: Log,
 }
 
@@ -238,15 +235,6 @@ pub struct Paths {
 #[serde(deny_unknown_fields)]
 pub struct Binaries {
     pub kubeadm: PathBuf,
-}
-
-/// Pre-shared join material, for recovery or air-gapped boots only.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Join {
-    pub token: Option<Secret<String>>,
-    pub certificate_key: Option<Secret<String>>,
-    pub ca_cert_hashes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -18,8 +18,12 @@ pub enum Kind {
     Cidr,
     /// AWS region code, e.g. `eu-west-1`.
     Region,
-    /// `http://` or `https://` URL with a host.
-    Url,
+    /// An AWS endpoint or queue URL: `https://`, or `http://` to a loopback
+    /// host only (a local emulator or proxy); plain http off the machine
+    /// would carry the join token from Secrets Manager in the clear.
+    AwsUrl,
+    /// The instance metadata service: `http://` only (IMDS serves no TLS).
+    ImdsUrl,
     /// Metrics sink address: `tcp://host:port` or `udp://host:port`.
     SocketUrl,
     /// Absolute filesystem path.
@@ -42,12 +46,6 @@ pub enum Kind {
     Duration { min_ms: u64, max_ms: u64 },
     /// One of a fixed set of words.
     OneOf(&'static [&'static str]),
-    /// kubeadm bootstrap token `[a-z0-9]{6}.[a-z0-9]{16}` (secret).
-    BootstrapToken,
-    /// kubeadm certificate key: 64 hex characters (secret).
-    CertificateKey,
-    /// List of `sha256:<64 hex>` CA public key pins.
-    CaCertHashes,
 }
 
 /// One configuration key.
@@ -99,11 +97,6 @@ const fn identity(mut k: Key) -> Key {
     k
 }
 
-const fn secret(mut k: Key) -> Key {
-    k.secret = true;
-    k
-}
-
 const fn local_only(mut k: Key) -> Key {
     k.not_from_user_data = true;
     k
@@ -144,7 +137,7 @@ pub const KEYS: &[Key] = &[
         "Secrets Manager secret for the certificate key that decrypts kubeadm's uploaded CA keys (control planes only); default `kubeboot/<cluster>/certificate-key`."),
     key("aws.ssm_prefix", Kind::SsmPrefix, None,
         "SSM parameter prefix for discovery values; default `/kubeboot/<cluster>`."),
-    key("aws.lifecycle_queue_url", Kind::Url, None,
+    key("aws.lifecycle_queue_url", Kind::AwsUrl, None,
         "SQS queue receiving ASG lifecycle events (control planes only)."),
     key("aws.lifecycle_hook", Kind::Text, Some("\"kubeboot-terminate\""),
         "Name of the ASGs' termination lifecycle hook, for a node completing its own action."),
@@ -159,16 +152,16 @@ pub const KEYS: &[Key] = &[
     key("aws.attempt_timeout", dur(100, 5 * MIN), Some("\"10s\""), "Timeout of one attempt of an AWS call."),
     key("aws.operation_timeout", dur(SEC, 10 * MIN), Some("\"60s\""),
         "Timeout of an AWS call including its retries."),
-    key("aws.endpoints.dynamodb", Kind::Url, None, "Endpoint override for DynamoDB."),
-    key("aws.endpoints.ssm", Kind::Url, None, "Endpoint override for SSM."),
-    key("aws.endpoints.secretsmanager", Kind::Url, None, "Endpoint override for Secrets Manager."),
-    key("aws.endpoints.ec2", Kind::Url, None, "Endpoint override for EC2."),
-    key("aws.endpoints.s3", Kind::Url, None, "Endpoint override for S3."),
-    key("aws.endpoints.sqs", Kind::Url, None, "Endpoint override for SQS."),
-    key("aws.endpoints.autoscaling", Kind::Url, None, "Endpoint override for Auto Scaling."),
-    key("aws.endpoints.sts", Kind::Url, None, "Endpoint override for STS."),
+    key("aws.endpoints.dynamodb", Kind::AwsUrl, None, "Endpoint override for DynamoDB."),
+    key("aws.endpoints.ssm", Kind::AwsUrl, None, "Endpoint override for SSM."),
+    key("aws.endpoints.secretsmanager", Kind::AwsUrl, None, "Endpoint override for Secrets Manager."),
+    key("aws.endpoints.ec2", Kind::AwsUrl, None, "Endpoint override for EC2."),
+    key("aws.endpoints.s3", Kind::AwsUrl, None, "Endpoint override for S3."),
+    key("aws.endpoints.sqs", Kind::AwsUrl, None, "Endpoint override for SQS."),
+    key("aws.endpoints.autoscaling", Kind::AwsUrl, None, "Endpoint override for Auto Scaling."),
+    key("aws.endpoints.sts", Kind::AwsUrl, None, "Endpoint override for STS."),
     // [imds]
-    local_only(key("imds.endpoint", Kind::Url, Some("\"http://169.254.169.254\""),
+    local_only(key("imds.endpoint", Kind::ImdsUrl, Some("\"http://169.254.169.254\""),
         "Instance metadata service (IMDSv2) endpoint.")),
     local_only(key("imds.user_data", Kind::Bool, Some("true"),
         "Merge the kubeboot TOML part of the instance user-data.")),
@@ -234,19 +227,42 @@ pub const KEYS: &[Key] = &[
     key("paths.etcd_data_dir", Kind::AbsPath, Some("\"/var/lib/etcd\""), "Stacked etcd data directory."),
     // [binaries]
     key("binaries.kubeadm", Kind::AbsPath, Some("\"/usr/bin/kubeadm\""), "kubeadm executable."),
-    // [join]
-    secret(key("join.token", Kind::BootstrapToken, None,
-        "Pre-shared bootstrap token (recovery/air-gapped); normally read from Secrets Manager.")),
-    secret(key("join.certificate_key", Kind::CertificateKey, None,
-        "Pre-shared certificate key for control-plane joins; normally from Secrets Manager.")),
-    key("join.ca_cert_hashes", Kind::CaCertHashes, None,
-        "Pre-shared CA public key pins `sha256:<hex>`; required with `join.token`."),
     // [log]
     key("log.level", Kind::OneOf(&["trace", "debug", "info", "warn", "error"]), Some("\"info\""),
         "Log level."),
     key("log.format", Kind::OneOf(&["auto", "json", "text"]), Some("\"auto\""),
         "Log format; `auto` is text on a terminal, JSON otherwise."),
 ];
+
+/// Keys kubeboot once had and no longer reads, with what replaced them. A
+/// source still setting one is refused by name, its value never shown (these
+/// held secrets).
+pub const RETIRED: &[(&str, &str)] = &[
+    ("join.token", JOIN_RETIRED),
+    ("join.certificate_key", JOIN_RETIRED),
+    ("join.ca_cert_hashes", JOIN_RETIRED),
+];
+
+const JOIN_RETIRED: &str = "no [join] section: join material (token, certificate key, CA pins) \
+    comes from Secrets Manager and the cluster record, which the control planes keep fresh; \
+    delete it (kubeboot never read it)";
+
+/// What replaced a retired key, if `path` is one.
+pub fn retired(path: &str) -> Option<&'static str> {
+    RETIRED
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, why)| *why)
+}
+
+/// What replaced a section whose keys are all retired, if `section` is one.
+pub fn retired_section(section: &str) -> Option<&'static str> {
+    let prefix = format!("{section}.");
+    RETIRED
+        .iter()
+        .find(|(p, _)| p.starts_with(&prefix))
+        .map(|(_, why)| *why)
+}
 
 /// Looks a key up by its dotted path.
 pub fn find(path: &str) -> Option<&'static Key> {
@@ -257,6 +273,7 @@ pub fn find(path: &str) -> Option<&'static Key> {
 pub fn is_section(path: &str) -> bool {
     let prefix = format!("{path}.");
     KEYS.iter().any(|k| k.path.starts_with(&prefix))
+        || RETIRED.iter().any(|(p, _)| p.starts_with(&prefix))
 }
 
 /// The keys directly inside a section, for "expected one of" hints.
@@ -296,6 +313,7 @@ pub const ENV_RESERVED: &[&str] = &["KUBEBOOT_CONFIG"];
 /// The closest known key to a misspelt one, for "did you mean" hints.
 pub fn suggest(path: &str) -> Option<&'static str> {
     KEYS.iter()
+        .filter(|k| near_in_length(path, k.path))
         .map(|k| (edit_distance(path, k.path), k.path))
         .filter(|(d, _)| *d <= 3)
         .min_by_key(|(d, _)| *d)
@@ -306,10 +324,17 @@ pub fn suggest(path: &str) -> Option<&'static str> {
 pub fn suggest_env(var: &str) -> Option<String> {
     KEYS.iter()
         .map(|k| env_var(k.path))
+        .filter(|name| near_in_length(var, name))
         .map(|name| (edit_distance(var, &name), name))
         .filter(|(d, _)| *d <= 3)
         .min_by_key(|(d, _)| *d)
         .map(|(_, name)| name)
+}
+
+/// Strings whose lengths differ by more than 3 are more than 3 edits apart:
+/// skipping them keeps a 500,000-character key from costing seconds.
+fn near_in_length(a: &str, b: &str) -> bool {
+    a.len().abs_diff(b.len()) <= 3
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

@@ -13,8 +13,9 @@ use std::io::Read;
 /// Content type of kubeboot's part in a multipart user-data document.
 pub const CONTENT_TYPE: &str = "application/kubeboot+toml";
 
-/// EC2 limits user-data to 16 KiB; a decompressed document far beyond that is not ours.
-const MAX_DECODED: u64 = 1024 * 1024;
+/// EC2 limits user-data to 16 KiB; a document (raw or decompressed) far
+/// beyond that is refused whole, never cut to fit.
+pub const MAX_DECODED: u64 = super::input::MAX_BYTES;
 
 /// The TOML text found in user-data and where in the document it was.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,10 +36,15 @@ pub enum UserDataError {
     NotUtf8,
     #[error("user-data looks gzip-compressed but does not decompress: {0}")]
     Gzip(String),
+    #[error("user-data is larger than {} (raw or decompressed)", super::input::size(*limit))]
+    TooLarge { limit: u64 },
 }
 
 /// Extracts kubeboot's TOML from raw user-data; `Ok(None)` when there is none.
 pub fn extract(raw: &[u8]) -> Result<Option<Found>, UserDataError> {
+    if raw.len() as u64 > MAX_DECODED {
+        return Err(UserDataError::TooLarge { limit: MAX_DECODED });
+    }
     let bytes = unwrap_encodings(raw)?;
     let trimmed = trim_start(&bytes);
     if trimmed.is_empty() {
@@ -108,9 +114,12 @@ fn unwrap_encodings(raw: &[u8]) -> Result<Vec<u8>, UserDataError> {
 fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, UserDataError> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(bytes)
-        .take(MAX_DECODED)
+        .take(MAX_DECODED + 1)
         .read_to_end(&mut out)
         .map_err(|e| UserDataError::Gzip(e.to_string()))?;
+    if out.len() as u64 > MAX_DECODED {
+        return Err(UserDataError::TooLarge { limit: MAX_DECODED });
+    }
     Ok(out)
 }
 
@@ -265,6 +274,25 @@ mod tests {
         let mut bad = gzip(TOML.as_bytes());
         bad.truncate(12);
         assert!(matches!(extract(&bad), Err(UserDataError::Gzip(_))));
+    }
+
+    #[test]
+    fn user_data_decompressing_past_the_limit_is_refused_not_truncated() {
+        let mut doc = TOML.to_string();
+        doc.push_str(&format!("#{}\n", "z".repeat(MAX_DECODED as usize)));
+        let bomb = gzip(doc.as_bytes());
+        assert!(bomb.len() < 16 * 1024, "fits EC2's limit: {}", bomb.len());
+        assert_eq!(
+            extract(&bomb),
+            Err(UserDataError::TooLarge { limit: MAX_DECODED })
+        );
+        let multipart_bomb = gzip(multipart(&[(CONTENT_TYPE, &doc, None)]).as_bytes());
+        assert_eq!(
+            extract(&multipart_bomb),
+            Err(UserDataError::TooLarge { limit: MAX_DECODED })
+        );
+        let exactly = "#".repeat(MAX_DECODED as usize);
+        assert!(extract(&gzip(exactly.as_bytes())).is_ok());
     }
 
     #[test]

@@ -37,8 +37,14 @@ pub fn expected_form(kind: Kind) -> String {
         Kind::HostPort => "\"host:port\" with an IP or a DNS name (letters, digits, '-', '.'), e.g. \"api.example.internal:6443\"".into(),
         Kind::Cidr => "an IPv4 CIDR like \"10.244.0.0/16\"".into(),
         Kind::Region => "an AWS region code like \"eu-west-1\"".into(),
-        Kind::Url => "an http:// or https:// URL, e.g. \"http://127.0.0.1:5000\"".into(),
-        Kind::SocketUrl => "\"tcp://host:port\" or \"udp://host:port\"".into(),
+        Kind::AwsUrl => "an https:// URL such as \"https://dynamodb.eu-west-1.amazonaws.com\" \
+            (http:// only to a loopback host, e.g. \"http://127.0.0.1:5000\" for a local emulator), \
+            with a host, an optional port 1-65535 and path, and no user:password@, query or fragment"
+            .into(),
+        Kind::ImdsUrl => "an http:// URL (IMDS serves no TLS) such as \"http://169.254.169.254\" \
+            or \"http://[fd00:ec2::254]\", with no user:password@, query or fragment"
+            .into(),
+        Kind::SocketUrl => "\"tcp://host:port\" or \"udp://host:port\" with a port 1-65535".into(),
         Kind::AbsPath => "an absolute path, e.g. \"/var/lib/kubeboot\"".into(),
         Kind::Text => "non-empty text on one line".into(),
         Kind::TableName => "a DynamoDB table name: 3-255 characters [A-Za-z0-9_.-]".into(),
@@ -56,9 +62,6 @@ pub fn expected_form(kind: Kind) -> String {
             "one of {}",
             words.iter().map(|w| format!("\"{w}\"")).collect::<Vec<_>>().join(", ")
         ),
-        Kind::BootstrapToken => "a bootstrap token of the form [a-z0-9]{6}.[a-z0-9]{16}".into(),
-        Kind::CertificateKey => "a certificate key of 64 hex characters".into(),
-        Kind::CaCertHashes => "a list of \"sha256:<64 hex characters>\" strings".into(),
     }
 }
 
@@ -82,19 +85,6 @@ pub fn check(kind: Kind, value: &toml::Value) -> Result<(), Refusal> {
             Ok(())
         }
         Kind::Bool => value.as_bool().map(|_| ()).ok_or_else(wrong_type),
-        Kind::CaCertHashes => {
-            let items = value.as_array().ok_or_else(wrong_type)?;
-            if items.is_empty() {
-                return Err(invalid());
-            }
-            for item in items {
-                let s = item.as_str().ok_or_else(wrong_type)?;
-                if !is_ca_hash(s) {
-                    return Err(invalid());
-                }
-            }
-            Ok(())
-        }
         Kind::Duration { min_ms, max_ms } => {
             let s = value.as_str().ok_or_else(wrong_type)?;
             let d = parse_duration(s).ok_or_else(invalid)?;
@@ -129,8 +119,13 @@ fn string_ok(kind: Kind, s: &str) -> bool {
         Kind::HostPort => is_endpoint(s),
         Kind::Cidr => is_cidr(s),
         Kind::Region => is_region(s),
-        Kind::Url => is_url(s, &["http", "https"]),
-        Kind::SocketUrl => is_url(s, &["tcp", "udp"]) && url_has_port(s),
+        Kind::AwsUrl => {
+            parse_url(s).is_ok_and(|u| u.scheme == "https" || (u.scheme == "http" && u.loopback()))
+        }
+        Kind::ImdsUrl => parse_url(s).is_ok_and(|u| u.scheme == "http"),
+        Kind::SocketUrl => parse_url(s).is_ok_and(|u| {
+            ["tcp", "udp"].contains(&u.scheme) && u.port.is_some() && u.path.is_empty()
+        }),
         Kind::AbsPath => s.starts_with('/') && !s.contains('\0') && !s.contains('\n'),
         Kind::Text => !s.trim().is_empty() && !s.contains('\n'),
         Kind::TableName => {
@@ -158,13 +153,7 @@ fn string_ok(kind: Kind, s: &str) -> bool {
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
         }
-        Kind::BootstrapToken => is_bootstrap_token(s),
-        Kind::CertificateKey => s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()),
-        Kind::Int { .. }
-        | Kind::Bool
-        | Kind::Duration { .. }
-        | Kind::OneOf(_)
-        | Kind::CaCertHashes => false,
+        Kind::Int { .. } | Kind::Bool | Kind::Duration { .. } | Kind::OneOf(_) => false,
     }
 }
 
@@ -250,44 +239,181 @@ fn is_region(s: &str) -> bool {
         && !parts[parts.len() - 1].is_empty()
 }
 
-fn is_url(s: &str, schemes: &[&str]) -> bool {
-    let Some((scheme, rest)) = s.split_once("://") else {
-        return false;
-    };
-    if !schemes.contains(&scheme) {
-        return false;
+/// A URL as the endpoint keys take it, split by [`parse_url`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url<'a> {
+    /// Lowercase as written (`HTTPS://` is refused, not folded).
+    pub scheme: &'a str,
+    /// A DNS name, an IPv4 address or a bracketed IPv6 address.
+    pub host: &'a str,
+    pub port: Option<u16>,
+    /// Everything from the first `/` after the authority; may be empty.
+    pub path: &'a str,
+}
+
+impl Url<'_> {
+    /// Whether the host is this machine: the only place plain http may go.
+    pub fn loopback(&self) -> bool {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-            if p.parse::<u16>().is_err() {
-                return false;
-            }
-            h
+}
+
+/// Splits `scheme://host[:port][/path]` strictly: one port of 1-65535, a
+/// host that is an IP address or a DNS name of valid labels, a path of
+/// visible ASCII; no credentials (`user:pw@`), query or fragment. Says what
+/// is wrong, for tests and messages.
+pub fn parse_url(s: &str) -> Result<Url<'_>, &'static str> {
+    let (scheme, rest) = s.split_once("://").ok_or("no scheme:// prefix")?;
+    if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_lowercase()) {
+        return Err("the scheme is not lowercase letters");
+    }
+    if !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err("spaces, control or non-ASCII characters");
+    }
+    if rest.contains(['?', '#']) {
+        return Err("a query or fragment");
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err("credentials before the host");
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (addr, after) = v6.split_once(']').ok_or("an unclosed [")?;
+        addr.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| "an invalid IPv6 address")?;
+        let host = &authority[..addr.len() + 2];
+        match after {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':').ok_or("junk after the ]")?)),
         }
-        _ => authority,
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
     };
-    !host.is_empty() && !s.contains(char::is_whitespace)
-}
-
-fn url_has_port(s: &str) -> bool {
-    s.split_once("://")
-        .and_then(|(_, rest)| rest.split('/').next())
-        .and_then(|a| a.rsplit_once(':'))
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok_and(|p| p > 0))
-}
-
-fn is_bootstrap_token(s: &str) -> bool {
-    let lower_alnum = |p: &str| {
-        p.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    let port = match port {
+        None => None,
+        Some(p) => {
+            let n = p
+                .parse::<u16>()
+                .ok()
+                .filter(|n| *n > 0 && p.chars().all(|c| c.is_ascii_digit()))
+                .ok_or("a port that is not one number from 1 to 65535")?;
+            Some(n)
+        }
     };
-    matches!(s.split_once('.'), Some((id, sec)) if id.len() == 6 && sec.len() == 16 && lower_alnum(id) && lower_alnum(sec))
+    let host_ok = host.starts_with('[')
+        || host.parse::<Ipv4Addr>().is_ok()
+        || (host.len() <= 253
+            && host
+                .to_ascii_lowercase()
+                .split('.')
+                .all(|label| is_dns_label(label, 63)));
+    if host.is_empty() || !host_ok {
+        return Err("no valid host (an IP address or DNS name)");
+    }
+    Ok(Url {
+        scheme,
+        host,
+        port,
+        path,
+    })
 }
 
-fn is_ca_hash(s: &str) -> bool {
-    s.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
+/// What is wrong with a URL the key's kind refuses, for the message.
+pub fn url_fault(kind: Kind, s: &str) -> Option<String> {
+    if !matches!(kind, Kind::AwsUrl | Kind::ImdsUrl | Kind::SocketUrl) {
+        return None;
+    }
+    let url = match parse_url(s) {
+        Ok(url) => url,
+        Err(why) => return Some(why.to_string()),
+    };
+    match (kind, url.scheme) {
+        (Kind::AwsUrl, "http") if !url.loopback() => {
+            Some("plain http:// to a host that is not this machine".into())
+        }
+        (Kind::AwsUrl, "http" | "https") | (Kind::ImdsUrl, "http") => None,
+        (Kind::SocketUrl, "tcp" | "udp") if url.port.is_none() => Some("no port".into()),
+        (Kind::SocketUrl, "tcp" | "udp") if !url.path.is_empty() => Some("a path".into()),
+        (Kind::SocketUrl, "tcp" | "udp") => None,
+        (_, scheme) => Some(format!("the scheme {scheme}:// is not accepted here")),
+    }
+}
+
+/// Longest value quoted back in a message: enough to recognise it.
+pub const MAX_SHOWN: usize = 80;
+/// Deepest nesting shown; deeper arrays and tables print as `[…]`/`{…}`.
+pub const MAX_SHOWN_DEPTH: usize = 3;
+
+/// A value as a message may quote it: TOML syntax, at most [`MAX_SHOWN`]
+/// characters and [`MAX_SHOWN_DEPTH`] levels, with the full size said when
+/// cut. Callers decide whether a value may be shown at all.
+pub fn preview(value: &toml::Value) -> String {
+    let mut out = String::new();
+    render(value, 0, &mut out);
+    if out.chars().count() <= MAX_SHOWN {
+        return out;
+    }
+    let cut: String = out.chars().take(MAX_SHOWN).collect();
+    match value {
+        toml::Value::String(s) => format!("{cut}… ({} characters)", s.chars().count()),
+        toml::Value::Array(a) => format!("{cut}… ({} items)", a.len()),
+        toml::Value::Table(t) => format!("{cut}… ({} keys)", t.len()),
+        _ => format!("{cut}…"),
+    }
+}
+
+/// Renders into `out`, stopping once it holds more than can be shown.
+fn render(value: &toml::Value, depth: usize, out: &mut String) {
+    if out.len() > MAX_SHOWN * 4 {
+        return;
+    }
+    match value {
+        toml::Value::String(s) => {
+            let head: String = s.chars().take(MAX_SHOWN + 1).collect();
+            out.push_str(&toml::Value::String(head).to_string());
+        }
+        toml::Value::Array(items) if depth >= MAX_SHOWN_DEPTH && !items.is_empty() => {
+            out.push_str("[…]")
+        }
+        toml::Value::Table(t) if depth >= MAX_SHOWN_DEPTH && !t.is_empty() => out.push_str("{…}"),
+        toml::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if out.len() > MAX_SHOWN * 4 {
+                    break;
+                }
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                render(item, depth + 1, out);
+            }
+            out.push(']');
+        }
+        toml::Value::Table(t) => {
+            out.push('{');
+            for (i, (k, v)) in t.iter().enumerate() {
+                if out.len() > MAX_SHOWN * 4 {
+                    break;
+                }
+                out.push_str(if i > 0 { ", " } else { " " });
+                let key: String = k.chars().take(MAX_SHOWN).collect();
+                out.push_str(&format!("{key} = "));
+                render(v, depth + 1, out);
+            }
+            out.push_str(" }");
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 /// Parses `500ms`, `30s`, `5m`, `6h`, `2d` and sums like `1h30m`.
@@ -448,11 +574,11 @@ mod tests {
         assert!(ok(Kind::Region, "eu-west-1"));
         assert!(ok(Kind::Region, "us-gov-west-1"));
         assert!(!ok(Kind::Region, "europe"));
-        assert!(ok(Kind::Url, "http://127.0.0.1:5000"));
-        assert!(ok(Kind::Url, "https://dynamodb.eu-west-1.amazonaws.com"));
-        assert!(!ok(Kind::Url, "127.0.0.1:5000"));
-        assert!(!ok(Kind::Url, "http://:5000"));
-        assert!(!ok(Kind::Url, "http://host:port"));
+        assert!(ok(Kind::AwsUrl, "http://127.0.0.1:5000"));
+        assert!(ok(Kind::AwsUrl, "https://dynamodb.eu-west-1.amazonaws.com"));
+        assert!(!ok(Kind::AwsUrl, "127.0.0.1:5000"));
+        assert!(!ok(Kind::AwsUrl, "http://:5000"));
+        assert!(!ok(Kind::AwsUrl, "http://host:port"));
         assert!(ok(Kind::SocketUrl, "udp://127.0.0.1:25888"));
         assert!(!ok(Kind::SocketUrl, "tcp://127.0.0.1"));
         assert!(ok(Kind::AbsPath, "/var/lib/kubeboot"));
@@ -461,26 +587,82 @@ mod tests {
         assert!(!ok(Kind::BucketName, "Kubeboot"));
         assert!(ok(Kind::SsmPrefix, "/kubeboot/prod-a"));
         assert!(!ok(Kind::SsmPrefix, "/kubeboot/"));
-        assert!(ok(Kind::BootstrapToken, "abcdef.0123456789abcdef"));
-        assert!(!ok(Kind::BootstrapToken, "ABCDEF.0123456789abcdef"));
-        assert!(ok(Kind::CertificateKey, &"a1".repeat(32)));
-        assert!(!ok(Kind::CertificateKey, "a1"));
         assert!(ok(Kind::OneOf(&["a", "b"]), "b"));
         assert!(!ok(Kind::OneOf(&["a", "b"]), "c"));
     }
 
     #[test]
-    fn ca_hash_lists() {
-        let good = Value::Array(vec![s(&format!("sha256:{}", "ab".repeat(32)))]);
-        assert!(check(Kind::CaCertHashes, &good).is_ok());
-        let bad = Value::Array(vec![s("md5:abc")]);
-        assert!(matches!(
-            check(Kind::CaCertHashes, &bad),
-            Err(Refusal::Invalid { .. })
-        ));
-        assert!(matches!(
-            check(Kind::CaCertHashes, &s("sha256:x")),
-            Err(Refusal::WrongType { .. })
-        ));
+    fn endpoint_urls_are_parsed_strictly_with_the_scheme_each_key_allows() {
+        let ok = |k, v: &str| check(k, &s(v)).is_ok();
+        for good in [
+            "https://dynamodb.eu-west-1.amazonaws.com",
+            "https://vpce-0a1b.sts.eu-west-1.vpce.amazonaws.com:443/",
+            "https://sqs.eu-west-1.amazonaws.com/123456789012/kubeboot-life",
+            "http://127.0.0.1:5000",
+            "http://127.3.4.5:5000/path",
+            "http://localhost:4566",
+            "http://[::1]:5000",
+            "https://[fd00::1]:8443",
+            "https://10.0.0.5",
+        ] {
+            assert!(ok(Kind::AwsUrl, good), "{good}");
+        }
+        for bad in [
+            "https://dynamodb.eu-west-1.amazonaws.com:443:443",
+            "ftp://s3.eu-west-1.amazonaws.com",
+            "HTTPS://s3.amazonaws.com",
+            "https://sts..amazonaws.com",
+            "https://-sts.amazonaws.com",
+            "https://admin:pw@ssm.internal",
+            "http://secretsmanager.eu-west-1.amazonaws.com",
+            "http://10.0.0.5:5000",
+            "sqs.eu-west-1.amazonaws.com/123/q",
+            "https://host:0",
+            "https://host:65536",
+            "https://host:+443",
+            "https://host:",
+            "https://host/a b",
+            "https://host/?x=1",
+            "https://host#top",
+            "https://[::1",
+            "https://[zz::1]:443",
+            "https://",
+            "https://hôst.example",
+        ] {
+            assert!(!ok(Kind::AwsUrl, bad), "{bad}");
+        }
+        assert!(ok(Kind::ImdsUrl, "http://169.254.169.254"));
+        assert!(ok(Kind::ImdsUrl, "http://[fd00:ec2::254]"));
+        assert!(!ok(Kind::ImdsUrl, "https://169.254.169.254"));
+        assert!(!ok(Kind::ImdsUrl, "http://169.254.169.254:80:80"));
+        assert!(ok(Kind::SocketUrl, "tcp://127.0.0.1:25888"));
+        assert!(!ok(Kind::SocketUrl, "tcp://127.0.0.1:99999"));
+        assert!(!ok(Kind::SocketUrl, "udp://127.0.0.1:25888/x"));
+        assert!(!ok(Kind::SocketUrl, "http://127.0.0.1:25888"));
+        assert_eq!(
+            url_fault(Kind::AwsUrl, "http://10.0.0.5:5000").as_deref(),
+            Some("plain http:// to a host that is not this machine")
+        );
+        assert_eq!(
+            url_fault(Kind::AwsUrl, "https://h:443:443").as_deref(),
+            Some("a port that is not one number from 1 to 65535")
+        );
+        assert_eq!(url_fault(Kind::Text, "no url"), None);
+    }
+
+    #[test]
+    fn previews_are_short_shallow_and_say_how_much_was_cut() {
+        assert_eq!(preview(&s("debug")), "\"debug\"");
+        let long = preview(&s(&"v".repeat(500_000)));
+        assert!(long.chars().count() < MAX_SHOWN + 40, "{long}");
+        assert!(long.ends_with("(500000 characters)"), "{long}");
+        let wide = Value::Array((0..60_000).map(Value::Integer).collect());
+        let shown = preview(&wide);
+        assert!(shown.ends_with("(60000 items)"), "{shown}");
+        let mut deep = Value::Integer(1);
+        for _ in 0..1_000 {
+            deep = Value::Array(vec![deep]);
+        }
+        assert_eq!(preview(&deep), "[[[[…]]]]");
     }
 }
