@@ -293,7 +293,7 @@ mod tests {
         };
         for r in [cp("both"), worker("both"), cp("token"), cp("certs")] {
             assert_eq!(
-                plan(&fresh, "v1", &[r.clone()], now),
+                plan(&fresh, "v1", std::slice::from_ref(&r), now),
                 Refresh::Nothing,
                 "{r:?}"
             );

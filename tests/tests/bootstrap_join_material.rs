@@ -231,6 +231,7 @@ async fn malformed_or_malicious_join_material_is_refused_before_kubeadm_runs() {
     let secrets = aws_sdk_secretsmanager::Client::new(&sim.moto.sdk_config().await);
     let store = sim.join_store().await;
     let worker = &sim.nodes[1];
+    let registry = sim.registry().await;
     for (name, body, expected) in cases {
         let version = secrets
             .put_secret_value()
@@ -242,12 +243,14 @@ async fn malformed_or_malicious_join_material_is_refused_before_kubeadm_runs() {
             .version_id
             .expect("version id");
         let guard = sim.leader_lock("i-leader-under-test").await;
-        sim.registry()
-            .await
+        // The next publication after whatever is current.
+        let seq = registry.join_pointer().await.expect("read").map_or(0, |p| p.seq) + 1;
+        registry
             .publish_join(
                 &guard,
                 &JoinPointer {
                     secret_version: version,
+                    seq,
                     published_at: SystemTime::now(),
                     ..pointer.clone()
                 },
