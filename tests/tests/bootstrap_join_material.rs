@@ -244,7 +244,12 @@ async fn malformed_or_malicious_join_material_is_refused_before_kubeadm_runs() {
             .expect("version id");
         let guard = sim.leader_lock("i-leader-under-test").await;
         // The next publication after whatever is current.
-        let seq = registry.join_pointer().await.expect("read").map_or(0, |p| p.seq) + 1;
+        let seq = registry
+            .join_pointer()
+            .await
+            .expect("read")
+            .map_or(0, |p| p.seq)
+            + 1;
         registry
             .publish_join(
                 &guard,

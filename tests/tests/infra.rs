@@ -1554,7 +1554,10 @@ fn the_certificate_alarm_fires_after_renewal_failed_well_before_expiry() {
     let s = stack();
     let metric = s.prop("CertificatesExpiring", "MetricName");
     assert_eq!(metric, json!(kubeboot::metrics::CERTIFICATE_DAYS_LEFT.name));
-    assert_eq!(s.prop("CertificatesExpiring", "Statistic"), json!("Minimum"));
+    assert_eq!(
+        s.prop("CertificatesExpiring", "Statistic"),
+        json!("Minimum")
+    );
     assert_eq!(
         s.prop("CertificatesExpiring", "ComparisonOperator"),
         json!("LessThanThreshold")

@@ -127,7 +127,9 @@ impl Drop for RenderedFile {
         match std::fs::remove_file(&self.0) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %self.0.display(), error = %e, "cannot delete a rendered kubeadm configuration (it may hold a secret); delete it by hand"),
+            Err(e) => {
+                tracing::warn!(path = %self.0.display(), error = %e, "cannot delete a rendered kubeadm configuration (it may hold a secret); delete it by hand")
+            }
         }
     }
 }
