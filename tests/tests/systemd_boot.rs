@@ -686,6 +686,24 @@ async fn a_control_plane_join_killed_after_kubeadm_is_converged_by_systemd_witho
     assert_voters(&sim, &[0, 1], 2).await;
 }
 
+/// What a joining control plane writes when it finds the uploaded
+/// certificates gone: a request from the control-plane partition.
+async fn ask_for_certificates(
+    registry: &kubeboot::registry::Registry<kubeboot::registry::dynamo::DynamoRegistryStore>,
+    stale_version: &str,
+) {
+    registry
+        .request_refresh(&kubeboot::registry::RefreshRequest {
+            origin: kubeboot::registry::Origin::ControlPlane,
+            requested_by: "i-0joiningcontrolpl".into(),
+            what: "both".into(),
+            stale_version: stale_version.into(),
+            requested_at: std::time::SystemTime::now(),
+        })
+        .await
+        .expect("request");
+}
+
 /// The leader under the real kubeboot.service refreshes join material:
 /// `kubeadm token create` and `init phase upload-certs` find the node's
 /// address over netlink (the agent's configs for them name none), which
@@ -700,8 +718,11 @@ async fn the_leader_refreshes_join_material_under_its_unit_and_not_without_af_ne
     let registry = sim.registry().await;
     let version = |p: Option<kubeboot::registry::JoinPointer>| p.expect("published").secret_version;
 
-    // As shipped (AF_NETLINK allowed): refreshed.
+    // As shipped (AF_NETLINK allowed): refreshed. The token runs out on its
+    // own; the certificates are uploaded only because a joining control
+    // plane asks for them.
     let expired = sim.expire_join_material("i-harness").await;
+    ask_for_certificates(&registry, &expired).await;
     machine.systemctl_ok(&["start", "--no-block", DAEMON]);
     let published = wait_journal(
         &machine,
@@ -731,6 +752,7 @@ async fn the_leader_refreshes_join_material_under_its_unit_and_not_without_af_ne
         "[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n",
     );
     let expired = sim.expire_join_material("i-harness").await;
+    ask_for_certificates(&registry, &expired).await;
     machine.systemctl_ok(&["start", "--no-block", DAEMON]);
     let failed = wait_journal(
         &machine,
