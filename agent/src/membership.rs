@@ -244,7 +244,16 @@ pub async fn remove_locked_in<R: RegistryStore>(
     target: &Target,
     context: quorum::Context,
 ) -> Result<Outcome, Error> {
-    let health = etcd.health(&etcd.members().await?).await;
+    let mut health = etcd.health(&etcd.members().await?).await;
+    // Members that answer but see no leader count as unhealthy: during the
+    // election that follows a leader's death, every survivor does. Judge on
+    // what etcd says once the successor is elected (bounded), not on that
+    // moment, or the quorum guard refuses a removal that keeps quorum.
+    if electing(&health) {
+        tracing::info!("etcd is electing a leader; waiting for it before judging the removal");
+        wait_for_leader(etcd, None).await;
+        health = etcd.health(&etcd.members().await?).await;
+    }
     let records = registry.members().await?;
     let (id, record) = resolve(target, &health, &records)?;
     let mut removed = None;
@@ -257,18 +266,7 @@ pub async fn remove_locked_in<R: RegistryStore>(
         // times out: when the dead member led, wait for its successor first.
         // Bounded as a whole: the removal below retries on its own.
         if health.iter().any(|h| h.member.id == id && !h.healthy) {
-            let until = tokio::time::Instant::now() + SUCCESSOR_WAIT;
-            loop {
-                let left = until.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                match tokio::time::timeout(left, etcd.leader()).await {
-                    Ok(Ok(leader)) if leader != id && leader != 0 => break,
-                    Ok(_) => tokio::time::sleep(left.min(Duration::from_millis(200))).await,
-                    Err(_) => break,
-                }
-            }
+            wait_for_leader(etcd, Some(id)).await;
         }
         // The dead member is often the leader: a proposal made while the
         // others elect a new one is dropped and the request times out.
@@ -307,6 +305,28 @@ pub async fn remove_locked_in<R: RegistryStore>(
         removed,
         forgot,
     })
+}
+
+/// Whether some member answers yet sees no leader (an election under way).
+fn electing(health: &[Health]) -> bool {
+    health.iter().any(|h| h.leader == Some(0))
+}
+
+/// Waits up to [`SUCCESSOR_WAIT`] for etcd to have a leader other than
+/// `not` (a member about to be removed); returns either way.
+async fn wait_for_leader(etcd: &Etcd, not: Option<u64>) {
+    let until = tokio::time::Instant::now() + SUCCESSOR_WAIT;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match tokio::time::timeout(left, etcd.leader()).await {
+            Ok(Ok(leader)) if leader != 0 && Some(leader) != not => return,
+            Ok(_) => tokio::time::sleep(left.min(Duration::from_millis(200))).await,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Text table of [`views`], for `kubeboot etcd members`.
