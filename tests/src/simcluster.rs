@@ -70,6 +70,27 @@ pub fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// Stops a daemon the way systemd does (SIGTERM), waits up to 20 s for it
+/// and returns its exit code and what it wrote on stderr (if piped).
+pub async fn sigterm_and_wait(child: &mut tokio::process::Child) -> (Option<i32>, String) {
+    let pid = child.id().expect("daemon pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the daemon stops within 20 s of SIGTERM")
+        .expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    (status.code(), stderr)
+}
+
 /// The JSON log lines of an agent's output (other lines skipped).
 pub fn log_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()

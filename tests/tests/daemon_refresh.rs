@@ -3,28 +3,8 @@
 //! refresh the leader makes; SIGTERM stops the daemon cleanly and releases
 //! the leader lock.
 
-use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
+use kubeboot_tests::simcluster::{assert_ok, sigterm_and_wait, tail, SimCluster};
 use std::process::Stdio;
-use std::time::Duration;
-
-async fn sigterm_and_wait(child: &mut tokio::process::Child) -> (Option<i32>, String) {
-    let pid = child.id().expect("daemon pid") as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("the daemon stops within 20 s of SIGTERM")
-        .expect("wait");
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
-    (status.code(), stderr)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_refresh() {

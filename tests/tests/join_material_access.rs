@@ -11,7 +11,7 @@
 
 use kubeboot::registry::{Origin, RefreshRequest};
 use kubeboot_tests::awsproxy::{AwsProxy, FaultKind, FaultPlan};
-use kubeboot_tests::simcluster::{assert_ok, tail, SimCluster};
+use kubeboot_tests::simcluster::{assert_ok, sigterm_and_wait, tail, SimCluster};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -190,19 +190,9 @@ async fn the_leader_uploads_certificates_only_for_a_control_plane_and_rotates_at
     );
     assert_eq!(runs(&sim, "init phase upload-certs"), 1);
 
-    let pid = nix::unistd::Pid::from_raw(daemon.id().expect("pid") as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let out = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
-        .await
-        .expect("daemon stops")
-        .expect("wait");
-    let mut stderr = String::new();
-    if let Some(mut e) = daemon.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
+    let (code, stderr) = sigterm_and_wait(&mut daemon).await;
     sim.record_output(&stderr);
-    assert_eq!(out.code(), Some(0), "{}", tail(&stderr));
+    assert_eq!(code, Some(0), "{}", tail(&stderr));
     assert!(
         stderr.contains("workers are given a token only"),
         "the refused part is logged:\n{}",
