@@ -712,6 +712,42 @@ fn embed(path: &Path, cert: &str, key: &str) -> Result<(), String> {
     write_file(path, format!("{cfg:#}\n").as_bytes(), 0o600)
 }
 
+/// The subject kubeadm gives the client certificate of each kubeconfig it
+/// writes (`cmd/kubeadm/app/phases/kubeconfig/kubeconfig.go`:
+/// `getKubeConfigSpecsBase`): common name and organizations.
+pub fn kubeconfig_subject(file: &str, node: &str) -> Option<(String, Vec<String>)> {
+    Some(match file {
+        "admin.conf" => ("kubernetes-admin".into(), vec!["kubeadm:cluster-admins".into()]),
+        "super-admin.conf" => ("kubernetes-super-admin".into(), vec!["system:masters".into()]),
+        "kubelet.conf" => (format!("system:node:{node}"), vec!["system:nodes".into()]),
+        "controller-manager.conf" => ("system:kube-controller-manager".into(), vec![]),
+        "scheduler.conf" => ("system:kube-scheduler".into(), vec![]),
+        _ => return None,
+    })
+}
+
+/// Embeds in the kubeconfig at `path` a new client certificate for
+/// `common_name`/`organizations`, signed by the cluster CA in `pki` and
+/// valid until `not_after`: what kubeadm's kubeconfig phase writes (one
+/// year, `client-certificate-data`/`client-key-data`).
+pub fn embed_client_certificate(
+    path: &Path,
+    pki: &Path,
+    common_name: &str,
+    organizations: &[String],
+    not_after: std::time::SystemTime,
+) -> Result<(), String> {
+    let kept = Kept {
+        common_name: common_name.to_string(),
+        organizations: organizations.to_vec(),
+        sans: Vec::new(),
+        server: false,
+        client: true,
+    };
+    let (c, k) = sign(&kept, pki, CLUSTER_CA, not_after)?;
+    embed(path, &c, &k)
+}
+
 /// Re-signs the client certificate embedded in the kubeconfig `path` with
 /// the cluster CA in `pki`, keeping its subject, valid until `not_after`.
 /// A kubeconfig with no embedded certificate fails as kubeadm's does.

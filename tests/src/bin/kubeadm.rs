@@ -959,6 +959,22 @@ fn kubeconfig_server(path: &Path) -> Result<String, String> {
         .ok_or_else(|| format!("{}: no clusters[0].cluster.server", path.display()))
 }
 
+/// Embeds the client certificate kubeadm's kubeconfig phase gives `file`
+/// (its subject, signed by the cluster CA, valid one year), as kubeadm
+/// does on init and on a control-plane join.
+fn embed_client_certificate(
+    path: &std::path::Path,
+    pki: &std::path::Path,
+    file: &str,
+    node: &str,
+) -> Result<(), String> {
+    let Some((cn, orgs)) = pki::kubeconfig_subject(file, node) else {
+        return Ok(());
+    };
+    let year = std::time::SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+    pki::embed_client_certificate(path, pki, &cn, &orgs, year)
+}
+
 fn kubeconfig(cluster: &str, server: &str, ca_pem: &str, user: &str) -> Value {
     let context = format!("{user}@{cluster}");
     json!({
@@ -1946,6 +1962,8 @@ async fn init(args: &[String]) -> R<()> {
         let cfg = kubeconfig(&cluster_name, &server, &ca_pem, user);
         write_file(&k8s.join(file), format!("{cfg:#}\n").as_bytes(), 0o600)
             .map_err(|e| phase_err("kubeconfig", e))?;
+        embed_client_certificate(&k8s.join(file), &pki, file, &node)
+            .map_err(|e| phase_err("kubeconfig", e))?;
     }
 
     // etcd + control plane manifests
@@ -2605,6 +2623,8 @@ async fn join(args: &[String]) -> R<()> {
         println!("[kubeconfig] Writing {file:?} kubeconfig file");
         let cfg = kubeconfig(&ctx.cluster_name, &server, &ctx.found.ca_pem, user);
         write_file(&k8s.join(file), format!("{cfg:#}\n").as_bytes(), 0o600)
+            .map_err(|e| phase_err("control-plane-prepare/kubeconfig", e))?;
+        embed_client_certificate(&k8s.join(file), &k8s.join("pki"), file, &ctx.node)
             .map_err(|e| phase_err("control-plane-prepare/kubeconfig", e))?;
     }
     write_control_plane_manifests(&manifests, "control-plane-prepare/control-plane")?;
