@@ -111,6 +111,33 @@ pub fn plan(
     }
 }
 
+/// Whether `e` says the material is in a wire format older than this
+/// agent's (a cluster upgraded from a kubeboot that kept the key beside the
+/// token): the leader can replace it, as nobody else can.
+fn older_format(e: &join_material::Error) -> bool {
+    matches!(
+        e,
+        join_material::Error::Malformed {
+            source: join_material::Malformed::Format { found },
+            ..
+        } if *found < u64::from(join_material::WIRE_FORMAT)
+    )
+}
+
+/// Stand-in material for a pointer this agent cannot read: its endpoint and
+/// CA pins, a token already expired (so the schedule replaces it now) and
+/// no certificates (uploaded when a control plane asks).
+fn replacement(pointer: &JoinPointer) -> JoinMaterial {
+    JoinMaterial {
+        token: join_material::generate_token(),
+        certificate_key: None,
+        ca_cert_hashes: pointer.ca_cert_hashes.clone(),
+        endpoint: pointer.endpoint.clone(),
+        token_expires_at: std::time::UNIX_EPOCH,
+        certs_expire_at: None,
+    }
+}
+
 /// One refresh turn; returns the new pointer when something was refreshed.
 pub async fn run_once<S: RegistryStore>(
     cfg: &Config,
@@ -125,7 +152,14 @@ pub async fn run_once<S: RegistryStore>(
     if let Ok(age) = SystemTime::now().duration_since(pointer.published_at) {
         crate::metrics::record(crate::metrics::JOIN_MATERIAL_AGE, age.as_secs_f64(), &[]);
     }
-    let material = join.read(&pointer).await?;
+    let material = match join.read(&pointer).await {
+        Ok(material) => material,
+        Err(e) if older_format(&e) => {
+            tracing::warn!(version = %pointer.secret_version, error = %e, "the current join material was published by an older kubeboot; replacing it with a new token (control planes ask for certificates when they join)");
+            replacement(&pointer)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let requests = registry.refresh_requests().await?;
     let now = SystemTime::now();
     let refresh = plan(&material, &pointer.secret_version, &requests, now);

@@ -237,3 +237,62 @@ async fn a_refresh_that_cannot_store_its_secrets_rotates_nothing_in_the_cluster(
     );
     assert_eq!(runs(&sim, "init phase upload-certs"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_upgraded_from_the_single_secret_format_gets_new_material_from_its_leader() {
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let registry = sim.registry().await;
+    let current = registry.join_pointer().await.expect("read").expect("published");
+    // What the previous kubeboot published: format 1, the key beside the token.
+    let old_body = serde_json::json!({
+        "format": 1,
+        "token": "abcdef.0123456789abcdef",
+        "certificate_key": "0f".repeat(32),
+        "ca_cert_hashes": current.ca_cert_hashes,
+        "endpoint": current.endpoint,
+        "token_expires_at": 4_000_000_000_000u64,
+        "certs_expire_at": 4_000_000_000_000u64,
+    });
+    let client = aws_sdk_secretsmanager::Client::new(&sim.moto.sdk_config().await);
+    let version = client
+        .put_secret_value()
+        .secret_id(format!("kubeboot/{}/join", sim.name))
+        .secret_string(old_body.to_string())
+        .send()
+        .await
+        .expect("put the old version")
+        .version_id
+        .expect("version id");
+    let guard = sim.leader_lock("i-old-agent").await;
+    registry
+        .publish_join(
+            &guard,
+            &kubeboot::registry::JoinPointer {
+                secret_version: version.clone(),
+                key_version: None,
+                seq: current.seq + 1,
+                ..current.clone()
+            },
+        )
+        .await
+        .expect("point at the old format");
+    guard.release().await.expect("release");
+
+    // The new leader cannot read it, and replaces it instead of failing forever.
+    let mut daemon = sim
+        .daemon_command(&sim.nodes[0])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon");
+    let replaced = pointer_moves(&sim, &version, Duration::from_secs(60)).await;
+    let (code, stderr) = sigterm_and_wait(&mut daemon).await;
+    sim.record_output(&stderr);
+    assert!(replaced.is_some(), "the old format was never replaced:\n{}", tail(&stderr));
+    assert_eq!(code, Some(0), "{}", tail(&stderr));
+    assert!(stderr.contains("published by an older kubeboot"), "{}", tail(&stderr));
+    let bodies = secret_bodies(&sim, "join").await;
+    assert!(bodies.iter().any(|b| b["format"] == 2 && b.get("certificate_key").is_none()));
+    // Nodes join with it.
+    assert_ok(&sim.bootstrap(&[1]).await);
+}
