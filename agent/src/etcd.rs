@@ -407,6 +407,19 @@ impl Etcd {
     /// listed only when some member sees a leader: without one the list
     /// cannot answer, and every member is unhealthy anyway.
     pub async fn health(&self, members: &[Member]) -> Vec<Health> {
+        self.health_judged(members, true).await
+    }
+
+    /// [`Self::health`] for a membership removal: an active alarm (NOSPACE,
+    /// CORRUPT) does not count against a member here. An alarm stops writes
+    /// to the keyspace, not raft's configuration changes, so a terminating
+    /// member can still leave; refusing would let it die as a voter. Joins
+    /// and confirmation (I2) still count alarms.
+    pub async fn health_for_removal(&self, members: &[Member]) -> Vec<Health> {
+        self.health_judged(members, false).await
+    }
+
+    async fn health_judged(&self, members: &[Member], count_alarms: bool) -> Vec<Health> {
         let mut out = Vec::new();
         let mut statuses = Vec::new();
         for m in members {
@@ -434,10 +447,22 @@ impl Etcd {
             statuses.push(status);
         }
         let led = statuses.iter().flatten().any(|s| s.leader() != 0);
-        let alarms = if led { self.alarms().await } else { Vec::new() };
+        let alarms = if led && count_alarms {
+            self.alarms().await
+        } else {
+            Vec::new()
+        };
         for (health, status) in out.iter_mut().zip(&statuses) {
             if let Some(status) = status {
-                match judge(status.leader(), status.errors(), &alarms) {
+                // etcd also lists active alarms among a member's Status
+                // errors (`memberID:<id> alarm:NOSPACE`).
+                let errors: Vec<String> = status
+                    .errors()
+                    .iter()
+                    .filter(|e| count_alarms || !e.contains("alarm:"))
+                    .cloned()
+                    .collect();
+                match judge(status.leader(), &errors, &alarms) {
                     Ok(()) => health.healthy = true,
                     Err(why) => health.error = Some(why),
                 }

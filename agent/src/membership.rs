@@ -244,7 +244,7 @@ pub async fn remove_locked_in<R: RegistryStore>(
     target: &Target,
     context: quorum::Context,
 ) -> Result<Outcome, Error> {
-    let mut health = etcd.health(&etcd.members().await?).await;
+    let mut health = etcd.health_for_removal(&etcd.members().await?).await;
     // Members that answer but see no leader count as unhealthy: during the
     // election that follows a leader's death, every survivor does. Judge on
     // what etcd says once the successor is elected (bounded), not on that
@@ -252,7 +252,7 @@ pub async fn remove_locked_in<R: RegistryStore>(
     if electing(&health) {
         tracing::info!("etcd is electing a leader; waiting for it before judging the removal");
         wait_for_leader(etcd, None).await;
-        health = etcd.health(&etcd.members().await?).await;
+        health = etcd.health_for_removal(&etcd.members().await?).await;
     }
     let records = registry.members().await?;
     let (id, record) = resolve(target, &health, &records)?;

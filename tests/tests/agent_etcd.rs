@@ -171,7 +171,7 @@ async fn a_member_that_answers_but_has_no_leader_is_unhealthy_and_never_confirme
 /// what to do, the quorum guard refuses a removal it would otherwise allow,
 /// and everything is healthy again once the alarm is disarmed.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_active_nospace_alarm_makes_every_member_unhealthy_and_blocks_a_join_with_a_hint() {
+async fn an_active_nospace_alarm_blocks_joins_and_confirmation_with_a_hint_but_not_a_removal() {
     use etcd_client::{AlarmAction, AlarmOptions, AlarmType};
     let cluster = EtcdCluster::start(3).await;
     let etcd = Etcd::connect(&cluster.endpoints(), &settings())
@@ -213,16 +213,37 @@ async fn an_active_nospace_alarm_makes_every_member_unhealthy_and_blocks_a_join_
             "the refusal does not say {what:?}: {why}"
         );
     }
+    // A removal is judged without the alarm: it stops writes, not raft's
+    // configuration changes, and a terminating member refused here would
+    // die as a voter.
     let victim = health_of(&health, &cluster.member(2).peer_url).member.id;
-    let refusal = kubeboot::quorum::check_removal(&health, victim, false)
-        .expect_err("no removal counted on members that cannot write");
-    println!("quorum guard under NOSPACE: {refusal}");
+    let members = etcd.members().await.expect("members");
+    let for_removal = etcd.health_for_removal(&members).await;
+    assert!(for_removal.iter().all(|h| h.healthy), "{for_removal:?}");
+    kubeboot::quorum::check_removal(&for_removal, victim, false)
+        .expect("the guard allows the removal under NOSPACE");
     let err = etcd
         .confirm(&cluster.member(1).peer_url, Duration::from_secs(2))
         .await
         .expect_err("no member is confirmed under NOSPACE");
     assert!(err.to_string().contains("NOSPACE"), "{err}");
 
+    // A fresh cluster refuses membership changes for its first ~5 s
+    // ("unhealthy cluster"): retry past that, as the agent's removal does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match etcd.remove(victim).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                println!("removal under NOSPACE not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("etcd refuses the configuration change under NOSPACE: {e}"),
+        }
+    }
+    assert_eq!(etcd.members().await.expect("members").len(), 2);
+
+    let mut client = cluster.client_for(0).await;
     client
         .alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options))
         .await
