@@ -324,8 +324,12 @@ catalogue! {
         check: "CloudTrail for sqs:SendMessage on the lifecycle queue around the time, and the sending node's instance role.";
 
     LIFE_NOT_IN_GROUP = "KB-LIFE-005", "a termination notice for an instance no Auto Scaling group holds",
-        cause: "A lifecycle message names an instance that Auto Scaling does not know: an old duplicate for an instance already terminated (the reconciler cleans up after it), or a notice forged by a principal that may send to the queue. It is deleted, nothing is drained or removed.",
-        check: "`aws autoscaling describe-auto-scaling-instances --instance-ids <id>`, CloudTrail for sqs:SendMessage on the lifecycle queue around the time.";
+        cause: "A lifecycle message names an instance that Auto Scaling does not know and EC2 reports pending or running: a notice forged by a principal that may send to the queue. It is deleted, nothing is drained or removed. (An instance EC2 no longer runs, e.g. terminated after the hook's timeout, is cleaned up after instead: its Node and etcd member go.)",
+        check: "`aws autoscaling describe-auto-scaling-instances --instance-ids <id>`, `aws ec2 describe-instances --instance-ids <id>`, CloudTrail for sqs:SendMessage on the lifecycle queue around the time.";
+
+    LIFE_MEMBERSHIP_UNKNOWN = "KB-LIFE-006", "etcd cannot say whether a terminating instance is a control plane",
+        cause: "The instance has no MEMBER record and no recorded etcd member answered whether one is named after its Node: it could be a control plane whose record is missing. It is neither drained as a worker nor removed; its message comes back after its visibility timeout, and the ASG applies the hook's default result at its heartbeat timeout.",
+        check: "the control planes' etcd health (`kubeboot status`, `etcdctl endpoint health`) and the MEMBER records in the registry table.";
 
     RECON_EC2 = "KB-RECON-001", "cannot ask EC2 which instances run",
         cause: "EC2 DescribeInstances failed (permissions, throttling); the reconciler removes nothing while it cannot ask.",
@@ -623,8 +627,10 @@ impl Coded for lifecycle::Error {
             E::AutoScaling { .. } => &LIFE_AUTOSCALING,
             E::NotTerminating { .. } => &LIFE_NOT_TERMINATING,
             E::NotInGroup { .. } => &LIFE_NOT_IN_GROUP,
+            E::MembershipUnknown { .. } => &LIFE_MEMBERSHIP_UNKNOWN,
             E::Sqs { .. } => &LIFE_SQS,
             E::Registry(e) => e.entry(),
+            E::Instances(e) => e.entry(),
         }
     }
 }

@@ -313,6 +313,10 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 &self.registry,
                 &self.locker,
                 &self.hooks,
+                crate::lifecycle::Ec2 {
+                    instances: &self.instances,
+                    leader: &self.identity.instance_id,
+                },
             )
             .instrument(telemetry::phase("lifecycle"))
             .await

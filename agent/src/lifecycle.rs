@@ -59,6 +59,15 @@ pub enum Error {
         instance_id: String,
         claimed_asg: String,
     },
+    #[error(
+        "cannot ask etcd whether {instance_id} (Node {node}) is a control plane without a member record: {source}"
+    )]
+    MembershipUnknown {
+        instance_id: String,
+        node: String,
+        #[source]
+        source: etcd::Error,
+    },
     #[error("SQS {operation} on {queue}: {message}")]
     Sqs {
         operation: &'static str,
@@ -67,6 +76,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),
+    /// EC2 could not say whether an instance no group holds is gone.
+    #[error(transparent)]
+    Instances(#[from] crate::reconciler::Error),
 }
 
 impl Error {
@@ -76,9 +88,11 @@ impl Error {
             Error::Message { .. } => "the queue should only receive the ASG lifecycle hook's messages (EventBridge rule or hook target); the message is deleted".into(),
             Error::AutoScaling { .. } => "check the instance role may call autoscaling:DescribeAutoScalingInstances, CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
             Error::NotTerminating { .. } => "a stale or forged notice: only EventBridge and the cluster's own nodes may send to the queue; if it was not an old duplicate, check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
-            Error::NotInGroup { .. } => "an old notice for an instance already gone (the reconciler removes what it left once EC2 no longer runs it), or a forged one: check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
+            Error::NotInGroup { .. } => "EC2 runs this instance outside every group: a forged notice; check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
+            Error::MembershipUnknown { .. } => "no recorded etcd member answers: check the control planes' etcd (`kubeboot status`); the instance is neither drained as a worker nor removed as a control plane until etcd answers, the message comes back after its visibility timeout, and the ASG applies the hook's default result at its heartbeat timeout".into(),
             Error::Sqs { .. } => "check aws.lifecycle_queue_url and that the role may receive and delete messages on it".into(),
             Error::Registry(e) => e.hint(),
+            Error::Instances(e) => e.hint(),
         }
     }
 }
@@ -174,6 +188,9 @@ pub enum Completion {
     Completed,
     /// AWS had no active action: completed before (by us or another path) or timed out.
     AlreadyDone,
+    /// The instance was already terminated and no group held it: nothing
+    /// to complete, only its Node and member to clean up.
+    Gone,
 }
 
 /// Completes and heartbeats lifecycle actions.
@@ -273,9 +290,10 @@ pub struct Placement {
 /// Whether a queued termination may be acted on: the queue accepts messages
 /// from any node of the cluster, so a message alone is not proof. Auto
 /// Scaling must have the instance terminating in the group the message
-/// names. An instance no group holds is refused too: a notice forged for an
-/// instance outside every group, or an old one for an instance already gone
-/// (the reconciler cleans up after that one, on EC2's word).
+/// names. An instance no group holds is refused here too; the caller then
+/// asks EC2 ([`gone`]): an instance already terminated (a notice read after
+/// the hook's timeout) is cleaned up after, a live one (a forged notice) is
+/// refused.
 pub fn vet(action: &Action, seen: Option<&Placement>) -> Result<(), Error> {
     match seen {
         None => Err(Error::NotInGroup {
@@ -329,11 +347,20 @@ impl Queue {
 
     /// Up to 10 messages, hidden from other receivers for `visibility`.
     pub async fn receive(&self, visibility: Duration) -> Result<Vec<Received>, Error> {
+        self.receive_up_to(visibility, 10).await
+    }
+
+    /// Up to `max` (1 to 10) messages, hidden for `visibility`; none waited for.
+    pub async fn receive_up_to(
+        &self,
+        visibility: Duration,
+        max: usize,
+    ) -> Result<Vec<Received>, Error> {
         let out = self
             .client
             .receive_message()
             .queue_url(&self.url)
-            .max_number_of_messages(10)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
             .visibility_timeout(visibility.as_secs().clamp(1, 43_200) as i32)
             .wait_time_seconds(0)
             .send()
@@ -506,32 +533,6 @@ async fn keep_hidden(
     }
 }
 
-/// Runs every future to its end within the caller's task, outputs in input
-/// order: like spawning them, but dropping the caller drops them all.
-async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    use std::task::Poll;
-    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(value) => *output = Some(value),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
-}
-
 /// Cleans up after a terminating instance and completes its action (I5).
 pub async fn handle_termination<L: LockStore, R: RegistryStore>(
     cfg: &Config,
@@ -570,13 +571,15 @@ async fn handle_limited<L: LockStore, R: RegistryStore>(
 /// The etcd member of a control plane that has no MEMBER record (a crash
 /// between its join and the record, or a record deleted by hand): kubeadm
 /// names a stacked etcd member after its Node. `None` when etcd has no such
-/// member (a worker), or when etcd cannot be asked (logged: the member, if
-/// any, is then left to the reconciler).
+/// member (a worker). When etcd cannot be asked, an error: the instance is
+/// neither drained as a worker on a guess nor its member left behind; the
+/// message comes back and is tried again.
 async fn unrecorded_member(
     cfg: &Config,
     records: &[crate::registry::MemberRecord],
+    instance_id: &str,
     node: &str,
-) -> Option<(Etcd, u64)> {
+) -> Result<Option<(Etcd, u64)>, Error> {
     let settings = etcd::Settings::from_config(cfg);
     let endpoints = etcd::recorded_endpoints(records, &settings);
     let found = async {
@@ -585,13 +588,11 @@ async fn unrecorded_member(
         let id = members.iter().find(|m| m.name == node).map(|m| m.id);
         Ok::<_, etcd::Error>(id.map(|id| (etcd, id)))
     };
-    match found.await {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::warn!(node, code = e.code(), error = %e, hint = %e.hint(), "cannot ask etcd whether this unrecorded instance is a control plane; handled as a worker");
-            None
-        }
-    }
+    found.await.map_err(|source| Error::MembershipUnknown {
+        instance_id: instance_id.to_string(),
+        node: node.to_string(),
+        source,
+    })
 }
 
 /// How a terminating control plane is known.
@@ -600,6 +601,23 @@ enum Leaving<'a> {
     Recorded(&'a crate::registry::MemberRecord),
     /// By its Node's name among etcd's members (through that client).
     Unrecorded(Box<Etcd>, u64),
+}
+
+/// What cleaning up after an instance did.
+struct Cleanup {
+    control_plane: bool,
+    member: Option<String>,
+    node: Option<String>,
+    failures: Vec<String>,
+}
+
+/// How the instance being cleaned up after is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Host {
+    /// Still running while its action waits: a worker is drained.
+    Terminating,
+    /// Already terminated: nothing runs on it to drain.
+    Gone,
 }
 
 async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
@@ -611,6 +629,75 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
     limits: &Limits,
 ) -> Result<Report, Error> {
     let started = Instant::now();
+    let cleanup = clean_up(cfg, registry, locker, action, limits, Host::Terminating).await?;
+    crate::failpoint::crash_point("lifecycle:after-cleanup");
+    let completion = hooks.complete(action).await?;
+    let report = Report {
+        instance_id: action.instance_id.clone(),
+        control_plane: cleanup.control_plane,
+        member: cleanup.member,
+        node: cleanup.node,
+        cleanup_failures: cleanup.failures,
+        completion,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(
+        instance_id = %report.instance_id,
+        control_plane = report.control_plane,
+        member = report.member.as_deref().unwrap_or("-"),
+        node = report.node.as_deref().unwrap_or("-"),
+        failures = report.cleanup_failures.len(),
+        completion = ?report.completion,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "lifecycle action completed"
+    );
+    Ok(report)
+}
+
+/// Cleans up after an instance EC2 already terminated (its notice was read
+/// after the hook's timeout, or no group holds it any more): its member
+/// leaves through the guarded path and its Node goes; there is no action to
+/// complete. Nobody else deletes the Node.
+async fn clean_up_gone<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    action: &Action,
+    limits: &Limits,
+) -> Result<Report, Error> {
+    let started = Instant::now();
+    let cleanup = clean_up(cfg, registry, locker, action, limits, Host::Gone).await?;
+    let report = Report {
+        instance_id: action.instance_id.clone(),
+        control_plane: cleanup.control_plane,
+        member: cleanup.member,
+        node: cleanup.node,
+        cleanup_failures: cleanup.failures,
+        completion: Completion::Gone,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(
+        instance_id = %report.instance_id,
+        control_plane = report.control_plane,
+        member = report.member.as_deref().unwrap_or("-"),
+        node = report.node.as_deref().unwrap_or("-"),
+        failures = ?report.cleanup_failures,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "instance already gone: cleaned up after it"
+    );
+    Ok(report)
+}
+
+/// Removes the member of a control plane (or drains a running worker) and
+/// deletes the Node; failures of single steps are collected, not fatal.
+async fn clean_up<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    action: &Action,
+    limits: &Limits,
+    host: Host,
+) -> Result<Cleanup, Error> {
     let mut failures = Vec::new();
     let records = registry.members().await?;
     let record = records
@@ -642,7 +729,7 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
     // A control plane is one etcd knows: by its record, else by its Node's
     // name among the members (never drained as a worker, its member left).
     let unrecorded = match (&record, &node) {
-        (None, Some(name)) => unrecorded_member(cfg, &records, name).await,
+        (None, Some(name)) => unrecorded_member(cfg, &records, &action.instance_id, name).await?,
         _ => None,
     };
     let leaving = match (&record, unrecorded) {
@@ -694,7 +781,7 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
                 failures.push(format!("etcd member: {e}"));
             }
         }
-    } else if let (Some(k), Some(name)) = (&kube, &node) {
+    } else if let (Some(k), Some(name), Host::Terminating) = (&kube, &node, host) {
         let drained = async {
             // Closed only when the batch is dropped; then nothing drains.
             let _slot = limits.drains.acquire().await;
@@ -721,28 +808,12 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
             failures.push(format!("deleting the Node: {e}"));
         }
     }
-    crate::failpoint::crash_point("lifecycle:after-cleanup");
-    let completion = hooks.complete(action).await?;
-    let report = Report {
-        instance_id: action.instance_id.clone(),
+    Ok(Cleanup {
         control_plane,
         member,
         node,
-        cleanup_failures: failures,
-        completion,
-        elapsed: started.elapsed(),
-    };
-    tracing::info!(
-        instance_id = %report.instance_id,
-        control_plane = report.control_plane,
-        member = report.member.as_deref().unwrap_or("-"),
-        node = report.node.as_deref().unwrap_or("-"),
-        failures = report.cleanup_failures.len(),
-        completion = ?report.completion,
-        elapsed_ms = report.elapsed.as_millis() as u64,
-        "lifecycle action completed"
-    );
-    Ok(report)
+        failures,
+    })
 }
 
 /// IMDS path of the ASG's target lifecycle state for this instance.
@@ -786,68 +857,164 @@ pub async fn own_termination_due(
     }))
 }
 
-/// One pass over the queue: the terminations of a batch are handled
-/// together (each heartbeated and kept hidden from receipt, workers drained
-/// concurrently, control planes removed one at a time) and each message
-/// deleted once handled; messages that cannot be handled now come back.
+/// At most this many receives before a batch is handled: enough to find a
+/// whole scale-in (10 messages a receive), bounded so a flooded queue still
+/// lets the turn end.
+pub const RECEIVES_PER_BATCH: usize = 10;
+/// At most this many messages taken in one turn (the first receives and
+/// those during the batch).
+pub const MESSAGES_PER_TURN: usize = 100;
+
+/// EC2, to tell an instance already gone from a live one outside every group.
+#[derive(Debug, Clone, Copy)]
+pub struct Ec2<'a> {
+    pub instances: &'a crate::reconciler::Instances,
+    /// This leader's own instance: EC2 must report it running for its
+    /// answer about another to be believed.
+    pub leader: &'a str,
+}
+
+/// Receives until the queue answers empty (at most [`RECEIVES_PER_BATCH`]
+/// receives and `room` messages), deleting what is no termination. A
+/// receive that fails after the first is logged and ends the taking: what
+/// was taken is handled.
+async fn take(
+    queue: &Queue,
+    visibility: Duration,
+    room: usize,
+) -> Result<Vec<(Received, Action)>, Error> {
+    let mut batch = Vec::new();
+    let mut taken = 0;
+    for attempt in 0..RECEIVES_PER_BATCH {
+        if taken >= room {
+            break;
+        }
+        let messages = match queue.receive_up_to(visibility, room - taken).await {
+            Ok(m) => m,
+            Err(e) if attempt == 0 => return Err(e),
+            Err(e) => {
+                tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle queue receive failed; handling what was taken");
+                break;
+            }
+        };
+        if messages.is_empty() {
+            break;
+        }
+        taken += messages.len();
+        for message in messages {
+            match parse_message(&message.body) {
+                Ok(Event::Terminating(action)) => batch.push((message, action)),
+                Ok(Event::Test) => {
+                    tracing::info!("lifecycle hook test notification");
+                    queue.delete(&message.receipt).await?;
+                }
+                Ok(Event::Ignored(transition)) => {
+                    tracing::info!(%transition, "lifecycle message ignored");
+                    queue.delete(&message.receipt).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(code = e.code(), error = %e, "unreadable lifecycle message deleted");
+                    queue.delete(&message.receipt).await?;
+                }
+            }
+        }
+    }
+    Ok(batch)
+}
+
+/// One pass over the queue: every message waiting is taken first (a
+/// scale-in larger than one receive too), then the terminations are
+/// handled together (each heartbeated and kept hidden from receipt, workers
+/// drained concurrently, control planes removed one at a time) and each
+/// message deleted once handled; messages that cannot be handled now come
+/// back. While a batch lasts, the queue is read again every heartbeat
+/// period, so a termination arriving meanwhile is heartbeated in time too.
 pub async fn drain_queue<L: LockStore, R: RegistryStore>(
     cfg: &Config,
     queue: &Queue,
     registry: &Registry<R>,
     locker: &Locker<L>,
     hooks: &Hooks,
+    ec2: Ec2<'_>,
 ) -> Result<Vec<Report>, Error> {
     // Short visibility, extended while a message is handled: if this leader
     // dies or stops leading, the next one sees the message again within one
     // heartbeat period.
     let visibility = cfg.daemon.lifecycle_heartbeat;
-    let mut batch = Vec::new();
-    for message in queue.receive(visibility).await? {
-        match parse_message(&message.body) {
-            Ok(Event::Terminating(action)) => batch.push((message, action)),
-            Ok(Event::Test) => {
-                tracing::info!("lifecycle hook test notification");
-                queue.delete(&message.receipt).await?;
-            }
-            Ok(Event::Ignored(transition)) => {
-                tracing::info!(%transition, "lifecycle message ignored");
-                queue.delete(&message.receipt).await?;
-            }
-            Err(e) => {
-                tracing::warn!(code = e.code(), error = %e, "unreadable lifecycle message deleted");
-                queue.delete(&message.receipt).await?;
-            }
-        }
-    }
+    let batch = take(queue, visibility, MESSAGES_PER_TURN).await?;
     if batch.is_empty() {
         return Ok(Vec::new());
     }
     // A batch may take a whole drain: that is progress, not a hang.
     crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
     let limits = Limits::new();
-    let handlings: Vec<_> = batch
-        .iter()
-        .map(|(message, action)| {
-            alongside(
-                handle_message(
-                    cfg, queue, registry, locker, hooks, action, message, &limits,
-                ),
-                keep_hidden(queue, &message.receipt, visibility),
-            )
-        })
-        .collect();
+    let limits = &limits;
+    let handle = |(message, action): (Received, Action)| async move {
+        alongside(
+            handle_message(
+                cfg, queue, registry, locker, hooks, ec2, &action, &message, limits,
+            ),
+            keep_hidden(queue, &message.receipt, visibility),
+        )
+        .await
+    };
+    let mut taken = batch.len();
+    let mut handlings: Vec<_> = batch.into_iter().map(|m| Box::pin(handle(m))).collect();
     let mut reports = Vec::new();
-    for outcome in join_all(handlings).await {
-        if let Some(report) = outcome? {
-            reports.push(report);
+    let mut failed = None;
+    let mut next_receive = tokio::time::Instant::now() + visibility;
+    while !handlings.is_empty() {
+        tokio::select! {
+            outcome = next_done(&mut handlings) => match outcome {
+                Ok(Some(report)) => reports.push(report),
+                Ok(None) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            },
+            _ = tokio::time::sleep_until(next_receive), if taken < MESSAGES_PER_TURN => {
+                next_receive = tokio::time::Instant::now() + visibility;
+                match take(queue, visibility, MESSAGES_PER_TURN - taken).await {
+                    Ok(more) if more.is_empty() => {}
+                    Ok(more) => {
+                        tracing::info!(messages = more.len(), "more terminations arrived during the batch");
+                        crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
+                        taken += more.len();
+                        handlings.extend(more.into_iter().map(|m| Box::pin(handle(m))));
+                    }
+                    Err(e) => {
+                        tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle queue receive during the batch failed");
+                    }
+                }
+            }
         }
     }
-    Ok(reports)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(reports),
+    }
 }
 
-/// One termination of a batch: vetted with Auto Scaling, handled while its
-/// action is heartbeated, its message deleted. `None` when it was refused
-/// or comes back later.
+/// The output of the first of `futures` to finish, which is removed; the
+/// others run on within the caller's task (dropping the caller drops them).
+/// Pending forever when there is none.
+async fn next_done<F: std::future::Future + Unpin>(futures: &mut Vec<F>) -> F::Output {
+    use std::task::Poll;
+    std::future::poll_fn(|cx| {
+        for i in 0..futures.len() {
+            if let Poll::Ready(out) = std::pin::Pin::new(&mut futures[i]).poll(cx) {
+                drop(futures.swap_remove(i));
+                return Poll::Ready(out);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One termination of a batch: vetted with Auto Scaling (and EC2 when no
+/// group holds the instance), handled while its action is heartbeated, its
+/// message deleted. `None` when it was refused or comes back later.
 #[allow(clippy::too_many_arguments)]
 async fn handle_message<L: LockStore, R: RegistryStore>(
     cfg: &Config,
@@ -855,13 +1022,18 @@ async fn handle_message<L: LockStore, R: RegistryStore>(
     registry: &Registry<R>,
     locker: &Locker<L>,
     hooks: &Hooks,
+    ec2: Ec2<'_>,
     action: &Action,
     message: &Received,
     limits: &Limits,
 ) -> Result<Option<Report>, Error> {
     match hooks.placement(action).await {
-        Ok(seen) => {
-            if let Err(e) = vet(action, seen.as_ref()) {
+        Ok(None) => {
+            return handle_unplaced(cfg, queue, registry, locker, ec2, action, message, limits)
+                .await
+        }
+        Ok(Some(seen)) => {
+            if let Err(e) = vet(action, Some(&seen)) {
                 tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle message refused and deleted");
                 queue.delete(&message.receipt).await?;
                 return Ok(None);
@@ -886,6 +1058,53 @@ async fn handle_message<L: LockStore, R: RegistryStore>(
         }
         Err(e) => {
             tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "termination not completed; the message comes back");
+            Ok(None)
+        }
+    }
+}
+
+/// A notice for an instance no Auto Scaling group holds: cleaned up after
+/// when EC2 no longer runs it (the ASG went on past the hook's timeout, or
+/// the leader read the notice late), refused when EC2 runs it (forged).
+#[allow(clippy::too_many_arguments)]
+async fn handle_unplaced<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    queue: &Queue,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    ec2: Ec2<'_>,
+    action: &Action,
+    message: &Received,
+    limits: &Limits,
+) -> Result<Option<Report>, Error> {
+    let id = std::slice::from_ref(&action.instance_id);
+    let not_running = match ec2.instances.not_running(id, ec2.leader).await {
+        Ok(n) => n,
+        Err(e) => {
+            let e = Error::from(e);
+            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "no group holds the instance and EC2 cannot say whether it is gone; the message comes back");
+            return Ok(None);
+        }
+    };
+    // EC2 does not report it pending or running: terminated, shutting down,
+    // stopped (an ASG replaces a stopped instance) or forgotten.
+    if !not_running.contains(&action.instance_id) {
+        let refusal = Error::NotInGroup {
+            instance_id: action.instance_id.clone(),
+            claimed_asg: action.asg.clone(),
+        };
+        tracing::warn!(code = refusal.code(), error = %refusal, hint = %refusal.hint(), "lifecycle message refused and deleted");
+        queue.delete(&message.receipt).await?;
+        return Ok(None);
+    }
+    tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "no group holds the instance and EC2 no longer runs it");
+    match clean_up_gone(cfg, registry, locker, action, limits).await {
+        Ok(report) => {
+            queue.delete(&message.receipt).await?;
+            Ok(Some(report))
+        }
+        Err(e) => {
+            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "cleanup after a gone instance failed; the message comes back");
             Ok(None)
         }
     }

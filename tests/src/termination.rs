@@ -285,6 +285,18 @@ impl Terminations {
         self.wait_completed(token, within).await;
     }
 
+    /// Freezes (`true`) or thaws the daemon (SIGSTOP/SIGCONT), so a test can
+    /// queue several messages that the next turn then finds all at once.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.daemon.id().expect("pid") as i32;
+        let signal = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
+    }
+
     /// SIGTERMs the daemon, expects exit 0, and hands its stderr to the
     /// cluster's secret scan as well as to the caller.
     pub async fn stop(mut self, sim: &SimCluster) -> String {
@@ -418,4 +430,16 @@ pub async fn blocked_worker(sim: &SimCluster, instance_id: &str) -> String {
         .await
         .expect("create pod");
     name
+}
+
+/// EC2 terminates `instance_id` (moto forgets nothing: it reports the
+/// instance terminated from now on), as the ASG does once a lifecycle
+/// action has ended.
+pub async fn instance_terminated(sim: &SimCluster, instance_id: &str) {
+    let ec2 = aws_sdk_ec2::Client::new(&sim.moto.sdk_config().await);
+    ec2.terminate_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+        .expect("moto terminates the instance");
 }

@@ -730,3 +730,129 @@ async fn a_terminating_control_plane_without_a_member_record_still_leaves_etcd()
     assert_eq!(sim.kubeapi.nodes().len(), 2, "its Node is deleted");
     lifecycle.stop(&sim).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_plane_terminated_while_no_leader_read_the_queue_still_leaves_etcd_and_its_node_goes(
+) {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let victim = sim.nodes[2].instance_id();
+    lifecycle
+        .actions
+        .declare_hook(ASG, kubeboot_tests::termination::HOOK);
+    // No leader read the queue for longer than the hook's heartbeat timeout:
+    // the ASG went on, EC2 terminated the instance, and Auto Scaling no
+    // longer knows it when a leader finally reads the message.
+    host_dies(&sim, 2);
+    kubeboot_tests::termination::instance_terminated(&sim, &victim).await;
+    lifecycle
+        .send(ASG, &victim, "11111111-2222-3333-4444-555555555555")
+        .await;
+    lifecycle.wait_queue_empty().await;
+    assert_eq!(
+        sim.kubeapi.nodes().len(),
+        2,
+        "the Node of an instance EC2 terminated is deleted"
+    );
+    let members = sim.etcd_members(&[0, 1]).await;
+    assert_eq!(members.len(), 2, "its member is removed: {members:?}");
+    let records = sim.registry().await.members().await.expect("records");
+    assert!(
+        records.iter().all(|r| r.instance_id != victim),
+        "{records:?}"
+    );
+    assert!(
+        lifecycle
+            .actions
+            .calls_for(
+                kubeboot_tests::lifecycle_actions::LifecycleOperation::Complete,
+                &victim
+            )
+            .is_empty(),
+        "no lifecycle action to complete"
+    );
+    let stderr = lifecycle.stop(&sim).await;
+    let gone = log_lines(&stderr)
+        .into_iter()
+        .find(|l| l["message"] == "instance already gone: cleaned up after it")
+        .unwrap_or_else(|| panic!("no cleanup line in\n{}", tail(&stderr)));
+    assert_eq!(gone["instance_id"], victim.as_str(), "{gone}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scale_in_larger_than_one_receive_and_a_late_arrival_are_all_heartbeated_from_receipt() {
+    use kubeboot_tests::lifecycle_actions::PendingAction;
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let lifecycle = Lifecycle::start_with(&sim, "6s", wired(&[])).await;
+    let workers: Vec<String> = (10..23).map(|n| format!("i-0e1b2c3d4e5f607{n}")).collect();
+    for w in &workers {
+        kubeboot_tests::termination::blocked_worker(&sim, w).await;
+    }
+    let terminate = |w: &String| {
+        lifecycle.terminate_action(
+            PendingAction::terminating("kb-workers", kubeboot_tests::termination::HOOK, w)
+                .with_heartbeat_timeout(Duration::from_secs(14)),
+        )
+    };
+    // Twelve at once (one receive takes at most ten), each drain held for
+    // its whole 6 s deadline, four at a time: 18 s for the batch, while
+    // each action dies 14 s after its last heartbeat. The daemon finds all
+    // twelve in the queue at its next turn.
+    lifecycle.freeze(true);
+    let mut tokens = Vec::new();
+    for w in &workers[..12] {
+        tokens.push(terminate(w).await);
+    }
+    lifecycle.freeze(false);
+    // The batch is under way; a thirteenth arrives during it.
+    let started = Instant::now();
+    while lifecycle
+        .heartbeats_after(&workers[0], Duration::ZERO)
+        .is_empty()
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no heartbeat");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokens.push(terminate(&workers[12]).await);
+    for (w, token) in workers.iter().zip(&tokens) {
+        lifecycle
+            .wait_completed(token, Duration::from_secs(90))
+            .await;
+        assert_eq!(lifecycle.actions.accepted_completions(w), 1, "{w}");
+    }
+    lifecycle.stop(&sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_etcd_cannot_be_asked_about_is_not_drained_as_a_worker_and_its_message_comes_back() {
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let lifecycle = Lifecycle::start(&sim, "5s").await;
+    let instance = "i-0f1b2c3d4e5f60718";
+    let node = kubeboot_tests::termination::blocked_worker(&sim, instance).await;
+    // etcd does not answer: whether this instance is a control plane
+    // without a record (its member named after the Node) cannot be known.
+    host_dies(&sim, 0);
+    let token = lifecycle.terminate("kb-workers", instance).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(
+        lifecycle.actions.state(&token),
+        Some(kubeboot_tests::lifecycle_actions::ActionState::Pending),
+        "not completed on a guess"
+    );
+    assert!(
+        sim.kubeapi
+            .nodes()
+            .iter()
+            .any(|n| n["metadata"]["name"] == node.as_str()),
+        "its Node is kept"
+    );
+    let stderr = lifecycle.stop(&sim).await;
+    let deferred = log_lines(&stderr)
+        .into_iter()
+        .find(|l| l["message"] == "termination not completed; the message comes back")
+        .unwrap_or_else(|| panic!("no deferral line in\n{}", tail(&stderr)));
+    assert_eq!(deferred["code"], "KB-LIFE-006", "{deferred}");
+}
