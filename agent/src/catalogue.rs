@@ -353,6 +353,9 @@ catalogue! {
     CERT_ETCD_AFTER_RESTART = "KB-CERT-005", "etcd did not come back healthy after the certificate restart",
         cause: "After the renewed certificates' restart, this node's etcd member did not answer as started, voting and healthy within etcd.promote_timeout: the kubelet did not restart it, or it refuses the renewed certificates.",
         check: "`crictl ps -a --name etcd` and its logs, `kubeadm certs check-expiration`, `kubeboot etcd members`.";
+    CERT_DEFERRED = "KB-CERT-006", "renewal deferred: restarting would cost quorum",
+        cause: "The certificates are due, but restarting this control plane (about a minute without its etcd member) would leave fewer healthy voters than quorum of the full cluster: another control plane is dead or unhealthy (awaiting replacement), the cluster has only two voters, or etcd could not be asked. Nothing was renewed or restarted; a warning, not a failure.",
+        check: "`kubeboot etcd members` and `kubeboot status`: bring the unhealthy member back or replace it; the renewal is retried every turn and goes ahead once the others keep quorum. Metric CertificateRenewalsDeferred.";
 }
 
 /// An error with a catalogue entry.
@@ -657,6 +660,7 @@ impl Coded for certs::Error {
             E::NotRenewed { .. } => &CERT_NOT_RENEWED,
             E::Restart { .. } => &CERT_RESTART,
             E::EtcdAfterRestart(_) => &CERT_ETCD_AFTER_RESTART,
+            E::Deferred { .. } | E::QuorumUnknown(_) => &CERT_DEFERRED,
             E::Kubeadm(e) => e.entry(),
             E::Lock(e) => e.entry(),
         }

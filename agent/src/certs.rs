@@ -22,7 +22,7 @@
 use crate::catalogue::Coded;
 use crate::lock::{LockStore, Locker, Purpose};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Leaf certificates under `<kubernetes_dir>/pki`, as kubeadm names them
 /// (file stem without `.crt`), stacked etcd included.
@@ -325,6 +325,15 @@ pub enum Error {
     },
     #[error("etcd did not come back healthy after the restart for renewed certificates: {0}")]
     EtcdAfterRestart(#[source] crate::etcd::Error),
+    #[error("certificate renewal deferred: restarting this control plane would leave {healthy_others} healthy of {voters} voting etcd members, below quorum {quorum}; unhealthy now: {unhealthy}")]
+    Deferred {
+        healthy_others: usize,
+        voters: usize,
+        quorum: usize,
+        unhealthy: String,
+    },
+    #[error("certificate renewal deferred: cannot tell whether restarting this control plane keeps etcd's quorum: {0}")]
+    QuorumUnknown(#[source] crate::etcd::Error),
     #[error(transparent)]
     Kubeadm(#[from] crate::kubeadm::Error),
     #[error(transparent)]
@@ -332,6 +341,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// A renewal put off because restarting now could cost etcd's quorum:
+    /// a warning, retried next turn, not a failure.
+    pub fn is_deferral(&self) -> bool {
+        matches!(self, Error::Deferred { .. } | Error::QuorumUnknown(_))
+    }
+
     /// What to check.
     pub fn hint(&self) -> String {
         match self {
@@ -340,6 +355,9 @@ impl Error {
             Error::NotRenewed { .. } => "kubeadm skips certificates whose CA key is not on the node (external CA: renew them with that CA) and fails on an expired CA; see kubeadm's output in the log, or replace the node before they lapse".into(),
             Error::Restart { .. } => "check <paths.kubernetes_dir>/manifests and kubeboot-parked-manifests (the next turn moves parked manifests back)".into(),
             Error::EtcdAfterRestart(e) => format!("the kubelet restarts etcd from its manifest: `crictl ps -a --name etcd`, its logs, and `kubeadm certs check-expiration`; {}", e.hint()),
+            Error::Deferred { voters, .. } if *voters == 2 => "a two-member etcd loses quorum during any restart: add a third control plane (or renew by hand in a maintenance window); retried every turn".into(),
+            Error::Deferred { .. } => "bring the unhealthy members back, or replace the dead control plane (`kubeboot etcd members`); the renewal is retried every turn and goes ahead once the others keep quorum".into(),
+            Error::QuorumUnknown(e) => format!("retried every turn; {}", e.hint()),
             Error::Kubeadm(e) => e.hint(),
             Error::Lock(e) => e.hint(),
         }
@@ -402,6 +420,90 @@ pub enum Outcome {
     AuthoritiesExpiring { authorities: Vec<String> },
     /// Renewed; the soonest leaf's days left afterwards.
     Renewed { days_left: f64 },
+    /// Due, but a recent attempt failed: not tried again before [`RETRY_AFTER`].
+    BackingOff { due: Vec<String> },
+}
+
+/// How long after a failed renewal (kubeadm failed, left leaves due, the
+/// restart or etcd's confirmation failed) the next attempt waits: each
+/// attempt restarts the control plane, and a turn later the cause (an
+/// external CA, a missing key) is still there. Several attempts still fit
+/// in the 30-day window, and the `CertificatesExpiring` alarm fires at 14.
+pub const RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
+
+/// What the certificate loop remembers between turns (in memory: a
+/// restarted agent tries once more at once, which is the point of
+/// restarting it).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct State {
+    /// No renewal attempt before this (after a failed one).
+    pub not_before: Option<Instant>,
+    /// kubeadm renewed certificates but the restart that loads them was
+    /// deferred: the next attempt restarts without renewing again (the
+    /// files are fresh, so the plan alone would never restart).
+    pub restart_pending: bool,
+}
+
+/// Whether a renewal may be attempted at `now`.
+pub fn may_attempt(not_before: Option<Instant>, now: Instant) -> bool {
+    not_before.is_none_or(|t| now >= t)
+}
+
+/// When the attempt after `result` (ended at `now`) may come: at once
+/// after a success, a deferral (quorum) or a lock wait that timed out
+/// (nothing was done), [`RETRY_AFTER`] later after any other failure.
+pub fn next_attempt(result: &Result<f64, Error>, now: Instant) -> Option<Instant> {
+    match result {
+        Ok(_) => None,
+        Err(e) if e.is_deferral() => None,
+        Err(Error::Lock(crate::lock::Error::Timeout { .. })) => None,
+        Err(_) => Some(now + RETRY_AFTER),
+    }
+}
+
+/// Whether `kubeadm certs renew all` changed any expiry between two
+/// inventories: only then is there something for a restart to load.
+pub fn expiries_moved(before: &[Expiry], after: &[Expiry]) -> bool {
+    after.iter().any(|a| {
+        !before
+            .iter()
+            .any(|b| b.name == a.name && b.not_after == a.not_after)
+    })
+}
+
+/// Whether this node's control plane may restart now. The restart takes
+/// its etcd member away for about a minute, like a temporary removal: the
+/// OTHER healthy voters must reach quorum of the full cluster (a dead
+/// member counts as a voter until it is removed). A lone voter restarts
+/// anyway: it is the whole cluster, there is no quorum to keep but its
+/// own, and no other way to load the renewed certificates.
+pub fn restart_verdict(health: &[crate::etcd::Health], own_peer_url: &str) -> Result<(), Error> {
+    let is_own = |h: &crate::etcd::Health| h.member.peer_urls.iter().any(|u| u == own_peer_url);
+    let voters: Vec<&crate::etcd::Health> =
+        health.iter().filter(|h| !h.member.is_learner).collect();
+    if voters.len() == 1 && is_own(voters[0]) {
+        return Ok(());
+    }
+    let healthy_others = voters.iter().filter(|h| h.healthy && !is_own(h)).count();
+    let quorum = crate::quorum::quorum(voters.len());
+    if healthy_others >= quorum {
+        return Ok(());
+    }
+    let unhealthy: Vec<String> = voters
+        .iter()
+        .filter(|h| !h.healthy)
+        .map(|h| h.member.hex_id())
+        .collect();
+    Err(Error::Deferred {
+        healthy_others,
+        voters: voters.len(),
+        quorum,
+        unhealthy: if unhealthy.is_empty() {
+            "none".into()
+        } else {
+            unhealthy.join(", ")
+        },
+    })
 }
 
 /// What a renewal turn works with.
@@ -415,9 +517,9 @@ pub struct Renewal<'a, L: LockStore> {
 
 impl<L: LockStore> Renewal<'_, L> {
     /// One turn: reads the certificates, reports the soonest expiry, and
-    /// renews them when due. Failures are the caller's to log; every
-    /// outcome is metered here.
-    pub async fn run_once(&self) -> Result<Outcome, Error> {
+    /// renews them when due (and no back-off from `state` holds). Failures
+    /// are the caller's to log; every outcome is metered here.
+    pub async fn run_once(&self, state: &mut State) -> Result<Outcome, Error> {
         let dir = &self.cfg.paths.kubernetes_dir;
         let restored = restore_parked(dir)?;
         if restored > 0 {
@@ -436,7 +538,18 @@ impl<L: LockStore> Renewal<'_, L> {
         let now = SystemTime::now();
         let days = days_left(soonest.not_after, now);
         crate::metrics::record(crate::metrics::CERTIFICATE_DAYS_LEFT, days, &[]);
-        match plan(&inv.expiries, now, RENEW_BEFORE) {
+        let plan = plan(&inv.expiries, now, RENEW_BEFORE);
+        if state.restart_pending {
+            let due = match plan {
+                Plan::Renew { due } => due,
+                _ => Vec::new(),
+            };
+            tracing::info!(
+                "renewed kubeadm certificates still wait for the control plane's restart"
+            );
+            return self.attempt(state, due).await;
+        }
+        match plan {
             Plan::Nothing => Ok(Outcome::Fine { days_left: days }),
             Plan::Warn { authorities } => {
                 tracing::warn!(?authorities, hint = "kubeadm does not renew CAs: rotate them (kubernetes.io/docs/tasks/tls/manual-rotation-of-ca-certificates) or rebuild the cluster", "certificate authorities expire within the renewal window");
@@ -444,38 +557,60 @@ impl<L: LockStore> Renewal<'_, L> {
             }
             Plan::Renew { due } => {
                 tracing::info!(?due, soonest = %soonest.name, days_left = days, "kubeadm certificates expire soon; renewing under the membership lock");
-                match self.renew().await {
-                    Ok(days_left) => {
-                        crate::metrics::record(crate::metrics::CERTIFICATE_RENEWALS, 1.0, &[]);
-                        crate::metrics::record(
-                            crate::metrics::CERTIFICATE_DAYS_LEFT,
-                            days_left,
-                            &[],
-                        );
-                        tracing::info!(
-                            days_left,
-                            "kubeadm certificates renewed; the control plane restarted with them"
-                        );
-                        Ok(Outcome::Renewed { days_left })
-                    }
-                    Err(e) => {
-                        crate::metrics::record(
-                            crate::metrics::CERTIFICATE_RENEWAL_FAILURES,
-                            1.0,
-                            &[],
-                        );
-                        Err(e)
-                    }
-                }
+                self.attempt(state, due).await
+            }
+        }
+    }
+
+    /// A renewal (or a pending restart) unless a back-off holds; meters it
+    /// and sets the next back-off.
+    async fn attempt(&self, state: &mut State, due: Vec<String>) -> Result<Outcome, Error> {
+        if !may_attempt(state.not_before, Instant::now()) {
+            tracing::debug!(
+                ?due,
+                "certificate renewal backing off after a failed attempt"
+            );
+            return Ok(Outcome::BackingOff { due });
+        }
+        let result = self.renew(&mut state.restart_pending).await;
+        state.not_before = next_attempt(&result, Instant::now());
+        if state.not_before.is_some() {
+            tracing::warn!(
+                retry_in = %crate::config::value::format_duration(RETRY_AFTER),
+                "certificate renewal failed; backing off before the next attempt (restart the agent to try at once)"
+            );
+        }
+        match result {
+            Ok(days_left) => {
+                crate::metrics::record(crate::metrics::CERTIFICATE_RENEWALS, 1.0, &[]);
+                crate::metrics::record(crate::metrics::CERTIFICATE_DAYS_LEFT, days_left, &[]);
+                tracing::info!(
+                    days_left,
+                    "kubeadm certificates renewed; the control plane restarted with them"
+                );
+                Ok(Outcome::Renewed { days_left })
+            }
+            Err(e) => {
+                let metric = if e.is_deferral() {
+                    crate::metrics::CERTIFICATE_RENEWALS_DEFERRED
+                } else {
+                    crate::metrics::CERTIFICATE_RENEWAL_FAILURES
+                };
+                crate::metrics::record(metric, 1.0, &[]);
+                Err(e)
             }
         }
     }
 
     /// Renewal under the membership lock; the soonest leaf's days left after.
-    async fn renew(&self) -> Result<f64, Error> {
+    async fn renew(&self, restart_pending: &mut bool) -> Result<f64, Error> {
         let guard = self.locker.acquire(Purpose::Membership).await?;
+        tracing::info!(
+            fence = guard.fence().map(|f| f.value).unwrap_or_default(),
+            "certificate renewal holds the membership lock"
+        );
         let result = tokio::select! {
-            r = self.renew_held() => r,
+            r = self.renew_held(restart_pending) => r,
             () = guard.lost() => Err(Error::Lock(crate::lock::Error::Lost {
                 purpose: Purpose::Membership,
                 reason: "lost during the certificate renewal".into(),
@@ -483,14 +618,32 @@ impl<L: LockStore> Renewal<'_, L> {
         };
         // Whatever happened, this node's control plane must not stay down.
         let restored = restore_parked(&self.cfg.paths.kubernetes_dir);
-        let _ = guard.release().await;
+        if let Err(e) = guard.release().await {
+            tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "cannot release the membership lock after the certificate renewal; its lease expires on its own");
+        }
         restored?;
         result
     }
 
-    async fn renew_held(&self) -> Result<f64, Error> {
+    async fn renew_held(&self, restart_pending: &mut bool) -> Result<f64, Error> {
         let dir = &self.cfg.paths.kubernetes_dir;
-        self.kubeadm.certs_renew_all().await?;
+        let settings = crate::etcd::Settings::from_config(self.cfg);
+        // Judged first so a deferral changes nothing on disk.
+        self.keeps_quorum(&settings).await?;
+        if !*restart_pending {
+            let before = inventory(dir).expiries;
+            self.kubeadm.certs_renew_all().await?;
+            let after = inventory(dir).expiries;
+            if !expiries_moved(&before, &after) {
+                tracing::warn!(
+                    "kubeadm renewed no certificate; the control plane is not restarted"
+                );
+                return check_renewed(&after, SystemTime::now(), RENEW_BEFORE);
+            }
+            *restart_pending = true;
+            // kubeadm took a while: judge again right before the restart.
+            self.keeps_quorum(&settings).await?;
+        }
         // kubeadm's documentation: "you must restart the control plane
         // Pods": remove the static Pod manifests, wait for the kubelet's
         // file check, put them back.
@@ -502,14 +655,21 @@ impl<L: LockStore> Renewal<'_, L> {
         );
         tokio::time::sleep(file_check()).await;
         restore_parked(dir)?;
+        *restart_pending = false;
         tokio::time::sleep(file_check()).await;
-        confirm_local_etcd(
-            &crate::etcd::Settings::from_config(self.cfg),
-            self.private_ip,
-            self.cfg.etcd.promote_timeout,
-        )
-        .await?;
+        confirm_local_etcd(&settings, self.private_ip, self.cfg.etcd.promote_timeout).await?;
         check_renewed(&inventory(dir).expiries, SystemTime::now(), RENEW_BEFORE)
+    }
+
+    /// Asks etcd (through this node's member, each call under the etcd
+    /// timeouts) for every member's health and judges the restart.
+    async fn keeps_quorum(&self, settings: &crate::etcd::Settings) -> Result<(), Error> {
+        let etcd = crate::etcd::Etcd::connect(&[settings.client_url(self.private_ip)], settings)
+            .await
+            .map_err(Error::QuorumUnknown)?;
+        let members = etcd.members().await.map_err(Error::QuorumUnknown)?;
+        let health = etcd.health(&members).await;
+        restart_verdict(&health, &settings.peer_url(self.private_ip))
     }
 }
 
@@ -557,10 +717,17 @@ pub async fn watch<L: LockStore>(renewal: Renewal<'_, L>, mut stop: crate::daemo
         + cfg.timeouts.kubeadm_join
         + 2 * file_check()
         + cfg.etcd.promote_timeout;
+    let mut state = State::default();
     loop {
         crate::systemd::beat(LOOP, allowance);
-        if let Err(e) = renewal.run_once().await {
-            tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal failed; retried next turn");
+        match renewal.run_once(&mut state).await {
+            Err(e) if e.is_deferral() => {
+                tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal deferred; retried next turn")
+            }
+            Err(e) => {
+                tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal failed")
+            }
+            Ok(_) => {}
         }
         let delay = crate::daemon::next_delay(
             cfg.daemon.period,
@@ -802,6 +969,127 @@ v2pEMLmJOlqZVCHkOsmUmFHm
         assert_eq!(err.code(), "KB-CERT-003");
         assert!(err.to_string().contains("admin.conf"), "{err}");
         assert!(err.hint().contains("external CA"), "{}", err.hint());
+    }
+
+    fn member(id: u64, voter: bool, healthy: bool) -> crate::etcd::Health {
+        crate::etcd::Health {
+            member: crate::etcd::Member {
+                id,
+                name: format!("m{id}"),
+                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
+                client_urls: vec![format!("https://10.0.0.{id}:2379")],
+                is_learner: !voter,
+            },
+            healthy,
+            error: None,
+            db_size: None,
+            leader: None,
+        }
+    }
+
+    const OWN: &str = "https://10.0.0.1:2380";
+
+    #[test]
+    fn a_restart_waits_while_the_other_healthy_voters_miss_quorum_of_the_full_cluster() {
+        // Three voters, all healthy: the other two are quorum of three.
+        let all = [
+            member(1, true, true),
+            member(2, true, true),
+            member(3, true, true),
+        ];
+        assert!(restart_verdict(&all, OWN).is_ok());
+        // One dead (awaiting replacement): restarting leaves 1 of 3.
+        let one_dead = [
+            member(1, true, true),
+            member(2, true, true),
+            member(3, true, false),
+        ];
+        let err = restart_verdict(&one_dead, OWN).unwrap_err();
+        assert_eq!(err.code(), "KB-CERT-006");
+        assert!(err.is_deferral());
+        assert!(err.to_string().contains("1 healthy of 3"), "{err}");
+        assert!(err.to_string().contains("0000000000000003"), "{err}");
+        // This node's own member unhealthy: the others still have quorum.
+        let own_down = [
+            member(1, true, false),
+            member(2, true, true),
+            member(3, true, true),
+        ];
+        assert!(restart_verdict(&own_down, OWN).is_ok());
+        // Five voters, one dead: three others of five keep quorum; two dead do not.
+        let mut five: Vec<_> = (1..=5).map(|i| member(i, true, i != 5)).collect();
+        assert!(restart_verdict(&five, OWN).is_ok());
+        five[3].healthy = false;
+        assert!(restart_verdict(&five, OWN).is_err());
+        // A learner neither counts nor helps.
+        let learner = [
+            member(1, true, true),
+            member(2, true, true),
+            member(4, false, true),
+        ];
+        assert!(restart_verdict(&learner, OWN).is_err());
+        // A lone voter is the whole cluster: it restarts (no other way).
+        assert!(restart_verdict(&[member(1, true, true)], OWN).is_ok());
+        // Two voters: any restart loses quorum for its duration.
+        let two = [member(1, true, true), member(2, true, true)];
+        let err = restart_verdict(&two, OWN).unwrap_err();
+        assert!(err.hint().contains("third control plane"), "{}", err.hint());
+        // Nothing answered at all (our member not seen): deferred.
+        assert!(restart_verdict(&[], OWN).is_err());
+    }
+
+    #[test]
+    fn after_a_failed_renewal_the_next_attempt_waits_six_hours_but_a_deferral_does_not() {
+        let t0 = Instant::now();
+        assert!(may_attempt(None, t0));
+        let failed: Result<f64, Error> = Err(Error::NotRenewed {
+            names: vec!["apiserver".into()],
+            days: 3.0,
+            window: 30 * DAY,
+        });
+        let next = next_attempt(&failed, t0);
+        assert_eq!(next, Some(t0 + RETRY_AFTER));
+        assert_eq!(RETRY_AFTER, Duration::from_secs(6 * 3600));
+        // Turns every 30 s: none within the six hours may try again.
+        for turn in 1..(6 * 120) {
+            assert!(!may_attempt(next, t0 + Duration::from_secs(30 * turn)));
+        }
+        assert!(may_attempt(next, t0 + RETRY_AFTER));
+        assert!(may_attempt(next, t0 + RETRY_AFTER + Duration::from_secs(1)));
+        // A success, a deferral, a lock wait that timed out: next turn.
+        assert_eq!(next_attempt(&Ok(364.0), t0), None);
+        let deferred: Result<f64, Error> = Err(Error::Deferred {
+            healthy_others: 1,
+            voters: 3,
+            quorum: 2,
+            unhealthy: "3".into(),
+        });
+        assert_eq!(next_attempt(&deferred, t0), None);
+        let restart: Result<f64, Error> = Err(Error::Restart {
+            from: "a".into(),
+            to: "b".into(),
+            source: std::io::Error::other("read-only"),
+        });
+        assert_eq!(next_attempt(&restart, t0), Some(t0 + RETRY_AFTER));
+    }
+
+    #[test]
+    fn a_restart_follows_only_a_renewal_that_moved_some_expiry() {
+        let now = at(1_800_000_000);
+        let before = vec![
+            leaf("apiserver", now + 5 * DAY),
+            leaf("etcd/peer", now + 5 * DAY),
+        ];
+        assert!(!expiries_moved(&before, &before.clone()));
+        let mut after = before.clone();
+        after[1].not_after = now + 365 * DAY;
+        assert!(expiries_moved(&before, &after));
+        // A certificate that appeared (super-admin.conf written meanwhile).
+        let mut grown = before.clone();
+        grown.push(leaf("super-admin.conf", now + 365 * DAY));
+        assert!(expiries_moved(&before, &grown));
+        // One that went away is nothing to load.
+        assert!(!expiries_moved(&before, &before[..1]));
     }
 
     #[tokio::test]

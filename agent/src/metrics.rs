@@ -106,6 +106,7 @@ catalogue! {
     CERTIFICATE_DAYS_LEFT = "CertificateDaysLeft", Count, [], "Days until this control plane's first kubeadm leaf certificate expires (negative once expired); renewed at 30.";
     CERTIFICATE_RENEWALS = "CertificateRenewals", Count, [], "Certificate renewals (kubeadm certs renew all and a control-plane restart) that completed.";
     CERTIFICATE_RENEWAL_FAILURES = "CertificateRenewalFailures", Count, [], "Certificate renewals that failed this turn (retried next turn).";
+    CERTIFICATE_RENEWALS_DEFERRED = "CertificateRenewalsDeferred", Count, [], "Certificate renewals put off this turn because restarting the control plane would cost etcd's quorum (retried next turn).";
 }
 
 /// Looks a metric up by name (alarms and docs name metrics by string).

@@ -717,8 +717,14 @@ fn embed(path: &Path, cert: &str, key: &str) -> Result<(), String> {
 /// `getKubeConfigSpecsBase`): common name and organizations.
 pub fn kubeconfig_subject(file: &str, node: &str) -> Option<(String, Vec<String>)> {
     Some(match file {
-        "admin.conf" => ("kubernetes-admin".into(), vec!["kubeadm:cluster-admins".into()]),
-        "super-admin.conf" => ("kubernetes-super-admin".into(), vec!["system:masters".into()]),
+        "admin.conf" => (
+            "kubernetes-admin".into(),
+            vec!["kubeadm:cluster-admins".into()],
+        ),
+        "super-admin.conf" => (
+            "kubernetes-super-admin".into(),
+            vec!["system:masters".into()],
+        ),
         "kubelet.conf" => (format!("system:node:{node}"), vec!["system:nodes".into()]),
         "controller-manager.conf" => ("system:kube-controller-manager".into(), vec![]),
         "scheduler.conf" => ("system:kube-scheduler".into(), vec![]),
