@@ -243,7 +243,11 @@ async fn a_cluster_upgraded_from_the_single_secret_format_gets_new_material_from
     let sim = SimCluster::start(1, 1).await;
     assert_ok(&sim.bootstrap(&[0]).await);
     let registry = sim.registry().await;
-    let current = registry.join_pointer().await.expect("read").expect("published");
+    let current = registry
+        .join_pointer()
+        .await
+        .expect("read")
+        .expect("published");
     // What the previous kubeboot published: format 1, the key beside the token.
     let old_body = serde_json::json!({
         "format": 1,
@@ -288,11 +292,21 @@ async fn a_cluster_upgraded_from_the_single_secret_format_gets_new_material_from
     let replaced = pointer_moves(&sim, &version, Duration::from_secs(60)).await;
     let (code, stderr) = sigterm_and_wait(&mut daemon).await;
     sim.record_output(&stderr);
-    assert!(replaced.is_some(), "the old format was never replaced:\n{}", tail(&stderr));
+    assert!(
+        replaced.is_some(),
+        "the old format was never replaced:\n{}",
+        tail(&stderr)
+    );
     assert_eq!(code, Some(0), "{}", tail(&stderr));
-    assert!(stderr.contains("published by an older kubeboot"), "{}", tail(&stderr));
+    assert!(
+        stderr.contains("published by an older kubeboot"),
+        "{}",
+        tail(&stderr)
+    );
     let bodies = secret_bodies(&sim, "join").await;
-    assert!(bodies.iter().any(|b| b["format"] == 2 && b.get("certificate_key").is_none()));
+    assert!(bodies
+        .iter()
+        .any(|b| b["format"] == 2 && b.get("certificate_key").is_none()));
     // Nodes join with it.
     assert_ok(&sim.bootstrap(&[1]).await);
 }
