@@ -21,6 +21,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+/// How long a stopped daemon lets the leader's current turn finish, so that
+/// locks taken inside it are released rather than left to expire. Within
+/// the unit's TimeoutStopSec (60 s) with the rest of the shutdown.
+const TURN_STOP_GRACE: Duration = Duration::from_secs(15);
+
 /// What the daemon works with; generic over the stores so tests can inject faults.
 pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub cfg: Config,
@@ -244,14 +249,28 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             );
             loop {
                 systemd::beat(LEADER_LOOP, allowance(&self.cfg));
-                tokio::select! {
-                    _ = self.leader_turn(&guard) => {}
-                    _ = guard.lost() => {}
-                    _ = stopped(&mut stop) => {
-                        let _ = guard.release().await;
-                        systemd::done(LEADER_LOOP);
-                        return;
+                let stopping = {
+                    let turn = self.leader_turn(&guard);
+                    tokio::pin!(turn);
+                    tokio::select! {
+                        _ = &mut turn => false,
+                        _ = guard.lost() => false,
+                        _ = stopped(&mut stop) => {
+                            // A turn dropped mid-way keeps what it holds (the
+                            // reconciler's membership lock, a removal's) until
+                            // the lease runs out: let it finish its locked
+                            // sections first, within a grace.
+                            if tokio::time::timeout(TURN_STOP_GRACE, &mut turn).await.is_err() {
+                                tracing::warn!(grace_s = TURN_STOP_GRACE.as_secs(), "the leader's turn did not end within the stop grace; locks it holds expire with their lease");
+                            }
+                            true
+                        }
                     }
+                };
+                if stopping {
+                    let _ = guard.release().await;
+                    systemd::done(LEADER_LOOP);
+                    return;
                 }
                 if !guard.is_held() {
                     tracing::warn!("lost the leader lock; competing again");

@@ -127,3 +127,60 @@ async fn an_ec2_answer_that_does_not_show_the_leader_running_removes_nothing() {
     );
     assert!(!proxy.log_for("DescribeInstances").is_empty());
 }
+
+/// The leader stopped (SIGTERM) while its reconciler holds the membership
+/// lock, waiting on EC2: the turn is let finish within the stop grace, so
+/// the lock is released, not left to block the next join or removal until
+/// its lease runs out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_stopped_mid_reconcile_releases_the_membership_lock() {
+    use kubeboot_tests::awsproxy::{AwsProxy, FaultKind, FaultPlan};
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    // EC2 holds every DescribeInstances until the agent's attempt times out.
+    let proxy = AwsProxy::start(&sim.moto.endpoint()).await;
+    let mut plan = FaultPlan::always(FaultKind::Timeout).only(&["DescribeInstances"]);
+    plan.timeout_duration = Duration::from_secs(30);
+    proxy.set_faults(plan);
+    let mut daemon = sim
+        .daemon_command(&sim.nodes[0])
+        .env("KUBEBOOT_AWS_ENDPOINTS_EC2", proxy.endpoint())
+        .env("KUBEBOOT_AWS_ATTEMPT_TIMEOUT", "4s")
+        .env("KUBEBOOT_AWS_MAX_ATTEMPTS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("daemon");
+    let started = Instant::now();
+    while proxy.log_for("DescribeInstances").is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the reconciler never asked EC2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The reconciler is inside its locked section now.
+    let (code, stderr) = kubeboot_tests::simcluster::sigterm_and_wait(&mut daemon).await;
+    sim.record_output(&stderr);
+    assert_eq!(
+        code,
+        Some(0),
+        "{}",
+        kubeboot_tests::simcluster::tail(&stderr)
+    );
+    let lock = kubeboot::lock::LockStore::read(
+        &kubeboot::lock::dynamo::DynamoLockStore::new(
+            sim.moto.dynamodb().await,
+            &sim.table,
+            &sim.name,
+        ),
+        kubeboot::lock::Purpose::Membership,
+    )
+    .await
+    .expect("read the lock")
+    .expect("the reconciler took it");
+    assert!(
+        lock.released,
+        "the membership lock was left held after SIGTERM: {lock:?}\n{}",
+        kubeboot_tests::simcluster::tail(&stderr)
+    );
+}
