@@ -611,6 +611,38 @@ struct Cleanup {
     failures: Vec<String>,
 }
 
+impl Report {
+    /// The report of one handled instance, logged with `message`.
+    fn logged(
+        action: &Action,
+        cleanup: Cleanup,
+        completion: Completion,
+        started: Instant,
+        message: &str,
+    ) -> Report {
+        let report = Report {
+            instance_id: action.instance_id.clone(),
+            control_plane: cleanup.control_plane,
+            member: cleanup.member,
+            node: cleanup.node,
+            cleanup_failures: cleanup.failures,
+            completion,
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(
+            instance_id = %report.instance_id,
+            control_plane = report.control_plane,
+            member = report.member.as_deref().unwrap_or("-"),
+            node = report.node.as_deref().unwrap_or("-"),
+            failures = ?report.cleanup_failures,
+            completion = ?report.completion,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "{message}"
+        );
+        report
+    }
+}
+
 /// How the instance being cleaned up after is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Host {
@@ -632,26 +664,13 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
     let cleanup = clean_up(cfg, registry, locker, action, limits, Host::Terminating).await?;
     crate::failpoint::crash_point("lifecycle:after-cleanup");
     let completion = hooks.complete(action).await?;
-    let report = Report {
-        instance_id: action.instance_id.clone(),
-        control_plane: cleanup.control_plane,
-        member: cleanup.member,
-        node: cleanup.node,
-        cleanup_failures: cleanup.failures,
+    Ok(Report::logged(
+        action,
+        cleanup,
         completion,
-        elapsed: started.elapsed(),
-    };
-    tracing::info!(
-        instance_id = %report.instance_id,
-        control_plane = report.control_plane,
-        member = report.member.as_deref().unwrap_or("-"),
-        node = report.node.as_deref().unwrap_or("-"),
-        failures = report.cleanup_failures.len(),
-        completion = ?report.completion,
-        elapsed_ms = report.elapsed.as_millis() as u64,
-        "lifecycle action completed"
-    );
-    Ok(report)
+        started,
+        "lifecycle action completed",
+    ))
 }
 
 /// Cleans up after an instance EC2 already terminated (its notice was read
@@ -667,25 +686,13 @@ async fn clean_up_gone<L: LockStore, R: RegistryStore>(
 ) -> Result<Report, Error> {
     let started = Instant::now();
     let cleanup = clean_up(cfg, registry, locker, action, limits, Host::Gone).await?;
-    let report = Report {
-        instance_id: action.instance_id.clone(),
-        control_plane: cleanup.control_plane,
-        member: cleanup.member,
-        node: cleanup.node,
-        cleanup_failures: cleanup.failures,
-        completion: Completion::Gone,
-        elapsed: started.elapsed(),
-    };
-    tracing::info!(
-        instance_id = %report.instance_id,
-        control_plane = report.control_plane,
-        member = report.member.as_deref().unwrap_or("-"),
-        node = report.node.as_deref().unwrap_or("-"),
-        failures = ?report.cleanup_failures,
-        elapsed_ms = report.elapsed.as_millis() as u64,
-        "instance already gone: cleaned up after it"
-    );
-    Ok(report)
+    Ok(Report::logged(
+        action,
+        cleanup,
+        Completion::Gone,
+        started,
+        "instance already gone: cleaned up after it",
+    ))
 }
 
 /// Removes the member of a control plane (or drains a running worker) and
