@@ -640,7 +640,7 @@ impl<L: LockStore> Renewal<'_, L> {
                 );
                 return check_renewed(&after, SystemTime::now(), RENEW_BEFORE);
             }
-            *restart_pending = true;
+            self.mark_restart_pending(restart_pending, true);
             // kubeadm took a while: judge again right before the restart.
             self.keeps_quorum(&settings).await?;
         }
@@ -655,10 +655,36 @@ impl<L: LockStore> Renewal<'_, L> {
         );
         tokio::time::sleep(file_check()).await;
         restore_parked(dir)?;
-        *restart_pending = false;
+        self.mark_restart_pending(restart_pending, false);
         tokio::time::sleep(file_check()).await;
         confirm_local_etcd(&settings, self.private_ip, self.cfg.etcd.promote_timeout).await?;
         check_renewed(&inventory(dir).expiries, SystemTime::now(), RENEW_BEFORE)
+    }
+
+    /// Records that renewed certificates wait for the restart that loads
+    /// them, in memory and in a marker under `paths.state_dir`: the files
+    /// on disk are fresh, so after an agent restart the plan alone would
+    /// never restart the control plane, and its components would keep the
+    /// old certificates until they expire.
+    fn mark_restart_pending(&self, flag: &mut bool, pending: bool) {
+        *flag = pending;
+        let marker = restart_marker(&self.cfg.paths.state_dir);
+        let written = if pending {
+            std::fs::create_dir_all(&self.cfg.paths.state_dir).and_then(|()| {
+                std::fs::write(
+                    &marker,
+                    b"renewed certificates wait for the control plane's restart\n",
+                )
+            })
+        } else {
+            match std::fs::remove_file(&marker) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        };
+        if let Err(e) = written {
+            tracing::warn!(path = %marker.display(), error = %e, "cannot record whether the control plane's restart is pending; an agent restart may forget it");
+        }
     }
 
     /// Asks etcd (through this node's member, each call under the etcd
@@ -668,7 +694,9 @@ impl<L: LockStore> Renewal<'_, L> {
             .await
             .map_err(Error::QuorumUnknown)?;
         let members = etcd.members().await.map_err(Error::QuorumUnknown)?;
-        let health = etcd.health(&members).await;
+        // An alarm (NOSPACE) stops writes, not a restart: it does not
+        // count against the members here.
+        let health = etcd.health_for_removal(&members).await;
         restart_verdict(&health, &settings.peer_url(self.private_ip))
     }
 }
@@ -703,6 +731,11 @@ pub fn check_renewed(expiries: &[Expiry], now: SystemTime, window: Duration) -> 
     }
 }
 
+/// The marker of a pending restart (see `Renewal::mark_restart_pending`).
+pub fn restart_marker(state_dir: &Path) -> PathBuf {
+    state_dir.join("certificates-restart-pending")
+}
+
 /// Watchdog name of the certificate loop (control planes).
 pub const LOOP: &str = "certificates";
 
@@ -717,17 +750,43 @@ pub async fn watch<L: LockStore>(renewal: Renewal<'_, L>, mut stop: crate::daemo
         + cfg.timeouts.kubeadm_join
         + 2 * file_check()
         + cfg.etcd.promote_timeout;
-    let mut state = State::default();
+    let mut state = State {
+        restart_pending: restart_marker(&cfg.paths.state_dir).exists(),
+        ..State::default()
+    };
     loop {
         crate::systemd::beat(LOOP, allowance);
-        match renewal.run_once(&mut state).await {
-            Err(e) if e.is_deferral() => {
-                tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal deferred; retried next turn")
+        // A stop must not wait for the membership lock (up to
+        // lock.acquire_timeout) or a restart (2 x the kubelet's file check)
+        // past the unit's stop timeout: the turn is dropped, and manifests
+        // it parked are put back at once, so the control plane comes back.
+        let stopping = {
+            let turn = renewal.run_once(&mut state);
+            tokio::pin!(turn);
+            tokio::select! {
+                result = &mut turn => {
+                    match result {
+                        Err(e) if e.is_deferral() => {
+                            tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal deferred; retried next turn")
+                        }
+                        Err(e) => {
+                            tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal failed")
+                        }
+                        Ok(_) => {}
+                    }
+                    false
+                }
+                _ = crate::daemon::stopped(&mut stop) => true,
             }
-            Err(e) => {
-                tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal failed")
+        };
+        if stopping {
+            match restore_parked(&cfg.paths.kubernetes_dir) {
+                Ok(0) => {}
+                Ok(moved) => tracing::warn!(moved, "stopped during a certificate renewal: the static Pod manifests are back; the membership lock expires with its lease"),
+                Err(e) => tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "stopped during a certificate renewal and cannot put the static Pod manifests back"),
             }
-            Ok(_) => {}
+            crate::systemd::done(LOOP);
+            return;
         }
         let delay = crate::daemon::next_delay(
             cfg.daemon.period,

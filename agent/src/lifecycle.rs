@@ -1106,8 +1106,15 @@ async fn handle_unplaced<L: LockStore, R: RegistryStore>(
     }
     tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "no group holds the instance and EC2 no longer runs it");
     match clean_up_gone(cfg, registry, locker, action, limits).await {
-        Ok(report) => {
+        Ok(report) if report.cleanup_failures.is_empty() => {
             queue.delete(&message.receipt).await?;
+            Ok(Some(report))
+        }
+        // Nobody else deletes a gone instance's Node (or its member, when
+        // etcd refused): keep the message, it comes back and is tried again
+        // (the queue's redrive policy ends a hopeless one in the DLQ).
+        Ok(report) => {
+            tracing::error!(instance_id = %action.instance_id, failures = ?report.cleanup_failures, "cleanup after a gone instance is incomplete; the message comes back");
             Ok(Some(report))
         }
         Err(e) => {

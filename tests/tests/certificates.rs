@@ -323,3 +323,39 @@ async fn after_kubeadm_left_certificates_unrenewed_the_next_turns_back_off_inste
         tail(&stderr)
     );
 }
+
+/// A daemon stopped while its certificate renewal waits for the membership
+/// lock (another member's change holds it) stops at once: the wait is up to
+/// `lock.acquire_timeout` (5 min here, 20 by default), far past the unit's
+/// 60 s stop timeout, after which systemd would kill it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_stopped_while_its_renewal_waits_for_the_lock_stops_at_once() {
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let node = &sim.nodes[0];
+    let k8s = node.dir.join("etc/kubernetes");
+    pki::age_node_certificates(&k8s, SystemTime::now() + 10 * DAY).expect("aged certificates");
+    let held = sim
+        .locker("i-other-member")
+        .await
+        .acquire(Purpose::Membership)
+        .await
+        .expect("membership lock");
+    let mut child = daemon(&sim, node);
+    // The renewal is due and waits for the lock.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stopped = Instant::now();
+    let (code, stderr) = kubeboot_tests::simcluster::sigterm_and_wait(&mut child).await;
+    sim.record_output(&stderr);
+    assert_eq!(code, Some(0), "{}", tail(&stderr));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "took {:?} to stop",
+        stopped.elapsed()
+    );
+    assert!(sim.kubeadm_runs("certs renew all", Some(0)).is_empty());
+    for manifest in ["etcd.yaml", "kube-apiserver.yaml"] {
+        assert!(k8s.join("manifests").join(manifest).exists(), "{manifest}");
+    }
+    held.release().await.expect("release");
+}
