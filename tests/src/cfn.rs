@@ -8,8 +8,10 @@
 //! (`Ref` of a queue is its URL, `GetAtt Table.Arn` a table ARN), from the
 //! resource's own name property, so a name that disagrees still shows.
 
+pub mod commands;
+
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Account and region the synthesized ARNs use (documentation values).
 pub const ACCOUNT: &str = "123456789012";
@@ -20,6 +22,8 @@ pub const REGION: &str = "eu-west-1";
 pub struct Stack {
     pub template: Value,
     pub params: BTreeMap<String, String>,
+    /// Other stacks' exports, by export name, for `Fn::ImportValue`.
+    pub imports: BTreeMap<String, Value>,
 }
 
 impl Stack {
@@ -39,7 +43,134 @@ impl Stack {
         Stack {
             template,
             params: all,
+            imports: BTreeMap::new(),
         }
+    }
+
+    /// This stack with `exports` (another stack's [`Stack::exports`]) to
+    /// import from. CloudFormation resolves `Fn::ImportValue` only against
+    /// exports that exist in the account and region when the stack is
+    /// created or updated.
+    pub fn importing(mut self, exports: BTreeMap<String, Value>) -> Stack {
+        self.imports.extend(exports);
+        self
+    }
+
+    /// The outputs this stack exports, by export name, evaluated (an
+    /// output whose Condition is false is not created, nor its export).
+    pub fn exports(&self) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        for (_, o) in self.template["Outputs"].as_object().into_iter().flatten() {
+            if let Some(c) = o.get("Condition") {
+                if !self.condition(str_of(c)) {
+                    continue;
+                }
+            }
+            if let Some(e) = o.get("Export") {
+                out.insert(scalar(&self.eval(&e["Name"])), self.eval(&o["Value"]));
+            }
+        }
+        out
+    }
+
+    /// Every export name this template imports, evaluated with its parameters.
+    pub fn import_names(&self) -> BTreeSet<String> {
+        let mut found = Vec::new();
+        find_all(&self.template["Resources"], "Fn::ImportValue", &mut found);
+        find_all(&self.template["Outputs"], "Fn::ImportValue", &mut found);
+        found.iter().map(|a| scalar(&self.eval(a))).collect()
+    }
+
+    /// The resources `id` names directly: `Ref`, `Fn::GetAtt`, `${X}` and
+    /// `${X.Attr}` in `Fn::Sub`, and `DependsOn`. CloudFormation creates
+    /// these before `id` and deletes them after it.
+    pub fn dependencies(&self, id: &str) -> BTreeSet<String> {
+        let r = self.resource(id);
+        let mut out = BTreeSet::new();
+        let known = |name: &str| self.resources().contains_key(name);
+        match &r["DependsOn"] {
+            Value::String(d) => {
+                out.insert(d.clone());
+            }
+            Value::Array(ds) => out.extend(ds.iter().map(|d| str_of(d).to_string())),
+            _ => {}
+        }
+        let mut refs = Vec::new();
+        find_all(&r["Properties"], "Ref", &mut refs);
+        out.extend(
+            refs.iter()
+                .filter_map(|v| v.as_str())
+                .filter(|n| known(n))
+                .map(String::from),
+        );
+        let mut atts = Vec::new();
+        find_all(&r["Properties"], "Fn::GetAtt", &mut atts);
+        for a in atts {
+            let target = match a {
+                Value::Array(p) => p.first().map(scalar),
+                Value::String(s) => s.split('.').next().map(String::from),
+                _ => None,
+            };
+            out.extend(target.filter(|n| known(n)));
+        }
+        let mut subs = Vec::new();
+        find_all(&r["Properties"], "Fn::Sub", &mut subs);
+        for sub in subs {
+            let (text, vars) = match sub {
+                Value::String(t) => (t.as_str(), None),
+                Value::Array(a) => (str_of(&a[0]), a[1].as_object()),
+                _ => continue,
+            };
+            let mut rest = text;
+            while let Some(start) = rest.find("${") {
+                let after = &rest[start + 2..];
+                let end = after.find('}').unwrap_or(after.len());
+                let name = &after[..end];
+                rest = &after[end.min(after.len())..];
+                if name.starts_with('!') || vars.is_some_and(|v| v.contains_key(name)) {
+                    continue;
+                }
+                let target = name.split('.').next().unwrap_or_default();
+                if known(target) {
+                    out.insert(target.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every resource `id` depends on, directly or through others.
+    pub fn dependency_closure(&self, id: &str) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![id.to_string()];
+        while let Some(next) = todo.pop() {
+            for d in self.dependencies(&next) {
+                if seen.insert(d.clone()) {
+                    todo.push(d);
+                }
+            }
+        }
+        seen
+    }
+
+    /// The template's `Rules` whose assertions fail for these parameters
+    /// (CloudFormation refuses to create or update the stack), as
+    /// `rule: AssertDescription`.
+    pub fn rule_failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, rule) in self.template["Rules"].as_object().into_iter().flatten() {
+            if let Some(c) = rule.get("RuleCondition") {
+                if !self.truth(c) {
+                    continue;
+                }
+            }
+            for a in rule["Assertions"].as_array().into_iter().flatten() {
+                if !self.truth(&a["Assert"]) {
+                    out.push(format!("{name}: {}", scalar(&a["AssertDescription"])));
+                }
+            }
+        }
+        out
     }
 
     /// The resources, by logical id.
@@ -77,7 +208,22 @@ impl Stack {
             Value::Object(map) if map.len() == 1 => {
                 let (key, arg) = map.iter().next().expect("one entry");
                 match key.as_str() {
-                    "Ref" => Value::String(self.reference(str_of(arg))),
+                    "Ref" => self.ref_value(str_of(arg)),
+                    "Fn::ImportValue" => {
+                        let name = scalar(&self.eval(arg));
+                        self.imports.get(&name).cloned().unwrap_or_else(|| {
+                            panic!("Fn::ImportValue {name}: no stack exports it (CloudFormation refuses the stack)")
+                        })
+                    }
+                    "Fn::Split" => {
+                        let a = arg.as_array().expect("Split list");
+                        let text = scalar(&self.eval(&a[1]));
+                        Value::Array(
+                            text.split(str_of(&a[0]))
+                                .map(|p| Value::String(p.to_string()))
+                                .collect(),
+                        )
+                    }
                     "Fn::GetAtt" => {
                         let parts: Vec<&str> = match arg {
                             Value::Array(a) => a.iter().map(str_of).collect(),
@@ -133,12 +279,14 @@ impl Stack {
         }
     }
 
-    fn condition(&self, name: &str) -> bool {
+    /// Whether the template's condition `name` holds for these parameters.
+    pub fn condition(&self, name: &str) -> bool {
         let def = &self.template["Conditions"][name];
         self.truth(def)
     }
 
-    fn truth(&self, def: &Value) -> bool {
+    /// A condition expression (also a rule's `Assert`).
+    pub fn truth(&self, def: &Value) -> bool {
         let map = def.as_object().expect("condition is an object");
         let (key, arg) = map.iter().next().expect("one entry");
         let a = arg.as_array();
@@ -152,6 +300,19 @@ impl Stack {
             "Fn::Or" => a.expect("Or list").iter().any(|c| self.truth(c)),
             "Condition" => self.condition(str_of(arg)),
             other => panic!("unsupported condition {other}"),
+        }
+    }
+
+    /// `Ref`: a `List<…>` or `CommaDelimitedList` parameter is a list.
+    fn ref_value(&self, name: &str) -> Value {
+        let kind = scalar(&self.template["Parameters"][name]["Type"]);
+        match self.params.get(name) {
+            Some(v) if kind.starts_with("List<") || kind == "CommaDelimitedList" => Value::Array(
+                v.split(',')
+                    .map(|p| Value::String(p.trim().to_string()))
+                    .collect(),
+            ),
+            _ => Value::String(self.reference(name)),
         }
     }
 
@@ -217,6 +378,7 @@ impl Stack {
                 id
             ),
             ("AWS::EC2::LaunchTemplate", "LatestVersionNumber") => "1".into(),
+            ("AWS::EC2::VPC", "CidrBlock") => named("CidrBlock"),
             (_, "Arn") => format!("arn:aws:synthesized:{REGION}:{ACCOUNT}:{id}"),
             _ => format!("{id}.{attr}"),
         }

@@ -9,7 +9,7 @@
 
 use kubeboot::config::model::Role;
 use kubeboot::iam::{self, Resource};
-use kubeboot_tests::cfn::{find_all, scalar, Stack, ACCOUNT, REGION};
+use kubeboot_tests::cfn::{commands, find_all, scalar, Stack, ACCOUNT, REGION};
 use kubeboot_tests::workspace::{kubeboot_bin, workspace_root};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -33,6 +33,8 @@ fn cluster_stack(template: Value) -> Stack {
     staged(template, "production")
 }
 
+/// The cluster stack at `stage`, importing the network stack's exports of
+/// the same stage and name (as CloudFormation resolves `Fn::ImportValue`).
 fn staged(template: Value, stage: &str) -> Stack {
     Stack::new(
         template,
@@ -40,12 +42,28 @@ fn staged(template: Value, stage: &str) -> Stack {
             ("Stage", stage),
             ("ClusterName", NAME),
             ("AlarmEmail", "oncall@example.com"),
-            ("VpcId", "vpc-0123456789abcdef0"),
-            ("VpcCidr", "10.40.0.0/16"),
             ("ImageId", "ami-0123456789abcdef0"),
-            ("PrivateSubnetIds", "subnet-0a,subnet-0b,subnet-0c"),
         ],
     )
+    .importing(network(stage).exports())
+}
+
+/// Three distinct AZs, as the network stack requires.
+const AZS: [(&str, &str); 3] = [
+    ("AvailabilityZoneA", "eu-west-1a"),
+    ("AvailabilityZoneB", "eu-west-1b"),
+    ("AvailabilityZoneC", "eu-west-1c"),
+];
+
+fn network_with(template: Value, stage: &str) -> Stack {
+    let mut params = vec![("Stage", stage), ("ClusterName", NAME)];
+    params.extend(AZS);
+    Stack::new(template, &params)
+}
+
+/// The network stack at `stage`.
+fn network(stage: &str) -> Stack {
+    network_with(template("network.json"), stage)
 }
 
 fn stack() -> Stack {
@@ -125,11 +143,17 @@ fn table_problems(s: &Stack) -> Vec<String> {
     p
 }
 
-/// State that outlives the stack: deleting or replacing the stack keeps it.
+/// State that outlives the stack: deleting or replacing the stack keeps it;
+/// a failed first create does not. `Retain` would also keep these fixed-name
+/// resources when the create that made them rolls back, and every retry would
+/// then fail with "already exists": `RetainExceptOnCreate` deletes what the
+/// rolled-back create made, and keeps it on every later delete. No resource
+/// of the stack uses plain `Retain`.
 fn retention_problems(s: &Stack) -> Vec<String> {
-    [
+    let mut p: Vec<String> = [
         "Table",
         "BackupBucket",
+        "AccessLogBucket",
         "ClusterKey",
         "SecretsKey",
         "JoinSecret",
@@ -139,10 +163,25 @@ fn retention_problems(s: &Stack) -> Vec<String> {
     .iter()
     .filter(|id| {
         let r = s.resource(id);
-        r["DeletionPolicy"] != "Retain" || r["UpdateReplacePolicy"] != "Retain"
+        r["DeletionPolicy"] != "RetainExceptOnCreate" || r["UpdateReplacePolicy"] != "Retain"
     })
-    .map(|id| format!("{id} is not kept on stack deletion and replacement (Retain)"))
-    .collect()
+    .map(|id| format!("{id} is not kept on stack deletion and replacement (DeletionPolicy RetainExceptOnCreate, UpdateReplacePolicy Retain)"))
+    .collect();
+    p.extend(plain_retain(&s.template, "cluster.json"));
+    p
+}
+
+/// Resources a failed first create would leave behind (plain `Retain`).
+fn plain_retain(t: &Value, file: &str) -> Vec<String> {
+    t["Resources"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, r)| r["DeletionPolicy"] == "Retain")
+        .map(|(id, _)| {
+            format!("{file}: {id} has DeletionPolicy Retain: a rolled-back first create leaves it behind and the retry fails with \"already exists\" (use RetainExceptOnCreate)")
+        })
+        .collect()
 }
 
 /// The backup bucket: versioned, SSE-KMS with the cluster key, public access
@@ -288,6 +327,15 @@ fn expected_resources(
             .collect(),
         Resource::SecretsKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["SecretsKey", "Arn"]})))]),
         Resource::AnyInstance => set(&["*".to_string()]),
+        // Kinds newer than this match (the stack a control plane signals)
+        // are told apart by name, so this file compiles with and without them.
+        #[allow(unreachable_patterns)]
+        other if format!("{other:?}") == "Stack" => set(&[format!(
+            "arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{}/*",
+            scalar(&s.eval(&json!({"Ref": "AWS::StackName"})))
+        )]),
+        #[allow(unreachable_patterns)]
+        other => panic!("infra.rs does not know where {other:?} is"),
     }
 }
 
@@ -348,6 +396,11 @@ fn iam_problems(s: &Stack) -> Vec<String> {
                 Resource::AnyInstance,
             ]
             .into_iter()
+            .chain(
+                iam::grants(Role::ControlPlane)
+                    .into_iter()
+                    .map(|g| g.resource),
+            )
             .find(|k| format!("{k:?}") == sid);
             let Some(kind) = kind else {
                 p.push(format!(
@@ -1077,17 +1130,11 @@ fn every_setting_comes_from_the_stages_own_row_and_every_name_carries_the_stage(
     assert_none(names_problems(
         &cluster,
         "cluster.json",
-        &[
-            ("ClusterName", NAME),
-            ("AlarmEmail", "oncall@example.com"),
-            ("VpcCidr", "10.40.0.0/16"),
-        ],
+        &[("ClusterName", NAME), ("AlarmEmail", "oncall@example.com")],
     ));
-    assert_none(names_problems(
-        &network,
-        "network.json",
-        &[("ClusterName", NAME)],
-    ));
+    let mut network_params = vec![("ClusterName", NAME)];
+    network_params.extend(AZS);
+    assert_none(names_problems(&network, "network.json", &network_params));
 }
 
 #[test]
@@ -1118,10 +1165,8 @@ fn the_network_gives_nodes_a_private_path_to_every_service_the_agent_calls() {
     let mut services = BTreeSet::new();
     for (_, r) in t["Resources"].as_object().expect("resources") {
         if r["Type"] == "AWS::EC2::VPCEndpoint" {
-            let name = scalar(
-                &Stack::new(t.clone(), &[("Stage", "dev"), ("ClusterName", NAME)])
-                    .eval(&r["Properties"]["ServiceName"]),
-            );
+            let name =
+                scalar(&network_with(t.clone(), "dev").eval(&r["Properties"]["ServiceName"]));
             services.insert(name.rsplit('.').next().unwrap_or_default().to_string());
         }
     }
@@ -1135,8 +1180,9 @@ fn the_network_gives_nodes_a_private_path_to_every_service_the_agent_calls() {
             );
         }
     }
-    // The CloudWatch agent ships the EMF metrics and logs.
-    for service in ["logs", "monitoring", "s3"] {
+    // The CloudWatch agent ships the EMF metrics and logs; a control plane
+    // signals its stack's rolling update (cloudformation:SignalResource).
+    for service in ["logs", "monitoring", "s3", "cloudformation"] {
         assert!(services.contains(service), "no VPC endpoint for {service}");
     }
 }
@@ -1489,7 +1535,7 @@ fn a_template_preserving_client_ips_or_opening_6443_to_the_vpc_fails() {
             .expect("attributes");
         attrs.retain(|a| a["Key"] != "preserve_client_ip.enabled");
         t["Resources"]["ControlPlaneSecurityGroup"]["Properties"]["SecurityGroupIngress"] = json!([
-            {"IpProtocol": "tcp", "FromPort": 6443, "ToPort": 6443, "CidrIp": {"Ref": "VpcCidr"}, "Description": "api"}
+            {"IpProtocol": "tcp", "FromPort": 6443, "ToPort": 6443, "CidrIp": {"Fn::ImportValue": {"Fn::Sub": "kubeboot-${Stage}-${ClusterName}-VpcCidr"}}, "Description": "api"}
         ]);
     });
     let problems = load_balancer_problems(&s);
@@ -1570,5 +1616,541 @@ fn the_certificate_alarm_fires_after_renewal_failed_well_before_expiry() {
     assert!(
         threshold > 0.0 && threshold < window,
         "alarm at {threshold} days, renewal from {window} days"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// infra/README.md's commands, run against the templates.
+
+fn readme() -> String {
+    let path = workspace_root().join("infra/README.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// What CloudFormation would refuse of the commands in `markdown`'s sh
+/// blocks, run in order (see `kubeboot_tests::cfn::commands`).
+fn readme_problems(markdown: &str) -> Vec<String> {
+    let mut shell = commands::Shell::default();
+    let mut all = Vec::new();
+    for block in commands::sh_blocks(markdown) {
+        match shell.run(&block) {
+            Ok(c) => all.extend(c),
+            Err(e) => return vec![format!("infra/README.md: {e}")],
+        }
+    }
+    let deploys = all
+        .iter()
+        .filter(|c| c.argv.get(2).map(String::as_str) == Some("deploy"))
+        .count();
+    let mut p = commands::problems(&workspace_root(), &all);
+    if deploys < 2 {
+        p.push(format!(
+            "infra/README.md deploys {deploys} stack(s); the network and the cluster stack are expected"
+        ));
+    }
+    p
+}
+
+/// Before: the network deploy had no `--capabilities` ("deploy
+/// kubeboot-dev-a-network: InsufficientCapabilities: infra/network.json
+/// creates IAM resources, --capabilities CAPABILITY_IAM is missing").
+#[test]
+fn the_readmes_deploy_commands_are_accepted_by_cloudformation() {
+    assert_none(readme_problems(&readme()));
+}
+
+/// Each edit of the README, and what CloudFormation answers it with.
+#[test]
+fn a_readme_drifting_from_the_templates_is_refused() {
+    let text = readme();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            text.replacen(
+                "--template-file infra/network.json --capabilities CAPABILITY_IAM",
+                "--template-file infra/network.json",
+                1,
+            ),
+            "deploy kubeboot-dev-a-network: InsufficientCapabilities",
+        ),
+        (
+            text.replacen("AlarmEmail=$email", "", 1),
+            "Parameters: [AlarmEmail] must have values",
+        ),
+        (
+            text.replacen("KubernetesVersion=1.31.2", "KubeVersion=1.31.2", 1),
+            "Parameters: [KubeVersion] do not exist in the template infra/cluster.json",
+        ),
+        (
+            text.replacen("Stage=$stage", "Stage=prod", 1),
+            "Stage=prod is not one of",
+        ),
+        (
+            text.replacen("out ApiEndpoint", "out ApiUrl", 1),
+            "reads output ApiUrl, which infra/cluster.json does not declare",
+        ),
+        (
+            text.replacen("AvailabilityZoneB=$az_b", "AvailabilityZoneB=$az_a", 1),
+            "rule DistinctAvailabilityZones: AvailabilityZoneA and AvailabilityZoneB must differ",
+        ),
+        (
+            text.replacen(" DeletionProtection=off\n", "\n", 1),
+            "deploy kubeboot-production-a: creates ApiLoadBalancer with deletion protection on",
+        ),
+        (
+            text.replacen(
+                " DeletionProtection=off --no-fail-on-empty-changeset",
+                " --no-fail-on-empty-changeset",
+                1,
+            ),
+            "delete-stack kubeboot-production-a: Table has deletion protection on",
+        ),
+        (
+            text.replacen(
+                "aws cloudformation delete-stack --stack-name \"kubeboot-$stage-$name\"\n",
+                "aws cloudformation delete-stack --stack-name \"kubeboot-$stage-$name-network\"\naws cloudformation delete-stack --stack-name \"kubeboot-$stage-$name\"\n",
+                1,
+            ),
+            "export kubeboot-production-a-VpcId cannot be deleted as it is in use by kubeboot-production-a",
+        ),
+        (
+            text.replacen(
+                "--template-file infra/cluster.json --capabilities CAPABILITY_IAM \\\n  --parameter-overrides Stage=$stage ClusterName=$name AlarmEmail=$email",
+                "--template-file infra/cluster.json --capabilities CAPABILITY_IAM --tags team/owner=kube \\\n  --parameter-overrides Stage=$stage ClusterName=$name AlarmEmail=$email",
+                1,
+            ),
+            "stack tag \"team/owner\" is propagated to instances",
+        ),
+        (
+            text.replacen(
+                "--template-file infra/cluster.json",
+                "--template-file infra/clusters.json",
+                1,
+            ),
+            "template infra/clusters.json",
+        ),
+        (
+            text.replacen("out ApiEndpoint", "aws cloudformation create-stack --stack-name x", 1),
+            "aws cloudformation create-stack is not checked by this test",
+        ),
+    ];
+    for (edited, want) in cases {
+        assert_ne!(edited, text, "the edit for {want:?} changed nothing");
+        let problems = readme_problems(&edited);
+        assert!(
+            problems.iter().any(|p| p.contains(want)),
+            "want {want:?} in {problems:#?}"
+        );
+    }
+    // Importing from a network stack that was never deployed (the dev one
+    // is commented out).
+    let without_network = text.replacen(
+        "aws cloudformation deploy --stack-name \"kubeboot-$stage-$name-network\"",
+        "# aws cloudformation deploy --stack-name \"kubeboot-$stage-$name-network\"",
+        1,
+    );
+    let problems = readme_problems(&without_network);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("No export named kubeboot-dev-a-VpcId found")),
+        "{problems:#?}"
+    );
+}
+
+/// Before: every stateful resource used plain `Retain` ("Table is not kept
+/// on stack deletion and replacement (DeletionPolicy RetainExceptOnCreate,
+/// UpdateReplacePolicy Retain)", and the same for the other seven).
+#[test]
+fn a_failed_first_create_leaves_nothing_behind_and_a_delete_keeps_the_state() {
+    for s in stacks() {
+        assert_none(retention_problems(&s));
+    }
+    let network = template("network.json");
+    assert_none(plain_retain(&network, "network.json"));
+    for id in ["FlowLogsKey", "FlowLogsLogGroup"] {
+        assert_eq!(
+            network["Resources"][id]["DeletionPolicy"], "RetainExceptOnCreate",
+            "{id}"
+        );
+        assert_eq!(
+            network["Resources"][id]["UpdateReplacePolicy"], "Retain",
+            "{id}"
+        );
+    }
+    let s = edited(|t| t["Resources"]["JoinSecret"]["DeletionPolicy"] = json!("Retain"));
+    let problems = retention_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("JoinSecret has DeletionPolicy Retain")),
+        "{problems:?}"
+    );
+}
+
+/// Production protects the table and the NLB unless `DeletionProtection=off`
+/// (first create, teardown); no other stage does.
+#[test]
+fn deletion_protection_follows_the_stage_unless_turned_off() {
+    let t = template("cluster.json");
+    for stage in STAGES {
+        let s = staged(t.clone(), stage);
+        let want: Vec<String> = if stage == "production" {
+            vec!["ApiLoadBalancer".into(), "Table".into()]
+        } else {
+            vec![]
+        };
+        let mut got = commands::protected(&s);
+        got.sort();
+        assert_eq!(got, want, "{stage}");
+        let mut off = staged(t.clone(), stage);
+        off.params.insert("DeletionProtection".into(), "off".into());
+        assert_eq!(
+            commands::protected(&off),
+            Vec::<String>::new(),
+            "{stage} off"
+        );
+    }
+    assert!(
+        t["Parameters"]["DeletionProtection"]["Default"] == "stage",
+        "an unnamed DeletionProtection must keep the stage's protection"
+    );
+}
+
+fn worker_capacity_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let props = &s.resource("WorkerGroup")["Properties"];
+    if props.get("DesiredCapacity").is_some() {
+        p.push("WorkerGroup sets DesiredCapacity: every update that touches the group resets an autoscaled group to it".into());
+    }
+    let num = |k: &str| {
+        scalar(&s.prop("WorkerGroup", k))
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    if num("MinSize") == 0 || num("MinSize") > num("MaxSize") {
+        p.push(format!(
+            "WorkerGroup MinSize {} MaxSize {}",
+            num("MinSize"),
+            num("MaxSize")
+        ));
+    }
+    p
+}
+
+/// Before: "WorkerGroup sets DesiredCapacity: every update that touches the
+/// group resets an autoscaled group to it".
+#[test]
+fn the_worker_count_after_creation_is_the_autoscalers() {
+    for s in stacks() {
+        assert_none(worker_capacity_problems(&s));
+    }
+    let s = edited(|t| {
+        t["Resources"]["WorkerGroup"]["Properties"]["DesiredCapacity"] = json!("3");
+    });
+    assert!(!worker_capacity_problems(&s).is_empty());
+}
+
+/// Before: the cluster took `VpcId`, `VpcCidr` and `PrivateSubnetIds` as
+/// parameters ("cluster.json takes the network as parameter VpcId") and
+/// imported nothing.
+#[test]
+fn the_cluster_imports_the_network_so_the_network_cannot_go_first() {
+    let t = template("cluster.json");
+    for p in ["VpcId", "VpcCidr", "PrivateSubnetIds"] {
+        assert!(
+            t["Parameters"].get(p).is_none(),
+            "cluster.json takes the network as parameter {p}"
+        );
+    }
+    for stage in STAGES {
+        let s = staged(t.clone(), stage);
+        let exports = network(stage).exports();
+        let names = s.import_names();
+        for what in ["VpcId", "VpcCidr", "PrivateSubnetIds"] {
+            let name = format!("kubeboot-{stage}-{NAME}-{what}");
+            assert!(
+                names.contains(&name),
+                "{stage}: cluster.json does not import {name}"
+            );
+        }
+        for n in &names {
+            assert!(exports.contains_key(n), "{stage}: nothing exports {n}");
+        }
+        // Resolved as a deployed stack sees them.
+        assert_eq!(
+            s.prop("ControlPlaneGroup", "VPCZoneIdentifier"),
+            json!([
+                "PrivateSubnetA-id",
+                "PrivateSubnetB-id",
+                "PrivateSubnetC-id"
+            ])
+        );
+        assert_eq!(s.prop("ApiTargetGroup", "VpcId"), json!("Vpc-id"));
+    }
+}
+
+/// Every resource a group's termination hook needs while the leader drains
+/// a node: the security-group rules (6443, etcd, kubelet, pod network) and
+/// the API listener. CloudFormation deletes a resource before what it
+/// depends on, so these must be in each group's dependency closure.
+fn teardown_order_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let mut needed: Vec<String> = s.of_type("AWS::EC2::SecurityGroupIngress");
+    needed.extend(s.of_type("AWS::EC2::SecurityGroupEgress"));
+    needed.extend(s.of_type("AWS::ElasticLoadBalancingV2::Listener"));
+    needed.extend([
+        "LifecycleRule".to_string(),
+        "LifecycleQueuePolicy".to_string(),
+    ]);
+    for group in s.of_type("AWS::AutoScaling::AutoScalingGroup") {
+        let closure = s.dependency_closure(&group);
+        for n in &needed {
+            if !closure.contains(n) {
+                p.push(format!("{group} does not depend on {n}: delete-stack may remove it while the group's hooks still need it"));
+            }
+        }
+    }
+    if !s
+        .dependency_closure("BackupBucket")
+        .contains("AccessLogBucketPolicy")
+    {
+        p.push("BackupBucket does not depend on AccessLogBucketPolicy: its access logging may be set up before the log bucket accepts the logs".into());
+    }
+    p
+}
+
+/// Before: "ControlPlaneGroup does not depend on ApiFromLoadBalancer:
+/// delete-stack may remove it while the group's hooks still need it" (and
+/// the other rules, the listener, both groups; and the backup bucket's
+/// logging before the log bucket's policy).
+#[test]
+fn a_delete_removes_the_groups_before_the_rules_and_the_listener_their_hooks_need() {
+    for s in stacks() {
+        assert_none(teardown_order_problems(&s));
+    }
+    let s = edited(|t| {
+        for g in ["ControlPlaneGroup", "WorkerGroup"] {
+            t["Resources"][g]["DependsOn"] = json!(["LifecycleRule", "LifecycleQueuePolicy"]);
+        }
+        t["Resources"]["BackupBucket"]
+            .as_object_mut()
+            .expect("bucket")
+            .remove("DependsOn");
+    });
+    let problems = teardown_order_problems(&s);
+    for want in [
+        "ControlPlaneGroup does not depend on EtcdFromControlPlanes",
+        "WorkerGroup does not depend on ApiListener",
+        "BackupBucket does not depend on AccessLogBucketPolicy",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(want)),
+            "{want}: {problems:#?}"
+        );
+    }
+}
+
+/// `PT1H30M` as a duration.
+fn iso_duration(text: &str) -> Option<std::time::Duration> {
+    let rest = text.strip_prefix("PT")?;
+    let mut secs = 0u64;
+    let mut number = String::new();
+    for c in rest.chars() {
+        match c {
+            '0'..='9' => number.push(c),
+            'H' | 'M' | 'S' => {
+                let n: u64 = std::mem::take(&mut number).parse().ok()?;
+                secs += n * match c {
+                    'H' => 3600,
+                    'M' => 60,
+                    _ => 1,
+                };
+            }
+            _ => return None,
+        }
+    }
+    number
+        .is_empty()
+        .then_some(std::time::Duration::from_secs(secs))
+}
+
+/// How control planes roll: one at a time, each replacement signalled in
+/// (joined, its etcd member confirmed) before an old one goes, within a
+/// pause longer than the agent's own join deadlines; and the first create
+/// waits for one signal per control plane.
+fn rolling_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let group = s.resource("ControlPlaneGroup");
+    let count = |k: &str| {
+        scalar(&s.prop("ControlPlaneGroup", k))
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let desired = count("DesiredCapacity");
+    let cfg = node_config(s, Role::ControlPlane);
+    let t = &cfg.timeouts;
+    // A control plane that replaces another: wait for join material, kubeadm
+    // join, learner promotion, Ready. (The membership lock is free during a
+    // roll: the old member is removed only after this one has signalled.)
+    let join = t.join_material + t.kubeadm_join + cfg.etcd.promote_timeout + t.node_ready;
+    let Some(rolling) = group["UpdatePolicy"]["AutoScalingRollingUpdate"].as_object() else {
+        p.push("ControlPlaneGroup has no UpdatePolicy AutoScalingRollingUpdate: launch template changes never reach running control planes".into());
+        return p;
+    };
+    let rolling = s.eval(&Value::Object(rolling.clone()));
+    let num = |k: &str| scalar(&rolling[k]).parse::<u64>().unwrap_or(0);
+    if num("MaxBatchSize") != 1 {
+        p.push(format!(
+            "MaxBatchSize {}: control planes must roll one at a time",
+            rolling["MaxBatchSize"]
+        ));
+    }
+    if num("MinInstancesInService") != desired {
+        p.push(format!(
+            "MinInstancesInService {} is not the control-plane count {desired}: the update would remove one before its replacement joined",
+            rolling["MinInstancesInService"]
+        ));
+    }
+    if num("MinInstancesInService") >= count("MaxSize") {
+        p.push(format!(
+            "MinInstancesInService {} is not below MaxSize {}: CloudFormation cannot add the replacement first",
+            rolling["MinInstancesInService"],
+            count("MaxSize")
+        ));
+    }
+    if rolling["WaitOnResourceSignals"] != true {
+        p.push("the rolling update does not wait for the new control plane's signal".into());
+    }
+    let pause = iso_duration(&scalar(&rolling["PauseTime"]));
+    if !pause.is_some_and(|d| d > join && d <= std::time::Duration::from_secs(3600)) {
+        p.push(format!(
+            "PauseTime {} is not above the agent's join deadlines ({} s) and at most PT1H",
+            rolling["PauseTime"],
+            join.as_secs()
+        ));
+    }
+    let suspended = strings(&rolling["SuspendProcesses"]);
+    for process in [
+        "HealthCheck",
+        "ReplaceUnhealthy",
+        "AZRebalance",
+        "AlarmNotification",
+        "ScheduledActions",
+    ] {
+        if !suspended.contains(process) {
+            p.push(format!("the rolling update does not suspend {process}"));
+        }
+    }
+    let signal = s.eval(&group["CreationPolicy"]["ResourceSignal"]);
+    if scalar(&signal["Count"]).parse::<u64>().ok() != Some(desired) {
+        p.push(format!(
+            "CreationPolicy waits for {} signals, the group starts {desired} control planes",
+            signal["Count"]
+        ));
+    }
+    // The first create: init and Ready, then the others join one by one
+    // under the membership lock.
+    let create = t.kubeadm_init
+        + t.node_ready
+        + cfg.lock.acquire_timeout
+        + join * u32::try_from(desired.saturating_sub(1)).unwrap_or(0);
+    if iso_duration(&scalar(&signal["Timeout"])).is_none_or(|d| d <= create) {
+        p.push(format!(
+            "CreationPolicy Timeout {} is not above the first create's deadlines ({} s)",
+            signal["Timeout"],
+            create.as_secs()
+        ));
+    }
+    p
+}
+
+/// Before: "ControlPlaneGroup has no UpdatePolicy AutoScalingRollingUpdate:
+/// launch template changes never reach running control planes".
+#[test]
+fn control_planes_roll_one_at_a_time_each_signalled_in_before_an_old_one_goes() {
+    for s in stacks() {
+        assert_none(rolling_problems(&s));
+    }
+    let s = edited(|t| {
+        let r =
+            &mut t["Resources"]["ControlPlaneGroup"]["UpdatePolicy"]["AutoScalingRollingUpdate"];
+        r["MinInstancesInService"] = json!(2);
+        r["PauseTime"] = json!("PT15M");
+        r["MaxBatchSize"] = json!(2);
+    });
+    let problems = rolling_problems(&s);
+    for want in [
+        "MinInstancesInService 2 is not the control-plane count 3",
+        "PauseTime \"PT15M\"",
+        "MaxBatchSize 2",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(want)),
+            "{want}: {problems:#?}"
+        );
+    }
+    let s = edited(|t| {
+        t["Resources"]["ControlPlaneGroup"]
+            .as_object_mut()
+            .expect("group")
+            .remove("UpdatePolicy");
+    });
+    assert!(rolling_problems(&s)[0].contains("no UpdatePolicy"));
+}
+
+/// Before: the subnets took the first three of `Fn::GetAZs` ("PrivateSubnetA
+/// is not in a chosen AZ").
+#[test]
+fn the_subnets_use_three_chosen_distinct_azs() {
+    let t = template("network.json");
+    let mut getazs = Vec::new();
+    find_all(&t, "Fn::GetAZs", &mut getazs);
+    assert!(getazs.is_empty(), "network.json still uses Fn::GetAZs");
+    let s = network_with(t.clone(), "dev");
+    for (az, param) in [
+        ("A", "AvailabilityZoneA"),
+        ("B", "AvailabilityZoneB"),
+        ("C", "AvailabilityZoneC"),
+    ] {
+        assert!(
+            t["Parameters"][param].get("Default").is_none(),
+            "{param} has a default"
+        );
+        for kind in ["Private", "Public"] {
+            let id = format!("{kind}Subnet{az}");
+            assert_eq!(
+                t["Resources"][&id]["Properties"]["AvailabilityZone"],
+                json!({"Ref": param}),
+                "{id} is not in a chosen AZ"
+            );
+        }
+    }
+    assert_eq!(s.rule_failures(), Vec::<String>::new());
+    let mut same = network_with(t, "dev");
+    same.params
+        .insert("AvailabilityZoneC".into(), "eu-west-1a".into());
+    assert_eq!(
+        same.rule_failures(),
+        vec!["DistinctAvailabilityZones: AvailabilityZoneA and AvailabilityZoneC must differ: the cluster spreads over three AZs".to_string()]
+    );
+}
+
+/// The README's cost table counts the interface endpoints network.json makes.
+#[test]
+fn the_cost_table_counts_the_interface_endpoints_the_network_makes() {
+    let t = template("network.json");
+    let n = t["Resources"]
+        .as_object()
+        .expect("resources")
+        .values()
+        .filter(|r| {
+            r["Type"] == "AWS::EC2::VPCEndpoint"
+                && r["Properties"]["VpcEndpointType"] == "Interface"
+        })
+        .count();
+    let text = readme();
+    assert!(
+        text.contains(&format!("| Interface VPC endpoints ({n} services) |")),
+        "infra/README.md's cost table does not count {n} interface endpoints"
     );
 }
