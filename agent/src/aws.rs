@@ -23,6 +23,7 @@ pub enum Service {
     Sqs,
     AutoScaling,
     Sts,
+    CloudFormation,
 }
 
 impl Service {
@@ -37,6 +38,7 @@ impl Service {
             Service::Sqs => endpoints.sqs.as_deref(),
             Service::AutoScaling => endpoints.autoscaling.as_deref(),
             Service::Sts => endpoints.sts.as_deref(),
+            Service::CloudFormation => endpoints.cloudformation.as_deref(),
         }
     }
 }
@@ -190,6 +192,13 @@ client!(
     aws_sdk_autoscaling,
     Service::AutoScaling,
     "autoscaling"
+);
+
+client!(
+    cloudformation_client,
+    aws_sdk_cloudformation,
+    Service::CloudFormation,
+    "cloudformation"
 );
 
 #[cfg(test)]

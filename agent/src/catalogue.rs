@@ -17,9 +17,9 @@
 //! that cannot happen any more keeps its entry (say so in its cause).
 
 use crate::{
-    aws, bootstrap, certs, config, error, etcd, identity, join_material, kubeadm, kubernetes,
-    lifecycle, lock, membership, quorum, reconciler, refresh, registry, retry::RetryClass, status,
-    telemetry,
+    aws, bootstrap, certs, cloudformation, config, error, etcd, identity, join_material, kubeadm,
+    kubernetes, lifecycle, lock, membership, quorum, reconciler, refresh, registry,
+    retry::RetryClass, status, telemetry,
 };
 
 /// One catalogue entry.
@@ -54,6 +54,7 @@ pub const AREAS: &[(&str, &str)] = &[
     ("LIFE", "ASG lifecycle hooks and the lifecycle queue"),
     ("RECON", "the dead-member reconciler"),
     ("CERT", "kubeadm's certificates: expiry and renewal"),
+    ("STACK", "signalling the CloudFormation stack"),
 ];
 
 /// Declares each entry as a `pub static` and lists them all in [`ENTRIES`],
@@ -359,6 +360,13 @@ catalogue! {
 }
 
 /// An error with a catalogue entry.
+
+    STACK_SIGNAL_REFUSED = "KB-STACK-001", "CloudFormation refused the control plane's signal",
+        cause: "After a successful bootstrap the agent signals SUCCESS to aws.cloudformation_resource in aws.cloudformation_stack, and CloudFormation refused it: the role may not call cloudformation:SignalResource on the stack, or a key names a stack or logical id that does not exist. A warning, not a failure: bootstrap succeeded, and a rolling update waiting for this control plane times out after its PauseTime and rolls back. Metric StackSignalFailed.",
+        check: "aws.cloudformation_stack and aws.cloudformation_resource against the stack (`aws cloudformation describe-stack-resource`), the control-plane role's policy; `systemctl restart kubeboot-bootstrap` signals again.";
+    STACK_SIGNAL_UNAVAILABLE = "KB-STACK-002", "CloudFormation did not take the control plane's signal in time",
+        cause: "SignalResource was throttled, failed (5xx) or timed out after the SDK's retries. A warning, not a failure: bootstrap succeeded, and a rolling update waiting for this control plane times out after its PauseTime and rolls back. Metric StackSignalFailed.",
+        check: "Network or VPC endpoint to CloudFormation (aws.endpoints.cloudformation), aws.max_attempts and aws.operation_timeout; `systemctl restart kubeboot-bootstrap` signals again while the update waits.";
 pub trait Coded {
     /// Its catalogue entry.
     fn entry(&self) -> &'static Entry;
@@ -671,6 +679,16 @@ impl Coded for refresh::Error {
     fn entry(&self) -> &'static Entry {
         use refresh::Error as E;
         match self {
+impl Coded for cloudformation::Error {
+    fn entry(&self) -> &'static Entry {
+        use cloudformation::Error as E;
+        match self {
+            E::Refused { .. } => &STACK_SIGNAL_REFUSED,
+            E::Unavailable { .. } => &STACK_SIGNAL_UNAVAILABLE,
+        }
+    }
+}
+
             E::Registry(e) => e.entry(),
             E::JoinMaterial(e) => e.entry(),
             E::Kubeadm(e) => e.entry(),

@@ -637,7 +637,21 @@ async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
         cfg: p.cfg,
     };
     crate::systemd::status("bootstrapping");
+    let mut stopped = stop.clone();
     let outcome = until_stopped(bootstrap.run(), stop, &bootstrap.kubeadm).await;
+    if outcome.is_ok() {
+        // Only now, the member confirmed and recorded (or found so by an
+        // earlier run): the stack's rolling update may take the next one.
+        let signal = crate::cloudformation::signal_in_service(
+            &p.base,
+            &bootstrap.cfg,
+            &bootstrap.identity.instance_id,
+        );
+        tokio::select! {
+            () = signal => {}
+            _ = stopped.wait_for(|s| *s) => tracing::warn!("stopped before the stack signal was answered; the next start signals again"),
+        }
+    }
     let elapsed = crate::metrics::ms(started.elapsed());
     let path = match &outcome {
         Ok(done) => done.path,

@@ -40,6 +40,10 @@ pub enum Resource {
     /// Describe calls that have no resource-level permissions (EC2
     /// DescribeInstances, Auto Scaling DescribeAutoScalingInstances).
     AnyInstance,
+    /// The cluster's own CloudFormation stack
+    /// (`arn:aws:cloudformation:<region>:<account>:stack/<aws.cloudformation_stack>/*`),
+    /// which a control plane signals after bootstrap.
+    Stack,
 }
 
 /// One IAM permission: an action on one kind of resource.
@@ -228,6 +232,13 @@ pub const OPERATIONS: &[Operation] = &[
         control_plane_only: &[],
         why: "which instances behind etcd members are gone (reconciler)",
     },
+    Operation {
+        call: "cloudformation:SignalResource",
+        roles: CP,
+        grants: &[on("cloudformation:SignalResource", Resource::Stack)],
+        control_plane_only: &[],
+        why: "a bootstrapped control plane tells its stack's rolling update it is in service (cloudformation)",
+    },
 ];
 
 /// What `role`'s policy must grant: each action with its resource kind, sorted.
@@ -303,6 +314,7 @@ mod tests {
             "ssm:PutParameter",
             "sqs:ReceiveMessage",
             "ec2:DescribeInstances",
+            "cloudformation:SignalResource",
         ] {
             assert!(!worker.contains(forbidden), "{forbidden}");
         }

@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod catalogue;
 pub mod certs;
 pub mod cli;
+pub mod cloudformation;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -11,6 +11,7 @@
 
 pub mod awsproxy;
 pub mod cfn;
+pub mod cfn_signal;
 pub mod emf;
 pub mod etcd;
 pub mod imds;

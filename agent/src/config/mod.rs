@@ -773,6 +773,46 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
             "aws.backup_bucket = \"<bucket>\", or backup.enabled = false",
         );
     }
+    stack_signal_rules(entries, problems);
+}
+
+/// The stack signal's keys: both or neither, and control planes only (a
+/// worker's group has no update policy waiting for it, and its role may not
+/// signal). The value is not shown: the key and the rule say what is wrong.
+fn stack_signal_rules(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Problem>) {
+    const STACK: &str = "aws.cloudformation_stack";
+    const RESOURCE: &str = "aws.cloudformation_resource";
+    let mut problem = |key: &str, reason: String, expected: &str| {
+        problems.push(Problem {
+            kind: ProblemKind::Inconsistent,
+            source: entries
+                .get(key)
+                .map_or(Source::Default, |e| e.source.clone()),
+            key: key.to_string(),
+            value: None,
+            reason,
+            expected: expected.to_string(),
+        });
+    };
+    let worker = entries.get("node.role").and_then(|e| e.value.as_str()) == Some("worker");
+    for (key, other) in [(STACK, RESOURCE), (RESOURCE, STACK)] {
+        if !entries.contains_key(key) {
+            continue;
+        }
+        if worker {
+            problem(
+                key,
+                "set on a worker: only control planes signal their stack (see node.role)".into(),
+                "no aws.cloudformation_* keys on a worker (they belong in the control planes' user-data)",
+            );
+        } else if !entries.contains_key(other) {
+            problem(
+                key,
+                format!("set without {other}: the signal needs both (see {other})"),
+                "aws.cloudformation_stack and aws.cloudformation_resource together, or neither",
+            );
+        }
+    }
 }
 
 /// Turns dotted entries back into nested tables.

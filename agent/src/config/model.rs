@@ -83,6 +83,10 @@ pub struct Aws {
     pub ssm_prefix: String,
     pub lifecycle_queue_url: Option<String>,
     pub lifecycle_hook: String,
+    /// The stack and the logical id of this node's group, signalled after
+    /// bootstrap (control planes only, both or neither).
+    pub cloudformation_stack: Option<String>,
+    pub cloudformation_resource: Option<String>,
     pub backup_bucket: Option<String>,
     pub kms_key_id: Option<String>,
     pub s3_force_path_style: bool,
@@ -111,6 +115,7 @@ pub struct Endpoints {
     pub sqs: Option<String>,
     pub autoscaling: Option<String>,
     pub sts: Option<String>,
+    pub cloudformation: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

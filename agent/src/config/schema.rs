@@ -38,6 +38,11 @@ pub enum Kind {
     SsmPrefix,
     /// Secrets Manager secret name.
     SecretName,
+    /// CloudFormation stack name: a letter, then letters, digits and `-`,
+    /// 1-128 characters.
+    StackName,
+    /// CloudFormation logical resource id: 1-255 letters and digits.
+    LogicalId,
     /// Whole number within bounds (inclusive).
     Int { min: i64, max: i64 },
     /// `true` or `false`.
@@ -143,6 +148,10 @@ pub const KEYS: &[Key] = &[
         "Name of the ASGs' termination lifecycle hook, for a node completing its own action."),
     key("aws.backup_bucket", Kind::BucketName, None, "S3 bucket for etcd snapshots."),
     key("aws.kms_key_id", Kind::Text, None, "KMS key for SSE-KMS on backups; bucket default when unset."),
+    key("aws.cloudformation_stack", Kind::StackName, None,
+        "The CloudFormation stack that launched this control plane: signalled once bootstrap has confirmed its etcd member, so a rolling update replaces control planes one at a time (control planes only; with aws.cloudformation_resource)."),
+    key("aws.cloudformation_resource", Kind::LogicalId, None,
+        "Logical id of this node's Auto Scaling group in aws.cloudformation_stack, the resource the signal is for (control planes only; with aws.cloudformation_stack)."),
     key("aws.s3_force_path_style", Kind::Bool, Some("false"),
         "Path-style S3 addressing (needed by S3 emulators)."),
     key("aws.max_attempts", Kind::Int { min: 1, max: 10 }, Some("5"),
@@ -160,6 +169,7 @@ pub const KEYS: &[Key] = &[
     key("aws.endpoints.sqs", Kind::AwsUrl, None, "Endpoint override for SQS."),
     key("aws.endpoints.autoscaling", Kind::AwsUrl, None, "Endpoint override for Auto Scaling."),
     key("aws.endpoints.sts", Kind::AwsUrl, None, "Endpoint override for STS."),
+    key("aws.endpoints.cloudformation", Kind::AwsUrl, None, "Endpoint override for CloudFormation."),
     // [imds]
     local_only(key("imds.endpoint", Kind::ImdsUrl, Some("\"http://169.254.169.254\""),
         "Instance metadata service (IMDSv2) endpoint.")),

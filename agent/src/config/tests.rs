@@ -660,3 +660,76 @@ mod load {
         );
     }
 }
+
+#[test]
+fn the_stack_signal_keys_go_together_on_control_planes_only_and_their_values_are_not_shown() {
+    let keys = "[aws]\ncloudformation_stack = \"Hidden-Stack\"\ncloudformation_resource = \"HiddenGroup\"\n";
+    let cp = BASE.replace("role = \"worker\"", "role = \"control-plane\"")
+        + "backup_bucket = \"kubeboot-prod-backups\"\n";
+    let file = |text: &str| vec![(Source::File("/c.toml".into()), text.to_string())];
+    let run = |layers: Vec<(Source, String)>| {
+        let layers: Vec<(Source, &str)> = layers
+            .iter()
+            .map(|(s, t)| (s.clone(), t.as_str()))
+            .collect();
+        merge_text(&layers, &[])
+    };
+    // A control plane with both: valid, typed.
+    let mut layers = file(&cp);
+    layers.push((Source::File("/ud".into()), keys.to_string()));
+    let c = run(layers).expect("valid").config;
+    assert_eq!(c.aws.cloudformation_stack.as_deref(), Some("Hidden-Stack"));
+    assert_eq!(
+        c.aws.cloudformation_resource.as_deref(),
+        Some("HiddenGroup")
+    );
+    // Neither: nothing to signal.
+    let c = run(file(&cp)).expect("valid").config;
+    assert!(c.aws.cloudformation_stack.is_none() && c.aws.cloudformation_resource.is_none());
+
+    // A worker with them: both refused, by key, without their values.
+    let mut layers = file(BASE);
+    layers.push((Source::File("/ud".into()), keys.to_string()));
+    let p = problems(run(layers));
+    let keys_named: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys_named,
+        ["aws.cloudformation_stack", "aws.cloudformation_resource"],
+        "{p:#?}"
+    );
+    for problem in &p {
+        assert_eq!(problem.kind, ProblemKind::Inconsistent);
+        assert_eq!(problem.value, None);
+        assert_eq!(problem.source, Source::File("/ud".into()));
+        let line = problem.to_string();
+        assert!(!line.contains("Hidden"), "{line}");
+        assert!(
+            line.contains("only control planes signal their stack"),
+            "{line}"
+        );
+        assert!(
+            line.contains("expected no aws.cloudformation_* keys on a worker"),
+            "{line}"
+        );
+    }
+
+    // One without the other, either way round.
+    for (set, missing) in [
+        (
+            "cloudformation_stack = \"Hidden-Stack\"",
+            "aws.cloudformation_resource",
+        ),
+        (
+            "cloudformation_resource = \"HiddenGroup\"",
+            "aws.cloudformation_stack",
+        ),
+    ] {
+        let mut layers = file(&cp);
+        layers.push((Source::File("/ud".into()), format!("[aws]\n{set}\n")));
+        let p = only(run(layers));
+        assert_eq!(p.kind, ProblemKind::Inconsistent);
+        assert!(p.reason.contains(&format!("set without {missing}")), "{p}");
+        assert!(p.expected.contains("together, or neither"), "{p}");
+        assert!(!p.to_string().contains("Hidden"), "{p}");
+    }
+}

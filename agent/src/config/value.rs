@@ -51,6 +51,8 @@ pub fn expected_form(kind: Kind) -> String {
         Kind::BucketName => "an S3 bucket name: 3-63 characters [a-z0-9.-], starting and ending with a letter or digit".into(),
         Kind::SsmPrefix => "an SSM path like \"/kubeboot/prod-a\" (leading /, no trailing /)".into(),
         Kind::SecretName => "a Secrets Manager name: 1-512 characters [A-Za-z0-9/_+=.@-]".into(),
+        Kind::StackName => "a CloudFormation stack name: a letter, then up to 127 letters, digits or '-', e.g. \"kubeboot-prod-a\"".into(),
+        Kind::LogicalId => "a CloudFormation logical resource id: 1-255 letters and digits, e.g. \"ControlPlaneGroup\"".into(),
         Kind::Int { min, max } => format!("a whole number from {min} to {max}"),
         Kind::Bool => "true or false".into(),
         Kind::Duration { min_ms, max_ms } => format!(
@@ -152,6 +154,16 @@ fn string_ok(kind: Kind, s: &str) -> bool {
             (1..=512).contains(&s.len())
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c))
+        }
+        // CreateStack's StackName pattern [a-zA-Z][-a-zA-Z0-9]*, at most 128.
+        Kind::StackName => {
+            (1..=128).contains(&s.len())
+                && s.starts_with(|c: char| c.is_ascii_alphabetic())
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        }
+        // A template's logical ids are alphanumeric, at most 255 characters.
+        Kind::LogicalId => {
+            (1..=255).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric())
         }
         Kind::Int { .. } | Kind::Bool | Kind::Duration { .. } | Kind::OneOf(_) => false,
     }
@@ -544,6 +556,28 @@ mod tests {
         let ok = |k, v: &str| check(k, &s(v)).is_ok();
         assert!(ok(Kind::ClusterName, "prod-a"));
         assert!(!ok(Kind::ClusterName, "Prod_A"));
+        assert!(ok(Kind::StackName, "kubeboot-Prod-a1"));
+        assert!(ok(Kind::StackName, &format!("a{}", "-".repeat(127))));
+        assert!(
+            !ok(Kind::StackName, &format!("a{}", "b".repeat(128))),
+            "129 characters"
+        );
+        assert!(!ok(Kind::StackName, "1stack"), "starts with a letter");
+        assert!(!ok(Kind::StackName, "prod_a"));
+        assert!(
+            !ok(
+                Kind::StackName,
+                "arn:aws:cloudformation:us-east-1:1:stack/a/b"
+            ),
+            "a name, not an ARN"
+        );
+        assert!(!ok(Kind::StackName, ""));
+        assert!(ok(Kind::LogicalId, "ControlPlaneGroup"));
+        assert!(ok(Kind::LogicalId, "0Group"));
+        assert!(ok(Kind::LogicalId, &"A".repeat(255)));
+        assert!(!ok(Kind::LogicalId, &"A".repeat(256)));
+        assert!(!ok(Kind::LogicalId, "Control-Plane"));
+        assert!(!ok(Kind::LogicalId, ""));
         assert!(!ok(Kind::ClusterName, "-a"));
         assert!(ok(Kind::KubeVersion, "1.31.2"));
         assert!(ok(Kind::KubeVersion, "v1.31.2"));

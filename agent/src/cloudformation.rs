@@ -1,0 +1,294 @@
+//! CloudFormation: a bootstrapped control plane signals its stack.
+//!
+//! The control-plane group's UpdatePolicy (`AutoScalingRollingUpdate` with
+//! `MaxBatchSize` 1 and `WaitOnResourceSignals`) replaces one control plane
+//! at a time and waits for a SUCCESS signal from the replacement before the
+//! next old one goes. That signal is this node's word that its etcd member
+//! is started, voting, healthy and recorded (I2) — so it is sent only after
+//! `kubeboot bootstrap` succeeded, never before, and again by every later
+//! start that finds bootstrap done (a restart after a lost signal signals
+//! again while the update still waits; outside an update CloudFormation
+//! answers that no signal is expected, which is logged at info).
+//!
+//! **Never FAILURE.** A failed bootstrap sends nothing. Most bootstrap
+//! failures end in a systemd restart that may well succeed (a lock held by
+//! a slow peer, join material being refreshed, etcd busy), and the agent
+//! cannot tell those from the permanent ones; a FAILURE is final for the
+//! whole update (CloudFormation fails it at once and rolls back, replacing
+//! control planes again while one may be half-joined). Silence has the same
+//! safe end without the guess: the update waits out its `PauseTime` while
+//! systemd retries, and then rolls back.
+//!
+//! **A failed signal never fails bootstrap**: the node is a good member
+//! whatever CloudFormation says. It is a warning with a catalogue code and
+//! the `StackSignalFailed` metric; the waiting update times out and rolls
+//! back (the safe direction), and `systemctl restart kubeboot-bootstrap`
+//! signals again meanwhile.
+//!
+//! The call uses the SDK's retries and timeouts from `[aws]`, like every
+//! other AWS call; nothing loops around it.
+
+use crate::config::model::Role;
+use crate::config::Config;
+use crate::retry::{classify_sdk_error, RetryClass};
+use aws_sdk_cloudformation::error::ProvideErrorMetadata;
+use aws_sdk_cloudformation::types::ResourceSignalStatus;
+
+/// The error code CloudFormation answers a signal it does not take with.
+pub const VALIDATION_ERROR: &str = "ValidationError";
+
+/// What CloudFormation says when the resource awaits no signal: the stack
+/// or resource is not being created or updated ("Stack arn:... is in
+/// CREATE_COMPLETE state and cannot be signaled"), or is but not waiting for
+/// signals ("... is not in a state to accept signals").
+const NOT_EXPECTED_PHRASES: &[&str] = &["cannot be signaled", "not in a state to accept signals"];
+
+/// The resource this node signals.
+pub struct Stack {
+    client: aws_sdk_cloudformation::Client,
+    /// The stack's name (`aws.cloudformation_stack`).
+    pub stack: String,
+    /// The control-plane group's logical id (`aws.cloudformation_resource`).
+    pub resource: String,
+}
+
+/// How a signal ended when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signalled {
+    /// CloudFormation counted it.
+    Taken,
+    /// No signal was expected (no create or update waits for one); what
+    /// CloudFormation said.
+    NotExpected(String),
+}
+
+/// A signal CloudFormation did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("CloudFormation refused the signal for {resource} in stack {stack}: {message}")]
+    Refused {
+        stack: String,
+        resource: String,
+        message: String,
+    },
+    #[error("CloudFormation did not answer the signal for {resource} in stack {stack} (after the SDK's retries): {message}")]
+    Unavailable {
+        stack: String,
+        resource: String,
+        message: String,
+    },
+}
+
+impl Error {
+    /// What the operator should check.
+    pub fn hint(&self) -> String {
+        let consequence = "bootstrap still succeeded; a rolling update waiting for this control plane times out after its PauseTime and rolls back";
+        match self {
+            Error::Refused { .. } => format!(
+                "{consequence}. Check that aws.cloudformation_stack and aws.cloudformation_resource name the stack and its control-plane group's logical id, and that the control-plane role grants cloudformation:SignalResource on the stack; `systemctl restart kubeboot-bootstrap` signals again"
+            ),
+            Error::Unavailable { .. } => format!(
+                "{consequence}. CloudFormation throttled, failed or timed out (aws.max_attempts, aws.operation_timeout, aws.endpoints.cloudformation, the network or VPC endpoint to it); `systemctl restart kubeboot-bootstrap` signals again while the update waits"
+            ),
+        }
+    }
+}
+
+/// What one answer means, from its error code, message and retry class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No signal was expected: the usual answer outside a create or update.
+    NotExpected,
+    /// Refused for good: permissions, a stack or resource that does not
+    /// exist (a misnamed key), a malformed request.
+    Refused,
+    /// Throttled, 5xx or timed out after the SDK's attempts.
+    Unavailable,
+}
+
+/// Classifies a failed SignalResource. Only the two phrases CloudFormation
+/// uses for a resource awaiting no signal mean "not expected"; a
+/// ValidationError for a stack or resource that does not exist is a
+/// misnamed key (a node's own stack exists while it runs) and is refused.
+pub fn verdict(code: Option<&str>, message: Option<&str>, class: RetryClass) -> Verdict {
+    let message = message.unwrap_or_default().to_ascii_lowercase();
+    if code == Some(VALIDATION_ERROR) && NOT_EXPECTED_PHRASES.iter().any(|p| message.contains(p)) {
+        return Verdict::NotExpected;
+    }
+    match class {
+        RetryClass::Transient => Verdict::Unavailable,
+        RetryClass::Permanent => Verdict::Refused,
+    }
+}
+
+impl Stack {
+    /// The stack to signal, when this node is a control plane configured
+    /// with both keys (configuration refuses them anywhere else).
+    pub fn from_config(base: &aws_config::SdkConfig, cfg: &Config) -> Option<Stack> {
+        if cfg.node.role != Role::ControlPlane {
+            return None;
+        }
+        let (Some(stack), Some(resource)) = (
+            cfg.aws.cloudformation_stack.clone(),
+            cfg.aws.cloudformation_resource.clone(),
+        ) else {
+            return None;
+        };
+        Some(Stack {
+            client: crate::aws::cloudformation_client(base, cfg),
+            stack,
+            resource,
+        })
+    }
+
+    /// Sends SUCCESS for `unique_id` (the instance id, as CloudFormation
+    /// asks for Auto Scaling groups).
+    pub async fn signal_success(&self, unique_id: &str) -> Result<Signalled, Error> {
+        let sent = self
+            .client
+            .signal_resource()
+            .stack_name(&self.stack)
+            .logical_resource_id(&self.resource)
+            .unique_id(unique_id)
+            .status(ResourceSignalStatus::Success)
+            .send()
+            .await;
+        let err = match sent {
+            Ok(_) => return Ok(Signalled::Taken),
+            Err(e) => e,
+        };
+        let message = match err.message() {
+            Some(m) => m.to_string(),
+            None => aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
+        };
+        let (stack, resource) = (self.stack.clone(), self.resource.clone());
+        match verdict(err.code(), err.message(), classify_sdk_error(&err)) {
+            Verdict::NotExpected => Ok(Signalled::NotExpected(message)),
+            Verdict::Refused => Err(Error::Refused {
+                stack,
+                resource,
+                message,
+            }),
+            Verdict::Unavailable => Err(Error::Unavailable {
+                stack,
+                resource,
+                message,
+            }),
+        }
+    }
+}
+
+/// After a successful bootstrap: signal the stack if configured, log the
+/// outcome, count a failure. Never fails (see the module's documentation).
+pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, instance_id: &str) {
+    let Some(target) = Stack::from_config(base, cfg) else {
+        return;
+    };
+    let (stack, resource) = (target.stack.as_str(), target.resource.as_str());
+    match target.signal_success(instance_id).await {
+        Ok(Signalled::Taken) => tracing::info!(
+            stack,
+            resource,
+            unique_id = instance_id,
+            "signalled SUCCESS to the stack: this control plane is in service"
+        ),
+        Ok(Signalled::NotExpected(answer)) => tracing::info!(
+            stack,
+            resource,
+            unique_id = instance_id,
+            %answer,
+            "the stack expected no signal (no create or update waits for this group)"
+        ),
+        Err(e) => {
+            use crate::catalogue::Coded;
+            crate::metrics::record(crate::metrics::STACK_SIGNAL_FAILED, 1.0, &[]);
+            tracing::warn!(
+                stack,
+                resource,
+                unique_id = instance_id,
+                code = e.code(),
+                error = %e,
+                hint = %e.hint(),
+                "cannot signal the stack"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_resource_awaiting_no_signal_is_not_expected() {
+        let p = RetryClass::Permanent;
+        for message in [
+            "Stack arn:aws:cloudformation:eu-west-1:123456789012:stack/prod/1 is in CREATE_COMPLETE state and cannot be signaled",
+            "Stack arn:aws:cloudformation:eu-west-1:123456789012:stack/prod/1 is in UPDATE_COMPLETE state and cannot be signaled",
+            "Resource ControlPlaneGroup is not in a state to accept signals",
+        ] {
+            assert_eq!(
+                verdict(Some("ValidationError"), Some(message), p),
+                Verdict::NotExpected,
+                "{message}"
+            );
+        }
+        // A misnamed stack or resource never waits for anything: refused.
+        for message in [
+            "Stack with id prod does not exist",
+            "Resource ControlPlaneGroupX does not exist for stack prod",
+        ] {
+            assert_eq!(
+                verdict(Some("ValidationError"), Some(message), p),
+                Verdict::Refused,
+                "{message}"
+            );
+        }
+        assert_eq!(
+            verdict(Some("AccessDenied"), Some("User ... is not authorized to perform: cloudformation:SignalResource ... cannot be signaled"), p),
+            Verdict::Refused,
+            "only a ValidationError means not expected"
+        );
+        assert_eq!(
+            verdict(
+                Some("Throttling"),
+                Some("Rate exceeded"),
+                RetryClass::Transient
+            ),
+            Verdict::Unavailable
+        );
+        assert_eq!(
+            verdict(None, None, RetryClass::Transient),
+            Verdict::Unavailable
+        );
+    }
+
+    #[test]
+    fn every_failure_says_bootstrap_succeeded_and_the_update_rolls_back() {
+        use crate::catalogue::Coded;
+        let refused = Error::Refused {
+            stack: "prod".into(),
+            resource: "ControlPlaneGroup".into(),
+            message: "denied".into(),
+        };
+        let unavailable = Error::Unavailable {
+            stack: "prod".into(),
+            resource: "ControlPlaneGroup".into(),
+            message: "Rate exceeded".into(),
+        };
+        assert_eq!(refused.code(), "KB-STACK-001");
+        assert_eq!(unavailable.code(), "KB-STACK-002");
+        for e in [&refused, &unavailable] {
+            let hint = e.hint();
+            assert!(
+                hint.contains("bootstrap still succeeded") && hint.contains("rolls back"),
+                "{hint}"
+            );
+            assert!(
+                hint.contains("systemctl restart kubeboot-bootstrap"),
+                "{hint}"
+            );
+        }
+        assert!(refused.hint().contains("cloudformation:SignalResource"));
+    }
+}
