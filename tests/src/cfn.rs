@@ -501,4 +501,61 @@ mod tests {
             json!("a")
         );
     }
+
+    #[test]
+    fn imports_resolve_against_the_other_stacks_exports_and_dependencies_follow_refs() {
+        let network = Stack::new(
+            json!({
+                "Parameters": {"Name": {"Type": "String"}},
+                "Resources": {"Vpc": {"Type": "AWS::EC2::VPC", "Properties": {"CidrBlock": "10.0.0.0/16"}}},
+                "Outputs": {
+                    "Cidr": {"Value": {"Fn::GetAtt": ["Vpc", "CidrBlock"]}, "Export": {"Name": {"Fn::Sub": "${Name}-cidr"}}},
+                    "Ids": {"Value": "a,b", "Export": {"Name": {"Fn::Sub": "${Name}-ids"}}}
+                }
+            }),
+            &[("Name", "n")],
+        );
+        let cluster = Stack::new(
+            json!({
+                "Parameters": {"Name": {"Type": "String"}, "A": {"Type": "String"}, "B": {"Type": "String"}},
+                "Rules": {"Differ": {"Assertions": [{"Assert": {"Fn::Not": [{"Fn::Equals": [{"Ref": "A"}, {"Ref": "B"}]}]}, "AssertDescription": "A and B differ"}]}},
+                "Resources": {
+                    "Sg": {"Type": "AWS::EC2::SecurityGroup", "Properties": {"Cidr": {"Fn::ImportValue": {"Fn::Sub": "${Name}-cidr"}}}},
+                    "Rule": {"Type": "AWS::EC2::SecurityGroupIngress", "Properties": {"GroupId": {"Ref": "Sg"}}},
+                    "Group": {"Type": "AWS::AutoScaling::AutoScalingGroup", "DependsOn": "Rule",
+                              "Properties": {"Subnets": {"Fn::Split": [",", {"Fn::ImportValue": "n-ids"}]}, "X": {"Fn::Sub": "${Sg.GroupId}-${AWS::Region}-${!Literal}"}}}
+                }
+            }),
+            &[("Name", "n"), ("A", "x"), ("B", "y")],
+        )
+        .importing(network.exports());
+        assert_eq!(
+            cluster.import_names(),
+            ["n-cidr".to_string(), "n-ids".to_string()].into()
+        );
+        assert_eq!(cluster.prop("Sg", "Cidr"), json!("10.0.0.0/16"));
+        assert_eq!(cluster.prop("Group", "Subnets"), json!(["a", "b"]));
+        assert_eq!(
+            cluster.dependencies("Group"),
+            ["Rule".to_string(), "Sg".to_string()].into()
+        );
+        assert_eq!(
+            cluster.dependency_closure("Group"),
+            ["Rule".to_string(), "Sg".to_string()].into()
+        );
+        assert!(cluster.rule_failures().is_empty());
+        let mut same = cluster.clone();
+        same.params.insert("B".into(), "x".into());
+        assert_eq!(
+            same.rule_failures(),
+            vec!["Differ: A and B differ".to_string()]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "Fn::ImportValue gone: no stack exports it")]
+    fn an_import_nobody_exports_is_refused() {
+        let s = Stack::new(json!({"Resources": {}}), &[]);
+        s.eval(&json!({"Fn::ImportValue": "gone"}));
+    }
 }
