@@ -126,16 +126,91 @@ pub enum Error {
     LockLost(Purpose),
     #[error("stopped (SIGTERM) before bootstrap finished; the next start resumes")]
     Stopped,
+    #[error("{step}: AWS kept throttling or failing {} {} beyond the SDK's attempts for {} ({bound}); last: {last}", call.service, call.operation, value::format_duration(*waited))]
+    AwsWeather {
+        step: &'static str,
+        /// The configuration key whose deadline ran out.
+        bound: &'static str,
+        waited: Duration,
+        call: retry::AwsCall,
+        last: String,
+    },
+}
+
+impl Error {
+    /// The AWS call behind a failure that is AWS weather (throttling, 5xx,
+    /// an attempt timeout or a dispatch failure after the SDK's attempts),
+    /// which a bootstrap step waits out within its deadline.
+    pub fn weather(&self) -> Option<retry::AwsCall> {
+        match self {
+            Error::Lock(e) => retry::lock_weather(e),
+            Error::Registry(e) => retry::registry_weather(e),
+            Error::JoinMaterial(e) => e.weather(),
+            _ => None,
+        }
+    }
 }
 
 impl Classify for Error {
     fn retry_class(&self) -> RetryClass {
         match self {
             Error::NotReady(_) | Error::StaleMaterial(_) => RetryClass::Transient,
+            e if e.weather().is_some() => RetryClass::Transient,
             _ => RetryClass::Permanent,
         }
     }
 }
+
+/// Which configured deadline bounds a bootstrap step's wait through AWS
+/// weather.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// `lock.acquire_timeout`: how long bootstrap waits for a lock, and so
+    /// for the cluster record it reads before and writes under one.
+    Lock,
+    /// `timeouts.join_material`: how long a joiner waits for usable material.
+    JoinMaterial,
+}
+
+impl Bound {
+    fn key(self) -> &'static str {
+        match self {
+            Bound::Lock => "lock.acquire_timeout",
+            Bound::JoinMaterial => "timeouts.join_material",
+        }
+    }
+}
+
+/// A step's error as [`retry::with_retries`] sees it: with `only_weather`,
+/// only AWS weather is worth another attempt (not a stale material or a
+/// cluster that is not ready, which the caller handles).
+struct StepError {
+    error: Error,
+    only_weather: bool,
+}
+
+impl Classify for StepError {
+    fn retry_class(&self) -> RetryClass {
+        if self.only_weather && self.error.weather().is_none() {
+            RetryClass::Permanent
+        } else {
+            self.error.retry_class()
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Pauses between attempts of a step waiting out AWS weather.
+const STEP_FIRST_DELAY: Duration = Duration::from_secs(1);
+const STEP_MAX_DELAY: Duration = Duration::from_secs(15);
+/// Attempts of one step: far more than its deadline allows at these pauses,
+/// so the deadline ends the wait; explicit all the same.
+const STEP_MAX_ATTEMPTS: usize = 10_000;
 
 impl Error {
     /// What the operator should check.
@@ -154,6 +229,12 @@ impl Error {
             Error::MaterialDeadline { .. } => "check the leader's daemon (journalctl -u kubeboot-daemon) and `kubeboot status`: is the cluster initialized, is a REFRESH request pending? systemd restarts bootstrap".into(),
             Error::LockLost(_) => "another node took over (this one was slow or paused); systemd restarts bootstrap".into(),
             Error::Stopped => "nothing if the stop was intended; the next start resets an unfinished kubeadm step and runs again".into(),
+            Error::AwsWeather { bound, call, .. } => format!(
+                "{} throttled or failed {} every time for longer than {bound}: look at the service's throttling and error metrics in CloudWatch \
+                 (for DynamoDB the table's ThrottledRequests and SystemErrors; for SSM and Secrets Manager the account's API rate quotas in Service Quotas) \
+                 and at other callers sharing them (many nodes booting at once); raise {bound} or aws.max_attempts to wait longer; systemd restarts bootstrap",
+                call.service, call.operation
+            ),
         }
     }
 }
@@ -169,6 +250,100 @@ pub struct Bootstrap<L: LockStore, R: RegistryStore> {
 }
 
 impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
+    fn bound(&self, bound: Bound) -> Duration {
+        match bound {
+            Bound::Lock => self.cfg.lock.acquire_timeout,
+            Bound::JoinMaterial => self.cfg.timeouts.join_material,
+        }
+    }
+
+    /// Runs one bootstrap step (a few AWS calls, e.g. "read the cluster
+    /// state") and, while it fails with AWS weather, runs it again with
+    /// backoff until `bound`'s deadline, from now: each such failure is
+    /// counted and logged at warn. Anything else ends the step at once.
+    /// The SDK's own retries stay inside each call; this is the step's wait.
+    async fn step<T, F, Fut>(&self, what: &'static str, bound: Bound, op: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let deadline = Instant::now() + self.bound(bound);
+        self.wait_through(what, bound, deadline, true, op, |_, _| None)
+            .await
+    }
+
+    /// [`Self::step`] with its deadline given, also retrying what
+    /// `only_weather = false` lets [`Error::retry_class`] retry; at the
+    /// deadline, AWS weather as the last failure gives
+    /// [`Error::AwsWeather`], anything else `on_deadline(waited, last)`.
+    async fn wait_through<T, F, Fut>(
+        &self,
+        what: &'static str,
+        bound: Bound,
+        deadline: Instant,
+        only_weather: bool,
+        mut op: F,
+        on_deadline: impl FnOnce(Duration, Option<String>) -> Option<Error>,
+    ) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let started = Instant::now();
+        let policy = WaitPolicy {
+            first_delay: STEP_FIRST_DELAY,
+            max_delay: STEP_MAX_DELAY,
+            max_attempts: STEP_MAX_ATTEMPTS,
+            deadline: Some(deadline.saturating_duration_since(started)),
+        };
+        let last_weather = std::sync::Mutex::new(None::<retry::AwsCall>);
+        let result = retry::with_retries(what, &policy, || {
+            let attempt = op();
+            let last_weather = &last_weather;
+            async move {
+                attempt.await.map_err(|error| {
+                    let call = error.weather();
+                    if let Some(call) = call {
+                        retry::note_weather(what, call, &error);
+                    }
+                    if let Ok(mut l) = last_weather.lock() {
+                        *l = call;
+                    }
+                    StepError {
+                        error,
+                        only_weather,
+                    }
+                })
+            }
+        })
+        .await;
+        match result {
+            Ok(v) => Ok(v),
+            Err(retry::RetryError::Failed(e)) => Err(e.error),
+            Err(retry::RetryError::Deadline { last, .. }) => {
+                let waited = started.elapsed();
+                let weather = last_weather.lock().ok().and_then(|l| *l);
+                match weather {
+                    Some(call) => Err(Error::AwsWeather {
+                        step: what,
+                        bound: bound.key(),
+                        waited,
+                        call,
+                        last: last.unwrap_or_else(|| "no answer".into()),
+                    }),
+                    None => Err(on_deadline(waited, last.clone()).unwrap_or_else(|| {
+                        Error::NotReady(format!(
+                            "{what}: no answer within {} ({}); last: {}",
+                            value::format_duration(waited),
+                            bound.key(),
+                            last.unwrap_or_else(|| "none".into())
+                        ))
+                    })),
+                }
+            }
+        }
+    }
+
     fn checkpoint_path(&self) -> PathBuf {
         self.cfg.paths.state_dir.join("bootstrap.json")
     }
@@ -266,7 +441,11 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             // A worker learns the generation when it looks for join material.
             Role::Worker => Path::WorkerJoin,
             Role::ControlPlane => {
-                let state = self.registry.state().await?;
+                let state = self
+                    .step("read the cluster state", Bound::Lock, || async {
+                        Ok(self.registry.state().await?)
+                    })
+                    .await?;
                 note_generation(&state);
                 match state.phase {
                     Phase::Initialized => Path::ControlPlaneJoin,
@@ -302,12 +481,17 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// members answer without it is it gone. Otherwise bootstrap fails and
     /// systemd retries later.
     async fn adopt_own_member(&self) -> Result<bool, Error> {
-        if self.registry.state().await?.phase != Phase::Initialized {
+        let state = self
+            .step("read the cluster state", Bound::Lock, || async {
+                Ok(self.registry.state().await?)
+            })
+            .await?;
+        if state.phase != Phase::Initialized {
             return Ok(false);
         }
         let settings = self.etcd_settings();
         let peer_url = settings.peer_url(&self.identity.private_ip);
-        let records = self.registry.members().await?;
+        let records = self.read_members().await?;
         let me = &self.identity.instance_id;
         let own_record = records
             .iter()
@@ -427,8 +611,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         let settings = self.etcd_settings();
         let peer_url = settings.peer_url(&self.identity.private_ip);
         let others: Vec<String> = self
-            .registry
-            .members()
+            .read_members()
             .await?
             .iter()
             .filter(|r| r.instance_id != self.identity.instance_id && r.peer_url != peer_url)
@@ -485,7 +668,18 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .acquire(Purpose::Init)
             .instrument(telemetry::phase("init-lock"))
             .await?;
-        let state = self.registry.state().await?;
+        let state = self
+            .step("read the cluster state", Bound::Lock, || async {
+                Ok(self.registry.state().await?)
+            })
+            .await;
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                let _ = guard.release().await;
+                return Err(e);
+            }
+        };
         if state.phase == Phase::Initialized {
             note_generation(&state);
             tracing::info!("another node initialized the cluster while we waited; joining instead");
@@ -495,7 +689,17 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
         let result = self.init(&guard, &state, checkpoint).await;
         match result {
-            Ok(()) => Ok(guard.release().await?),
+            Ok(()) => {
+                // The cluster is initialized: a release lost to AWS weather
+                // must not fail it (the lease runs out by itself).
+                if let Err(e) = guard.release().await {
+                    if retry::lock_weather(&e).is_none() {
+                        return Err(e.into());
+                    }
+                    tracing::warn!(error = %e, "could not release the init lock (AWS weather); it expires with its lease");
+                }
+                Ok(())
+            }
             Err(e) => {
                 let _ = guard.release().await;
                 Err(e)
@@ -517,17 +721,25 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             kubernetes_version: cfg.cluster.kubernetes_version.clone(),
             wall: SystemTime::now(),
         };
-        let generation = self.registry.begin_init(guard, state, &claim).await?;
+        let generation = self
+            .step("start a new generation", Bound::Lock, || async {
+                Ok(self.registry.begin_init(guard, state, &claim).await?)
+            })
+            .await?;
         telemetry::set_context(telemetry::ContextKey::InitRunId, checkpoint.run_id.clone());
         tracing::info!(generation, "starting a new cluster generation");
         crash_point("init:after-begin");
         // A new generation is a new etcd cluster: members recorded for an
         // abandoned generation are gone with it.
-        for stale in self.registry.members().await? {
+        for stale in self.read_members().await? {
             tracing::warn!(instance_id = %stale.instance_id, member_id = %format!("{:016x}", stale.member_id), "forgetting a member of an abandoned generation");
-            self.registry
-                .forget_member(guard, &stale.instance_id)
-                .await?;
+            self.step("forget a member record", Bound::Lock, || async {
+                Ok(self
+                    .registry
+                    .forget_member(guard, &stale.instance_id)
+                    .await?)
+            })
+            .await?;
         }
         let now = SystemTime::now();
         let token = join_material::generate_token();
@@ -568,15 +780,17 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             token_expires_at: now + join_material::TOKEN_TTL,
             certs_expire_at: Some(now + join_material::CERTS_TTL),
         };
-        self.join
-            .publish(&self.registry, guard, &material, SystemTime::now())
-            .await?;
+        self.publish(guard, &material).await?;
         crash_point("init:after-publish");
         self.confirm_and_record(guard).await?;
         crash_point("init:after-record");
-        self.registry
-            .mark_initialized(guard, generation, &checkpoint.run_id, SystemTime::now())
-            .await?;
+        self.step("mark the cluster initialized", Bound::Lock, || async {
+            Ok(self
+                .registry
+                .mark_initialized(guard, generation, &checkpoint.run_id, SystemTime::now())
+                .await?)
+        })
+        .await?;
         crash_point("init:after-mark");
         tracing::info!(generation, "cluster initialized");
         Ok(())
@@ -604,7 +818,10 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             peer_url,
             confirmed_at: SystemTime::now(),
         };
-        self.registry.record_member(guard, &record).await?;
+        self.step("record the etcd member", Bound::Lock, || async {
+            Ok(self.registry.record_member(guard, &record).await?)
+        })
+        .await?;
         tracing::info!(member_id = %member.hex_id(), "etcd member confirmed and recorded");
         Ok(())
     }
@@ -667,31 +884,74 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         )))
     }
 
-    /// [`Self::usable_material`], waited for until `deadline`.
+    /// [`Self::usable_material`], waited for until `deadline`, through a
+    /// cluster not initialized yet, stale material and AWS weather.
     async fn wait_material(
         &self,
         with_certs: bool,
         deadline: Instant,
     ) -> Result<JoinMaterial, Error> {
         let waited = self.cfg.timeouts.join_material;
-        let policy = WaitPolicy {
-            first_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(15),
-            max_attempts: 100_000,
-            deadline: Some(deadline.saturating_duration_since(Instant::now())),
-        };
-        retry::with_retries("wait for usable join material", &policy, || {
-            self.usable_material(with_certs)
-        })
+        self.wait_through(
+            "wait for usable join material",
+            Bound::JoinMaterial,
+            deadline,
+            false,
+            || self.usable_material(with_certs),
+            |_, last| {
+                Some(Error::MaterialDeadline {
+                    waited,
+                    last: last.unwrap_or_else(|| "no answer".into()),
+                })
+            },
+        )
         .instrument(telemetry::phase("wait-join-material"))
         .await
-        .map_err(|e| match e {
-            retry::RetryError::Failed(e) => e,
-            retry::RetryError::Deadline { last, .. } => Error::MaterialDeadline {
-                waited,
-                last: last.unwrap_or_else(|| "no answer".into()),
-            },
+    }
+
+    /// The member records, read through AWS weather.
+    async fn read_members(&self) -> Result<Vec<MemberRecord>, Error> {
+        self.step("read the member records", Bound::Lock, || async {
+            Ok(self.registry.members().await?)
         })
+        .await
+    }
+
+    /// Publishes the material of a new generation (init, under its lock),
+    /// each step waiting out AWS weather: the secret versions, then the
+    /// fenced pointer (from here every joiner uses it), then the SSM
+    /// discovery copy, whose weather does not hold the init up: the
+    /// leader's daemon writes it on its first turn
+    /// ([`JoinStore::ensure_discovery`]).
+    async fn publish(&self, guard: &Guard, material: &JoinMaterial) -> Result<(), Error> {
+        let previous = self
+            .step("read the join pointer", Bound::Lock, || async {
+                Ok(self.registry.join_pointer().await?)
+            })
+            .await?;
+        let pointer = self
+            .step("store the join material", Bound::Lock, || async {
+                Ok(self
+                    .join
+                    .stage(guard, material, previous.as_ref(), None, SystemTime::now())
+                    .await?)
+            })
+            .await?;
+        self.step("publish the join pointer", Bound::Lock, || async {
+            Ok(self
+                .join
+                .commit_pointer(&self.registry, guard, &pointer)
+                .await?)
+        })
+        .await?;
+        if let Err(e) = self.join.write_discovery(&self.registry, &pointer).await {
+            let Some(call) = e.weather() else {
+                return Err(e.into());
+            };
+            retry::note_weather("write the discovery parameters", call, &e);
+            tracing::warn!(error = %e, "the SSM discovery parameters are left to the leader's daemon (it writes them on its first turn)");
+        }
+        Ok(())
     }
 
     async fn control_plane_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
@@ -723,7 +983,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     ) -> Result<(), Error> {
         let settings = self.etcd_settings();
         let own_peer = settings.peer_url(&self.identity.private_ip);
-        let records = self.registry.members().await?;
+        let records = self.read_members().await?;
         let endpoints: Vec<String> = records
             .iter()
             .filter(|r| r.peer_url != own_peer)
@@ -732,7 +992,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         if endpoints.is_empty() {
             return Err(Error::NotReady("no recorded etcd member to join".into()));
         }
-        let material = self.usable_material(true).await?;
+        let material = self.usable_material_now().await?;
         let rendered = self.render_join(&material);
         let secrets = material.secrets();
         // From here kubeadm writes to this node: a crash must reset first.
@@ -761,7 +1021,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         // The prepare phases and the cleanup took time, and the join itself
         // downloads the uploaded certificates again: they must still be
         // there for it (else the wait for a refresh starts over).
-        let material = self.usable_material(true).await?;
+        let material = self.usable_material_now().await?;
         let rendered = self.render_join(&material);
         let secrets = material.secrets();
         self.guarded(guard, async {
@@ -773,6 +1033,15 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         self.confirm_and_record(guard).await?;
         crash_point("join:after-record");
         Ok(())
+    }
+
+    /// A control plane's [`Self::usable_material`] under the membership
+    /// lock: AWS weather is waited out, stale material is the caller's.
+    async fn usable_material_now(&self) -> Result<JoinMaterial, Error> {
+        self.step("read the join material", Bound::JoinMaterial, || {
+            self.usable_material(true)
+        })
+        .await
     }
 
     /// The JoinConfiguration for `material` (a control plane's when it

@@ -217,6 +217,9 @@ catalogue! {
     BOOT_STOPPED = "KB-BOOT-004", "bootstrap was stopped before it finished",
         cause: "SIGTERM or SIGINT reached `kubeboot bootstrap` (`systemctl stop`, a shutdown) while it waited for a lock, join material or etcd (abandoned at once), or a stopped kubeadm step did not end within 20 s.",
         check: "Nothing when the stop was intended: the next start resumes from the checkpoint (an unfinished kubeadm step is reset first); locks it held expire after their lease.";
+    BOOT_AWS_WEATHER = "KB-BOOT-005", "AWS kept throttling or failing past a bootstrap step's deadline",
+        cause: "A bootstrap step (reading the cluster record, a fenced write under a lock, storing or reading join material) kept meeting throttling, 5xx answers, attempt timeouts or connection failures after the SDK's attempts for longer than its deadline (lock.acquire_timeout, or timeouts.join_material for join material). Each such call was counted as AwsCallsExhausted (Service, Operation) while the step waited. Usually many nodes booting at once against a table or API rate quota, or a regional service event.",
+        check: "The message names the service, operation and deadline. CloudWatch: the AwsCallsExhausted metric, the table's ThrottledRequests and SystemErrors, the account's API quotas in Service Quotas, the AWS Health Dashboard. Raise the deadline or aws.max_attempts to wait longer; systemd restarts bootstrap.";
 
     MEMBER_NOT_A_MEMBER = "KB-MEMBER-001", "the member is not in etcd's member list",
         cause: "The member to remove is not (or no longer) a member: already removed, or the id is wrong.",
@@ -529,6 +532,7 @@ impl Coded for bootstrap::Error {
             E::StaleMaterial(_) | E::MaterialDeadline { .. } => &BOOT_NO_MATERIAL,
             E::LockLost(_) => &LOCK_LOST,
             E::Stopped => &BOOT_STOPPED,
+            E::AwsWeather { .. } => &BOOT_AWS_WEATHER,
         }
     }
 }

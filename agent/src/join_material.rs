@@ -134,6 +134,33 @@ pub enum Error {
 }
 
 impl Error {
+    /// The AWS call behind a failure that is AWS weather (throttling, 5xx,
+    /// timeouts after the SDK's attempts): what a waiting step counts.
+    pub fn weather(&self) -> Option<crate::retry::AwsCall> {
+        use crate::retry::AwsCall;
+        match self {
+            Error::SecretsManager {
+                operation,
+                class: RetryClass::Transient,
+                ..
+            } => Some(AwsCall {
+                service: "SecretsManager",
+                operation,
+            }),
+            Error::Ssm {
+                operation,
+                class: RetryClass::Transient,
+                ..
+            } => Some(AwsCall {
+                service: "SSM",
+                operation,
+            }),
+            Error::Lock(e) => crate::retry::lock_weather(e),
+            Error::Registry(e) => crate::retry::registry_weather(e),
+            _ => None,
+        }
+    }
+
     /// What the operator should check.
     pub fn hint(&self) -> String {
         match self {
@@ -175,6 +202,7 @@ impl Classify for Error {
     fn retry_class(&self) -> RetryClass {
         match self {
             Error::SecretsManager { class, .. } | Error::Ssm { class, .. } => *class,
+            e if e.weather().is_some() => RetryClass::Transient,
             _ => RetryClass::Permanent,
         }
     }
@@ -698,6 +726,11 @@ pub struct JoinStore {
     secret_name: String,
     key_secret_name: String,
     ssm_prefix: String,
+    /// The publication (`seq`) whose discovery values this store last wrote
+    /// to SSM, so that the leader's next turn writes them again after a
+    /// failed write, after a restart and after a change of leader
+    /// ([`JoinStore::ensure_discovery`]); shared by clones.
+    discovery_written: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 /// Which of the two secrets a call is about.
@@ -716,7 +749,19 @@ impl JoinStore {
         key_secret_name: impl Into<String>,
         ssm_prefix: impl Into<String>,
     ) -> Self {
+        // SSM answers `TooManyUpdates` to a parameter updated in quick
+        // succession, which the SDK's default classifiers do not retry: let
+        // the SDK's own retry strategy treat it as throttling.
+        let ssm = aws_sdk_ssm::Client::from_conf(
+            aws_sdk_ssm::Client::config(&ssm)
+                .to_builder()
+                .retry_classifier(crate::retry::ThrottlingCodes::<
+                    aws_sdk_ssm::operation::put_parameter::PutParameterError,
+                >::new(crate::retry::SSM_THROTTLING_CODES))
+                .build(),
+        );
         JoinStore {
+            discovery_written: Default::default(),
             secrets,
             ssm,
             secret_name: secret_name.into(),
@@ -819,17 +864,29 @@ impl JoinStore {
     /// Makes a staged `pointer` current:
     ///
     /// 1. the registry's join pointer, a FENCED compare-and-swap from
-    ///    publication `seq - 1`: only now do readers see the new versions;
-    /// 2. then the SSM discovery parameters (not secret, unfenced: SSM has
-    ///    no conditional write). Written only after the fenced pointer, so a
-    ///    publisher that lost its lock never reaches them; and read back
-    ///    against the pointer afterwards, so that of two publishers racing
-    ///    here the values of the current pointer are the ones left.
+    ///    publication `seq - 1`: only now do readers see the new versions
+    ///    ([`Self::commit_pointer`]);
+    /// 2. then the SSM discovery parameters ([`Self::write_discovery`]).
     ///
     /// A publisher refused at 1 leaves orphan secret versions — possibly even
     /// labelled `AWSCURRENT` — that nobody reads, because readers follow the
-    /// pointer, never the label.
+    /// pointer, never the label. A publisher that fails at 2 (SSM still
+    /// throttling after the SDK's attempts) leaves the publication complete
+    /// for every joiner — secrets, pointer and, on a refresh, the token in
+    /// the cluster agree — and only the discovery copy behind: the leader's
+    /// next turn writes it ([`Self::ensure_discovery`]).
     pub async fn commit<S: RegistryStore>(
+        &self,
+        registry: &Registry<S>,
+        guard: &Guard,
+        pointer: &JoinPointer,
+    ) -> Result<(), Error> {
+        self.commit_pointer(registry, guard, pointer).await?;
+        self.write_discovery(registry, pointer).await
+    }
+
+    /// Step 1 of [`Self::commit`]: the fenced pointer.
+    pub async fn commit_pointer<S: RegistryStore>(
         &self,
         registry: &Registry<S>,
         guard: &Guard,
@@ -844,6 +901,20 @@ impl JoinStore {
             certs_expire_at_ms = pointer.certs_expire_at.map(epoch_ms),
             "join material published"
         );
+        Ok(())
+    }
+
+    /// Step 2 of [`Self::commit`]: the SSM discovery parameters (not secret,
+    /// unfenced: SSM has no conditional write), written only after the
+    /// fenced pointer, so a publisher that lost its lock never reaches them;
+    /// and read back against the pointer afterwards, so that of two
+    /// publishers racing here the values of the current pointer are the
+    /// ones left.
+    pub async fn write_discovery<S: RegistryStore>(
+        &self,
+        registry: &Registry<S>,
+        pointer: &JoinPointer,
+    ) -> Result<(), Error> {
         self.put_discovery(pointer).await?;
         if let Some(current) = registry.join_pointer().await? {
             if current.seq != pointer.seq {
@@ -858,10 +929,50 @@ impl JoinStore {
         Ok(())
     }
 
+    /// The leader's repair, every turn: writes the discovery values of
+    /// `pointer` (the current publication) unless this store already wrote
+    /// them. So a publish that stopped after the pointer (SSM throttled),
+    /// a restarted daemon and a new leader each write them once, and
+    /// nothing is written turn after turn (which would itself provoke
+    /// `TooManyUpdates`). Returns whether it wrote.
+    pub async fn ensure_discovery<S: RegistryStore>(
+        &self,
+        registry: &Registry<S>,
+        pointer: &JoinPointer,
+    ) -> Result<bool, Error> {
+        if self.written_seq() == Some(pointer.seq) {
+            return Ok(false);
+        }
+        tracing::info!(
+            seq = pointer.seq,
+            "writing the discovery parameters of the current join material"
+        );
+        self.write_discovery(registry, pointer).await?;
+        Ok(true)
+    }
+
+    fn written_seq(&self) -> Option<u64> {
+        *self
+            .discovery_written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_written_seq(&self, seq: Option<u64>) {
+        *self
+            .discovery_written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = seq;
+    }
+
     async fn put_discovery(&self, pointer: &JoinPointer) -> Result<(), Error> {
+        // Forget first: a write that fails half-way must be done again.
+        self.set_written_seq(None);
         self.put_parameter(SSM_ENDPOINT, &pointer.endpoint).await?;
         self.put_parameter(SSM_CA_CERT_HASHES, &pointer.ca_cert_hashes.join(","))
-            .await
+            .await?;
+        self.set_written_seq(Some(pointer.seq));
+        Ok(())
     }
 
     /// The current material with its certificate key (a control plane's

@@ -89,6 +89,7 @@ catalogue! {
     PHASE_DURATION = "PhaseDuration", Milliseconds, ["Phase"], "Wall time of one named phase (bootstrap steps and daemon tasks).";
     LOCK_WAIT = "LockWait", Milliseconds, ["Purpose"], "Time from asking for a lock to holding it.";
     RETRIES = "Retries", Count, ["Kind"], "Retried attempts: Kind aws (inside the SDK) or wait (application waits).";
+    AWS_CALLS_EXHAUSTED = "AwsCallsExhausted", Count, ["Service", "Operation"], "AWS calls that were still throttled or failing (5xx, timeout) after the SDK's attempts while a bootstrap step waited on within its deadline; Service DynamoDB, SecretsManager or SSM.";
     ETCD_MEMBERS = "EtcdMembers", Count, [], "etcd members, voters and learners.";
     ETCD_VOTERS = "EtcdVoters", Count, [], "etcd voting members.";
     ETCD_LEARNERS = "EtcdLearners", Count, [], "etcd learners (a join in progress, or an orphan).";

@@ -152,6 +152,12 @@ pub async fn run_once<S: RegistryStore>(
     if let Ok(age) = SystemTime::now().duration_since(pointer.published_at) {
         crate::metrics::record(crate::metrics::JOIN_MATERIAL_AGE, age.as_secs_f64(), &[]);
     }
+    // A publish that stopped after its pointer (SSM still throttling after
+    // the SDK's attempts), a restart or a new leader: the discovery copy is
+    // written again here, once. Its failure does not hold the refresh up.
+    if let Err(e) = join.ensure_discovery(registry, &pointer).await {
+        tracing::warn!(code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "cannot write the SSM discovery parameters; tried again next turn");
+    }
     let material = match join.read(&pointer).await {
         Ok(material) => material,
         Err(e) if older_format(&e) => {

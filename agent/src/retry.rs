@@ -160,7 +160,11 @@ pub fn classify_sdk_error<E: ProvideErrorMetadata>(err: &SdkError<E, HttpRespons
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or_default();
             let status = service.raw().status().as_u16();
-            if TRANSIENT_CODES.contains(&code) || status == 429 || status >= 500 {
+            if TRANSIENT_CODES.contains(&code)
+                || SSM_THROTTLING_CODES.contains(&code)
+                || status == 429
+                || status >= 500
+            {
                 RetryClass::Transient
             } else {
                 RetryClass::Permanent
@@ -168,6 +172,120 @@ pub fn classify_sdk_error<E: ProvideErrorMetadata>(err: &SdkError<E, HttpRespons
         }
         _ => RetryClass::Permanent,
     }
+}
+
+/// Error codes that SSM answers for "one update at a time" on the same
+/// resource and that the SDK's default classifiers do not retry: the
+/// AWS SDKs' throttling list (aws-runtime `THROTTLING_ERRORS`) lacks them.
+/// `TooManyUpdates` is PutParameter's (HTTP 400, `__type` `TooManyUpdates`:
+/// "There are concurrent updates for a resource that supports one update
+/// at a time", SSM API reference, PutParameter, Errors). It is throttling in
+/// substance: the same request succeeds a moment later.
+pub const SSM_THROTTLING_CODES: &[&str] = &["TooManyUpdates"];
+
+/// An SDK retry classifier that marks the modeled error codes `codes` of
+/// operation error `E` as throttling, so the SDK's own retry strategy
+/// (attempts and backoff from `[aws]`) retries them like any throttling
+/// error. Attached to a client's config, never wrapped around a call.
+pub struct ThrottlingCodes<E> {
+    codes: &'static [&'static str],
+    _error: std::marker::PhantomData<fn() -> E>,
+}
+
+impl<E> ThrottlingCodes<E> {
+    pub fn new(codes: &'static [&'static str]) -> Self {
+        ThrottlingCodes {
+            codes,
+            _error: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<E> std::fmt::Debug for ThrottlingCodes<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThrottlingCodes")
+            .field("codes", &self.codes)
+            .finish()
+    }
+}
+
+impl<E> aws_smithy_runtime_api::client::retries::classifiers::ClassifyRetry for ThrottlingCodes<E>
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+{
+    fn classify_retry(
+        &self,
+        ctx: &aws_smithy_runtime_api::client::interceptors::context::InterceptorContext,
+    ) -> aws_smithy_runtime_api::client::retries::classifiers::RetryAction {
+        use aws_smithy_runtime_api::client::retries::classifiers::RetryAction;
+        let code = match ctx.output_or_error() {
+            Some(Err(err)) => err
+                .as_operation_error()
+                .and_then(|e| e.downcast_ref::<E>())
+                .and_then(|e| e.code()),
+            _ => None,
+        };
+        match code {
+            Some(code) if self.codes.contains(&code) => RetryAction::throttling_error(),
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "kubeboot throttling codes"
+    }
+}
+
+/// The AWS service and operation an error came from, for a caller that
+/// waits out AWS weather at its step and counts it
+/// ([`crate::metrics::AWS_CALLS_EXHAUSTED`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwsCall {
+    pub service: &'static str,
+    pub operation: &'static str,
+}
+
+/// A DynamoDB store call that failed as weather (throttled, 5xx, or no
+/// answer and no read-back) rather than for good.
+pub fn dynamodb_weather(e: &crate::lock::StoreError) -> Option<AwsCall> {
+    (e.class != crate::lock::StoreErrorClass::Permanent).then_some(AwsCall {
+        service: "DynamoDB",
+        operation: e.operation,
+    })
+}
+
+/// The weather behind a lock error, if that is what it is.
+pub fn lock_weather(e: &crate::lock::Error) -> Option<AwsCall> {
+    match e {
+        crate::lock::Error::Store { source, .. } => dynamodb_weather(source),
+        _ => None,
+    }
+}
+
+/// The weather behind a registry error, if that is what it is.
+pub fn registry_weather(e: &crate::registry::Error) -> Option<AwsCall> {
+    match e {
+        crate::registry::Error::Store { source, .. } => dynamodb_weather(source),
+        crate::registry::Error::NotHeld(e) => lock_weather(e),
+        _ => None,
+    }
+}
+
+/// Counts and logs (warn) one AWS call whose SDK retries gave up on
+/// throttling, 5xx, a timeout or a dispatch failure, while `step` waits on.
+pub fn note_weather(step: &str, call: AwsCall, error: &dyn Display) {
+    tracing::warn!(
+        step,
+        service = call.service,
+        operation = call.operation,
+        error = %error,
+        "AWS is throttling or failing (the SDK's attempts are spent); waiting and trying the step again"
+    );
+    crate::metrics::record(
+        crate::metrics::AWS_CALLS_EXHAUSTED,
+        1.0,
+        &[("Service", call.service), ("Operation", call.operation)],
+    );
 }
 
 /// Whether an AWS call may have taken effect although we saw no answer: the
@@ -216,6 +334,10 @@ mod tests {
         );
         assert_eq!(
             classify_sdk_error(&service("Whatever", 503)),
+            RetryClass::Transient
+        );
+        assert_eq!(
+            classify_sdk_error(&service("TooManyUpdates", 400)),
             RetryClass::Transient
         );
         assert_eq!(
