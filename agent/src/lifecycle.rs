@@ -87,7 +87,7 @@ impl Error {
         match self {
             Error::Message { .. } => "the queue should only receive the ASG lifecycle hook's messages (EventBridge rule or hook target); the message is deleted".into(),
             Error::AutoScaling { .. } => "check the instance role may call autoscaling:DescribeAutoScalingInstances, CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
-            Error::NotTerminating { .. } => "a stale or forged notice: only EventBridge and the cluster's own nodes may send to the queue; if it was not an old duplicate, check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
+            Error::NotTerminating { .. } => "a stale or forged notice: Auto Scaling did not confirm it within AWS's longest hook heartbeat timeout (2 h) after SQS received the message (until then the notice is kept and looked at again, since Auto Scaling may report a termination after its notice arrives); only EventBridge and the cluster's own nodes may send to the queue; if it was not an old duplicate, check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
             Error::NotInGroup { .. } => "EC2 runs this instance outside every group: a forged notice; check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
             Error::MembershipUnknown { .. } => "no recorded etcd member answers: check the control planes' etcd (`kubeboot status`); the instance is neither drained as a worker nor removed as a control plane until etcd answers, the message comes back after its visibility timeout, and the ASG applies the hook's default result at its heartbeat timeout".into(),
             Error::Sqs { .. } => "check aws.lifecycle_queue_url and that the role may receive and delete messages on it".into(),
@@ -279,6 +279,18 @@ impl Hooks {
     }
 }
 
+/// AWS's largest `HeartbeatTimeout` for a lifecycle hook (30 to 7200 s,
+/// Auto Scaling API Reference, PutLifecycleHook): how long after SQS
+/// received it an unconfirmed notice is kept, whatever the hook's own
+/// timeout (infra/ sets 900 s; the instance role may not read it). A test
+/// build shortens it with `KBTEST_HOOK_HEARTBEAT_TIMEOUT_MS`.
+pub const MAX_HOOK_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(7200);
+
+fn hook_heartbeat_timeout() -> Duration {
+    crate::failpoint::duration_override("HOOK_HEARTBEAT_TIMEOUT_MS")
+        .unwrap_or(MAX_HOOK_HEARTBEAT_TIMEOUT)
+}
+
 /// Which group holds an instance and in which lifecycle state, as Auto
 /// Scaling reports it (`InService`, `Terminating:Wait`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,27 +299,82 @@ pub struct Placement {
     pub state: String,
 }
 
+/// What Auto Scaling's view makes of a termination notice.
+#[derive(Debug)]
+pub enum Verdict {
+    /// `Terminating`, `Terminating:Wait` or `Terminating:Proceed` in the
+    /// group the notice names: acted on.
+    Confirmed,
+    /// Held by that group in another state (`InService`, `Pending*`,
+    /// `Standby`, ...): not yet. A real notice can arrive before
+    /// DescribeAutoScalingInstances reports the termination, so the notice
+    /// is kept and looked at again until the hook's timeout; only then is
+    /// it refused (stale or forged). Never acted on before it is confirmed.
+    NotYet(Error),
+    /// No group holds the instance: the caller asks EC2 ([`Ec2`]) whether
+    /// it is gone (cleaned up after) or running (a forged notice, refused).
+    NotInGroup(Error),
+    /// Another group holds it: no action of the named group can exist.
+    Refused(Error),
+}
+
 /// Whether a queued termination may be acted on: the queue accepts messages
 /// from any node of the cluster, so a message alone is not proof. Auto
 /// Scaling must have the instance terminating in the group the message
-/// names. An instance no group holds is refused here too; the caller then
-/// asks EC2 ([`gone`]): an instance already terminated (a notice read after
-/// the hook's timeout) is cleaned up after, a live one (a forged notice) is
-/// refused.
-pub fn vet(action: &Action, seen: Option<&Placement>) -> Result<(), Error> {
+/// names (see [`Verdict`]).
+pub fn vet(action: &Action, seen: Option<&Placement>) -> Verdict {
+    let not_terminating = |p: &Placement| Error::NotTerminating {
+        instance_id: action.instance_id.clone(),
+        claimed_asg: action.asg.clone(),
+        asg: p.asg.clone(),
+        state: p.state.clone(),
+    };
     match seen {
-        None => Err(Error::NotInGroup {
+        None => Verdict::NotInGroup(Error::NotInGroup {
             instance_id: action.instance_id.clone(),
             claimed_asg: action.asg.clone(),
         }),
-        Some(p) if p.asg == action.asg && p.state.starts_with("Terminating") => Ok(()),
-        Some(p) => Err(Error::NotTerminating {
-            instance_id: action.instance_id.clone(),
-            claimed_asg: action.asg.clone(),
-            asg: p.asg.clone(),
-            state: p.state.clone(),
-        }),
+        Some(p) if p.asg != action.asg => Verdict::Refused(not_terminating(p)),
+        Some(p) if is_terminating(&p.state) => Verdict::Confirmed,
+        Some(p) => Verdict::NotYet(not_terminating(p)),
     }
+}
+
+/// `Terminating`, `Terminating:Wait`, `Terminating:Proceed` (not
+/// `Terminated`, nor a warm pool's `Warmed:Terminating*`).
+fn is_terminating(state: &str) -> bool {
+    state == "Terminating" || state.starts_with("Terminating:")
+}
+
+/// When an unconfirmed notice stops being kept: SQS's own receipt time of
+/// the message (which the sender cannot forge, and which is never before
+/// the real notice's) plus the hook's heartbeat timeout plus `margin` (for
+/// clocks). Without a receipt time, `None`: the notice is refused at once.
+pub fn notice_deadline(
+    sent: Option<std::time::SystemTime>,
+    hook_timeout: Duration,
+    margin: Duration,
+) -> Option<std::time::SystemTime> {
+    sent.map(|t| t + hook_timeout + margin)
+}
+
+/// How long an unconfirmed notice stays hidden before it is looked at
+/// again: `every` after its first receipt, three times longer with each
+/// further receipt (so
+/// a notice kept for the hook's whole timeout is received a handful of
+/// times, well within a redrive policy's maxReceiveCount), never past
+/// `deadline`, at least one second.
+pub fn deferral(
+    receives: u32,
+    every: Duration,
+    now: std::time::SystemTime,
+    deadline: std::time::SystemTime,
+) -> Duration {
+    let grown = every.saturating_mul(3u32.saturating_pow(receives.saturating_sub(1).min(12)));
+    let left = deadline.duration_since(now).unwrap_or(Duration::ZERO);
+    grown
+        .min(left + Duration::from_secs(1))
+        .clamp(Duration::from_secs(1), Duration::from_secs(43_200))
 }
 
 /// AWS's answer to completing an action that is no longer pending.
@@ -328,6 +395,10 @@ fn no_active_action<E: aws_sdk_autoscaling::error::ProvideErrorMetadata>(
 pub struct Received {
     pub receipt: String,
     pub body: String,
+    /// When SQS received the message (`SentTimestamp`), if it said.
+    pub sent: Option<std::time::SystemTime>,
+    /// How often it was received, this time included (`ApproximateReceiveCount`).
+    pub receives: u32,
 }
 
 /// The lifecycle queue.
@@ -363,6 +434,12 @@ impl Queue {
             .max_number_of_messages(max.clamp(1, 10) as i32)
             .visibility_timeout(visibility.as_secs().clamp(1, 43_200) as i32)
             .wait_time_seconds(0)
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp,
+            )
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+            )
             .send()
             .await
             .map_err(|e| Error::Sqs {
@@ -374,9 +451,17 @@ impl Queue {
             .messages()
             .iter()
             .filter_map(|m| {
+                use aws_sdk_sqs::types::MessageSystemAttributeName as A;
+                let attribute = |a: A| m.attributes().and_then(|all| all.get(&a));
                 Some(Received {
                     receipt: m.receipt_handle()?.to_string(),
                     body: m.body()?.to_string(),
+                    sent: attribute(A::SentTimestamp)
+                        .and_then(|ms| ms.parse::<u64>().ok())
+                        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+                    receives: attribute(A::ApproximateReceiveCount)
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(1),
                 })
             })
             .collect())
@@ -1039,13 +1124,17 @@ async fn handle_message<L: LockStore, R: RegistryStore>(
             return handle_unplaced(cfg, queue, registry, locker, ec2, action, message, limits)
                 .await
         }
-        Ok(Some(seen)) => {
-            if let Err(e) = vet(action, Some(&seen)) {
+        Ok(Some(seen)) => match vet(action, Some(&seen)) {
+            Verdict::Confirmed => {}
+            Verdict::NotYet(e) => {
+                return defer_or_refuse(cfg, queue, action, message, e).await;
+            }
+            Verdict::Refused(e) | Verdict::NotInGroup(e) => {
                 tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle message refused and deleted");
                 queue.delete(&message.receipt).await?;
                 return Ok(None);
             }
-        }
+        },
         Err(e) => {
             tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "cannot check the termination with Auto Scaling; the message comes back");
             return Ok(None);
@@ -1068,6 +1157,49 @@ async fn handle_message<L: LockStore, R: RegistryStore>(
             Ok(None)
         }
     }
+}
+
+/// A notice Auto Scaling does not confirm (yet): kept on the queue, hidden
+/// for a while ([`deferral`]), until its [`notice_deadline`]; refused and
+/// deleted after it. Nothing is removed or drained for it meanwhile, and its
+/// action is not heartbeated (it may not exist).
+async fn defer_or_refuse(
+    cfg: &Config,
+    queue: &Queue,
+    action: &Action,
+    message: &Received,
+    refusal: Error,
+) -> Result<Option<Report>, Error> {
+    let now = std::time::SystemTime::now();
+    let deadline = notice_deadline(
+        message.sent,
+        hook_heartbeat_timeout(),
+        cfg.daemon.lifecycle_heartbeat,
+    )
+    .filter(|d| now < *d);
+    let Some(deadline) = deadline else {
+        tracing::warn!(code = refusal.code(), error = %refusal, hint = %refusal.hint(), "lifecycle message refused and deleted");
+        queue.delete(&message.receipt).await?;
+        return Ok(None);
+    };
+    let hidden = deferral(
+        message.receives,
+        cfg.daemon.lifecycle_heartbeat,
+        now,
+        deadline,
+    );
+    queue.extend(&message.receipt, hidden).await?;
+    let until = deadline.duration_since(now).unwrap_or(Duration::ZERO);
+    tracing::info!(
+        instance_id = %action.instance_id,
+        asg = %action.asg,
+        error = %refusal,
+        receives = message.receives,
+        next_look_s = hidden.as_secs(),
+        kept_for_s = until.as_secs(),
+        "termination notice not confirmed by Auto Scaling yet; kept and looked at again"
+    );
+    Ok(None)
 }
 
 /// A notice for an instance no Auto Scaling group holds: cleaned up after
@@ -1158,19 +1290,74 @@ mod tests {
     #[test]
     fn a_notice_is_acted_on_only_while_auto_scaling_terminates_the_instance_in_its_group() {
         let a = action();
-        assert!(vet(&a, Some(&at("prod-a-control-plane", "Terminating:Wait"))).is_ok());
-        assert!(vet(&a, Some(&at("prod-a-control-plane", "Terminating:Proceed"))).is_ok());
-        let err = vet(&a, None).expect_err("no group holds it");
+        for state in ["Terminating", "Terminating:Wait", "Terminating:Proceed"] {
+            assert!(
+                matches!(
+                    vet(&a, Some(&at("prod-a-control-plane", state))),
+                    Verdict::Confirmed
+                ),
+                "{state}"
+            );
+        }
+        let Verdict::NotInGroup(err) = vet(&a, None) else {
+            panic!("no group holds it")
+        };
         assert_eq!(err.code(), "KB-LIFE-005", "{err}");
-        for (asg, state) in [
-            ("prod-a-control-plane", "InService"),
-            ("prod-a-control-plane", "Standby"),
-            ("prod-a-workers", "Terminating:Wait"),
+        // Not yet: kept until the hook's timeout, then refused.
+        for state in [
+            "InService",
+            "Pending",
+            "Pending:Wait",
+            "Pending:Proceed",
+            "Standby",
+            "Terminated",
+            "Warmed:Terminating:Wait",
         ] {
-            let err = vet(&a, Some(&at(asg, state))).expect_err(state);
+            let Verdict::NotYet(err) = vet(&a, Some(&at("prod-a-control-plane", state))) else {
+                panic!("{state} is not a confirmation")
+            };
             assert_eq!(err.code(), "KB-LIFE-004", "{err}");
             assert!(err.to_string().contains(state), "{err}");
         }
+        // Another group's instance: never this group's action.
+        let Verdict::Refused(err) = vet(&a, Some(&at("prod-a-workers", "Terminating:Wait"))) else {
+            panic!("another group")
+        };
+        assert_eq!(err.code(), "KB-LIFE-004", "{err}");
+    }
+
+    #[test]
+    fn an_unconfirmed_notice_is_kept_until_the_hooks_timeout_and_looked_at_ever_less_often() {
+        use std::time::UNIX_EPOCH;
+        let sent = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hook = Duration::from_secs(900);
+        let margin = Duration::from_secs(60);
+        let deadline = notice_deadline(Some(sent), hook, margin).expect("deadline");
+        assert_eq!(deadline, sent + Duration::from_secs(960));
+        assert_eq!(notice_deadline(None, hook, margin), None);
+        let every = Duration::from_secs(60);
+        let mut now = sent;
+        let mut receives = 0;
+        while now < deadline {
+            receives += 1;
+            now += deferral(receives, every, now, deadline);
+        }
+        // 60 + 180 + 540 + 180 (cut to the deadline, plus a second).
+        assert_eq!(receives, 4);
+        assert!(now <= deadline + Duration::from_secs(1), "{now:?}");
+        // Within the lifecycle queue's redrive policy (maxReceiveCount 10)
+        // even for AWS's largest hook timeout at the shortest heartbeat.
+        let deadline = notice_deadline(Some(sent), MAX_HOOK_HEARTBEAT_TIMEOUT, margin).unwrap();
+        let (mut now, mut receives) = (sent, 0);
+        while now < deadline {
+            receives += 1;
+            now += deferral(receives, Duration::from_secs(10), now, deadline);
+        }
+        assert!(receives < 10, "{receives}");
+        assert_eq!(
+            deferral(1, every, deadline, deadline),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
