@@ -327,15 +327,11 @@ fn expected_resources(
             .collect(),
         Resource::SecretsKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["SecretsKey", "Arn"]})))]),
         Resource::AnyInstance => set(&["*".to_string()]),
-        // Kinds newer than this match (the stack a control plane signals)
-        // are told apart by name, so this file compiles with and without them.
-        #[allow(unreachable_patterns)]
-        other if format!("{other:?}") == "Stack" => set(&[format!(
+        // The stack a control plane signals (its own, by name).
+        Resource::Stack => set(&[format!(
             "arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{}/*",
             scalar(&s.eval(&json!({"Ref": "AWS::StackName"})))
         )]),
-        #[allow(unreachable_patterns)]
-        other => panic!("infra.rs does not know where {other:?} is"),
     }
 }
 
@@ -394,13 +390,9 @@ fn iam_problems(s: &Stack) -> Vec<String> {
                 Resource::AutoScalingGroups,
                 Resource::SecretsKey,
                 Resource::AnyInstance,
+                Resource::Stack,
             ]
             .into_iter()
-            .chain(
-                iam::grants(Role::ControlPlane)
-                    .into_iter()
-                    .map(|g| g.resource),
-            )
             .find(|k| format!("{k:?}") == sid);
             let Some(kind) = kind else {
                 p.push(format!(
@@ -554,6 +546,32 @@ fn user_data_problems(s: &Stack) -> Vec<String> {
             cfg.aws.backup_bucket.as_deref().unwrap_or(""),
             &scalar(&s.eval(&json!({"Ref": "BackupBucket"}))),
         );
+        // Control planes signal the group's CreationPolicy/UpdatePolicy
+        // (stack, logical id); workers do not.
+        let (want_stack, want_resource) = match role {
+            Role::ControlPlane => (
+                scalar(&s.eval(&json!({"Ref": "AWS::StackName"}))),
+                "ControlPlaneGroup".to_string(),
+            ),
+            Role::Worker => (String::new(), String::new()),
+        };
+        expect(
+            "aws.cloudformation_stack",
+            cfg.aws.cloudformation_stack.as_deref().unwrap_or(""),
+            &want_stack,
+        );
+        expect(
+            "aws.cloudformation_resource",
+            cfg.aws.cloudformation_resource.as_deref().unwrap_or(""),
+            &want_resource,
+        );
+        if role == Role::ControlPlane
+            && s.resource(&want_resource)["CreationPolicy"]["ResourceSignal"].is_null()
+        {
+            p.push(format!(
+                "{want_resource}, which control planes signal, waits for no signal"
+            ));
+        }
         let data = s.prop(launch_template(role), "LaunchTemplateData");
         let md = &data["MetadataOptions"];
         if md["HttpTokens"] != "required" {
