@@ -15,7 +15,8 @@
 //!   outside its AllowedValues;
 //! - a create without a value for a parameter that has no Default ("Parameters:
 //!   [X] must have values"); an update keeps the previous values of the
-//!   parameters it does not name (`deploy` passes UsePreviousValue);
+//!   parameters it does not name (`deploy` passes UsePreviousValue for them,
+//!   and a parameter new to the template takes its Default: aws/aws-cli#2599);
 //! - IAM resources without `--capabilities CAPABILITY_IAM`, or IAM resources
 //!   with custom names without `CAPABILITY_NAMED_IAM` (InsufficientCapabilities);
 //! - a template Rule whose assertion fails;
