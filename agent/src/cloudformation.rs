@@ -5,10 +5,17 @@
 //! at a time and waits for a SUCCESS signal from the replacement before the
 //! next old one goes. That signal is this node's word that its etcd member
 //! is started, voting, healthy and recorded (I2) — so it is sent only after
-//! `kubeboot bootstrap` succeeded, never before, and again by every later
-//! start that finds bootstrap done (a restart after a lost signal signals
-//! again while the update still waits; outside an update CloudFormation
-//! answers that no signal is expected, which is logged at info).
+//! `kubeboot bootstrap` succeeded, never before.
+//!
+//! **Once per node.** CloudFormation counts any SUCCESS it receives for the
+//! group while an update waits, whoever sends it: an *old* control plane
+//! that rebooted during the update would count as the replacement and let
+//! the next old one go before the new member exists. So a node signals
+//! until CloudFormation has answered once (taken, or "no signal expected"
+//! outside a create or update, logged at info), records that answer in
+//! `<paths.state_dir>/stack-signal.json`, and never signals that stack and
+//! resource again; a signal that failed (refused, unanswered, stopped) is
+//! sent again by the next start.
 //!
 //! **Never FAILURE.** A failed bootstrap sends nothing. Most bootstrap
 //! failures end in a systemd restart that may well succeed (a lock held by
@@ -185,20 +192,52 @@ pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, insta
         return;
     };
     let (stack, resource) = (target.stack.as_str(), target.resource.as_str());
+    let marker = Answered {
+        stack: stack.to_string(),
+        resource: resource.to_string(),
+        unique_id: instance_id.to_string(),
+        answer: String::new(),
+    };
+    let path = marker_path(cfg);
+    if let Some(earlier) = Answered::load(&path).filter(|a| a.same_target(&marker)) {
+        tracing::info!(
+            stack,
+            resource,
+            unique_id = instance_id,
+            earlier = %earlier.answer,
+            "this control plane's stack signal was answered at an earlier start; not signalling again (a later update waits for its new instances only)"
+        );
+        return;
+    }
+    let answered = |answer: &str| {
+        let done = Answered {
+            answer: answer.to_string(),
+            ..marker.clone()
+        };
+        if let Err(e) = done.save(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record that the stack signal was answered; the next start signals again");
+        }
+    };
     match target.signal_success(instance_id).await {
-        Ok(Signalled::Taken) => tracing::info!(
-            stack,
-            resource,
-            unique_id = instance_id,
-            "signalled SUCCESS to the stack: this control plane is in service"
-        ),
-        Ok(Signalled::NotExpected(answer)) => tracing::info!(
-            stack,
-            resource,
-            unique_id = instance_id,
-            %answer,
-            "the stack expected no signal (no create or update waits for this group)"
-        ),
+        Ok(Signalled::Taken) => {
+            answered("taken");
+            tracing::info!(
+                stack,
+                resource,
+                unique_id = instance_id,
+                "signalled SUCCESS to the stack: this control plane is in service"
+            )
+        }
+        Ok(Signalled::NotExpected(answer)) => {
+            answered("not expected");
+            tracing::info!(
+                stack,
+                resource,
+                unique_id = instance_id,
+                %answer,
+                "the stack expected no signal (no create or update waits for this group)"
+            )
+        }
         Err(e) => {
             use crate::catalogue::Coded;
             crate::metrics::record(crate::metrics::STACK_SIGNAL_FAILED, 1.0, &[]);
@@ -215,9 +254,84 @@ pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, insta
     }
 }
 
+/// `<paths.state_dir>/stack-signal.json`: the stack answered this node's signal.
+fn marker_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.paths.state_dir.join("stack-signal.json")
+}
+
+/// The record that CloudFormation answered this node's signal.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Answered {
+    stack: String,
+    resource: String,
+    unique_id: String,
+    /// "taken" or "not expected".
+    answer: String,
+}
+
+impl Answered {
+    /// The record, if present and readable (an unreadable one counts as
+    /// absent: signalling again is the lesser harm than never signalling).
+    fn load(path: &std::path::Path) -> Option<Answered> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn same_target(&self, other: &Answered) -> bool {
+        self.stack == other.stack
+            && self.resource == other.resource
+            && self.unique_id == other.unique_id
+    }
+
+    /// Written whole (temporary file, then rename).
+    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_recorded_for_its_own_stack_resource_and_instance_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state").join("stack-signal.json");
+        assert_eq!(Answered::load(&path), None, "absent: signal");
+        let a = Answered {
+            stack: "prod".into(),
+            resource: "ControlPlaneGroup".into(),
+            unique_id: "i-0123".into(),
+            answer: "taken".into(),
+        };
+        a.save(&path).expect("saved");
+        let back = Answered::load(&path).expect("read back");
+        assert!(back.same_target(&a));
+        for other in [
+            Answered {
+                stack: "other".into(),
+                ..a.clone()
+            },
+            Answered {
+                resource: "Other".into(),
+                ..a.clone()
+            },
+            Answered {
+                unique_id: "i-9".into(),
+                ..a.clone()
+            },
+        ] {
+            assert!(!back.same_target(&other), "{other:?}");
+        }
+        std::fs::write(&path, b"{ torn").expect("write");
+        assert_eq!(Answered::load(&path), None, "unreadable: signal again");
+    }
 
     #[test]
     fn only_a_resource_awaiting_no_signal_is_not_expected() {

@@ -428,7 +428,9 @@ mod tests {
             &[("ControlPlaneGroup", true), ("WorkerGroup", false)],
         );
         s.stack("done", "CREATE_COMPLETE", &[("ControlPlaneGroup", false)]);
-        let cases: &[(&[(&str, &str)], u16, &str, &str)] = &[
+        /// (parameters changed, status, error code, message part)
+        type Case<'a> = (&'a [(&'a str, &'a str)], u16, &'a str, &'a str);
+        let cases: &[Case] = &[
             (
                 &[("Status", "WARNING")],
                 400,
