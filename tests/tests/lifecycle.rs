@@ -78,7 +78,13 @@ async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_onc
 async fn a_forged_notice_for_a_control_plane_in_service_is_refused_and_nothing_is_removed() {
     let sim = SimCluster::start(3, 0).await;
     assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    // An unconfirmed notice is kept until AWS's longest hook timeout (2 h),
+    // shortened here to 5 s (tests/tests/lifecycle_deferral.rs).
+    let wiring = kubeboot_tests::termination::Wiring {
+        env: vec![("KBTEST_HOOK_HEARTBEAT_TIMEOUT_MS", "5000".into())],
+        ..Default::default()
+    };
+    let lifecycle = Lifecycle::start_with(&sim, "30s", wiring).await;
     let victim = sim.nodes[2].instance_id();
     lifecycle.actions.in_service(ASG, &victim);
 
