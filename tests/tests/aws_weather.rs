@@ -162,6 +162,28 @@ async fn an_init_waits_out_secrets_manager_5xx_while_storing_its_join_material()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_worker_waits_out_a_throttled_join_secret_within_timeouts_join_material() {
+    let sim = SimCluster::start(1, 1).await;
+    let cp = sim.bootstrap(&[0]).await;
+    assert_eq!(cp[0].code, Some(0), "{}", tail(&cp[0].stderr));
+    let proxy = AwsProxy::start(&sim.moto.endpoint()).await;
+    proxy.set_faults(FaultPlan::always(FaultKind::Throttle).only(&["GetSecretValue"]));
+    let mut envs = few_attempts();
+    envs.push(("KUBEBOOT_AWS_ENDPOINTS_SECRETSMANAGER", proxy.endpoint()));
+    let (code, stderr, elapsed) =
+        bootstrap_through(&sim, 1, &envs, Some(STRETCH), || proxy.clear_faults()).await;
+    assert_eq!(code, Some(0), "after {elapsed:?}:\n{}", tail(&stderr));
+    assert!(proxy.stats().throttled > 0, "{:?}", proxy.stats());
+    let counted = exhausted(&sim);
+    assert!(
+        counted
+            .iter()
+            .any(|(s, o)| s == "SecretsManager" && o == "GetSecretValue"),
+        "AwsCallsExhausted counted the weather: {counted:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn weather_that_outlasts_the_deadline_fails_with_the_weather_error_and_its_hint() {
     let sim = SimCluster::start(1, 0).await;
     let proxy = AwsProxy::start(&sim.moto.endpoint()).await;
