@@ -81,6 +81,29 @@ pub enum FaultKind {
     /// exceeds its attempt timeout) or a broken connection, yet the write
     /// happened, and only a consistent read-back can tell.
     DropAfterForward,
+    /// **Not forwarded — the write did not happen.** DynamoDB's answer to a
+    /// write racing another on the same item, which moto (serializing every
+    /// request) never gives: `TransactWriteItems` is refused with
+    /// `TransactionCanceledException` whose `CancellationReasons` has one
+    /// entry per `TransactItems` entry, `TransactionConflict` ("Transaction is
+    /// ongoing for the item") for the item [`FaultPlan::transact_item`] names
+    /// (the first by default) and `None` for the others; `PutItem`,
+    /// `UpdateItem` and `DeleteItem` get `TransactionConflictException`.
+    /// Neither is retried by the SDK (not in aws-runtime's throttling or
+    /// transient codes). Other requests pass through.
+    TransactionConflict,
+    /// **Not forwarded — the write did not happen.** The write's condition
+    /// refused: `ConditionalCheckFailedException` ("The conditional request
+    /// failed") for `PutItem`/`UpdateItem`/`DeleteItem`, or
+    /// `TransactionCanceledException` with `ConditionalCheckFailed` for the
+    /// item [`FaultPlan::transact_item`] names (by default the last one with
+    /// a condition expression) and `None` for the others. With `with_item`,
+    /// the item as it is upstream (a consistent read) is returned as AWS
+    /// returns it — only where the request asked with
+    /// `ReturnValuesOnConditionCheckFailure: ALL_OLD` and the item exists
+    /// (`Item` in the error, or in that cancellation reason); without it,
+    /// never. Other requests pass through.
+    ConditionalCheckFailed { with_item: bool },
 }
 
 /// Which faults to inject and how often; set with [`AwsProxy::set_faults`].
@@ -108,6 +131,16 @@ pub struct FaultPlan {
     /// `UpdateItem`, or query `Action`) is listed are eligible for faults —
     /// so a test can break one call without breaking its own setup.
     pub only_targets: Option<Vec<String>>,
+    /// Probability of [`FaultKind::TransactionConflict`].
+    pub transaction_conflict: f64,
+    /// Probability of [`FaultKind::ConditionalCheckFailed`].
+    pub condition_failed: f64,
+    /// Whether an injected [`FaultKind::ConditionalCheckFailed`] returns the
+    /// item (where the request asked for it).
+    pub condition_failed_with_item: bool,
+    /// Which `TransactItems` entry (from 0) an injected conflict or
+    /// condition failure names; `None` for the default of each kind.
+    pub transact_item: Option<usize>,
 }
 
 impl Default for FaultPlan {
@@ -121,6 +154,10 @@ impl Default for FaultPlan {
             timeout_duration: DEFAULT_TIMEOUT_DURATION,
             drop_delay: Duration::ZERO,
             only_targets: None,
+            transaction_conflict: 0.0,
+            condition_failed: 0.0,
+            condition_failed_with_item: false,
+            transact_item: None,
         }
     }
 }
@@ -131,6 +168,9 @@ impl FaultPlan {
     pub fn always(kind: FaultKind) -> Self {
         let mut plan = Self::default();
         *plan.rate_mut(kind) = 1.0;
+        if let FaultKind::ConditionalCheckFailed { with_item } = kind {
+            plan.condition_failed_with_item = with_item;
+        }
         plan
     }
 
@@ -143,7 +183,13 @@ impl FaultPlan {
 
     /// Whether any fault can fire at all.
     pub fn is_active(&self) -> bool {
-        self.throttle + self.server_error + self.timeout + self.drop_after_forward > 0.0
+        self.throttle
+            + self.server_error
+            + self.timeout
+            + self.drop_after_forward
+            + self.transaction_conflict
+            + self.condition_failed
+            > 0.0
     }
 
     fn rate_mut(&mut self, kind: FaultKind) -> &mut f64 {
@@ -152,6 +198,8 @@ impl FaultPlan {
             FaultKind::ServerError => &mut self.server_error,
             FaultKind::Timeout => &mut self.timeout,
             FaultKind::DropAfterForward => &mut self.drop_after_forward,
+            FaultKind::TransactionConflict => &mut self.transaction_conflict,
+            FaultKind::ConditionalCheckFailed { .. } => &mut self.condition_failed,
         }
     }
 
@@ -169,6 +217,13 @@ impl FaultPlan {
             (self.server_error, FaultKind::ServerError),
             (self.timeout, FaultKind::Timeout),
             (self.drop_after_forward, FaultKind::DropAfterForward),
+            (self.transaction_conflict, FaultKind::TransactionConflict),
+            (
+                self.condition_failed,
+                FaultKind::ConditionalCheckFailed {
+                    with_item: self.condition_failed_with_item,
+                },
+            ),
         ] {
             edge += rate;
             if rate > 0.0 && u < edge {
@@ -184,6 +239,8 @@ impl FaultPlan {
             self.server_error,
             self.timeout,
             self.drop_after_forward,
+            self.transaction_conflict,
+            self.condition_failed,
         ];
         assert!(
             rates.iter().all(|r| (0.0..=1.0).contains(r)),
@@ -213,6 +270,10 @@ pub struct ProxyStats {
     pub timeouts: u64,
     /// Requests applied upstream whose answer was dropped.
     pub dropped_after_forward: u64,
+    /// Writes refused with a transaction conflict (not applied).
+    pub transaction_conflicts: u64,
+    /// Writes refused with a condition failure (not applied).
+    pub conditions_failed: u64,
 }
 
 /// One request as the proxy saw it, in arrival order.
@@ -740,11 +801,15 @@ impl Shared {
             } else {
                 None
             };
+            // A refused write exists only for DynamoDB's writes.
+            let fault = fault.filter(|f| !f.refuses_a_write() || dynamodb_write(&incoming));
             match fault {
                 Some(FaultKind::Throttle) => st.stats.throttled += 1,
                 Some(FaultKind::ServerError) => st.stats.server_errors += 1,
                 Some(FaultKind::Timeout) => st.stats.timeouts += 1,
                 Some(FaultKind::DropAfterForward) => st.stats.dropped_after_forward += 1,
+                Some(FaultKind::TransactionConflict) => st.stats.transaction_conflicts += 1,
+                Some(FaultKind::ConditionalCheckFailed { .. }) => st.stats.conditions_failed += 1,
                 None => {}
             }
             st.log.push(ProxiedRequest {
@@ -776,6 +841,22 @@ impl Shared {
             Some(FaultKind::Timeout) => {
                 tokio::time::sleep(plan.timeout_duration).await;
                 return Err(Hangup);
+            }
+            Some(FaultKind::TransactionConflict) => {
+                let resp = write_refusal(&incoming, Refused::Conflict, plan.transact_item, None);
+                record(&|e| e.status = Some(resp.status));
+                return Ok(resp.into_hyper());
+            }
+            Some(FaultKind::ConditionalCheckFailed { with_item }) => {
+                let index = condition_item(&incoming, plan.transact_item);
+                let item = match (with_item, index) {
+                    (true, Some(i)) => self.item_for(&parts, &incoming, i).await,
+                    (true, None) => self.item_for(&parts, &incoming, usize::MAX).await,
+                    _ => None,
+                };
+                let resp = write_refusal(&incoming, Refused::Condition, index, item);
+                record(&|e| e.status = Some(resp.status));
+                return Ok(resp.into_hyper());
             }
             Some(FaultKind::DropAfterForward) | None => {}
         }
@@ -868,6 +949,188 @@ impl Shared {
         }
         resp
     }
+}
+
+impl FaultKind {
+    /// Whether this fault answers as DynamoDB refusing a write (not applied).
+    fn refuses_a_write(self) -> bool {
+        matches!(
+            self,
+            FaultKind::TransactionConflict | FaultKind::ConditionalCheckFailed { .. }
+        )
+    }
+}
+
+/// DynamoDB's JSON error type prefix.
+const DYNAMODB_ERROR: &str = "com.amazonaws.dynamodb.v20120810#";
+
+/// A DynamoDB write a conflict or condition failure can refuse.
+fn dynamodb_write(req: &IncomingRequest) -> bool {
+    req.header("x-amz-target")
+        .is_some_and(|t| t.starts_with("DynamoDB_"))
+        && matches!(
+            req.operation.as_str(),
+            "TransactWriteItems" | "PutItem" | "UpdateItem" | "DeleteItem"
+        )
+}
+
+/// What refused an injected write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    Conflict,
+    Condition,
+}
+
+/// The `TransactItems` entries of a `TransactWriteItems` request, each as
+/// `(action, body)` (`ConditionCheck`, `Put`, `Update`, `Delete`).
+fn transact_items(req: &IncomingRequest) -> Vec<(String, serde_json::Value)> {
+    req.json()
+        .and_then(|v| v.get("TransactItems").and_then(|t| t.as_array()).cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|entry| {
+            let (action, body) = entry.as_object()?.iter().next()?;
+            Some((action.clone(), body.clone()))
+        })
+        .collect()
+}
+
+/// The transaction entry an injected condition failure names: `wanted`, or
+/// the last entry with a condition expression. `None` for a single-item write.
+fn condition_item(req: &IncomingRequest, wanted: Option<usize>) -> Option<usize> {
+    if req.operation != "TransactWriteItems" {
+        return None;
+    }
+    let items = transact_items(req);
+    wanted.or_else(|| {
+        items
+            .iter()
+            .rposition(|(_, body)| body.get("ConditionExpression").is_some())
+    })
+}
+
+impl Shared {
+    /// The item a refused write concerns, as upstream has it (a consistent
+    /// GetItem), if the request asked for it with
+    /// `ReturnValuesOnConditionCheckFailure: ALL_OLD`; `index` picks the
+    /// transaction entry (ignored for a single-item write).
+    async fn item_for(
+        &self,
+        parts: &hyper::http::request::Parts,
+        req: &IncomingRequest,
+        index: usize,
+    ) -> Option<serde_json::Value> {
+        let body = if req.operation == "TransactWriteItems" {
+            transact_items(req).get(index)?.1.clone()
+        } else {
+            req.json()?
+        };
+        if body.get("ReturnValuesOnConditionCheckFailure")?.as_str()? != "ALL_OLD" {
+            return None;
+        }
+        let key = match (body.get("Key"), body.get("Item")) {
+            (Some(k), _) => k.clone(),
+            // A Put names its key inside the item; the key schema decides
+            // which attributes, and the agent's tables use pk/sk.
+            (None, Some(item)) => {
+                let mut key = serde_json::Map::new();
+                for name in ["pk", "sk"] {
+                    if let Some(v) = item.get(name) {
+                        key.insert(name.into(), v.clone());
+                    }
+                }
+                serde_json::Value::Object(key)
+            }
+            _ => return None,
+        };
+        let get = serde_json::json!({
+            "TableName": body.get("TableName")?,
+            "Key": key,
+            "ConsistentRead": true,
+        });
+        let mut up = Request::new(Full::new(Bytes::from(get.to_string())));
+        *up.method_mut() = hyper::Method::POST;
+        *up.uri_mut() = format!("{}/", self.upstream).parse().ok()?;
+        for (k, v) in &parts.headers {
+            let name = k.as_str();
+            if !is_hop_by_hop(name) && name != "content-length" && name != "x-amz-target" {
+                up.headers_mut().append(k.clone(), v.clone());
+            }
+        }
+        up.headers_mut().insert(
+            HeaderName::from_static("x-amz-target"),
+            HeaderValue::from_static("DynamoDB_20120810.GetItem"),
+        );
+        let answer = self.client.request(up).await.ok()?;
+        let bytes = answer.into_body().collect().await.ok()?.to_bytes();
+        let got: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        got.get("Item").cloned()
+    }
+}
+
+/// DynamoDB refusing a write without applying it, in AWS's JSON shapes:
+/// `TransactionCanceledException` (capital `Message`, one reason per
+/// item, `{"Code": "None"}` for the others, the failing reason with its
+/// `Message` and, where returned, `Item`) for a transaction, else the
+/// operation's own exception (lower-case `message`, `Item` where returned).
+fn write_refusal(
+    req: &IncomingRequest,
+    refused: Refused,
+    index: Option<usize>,
+    item: Option<serde_json::Value>,
+) -> ProxyResponse {
+    let content_type = req
+        .header("content-type")
+        .unwrap_or("application/x-amz-json-1.0")
+        .to_string();
+    let (code, message) = match refused {
+        Refused::Conflict => ("TransactionConflict", "Transaction is ongoing for the item"),
+        Refused::Condition => ("ConditionalCheckFailed", "The conditional request failed"),
+    };
+    if req.operation == "TransactWriteItems" {
+        let count = transact_items(req).len().max(1);
+        let failing = index.unwrap_or(0).min(count - 1);
+        let reasons: Vec<serde_json::Value> = (0..count)
+            .map(|i| {
+                if i != failing {
+                    return serde_json::json!({"Code": "None"});
+                }
+                let mut reason = serde_json::json!({"Code": code, "Message": message});
+                if let Some(item) = &item {
+                    reason["Item"] = item.clone();
+                }
+                reason
+            })
+            .collect();
+        let codes: Vec<&str> = reasons
+            .iter()
+            .map(|r| r["Code"].as_str().unwrap_or("None"))
+            .collect();
+        return ProxyResponse::json(
+            400,
+            &content_type,
+            &serde_json::json!({
+                "__type": format!("{DYNAMODB_ERROR}TransactionCanceledException"),
+                "Message": format!(
+                    "Transaction cancelled, please refer cancellation reasons for specific reasons [{}]",
+                    codes.join(", ")
+                ),
+                "CancellationReasons": reasons,
+            }),
+        );
+    }
+    let exception = match refused {
+        Refused::Conflict => "TransactionConflictException",
+        Refused::Condition => "ConditionalCheckFailedException",
+    };
+    let mut body = serde_json::json!({
+        "__type": format!("{DYNAMODB_ERROR}{exception}"),
+        "message": message,
+    });
+    if let Some(item) = item {
+        body["Item"] = item;
+    }
+    ProxyResponse::json(400, &content_type, &body)
 }
 
 fn bad_gateway(message: &str) -> Response<Full<Bytes>> {

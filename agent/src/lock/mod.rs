@@ -760,7 +760,7 @@ impl Guard {
         // this process, bumps the fence).
         let mut rvn = rvn;
         let mut last_error = None;
-        for _ in 0..3 {
+        for attempt in 0..RELEASE_ATTEMPTS {
             match self.release.release(&self.owner, &rvn, wall).await {
                 Ok(true) => {
                     tracing::info!(lock = %self.purpose, fence = self.fence, "lock released");
@@ -773,7 +773,15 @@ impl Guard {
                         source: e,
                     })
                 }
-                Err(e) => last_error = Some(e),
+                Err(e) => {
+                    // A transaction conflict (the registry's fence check
+                    // reading this item) or throttling passes in moments;
+                    // attempts back to back would all meet it.
+                    last_error = Some(e);
+                    if attempt + 1 < RELEASE_ATTEMPTS {
+                        tokio::time::sleep(RELEASE_BACKOFF * (1 << attempt)).await;
+                    }
+                }
             }
             match self.release.read().await {
                 Ok(Some(item))
@@ -790,11 +798,18 @@ impl Guard {
             source: last_error.unwrap_or(StoreError {
                 class: StoreErrorClass::Transient,
                 operation: "release lock",
-                message: "still ours after 3 attempts; it expires after its lease".into(),
+                message: format!(
+                    "still ours after {RELEASE_ATTEMPTS} attempts; it expires after its lease"
+                ),
             }),
         })
     }
 }
+
+/// Attempts of a release before it is left to expire with its lease.
+const RELEASE_ATTEMPTS: u32 = 3;
+/// Wait after a release that failed transiently, doubled each time.
+const RELEASE_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Drop for Guard {
     fn drop(&mut self) {
