@@ -311,7 +311,8 @@ pub enum Verdict {
     /// is kept and looked at again until the hook's timeout; only then is
     /// it refused (stale or forged). Never acted on before it is confirmed.
     NotYet(Error),
-    /// No group holds the instance: the caller asks EC2 ([`Ec2`]) whether
+    /// No group holds the instance (or the group holds it `Terminated`,
+    /// past its hook): the caller asks EC2 ([`Ec2`]) whether
     /// it is gone (cleaned up after) or running (a forged notice, refused).
     NotInGroup(Error),
     /// Another group holds it: no action of the named group can exist.
@@ -336,6 +337,13 @@ pub fn vet(action: &Action, seen: Option<&Placement>) -> Verdict {
         }),
         Some(p) if p.asg != action.asg => Verdict::Refused(not_terminating(p)),
         Some(p) if is_terminating(&p.state) => Verdict::Confirmed,
+        // Past terminating: its hook is over and it will not be confirmed
+        // later; like an instance no group holds, EC2 says whether it is
+        // gone (cleaned up after) rather than the notice waiting two hours.
+        Some(p) if p.state == "Terminated" => Verdict::NotInGroup(Error::NotInGroup {
+            instance_id: action.instance_id.clone(),
+            claimed_asg: action.asg.clone(),
+        }),
         Some(p) => Verdict::NotYet(not_terminating(p)),
     }
 }
@@ -1303,6 +1311,11 @@ mod tests {
             panic!("no group holds it")
         };
         assert_eq!(err.code(), "KB-LIFE-005", "{err}");
+        // Terminated in the group: EC2 decides, as for no group.
+        assert!(matches!(
+            vet(&a, Some(&at("prod-a-control-plane", "Terminated"))),
+            Verdict::NotInGroup(_)
+        ));
         // Not yet: kept until the hook's timeout, then refused.
         for state in [
             "InService",
@@ -1310,7 +1323,6 @@ mod tests {
             "Pending:Wait",
             "Pending:Proceed",
             "Standby",
-            "Terminated",
             "Warmed:Terminating:Wait",
         ] {
             let Verdict::NotYet(err) = vet(&a, Some(&at("prod-a-control-plane", state))) else {
