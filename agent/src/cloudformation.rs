@@ -10,12 +10,14 @@
 //! **Once per node.** CloudFormation counts any SUCCESS it receives for the
 //! group while an update waits, whoever sends it: an *old* control plane
 //! that rebooted during the update would count as the replacement and let
-//! the next old one go before the new member exists. So a node signals
-//! until CloudFormation has answered once (taken, or "no signal expected"
-//! outside a create or update, logged at info), records that answer in
-//! `<paths.state_dir>/stack-signal.json`, and never signals that stack and
-//! resource again; a signal that failed (refused, unanswered, stopped) is
-//! sent again by the next start.
+//! the next old one go before the new member exists. So the node records
+//! its signal in `<paths.state_dir>/stack-signal.json` *before* sending it
+//! and what became of it after: once CloudFormation has answered (taken,
+//! already counted, or "no signal expected" outside a create or update,
+//! logged at info) no later start signals that stack and resource again; a
+//! refused signal (certainly not counted) is sent again by the next start;
+//! one whose answer never came (maybe counted) only within
+//! [`RESEND_WINDOW`] of its first attempt.
 //!
 //! **Never FAILURE.** A failed bootstrap sends nothing. Most bootstrap
 //! failures end in a systemd restart that may well succeed (a lock held by
@@ -48,7 +50,17 @@ pub const VALIDATION_ERROR: &str = "ValidationError";
 /// or resource is not being created or updated ("Stack arn:... is in
 /// CREATE_COMPLETE state and cannot be signaled"), or is but not waiting for
 /// signals ("... is not in a state to accept signals").
-const NOT_EXPECTED_PHRASES: &[&str] = &["cannot be signaled", "not in a state to accept signals"];
+const NOT_EXPECTED_PHRASES: &[&str] = &[
+    "cannot be signaled",
+    "can not be signaled",
+    "not in a state to accept signals",
+];
+
+/// What CloudFormation says to a second SUCCESS with a UniqueId it has
+/// counted ("Signal with ID i-... already exists. Signals may only be
+/// updated with a FAILURE status."; the wording of the API's open
+/// implementations, AWS documents none): an earlier answer was lost.
+const ALREADY_COUNTED_PHRASE: &str = "already exists";
 
 /// The resource this node signals.
 pub struct Stack {
@@ -67,6 +79,9 @@ pub enum Signalled {
     /// No signal was expected (no create or update waits for one); what
     /// CloudFormation said.
     NotExpected(String),
+    /// Counted before (an earlier attempt's answer was lost); what
+    /// CloudFormation said.
+    AlreadyCounted(String),
 }
 
 /// A signal CloudFormation did not take.
@@ -106,6 +121,8 @@ impl Error {
 pub enum Verdict {
     /// No signal was expected: the usual answer outside a create or update.
     NotExpected,
+    /// This UniqueId's SUCCESS was counted before.
+    AlreadyCounted,
     /// Refused for good: permissions, a stack or resource that does not
     /// exist (a misnamed key), a malformed request.
     Refused,
@@ -119,8 +136,13 @@ pub enum Verdict {
 /// misnamed key (a node's own stack exists while it runs) and is refused.
 pub fn verdict(code: Option<&str>, message: Option<&str>, class: RetryClass) -> Verdict {
     let message = message.unwrap_or_default().to_ascii_lowercase();
-    if code == Some(VALIDATION_ERROR) && NOT_EXPECTED_PHRASES.iter().any(|p| message.contains(p)) {
-        return Verdict::NotExpected;
+    if code == Some(VALIDATION_ERROR) {
+        if NOT_EXPECTED_PHRASES.iter().any(|p| message.contains(p)) {
+            return Verdict::NotExpected;
+        }
+        if message.contains(ALREADY_COUNTED_PHRASE) {
+            return Verdict::AlreadyCounted;
+        }
     }
     match class {
         RetryClass::Transient => Verdict::Unavailable,
@@ -171,6 +193,7 @@ impl Stack {
         let (stack, resource) = (self.stack.clone(), self.resource.clone());
         match verdict(err.code(), err.message(), classify_sdk_error(&err)) {
             Verdict::NotExpected => Ok(Signalled::NotExpected(message)),
+            Verdict::AlreadyCounted => Ok(Signalled::AlreadyCounted(message)),
             Verdict::Refused => Err(Error::Refused {
                 stack,
                 resource,
@@ -192,35 +215,40 @@ pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, insta
         return;
     };
     let (stack, resource) = (target.stack.as_str(), target.resource.as_str());
-    let marker = Answered {
-        stack: stack.to_string(),
-        resource: resource.to_string(),
-        unique_id: instance_id.to_string(),
-        answer: String::new(),
-    };
     let path = marker_path(cfg);
-    if let Some(earlier) = Answered::load(&path).filter(|a| a.same_target(&marker)) {
-        tracing::info!(
-            stack,
-            resource,
-            unique_id = instance_id,
-            earlier = %earlier.answer,
-            "this control plane's stack signal was answered at an earlier start; not signalling again (a later update waits for its new instances only)"
-        );
-        return;
-    }
-    let answered = |answer: &str| {
-        let done = Answered {
-            answer: answer.to_string(),
-            ..marker.clone()
-        };
-        if let Err(e) = done.save(&path) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot record that the stack signal was answered; the next start signals again");
+    let now = unix_now();
+    let earlier = Answered::load(&path)
+        .filter(|a| a.stack == stack && a.resource == resource && a.unique_id == instance_id);
+    let first_attempt = match decide(earlier.as_ref(), now) {
+        Decision::Send { first_attempt } => first_attempt,
+        Decision::Skip(why) => {
+            tracing::info!(
+                stack,
+                resource,
+                unique_id = instance_id,
+                "{why}; not signalling again (a later update waits for its new instances only)"
+            );
+            return;
         }
     };
+    let record = |answer: Answer| {
+        let done = Answered {
+            stack: stack.to_string(),
+            resource: resource.to_string(),
+            unique_id: instance_id.to_string(),
+            answer,
+            first_attempt,
+        };
+        if let Err(e) = done.save(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the stack signal's state; the next start may signal again");
+        }
+    };
+    // Recorded before the call: if the answer never comes (or the agent is
+    // stopped), the next start knows CloudFormation may have counted it.
+    record(Answer::Pending);
     match target.signal_success(instance_id).await {
         Ok(Signalled::Taken) => {
-            answered("taken");
+            record(Answer::Taken);
             tracing::info!(
                 stack,
                 resource,
@@ -228,8 +256,18 @@ pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, insta
                 "signalled SUCCESS to the stack: this control plane is in service"
             )
         }
+        Ok(Signalled::AlreadyCounted(answer)) => {
+            record(Answer::Taken);
+            tracing::info!(
+                stack,
+                resource,
+                unique_id = instance_id,
+                %answer,
+                "the stack had already counted this control plane's signal (an earlier answer was lost)"
+            )
+        }
         Ok(Signalled::NotExpected(answer)) => {
-            answered("not expected");
+            record(Answer::NotExpected);
             tracing::info!(
                 stack,
                 resource,
@@ -240,6 +278,11 @@ pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, insta
         }
         Err(e) => {
             use crate::catalogue::Coded;
+            // A refusal was certainly not counted: the next start may send
+            // again. An unanswered signal stays Pending (maybe counted).
+            if matches!(e, Error::Refused { .. }) {
+                record(Answer::Refused);
+            }
             crate::metrics::record(crate::metrics::STACK_SIGNAL_FAILED, 1.0, &[]);
             tracing::warn!(
                 stack,
@@ -254,19 +297,69 @@ pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, insta
     }
 }
 
-/// `<paths.state_dir>/stack-signal.json`: the stack answered this node's signal.
+/// How long after its first attempt a signal whose answer never came may
+/// be sent again: CloudFormation's longest `PauseTime` (1 h), the longest
+/// a rolling update waits for this instance. Later, a resend could only be
+/// counted by a later update waiting for *other* instances.
+pub const RESEND_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// What an earlier start recorded about this node's signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Answer {
+    /// Sent, no answer yet (lost, or the agent stopped): maybe counted.
+    Pending,
+    /// Counted.
+    Taken,
+    /// No create or update waited for it.
+    NotExpected,
+    /// Refused (denied, misnamed, malformed): certainly not counted.
+    Refused,
+}
+
+/// Whether this start signals. Pure, so the rule is tested alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Decision {
+    Send { first_attempt: u64 },
+    Skip(&'static str),
+}
+
+fn decide(earlier: Option<&Answered>, now: u64) -> Decision {
+    let Some(e) = earlier else {
+        return Decision::Send { first_attempt: now };
+    };
+    match e.answer {
+        Answer::Taken => Decision::Skip("the stack counted this control plane's signal at an earlier start"),
+        Answer::NotExpected => Decision::Skip("the stack expected no signal at an earlier start"),
+        Answer::Refused => Decision::Send { first_attempt: e.first_attempt },
+        Answer::Pending if now < e.first_attempt.saturating_add(RESEND_WINDOW.as_secs()) => {
+            Decision::Send { first_attempt: e.first_attempt }
+        }
+        Answer::Pending => Decision::Skip("an earlier start's signal went unanswered more than an hour ago (CloudFormation's longest PauseTime)"),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `<paths.state_dir>/stack-signal.json`: what became of this node's signal.
 fn marker_path(cfg: &Config) -> std::path::PathBuf {
     cfg.paths.state_dir.join("stack-signal.json")
 }
 
-/// The record that CloudFormation answered this node's signal.
+/// The record of this node's signal.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Answered {
     stack: String,
     resource: String,
     unique_id: String,
-    /// "taken" or "not expected".
-    answer: String,
+    answer: Answer,
+    /// Unix seconds of the first attempt.
+    first_attempt: u64,
 }
 
 impl Answered {
@@ -275,12 +368,6 @@ impl Answered {
     fn load(path: &std::path::Path) -> Option<Answered> {
         let bytes = std::fs::read(path).ok()?;
         serde_json::from_slice(&bytes).ok()
-    }
-
-    fn same_target(&self, other: &Answered) -> bool {
-        self.stack == other.stack
-            && self.resource == other.resource
-            && self.unique_id == other.unique_id
     }
 
     /// Written whole (temporary file, then rename).
@@ -300,37 +387,61 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_answer_is_recorded_for_its_own_stack_resource_and_instance_only() {
+    fn a_signal_is_sent_until_answered_and_a_lost_answer_only_within_the_pause_time() {
+        let rec = |answer, first_attempt| Answered {
+            stack: "prod".into(),
+            resource: "ControlPlaneGroup".into(),
+            unique_id: "i-0123".into(),
+            answer,
+            first_attempt,
+        };
+        let now = 1_000_000;
+        assert_eq!(decide(None, now), Decision::Send { first_attempt: now });
+        assert!(matches!(
+            decide(Some(&rec(Answer::Taken, 10)), now),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            decide(Some(&rec(Answer::NotExpected, 10)), now),
+            Decision::Skip(_)
+        ));
+        assert_eq!(
+            decide(Some(&rec(Answer::Refused, 10)), now),
+            Decision::Send { first_attempt: 10 },
+            "a refusal was not counted: send again, however late"
+        );
+        let hour = RESEND_WINDOW.as_secs();
+        assert_eq!(
+            decide(Some(&rec(Answer::Pending, now - hour + 1)), now),
+            Decision::Send {
+                first_attempt: now - hour + 1
+            }
+        );
+        assert!(
+            matches!(
+                decide(Some(&rec(Answer::Pending, now - hour)), now),
+                Decision::Skip(_)
+            ),
+            "past the longest PauseTime a resend could only count for another instance"
+        );
+    }
+
+    #[test]
+    fn the_record_round_trips_and_a_torn_one_counts_as_absent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state").join("stack-signal.json");
-        assert_eq!(Answered::load(&path), None, "absent: signal");
+        assert_eq!(Answered::load(&path), None);
         let a = Answered {
             stack: "prod".into(),
             resource: "ControlPlaneGroup".into(),
             unique_id: "i-0123".into(),
-            answer: "taken".into(),
+            answer: Answer::Pending,
+            first_attempt: 42,
         };
         a.save(&path).expect("saved");
-        let back = Answered::load(&path).expect("read back");
-        assert!(back.same_target(&a));
-        for other in [
-            Answered {
-                stack: "other".into(),
-                ..a.clone()
-            },
-            Answered {
-                resource: "Other".into(),
-                ..a.clone()
-            },
-            Answered {
-                unique_id: "i-9".into(),
-                ..a.clone()
-            },
-        ] {
-            assert!(!back.same_target(&other), "{other:?}");
-        }
+        assert_eq!(Answered::load(&path), Some(a));
         std::fs::write(&path, b"{ torn").expect("write");
-        assert_eq!(Answered::load(&path), None, "unreadable: signal again");
+        assert_eq!(Answered::load(&path), None);
     }
 
     #[test]
@@ -340,6 +451,7 @@ mod tests {
             "Stack arn:aws:cloudformation:eu-west-1:123456789012:stack/prod/1 is in CREATE_COMPLETE state and cannot be signaled",
             "Stack arn:aws:cloudformation:eu-west-1:123456789012:stack/prod/1 is in UPDATE_COMPLETE state and cannot be signaled",
             "Resource ControlPlaneGroup is not in a state to accept signals",
+            "Resource ControlPlaneGroup is in UPDATE_COMPLETE state and can not be signaled",
         ] {
             assert_eq!(
                 verdict(Some("ValidationError"), Some(message), p),
@@ -347,6 +459,14 @@ mod tests {
                 "{message}"
             );
         }
+        assert_eq!(
+            verdict(
+                Some("ValidationError"),
+                Some("Signal with ID i-0123 already exists. Signals may only be updated with a FAILURE status."),
+                p
+            ),
+            Verdict::AlreadyCounted
+        );
         // A misnamed stack or resource never waits for anything: refused.
         for message in [
             "Stack with id prod does not exist",

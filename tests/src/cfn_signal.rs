@@ -29,9 +29,14 @@
 //! - a caller whose role lacks `cloudformation:SignalResource`
 //!   ([`StackSignals::deny`]): 403 `AccessDenied`, IAM's message.
 //!
-//! A signal with a `UniqueId` already received replaces the earlier one
-//! (CloudFormation counts signals per unique id, which is why an instance
-//! signals with its instance id): [`StackSignals::received`] shows the
+//! - a second SUCCESS with a `UniqueId` already counted: "Signal with ID X
+//!   already exists. Signals may only be updated with a FAILURE status."
+//!   (AWS documents no wording; this is the API's open implementations'),
+//!   so an agent that lost the first answer must not read the second as a
+//!   failure. A FAILURE replaces an earlier SUCCESS.
+//!
+//! CloudFormation counts signals per unique id, which is why an instance
+//! signals with its instance id: [`StackSignals::received`] shows the
 //! signals a waiting resource counts.
 
 use std::collections::BTreeMap;
@@ -334,6 +339,13 @@ fn answer(state: &mut State, req: &IncomingRequest, call: &SignalCall) -> Result
             "Resource {logical_id} is not in a state to accept signals"
         )));
     }
+    if status == "SUCCESS"
+        && resource.received.get(unique_id).map(String::as_str) == Some("SUCCESS")
+    {
+        return Err(validation(format!(
+            "Signal with ID {unique_id} already exists. Signals may only be updated with a FAILURE status."
+        )));
+    }
     resource
         .received
         .insert(unique_id.to_string(), status.to_string());
@@ -406,17 +418,25 @@ mod tests {
     fn an_awaiting_resource_counts_one_signal_per_unique_id() {
         let s = StackSignals::new();
         s.stack("prod", "UPDATE_IN_PROGRESS", &[("ControlPlaneGroup", true)]);
-        for _ in 0..2 {
-            let resp = s.handle(&request(&[])).expect("answered");
-            assert_eq!(resp.status, 200);
-            assert!(String::from_utf8_lossy(&resp.body).contains("<SignalResourceResponse"));
-        }
+        let resp = s.handle(&request(&[])).expect("answered");
+        assert_eq!(resp.status, 200);
+        assert!(String::from_utf8_lossy(&resp.body).contains("<SignalResourceResponse"));
+        let again = s.handle(&request(&[])).expect("answered");
+        assert_eq!(again.status, 400, "a second SUCCESS for the same id");
+        assert!(String::from_utf8_lossy(&again.body).contains("already exists"));
+        assert_eq!(s.received("prod", "ControlPlaneGroup").len(), 1);
+        let failure = s
+            .handle(&request(&[("Status", "FAILURE")]))
+            .expect("answered");
+        assert_eq!(failure.status, 200, "a FAILURE replaces it");
         assert_eq!(
-            s.received("prod", "ControlPlaneGroup").len(),
-            1,
-            "a repeat replaces"
+            s.received("prod", "ControlPlaneGroup")
+                .values()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            ["FAILURE"]
         );
-        assert_eq!(s.calls().len(), 2);
+        assert_eq!(s.calls().len(), 3);
     }
 
     #[test]

@@ -162,7 +162,7 @@ async fn a_control_plane_signals_success_once_after_its_member_is_confirmed_and_
         "{}",
         tail(&again.stderr)
     );
-    let l = line(&again, "answered at an earlier start");
+    let l = line(&again, "counted this control plane's signal at an earlier start");
     assert_eq!(l["level"], "INFO", "{l}");
     let calls = f.signals.calls();
     assert_eq!(
@@ -174,6 +174,95 @@ async fn a_control_plane_signals_success_once_after_its_member_is_confirmed_and_
         f.signals.received(STACK, GROUP).is_empty(),
         "the later update counted an old control plane"
     );
+}
+
+/// The node's record of its signal (`<state_dir>/stack-signal.json`).
+fn signal_record(f: &Fixture) -> std::path::PathBuf {
+    f.sim.nodes[0]
+        .dir
+        .join("var/lib/kubeboot/stack-signal.json")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_whose_answer_was_lost_is_sent_again_once_and_an_already_counted_answer_ends_it() {
+    let f = fixture("UPDATE_IN_PROGRESS", true).await;
+    let instance_id = f.sim.nodes[0].instance_id();
+    // CloudFormation counts the signal but no answer comes back (every
+    // attempt's connection breaks after the request took effect).
+    f.proxy
+        .set_faults(FaultPlan::always(FaultKind::DropAfterForward).only(&["SignalResource"]));
+    let run = bootstrap(&f, &[]).await;
+    assert_exit(&run, 0);
+    assert_eq!(
+        line(&run, "cannot signal the stack")["code"],
+        "KB-STACK-002"
+    );
+    assert_eq!(
+        f.signals
+            .received(STACK, GROUP)
+            .get(&instance_id)
+            .map(String::as_str),
+        Some("SUCCESS"),
+        "counted although the answer was lost"
+    );
+
+    // The next start (within the hour) sends it again; CloudFormation says it
+    // has it, which ends the matter without a warning.
+    f.proxy.clear_faults();
+    let again = bootstrap(&f, &[]).await;
+    assert_exit(&again, 0);
+    let l = line(&again, "already counted");
+    assert_eq!(l["level"], "INFO", "{l}");
+    assert!(
+        line_of(&again, "cannot signal the stack").is_none(),
+        "{}",
+        tail(&again.stderr)
+    );
+    let sent = f.signals.calls().len();
+    let third = bootstrap(&f, &[]).await;
+    assert_exit(&third, 0);
+    assert_eq!(f.signals.calls().len(), sent, "answered: never sent again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unanswered_signal_is_not_sent_again_after_the_longest_pause_time() {
+    let f = fixture("UPDATE_IN_PROGRESS", true).await;
+    f.proxy
+        .set_faults(FaultPlan::always(FaultKind::Timeout).only(&["SignalResource"]));
+    let run = bootstrap(
+        &f,
+        &[
+            ("KUBEBOOT_AWS_MAX_ATTEMPTS", "1"),
+            ("KUBEBOOT_AWS_ATTEMPT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    assert_exit(&run, 0);
+    assert_eq!(
+        line(&run, "cannot signal the stack")["code"],
+        "KB-STACK-002"
+    );
+    f.proxy.clear_faults();
+    // Two hours later (the record's first attempt moved back): a later
+    // update could only count the resend for another instance.
+    let path = signal_record(&f);
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("record written before sending"))
+            .expect("json");
+    assert_eq!(record["answer"], "pending", "{record}");
+    let first = record["first_attempt"].as_u64().expect("first_attempt");
+    record["first_attempt"] = (first - 7200).into();
+    std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("write");
+    let sent = f.signals.calls().len();
+    let later = bootstrap(&f, &[]).await;
+    assert_exit(&later, 0);
+    assert_eq!(
+        f.signals.calls().len(),
+        sent,
+        "an old control plane signalled a later update"
+    );
+    let l = line(&later, "more than an hour ago");
+    assert_eq!(l["level"], "INFO", "{l}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
