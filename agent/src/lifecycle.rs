@@ -367,18 +367,23 @@ pub fn notice_deadline(
 }
 
 /// How long an unconfirmed notice stays hidden before it is looked at
-/// again: `every` after its first receipt, three times longer with each
-/// further receipt (so
-/// a notice kept for the hook's whole timeout is received a handful of
-/// times, well within a redrive policy's maxReceiveCount), never past
-/// `deadline`, at least one second.
+/// again: as long as it has been kept so far (its age since SQS received it
+/// at `sent`), at least `every` and a hundredth of the whole keep (`sent`
+/// to `deadline`), never past `deadline`, at least one second. Growing with
+/// the notice's age rather than its receive count keeps the looks frequent
+/// while the hook may still be waiting (about 0, 1, 2, 5, 10, 19 minutes
+/// for AWS's longest hook) even when failed turns inflated the count, and a
+/// notice kept that long is received about eight times, within the queue's
+/// redrive policy (maxReceiveCount 10).
 pub fn deferral(
-    receives: u32,
+    sent: std::time::SystemTime,
     every: Duration,
     now: std::time::SystemTime,
     deadline: std::time::SystemTime,
 ) -> Duration {
-    let grown = every.saturating_mul(3u32.saturating_pow(receives.saturating_sub(1).min(12)));
+    let age = now.duration_since(sent).unwrap_or(Duration::ZERO);
+    let span = deadline.duration_since(sent).unwrap_or(Duration::ZERO);
+    let grown = age.max(every).max(span / 100);
     let left = deadline.duration_since(now).unwrap_or(Duration::ZERO);
     grown
         .min(left + Duration::from_secs(1))
@@ -1190,12 +1195,8 @@ async fn defer_or_refuse(
         queue.delete(&message.receipt).await?;
         return Ok(None);
     };
-    let hidden = deferral(
-        message.receives,
-        cfg.daemon.lifecycle_heartbeat,
-        now,
-        deadline,
-    );
+    let sent = message.sent.unwrap_or(now);
+    let hidden = deferral(sent, cfg.daemon.lifecycle_heartbeat, now, deadline);
     queue.extend(&message.receipt, hidden).await?;
     let until = deadline.duration_since(now).unwrap_or(Duration::ZERO);
     tracing::info!(
@@ -1348,26 +1349,27 @@ mod tests {
         assert_eq!(deadline, sent + Duration::from_secs(960));
         assert_eq!(notice_deadline(None, hook, margin), None);
         let every = Duration::from_secs(60);
-        let mut now = sent;
-        let mut receives = 0;
-        while now < deadline {
-            receives += 1;
-            now += deferral(receives, every, now, deadline);
-        }
-        // 60 + 180 + 540 + 180 (cut to the deadline, plus a second).
-        assert_eq!(receives, 4);
-        assert!(now <= deadline + Duration::from_secs(1), "{now:?}");
+        let looks = |deadline, every| {
+            let (mut now, mut looks) = (sent, vec![]);
+            while now < deadline {
+                looks.push(now.duration_since(sent).unwrap().as_secs());
+                now += deferral(sent, every, now, deadline);
+            }
+            (looks, now)
+        };
+        let (seen, end) = looks(deadline, every);
+        // While the hook may wait (900 s): every few minutes at most.
+        assert_eq!(seen, [0, 60, 120, 240, 480]);
+        assert!(end <= deadline + Duration::from_secs(1), "{end:?}");
         // Within the lifecycle queue's redrive policy (maxReceiveCount 10)
         // even for AWS's largest hook timeout at the shortest heartbeat.
         let deadline = notice_deadline(Some(sent), MAX_HOOK_HEARTBEAT_TIMEOUT, margin).unwrap();
-        let (mut now, mut receives) = (sent, 0);
-        while now < deadline {
-            receives += 1;
-            now += deferral(receives, Duration::from_secs(10), now, deadline);
+        for every in [Duration::from_secs(10), every] {
+            let (seen, _) = looks(deadline, every);
+            assert!(seen.len() < 10, "{seen:?}");
         }
-        assert!(receives < 10, "{receives}");
         assert_eq!(
-            deferral(1, every, deadline, deadline),
+            deferral(sent, every, deadline, deadline),
             Duration::from_secs(1)
         );
     }
