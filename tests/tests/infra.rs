@@ -1677,6 +1677,24 @@ fn the_readmes_deploy_commands_are_accepted_by_cloudformation() {
     assert_none(readme_problems(&readme()));
 }
 
+/// The README with its teardown's update replaced by the `deploy` of the
+/// checked-out template it used to run.
+fn teardown_by_deploy(text: &str) -> String {
+    let start = text
+        .find("aws cloudformation update-stack")
+        .expect("the teardown's update-stack");
+    let end = start
+        + text[start..]
+            .find("ParameterValue=teardown\n")
+            .expect("the teardown's last parameter")
+        + "ParameterValue=teardown\n".len();
+    format!(
+        "{}aws cloudformation deploy --stack-name \"kubeboot-$stage-$name\" \\\n  --template-file infra/cluster.json --capabilities CAPABILITY_IAM \\\n  --parameter-overrides DeletionProtection=teardown --no-fail-on-empty-changeset\n{}",
+        &text[..start],
+        &text[end..]
+    )
+}
+
 /// Each edit of the README, and what CloudFormation answers it with.
 #[test]
 fn a_readme_drifting_from_the_templates_is_refused() {
@@ -1714,13 +1732,73 @@ fn a_readme_drifting_from_the_templates_is_refused() {
             text.replacen(" DeletionProtection=off\n", "\n", 1),
             "deploy kubeboot-production-a: creates ApiLoadBalancer with deletion protection on",
         ),
+        // The teardown leaves the load balancer protected: the delete fails
+        // on it (not on the table, which the delete keeps).
         (
             text.replacen(
-                " DeletionProtection=off --no-fail-on-empty-changeset",
-                " --no-fail-on-empty-changeset",
+                "ParameterKey=DeletionProtection,ParameterValue=teardown",
+                "ParameterKey=DeletionProtection,UsePreviousValue=true",
                 1,
             ),
-            "delete-stack kubeboot-production-a: Table has deletion protection on",
+            "delete-stack kubeboot-production-a: ApiLoadBalancer has deletion protection on",
+        ),
+        // The teardown turns off the table's protection too: the retained
+        // production table outlives the stack unprotected.
+        (
+            text.replacen(
+                "ParameterKey=DeletionProtection,ParameterValue=teardown",
+                "ParameterKey=DeletionProtection,ParameterValue=off",
+                1,
+            ),
+            "the teardown's update turns off Table's deletion protection, but the delete keeps Table",
+        ),
+        // The teardown uploads the checked-out template (the old teardown).
+        (
+            text.replacen(
+                "--use-previous-template --capabilities CAPABILITY_IAM",
+                "--template-body file://infra/cluster.json --capabilities CAPABILITY_IAM",
+                1,
+            ),
+            "the teardown's update uploads the local template infra/cluster.json",
+        ),
+        (
+            teardown_by_deploy(&text),
+            "the teardown's update uploads the local template infra/cluster.json",
+        ),
+        // Upgrading the network with other AZs than its subnets' replaces them.
+        (
+            text.replacen(
+                "--parameter-overrides AvailabilityZoneA=$az_a AvailabilityZoneB=$az_b",
+                "--parameter-overrides AvailabilityZoneA=$az_b AvailabilityZoneB=$az_a",
+                1,
+            ),
+            "deploy kubeboot-production-a-network: moves PrivateSubnetA from eu-west-1a to eu-west-1b",
+        ),
+        // update-stack gives an unnamed parameter its Default, not its
+        // previous value.
+        (
+            text.replacen("    ParameterKey=AlarmEmail,UsePreviousValue=true \\\n", "", 1),
+            "update-stack kubeboot-production-a: Parameters: [AlarmEmail] must have values",
+        ),
+        (
+            text.replacen(
+                "ParameterKey=DeletionProtection,ParameterValue=teardown",
+                "ParameterKey=DeletionProtection,ParameterValue=gone",
+                1,
+            ),
+            "update-stack kubeboot-production-a: DeletionProtection=gone is not one of",
+        ),
+        (
+            text.replacen(
+                "ParameterKey=Stage,UsePreviousValue=true",
+                "ParameterKey=Stages,UsePreviousValue=true",
+                1,
+            ),
+            "update-stack kubeboot-production-a: Parameters: [Stages] do not exist",
+        ),
+        (
+            text.replacen(" --use-previous-template", "", 1),
+            "update-stack kubeboot-production-a: give exactly one of --template-body, --use-previous-template",
         ),
         (
             text.replacen(
@@ -1806,7 +1884,9 @@ fn a_failed_first_create_leaves_nothing_behind_and_a_delete_keeps_the_state() {
 }
 
 /// Production protects the table and the NLB unless `DeletionProtection=off`
-/// (first create, teardown); no other stage does.
+/// (first create), and the table alone with `teardown`; no other stage
+/// protects either. Before `teardown` existed the README's teardown ran
+/// `off`, leaving the retained production table unprotected.
 #[test]
 fn deletion_protection_follows_the_stage_unless_turned_off() {
     let t = template("cluster.json");
@@ -1827,6 +1907,13 @@ fn deletion_protection_follows_the_stage_unless_turned_off() {
             Vec::<String>::new(),
             "{stage} off"
         );
+        // Teardown: the NLB's off, the table's as the stage says.
+        let mut teardown = staged(t.clone(), stage);
+        teardown
+            .params
+            .insert("DeletionProtection".into(), "teardown".into());
+        let want: Vec<String> = want.into_iter().filter(|r| r == "Table").collect();
+        assert_eq!(commands::protected(&teardown), want, "{stage} teardown");
     }
     assert!(
         t["Parameters"]["DeletionProtection"]["Default"] == "stage",
@@ -1992,6 +2079,9 @@ fn iso_duration(text: &str) -> Option<std::time::Duration> {
         .then_some(std::time::Duration::from_secs(secs))
 }
 
+/// From an instance's launch to the agent's start (EC2 boot, systemd).
+const BOOT_MARGIN: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
 /// How control planes roll: one at a time, each replacement signalled in
 /// (joined, its etcd member confirmed) before an old one goes, within a
 /// pause longer than the agent's own join deadlines; and the first create
@@ -2008,9 +2098,20 @@ fn rolling_problems(s: &Stack) -> Vec<String> {
     let cfg = node_config(s, Role::ControlPlane);
     let t = &cfg.timeouts;
     // A control plane that replaces another: wait for join material, kubeadm
-    // join, learner promotion, Ready. (The membership lock is free during a
-    // roll: the old member is removed only after this one has signalled.)
-    let join = t.join_material + t.kubeadm_join + cfg.etcd.promote_timeout + t.node_ready;
+    // join, learner promotion, Ready, and the membership lock. The lock is
+    // not free during a roll: CloudFormation terminates the old instance
+    // after the new one signals, and the old one's termination hook (the
+    // leader removes its etcd member under the membership lock) can overlap
+    // the NEXT replacement's join, which then waits up to
+    // lock.acquire_timeout. The values are the user-data's (the agent's
+    // defaults where it sets none), plus a margin for the instance's boot
+    // before the agent starts.
+    let join = cfg.lock.acquire_timeout
+        + t.join_material
+        + t.kubeadm_join
+        + cfg.etcd.promote_timeout
+        + t.node_ready
+        + BOOT_MARGIN;
     let Some(rolling) = group["UpdatePolicy"]["AutoScalingRollingUpdate"].as_object() else {
         p.push("ControlPlaneGroup has no UpdatePolicy AutoScalingRollingUpdate: launch template changes never reach running control planes".into());
         return p;
@@ -2040,9 +2141,9 @@ fn rolling_problems(s: &Stack) -> Vec<String> {
         p.push("the rolling update does not wait for the new control plane's signal".into());
     }
     let pause = iso_duration(&scalar(&rolling["PauseTime"]));
-    if !pause.is_some_and(|d| d > join && d <= std::time::Duration::from_secs(3600)) {
+    if !pause.is_some_and(|d| d >= join && d <= std::time::Duration::from_secs(3600)) {
         p.push(format!(
-            "PauseTime {} is not above the agent's join deadlines ({} s) and at most PT1H",
+            "PauseTime {} is not above the agent's join deadlines with the membership lock and a boot margin ({} s) and at most PT1H",
             rolling["PauseTime"],
             join.as_secs()
         ));
@@ -2070,6 +2171,7 @@ fn rolling_problems(s: &Stack) -> Vec<String> {
     // under the membership lock.
     let create = t.kubeadm_init
         + t.node_ready
+        + BOOT_MARGIN
         + cfg.lock.acquire_timeout
         + join * u32::try_from(desired.saturating_sub(1)).unwrap_or(0);
     if iso_duration(&scalar(&signal["Timeout"])).is_none_or(|d| d <= create) {
@@ -2114,6 +2216,22 @@ fn control_planes_roll_one_at_a_time_each_signalled_in_before_an_old_one_goes() 
             .remove("UpdatePolicy");
     });
     assert!(rolling_problems(&s)[0].contains("no UpdatePolicy"));
+    // The deadlines are read from the user-data: without its [lock] value the
+    // agent's default (20m) no longer fits.
+    let s = edited(|t| {
+        let sub = &mut t["Resources"]["ControlPlaneLaunchTemplate"]["Properties"]
+            ["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"];
+        let text = scalar(sub);
+        assert!(text.contains("acquire_timeout = \"15m\"\n"), "{text}");
+        *sub = json!(text.replacen("acquire_timeout = \"15m\"\n", "", 1));
+    });
+    let problems = rolling_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("PauseTime \"PT1H\" is not above the agent's join deadlines with the membership lock and a boot margin (3720 s)")),
+        "{problems:#?}"
+    );
 }
 
 /// Before: the subnets took the first three of `Fn::GetAZs` ("PrivateSubnetA
@@ -2171,4 +2289,50 @@ fn the_cost_table_counts_the_interface_endpoints_the_network_makes() {
         text.contains(&format!("| Interface VPC endpoints ({n} services) |")),
         "infra/README.md's cost table does not count {n} interface endpoints"
     );
+    assert_none(cost_count_problems(&text));
+}
+
+/// The logical ids of `kind` resources in both templates.
+fn resources_of_type(kind: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for file in ["network.json", "cluster.json"] {
+        let t = template(file);
+        for (id, r) in t["Resources"].as_object().expect("resources") {
+            if r["Type"] == kind {
+                out.push(id.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The cost table's KMS key and secret rows against the templates: each
+/// customer-managed key is $1 a month, each secret $0.40 a month, in every
+/// stage (none of them is conditional).
+fn cost_count_problems(text: &str) -> Vec<String> {
+    let mut p = Vec::new();
+    let keys = resources_of_type("AWS::KMS::Key");
+    let secrets = resources_of_type("AWS::SecretsManager::Secret");
+    for (what, n, price) in [
+        ("KMS keys", keys.len(), 1.0),
+        ("Secrets Manager secrets", secrets.len(), 0.40),
+    ] {
+        let cost = format!("${:.2}", n as f64 * price);
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {what} (")))
+            .unwrap_or_default();
+        if !row.starts_with(&format!("| {what} ({n}: "))
+            || row.matches(&format!(" {cost} |")).count() != 3
+        {
+            p.push(format!(
+                "infra/README.md's cost table row {row:?} does not count the templates' {n} {what} ({}) at {cost} in each stage",
+                match what {
+                    "KMS keys" => keys.join(", "),
+                    _ => secrets.join(", "),
+                }
+            ));
+        }
+    }
+    p
 }

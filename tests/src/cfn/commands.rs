@@ -24,8 +24,19 @@
 //!   found"), and an export name another live stack already exports;
 //! - `delete-stack` of a stack whose exports another stack imports ("Export
 //!   X cannot be deleted as it is in use by Y");
+//! - `update-stack` (UpdateStack API): exactly one of `--template-body` and
+//!   `--use-previous-template`; a parameter not named in `--parameters`
+//!   takes its Default (not its previous value; API reference, Parameter),
+//!   so one without a Default must be named; `UsePreviousValue=true` only for
+//!   a parameter the stack has; a parameter the template does not declare;
 //! - resources with deletion protection: a delete fails, and so does the
-//!   rollback of a failed first create (ROLLBACK_FAILED);
+//!   rollback of a failed first create (ROLLBACK_FAILED); a resource the
+//!   delete keeps (`Retain`, `RetainExceptOnCreate`) does not stop it.
+//!
+//! And what a teardown must not do (the update right before a
+//! `delete-stack`): upload the local template (`deploy`, `--template-body`),
+//! which rolls the control planes first if it differs from the deployed one,
+//! or turn off the deletion protection of a resource the delete keeps.
 //! - stack tags are propagated to the Auto Scaling groups and on to their
 //!   instances, whose tags are in IMDS: EC2 refuses keys with `/` or spaces.
 
@@ -296,6 +307,21 @@ struct Deployed {
     template: Value,
     params: BTreeMap<String, String>,
     live: bool,
+    /// The last update of the stack (none since its create): a
+    /// `delete-stack` right after it (waits aside) makes it the teardown's.
+    last_update: Option<Update>,
+}
+
+/// What an update did that matters to a teardown.
+struct Update {
+    /// The command, for messages.
+    text: String,
+    /// The local template it uploaded (`deploy --template-file`,
+    /// `update-stack --template-body`); `None` for `--use-previous-template`.
+    local_template: Option<String>,
+    /// Resources kept on delete (`Retain`, `RetainExceptOnCreate`) whose
+    /// deletion protection the update turned off.
+    unprotected: Vec<String>,
 }
 
 /// Every refusal CloudFormation would answer `commands` with, run in order
@@ -303,6 +329,9 @@ struct Deployed {
 pub fn problems(root: &Path, commands: &[Command]) -> Vec<String> {
     let mut p = Vec::new();
     let mut stacks: BTreeMap<String, Deployed> = BTreeMap::new();
+    // The stack the last command (waits aside) updated: a delete-stack of
+    // it right after makes that update the teardown's.
+    let mut just_updated: Option<String> = None;
     for c in commands {
         if c.argv.first().map(String::as_str) != Some("aws")
             || c.argv.get(1).map(String::as_str) != Some("cloudformation")
@@ -322,8 +351,25 @@ pub fn problems(root: &Path, commands: &[Command]) -> Vec<String> {
             p.push(format!("no --stack-name: {}", c.text));
             continue;
         };
+        let teardown = if sub == "wait" {
+            None
+        } else {
+            just_updated
+                .take()
+                .filter(|n| *n == name && sub == "delete-stack")
+        };
         match sub.as_str() {
-            "deploy" => deploy(root, c, &flags, &name, &mut stacks, &mut p),
+            "deploy" | "update-stack" => {
+                let before = stacks.get(&name).filter(|s| s.live).is_some();
+                if sub == "deploy" {
+                    deploy(root, c, &flags, &name, &mut stacks, &mut p);
+                } else {
+                    update_stack(root, c, &flags, &name, &mut stacks, &mut p);
+                }
+                if before {
+                    just_updated = Some(name.clone());
+                }
+            }
             "describe-stacks" => {
                 let Some(s) = stacks.get(&name).filter(|s| s.live) else {
                     p.push(format!(
@@ -354,6 +400,20 @@ pub fn problems(root: &Path, commands: &[Command]) -> Vec<String> {
                     p.push(format!("delete-stack {name}: no such stack was deployed"));
                     continue;
                 };
+                if let Some(u) = s.last_update.as_ref().filter(|_| teardown.is_some()) {
+                    if let Some(f) = &u.local_template {
+                        p.push(format!(
+                            "delete-stack {name}: the teardown's update uploads the local template {f} ({}): if it differs from the deployed one, the update first rolls every control plane (up to PauseTime each) and may roll back before the delete; update with --use-previous-template",
+                            u.text
+                        ));
+                    }
+                    for r in &u.unprotected {
+                        p.push(format!(
+                            "delete-stack {name}: the teardown's update turns off {r}'s deletion protection, but the delete keeps {r} (its DeletionPolicy retains it): it outlives the stack unprotected ({})",
+                            u.text
+                        ));
+                    }
+                }
                 if let Some(stack) = evaluable(s, &stacks, &name) {
                     let exports = stack.exports();
                     for (other, o) in stacks.iter().filter(|(n, o)| o.live && **n != name) {
@@ -366,7 +426,12 @@ pub fn problems(root: &Path, commands: &[Command]) -> Vec<String> {
                             }
                         }
                     }
-                    for r in protected(&stack) {
+                    // A retained resource is not deleted, so its protection
+                    // does not stop the delete.
+                    for r in protected(&stack)
+                        .into_iter()
+                        .filter(|r| !retained(&stack, r))
+                    {
                         p.push(format!("delete-stack {name}: {r} has deletion protection on; the delete fails (turn it off with a stack update first)"));
                     }
                 }
@@ -409,8 +474,10 @@ fn flags(c: &Command) -> Result<BTreeMap<String, Vec<String>>, String> {
         "--query",
         "--output",
         "--region",
+        "--parameters",
+        "--template-body",
     ];
-    const SWITCHES: &[&str] = &["--no-fail-on-empty-changeset"];
+    const SWITCHES: &[&str] = &["--no-fail-on-empty-changeset", "--use-previous-template"];
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut current: Option<String> = None;
     let start = if c.argv.get(2).map(String::as_str) == Some("wait") {
@@ -454,39 +521,23 @@ fn deploy(
         p.push(format!("deploy {name}: no --template-file"));
         return;
     };
-    let text = match std::fs::read_to_string(root.join(&file)) {
-        Ok(t) => t,
-        Err(e) => {
-            p.push(format!("deploy {name}: template {file}: {e}"));
-            return;
-        }
-    };
-    let template: Value = match serde_json::from_str(&text) {
-        Ok(t) => t,
-        Err(e) => {
-            p.push(format!("deploy {name}: {file} is not JSON: {e}"));
-            return;
-        }
+    let Some(template) = read_template(root, &file, "deploy", name, p) else {
+        return;
     };
     let declared = template["Parameters"]
         .as_object()
         .cloned()
         .unwrap_or_default();
     let previous = stacks.get(name).filter(|s| s.live);
-    let creating = previous.is_none();
+    // `deploy` keeps the previous value of every parameter it does not
+    // name (aws/aws-cli#2599).
     let mut params: BTreeMap<String, String> =
         previous.map(|s| s.params.clone()).unwrap_or_default();
     let overrides = flags
         .get("--parameter-overrides")
         .cloned()
         .unwrap_or_default();
-    let dynamic: BTreeSet<String> = c
-        .argv
-        .iter()
-        .zip(&c.dynamic)
-        .filter(|(_, d)| **d)
-        .map(|(w, _)| w.clone())
-        .collect();
+    let dynamic = dynamic_words(c);
     for o in &overrides {
         let Some((k, v)) = o.split_once('=') else {
             p.push(format!(
@@ -500,10 +551,8 @@ fn deploy(
             ));
             continue;
         };
-        if let Some(allowed) = decl["AllowedValues"].as_array() {
-            if !dynamic.contains(o) && !allowed.iter().any(|a| scalar(a) == v) {
-                p.push(format!("deploy {name}: {k}={v} is not one of {allowed:?}"));
-            }
+        if !dynamic.contains(o) {
+            allowed(decl, k, v, "deploy", name, p);
         }
         params.insert(k.to_string(), v.to_string());
     }
@@ -514,6 +563,222 @@ fn deploy(
             ));
         }
     }
+    apply(
+        c,
+        flags,
+        name,
+        Deployed {
+            file: file.clone(),
+            template,
+            params,
+            live: true,
+            last_update: None,
+        },
+        Some(file),
+        stacks,
+        p,
+    );
+}
+
+/// `aws cloudformation update-stack` (CloudFormation's UpdateStack API):
+/// one of `--use-previous-template` (the template the stack was last
+/// deployed with) or `--template-body file://…`; every parameter it does
+/// not name in `--parameters` takes the template's Default, not its
+/// previous value ("If you don't specify a key and value for a particular
+/// parameter, CloudFormation uses the default value that's specified in
+/// your template", API reference, Parameter), and one without a Default
+/// must be named; `UsePreviousValue=true` keeps the stack's value and needs
+/// a parameter the stack already has.
+fn update_stack(
+    root: &Path,
+    c: &Command,
+    flags: &BTreeMap<String, Vec<String>>,
+    name: &str,
+    stacks: &mut BTreeMap<String, Deployed>,
+    p: &mut Vec<String>,
+) {
+    let Some(previous) = stacks.get(name).filter(|s| s.live) else {
+        p.push(format!(
+            "update-stack {name}: Stack with id {name} does not exist"
+        ));
+        return;
+    };
+    let body = flags
+        .get("--template-body")
+        .and_then(|v| v.first())
+        .cloned();
+    let reuse = flags.contains_key("--use-previous-template");
+    let (file, template, local) = match (body, reuse) {
+        (Some(b), false) => {
+            let Some(file) = b.strip_prefix("file://").map(String::from) else {
+                p.push(format!(
+                    "update-stack {name}: --template-body {b:?} is not file://<path> (not checked by this test)"
+                ));
+                return;
+            };
+            let Some(t) = read_template(root, &file, "update-stack", name, p) else {
+                return;
+            };
+            (file.clone(), t, Some(file))
+        }
+        (None, true) => (previous.file.clone(), previous.template.clone(), None),
+        _ => {
+            p.push(format!(
+                "update-stack {name}: give exactly one of --template-body, --use-previous-template ({})",
+                c.text
+            ));
+            return;
+        }
+    };
+    let declared = template["Parameters"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let before = previous.template["Parameters"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let mut params: BTreeMap<String, String> = BTreeMap::new();
+    for word in flags.get("--parameters").cloned().unwrap_or_default() {
+        let mut key = None;
+        let mut value = None;
+        let mut keep = false;
+        for field in word.split(',') {
+            match field.split_once('=') {
+                Some(("ParameterKey", k)) => key = Some(k.to_string()),
+                Some(("ParameterValue", v)) => value = Some(v.to_string()),
+                Some(("UsePreviousValue", "true")) => keep = true,
+                Some(("UsePreviousValue", "false")) => {}
+                _ => p.push(format!(
+                    "update-stack {name}: --parameters field {field:?} is not checked by this test ({word})"
+                )),
+            }
+        }
+        let Some(k) = key else {
+            p.push(format!("update-stack {name}: {word:?} has no ParameterKey"));
+            continue;
+        };
+        let Some(decl) = declared.get(&k) else {
+            p.push(format!(
+                "update-stack {name}: Parameters: [{k}] do not exist in the template {file}"
+            ));
+            continue;
+        };
+        match (value, keep) {
+            (Some(_), true) | (None, false) => p.push(format!(
+                "update-stack {name}: {k}: give either ParameterValue or UsePreviousValue=true ({word})"
+            )),
+            (Some(v), false) => {
+                allowed(decl, &k, &v, "update-stack", name, p);
+                params.insert(k, v);
+            }
+            (None, true) => {
+                let old = previous.params.get(&k).cloned().or_else(|| {
+                    before
+                        .get(&k)
+                        .and_then(|d| d.get("Default"))
+                        .map(scalar)
+                });
+                match old {
+                    Some(v) if before.contains_key(&k) => {
+                        params.insert(k, v);
+                    }
+                    _ => p.push(format!(
+                        "update-stack {name}: Invalid input for parameter key {k}: UsePreviousValue for a parameter the stack does not have"
+                    )),
+                }
+            }
+        }
+    }
+    for (k, decl) in &declared {
+        if params.contains_key(k) {
+            continue;
+        }
+        match decl.get("Default") {
+            Some(d) => {
+                params.insert(k.clone(), scalar(d));
+            }
+            None => p.push(format!(
+                "update-stack {name}: Parameters: [{k}] must have values (not named: an update takes the Default, and {file} gives it none; UsePreviousValue=true keeps the stack's)"
+            )),
+        }
+    }
+    apply(
+        c,
+        flags,
+        name,
+        Deployed {
+            file,
+            template,
+            params,
+            live: true,
+            last_update: None,
+        },
+        local,
+        stacks,
+        p,
+    );
+}
+
+fn read_template(
+    root: &Path,
+    file: &str,
+    verb: &str,
+    name: &str,
+    p: &mut Vec<String>,
+) -> Option<Value> {
+    let text = match std::fs::read_to_string(root.join(file)) {
+        Ok(t) => t,
+        Err(e) => {
+            p.push(format!("{verb} {name}: template {file}: {e}"));
+            return None;
+        }
+    };
+    match serde_json::from_str(&text) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            p.push(format!("{verb} {name}: {file} is not JSON: {e}"));
+            None
+        }
+    }
+}
+
+/// The words of `c` that hold a `$(…)` output.
+fn dynamic_words(c: &Command) -> BTreeSet<String> {
+    c.argv
+        .iter()
+        .zip(&c.dynamic)
+        .filter(|(_, d)| **d)
+        .map(|(w, _)| w.clone())
+        .collect()
+}
+
+/// A value outside the parameter's AllowedValues.
+fn allowed(decl: &Value, k: &str, v: &str, verb: &str, name: &str, p: &mut Vec<String>) {
+    if let Some(allowed) = decl["AllowedValues"].as_array() {
+        if !allowed.iter().any(|a| scalar(a) == v) {
+            p.push(format!("{verb} {name}: {k}={v} is not one of {allowed:?}"));
+        }
+    }
+}
+
+/// Creates or updates stack `name` to `entry`: capabilities, stack tags,
+/// rules, imports and exports, protection on create; and records what an
+/// update did for a teardown that follows it.
+fn apply(
+    c: &Command,
+    flags: &BTreeMap<String, Vec<String>>,
+    name: &str,
+    mut entry: Deployed,
+    local_template: Option<String>,
+    stacks: &mut BTreeMap<String, Deployed>,
+    p: &mut Vec<String>,
+) {
+    let verb = c.argv.get(2).cloned().unwrap_or_default();
+    let file = entry.file.clone();
+    let template = &entry.template;
+    let previous = stacks.get(name).filter(|s| s.live);
+    let creating = previous.is_none();
     // Capabilities: any IAM resource needs CAPABILITY_IAM; one with a
     // custom name CAPABILITY_NAMED_IAM.
     let caps: BTreeSet<String> = flags
@@ -539,27 +804,23 @@ fn deploy(
     }
     if named && !caps.contains("CAPABILITY_NAMED_IAM") {
         p.push(format!(
-            "deploy {name}: InsufficientCapabilities: {file} has named IAM resources, --capabilities CAPABILITY_NAMED_IAM is missing"
+            "{verb} {name}: InsufficientCapabilities: {file} has named IAM resources, --capabilities CAPABILITY_NAMED_IAM is missing"
         ));
     } else if iam && !caps.contains("CAPABILITY_IAM") && !caps.contains("CAPABILITY_NAMED_IAM") {
         p.push(format!(
-            "deploy {name}: InsufficientCapabilities: {file} creates IAM resources, --capabilities CAPABILITY_IAM is missing"
+            "{verb} {name}: InsufficientCapabilities: {file} creates IAM resources, --capabilities CAPABILITY_IAM is missing"
         ));
     }
     for t in flags.get("--tags").cloned().unwrap_or_default() {
         let key = t.split_once('=').map(|(k, _)| k).unwrap_or(&t);
         if key.contains('/') || key.chars().any(char::is_whitespace) {
             p.push(format!(
-                "deploy {name}: stack tag {key:?} is propagated to instances, whose tags are in IMDS: EC2 refuses '/' and spaces there"
+                "{verb} {name}: stack tag {key:?} is propagated to instances, whose tags are in IMDS: EC2 refuses '/' and spaces there"
             ));
         }
     }
-    let entry = Deployed {
-        file: file.clone(),
-        template,
-        params,
-        live: true,
-    };
+    let old = previous.and_then(|s| evaluable(s, stacks, name));
+    let before: Vec<String> = old.as_ref().map(protected).unwrap_or_default();
     let stack = Stack::new(entry.template.clone(), &[]);
     let stack = Stack {
         params: stack
@@ -569,41 +830,79 @@ fn deploy(
             .collect(),
         ..stack
     };
-    if !complete(&stack) {
-        stacks.insert(name.to_string(), entry);
-        return;
-    }
-    for f in stack.rule_failures() {
-        p.push(format!("deploy {name}: rule {f}"));
-    }
-    let available = exports_except(stacks, name);
-    let mut resolvable = true;
-    for i in stack.import_names() {
-        if !available.contains_key(&i) {
-            p.push(format!(
-                "deploy {name}: No export named {i} found (Fn::ImportValue in {file})"
-            ));
-            resolvable = false;
+    let mut unprotected = Vec::new();
+    if complete(&stack) {
+        for f in stack.rule_failures() {
+            p.push(format!("{verb} {name}: rule {f}"));
         }
-    }
-    if resolvable {
-        let stack = stack.importing(available.clone());
-        for e in stack.exports().keys() {
-            if available.contains_key(e) {
+        let available = exports_except(stacks, name);
+        let mut resolvable = true;
+        for i in stack.import_names() {
+            if !available.contains_key(&i) {
                 p.push(format!(
-                    "deploy {name}: export {e} is already exported by another stack"
+                    "{verb} {name}: No export named {i} found (Fn::ImportValue in {file})"
                 ));
+                resolvable = false;
             }
         }
-        if creating {
-            for r in protected(&stack) {
-                p.push(format!(
-                    "deploy {name}: creates {r} with deletion protection on: a failed create cannot roll it back (ROLLBACK_FAILED); create with protection off, then turn it on with an update"
-                ));
+        if resolvable {
+            let stack = stack.importing(available.clone());
+            for e in stack.exports().keys() {
+                if available.contains_key(e) {
+                    p.push(format!(
+                        "{verb} {name}: export {e} is already exported by another stack"
+                    ));
+                }
             }
+            // A subnet's AvailabilityZone cannot change in place: the
+            // update replaces it, which fails while instances, endpoints or
+            // a load balancer use it (AWS::EC2::Subnet: "Update requires:
+            // Replacement").
+            if let Some(old) = &old {
+                for id in stack.of_type("AWS::EC2::Subnet") {
+                    if !old.resources().contains_key(&id) {
+                        continue;
+                    }
+                    let was = scalar(&old.prop(&id, "AvailabilityZone"));
+                    let now = scalar(&stack.prop(&id, "AvailabilityZone"));
+                    if was != now {
+                        p.push(format!(
+                            "{verb} {name}: moves {id} from {was} to {now}: CloudFormation replaces the subnet, which fails while the cluster uses it (give the AZs its subnets are in)"
+                        ));
+                    }
+                }
+            }
+            let after = protected(&stack);
+            if creating {
+                for r in &after {
+                    p.push(format!(
+                        "{verb} {name}: creates {r} with deletion protection on: a failed create cannot roll it back (ROLLBACK_FAILED); create with protection off, then turn it on with an update"
+                    ));
+                }
+            }
+            unprotected = before
+                .into_iter()
+                .filter(|r| !after.contains(r) && retained(&stack, r))
+                .collect();
         }
+    }
+    if !creating {
+        entry.last_update = Some(Update {
+            text: c.text.split_whitespace().collect::<Vec<_>>().join(" "),
+            local_template,
+            unprotected,
+        });
     }
     stacks.insert(name.to_string(), entry);
+}
+
+/// Whether a stack delete keeps resource `id` (`DeletionPolicy` `Retain`,
+/// or `RetainExceptOnCreate` once the create has completed).
+fn retained(stack: &Stack, id: &str) -> bool {
+    matches!(
+        scalar(&stack.resource(id)["DeletionPolicy"]).as_str(),
+        "Retain" | "RetainExceptOnCreate"
+    )
 }
 
 /// Whether every parameter has a value (else the stack was refused).
