@@ -385,9 +385,18 @@ async fn registry_writes_through_conflicts_apply_once_and_refusals_are_read_back
         certs_expire_at: None,
         published_at: SystemTime::now(),
     };
-    for with_item in [false, true] {
+    // The agent never asks for the item (ReturnValuesOnConditionCheckFailure),
+    // so DynamoDB's refusal carries none and the read-back is its only
+    // path: the proxy offers the item (with_item) and, like DynamoDB, sends
+    // it only when asked. Whoever makes the agent ask must test that path.
+    let asks_for_item = agent_sources_mentioning("return_values_on_condition_check_failure");
+    assert!(
+        asks_for_item.is_empty(),
+        "the agent now asks for the refused item in {asks_for_item:?}: test what it does with it"
+    );
+    {
         t.proxy.set_faults(
-            FaultPlan::always(FaultKind::ConditionalCheckFailed { with_item })
+            FaultPlan::always(FaultKind::ConditionalCheckFailed { with_item: true })
                 .only(&["TransactWriteItems"]),
         );
         let before = t.proxy.log_for("GetItem").len();
@@ -428,4 +437,26 @@ async fn guard_for_publish(locker: &Locker<DynamoLockStore>) -> kubeboot::lock::
     // The leader guard above was told it lost; take the lock anew (it is
     // still ours in the table, so wait out its lease like any contender).
     locker.acquire(Purpose::Leader).await.expect("leader again")
+}
+
+/// The agent's source files (agent/src) that contain `needle`.
+fn agent_sources_mentioning(needle: &str) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path, needle: &str, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("agent/src readable") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, needle, found);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && std::fs::read_to_string(&path)
+                    .expect("source")
+                    .contains(needle)
+            {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = vec![];
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
+    walk(&src, needle, &mut found);
+    found
 }
