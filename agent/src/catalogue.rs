@@ -360,9 +360,6 @@ catalogue! {
     CERT_DEFERRED = "KB-CERT-006", "renewal deferred: restarting would cost quorum",
         cause: "The certificates are due, but restarting this control plane (about a minute without its etcd member) would leave fewer healthy voters than quorum of the full cluster: another control plane is dead or unhealthy (awaiting replacement), the cluster has only two voters, or etcd could not be asked. Nothing was renewed or restarted; a warning, not a failure.",
         check: "`kubeboot etcd members` and `kubeboot status`: bring the unhealthy member back or replace it; the renewal is retried every turn and goes ahead once the others keep quorum. Metric CertificateRenewalsDeferred.";
-}
-
-/// An error with a catalogue entry.
 
     STACK_SIGNAL_REFUSED = "KB-STACK-001", "CloudFormation refused the control plane's signal",
         cause: "After a successful bootstrap the agent signals SUCCESS to aws.cloudformation_resource in aws.cloudformation_stack, and CloudFormation refused it: the role may not call cloudformation:SignalResource on the stack, or a key names a stack or logical id that does not exist. A warning, not a failure: bootstrap succeeded, and a rolling update waiting for this control plane times out after its PauseTime and rolls back. Metric StackSignalFailed.",
@@ -370,6 +367,9 @@ catalogue! {
     STACK_SIGNAL_UNAVAILABLE = "KB-STACK-002", "CloudFormation did not take the control plane's signal in time",
         cause: "SignalResource was throttled, failed (5xx) or timed out after the SDK's retries. A warning, not a failure: bootstrap succeeded, and a rolling update waiting for this control plane times out after its PauseTime and rolls back. Metric StackSignalFailed.",
         check: "Network or VPC endpoint to CloudFormation (aws.endpoints.cloudformation), aws.max_attempts and aws.operation_timeout; `systemctl restart kubeboot-bootstrap` signals again while the update waits.";
+}
+
+/// An error with a catalogue entry.
 pub trait Coded {
     /// Its catalogue entry.
     fn entry(&self) -> &'static Entry;
@@ -679,10 +679,6 @@ impl Coded for certs::Error {
     }
 }
 
-impl Coded for refresh::Error {
-    fn entry(&self) -> &'static Entry {
-        use refresh::Error as E;
-        match self {
 impl Coded for cloudformation::Error {
     fn entry(&self) -> &'static Entry {
         use cloudformation::Error as E;
@@ -693,6 +689,10 @@ impl Coded for cloudformation::Error {
     }
 }
 
+impl Coded for refresh::Error {
+    fn entry(&self) -> &'static Entry {
+        use refresh::Error as E;
+        match self {
             E::Registry(e) => e.entry(),
             E::JoinMaterial(e) => e.entry(),
             E::Kubeadm(e) => e.entry(),

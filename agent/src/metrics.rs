@@ -108,8 +108,8 @@ catalogue! {
     CERTIFICATE_RENEWALS = "CertificateRenewals", Count, [], "Certificate renewals (kubeadm certs renew all and a control-plane restart) that completed.";
     CERTIFICATE_RENEWAL_FAILURES = "CertificateRenewalFailures", Count, [], "Certificate renewals that failed this turn (retried next turn).";
     CERTIFICATE_RENEWALS_DEFERRED = "CertificateRenewalsDeferred", Count, [], "Certificate renewals put off this turn because restarting the control plane would cost etcd's quorum (retried next turn).";
-}
     STACK_SIGNAL_FAILED = "StackSignalFailed", Count, [], "A bootstrapped control plane could not signal its CloudFormation stack (refused, throttled or timed out); a rolling update waiting for it times out and rolls back.";
+}
 
 /// Looks a metric up by name (alarms and docs name metrics by string).
 pub fn by_name(name: &str) -> Option<&'static Metric> {

@@ -162,7 +162,10 @@ async fn a_control_plane_signals_success_once_after_its_member_is_confirmed_and_
         "{}",
         tail(&again.stderr)
     );
-    let l = line(&again, "counted this control plane's signal at an earlier start");
+    let l = line(
+        &again,
+        "counted this control plane's signal at an earlier start",
+    );
     assert_eq!(l["level"], "INFO", "{l}");
     let calls = f.signals.calls();
     assert_eq!(
