@@ -147,21 +147,76 @@ const TRANSIENT_CODES: &[&str] = &[
     "InternalError",
     "ServiceUnavailable",
     "ServiceUnavailableException",
-    "LimitExceededException",
 ];
+
+/// Whether `E` is an operation error of the DynamoDB SDK. Its
+/// `LimitExceededException` means "too many control-plane operations at
+/// once" (DynamoDB API reference, Common Errors: "wait and retry"), so it is
+/// weather; the same code from Secrets Manager is a quota ("the request
+/// failed because it would exceed one of the Secrets Manager quotas", e.g.
+/// versions of a secret in 24 hours, PutSecretValue, Errors) that holds for
+/// hours, so it is permanent there. The error carries no service name; its
+/// type does (`aws_sdk_dynamodb::operation::...`).
+fn is_dynamodb_error<E>() -> bool {
+    std::any::type_name::<E>().starts_with("aws_sdk_dynamodb::")
+}
+
+/// A dispatch failure is weather only when the request could not get
+/// through: a timeout, an I/O error, or an `other` failure the connector
+/// itself marked transient. The orchestrator also reports as dispatch
+/// failures what fails before transmission — loading credentials
+/// (`CredentialsNotLoaded` on a node without an instance profile),
+/// resolving the endpoint, signing — as `ConnectorError::other(.., None)`
+/// (aws-smithy-runtime, `orchestrator.rs`, `try_attempt`: "BeforeTransmit"
+/// errors `.map_err(|e| OrchestratorError::other(..))` then
+/// `SdkError::dispatch_failure(ConnectorError::other(..))`): trying again
+/// does not help those, except a credentials provider that timed out (IMDS
+/// slow to answer), found by its message in the source chain because the
+/// error types (`aws_credential_types::provider::error::CredentialsError::
+/// ProviderTimedOut`, the identity cache's private `TimedOutError`) are not
+/// reachable from here.
+fn classify_dispatch_failure(
+    failure: &aws_smithy_runtime_api::client::result::DispatchFailure,
+) -> RetryClass {
+    use aws_smithy_types::retry::ErrorKind;
+    if failure.is_timeout() || failure.is_io() {
+        return RetryClass::Transient;
+    }
+    if matches!(
+        failure.as_other(),
+        Some(ErrorKind::TransientError | ErrorKind::ThrottlingError | ErrorKind::ServerError)
+    ) {
+        return RetryClass::Transient;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = failure
+        .as_connector_error()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(e) = source {
+        let text = e.to_string();
+        // aws-credential-types `CredentialsError::ProviderTimedOut` and
+        // aws-smithy-runtime's identity cache `TimedOutError`.
+        if text.starts_with("credentials provider timed out")
+            || text.starts_with("identity resolver timed out")
+        {
+            return RetryClass::Transient;
+        }
+        source = e.source();
+    }
+    RetryClass::Permanent
+}
 
 /// Classifies an AWS SDK error after the SDK's own retries gave up: still
 /// transient (the caller may re-run its whole step later) or permanent.
 pub fn classify_sdk_error<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> RetryClass {
     match err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            RetryClass::Transient
-        }
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => RetryClass::Transient,
+        SdkError::DispatchFailure(failure) => classify_dispatch_failure(failure),
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or_default();
             let status = service.raw().status().as_u16();
             if TRANSIENT_CODES.contains(&code)
                 || SSM_THROTTLING_CODES.contains(&code)
+                || (code == "LimitExceededException" && is_dynamodb_error::<E>())
                 || status == 429
                 || status >= 500
             {
@@ -352,6 +407,101 @@ mod tests {
         assert_eq!(classify_sdk_error(&timeout), RetryClass::Transient);
         assert!(outcome_unknown(&timeout));
         assert!(!outcome_unknown(&service("ThrottlingException", 400)));
+    }
+
+    fn dispatch(
+        c: aws_smithy_runtime_api::client::result::ConnectorError,
+    ) -> SdkError<Svc, HttpResponse> {
+        SdkError::dispatch_failure(c)
+    }
+
+    /// An error with a source, like the identity resolver's wrapping of a
+    /// credentials provider's error.
+    #[derive(Debug)]
+    struct Wrapped(&'static str, Box<dyn std::error::Error + Send + Sync>);
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(self.1.as_ref())
+        }
+    }
+
+    #[test]
+    fn a_dispatch_failure_is_weather_only_when_the_request_could_not_get_through() {
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        // No credentials (no instance profile): the orchestrator reports the
+        // identity resolver's error as ConnectorError::other(.., None).
+        let no_credentials = dispatch(ConnectorError::other(
+            Box::new(Wrapped(
+                "failed to resolve identity",
+                "the credential provider was not enabled".into(),
+            )),
+            None,
+        ));
+        assert_eq!(classify_sdk_error(&no_credentials), RetryClass::Permanent);
+        let no_endpoint = dispatch(ConnectorError::other(
+            "failed to resolve endpoint: invalid region".into(),
+            None,
+        ));
+        assert_eq!(classify_sdk_error(&no_endpoint), RetryClass::Permanent);
+        let user = dispatch(ConnectorError::user("bad request body".into()));
+        assert_eq!(classify_sdk_error(&user), RetryClass::Permanent);
+        let io = dispatch(ConnectorError::io(
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused").into(),
+        ));
+        assert_eq!(classify_sdk_error(&io), RetryClass::Transient);
+        let timeout = dispatch(ConnectorError::timeout("connect timed out".into()));
+        assert_eq!(classify_sdk_error(&timeout), RetryClass::Transient);
+        let provider_timeout = dispatch(ConnectorError::other(
+            Box::new(Wrapped(
+                "failed to resolve identity",
+                "credentials provider timed out after 5 seconds".into(),
+            )),
+            None,
+        ));
+        assert_eq!(classify_sdk_error(&provider_timeout), RetryClass::Transient);
+        let marked = dispatch(ConnectorError::other(
+            "connection reset".into(),
+            Some(aws_smithy_types::retry::ErrorKind::TransientError),
+        ));
+        assert_eq!(classify_sdk_error(&marked), RetryClass::Transient);
+    }
+
+    #[test]
+    fn limit_exceeded_is_weather_for_dynamodb_only() {
+        // Secrets Manager's (here any non-DynamoDB error type) is a quota.
+        assert_eq!(
+            classify_sdk_error(&service("LimitExceededException", 400)),
+            RetryClass::Permanent
+        );
+        let raw = HttpResponse::new(StatusCode::try_from(400).unwrap(), SdkBody::empty());
+        let dynamo: SdkError<aws_sdk_dynamodb::operation::put_item::PutItemError, HttpResponse> =
+            SdkError::service_error(
+                aws_sdk_dynamodb::operation::put_item::PutItemError::generic(
+                    ErrorMetadata::builder()
+                        .code("LimitExceededException")
+                        .build(),
+                ),
+                raw,
+            );
+        assert_eq!(classify_sdk_error(&dynamo), RetryClass::Transient);
+        let raw = HttpResponse::new(StatusCode::try_from(400).unwrap(), SdkBody::empty());
+        let secrets: SdkError<
+            aws_sdk_secretsmanager::operation::put_secret_value::PutSecretValueError,
+            HttpResponse,
+        > = SdkError::service_error(
+            aws_sdk_secretsmanager::operation::put_secret_value::PutSecretValueError::generic(
+                ErrorMetadata::builder()
+                    .code("LimitExceededException")
+                    .build(),
+            ),
+            raw,
+        );
+        assert_eq!(classify_sdk_error(&secrets), RetryClass::Permanent);
     }
 
     #[derive(Debug)]
