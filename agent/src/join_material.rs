@@ -731,6 +731,23 @@ pub struct JoinStore {
     /// failed write, after a restart and after a change of leader
     /// ([`JoinStore::ensure_discovery`]); shared by clones.
     discovery_written: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
+    /// The ClientRequestToken of the last version written to each secret,
+    /// by the digest of its content: a step that writes the same content
+    /// again (its earlier PutSecretValue applied but the answer was lost)
+    /// sends the same token, which Secrets Manager treats as the same
+    /// request (same token and content: no new version); shared by clones.
+    request_tokens: std::sync::Arc<std::sync::Mutex<RequestTokens>>,
+}
+
+/// Per secret (token, key): the digest of the last content written and the
+/// ClientRequestToken it was written with. Shows no digest in `Debug`.
+#[derive(Default)]
+struct RequestTokens([Option<([u8; 32], String)>; 2]);
+
+impl std::fmt::Debug for RequestTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestTokens(..)")
+    }
 }
 
 /// Which of the two secrets a call is about.
@@ -762,6 +779,7 @@ impl JoinStore {
         );
         JoinStore {
             discovery_written: Default::default(),
+            request_tokens: Default::default(),
             secrets,
             ssm,
             secret_name: secret_name.into(),
@@ -831,7 +849,9 @@ impl JoinStore {
     /// 1. the lock must still be held (fail fast, write nothing);
     /// 2. a new token-secret version (PutSecretValue, or CreateSecret if the
     ///    secret does not exist yet — the stack creates it in production) with
-    ///    a fresh ClientRequestToken, so the SDK's retries are idempotent;
+    ///    a ClientRequestToken made once per content, so the SDK's retries and
+    ///    a caller's retry of the same `material` are idempotent (no second
+    ///    version when an applied write lost its answer);
     /// 3. a new certificate-key version, unless `keep_key_version` names the
     ///    version already holding this material's key (a token-only refresh).
     ///
@@ -1054,9 +1074,10 @@ impl JoinStore {
     /// Writes a new version of one secret and returns its VersionId.
     async fn put_secret(&self, which: Which, body: &Secret<String>) -> Result<String, Error> {
         let name = self.name(which);
-        // One token for the whole step: the SDK's retries, and the fallback
-        // put after a concurrent create, are then idempotent.
-        let request_token = uuid::Uuid::new_v4().to_string();
+        // One token per content: the SDK's retries, the fallback put after
+        // a concurrent create and the caller's step retries of the same
+        // publication are then idempotent.
+        let request_token = self.request_token(which, body);
         let put = || {
             self.secrets
                 .put_secret_value()
@@ -1104,6 +1125,33 @@ impl JoinStore {
         };
         // Secrets Manager uses the ClientRequestToken as the VersionId.
         Ok(version.unwrap_or(request_token))
+    }
+
+    /// The ClientRequestToken for writing `body` to secret `which`: the one
+    /// the last write of the same content used, or a new one.
+    fn request_token(&self, which: Which, body: &Secret<String>) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update(self.name(which).as_bytes());
+        hasher.update([0]);
+        hasher.update(body.expose().as_bytes());
+        let digest: [u8; 32] = hasher.finalize().into();
+        let mut tokens = self
+            .request_tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = match which {
+            Which::Token => &mut tokens.0[0],
+            Which::Key => &mut tokens.0[1],
+        };
+        match slot {
+            Some((last, token)) if *last == digest => token.clone(),
+            _ => {
+                let token = uuid::Uuid::new_v4().to_string();
+                *slot = Some((digest, token.clone()));
+                token
+            }
+        }
     }
 
     async fn put_parameter(&self, name: &str, value: &str) -> Result<(), Error> {
