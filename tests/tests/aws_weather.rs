@@ -436,3 +436,55 @@ async fn a_publish_whose_ssm_write_keeps_failing_is_complete_for_joiners_and_the
         tail(&stderr)
     );
 }
+
+/// Every fenced registry write of an init (start a generation, record the
+/// member, publish the pointer, mark initialized: all TransactWriteItems)
+/// is, some of the time, applied by DynamoDB with its answer lost, or
+/// throttled past the SDK's single attempt (the step runs it again, and a
+/// write that follows a lost answer meets the condition its first try
+/// already changed). Each write must still land once: one generation, one
+/// kubeadm init, one publication. The seed is fixed so the sequence of lost answers is too
+/// (another: `KBTEST_AWSPROXY_SEED` and no `with_seed`).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_init_whose_writes_apply_but_lose_their_answers_lands_each_write_once() {
+    let sim = SimCluster::start(1, 0).await;
+    let proxy = AwsProxy::start(&sim.moto.endpoint())
+        .await
+        .with_seed(14_009);
+    proxy.set_faults(
+        FaultPlan {
+            drop_after_forward: 0.3,
+            throttle: 0.4,
+            ..FaultPlan::default()
+        }
+        .only(&["TransactWriteItems"]),
+    );
+    // One SDK attempt: every lost answer is the step's to repair.
+    let mut envs = vec![("KUBEBOOT_AWS_MAX_ATTEMPTS", "1".to_string())];
+    envs.push(("KUBEBOOT_AWS_ENDPOINTS_DYNAMODB", proxy.endpoint()));
+    let (code, stderr, elapsed) = bootstrap_through(&sim, 0, &envs, None, || {}).await;
+    proxy.clear_faults();
+    assert_eq!(code, Some(0), "after {elapsed:?}:\n{}", tail(&stderr));
+    let stats = proxy.stats();
+    assert!(
+        stats.dropped_after_forward > 0 && stats.throttled > 0,
+        "with this seed writes were both lost after applying and throttled: {stats:?}"
+    );
+    let registry = sim.registry().await;
+    let state = registry.state().await.expect("state");
+    assert_eq!(state.phase, kubeboot::registry::Phase::Initialized);
+    assert_eq!(state.generation, 1, "one generation, not a second start");
+    let inits = sim
+        .kubeadm_runs("init", None)
+        .iter()
+        .filter(|r| r.exit == 0)
+        .count();
+    assert_eq!(inits, 1, "exactly one kubeadm init");
+    let pointer = registry
+        .join_pointer()
+        .await
+        .expect("read")
+        .expect("published");
+    assert_eq!(pointer.seq, 1, "one publication: {pointer:?}");
+    assert_eq!(registry.members().await.expect("records").len(), 1);
+}
