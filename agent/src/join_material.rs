@@ -737,7 +737,15 @@ pub struct JoinStore {
     /// sends the same token, which Secrets Manager treats as the same
     /// request (same token and content: no new version); shared by clones.
     request_tokens: std::sync::Arc<std::sync::Mutex<RequestTokens>>,
+    /// After a failed repair ([`JoinStore::ensure_discovery`]): not before
+    /// when to try again, and the wait that set it (doubled per failure, up
+    /// to [`DISCOVERY_REPAIR_MAX_BACKOFF`]); cleared by a successful write.
+    repair_backoff: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, Duration)>>>,
 }
+
+/// The longest wait between two repairs of the SSM discovery parameters
+/// while SSM keeps refusing them.
+pub const DISCOVERY_REPAIR_MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Per secret (token, key): the digest of the last content written and the
 /// ClientRequestToken it was written with. Shows no digest in `Debug`.
@@ -780,6 +788,7 @@ impl JoinStore {
         JoinStore {
             discovery_written: Default::default(),
             request_tokens: Default::default(),
+            repair_backoff: Default::default(),
             secrets,
             ssm,
             secret_name: secret_name.into(),
@@ -954,21 +963,48 @@ impl JoinStore {
     /// them. So a publish that stopped after the pointer (SSM throttled),
     /// a restarted daemon and a new leader each write them once, and
     /// nothing is written turn after turn (which would itself provoke
-    /// `TooManyUpdates`). Returns whether it wrote.
+    /// `TooManyUpdates`). After a failed repair the next waits
+    /// `first_backoff`, then twice as long after each further failure, up
+    /// to [`DISCOVERY_REPAIR_MAX_BACKOFF`] (in memory). Returns whether it
+    /// wrote.
     pub async fn ensure_discovery<S: RegistryStore>(
         &self,
         registry: &Registry<S>,
         pointer: &JoinPointer,
+        first_backoff: Duration,
     ) -> Result<bool, Error> {
         if self.written_seq() == Some(pointer.seq) {
             return Ok(false);
+        }
+        let now = std::time::Instant::now();
+        let previous = *self
+            .repair_backoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((not_before, _)) = previous {
+            if now < not_before {
+                return Ok(false);
+            }
         }
         tracing::info!(
             seq = pointer.seq,
             "writing the discovery parameters of the current join material"
         );
-        self.write_discovery(registry, pointer).await?;
-        Ok(true)
+        let result = self.write_discovery(registry, pointer).await;
+        let next = match &result {
+            Ok(()) => None,
+            Err(_) => {
+                let wait = previous
+                    .map_or(first_backoff, |(_, last)| last.saturating_mul(2))
+                    .min(DISCOVERY_REPAIR_MAX_BACKOFF);
+                Some((std::time::Instant::now() + wait, wait))
+            }
+        };
+        *self
+            .repair_backoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        result.map(|()| true)
     }
 
     fn written_seq(&self) -> Option<u64> {

@@ -152,12 +152,6 @@ pub async fn run_once<S: RegistryStore>(
     if let Ok(age) = SystemTime::now().duration_since(pointer.published_at) {
         crate::metrics::record(crate::metrics::JOIN_MATERIAL_AGE, age.as_secs_f64(), &[]);
     }
-    // A publish that stopped after its pointer (SSM still throttling after
-    // the SDK's attempts), a restart or a new leader: the discovery copy is
-    // written again here, once. Its failure does not hold the refresh up.
-    if let Err(e) = join.ensure_discovery(registry, &pointer).await {
-        tracing::warn!(code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "cannot write the SSM discovery parameters; tried again next turn");
-    }
     let material = match join.read(&pointer).await {
         Ok(material) => material,
         Err(e) if older_format(&e) => {
@@ -178,6 +172,17 @@ pub async fn run_once<S: RegistryStore>(
         }
     }
     if refresh == Refresh::Nothing {
+        // A publish that stopped after its pointer (SSM still throttling
+        // after the SDK's attempts), a restart or a new leader: the
+        // discovery copy is written again here, once; after a failure not
+        // before a backoff (a turn, doubling up to 5 minutes). Its failure
+        // does not fail the turn.
+        if let Err(e) = join
+            .ensure_discovery(registry, &pointer, cfg.daemon.period)
+            .await
+        {
+            tracing::warn!(code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "cannot write the SSM discovery parameters; tried again later");
+        }
         return Ok(None);
     }
     tracing::info!(?refresh, version = %pointer.secret_version, "refreshing join material");
@@ -209,7 +214,18 @@ pub async fn run_once<S: RegistryStore>(
             kubeadm.upload_certs(&rendered, &[key]).await?;
         }
     }
-    join.commit(registry, guard, &staged).await?;
+    // The pointer first: from here joiners are served. The SSM discovery
+    // copy after it; its weather does not fail the turn (the next turns
+    // repair it, [`JoinStore::ensure_discovery`]), as in the bootstrap's
+    // publication.
+    join.commit_pointer(registry, guard, &staged).await?;
+    if let Err(e) = join.write_discovery(registry, &staged).await {
+        let Some(call) = e.weather() else {
+            return Err(e.into());
+        };
+        crate::retry::note_weather("write the discovery parameters", call, &e);
+        tracing::warn!(code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "the fresh join material is published; the SSM discovery parameters are left to the next turns");
+    }
     tracing::info!(version = %staged.secret_version, seq = staged.seq, "fresh join material published");
     Ok(Some(staged))
 }
