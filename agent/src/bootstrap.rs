@@ -971,6 +971,24 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 Err(Error::StaleMaterial(why)) if Instant::now() < deadline => {
                     tracing::warn!(%why, "join material went stale while waiting for the lock; waiting again");
                 }
+                // AWS weather before kubeadm started: never waited out under
+                // the membership lock (the leader's removals and reconciler
+                // need it); released, waited for outside, within the join's
+                // own deadline.
+                Err(e)
+                    if !checkpoint.kubeadm_started
+                        && e.weather().is_some()
+                        && Instant::now() < deadline =>
+                {
+                    if let Some(call) = e.weather() {
+                        retry::note_weather("join under the membership lock", call, &e);
+                    }
+                    tracing::warn!(error = %e, "AWS weather under the membership lock: released it; trying again outside it");
+                    tokio::time::sleep(
+                        STEP_MAX_DELAY.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                }
                 other => return other,
             }
         }
@@ -983,7 +1001,9 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     ) -> Result<(), Error> {
         let settings = self.etcd_settings();
         let own_peer = settings.peer_url(&self.identity.private_ip);
-        let records = self.read_members().await?;
+        // One attempt each under the lock: weather is waited out by the
+        // caller, outside it.
+        let records = self.registry.members().await?;
         let endpoints: Vec<String> = records
             .iter()
             .filter(|r| r.peer_url != own_peer)
@@ -992,7 +1012,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         if endpoints.is_empty() {
             return Err(Error::NotReady("no recorded etcd member to join".into()));
         }
-        let material = self.usable_material_now().await?;
+        let material = self.usable_material(true).await?;
         let rendered = self.render_join(&material);
         let secrets = material.secrets();
         // From here kubeadm writes to this node: a crash must reset first.
@@ -1021,7 +1041,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         // The prepare phases and the cleanup took time, and the join itself
         // downloads the uploaded certificates again: they must still be
         // there for it (else the wait for a refresh starts over).
-        let material = self.usable_material_now().await?;
+        let material = self.usable_material(true).await?;
         let rendered = self.render_join(&material);
         let secrets = material.secrets();
         self.guarded(guard, async {
@@ -1033,15 +1053,6 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         self.confirm_and_record(guard).await?;
         crash_point("join:after-record");
         Ok(())
-    }
-
-    /// A control plane's [`Self::usable_material`] under the membership
-    /// lock: AWS weather is waited out, stale material is the caller's.
-    async fn usable_material_now(&self) -> Result<JoinMaterial, Error> {
-        self.step("read the join material", Bound::JoinMaterial, || {
-            self.usable_material(true)
-        })
-        .await
     }
 
     /// The JoinConfiguration for `material` (a control plane's when it
