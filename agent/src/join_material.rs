@@ -877,16 +877,16 @@ impl JoinStore {
     ) -> Result<JoinPointer, Error> {
         guard.fence()?;
         material.validate()?;
+        let seq = previous.map_or(0, |p| p.seq) + 1;
         let version = self
-            .put_secret(Which::Token, &encode_wire(material)?)
+            .put_secret(Which::Token, &encode_wire(material)?, seq)
             .await?;
         let key_version = match (encode_key_wire(material)?, keep_key_version) {
             (None, _) => None,
             (Some(_), Some(kept)) => Some(kept),
-            (Some(body), None) => Some(self.put_secret(Which::Key, &body).await?),
+            (Some(body), None) => Some(self.put_secret(Which::Key, &body, seq).await?),
         };
         tracing::info!(secret = %self.secret_name, version = %version, key_version = key_version.as_deref(), "join material stored; not current until the pointer is published");
-        let seq = previous.map_or(0, |p| p.seq) + 1;
         Ok(material.pointer(version, key_version, seq, now))
     }
 
@@ -1108,12 +1108,17 @@ impl JoinStore {
     }
 
     /// Writes a new version of one secret and returns its VersionId.
-    async fn put_secret(&self, which: Which, body: &Secret<String>) -> Result<String, Error> {
+    async fn put_secret(
+        &self,
+        which: Which,
+        body: &Secret<String>,
+        seq: u64,
+    ) -> Result<String, Error> {
         let name = self.name(which);
         // One token per content: the SDK's retries, the fallback put after
         // a concurrent create and the caller's step retries of the same
         // publication are then idempotent.
-        let request_token = self.request_token(which, body);
+        let request_token = self.request_token(which, body, seq);
         let put = || {
             self.secrets
                 .put_secret_value()
@@ -1164,13 +1169,19 @@ impl JoinStore {
     }
 
     /// The ClientRequestToken for writing `body` to secret `which`: the one
-    /// the last write of the same content used, or a new one.
-    fn request_token(&self, which: Which, body: &Secret<String>) -> String {
+    /// the last write of the same content for the same publication used, or
+    /// a new one.
+    fn request_token(&self, which: Which, body: &Secret<String>, seq: u64) -> String {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
         hasher.update(self.name(which).as_bytes());
         hasher.update([0]);
         hasher.update(body.expose().as_bytes());
+        // The publication too: a later publication with the same content (a
+        // certificates-only refresh keeps the token's secret as it was) gets
+        // a new version, so its pointer names a new secret version and the
+        // REFRESH request it answers (keyed on the stale version) is met.
+        hasher.update(seq.to_be_bytes());
         let digest: [u8; 32] = hasher.finalize().into();
         let mut tokens = self
             .request_tokens
