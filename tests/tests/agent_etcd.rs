@@ -243,11 +243,27 @@ async fn an_active_nospace_alarm_blocks_joins_and_confirmation_with_a_hint_but_n
     }
     assert_eq!(etcd.members().await.expect("members").len(), 2);
 
+    // The removed member may have been the leader: the disarm (a raft
+    // proposal) waits for the election that follows; retry past it.
     let mut client = cluster.client_for(0).await;
-    client
-        .alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options))
-        .await
-        .expect("disarm NOSPACE");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match client
+            .alarm(
+                AlarmAction::Deactivate,
+                AlarmType::Nospace,
+                Some(options.clone()),
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                println!("disarm NOSPACE not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("disarm NOSPACE: {e}"),
+        }
+    }
     let health = etcd.health(&etcd.members().await.expect("members")).await;
     assert!(health.iter().all(|h| h.healthy), "{health:?}");
     assert_eq!(join_plan(&health, "http://127.255.255.254:2380").1, Ok(()));
