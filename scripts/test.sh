@@ -10,7 +10,31 @@ set -euo pipefail
 root_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root_dir"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step's wall time, printed at the end (and on failure) so a slow run says
+# where its time went.
+timings=()
+step_name=""
+step_start=$SECONDS
+run_start=$SECONDS
+end_step() {
+  if [ -n "$step_name" ]; then
+    timings+=("$(printf '%6ss  %s' "$((SECONDS - step_start))" "$step_name")")
+  fi
+  step_name=""
+}
+report() {
+  end_step
+  printf '\n==> wall time per step\n' >&2
+  printf '%s\n' "${timings[@]}" >&2
+  printf '%6ss  total\n' "$((SECONDS - run_start))" >&2
+}
+trap report EXIT
+step() {
+  end_step
+  step_name="$*"
+  step_start=$SECONDS
+  printf '\n==> %s\n' "$*" >&2
+}
 
 step "setup"
 scripts/setup.sh
