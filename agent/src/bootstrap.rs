@@ -143,8 +143,8 @@ impl Error {
     /// which a bootstrap step waits out within its deadline.
     pub fn weather(&self) -> Option<retry::AwsCall> {
         match self {
-            Error::Lock(e) => retry::lock_weather(e),
-            Error::Registry(e) => retry::registry_weather(e),
+            Error::Lock(e) => e.weather(),
+            Error::Registry(e) => e.weather(),
             Error::JoinMaterial(e) => e.weather(),
             _ => None,
         }
@@ -211,33 +211,6 @@ const STEP_MAX_DELAY: Duration = Duration::from_secs(15);
 /// Attempts of one step: far more than its deadline allows at these pauses,
 /// so the deadline ends the wait; explicit all the same.
 const STEP_MAX_ATTEMPTS: usize = 10_000;
-
-impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Lock(e) => e.hint(),
-            Error::Registry(e) => e.hint(),
-            Error::JoinMaterial(e) => e.hint(),
-            Error::Kubeadm(e) => e.hint(),
-            Error::Etcd(e) => e.hint(),
-            Error::Kubernetes(e) => e.hint(),
-            Error::Membership(e) => e.hint(),
-            Error::Checkpoint { .. } => "check paths.state_dir is writable by root; delete a corrupt bootstrap.json to start over".into(),
-            Error::NotReady(_) => "it is retried; `kubeboot status` shows the cluster record and the members".into(),
-            Error::StaleMaterial(_) => "the leader's daemon refreshes join material when asked (REFRESH record in `kubeboot status`); this node waits up to timeouts.join_material".into(),
-            Error::MaterialDeadline { .. } => "check the leader's daemon (journalctl -u kubeboot-daemon) and `kubeboot status`: is the cluster initialized, is a REFRESH request pending? systemd restarts bootstrap".into(),
-            Error::LockLost(_) => "another node took over (this one was slow or paused); systemd restarts bootstrap".into(),
-            Error::Stopped => "nothing if the stop was intended; the next start resets an unfinished kubeadm step and runs again".into(),
-            Error::AwsWeather { bound, call, .. } => format!(
-                "{} throttled or failed {} every time for longer than {bound}: look at the service's throttling and error metrics in CloudWatch \
-                 (for DynamoDB the table's ThrottledRequests and SystemErrors; for SSM and Secrets Manager the account's API rate quotas in Service Quotas) \
-                 and at other callers sharing them (many nodes booting at once); raise {bound} or aws.max_attempts to wait longer; systemd restarts bootstrap",
-                call.service, call.operation
-            ),
-        }
-    }
-}
 
 /// What bootstrap works with; generic over the stores so tests can inject faults.
 pub struct Bootstrap<L: LockStore, R: RegistryStore> {
@@ -693,7 +666,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 // The cluster is initialized: a release lost to AWS weather
                 // must not fail it (the lease runs out by itself).
                 if let Err(e) = guard.release().await {
-                    if retry::lock_weather(&e).is_none() {
+                    if e.weather().is_none() {
                         return Err(e.into());
                     }
                     tracing::warn!(error = %e, "could not release the init lock (AWS weather); it expires with its lease");
@@ -1130,6 +1103,38 @@ fn stale_part(need: Refresh, with_certs: bool) -> Option<&'static str> {
         (Refresh::Certs, true) => Some("certs"),
         (Refresh::Both, false) => Some("token"),
         (Refresh::Both, true) => Some("both"),
+    }
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Lock(e) => e.entry(),
+            E::Registry(e) => e.entry(),
+            E::JoinMaterial(e) => e.entry(),
+            E::Kubeadm(e) => e.entry(),
+            E::Etcd(e) => e.entry(),
+            E::Kubernetes(e) => e.entry(),
+            E::Membership(e) => e.entry(),
+            E::Checkpoint { .. } => &crate::catalogue::BOOT_CHECKPOINT,
+            E::NotReady(_) => &crate::catalogue::BOOT_NOT_READY,
+            // Stale material is what the wait for material retries; once it
+            // escapes, the node ran out of time waiting for usable material.
+            E::StaleMaterial(_) | E::MaterialDeadline { .. } => &crate::catalogue::BOOT_NO_MATERIAL,
+            E::LockLost(_) => &crate::catalogue::LOCK_LOST,
+            E::Stopped => &crate::catalogue::BOOT_STOPPED,
+            E::AwsWeather { .. } => &crate::catalogue::BOOT_AWS_WEATHER,
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Error::Kubeadm(e) => e.detail(),
+            _ => None,
+        }
     }
 }
 

@@ -16,12 +16,6 @@
 //! means. A new condition gets the next free number of its area; a condition
 //! that cannot happen any more keeps its entry (say so in its cause).
 
-use crate::{
-    aws, bootstrap, certs, cloudformation, config, error, etcd, identity, join_material, kubeadm,
-    kubernetes, lifecycle, lock, membership, quorum, reconciler, refresh, registry,
-    retry::RetryClass, status, telemetry,
-};
-
 /// One catalogue entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Entry {
@@ -305,7 +299,7 @@ catalogue! {
         check: "kubeadm's output, and the file named in the message under paths.kubernetes_dir.";
     KUBE_API_DENIED = "KB-KUBE-002", "the API server refused the node's credentials",
         cause: "The API server answered 401 or 403: the kubelet's client certificate is not (yet) approved or valid, or RBAC/the Node authorizer denies the request.",
-        check: "`kubectl get csr`, the kubelet's client certificate, and the Node authorizer / RBAC for the request in the message.";
+        check: "The node's credentials: `kubectl get csr`, the kubelet's client certificate, and the Node authorizer / RBAC for the request in the message.";
     KUBE_API = "KB-KUBE-003", "a Kubernetes API request failed",
         cause: "The API server did not answer or failed: the load balancer has no healthy target, security groups block 6443, or the API server is overloaded.",
         check: "cluster.control_plane_endpoint answers from this node (`curl -k https://<endpoint>/readyz`), the load balancer's target health.";
@@ -344,7 +338,7 @@ catalogue! {
 
     CERT_READ = "KB-CERT-001", "cannot read a kubeadm certificate",
         cause: "A leaf certificate, CA or kubeconfig kubeadm writes on every control plane is missing or unreadable under paths.kubernetes_dir: the node's init or join did not finish, or paths.kubernetes_dir is wrong. Its expiry is unknown, so it is neither reported nor renewed.",
-        check: "The file in the message; `kubeadm certs check-expiration` on the node.";
+        check: "The file in the message; `kubeadm certs check-expiration` on the node. A missing file means the node's init or join did not finish.";
     CERT_PARSE = "KB-CERT-002", "a kubeadm certificate cannot be parsed",
         cause: "The file is not a PEM X.509 certificate, or the kubeconfig's client-certificate-data is not base64 PEM: a hand edit or a truncated write.",
         check: "`kubeadm certs check-expiration`; `kubeadm certs renew <name>` rewrites the certificate.";
@@ -363,13 +357,15 @@ catalogue! {
 
     STACK_SIGNAL_REFUSED = "KB-STACK-001", "CloudFormation refused the control plane's signal",
         cause: "After a successful bootstrap the agent signals SUCCESS to aws.cloudformation_resource in aws.cloudformation_stack, and CloudFormation refused it: the role may not call cloudformation:SignalResource on the stack, or a key names a stack or logical id that does not exist. A warning, not a failure: bootstrap succeeded, and a rolling update waiting for this control plane times out after its PauseTime and rolls back. Metric StackSignalFailed.",
-        check: "aws.cloudformation_stack and aws.cloudformation_resource against the stack (`aws cloudformation describe-stack-resource`), the control-plane role's policy; `systemctl restart kubeboot-bootstrap` signals again.";
+        check: "aws.cloudformation_stack and aws.cloudformation_resource against the stack (`aws cloudformation describe-stack-resource`), the control-plane role's policy (cloudformation:SignalResource on the stack); `systemctl restart kubeboot-bootstrap` signals again. The node is up (bootstrap still succeeded), but a rolling update waiting for this control plane rolls back after its PauseTime.";
     STACK_SIGNAL_UNAVAILABLE = "KB-STACK-002", "CloudFormation did not take the control plane's signal in time",
         cause: "SignalResource was throttled, failed (5xx) or timed out after the SDK's retries. A warning, not a failure: bootstrap succeeded, and a rolling update waiting for this control plane times out after its PauseTime and rolls back. Metric StackSignalFailed.",
-        check: "Network or VPC endpoint to CloudFormation (aws.endpoints.cloudformation), aws.max_attempts and aws.operation_timeout; `systemctl restart kubeboot-bootstrap` signals again while the update waits.";
+        check: "Network or VPC endpoint to CloudFormation (aws.endpoints.cloudformation), aws.max_attempts and aws.operation_timeout; `systemctl restart kubeboot-bootstrap` signals again while the update waits. The node is up (bootstrap still succeeded), but a rolling update waiting for this control plane rolls back after its PauseTime.";
 }
 
-/// An error with a catalogue entry.
+/// An error with a catalogue entry. The advice an operator reads with an
+/// error (`hint`) is the entry's `check`, written once, here; a failure adds
+/// only what is known at run time (kubeadm's own diagnosis, the timeout key).
 pub trait Coded {
     /// Its catalogue entry.
     fn entry(&self) -> &'static Entry;
@@ -378,328 +374,32 @@ pub trait Coded {
     fn code(&self) -> &'static str {
         self.entry().code
     }
-}
 
-impl Coded for error::Error {
-    fn entry(&self) -> &'static Entry {
-        use error::Error as E;
-        match self {
-            E::Config(e) => e.entry(),
-            E::Telemetry(e) => e.entry(),
-            E::Identity(e) => e.entry(),
-            E::Aws(e) => e.entry(),
-            E::Lock(e) => e.entry(),
-            E::Registry(e) => e.entry(),
-            E::Status(e) => e.entry(),
-            E::Bootstrap(e) => e.entry(),
-            E::Membership(e) => e.entry(),
-            E::Usage(_) => &CLI_USAGE,
-            E::Runtime(_) => &CLI_RUNTIME,
-            E::Output(_) => &CLI_OUTPUT,
-            E::UnknownCode(_) => &CLI_UNKNOWN_CODE,
+    /// What this failure adds to its entry's advice, known only at run time.
+    fn detail(&self) -> Option<String> {
+        None
+    }
+
+    /// What the operator should check: the detail, if any, then the entry's advice.
+    fn hint(&self) -> String {
+        match self.detail() {
+            Some(detail) => format!("{detail}. {}", self.entry().check),
+            None => self.entry().check.to_string(),
         }
     }
 }
 
-impl Coded for config::Error {
-    fn entry(&self) -> &'static Entry {
-        use config::Error as E;
-        match self {
-            E::Invalid { .. } => &CONFIG_INVALID,
-            E::Read { .. } => &CONFIG_READ,
-            E::DropInDir { .. } => &CONFIG_DROPIN_DIR,
-            E::Imds { .. } => &CONFIG_USERDATA,
-            E::Internal(_) => &CONFIG_INTERNAL,
-            E::NotRegular { .. } => &CONFIG_NOT_REGULAR,
-            E::TooLarge { .. } => &CONFIG_TOO_LARGE,
-        }
-    }
+/// Logs a failure with its code, message and hint at the given level:
+/// `report!(warn, err, "what happened; what happens next")`, with any extra
+/// fields before the message (`report!(error, err, instance_id = %id, "...")`).
+macro_rules! report {
+    ($level:ident, $err:expr, $($rest:tt)+) => {{
+        use $crate::catalogue::Coded as _;
+        let err = &$err;
+        tracing::$level!(code = err.code(), error = %err, hint = %err.hint(), $($rest)+)
+    }};
 }
-
-impl Coded for config::ProblemKind {
-    fn entry(&self) -> &'static Entry {
-        use config::ProblemKind as K;
-        match self {
-            K::Syntax => &CONFIG_SYNTAX,
-            K::UnknownKey => &CONFIG_UNKNOWN_KEY,
-            K::WrongType => &CONFIG_WRONG_TYPE,
-            K::OutOfRange => &CONFIG_OUT_OF_RANGE,
-            K::Invalid => &CONFIG_INVALID_VALUE,
-            K::Missing => &CONFIG_MISSING,
-            K::Conflict => &CONFIG_CONFLICT,
-            K::Inconsistent => &CONFIG_INCONSISTENT,
-            K::Retired => &CONFIG_RETIRED,
-        }
-    }
-}
-
-impl Coded for config::Problem {
-    fn entry(&self) -> &'static Entry {
-        self.kind.entry()
-    }
-}
-
-impl Coded for telemetry::Error {
-    fn entry(&self) -> &'static Entry {
-        use telemetry::Error as E;
-        match self {
-            E::Level(_) => &LOG_LEVEL,
-            E::AlreadyInitialized => &LOG_TWICE,
-        }
-    }
-}
-
-impl Coded for identity::Error {
-    fn entry(&self) -> &'static Entry {
-        use identity::Error as E;
-        match self {
-            E::Endpoint { .. } => &IMDS_ENDPOINT,
-            E::Request { .. } => &IMDS_REQUEST,
-            E::Status { status: 403, .. } => &IMDS_FORBIDDEN,
-            E::Status { .. } => &IMDS_STATUS,
-            E::Missing { .. } => &IMDS_MISSING,
-            E::Deadline { .. } => &IMDS_DEADLINE,
-        }
-    }
-}
-
-impl Coded for aws::Error {
-    fn entry(&self) -> &'static Entry {
-        match self {
-            aws::Error::ImdsEndpoint { .. } => &AWS_IMDS_ENDPOINT,
-        }
-    }
-}
-
-impl Coded for lock::Error {
-    fn entry(&self) -> &'static Entry {
-        use lock::{Error as E, StoreErrorClass as C};
-        match self {
-            E::Timeout { .. } => &LOCK_TIMEOUT,
-            E::Lost { .. } => &LOCK_LOST,
-            E::Store { source, .. } => match source.class {
-                C::Permanent => &LOCK_STORE_DENIED,
-                C::Transient | C::OutcomeUnknown => &LOCK_STORE_UNAVAILABLE,
-            },
-            E::HolderAlive { .. } => &LOCK_HOLDER_ALIVE,
-            E::NotHeld { .. } => &LOCK_NOT_HELD,
-        }
-    }
-}
-
-impl Coded for registry::Error {
-    fn entry(&self) -> &'static Entry {
-        use lock::StoreErrorClass as C;
-        use registry::Error as E;
-        match self {
-            // A refused fence is the lock lost, whoever noticed first.
-            E::LockLost { .. } => &LOCK_LOST,
-            E::Conflict { .. } => &REG_CONFLICT,
-            E::NotHeld(e) => e.entry(),
-            E::WrongLock { .. } => &REG_WRONG_LOCK,
-            E::Store { source, .. } => match source.class {
-                C::Permanent => &REG_STORE_DENIED,
-                C::Transient | C::OutcomeUnknown => &REG_STORE_UNAVAILABLE,
-            },
-        }
-    }
-}
-
-impl Coded for status::Error {
-    fn entry(&self) -> &'static Entry {
-        match self {
-            status::Error::Lock { .. } => &STATUS_LOCK_READ,
-            status::Error::Registry(e) => e.entry(),
-        }
-    }
-}
-
-impl Coded for bootstrap::Error {
-    fn entry(&self) -> &'static Entry {
-        use bootstrap::Error as E;
-        match self {
-            E::Lock(e) => e.entry(),
-            E::Registry(e) => e.entry(),
-            E::JoinMaterial(e) => e.entry(),
-            E::Kubeadm(e) => e.entry(),
-            E::Etcd(e) => e.entry(),
-            E::Kubernetes(e) => e.entry(),
-            E::Membership(e) => e.entry(),
-            E::Checkpoint { .. } => &BOOT_CHECKPOINT,
-            E::NotReady(_) => &BOOT_NOT_READY,
-            // Stale material is what the wait for material retries; once it
-            // escapes, the node ran out of time waiting for usable material.
-            E::StaleMaterial(_) | E::MaterialDeadline { .. } => &BOOT_NO_MATERIAL,
-            E::LockLost(_) => &LOCK_LOST,
-            E::Stopped => &BOOT_STOPPED,
-            E::AwsWeather { .. } => &BOOT_AWS_WEATHER,
-        }
-    }
-}
-
-impl Coded for membership::Error {
-    fn entry(&self) -> &'static Entry {
-        use membership::Error as E;
-        match self {
-            E::Etcd(e) => e.entry(),
-            E::Registry(e) => e.entry(),
-            E::Lock(e) => e.entry(),
-            E::Refused(r) => r.entry(),
-            E::UnknownTarget { .. } => &MEMBER_UNKNOWN_TARGET,
-            E::NoEndpoints => &MEMBER_NO_ENDPOINTS,
-        }
-    }
-}
-
-impl Coded for quorum::Refusal {
-    fn entry(&self) -> &'static Entry {
-        use quorum::Refusal as R;
-        match self {
-            R::NotAMember { .. } => &MEMBER_NOT_A_MEMBER,
-            R::LastVoter { .. } => &MEMBER_LAST_VOTER,
-            R::TwoVoters { .. } => &MEMBER_TWO_VOTERS,
-            R::BelowQuorum { .. } => &MEMBER_BELOW_QUORUM,
-        }
-    }
-}
-
-impl Coded for join_material::Error {
-    fn entry(&self) -> &'static Entry {
-        use join_material::{Error as E, Malformed as M};
-        match self {
-            E::CaCert { .. } => &JOIN_CA_CERT,
-            E::Invalid { .. } => &JOIN_INVALID,
-            E::Malformed { source, .. } => match source {
-                M::Format { .. } => &JOIN_FORMAT,
-                M::Json { .. }
-                | M::MissingField(_)
-                | M::Field { .. }
-                | M::NotAString
-                | M::TooLarge { .. } => &JOIN_MALFORMED,
-            },
-            E::PointerMismatch { .. } => &JOIN_POINTER_MISMATCH,
-            E::SecretsManager { class, .. } => match class {
-                RetryClass::Permanent => &JOIN_SECRETS_DENIED,
-                RetryClass::Transient => &JOIN_SECRETS_UNAVAILABLE,
-            },
-            E::Ssm { class, .. } => match class {
-                RetryClass::Permanent => &JOIN_SSM_DENIED,
-                RetryClass::Transient => &JOIN_SSM_UNAVAILABLE,
-            },
-            E::Lock(e) => e.entry(),
-            E::Registry(e) => e.entry(),
-        }
-    }
-}
-
-impl Coded for kubeadm::Error {
-    fn entry(&self) -> &'static Entry {
-        use kubeadm::Error as E;
-        match self {
-            E::Spawn { .. } => &KUBEADM_SPAWN,
-            E::WriteConfig { .. } => &KUBEADM_WRITE_CONFIG,
-            E::TimedOut { .. } => &KUBEADM_TIMED_OUT,
-            E::Failed { .. } => &KUBEADM_FAILED,
-            E::Stopped { .. } => &KUBEADM_STOPPED,
-        }
-    }
-}
-
-impl Coded for etcd::Error {
-    fn entry(&self) -> &'static Entry {
-        use etcd::Error as E;
-        match self {
-            E::Certificate { .. } => &ETCD_CERTIFICATE,
-            E::Connect { .. } => &ETCD_CONNECT,
-            E::Request { .. } => &ETCD_REQUEST,
-            // One check failing is what the confirmation wait retries.
-            E::NotConfirmed { .. } | E::ConfirmTimeout { .. } => &ETCD_NOT_CONFIRMED,
-        }
-    }
-}
-
-impl Coded for kubernetes::Error {
-    fn entry(&self) -> &'static Entry {
-        use kubernetes::Error as E;
-        match self {
-            E::Kubeconfig { .. } => &KUBE_KUBECONFIG,
-            E::Api {
-                status: Some(401 | 403),
-                ..
-            } => &KUBE_API_DENIED,
-            E::Api { .. } => &KUBE_API,
-            // Not Ready once is what the readiness wait retries.
-            E::NotReady { .. } | E::Deadline { .. } => &KUBE_NODE_NOT_READY,
-        }
-    }
-}
-
-impl Coded for lifecycle::Error {
-    fn entry(&self) -> &'static Entry {
-        use lifecycle::Error as E;
-        match self {
-            E::Message { .. } => &LIFE_MESSAGE,
-            E::AutoScaling { .. } => &LIFE_AUTOSCALING,
-            E::NotTerminating { .. } => &LIFE_NOT_TERMINATING,
-            E::NotInGroup { .. } => &LIFE_NOT_IN_GROUP,
-            E::MembershipUnknown { .. } => &LIFE_MEMBERSHIP_UNKNOWN,
-            E::Sqs { .. } => &LIFE_SQS,
-            E::Registry(e) => e.entry(),
-            E::Instances(e) => e.entry(),
-        }
-    }
-}
-
-impl Coded for reconciler::Error {
-    fn entry(&self) -> &'static Entry {
-        use reconciler::Error as E;
-        match self {
-            E::Ec2 { .. } => &RECON_EC2,
-            E::LeaderNotRunning { .. } => &RECON_LEADER_NOT_RUNNING,
-            E::Membership(e) => e.entry(),
-            E::Registry(e) => e.entry(),
-            E::Lock(e) => e.entry(),
-        }
-    }
-}
-
-impl Coded for certs::Error {
-    fn entry(&self) -> &'static Entry {
-        use certs::Error as E;
-        match self {
-            E::Read { .. } => &CERT_READ,
-            E::Parse { .. } => &CERT_PARSE,
-            E::NotRenewed { .. } => &CERT_NOT_RENEWED,
-            E::Restart { .. } => &CERT_RESTART,
-            E::EtcdAfterRestart(_) => &CERT_ETCD_AFTER_RESTART,
-            E::Deferred { .. } | E::QuorumUnknown(_) => &CERT_DEFERRED,
-            E::Kubeadm(e) => e.entry(),
-            E::Lock(e) => e.entry(),
-        }
-    }
-}
-
-impl Coded for cloudformation::Error {
-    fn entry(&self) -> &'static Entry {
-        use cloudformation::Error as E;
-        match self {
-            E::Refused { .. } => &STACK_SIGNAL_REFUSED,
-            E::Unavailable { .. } => &STACK_SIGNAL_UNAVAILABLE,
-        }
-    }
-}
-
-impl Coded for refresh::Error {
-    fn entry(&self) -> &'static Entry {
-        use refresh::Error as E;
-        match self {
-            E::Registry(e) => e.entry(),
-            E::JoinMaterial(e) => e.entry(),
-            E::Kubeadm(e) => e.entry(),
-            E::Superseded { .. } => &JOIN_SUPERSEDED,
-        }
-    }
-}
+pub(crate) use report;
 
 /// The form every code has, for messages.
 pub const CODE_FORM: &str = "KB-AREA-NNN (e.g. KB-LOCK-001)";
@@ -866,9 +566,7 @@ pub fn markdown() -> String {
 }
 
 // Literal codes here are not proof of anything: the meta-test skips this
-// file. Provoked failures live in `provoke` (and in other modules' tests).
-#[cfg(test)]
-mod provoke;
+// file. Provoked failures live in `error::provoke` (and in other modules' tests).
 
 #[cfg(test)]
 mod tests {

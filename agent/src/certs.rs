@@ -19,7 +19,6 @@
 //! which the kubelet rotates itself (`rotateCertificates`), and kubeadm's
 //! renewal excludes it for that reason.
 
-use crate::catalogue::Coded;
 use crate::lock::{LockStore, Locker, Purpose};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -347,21 +346,6 @@ impl Error {
         matches!(self, Error::Deferred { .. } | Error::QuorumUnknown(_))
     }
 
-    /// What to check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Read { .. } => "kubeadm writes these on every control plane: check paths.kubernetes_dir and `kubeadm certs check-expiration`; a missing file means the node's init or join did not finish".into(),
-            Error::Parse { .. } => "the file is not a PEM certificate (or a kubeconfig with one): compare with `kubeadm certs check-expiration`; `kubeadm certs renew <name>` rewrites it".into(),
-            Error::NotRenewed { .. } => "kubeadm skips certificates whose CA key is not on the node (external CA: renew them with that CA) and fails on an expired CA; see kubeadm's output in the log, or replace the node before they lapse".into(),
-            Error::Restart { .. } => "check <paths.kubernetes_dir>/manifests and kubeboot-parked-manifests (the next turn moves parked manifests back)".into(),
-            Error::EtcdAfterRestart(e) => format!("the kubelet restarts etcd from its manifest: `crictl ps -a --name etcd`, its logs, and `kubeadm certs check-expiration`; {}", e.hint()),
-            Error::Deferred { voters, .. } if *voters == 2 => "a two-member etcd loses quorum during any restart: add a third control plane (or renew by hand in a maintenance window); retried every turn".into(),
-            Error::Deferred { .. } => "bring the unhealthy members back, or replace the dead control plane (`kubeboot etcd members`); the renewal is retried every turn and goes ahead once the others keep quorum".into(),
-            Error::QuorumUnknown(e) => format!("retried every turn; {}", e.hint()),
-            Error::Kubeadm(e) => e.hint(),
-            Error::Lock(e) => e.hint(),
-        }
-    }
 }
 
 /// The `[timeouts]` and the kubelet's pace for one renewal, so tests can
@@ -530,7 +514,7 @@ impl<L: LockStore> Renewal<'_, L> {
         }
         let inv = inventory(dir);
         for problem in &inv.problems {
-            tracing::warn!(code = problem.code(), error = %problem, hint = %problem.hint(), "cannot read a kubeadm certificate");
+            crate::catalogue::report!(warn, problem, "cannot read a kubeadm certificate");
         }
         let Some(soonest) = inv.soonest_leaf().cloned() else {
             return Ok(Outcome::NoCertificates);
@@ -619,7 +603,7 @@ impl<L: LockStore> Renewal<'_, L> {
         // Whatever happened, this node's control plane must not stay down.
         let restored = restore_parked(&self.cfg.paths.kubernetes_dir);
         if let Err(e) = guard.release().await {
-            tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "cannot release the membership lock after the certificate renewal; its lease expires on its own");
+            crate::catalogue::report!(warn, e, "cannot release the membership lock after the certificate renewal; its lease expires on its own");
         }
         restored?;
         result
@@ -742,10 +726,10 @@ pub const LOOP: &str = "certificates";
 /// The daemon's certificate loop on a control plane: a turn every period
 /// until `stop`; a failed turn is logged with its code and tried again
 /// next turn.
-pub async fn watch<L: LockStore>(renewal: Renewal<'_, L>, mut stop: crate::daemon::Stop) {
+pub async fn watch<L: LockStore>(renewal: Renewal<'_, L>, mut stop: crate::pacing::Stop) {
     let cfg = renewal.cfg;
     // A turn may wait for the lock, run kubeadm, restart and confirm etcd.
-    let allowance = crate::daemon::allowance(cfg)
+    let allowance = crate::pacing::allowance(cfg)
         + cfg.lock.acquire_timeout
         + cfg.timeouts.kubeadm_join
         + 2 * file_check()
@@ -767,35 +751,35 @@ pub async fn watch<L: LockStore>(renewal: Renewal<'_, L>, mut stop: crate::daemo
                 result = &mut turn => {
                     match result {
                         Err(e) if e.is_deferral() => {
-                            tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal deferred; retried next turn")
+                            crate::catalogue::report!(warn, e, "certificate renewal deferred; retried next turn")
                         }
                         Err(e) => {
-                            tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "certificate renewal failed")
+                            crate::catalogue::report!(error, e, "certificate renewal failed")
                         }
                         Ok(_) => {}
                     }
                     false
                 }
-                _ = crate::daemon::stopped(&mut stop) => true,
+                _ = crate::pacing::stopped(&mut stop) => true,
             }
         };
         if stopping {
             match restore_parked(&cfg.paths.kubernetes_dir) {
                 Ok(0) => {}
                 Ok(moved) => tracing::warn!(moved, "stopped during a certificate renewal: the static Pod manifests are back; the membership lock expires with its lease"),
-                Err(e) => tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "stopped during a certificate renewal and cannot put the static Pod manifests back"),
+                Err(e) => crate::catalogue::report!(error, e, "stopped during a certificate renewal and cannot put the static Pod manifests back"),
             }
             crate::systemd::done(LOOP);
             return;
         }
-        let delay = crate::daemon::next_delay(
+        let delay = crate::pacing::next_delay(
             cfg.daemon.period,
             cfg.daemon.jitter,
             u64::from(uuid::Uuid::new_v4().as_u128() as u32),
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = crate::daemon::stopped(&mut stop) => {
+            _ = crate::pacing::stopped(&mut stop) => {
                 crate::systemd::done(LOOP);
                 return;
             }
@@ -810,9 +794,40 @@ pub fn epoch_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Read { .. } => &crate::catalogue::CERT_READ,
+            E::Parse { .. } => &crate::catalogue::CERT_PARSE,
+            E::NotRenewed { .. } => &crate::catalogue::CERT_NOT_RENEWED,
+            E::Restart { .. } => &crate::catalogue::CERT_RESTART,
+            E::EtcdAfterRestart(_) => &crate::catalogue::CERT_ETCD_AFTER_RESTART,
+            E::Deferred { .. } | E::QuorumUnknown(_) => &crate::catalogue::CERT_DEFERRED,
+            E::Kubeadm(e) => e.entry(),
+            E::Lock(e) => e.entry(),
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Error::Deferred { voters, .. } if *voters == 2 => Some(
+                "a two-member etcd loses quorum during any restart: add a third control plane \
+                 (or renew by hand in a maintenance window)"
+                    .into(),
+            ),
+            Error::Kubeadm(e) => e.detail(),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::Coded;
 
     /// A self-signed ECDSA certificate, notAfter 2028-01-07T12:42:49Z (UTCTime).
     const UTC_TIME: &str = "-----BEGIN CERTIFICATE-----

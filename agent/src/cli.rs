@@ -407,7 +407,11 @@ fn explain(args: &ExplainArgs) -> Result<ExitCode, Error> {
 
 /// Loads the configuration and starts logging as it asks (flag wins over log.format).
 async fn load(cli: &Cli, user_data: UserData) -> Result<Loaded, Error> {
-    let loaded = config::load(&LoadOptions::from_process(cli.config.clone(), user_data)).await?;
+    let loaded = config::load_with(
+        &LoadOptions::from_process(cli.config.clone(), user_data),
+        &crate::identity::UserDataFromImds,
+    )
+    .await?;
     let format = cli
         .log_format
         .or_else(|| LogFormat::parse(&loaded.config.log.format))
@@ -796,10 +800,10 @@ async fn dynamodb(cfg: &Config) -> Result<aws_sdk_dynamodb::Client, Error> {
 
 async fn config_check(cli: &Cli, args: &CheckArgs) -> Result<ExitCode, Error> {
     let user_data = args.user_data();
-    let result = config::load(&LoadOptions::from_process(
-        cli.config.clone(),
-        user_data.clone(),
-    ))
+    let result = config::load_with(
+        &LoadOptions::from_process(cli.config.clone(), user_data.clone()),
+        &crate::identity::UserDataFromImds,
+    )
     .await;
     let (problems, omitted, unread) = match &result {
         Ok(_) => (Vec::new(), 0, None),

@@ -101,21 +101,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        let consequence = "bootstrap still succeeded; a rolling update waiting for this control plane times out after its PauseTime and rolls back";
-        match self {
-            Error::Refused { .. } => format!(
-                "{consequence}. Check that aws.cloudformation_stack and aws.cloudformation_resource name the stack and its control-plane group's logical id, and that the control-plane role grants cloudformation:SignalResource on the stack; `systemctl restart kubeboot-bootstrap` signals again"
-            ),
-            Error::Unavailable { .. } => format!(
-                "{consequence}. CloudFormation throttled, failed or timed out (aws.max_attempts, aws.operation_timeout, aws.endpoints.cloudformation, the network or VPC endpoint to it); `systemctl restart kubeboot-bootstrap` signals again while the update waits"
-            ),
-        }
-    }
-}
-
 /// What one answer means, from its error code, message and retry class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -277,20 +262,18 @@ pub async fn signal_in_service(base: &aws_config::SdkConfig, cfg: &Config, insta
             )
         }
         Err(e) => {
-            use crate::catalogue::Coded;
             // A refusal was certainly not counted: the next start may send
             // again. An unanswered signal stays Pending (maybe counted).
             if matches!(e, Error::Refused { .. }) {
                 record(Answer::Refused);
             }
             crate::metrics::record(crate::metrics::STACK_SIGNAL_FAILED, 1.0, &[]);
-            tracing::warn!(
+            crate::catalogue::report!(
+                warn,
+                e,
                 stack,
                 resource,
                 unique_id = instance_id,
-                code = e.code(),
-                error = %e,
-                hint = %e.hint(),
                 "cannot signal the stack"
             );
         }
@@ -379,6 +362,18 @@ impl Answered {
         let body = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(&tmp, body)?;
         std::fs::rename(&tmp, path)
+    }
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Refused { .. } => &crate::catalogue::STACK_SIGNAL_REFUSED,
+            E::Unavailable { .. } => &crate::catalogue::STACK_SIGNAL_UNAVAILABLE,
+        }
     }
 }
 

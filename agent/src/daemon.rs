@@ -16,9 +16,9 @@ use crate::join_material::JoinStore;
 use crate::kubeadm::Kubeadm;
 use crate::lock::{Guard, LockStore, Locker, Purpose};
 use crate::registry::{Registry, RegistryStore};
+use crate::pacing::{allowance, next_delay, random_u64, stopped, Stop, LEADER_LOOP, OWN_LOOP};
 use crate::{systemd, telemetry};
 use std::time::Duration;
-use tokio::sync::watch;
 use tracing::Instrument;
 
 /// How long a stopped daemon lets the leader's current turn finish, so that
@@ -46,48 +46,6 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub suspects: tokio::sync::Mutex<crate::reconciler::Suspects>,
     /// The etcd leader the last health look saw (to count leader changes).
     pub etcd_leader: tokio::sync::Mutex<Option<u64>>,
-}
-
-/// Watchdog name of the own-termination loop (every node).
-pub const OWN_LOOP: &str = "own-termination";
-/// Watchdog name of the leader loop (control planes).
-pub const LEADER_LOOP: &str = "leader";
-
-/// How long a loop may go without progress: one turn may take up to
-/// `daemon.watchdog_stall`, plus the sleep before it.
-pub fn allowance(cfg: &Config) -> Duration {
-    cfg.daemon.watchdog_stall + cfg.daemon.period + cfg.daemon.jitter
-}
-
-/// A stop signal the loops watch: `true` once shutdown began.
-pub type Stop = watch::Receiver<bool>;
-
-/// Resolves once `stop` says so (or its sender is gone).
-pub async fn stopped(stop: &mut Stop) {
-    while !*stop.borrow() {
-        if stop.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// `period` plus a uniformly random share of `jitter`.
-pub fn next_delay(period: Duration, jitter: Duration, random: u64) -> Duration {
-    let jitter_ms = jitter.as_millis() as u64;
-    let extra = if jitter_ms == 0 {
-        0
-    } else {
-        random % (jitter_ms + 1)
-    };
-    period + Duration::from_millis(extra)
-}
-
-fn random_u64() -> u64 {
-    u64::from_le_bytes(
-        uuid::Uuid::new_v4().as_bytes()[..8]
-            .try_into()
-            .unwrap_or([0; 8]),
-    )
 }
 
 impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
@@ -179,7 +137,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 {
                     Ok(_) => true,
                     Err(e) => {
-                        tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "own termination not completed; retrying next turn");
+                        crate::catalogue::report!(error, e, "own termination not completed; retrying next turn");
                         false
                     }
                 }
@@ -193,7 +151,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                         true
                     }
                     Err(e) => {
-                        tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "cannot ask the leader; retrying next turn");
+                        crate::catalogue::report!(error, e, "cannot ask the leader; retrying next turn");
                         false
                     }
                 },
@@ -233,7 +191,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     // Timeouts while another leader lives are normal; other
                     // errors are retried after a period.
                     if !matches!(e, crate::lock::Error::Timeout { .. }) {
-                        tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "cannot compete for the leader lock");
+                        crate::catalogue::report!(warn, e, "cannot compete for the leader lock");
                         tokio::select! {
                             _ = tokio::time::sleep(self.delay()) => {}
                             _ = stopped(&mut stop) => return,
@@ -308,7 +266,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 .instrument(telemetry::phase("refresh-join-material"))
                 .await
         {
-            tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "join material refresh failed; retried next turn");
+            crate::catalogue::report!(error, e, "join material refresh failed; retried next turn");
         }
         let mut suspects = self.suspects.lock().await;
         if let Err(e) = crate::reconciler::run_once(
@@ -322,7 +280,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         .instrument(telemetry::phase("reconcile"))
         .await
         {
-            tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "reconciler turn failed; retried next turn");
+            crate::catalogue::report!(error, e, "reconciler turn failed; retried next turn");
         }
         drop(suspects);
         if let Some(queue) = &self.queue {
@@ -340,35 +298,8 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             .instrument(telemetry::phase("lifecycle"))
             .await
             {
-                tracing::error!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle queue turn failed; retried next turn");
+                crate::catalogue::report!(error, e, "lifecycle queue turn failed; retried next turn");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn delays_are_the_period_plus_at_most_the_jitter() {
-        let period = Duration::from_secs(30);
-        let jitter = Duration::from_secs(5);
-        assert_eq!(next_delay(period, Duration::ZERO, 12345), period);
-        for random in [0, 1, 4999, 5000, 5001, u64::MAX] {
-            let d = next_delay(period, jitter, random);
-            assert!(d >= period && d <= period + jitter, "{d:?}");
-        }
-        assert_eq!(next_delay(period, jitter, 5000), period + jitter);
-    }
-
-    #[tokio::test]
-    async fn stopped_resolves_on_the_signal_or_a_dropped_sender() {
-        let (tx, mut rx) = watch::channel(false);
-        tx.send(true).expect("send");
-        stopped(&mut rx).await;
-        let (tx, mut rx) = watch::channel(false);
-        drop(tx);
-        stopped(&mut rx).await;
     }
 }

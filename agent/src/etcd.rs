@@ -186,22 +186,6 @@ impl Classify for Error {
     }
 }
 
-impl Error {
-    /// What to check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Certificate { .. } => "kubeadm writes pki/etcd/ca.crt and pki/apiserver-etcd-client.{crt,key}: \
-                check paths.kubernetes_dir and that init/join got that far"
-                .into(),
-            Error::Connect { .. } => "check etcd is running (`crictl ps --name etcd`), etcd.scheme and the client port 2379".into(),
-            Error::Request { .. } => "etcd refused or timed out; `kubeboot status` and `etcdctl member list` show the members".into(),
-            Error::NotConfirmed { .. } | Error::ConfirmTimeout { .. } => "the new member did not become a started, \
-                voting, healthy member: check its etcd log (`crictl logs` of the etcd container) and peer connectivity on port 2380"
-                .into(),
-        }
-    }
-}
-
 /// A client to the cluster's etcd.
 pub struct Etcd {
     client: Client,
@@ -706,6 +690,21 @@ pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(
         Err(format!("unhealthy members: {}", lines.join("; ")))
     };
     (stale, ready)
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Certificate { .. } => &crate::catalogue::ETCD_CERTIFICATE,
+            E::Connect { .. } => &crate::catalogue::ETCD_CONNECT,
+            E::Request { .. } => &crate::catalogue::ETCD_REQUEST,
+            // One check failing is what the confirmation wait retries.
+            E::NotConfirmed { .. } | E::ConfirmTimeout { .. } => &crate::catalogue::ETCD_NOT_CONFIRMED,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -68,24 +68,6 @@ impl Classify for Error {
     }
 }
 
-impl Error {
-    /// What to check.
-    pub fn hint(&self) -> &'static str {
-        match self {
-            Error::Endpoint { .. } => "imds.endpoint must be an http:// URL such as http://169.254.169.254",
-            Error::Status { status: 403, .. } => {
-                "IMDS refused the request: check the instance has metadata access enabled (http-endpoint=enabled)"
-            }
-            Error::Missing { .. } => "the instance metadata lacks a value every EC2 instance has: is imds.endpoint really IMDS?",
-            Error::Status { status: 401, .. } => {
-                "IMDS rejected the session token: check nothing rewrites requests (proxies add X-Forwarded-For)"
-            }
-            _ => "check IMDSv2 is enabled and reachable (metadata hop limit >= 2 inside containers), \
-                  or raise imds.deadline if the instance boots slowly",
-        }
-    }
-}
-
 /// Who this instance is: what bootstrap needs before anything else.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Identity {
@@ -284,5 +266,39 @@ impl Imds {
         tokio::time::timeout(self.request_timeout, exchange)
             .await
             .map_err(|_| fail(format!("no answer within {:?}", self.request_timeout), true))?
+    }
+}
+/// Reads the user-data through IMDSv2 for [`crate::config::load_with`].
+pub struct UserDataFromImds;
+
+impl crate::config::UserDataSource for UserDataFromImds {
+    fn user_data<'a>(
+        &'a self,
+        settings: &'a model::Imds,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<Option<Vec<u8>>, crate::config::FetchError>,
+                > + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move { Ok(Imds::new(settings)?.user_data().await?) })
+    }
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Endpoint { .. } => &crate::catalogue::IMDS_ENDPOINT,
+            E::Request { .. } => &crate::catalogue::IMDS_REQUEST,
+            E::Status { status: 403, .. } => &crate::catalogue::IMDS_FORBIDDEN,
+            E::Status { .. } => &crate::catalogue::IMDS_STATUS,
+            E::Missing { .. } => &crate::catalogue::IMDS_MISSING,
+            E::Deadline { .. } => &crate::catalogue::IMDS_DEADLINE,
+        }
     }
 }

@@ -155,47 +155,12 @@ impl Error {
                 service: "SSM",
                 operation,
             }),
-            Error::Lock(e) => crate::retry::lock_weather(e),
-            Error::Registry(e) => crate::retry::registry_weather(e),
+            Error::Lock(e) => e.weather(),
+            Error::Registry(e) => e.weather(),
             _ => None,
         }
     }
 
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::CaCert { .. } => "the CA file must be a PEM certificate (kubeadm's pki/ca.crt); \
-                check paths and that kubeadm init finished writing it"
-                .into(),
-            Error::Invalid { .. } => "a bug in the caller: join material needs an endpoint and at least one CA pin".into(),
-            Error::Malformed { secret, .. } => format!(
-                "the secret {secret} was edited by hand or written by another kubeboot version; \
-                 the leader republishes fresh material on its next refresh"
-            ),
-            Error::PointerMismatch { secret, .. } => format!(
-                "aws.join_secret ({secret}) may name another cluster's secret; check it matches cluster.name"
-            ),
-            Error::SecretsManager { class: RetryClass::Transient, .. } => {
-                "Secrets Manager is slow or throttling (the SDK already retried; aws.max_attempts, \
-                 aws.operation_timeout); the step is retried"
-                    .into()
-            }
-            Error::SecretsManager { secret, .. } => format!(
-                "check the secret {secret} exists (the CloudFormation stack creates it), aws.join_secret and \
-                 aws.endpoints.secretsmanager, and that the instance role may call secretsmanager:GetSecretValue, \
-                 PutSecretValue and CreateSecret on it and use its KMS key"
-            ),
-            Error::Ssm { class: RetryClass::Transient, .. } => {
-                "SSM is slow or throttling (the SDK already retried); the step is retried".into()
-            }
-            Error::Ssm { parameter, .. } => format!(
-                "check aws.ssm_prefix and aws.endpoints.ssm, and that the instance role may call \
-                 ssm:PutParameter and ssm:GetParameter on {parameter}"
-            ),
-            Error::Lock(e) => e.hint(),
-            Error::Registry(e) => e.hint(),
-        }
-    }
 }
 
 impl Classify for Error {
@@ -1243,9 +1208,41 @@ fn parameter_name(prefix: &str, name: &str) -> String {
     format!("{}/{name}", prefix.trim_end_matches('/'))
 }
 
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::{Error as E, Malformed as M};
+        match self {
+            E::CaCert { .. } => &crate::catalogue::JOIN_CA_CERT,
+            E::Invalid { .. } => &crate::catalogue::JOIN_INVALID,
+            E::Malformed { source, .. } => match source {
+                M::Format { .. } => &crate::catalogue::JOIN_FORMAT,
+                M::Json { .. }
+                | M::MissingField(_)
+                | M::Field { .. }
+                | M::NotAString
+                | M::TooLarge { .. } => &crate::catalogue::JOIN_MALFORMED,
+            },
+            E::PointerMismatch { .. } => &crate::catalogue::JOIN_POINTER_MISMATCH,
+            E::SecretsManager { class, .. } => match class {
+                RetryClass::Permanent => &crate::catalogue::JOIN_SECRETS_DENIED,
+                RetryClass::Transient => &crate::catalogue::JOIN_SECRETS_UNAVAILABLE,
+            },
+            E::Ssm { class, .. } => match class {
+                RetryClass::Permanent => &crate::catalogue::JOIN_SSM_DENIED,
+                RetryClass::Transient => &crate::catalogue::JOIN_SSM_UNAVAILABLE,
+            },
+            E::Lock(e) => e.entry(),
+            E::Registry(e) => e.entry(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::Coded;
 
     /// `openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=kubernetes -days 3650`
     const RSA_CA: &str = "-----BEGIN CERTIFICATE-----

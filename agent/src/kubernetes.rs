@@ -52,18 +52,6 @@ impl Classify for Error {
     }
 }
 
-impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Kubeconfig { .. } => "kubeadm writes this file during join; check the kubeadm output above and paths.kubernetes_dir".into(),
-            Error::Api { status: Some(401 | 403), .. } => "the node's credentials were refused: check the kubelet's client certificate and the Node authorizer (kubectl get csr)".into(),
-            Error::Api { .. } => "check that the API server endpoint (cluster.control_plane_endpoint, the load balancer) answers from this node".into(),
-            Error::NotReady { .. } | Error::Deadline { .. } => "check the kubelet (journalctl -u kubelet) and the CNI plugin; `kubectl describe node` shows the Ready condition's message; raise timeouts.node_ready if the node is just slow".into(),
-        }
-    }
-}
-
 /// Where a Node stands, from its `Ready` condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
@@ -356,9 +344,28 @@ fn api_error(operation: &'static str, object: &str, e: &kube::Error) -> Error {
     }
 }
 
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Kubeconfig { .. } => &crate::catalogue::KUBE_KUBECONFIG,
+            E::Api {
+                status: Some(401 | 403),
+                ..
+            } => &crate::catalogue::KUBE_API_DENIED,
+            E::Api { .. } => &crate::catalogue::KUBE_API,
+            // Not Ready once is what the readiness wait retries.
+            E::NotReady { .. } | E::Deadline { .. } => &crate::catalogue::KUBE_NODE_NOT_READY,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::Coded;
 
     fn node(conditions: serde_json::Value) -> Node {
         serde_json::from_value(serde_json::json!({

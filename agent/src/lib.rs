@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod lock;
 pub mod membership;
 pub mod metrics;
+pub mod pacing;
 pub mod quorum;
 pub mod reconciler;
 pub mod refresh;

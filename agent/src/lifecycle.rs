@@ -81,22 +81,6 @@ pub enum Error {
     Instances(#[from] crate::reconciler::Error),
 }
 
-impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Message { .. } => "the queue should only receive the ASG lifecycle hook's messages (EventBridge rule or hook target); the message is deleted".into(),
-            Error::AutoScaling { .. } => "check the instance role may call autoscaling:DescribeAutoScalingInstances, CompleteLifecycleAction and RecordLifecycleActionHeartbeat on this group; the ASG applies the hook's default result at its timeout".into(),
-            Error::NotTerminating { .. } => "a stale or forged notice: Auto Scaling did not confirm it within AWS's longest hook heartbeat timeout (2 h) after SQS received the message (until then the notice is kept and looked at again, since Auto Scaling may report a termination after its notice arrives); only EventBridge and the cluster's own nodes may send to the queue; if it was not an old duplicate, check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
-            Error::NotInGroup { .. } => "EC2 runs this instance outside every group: a forged notice; check which principal sent it (CloudTrail sqs:SendMessage) and that node's instance role; the message is deleted".into(),
-            Error::MembershipUnknown { .. } => "no recorded etcd member answers: check the control planes' etcd (`kubeboot status`); the instance is neither drained as a worker nor removed as a control plane until etcd answers, the message comes back after its visibility timeout, and the ASG applies the hook's default result at its heartbeat timeout".into(),
-            Error::Sqs { .. } => "check aws.lifecycle_queue_url and that the role may receive and delete messages on it".into(),
-            Error::Registry(e) => e.hint(),
-            Error::Instances(e) => e.hint(),
-        }
-    }
-}
-
 /// One lifecycle action to complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Action {
@@ -846,7 +830,7 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
     let mut member = None;
     if let Some(leaving) = leaving {
         let _serialized = limits.removals.lock().await;
-        crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
+        crate::systemd::beat(crate::pacing::LEADER_LOOP, crate::pacing::allowance(cfg));
         let removal = async {
             let (etcd, target) = match leaving {
                 Leaving::Recorded(r) => {
@@ -882,7 +866,7 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
                 member = outcome.removed.map(|r| format!("{:016x}", r.id));
             }
             Err(e) => {
-                tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "etcd member not removed; the reconciler retries once it is safe");
+                crate::catalogue::report!(error, e, instance_id = %action.instance_id, "etcd member not removed; the reconciler retries once it is safe");
                 failures.push(format!("etcd member: {e}"));
             }
         }
@@ -998,7 +982,7 @@ async fn take(
             Ok(m) => m,
             Err(e) if attempt == 0 => return Err(e),
             Err(e) => {
-                tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle queue receive failed; handling what was taken");
+                crate::catalogue::report!(warn, e, "lifecycle queue receive failed; handling what was taken");
                 break;
             }
         };
@@ -1051,7 +1035,7 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
         return Ok(Vec::new());
     }
     // A batch may take a whole drain: that is progress, not a hang.
-    crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
+    crate::systemd::beat(crate::pacing::LEADER_LOOP, crate::pacing::allowance(cfg));
     let limits = Limits::new();
     let limits = &limits;
     let handle = |(message, action): (Received, Action)| async move {
@@ -1083,12 +1067,12 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
                     Ok(more) if more.is_empty() => {}
                     Ok(more) => {
                         tracing::info!(messages = more.len(), "more terminations arrived during the batch");
-                        crate::systemd::beat(crate::daemon::LEADER_LOOP, crate::daemon::allowance(cfg));
+                        crate::systemd::beat(crate::pacing::LEADER_LOOP, crate::pacing::allowance(cfg));
                         taken += more.len();
                         handlings.extend(more.into_iter().map(|m| Box::pin(handle(m))));
                     }
                     Err(e) => {
-                        tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle queue receive during the batch failed");
+                        crate::catalogue::report!(warn, e, "lifecycle queue receive during the batch failed");
                     }
                 }
             }
@@ -1143,13 +1127,13 @@ async fn handle_message<L: LockStore, R: RegistryStore>(
                 return defer_or_refuse(cfg, queue, action, message, e).await;
             }
             Verdict::Refused(e) | Verdict::NotInGroup(e) => {
-                tracing::warn!(code = e.code(), error = %e, hint = %e.hint(), "lifecycle message refused and deleted");
+                crate::catalogue::report!(warn, e, "lifecycle message refused and deleted");
                 queue.delete(&message.receipt).await?;
                 return Ok(None);
             }
         },
         Err(e) => {
-            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "cannot check the termination with Auto Scaling; the message comes back");
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "cannot check the termination with Auto Scaling; the message comes back");
             return Ok(None);
         }
     }
@@ -1166,7 +1150,7 @@ async fn handle_message<L: LockStore, R: RegistryStore>(
             Ok(Some(report))
         }
         Err(e) => {
-            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "termination not completed; the message comes back");
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "termination not completed; the message comes back");
             Ok(None)
         }
     }
@@ -1191,7 +1175,7 @@ async fn defer_or_refuse(
     )
     .filter(|d| now < *d);
     let Some(deadline) = deadline else {
-        tracing::warn!(code = refusal.code(), error = %refusal, hint = %refusal.hint(), "lifecycle message refused and deleted");
+        crate::catalogue::report!(warn, refusal, "lifecycle message refused and deleted");
         queue.delete(&message.receipt).await?;
         return Ok(None);
     };
@@ -1230,7 +1214,7 @@ async fn handle_unplaced<L: LockStore, R: RegistryStore>(
         Ok(n) => n,
         Err(e) => {
             let e = Error::from(e);
-            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "no group holds the instance and EC2 cannot say whether it is gone; the message comes back");
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "no group holds the instance and EC2 cannot say whether it is gone; the message comes back");
             return Ok(None);
         }
     };
@@ -1241,7 +1225,7 @@ async fn handle_unplaced<L: LockStore, R: RegistryStore>(
             instance_id: action.instance_id.clone(),
             claimed_asg: action.asg.clone(),
         };
-        tracing::warn!(code = refusal.code(), error = %refusal, hint = %refusal.hint(), "lifecycle message refused and deleted");
+        crate::catalogue::report!(warn, refusal, "lifecycle message refused and deleted");
         queue.delete(&message.receipt).await?;
         return Ok(None);
     }
@@ -1259,8 +1243,26 @@ async fn handle_unplaced<L: LockStore, R: RegistryStore>(
             Ok(Some(report))
         }
         Err(e) => {
-            tracing::error!(instance_id = %action.instance_id, code = e.code(), error = %e, hint = %e.hint(), "cleanup after a gone instance failed; the message comes back");
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "cleanup after a gone instance failed; the message comes back");
             Ok(None)
+        }
+    }
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Message { .. } => &crate::catalogue::LIFE_MESSAGE,
+            E::AutoScaling { .. } => &crate::catalogue::LIFE_AUTOSCALING,
+            E::NotTerminating { .. } => &crate::catalogue::LIFE_NOT_TERMINATING,
+            E::NotInGroup { .. } => &crate::catalogue::LIFE_NOT_IN_GROUP,
+            E::MembershipUnknown { .. } => &crate::catalogue::LIFE_MEMBERSHIP_UNKNOWN,
+            E::Sqs { .. } => &crate::catalogue::LIFE_SQS,
+            E::Registry(e) => e.entry(),
+            E::Instances(e) => e.entry(),
         }
     }
 }

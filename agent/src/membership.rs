@@ -42,24 +42,6 @@ impl Classify for Error {
     }
 }
 
-impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Etcd(e) => e.hint(),
-            Error::Registry(e) => e.hint(),
-            Error::Lock(e) => e.hint(),
-            Error::Refused(r) => r.hint(),
-            Error::UnknownTarget { .. } => {
-                "`kubeboot etcd members` lists member ids (16 hex digits) and instance ids".into()
-            }
-            Error::NoEndpoints => {
-                "pass --endpoint with a member's client URL (e.g. https://10.0.1.2:2379)".into()
-            }
-        }
-    }
-}
-
 /// What to remove: an EC2 instance's member or an etcd member id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -358,6 +340,22 @@ pub fn render_text(members: &[MemberView], orphans: &[MemberRecord]) -> String {
         ));
     }
     out
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Etcd(e) => e.entry(),
+            E::Registry(e) => e.entry(),
+            E::Lock(e) => e.entry(),
+            E::Refused(r) => r.entry(),
+            E::UnknownTarget { .. } => &crate::catalogue::MEMBER_UNKNOWN_TARGET,
+            E::NoEndpoints => &crate::catalogue::MEMBER_NO_ENDPOINTS,
+        }
+    }
 }
 
 #[cfg(test)]

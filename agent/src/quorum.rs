@@ -41,22 +41,6 @@ pub enum Refusal {
     },
 }
 
-impl Refusal {
-    /// What the operator should do.
-    pub fn hint(&self) -> String {
-        match self {
-            Refusal::NotAMember { .. } => {
-                "`kubeboot etcd members` shows the current members and their records".into()
-            }
-            Refusal::LastVoter { .. } => {
-                "to rebuild the cluster, restore from a backup instead of removing members".into()
-            }
-            Refusal::TwoVoters { .. } => "add a third control plane first; or, if the member is certainly gone for good, repeat with --force".into(),
-            Refusal::BelowQuorum { .. } => "bring the unhealthy members back (or remove the dead ones first) so enough healthy voters remain".into(),
-        }
-    }
-}
-
 /// An allowed removal and what the cluster looks like after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removal {
@@ -151,6 +135,20 @@ pub fn judge(health: &[Health], id: u64, context: Context) -> Result<Removal, Re
         quorum_after,
         forced,
     })
+}
+
+impl crate::catalogue::Coded for self::Refusal {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Refusal as R;
+        match self {
+            R::NotAMember { .. } => &crate::catalogue::MEMBER_NOT_A_MEMBER,
+            R::LastVoter { .. } => &crate::catalogue::MEMBER_LAST_VOTER,
+            R::TwoVoters { .. } => &crate::catalogue::MEMBER_TWO_VOTERS,
+            R::BelowQuorum { .. } => &crate::catalogue::MEMBER_BELOW_QUORUM,
+        }
+    }
 }
 
 #[cfg(test)]

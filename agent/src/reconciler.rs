@@ -45,19 +45,6 @@ pub enum Error {
     Lock(#[from] crate::lock::Error),
 }
 
-impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Ec2 { .. } => "check the instance role may call ec2:DescribeInstances; nothing is removed while EC2 cannot be asked".into(),
-            Error::LeaderNotRunning { .. } => "check the region and EC2 endpoint the agent uses (IMDS placement, aws.endpoints.ec2) are the instances'; nothing is removed while EC2's answer does not show this instance running".into(),
-            Error::Membership(e) => e.hint(),
-            Error::Registry(e) => e.hint(),
-            Error::Lock(e) => e.hint(),
-        }
-    }
-}
-
 /// One cleanup step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -292,7 +279,7 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
                     match membership::remove_locked(&etcd, registry, &guard, target, false).await {
                         Ok(_) => done.push(step),
                         Err(e) => {
-                            tracing::error!(removing = %target, code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "reconciler could not remove the member; retried next turn")
+                            crate::catalogue::report!(error, e, removing = %target, "reconciler could not remove the member; retried next turn")
                         }
                     }
                 }
@@ -308,6 +295,21 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
     .await;
     let _ = guard.release().await;
     result
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Ec2 { .. } => &crate::catalogue::RECON_EC2,
+            E::LeaderNotRunning { .. } => &crate::catalogue::RECON_LEADER_NOT_RUNNING,
+            E::Membership(e) => e.entry(),
+            E::Registry(e) => e.entry(),
+            E::Lock(e) => e.entry(),
+        }
+    }
 }
 
 #[cfg(test)]

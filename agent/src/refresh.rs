@@ -52,18 +52,6 @@ pub enum Error {
     Superseded { seen: u64, now: u64 },
 }
 
-impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Registry(e) => e.hint(),
-            Error::JoinMaterial(e) => e.hint(),
-            Error::Kubeadm(e) => e.hint(),
-            Error::Superseded { .. } => "another publisher (an init, or a leader before a takeover) published meanwhile; the next turn refreshes from the new material if needed".into(),
-        }
-    }
-}
-
 /// How long ago something with lifetime `ttl` that expires at `expires_at`
 /// was made.
 fn age(expires_at: SystemTime, ttl: Duration, now: SystemTime) -> Duration {
@@ -181,7 +169,7 @@ pub async fn run_once<S: RegistryStore>(
             .ensure_discovery(registry, &pointer, cfg.daemon.period)
             .await
         {
-            tracing::warn!(code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "cannot write the SSM discovery parameters; tried again later");
+            crate::catalogue::report!(warn, e, "cannot write the SSM discovery parameters; tried again later");
         }
         return Ok(None);
     }
@@ -224,10 +212,31 @@ pub async fn run_once<S: RegistryStore>(
             return Err(e.into());
         };
         crate::retry::note_weather("write the discovery parameters", call, &e);
-        tracing::warn!(code = crate::catalogue::Coded::code(&e), error = %e, hint = %e.hint(), "the fresh join material is published; the SSM discovery parameters are left to the next turns");
+        crate::catalogue::report!(warn, e, "the fresh join material is published; the SSM discovery parameters are left to the next turns");
     }
     tracing::info!(version = %staged.secret_version, seq = staged.seq, "fresh join material published");
     Ok(Some(staged))
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Registry(e) => e.entry(),
+            E::JoinMaterial(e) => e.entry(),
+            E::Kubeadm(e) => e.entry(),
+            E::Superseded { .. } => &crate::catalogue::JOIN_SUPERSEDED,
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Error::Kubeadm(e) => e.detail(),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -300,32 +300,6 @@ pub struct AwsCall {
     pub operation: &'static str,
 }
 
-/// A DynamoDB store call that failed as weather (throttled, 5xx, or no
-/// answer and no read-back) rather than for good.
-pub fn dynamodb_weather(e: &crate::lock::StoreError) -> Option<AwsCall> {
-    (e.class != crate::lock::StoreErrorClass::Permanent).then_some(AwsCall {
-        service: "DynamoDB",
-        operation: e.operation,
-    })
-}
-
-/// The weather behind a lock error, if that is what it is.
-pub fn lock_weather(e: &crate::lock::Error) -> Option<AwsCall> {
-    match e {
-        crate::lock::Error::Store { source, .. } => dynamodb_weather(source),
-        _ => None,
-    }
-}
-
-/// The weather behind a registry error, if that is what it is.
-pub fn registry_weather(e: &crate::registry::Error) -> Option<AwsCall> {
-    match e {
-        crate::registry::Error::Store { source, .. } => dynamodb_weather(source),
-        crate::registry::Error::NotHeld(e) => lock_weather(e),
-        _ => None,
-    }
-}
-
 /// Counts and logs (warn) one AWS call whose SDK retries gave up on
 /// throttling, 5xx, a timeout or a dispatch failure, while `step` waits on.
 pub fn note_weather(step: &str, call: AwsCall, error: &dyn Display) {

@@ -50,18 +50,6 @@ pub enum Error {
     Registry(#[from] crate::registry::Error),
 }
 
-impl Error {
-    /// What to check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Lock { .. } => {
-                "check aws.table, aws.region and that this role may read the table".into()
-            }
-            Error::Registry(e) => e.hint(),
-        }
-    }
-}
-
 /// Reads the cluster record, every lock and every member record.
 pub async fn gather<L: LockStore, R: RegistryStore>(
     cluster: &str,
@@ -319,6 +307,17 @@ pub fn to_json(s: &Status) -> serde_json::Value {
         "certificates": certificates_json(s),
         "observed_at_ms": observed,
     })
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        match self {
+            self::Error::Lock { .. } => &crate::catalogue::STATUS_LOCK_READ,
+            self::Error::Registry(e) => e.entry(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ use crate::secret::REDACTED;
 use schema::{Key, Kind};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::path::{Path, PathBuf};
 use value::Refusal;
 
@@ -142,35 +144,12 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("cannot read user-data from instance metadata: {source}")]
-    Imds { source: crate::identity::Error },
+    Imds { source: FetchError },
     #[error("configuration deserialization failed after validation (a kubeboot bug): {0}")]
     Internal(String),
 }
 
 impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Invalid { .. } => "fix every key listed above; `kubeboot config check` prints them all, \
-                `kubeboot config show` prints the merged result and where each value came from"
-                .into(),
-            Error::Read { path, source } if source.kind() == std::io::ErrorKind::NotFound => format!(
-                "create {} (the AMI installs one), or point --config / KUBEBOOT_CONFIG at the right file",
-                path.display()
-            ),
-            Error::Read { .. } | Error::DropInDir { .. } => {
-                "check the path exists and is readable by the kubeboot service user".into()
-            }
-            Error::NotRegular { .. } => "point --config / KUBEBOOT_CONFIG (or --user-data) at a regular TOML file; \
-                to feed a generated config, write it to a file first".into(),
-            Error::TooLarge { .. } => "a configuration is a few KiB: check the path names the right file \
-                (not a log, an image or a generated dump)".into(),
-            Error::Imds { .. } => "on EC2: check the instance metadata service is enabled with IMDSv2 and reachable \
-                (hop limit); off EC2: pass --user-data FILE or --no-user-data, or set imds.user_data = false"
-                .into(),
-            Error::Internal(_) => "report this with the output of `kubeboot config show`".into(),
-        }
-    }
 
     /// Whether the failure is the operator's input (exit 2) rather than the environment (exit 1).
     pub fn is_usage(&self) -> bool {
@@ -896,6 +875,32 @@ pub enum UserData {
     Skip,
 }
 
+/// Why [`UserDataSource`] could not fetch the user-data (the IMDS client's error).
+pub type FetchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where [`UserData::FromImds`] comes from: on a node, the IMDS client
+/// (`identity::UserDataFromImds`). Injected rather than called so that the
+/// configuration sits below the instance identity, which is configured by it.
+pub trait UserDataSource: Sync {
+    /// The raw user-data (`None`: the instance has none), read with `settings`.
+    fn user_data<'a>(
+        &'a self,
+        settings: &'a model::Imds,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<u8>>, FetchError>> + Send + 'a>>;
+}
+
+/// A [`UserDataSource`] for callers that never ask IMDS: [`UserData::FromImds`] fails.
+pub struct NoUserDataSource;
+
+impl UserDataSource for NoUserDataSource {
+    fn user_data<'a>(
+        &'a self,
+        _settings: &'a model::Imds,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<u8>>, FetchError>> + Send + 'a>> {
+        Box::pin(async { Err("no instance metadata client in this caller".into()) })
+    }
+}
+
 /// Everything [`load`] reads, made explicit so tests control it.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -915,8 +920,13 @@ impl LoadOptions {
     }
 }
 
-/// Reads every source, merges and validates.
+/// Reads every source but IMDS user-data (`UserData::FromImds` fails), merges and validates.
 pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
+    load_with(opts, &NoUserDataSource).await
+}
+
+/// Reads every source, user-data from `imds` when asked to, merges and validates.
+pub async fn load_with(opts: &LoadOptions, imds: &dyn UserDataSource) -> Result<Loaded, Error> {
     let mut problems = Vec::new();
     let text = read_text(&opts.path)?;
     let mut layers = vec![parse_toml(
@@ -940,11 +950,7 @@ pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
             let local: Vec<Layer> = layers.iter().chain(&env_layers).cloned().collect();
             let settings = imds_settings(&local);
             if settings.user_data {
-                let fetched = match crate::identity::Imds::new(&settings) {
-                    Ok(imds) => imds.user_data().await,
-                    Err(e) => Err(e),
-                };
-                match fetched {
+                match imds.user_data(&settings).await {
                     Ok(raw) => raw,
                     // The local sources' own problems are the operator's to
                     // fix whatever instance metadata does (exit 2, not 1).
@@ -1069,6 +1075,50 @@ pub fn imds_settings(layers: &[Layer]) -> model::Imds {
             .unwrap_or(true),
         request_timeout: dur("imds.request_timeout", 2),
         deadline: dur("imds.deadline", 300),
+    }
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Invalid { .. } => &crate::catalogue::CONFIG_INVALID,
+            E::Read { .. } => &crate::catalogue::CONFIG_READ,
+            E::DropInDir { .. } => &crate::catalogue::CONFIG_DROPIN_DIR,
+            E::Imds { .. } => &crate::catalogue::CONFIG_USERDATA,
+            E::Internal(_) => &crate::catalogue::CONFIG_INTERNAL,
+            E::NotRegular { .. } => &crate::catalogue::CONFIG_NOT_REGULAR,
+            E::TooLarge { .. } => &crate::catalogue::CONFIG_TOO_LARGE,
+        }
+    }
+}
+
+impl crate::catalogue::Coded for self::ProblemKind {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::ProblemKind as K;
+        match self {
+            K::Syntax => &crate::catalogue::CONFIG_SYNTAX,
+            K::UnknownKey => &crate::catalogue::CONFIG_UNKNOWN_KEY,
+            K::WrongType => &crate::catalogue::CONFIG_WRONG_TYPE,
+            K::OutOfRange => &crate::catalogue::CONFIG_OUT_OF_RANGE,
+            K::Invalid => &crate::catalogue::CONFIG_INVALID_VALUE,
+            K::Missing => &crate::catalogue::CONFIG_MISSING,
+            K::Conflict => &crate::catalogue::CONFIG_CONFLICT,
+            K::Inconsistent => &crate::catalogue::CONFIG_INCONSISTENT,
+            K::Retired => &crate::catalogue::CONFIG_RETIRED,
+        }
+    }
+}
+
+impl crate::catalogue::Coded for self::Problem {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        self.kind.entry()
     }
 }
 

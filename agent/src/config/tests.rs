@@ -2,6 +2,7 @@
 //! built from strings, so each rule is checked without files or IMDS.
 
 use super::*;
+use crate::catalogue::Coded;
 
 const BASE: &str = r#"
 [cluster]

@@ -54,23 +54,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// What to check.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Spawn { .. } => "check binaries.kubeadm points at the kubeadm installed by the AMI build".into(),
-            Error::WriteConfig { .. } => "check paths.run_dir exists and is writable by root".into(),
-            Error::TimedOut { command, .. } => format!(
-                "raise timeouts.{} if the node is just slow; otherwise check `journalctl -u kubelet` \
-                 and `crictl ps -a` for components that do not start",
-                timeout_key(command)
-            ),
-            Error::Failed { hint, .. } => (*hint).into(),
-            Error::Stopped { .. } => "the next start resets this unfinished attempt and runs again".into(),
-        }
-    }
-}
-
 /// The `[timeouts]` key that bounds a kubeadm command (the leader's token
 /// and upload-certs calls and the join phases share `kubeadm_join`).
 fn timeout_key(command: &str) -> &'static str {
@@ -511,9 +494,36 @@ pub fn config_path(run_dir: &Path, command: &str) -> PathBuf {
     run_dir.join(format!("kubeadm-{command}.yaml"))
 }
 
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Spawn { .. } => &crate::catalogue::KUBEADM_SPAWN,
+            E::WriteConfig { .. } => &crate::catalogue::KUBEADM_WRITE_CONFIG,
+            E::TimedOut { .. } => &crate::catalogue::KUBEADM_TIMED_OUT,
+            E::Failed { .. } => &crate::catalogue::KUBEADM_FAILED,
+            E::Stopped { .. } => &crate::catalogue::KUBEADM_STOPPED,
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Error::TimedOut { command, .. } => Some(format!(
+                "raise timeouts.{} if the node is just slow",
+                timeout_key(command)
+            )),
+            Error::Failed { hint, .. } => Some((*hint).to_string()),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::Coded;
     use std::os::unix::fs::PermissionsExt;
 
     /// A fake kubeadm for the runner's own tests (the e2e tests use the real stand-in).

@@ -1,13 +1,12 @@
 //! [`LockStore`] on DynamoDB: each operation is one conditional write or one
 //! consistent read of the `CLUSTER#<name>` / `LOCK#<purpose>` item.
 
-use super::{Claim, LockItem, LockStore, Purpose, StoreError, StoreErrorClass};
-use crate::retry::{self, RetryClass};
-use crate::table;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use super::{Claim, LockItem, LockStore, Purpose};
+use crate::table::{
+    self, conditional, epoch_ms, is_condition_failed, n, s, store_error, StoreError, StoreErrorClass,
+};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use aws_sdk_dynamodb::Client;
-use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -251,42 +250,7 @@ fn uses(expr: &str, placeholder: &str) -> bool {
 
 /// Sort key of a lock item.
 pub fn lock_sk(purpose: Purpose) -> String {
-    format!("{}{}", table::LOCK_SK_PREFIX, purpose.as_str())
-}
-
-fn conditional<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
-    operation: &'static str,
-    result: Result<(), SdkError<E, HttpResponse>>,
-) -> Result<bool, StoreError> {
-    match result {
-        Ok(()) => Ok(true),
-        Err(e) if is_condition_failed(&e) => Ok(false),
-        Err(e) => Err(store_error(operation, &e)),
-    }
-}
-
-/// Whether a write was refused by its condition (the expected "no").
-pub fn is_condition_failed<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
-    matches!(e, SdkError::ServiceError(se) if se.err().code() == Some("ConditionalCheckFailedException"))
-}
-
-/// Maps an SDK error to the store's classes (the SDK already retried it).
-pub fn store_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
-    operation: &'static str,
-    e: &SdkError<E, HttpResponse>,
-) -> StoreError {
-    let class = if retry::outcome_unknown(e) {
-        StoreErrorClass::OutcomeUnknown
-    } else if retry::classify_sdk_error(e) == RetryClass::Transient {
-        StoreErrorClass::Transient
-    } else {
-        StoreErrorClass::Permanent
-    };
-    StoreError {
-        class,
-        operation,
-        message: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
-    }
+    table::lock_sk(purpose.as_str())
 }
 
 fn parse(
@@ -317,21 +281,6 @@ fn parse(
             .unwrap_or(false),
         heartbeat_at: num(HEARTBEAT_AT).map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
     })
-}
-
-fn s(v: &str) -> AttributeValue {
-    AttributeValue::S(v.to_string())
-}
-
-fn n(v: impl std::fmt::Display) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-/// Milliseconds since the epoch; a clock before 1970 reads as 0 (display only).
-pub fn epoch_ms(t: SystemTime) -> u128 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

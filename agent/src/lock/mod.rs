@@ -22,6 +22,7 @@
 
 pub mod dynamo;
 
+pub use crate::table::{StoreError, StoreErrorClass};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::future::Future;
@@ -102,26 +103,6 @@ pub struct Claim<'a> {
     pub rvn: &'a str,
     pub lease: Duration,
     pub wall: SystemTime,
-}
-
-/// How a store call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreErrorClass {
-    /// Nothing happened; trying again may work (throttling, 5xx after the SDK's retries).
-    Transient,
-    /// Nothing happened and trying again will not help (denied, no table).
-    Permanent,
-    /// We do not know whether the write applied (timeout): read back.
-    OutcomeUnknown,
-}
-
-/// A store call failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{operation}: {message}")]
-pub struct StoreError {
-    pub class: StoreErrorClass,
-    pub operation: &'static str,
-    pub message: String,
 }
 
 /// The conditional writes the algorithm needs. DynamoDB implements it for
@@ -247,27 +228,14 @@ pub enum Error {
 }
 
 impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
+    /// The AWS call behind this error when it is weather, not a refusal.
+    pub fn weather(&self) -> Option<crate::retry::AwsCall> {
         match self {
-            Error::Timeout { purpose, .. } => format!(
-                "another node holds the {purpose} lock: `kubeboot status` shows the holder and its last heartbeat; \
-                 a dead holder loses it after one lease; if a live holder is stuck, fix or stop it, \
-                 or as a last resort `kubeboot lock release --purpose {purpose} --force`"
-            ),
-            Error::Lost { .. } => "the lease expired or another node took over (slow DynamoDB, a paused \
-                instance, or a forced release); the work was stopped and is retried from its last checkpoint"
-                .into(),
-            Error::Store { source, .. } => match source.class {
-                StoreErrorClass::Permanent => "check the table exists and the instance role may call \
-                    dynamodb:UpdateItem/GetItem on it (aws.table, aws.region, aws.endpoints.dynamodb)"
-                    .into(),
-                _ => "DynamoDB is slow or throttling; it is retried (aws.max_attempts, aws.operation_timeout)".into(),
-            },
-            Error::HolderAlive { .. } => "the holder is alive: find it with `kubeboot status` and stop it first".into(),
-            Error::NotHeld { .. } => "nothing to release".into(),
+            Error::Store { source, .. } => source.weather(),
+            _ => None,
         }
     }
+
 }
 
 /// Takes locks for one owner.
@@ -912,6 +880,24 @@ async fn heartbeat_loop<S: LockStore>(
                 return;
             }
             Renewal::Retry => next = Instant::now() + (interval / 4).max(Duration::from_millis(50)),
+        }
+    }
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::{Error as E, StoreErrorClass as C};
+        match self {
+            E::Timeout { .. } => &crate::catalogue::LOCK_TIMEOUT,
+            E::Lost { .. } => &crate::catalogue::LOCK_LOST,
+            E::Store { source, .. } => match source.class {
+                C::Permanent => &crate::catalogue::LOCK_STORE_DENIED,
+                C::Transient | C::OutcomeUnknown => &crate::catalogue::LOCK_STORE_UNAVAILABLE,
+            },
+            E::HolderAlive { .. } => &crate::catalogue::LOCK_HOLDER_ALIVE,
+            E::NotHeld { .. } => &crate::catalogue::LOCK_NOT_HELD,
         }
     }
 }

@@ -5,9 +5,8 @@ use super::{
     ClusterState, InitClaim, JoinPointer, MemberRecord, Origin, Phase, RefreshRequest,
     RegistryStore, WriteResult,
 };
-use crate::lock::dynamo::{epoch_ms, lock_sk, store_error};
-use crate::lock::{Fence, StoreError, StoreErrorClass};
-use crate::table;
+use crate::lock::Fence;
+use crate::table::{self, epoch_ms, n, s, store_error, StoreError, StoreErrorClass};
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
@@ -60,7 +59,7 @@ impl DynamoRegistryStore {
     fn fence_check(&self, fence: Fence) -> Result<TransactWriteItem, StoreError> {
         let check = ConditionCheck::builder()
             .table_name(&self.table)
-            .set_key(Some(self.key(lock_sk(fence.purpose))))
+            .set_key(Some(self.key(table::lock_sk(fence.purpose.as_str()))))
             .condition_expression("#f = :fence AND #rel = :false")
             .expression_attribute_names("#f", "fence")
             .expression_attribute_names("#rel", "released")
@@ -546,13 +545,6 @@ fn invalid(operation: &'static str, e: &dyn std::fmt::Display) -> StoreError {
     }
 }
 
-fn s(v: &str) -> AttributeValue {
-    AttributeValue::S(v.to_string())
-}
-
-fn n(v: impl std::fmt::Display) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
 
 #[cfg(test)]
 mod tests {

@@ -258,20 +258,15 @@ pub enum Error {
 }
 
 impl Error {
-    /// What the operator should check.
-    pub fn hint(&self) -> String {
+    /// The AWS call behind this error when it is weather, not a refusal.
+    pub fn weather(&self) -> Option<crate::retry::AwsCall> {
         match self {
-            Error::LockLost { .. } | Error::NotHeld(_) => "another node took over the lock (this one was slow or paused); \
-                this node stops and retries from its last checkpoint"
-                .into(),
-            Error::WrongLock { .. } => "report this bug with the log above".into(),
-            Error::Conflict { .. } => "the cluster record changed under us: `kubeboot status` shows it".into(),
-            Error::Store { source, .. } if source.class == StoreErrorClass::Permanent => {
-                "check the table exists and the instance role may call dynamodb:TransactWriteItems, GetItem and Query".into()
-            }
-            Error::Store { .. } => "DynamoDB is slow or throttling; the step is retried".into(),
+            Error::Store { source, .. } => source.weather(),
+            Error::NotHeld(e) => e.weather(),
+            _ => None,
         }
     }
+
 }
 
 /// The fence of `guard`, if it is one of the locks allowed to fence `operation`.
@@ -551,5 +546,25 @@ impl<S: RegistryStore> Registry<S> {
                 message: "gave up".into(),
             }),
         })
+    }
+}
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use crate::lock::StoreErrorClass as C;
+        use self::Error as E;
+        match self {
+            // A refused fence is the lock lost, whoever noticed first.
+            E::LockLost { .. } => &crate::catalogue::LOCK_LOST,
+            E::Conflict { .. } => &crate::catalogue::REG_CONFLICT,
+            E::NotHeld(e) => e.entry(),
+            E::WrongLock { .. } => &crate::catalogue::REG_WRONG_LOCK,
+            E::Store { source, .. } => match source.class {
+                C::Permanent => &crate::catalogue::REG_STORE_DENIED,
+                C::Transient | C::OutcomeUnknown => &crate::catalogue::REG_STORE_UNAVAILABLE,
+            },
+        }
     }
 }

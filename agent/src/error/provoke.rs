@@ -1,6 +1,6 @@
 //! Failures provoked through the real functions with bad input (a missing
 //! file, a refusing server, an impossible removal), each checked for its
-//! catalogue code. The meta-test in `agent/tests/errors.rs` requires every
+//! catalogue code. The meta-test in `agent/tests/agent/errors.rs` requires every
 //! code to be asserted on a provoked error somewhere; these are the ones a
 //! unit test reaches without etcd, moto or the binary.
 
@@ -175,11 +175,14 @@ async fn user_data_from_an_unreachable_imds_has_its_code() {
         ),
     )
     .expect("write");
-    let err = config::load(&LoadOptions {
-        path,
-        user_data: UserData::FromImds,
-        env: vec![],
-    })
+    let err = config::load_with(
+        &LoadOptions {
+            path,
+            user_data: UserData::FromImds,
+            env: vec![],
+        },
+        &crate::identity::UserDataFromImds,
+    )
     .await
     .expect_err("IMDS is unreachable");
     assert_eq!(err.code(), "KB-CONFIG-004", "{err}");

@@ -60,32 +60,6 @@ impl Error {
         }
     }
 
-    /// What the operator should check next.
-    pub fn hint(&self) -> String {
-        match self {
-            Error::Config(e) => e.hint(),
-            Error::Telemetry(_) => {
-                "log.level must be one of trace, debug, info, warn, error".into()
-            }
-            Error::Runtime(_) => {
-                "the host is out of threads or file descriptors; check `ulimit -n` and memory"
-                    .into()
-            }
-            Error::Output(_) => {
-                "stdout was closed (a pipe ended early?); re-run without the pipe".into()
-            }
-            Error::Identity(e) => e.hint().into(),
-            Error::Aws(_) => "imds.endpoint must be a plain http:// URL".into(),
-            Error::Lock(e) => e.hint(),
-            Error::Registry(e) => e.hint(),
-            Error::Status(e) => e.hint(),
-            Error::Bootstrap(e) => e.hint(),
-            Error::Membership(e) => e.hint(),
-            Error::Usage(_) => "see `kubeboot --help`".into(),
-            Error::UnknownCode(_) => "`kubeboot explain --list` lists every code".into(),
-        }
-    }
-
     /// The stable catalogue code, e.g. `KB-LOCK-001` (see `docs/errors.md`).
     pub fn code(&self) -> &'static str {
         crate::catalogue::Coded::code(self)
@@ -101,3 +75,38 @@ impl Error {
         ExitCode::from(self.exit_code())
     }
 }
+
+impl crate::catalogue::Coded for self::Error {
+    fn entry(&self) -> &'static crate::catalogue::Entry {
+        #[allow(unused_imports)]
+        use crate::catalogue::Coded;
+        use self::Error as E;
+        match self {
+            E::Config(e) => e.entry(),
+            E::Telemetry(e) => e.entry(),
+            E::Identity(e) => e.entry(),
+            E::Aws(e) => e.entry(),
+            E::Lock(e) => e.entry(),
+            E::Registry(e) => e.entry(),
+            E::Status(e) => e.entry(),
+            E::Bootstrap(e) => e.entry(),
+            E::Membership(e) => e.entry(),
+            E::Usage(_) => &crate::catalogue::CLI_USAGE,
+            E::Runtime(_) => &crate::catalogue::CLI_RUNTIME,
+            E::Output(_) => &crate::catalogue::CLI_OUTPUT,
+            E::UnknownCode(_) => &crate::catalogue::CLI_UNKNOWN_CODE,
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Error::Bootstrap(e) => e.detail(),
+            _ => None,
+        }
+    }
+}
+
+// Every catalogue code a unit test can reach, provoked through the real
+// functions. Here, at the top of the error types, because it uses them all.
+#[cfg(test)]
+mod provoke;
