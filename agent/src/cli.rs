@@ -749,10 +749,10 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
         .aws
         .lifecycle_queue_url
         .as_ref()
-        .map(|url| crate::lifecycle::Queue::new(crate::aws::sqs_client(&p.base, &p.cfg), url));
-    let hooks = crate::lifecycle::Hooks::new(crate::aws::autoscaling_client(&p.base, &p.cfg));
+        .map(|url| crate::aws::sqs::Queue::new(crate::aws::sqs_client(&p.base, &p.cfg), url));
+    let hooks = crate::aws::autoscaling::Hooks::new(crate::aws::autoscaling_client(&p.base, &p.cfg));
     let imds = crate::identity::Imds::new(&p.cfg.imds)?;
-    let instances = crate::reconciler::Instances::new(crate::aws::ec2_client(&p.base, &p.cfg));
+    let instances = crate::aws::ec2::Instances::new(crate::aws::ec2_client(&p.base, &p.cfg));
     let daemon = crate::daemon::Daemon {
         queue,
         hooks,

@@ -35,13 +35,13 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub join: JoinStore,
     pub kubeadm: Kubeadm,
     /// The lifecycle queue, when `aws.lifecycle_queue_url` is set.
-    pub queue: Option<crate::lifecycle::Queue>,
+    pub queue: Option<crate::aws::sqs::Queue>,
     /// The lifecycle hooks' API (completion, heartbeats).
-    pub hooks: crate::lifecycle::Hooks,
+    pub hooks: crate::aws::autoscaling::Hooks,
     /// Instance metadata, for this node's own target lifecycle state.
     pub imds: crate::identity::Imds,
     /// EC2, for the dead-member reconciler.
-    pub instances: crate::reconciler::Instances,
+    pub instances: crate::aws::ec2::Instances,
     /// The reconciler's suspects, kept across turns while this node leads.
     pub suspects: tokio::sync::Mutex<crate::reconciler::Suspects>,
     /// The etcd leader the last health look saw (to count leader changes).
@@ -119,7 +119,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
     /// Acts on this node's own termination; whether it is done.
     async fn own_termination(
         &self,
-        action: &crate::lifecycle::Action,
+        action: &crate::aws::autoscaling::Action,
         what: crate::lifecycle::OwnTermination,
     ) -> bool {
         use crate::lifecycle::OwnTermination;

@@ -17,6 +17,9 @@
 //! AWS refuses a second completion with "No active Lifecycle Action found",
 //! which counts as done.
 
+use crate::aws::autoscaling::{self, Action, Completion, Hooks, Placement, TERMINATING};
+use crate::aws::ec2::{self, Instances};
+use crate::aws::sqs::{self, Queue, Received};
 use crate::catalogue::Coded;
 use crate::config::Config;
 use crate::etcd::{self, Etcd};
@@ -25,7 +28,6 @@ use crate::lock::{LockStore, Locker};
 use crate::membership::{self, Target};
 use crate::metrics;
 use crate::registry::{Registry, RegistryStore};
-use crate::retry::{classify_sdk_error, RetryClass};
 use serde::Deserialize;
 use std::time::{Duration, Instant};
 
@@ -34,15 +36,8 @@ use std::time::{Duration, Instant};
 pub enum Error {
     #[error("lifecycle message is not one kubeboot understands: {reason}")]
     Message { reason: String },
-    #[error("Auto Scaling {operation} for {instance_id} (group {asg}, hook {hook}): {message}")]
-    AutoScaling {
-        operation: &'static str,
-        instance_id: String,
-        asg: String,
-        hook: String,
-        class: RetryClass,
-        message: String,
-    },
+    #[error(transparent)]
+    AutoScaling(#[from] autoscaling::Error),
     #[error(
         "lifecycle message says {instance_id} of {claimed_asg} is terminating, but Auto Scaling has it {state} in {asg}: not acted on"
     )]
@@ -68,28 +63,13 @@ pub enum Error {
         #[source]
         source: etcd::Error,
     },
-    #[error("SQS {operation} on {queue}: {message}")]
-    Sqs {
-        operation: &'static str,
-        queue: String,
-        message: String,
-    },
+    #[error(transparent)]
+    Sqs(#[from] sqs::Error),
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),
     /// EC2 could not say whether an instance no group holds is gone.
     #[error(transparent)]
-    Instances(#[from] crate::reconciler::Error),
-}
-
-/// One lifecycle action to complete.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Action {
-    pub asg: String,
-    pub hook: String,
-    pub instance_id: String,
-    /// The action's token (messages carry it; a node completing its own
-    /// action by instance id has none).
-    pub token: Option<String>,
+    Instances(#[from] ec2::Error),
 }
 
 /// What a queue message asks for.
@@ -120,8 +100,6 @@ struct Envelope {
     detail_type: Option<String>,
     detail: Option<Notification>,
 }
-
-const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 
 /// Parses an SQS message body: an EventBridge event (`detail-type` "EC2
 /// Instance-terminate Lifecycle Action", the hook's fields in `detail`) or
@@ -166,103 +144,6 @@ pub fn parse_message(body: &str) -> Result<Event, Error> {
     }))
 }
 
-/// How completing an action ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Completion {
-    Completed,
-    /// AWS had no active action: completed before (by us or another path) or timed out.
-    AlreadyDone,
-    /// The instance was already terminated and no group held it: nothing
-    /// to complete, only its Node and member to clean up.
-    Gone,
-}
-
-/// Completes and heartbeats lifecycle actions.
-#[derive(Debug, Clone)]
-pub struct Hooks {
-    client: aws_sdk_autoscaling::Client,
-}
-
-impl Hooks {
-    pub fn new(client: aws_sdk_autoscaling::Client) -> Self {
-        Hooks { client }
-    }
-
-    fn error<E>(
-        operation: &'static str,
-        action: &Action,
-        e: &aws_sdk_autoscaling::error::SdkError<
-            E,
-            aws_smithy_runtime_api::client::orchestrator::HttpResponse,
-        >,
-    ) -> Error
-    where
-        E: aws_sdk_autoscaling::error::ProvideErrorMetadata + std::error::Error + 'static,
-    {
-        Error::AutoScaling {
-            operation,
-            instance_id: action.instance_id.clone(),
-            asg: action.asg.clone(),
-            hook: action.hook.clone(),
-            class: classify_sdk_error(e),
-            message: aws_sdk_autoscaling::error::DisplayErrorContext(e).to_string(),
-        }
-    }
-
-    /// CompleteLifecycleAction(CONTINUE).
-    pub async fn complete(&self, action: &Action) -> Result<Completion, Error> {
-        let result = self
-            .client
-            .complete_lifecycle_action()
-            .auto_scaling_group_name(&action.asg)
-            .lifecycle_hook_name(&action.hook)
-            .instance_id(&action.instance_id)
-            .set_lifecycle_action_token(action.token.clone())
-            .lifecycle_action_result("CONTINUE")
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(Completion::Completed),
-            Err(e) if no_active_action(&e) => Ok(Completion::AlreadyDone),
-            Err(e) => Err(Self::error("CompleteLifecycleAction", action, &e)),
-        }
-    }
-
-    /// RecordLifecycleActionHeartbeat: more time for the work.
-    pub async fn heartbeat(&self, action: &Action) -> Result<(), Error> {
-        self.client
-            .record_lifecycle_action_heartbeat()
-            .auto_scaling_group_name(&action.asg)
-            .lifecycle_hook_name(&action.hook)
-            .instance_id(&action.instance_id)
-            .set_lifecycle_action_token(action.token.clone())
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| Self::error("RecordLifecycleActionHeartbeat", action, &e))
-    }
-
-    /// Auto Scaling's view of `action`'s instance; `None` when no group holds
-    /// it (terminated and gone).
-    pub async fn placement(&self, action: &Action) -> Result<Option<Placement>, Error> {
-        let out = self
-            .client
-            .describe_auto_scaling_instances()
-            .instance_ids(&action.instance_id)
-            .send()
-            .await
-            .map_err(|e| Self::error("DescribeAutoScalingInstances", action, &e))?;
-        Ok(out
-            .auto_scaling_instances()
-            .iter()
-            .find(|i| i.instance_id() == Some(action.instance_id.as_str()))
-            .map(|i| Placement {
-                asg: i.auto_scaling_group_name().unwrap_or_default().to_string(),
-                state: i.lifecycle_state().unwrap_or_default().to_string(),
-            }))
-    }
-}
-
 /// AWS's largest `HeartbeatTimeout` for a lifecycle hook (30 to 7200 s,
 /// Auto Scaling API Reference, PutLifecycleHook): how long after SQS
 /// received it an unconfirmed notice is kept, whatever the hook's own
@@ -273,14 +154,6 @@ pub const MAX_HOOK_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(7200);
 fn hook_heartbeat_timeout() -> Duration {
     crate::failpoint::duration_override("HOOK_HEARTBEAT_TIMEOUT_MS")
         .unwrap_or(MAX_HOOK_HEARTBEAT_TIMEOUT)
-}
-
-/// Which group holds an instance and in which lifecycle state, as Auto
-/// Scaling reports it (`InService`, `Terminating:Wait`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
-    pub asg: String,
-    pub state: String,
 }
 
 /// What Auto Scaling's view makes of a termination notice.
@@ -374,155 +247,6 @@ pub fn deferral(
         .clamp(Duration::from_secs(1), Duration::from_secs(43_200))
 }
 
-/// AWS's answer to completing an action that is no longer pending.
-fn no_active_action<E: aws_sdk_autoscaling::error::ProvideErrorMetadata>(
-    e: &aws_sdk_autoscaling::error::SdkError<
-        E,
-        aws_smithy_runtime_api::client::orchestrator::HttpResponse,
-    >,
-) -> bool {
-    use aws_sdk_autoscaling::error::ProvideErrorMetadata;
-    e.code() == Some("ValidationError")
-        && e.message()
-            .is_some_and(|m| m.starts_with("No active Lifecycle Action found"))
-}
-
-/// One received queue message.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub receipt: String,
-    pub body: String,
-    /// When SQS received the message (`SentTimestamp`), if it said.
-    pub sent: Option<std::time::SystemTime>,
-    /// How often it was received, this time included (`ApproximateReceiveCount`).
-    pub receives: u32,
-}
-
-/// The lifecycle queue.
-#[derive(Debug, Clone)]
-pub struct Queue {
-    client: aws_sdk_sqs::Client,
-    url: String,
-}
-
-impl Queue {
-    pub fn new(client: aws_sdk_sqs::Client, url: impl Into<String>) -> Self {
-        Queue {
-            client,
-            url: url.into(),
-        }
-    }
-
-    /// Up to 10 messages, hidden from other receivers for `visibility`.
-    pub async fn receive(&self, visibility: Duration) -> Result<Vec<Received>, Error> {
-        self.receive_up_to(visibility, 10).await
-    }
-
-    /// Up to `max` (1 to 10) messages, hidden for `visibility`; none waited for.
-    pub async fn receive_up_to(
-        &self,
-        visibility: Duration,
-        max: usize,
-    ) -> Result<Vec<Received>, Error> {
-        let out = self
-            .client
-            .receive_message()
-            .queue_url(&self.url)
-            .max_number_of_messages(max.clamp(1, 10) as i32)
-            .visibility_timeout(visibility.as_secs().clamp(1, 43_200) as i32)
-            .wait_time_seconds(0)
-            .message_system_attribute_names(
-                aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp,
-            )
-            .message_system_attribute_names(
-                aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
-            )
-            .send()
-            .await
-            .map_err(|e| Error::Sqs {
-                operation: "ReceiveMessage",
-                queue: self.url.clone(),
-                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
-            })?;
-        Ok(out
-            .messages()
-            .iter()
-            .filter_map(|m| {
-                use aws_sdk_sqs::types::MessageSystemAttributeName as A;
-                let attribute = |a: A| m.attributes().and_then(|all| all.get(&a));
-                Some(Received {
-                    receipt: m.receipt_handle()?.to_string(),
-                    body: m.body()?.to_string(),
-                    sent: attribute(A::SentTimestamp)
-                        .and_then(|ms| ms.parse::<u64>().ok())
-                        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
-                    receives: attribute(A::ApproximateReceiveCount)
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(1),
-                })
-            })
-            .collect())
-    }
-
-    /// Keeps a message hidden for another `visibility` while it is handled.
-    pub async fn extend(&self, receipt: &str, visibility: Duration) -> Result<(), Error> {
-        self.client
-            .change_message_visibility()
-            .queue_url(&self.url)
-            .receipt_handle(receipt)
-            .visibility_timeout(visibility.as_secs().clamp(1, 43_200) as i32)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Sqs {
-                operation: "ChangeMessageVisibility",
-                queue: self.url.clone(),
-                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
-            })
-    }
-
-    /// Sends this instance's own termination notice (a worker cannot drain
-    /// itself: its kubelet credentials may not evict Pods; the leader does).
-    pub async fn send_own(&self, action: &Action) -> Result<(), Error> {
-        let body = serde_json::json!({
-            "Origin": "AutoScalingGroup",
-            "Destination": "EC2",
-            "Service": "kubeboot",
-            "AutoScalingGroupName": action.asg,
-            "LifecycleHookName": action.hook,
-            "EC2InstanceId": action.instance_id,
-            "LifecycleTransition": TERMINATING,
-        });
-        self.client
-            .send_message()
-            .queue_url(&self.url)
-            .message_body(body.to_string())
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Sqs {
-                operation: "SendMessage",
-                queue: self.url.clone(),
-                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
-            })
-    }
-
-    /// Deletes a handled message.
-    pub async fn delete(&self, receipt: &str) -> Result<(), Error> {
-        self.client
-            .delete_message()
-            .queue_url(&self.url)
-            .receipt_handle(receipt)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Sqs {
-                operation: "DeleteMessage",
-                queue: self.url.clone(),
-                message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
-            })
-    }
-}
 
 /// What handling one termination did, for the log and the note.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -957,7 +681,7 @@ pub const MESSAGES_PER_TURN: usize = 100;
 /// EC2, to tell an instance already gone from a live one outside every group.
 #[derive(Debug, Clone, Copy)]
 pub struct Ec2<'a> {
-    pub instances: &'a crate::reconciler::Instances,
+    pub instances: &'a Instances,
     /// This leader's own instance: EC2 must report it running for its
     /// answer about another to be believed.
     pub leader: &'a str,
@@ -980,7 +704,7 @@ async fn take(
         }
         let messages = match queue.receive_up_to(visibility, room - taken).await {
             Ok(m) => m,
-            Err(e) if attempt == 0 => return Err(e),
+            Err(e) if attempt == 0 => return Err(e.into()),
             Err(e) => {
                 crate::catalogue::report!(warn, e, "lifecycle queue receive failed; handling what was taken");
                 break;
@@ -1256,11 +980,11 @@ impl crate::catalogue::Coded for self::Error {
         use self::Error as E;
         match self {
             E::Message { .. } => &crate::catalogue::LIFE_MESSAGE,
-            E::AutoScaling { .. } => &crate::catalogue::LIFE_AUTOSCALING,
+            E::AutoScaling(e) => e.entry(),
             E::NotTerminating { .. } => &crate::catalogue::LIFE_NOT_TERMINATING,
             E::NotInGroup { .. } => &crate::catalogue::LIFE_NOT_IN_GROUP,
             E::MembershipUnknown { .. } => &crate::catalogue::LIFE_MEMBERSHIP_UNKNOWN,
-            E::Sqs { .. } => &crate::catalogue::LIFE_SQS,
+            E::Sqs(e) => e.entry(),
             E::Registry(e) => e.entry(),
             E::Instances(e) => e.entry(),
         }

@@ -16,6 +16,7 @@
 //! pure [`plan`]; suspicion times live in the leader's memory, so a new
 //! leader waits a whole grace period again (conservative).
 
+use crate::aws::ec2::{self, Instances};
 use crate::config::Config;
 use crate::etcd::{self, Etcd, Health};
 use crate::lock::{LockStore, Locker, Purpose};
@@ -27,16 +28,8 @@ use std::time::{Duration, Instant};
 /// Reconciler failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("EC2 DescribeInstances: {message}")]
-    Ec2 { message: String },
-    #[error(
-        "EC2 does not report this leader's own instance {instance_id} running (it reported {reported} of {asked} instances asked): not trusting its answer"
-    )]
-    LeaderNotRunning {
-        instance_id: String,
-        reported: usize,
-        asked: usize,
-    },
+    #[error(transparent)]
+    Ec2(#[from] ec2::Error),
     #[error(transparent)]
     Membership(#[from] membership::Error),
     #[error(transparent)]
@@ -123,88 +116,6 @@ pub fn plan(
     }
     suspects.retain(|k, _| current.contains(k));
     steps
-}
-
-/// EC2's view of instances.
-#[derive(Debug, Clone)]
-pub struct Instances {
-    client: aws_sdk_ec2::Client,
-}
-
-impl Instances {
-    pub fn new(client: aws_sdk_ec2::Client) -> Self {
-        Instances { client }
-    }
-
-    /// Of `ids`, those EC2 does not report pending or running (terminated,
-    /// stopping, stopped, or unknown). Filters, unlike `InstanceIds`, do not
-    /// fail the whole call for an id EC2 has forgotten, so an empty answer
-    /// (wrong region or endpoint, stale data) would say "all gone": the
-    /// leader's own instance is asked too, and an answer that does not show
-    /// it running is refused.
-    pub async fn not_running(
-        &self,
-        ids: &[String],
-        leader: &str,
-    ) -> Result<HashSet<String>, Error> {
-        let mut asked: Vec<String> = ids.to_vec();
-        if !asked.iter().any(|id| id == leader) {
-            asked.push(leader.to_string());
-        }
-        let running = self.running(&asked).await?;
-        if !running.contains(leader) {
-            return Err(Error::LeaderNotRunning {
-                instance_id: leader.to_string(),
-                reported: running.len(),
-                asked: asked.len(),
-            });
-        }
-        Ok(ids
-            .iter()
-            .filter(|id| !running.contains(*id))
-            .cloned()
-            .collect())
-    }
-
-    /// Of `ids`, those EC2 reports pending or running.
-    async fn running(&self, ids: &[String]) -> Result<HashSet<String>, Error> {
-        let mut running = HashSet::new();
-        let mut token = None;
-        loop {
-            let out = self
-                .client
-                .describe_instances()
-                .filters(
-                    aws_sdk_ec2::types::Filter::builder()
-                        .name("instance-id")
-                        .set_values(Some(ids.to_vec()))
-                        .build(),
-                )
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| Error::Ec2 {
-                    message: aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
-                })?;
-            for instance in out.reservations().iter().flat_map(|r| r.instances()) {
-                let state = instance
-                    .state()
-                    .and_then(|s| s.name())
-                    .map(|n| n.as_str().to_string())
-                    .unwrap_or_default();
-                if state == "pending" || state == "running" {
-                    if let Some(id) = instance.instance_id() {
-                        running.insert(id.to_string());
-                    }
-                }
-            }
-            match out.next_token {
-                Some(t) if !t.is_empty() => token = Some(t),
-                _ => break,
-            }
-        }
-        Ok(running)
-    }
 }
 
 /// The member list as the etcd leader serves it, through a client to the
@@ -303,8 +214,7 @@ impl crate::catalogue::Coded for self::Error {
         use crate::catalogue::Coded;
         use self::Error as E;
         match self {
-            E::Ec2 { .. } => &crate::catalogue::RECON_EC2,
-            E::LeaderNotRunning { .. } => &crate::catalogue::RECON_LEADER_NOT_RUNNING,
+            E::Ec2(e) => e.entry(),
             E::Membership(e) => e.entry(),
             E::Registry(e) => e.entry(),
             E::Lock(e) => e.entry(),
