@@ -80,6 +80,20 @@ pub struct Identity {
     pub region: String,
 }
 
+/// The IMDS paths the agent reads, named once.
+pub mod paths {
+    pub const INSTANCE_ID: &str = "/latest/meta-data/instance-id";
+    pub const LOCAL_IPV4: &str = "/latest/meta-data/local-ipv4";
+    pub const LOCAL_HOSTNAME: &str = "/latest/meta-data/local-hostname";
+    pub const AVAILABILITY_ZONE: &str = "/latest/meta-data/placement/availability-zone";
+    pub const REGION: &str = "/latest/meta-data/placement/region";
+    pub const USER_DATA: &str = "/latest/user-data";
+    /// The ASG's target lifecycle state for this instance.
+    pub const TARGET_LIFECYCLE_STATE: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
+    /// The ASG name tag (needs InstanceMetadataTags on the launch template).
+    pub const ASG_NAME_TAG: &str = "/latest/meta-data/tags/instance/aws:autoscaling:groupName";
+}
+
 /// An IMDSv2 client with early-boot retries.
 #[derive(Debug)]
 pub struct Imds {
@@ -114,14 +128,36 @@ impl Imds {
     /// Reads the instance's identity (each read retried through the early-boot window).
     pub async fn identity(&self) -> Result<Identity, Error> {
         Ok(Identity {
-            instance_id: self.text("/latest/meta-data/instance-id").await?,
-            private_ip: self.text("/latest/meta-data/local-ipv4").await?,
-            hostname: self.text("/latest/meta-data/local-hostname").await?,
-            availability_zone: self
-                .text("/latest/meta-data/placement/availability-zone")
-                .await?,
-            region: self.text("/latest/meta-data/placement/region").await?,
+            instance_id: self.text(paths::INSTANCE_ID).await?,
+            private_ip: self.text(paths::LOCAL_IPV4).await?,
+            hostname: self.text(paths::LOCAL_HOSTNAME).await?,
+            availability_zone: self.text(paths::AVAILABILITY_ZONE).await?,
+            region: self.text(paths::REGION).await?,
         })
+    }
+
+    /// The instance's region, `None` if IMDS has none.
+    pub async fn region(&self) -> Result<Option<String>, Error> {
+        self.optional_text(paths::REGION).await
+    }
+
+    /// The Auto Scaling group's target lifecycle state for this instance
+    /// (`InService`, `Terminated`, ...), `None` outside a group.
+    pub async fn target_lifecycle_state(&self) -> Result<Option<String>, Error> {
+        self.optional_text(paths::TARGET_LIFECYCLE_STATE).await
+    }
+
+    /// The name of this instance's Auto Scaling group from its tags, `None`
+    /// unless the launch template enables InstanceMetadataTags.
+    pub async fn asg_name(&self) -> Result<Option<String>, Error> {
+        self.optional_text(paths::ASG_NAME_TAG).await
+    }
+
+    async fn optional_text(&self, path: &str) -> Result<Option<String>, Error> {
+        Ok(self
+            .get(path)
+            .await?
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string()))
     }
 
     /// A metadata value that must exist, as trimmed text.
@@ -137,11 +173,12 @@ impl Imds {
 
     /// The raw user-data, or `None` when the instance has none (IMDS answers 404).
     pub async fn user_data(&self) -> Result<Option<Vec<u8>>, Error> {
-        self.get("/latest/user-data").await
+        self.get(paths::USER_DATA).await
     }
 
     /// Reads a metadata path such as `/latest/meta-data/instance-id`;
-    /// `None` on 404. Retries transient failures until the deadline.
+    /// `None` on 404. Retries transient failures until the deadline. The
+    /// agent reads through the typed methods above; tests probe the double.
     pub async fn get(&self, path: &str) -> Result<Option<Vec<u8>>, Error> {
         let policy = WaitPolicy {
             first_delay: Duration::from_millis(100),

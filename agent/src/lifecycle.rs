@@ -629,11 +629,6 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
     })
 }
 
-/// IMDS path of the ASG's target lifecycle state for this instance.
-pub const TARGET_STATE_PATH: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
-/// IMDS path of the ASG name tag (needs InstanceMetadataTags on the launch template).
-pub const ASG_TAG_PATH: &str = "/latest/meta-data/tags/instance/aws:autoscaling:groupName";
-
 /// What this node does when IMDS says its ASG is terminating it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnTermination {
@@ -650,14 +645,11 @@ pub async fn own_termination_due(
     instance_id: &str,
     hook: &str,
 ) -> Result<Option<Action>, crate::identity::Error> {
-    let state = imds.get(TARGET_STATE_PATH).await?;
-    if state.as_deref() != Some(b"Terminated".as_slice()) {
+    let state = imds.target_lifecycle_state().await?;
+    if state.as_deref() != Some("Terminated") {
         return Ok(None);
     }
-    let asg = imds
-        .get(ASG_TAG_PATH)
-        .await?
-        .map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let asg = imds.asg_name().await?;
     let asg = asg.unwrap_or_else(|| {
         tracing::error!(hint = "enable InstanceMetadataTags on the launch template", "this instance's ASG name is not in IMDS; its lifecycle action cannot be completed by this node");
         String::new()
