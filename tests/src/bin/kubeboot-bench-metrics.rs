@@ -230,7 +230,7 @@ impl Drop for UpAgent {
 
 /// A TCP endpoint that takes no more connections: its accept queue is full,
 /// so a new connect hangs (SYNs are dropped) like a wedged agent's. The same
-/// construction as `stalled_endpoint()` in tests/tests/metrics_sink.rs.
+/// construction as `stalled_endpoint()` in tests/tests/cli/metrics_sink.rs.
 fn stalled_endpoint() -> (std::net::TcpListener, Vec<std::net::TcpStream>, String) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -125,7 +125,7 @@ fn the_units_match_what_the_agent_does() {
     assert_eq!(directive(&daemon, "Restart"), Some("always"));
 }
 
-/// What the units promise each other and kubeadm (`tests/tests/systemd_boot.rs`
+/// What the units promise each other and kubeadm (`tests/tests/systemd/systemd_boot.rs`
 /// shows the same under real systemd).
 #[test]
 fn the_units_are_ordered_and_bounded_for_what_bootstrap_runs() {

@@ -4,7 +4,7 @@
 //! AWS outages injected by the proxy, a real etcd, bootstrap's own refusals,
 //! and the `kubeboot` binary's report. Each failure comes from the real code
 //! path; the test checks the catalogue code it carries
-//! (`agent/tests/errors.rs` requires one such assertion per code).
+//! (`agent/tests/agent/errors.rs` requires one such assertion per code).
 
 use kubeboot::catalogue::Coded;
 use kubeboot::join_material::{JoinMaterial, JoinStore};

@@ -282,7 +282,7 @@ fn a_thousand_seeded_trials_never_break_fencing_or_init_once() {
                 }
             }
             Err(violation) => panic!(
-                "trial {t} failed: {violation}\nreplay: KBTEST_SIM_SEED={seed} cargo nextest run -p kubeboot-tests --test lock_simulation"
+                "trial {t} failed: {violation}\nreplay: KBTEST_SIM_SEED={seed} cargo nextest run -p kubeboot-tests --test lock lock_simulation::"
             ),
         }
     }

@@ -32,7 +32,7 @@ fn docs_errors_md_matches_the_catalogue() {
             std::fs::write(&path, want).expect("docs/errors.md writable");
             return;
         }
-        panic!("docs/errors.md is stale: run KBTEST_BLESS=1 cargo test -p kubeboot --test errors");
+        panic!("docs/errors.md is stale: run KBTEST_BLESS=1 cargo test -p kubeboot --test agent errors::");
     }
 }
 
@@ -143,7 +143,7 @@ fn test_sources() -> Vec<(PathBuf, String)> {
         walk(&root.join(dir), &mut files);
         for path in files {
             let rel = path.strip_prefix(&root).unwrap_or(&path).to_path_buf();
-            if rel != Path::new("agent/tests/errors.rs") {
+            if rel != Path::new("agent/tests/agent/errors.rs") {
                 let text = std::fs::read_to_string(&path).expect("read test");
                 out.push((rel, text));
             }

@@ -22,6 +22,6 @@ fn readme_configuration_reference_matches_the_schema() {
             std::fs::write(&path, updated).expect("README writable");
             return;
         }
-        panic!("README configuration reference is stale: run KBTEST_BLESS=1 cargo test -p kubeboot --test readme");
+        panic!("README configuration reference is stale: run KBTEST_BLESS=1 cargo test -p kubeboot --test agent readme::");
     }
 }

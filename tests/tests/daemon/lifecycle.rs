@@ -79,7 +79,7 @@ async fn a_forged_notice_for_a_control_plane_in_service_is_refused_and_nothing_i
     let sim = SimCluster::start(3, 0).await;
     assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
     // An unconfirmed notice is kept until AWS's longest hook timeout (2 h),
-    // shortened here to 5 s (tests/tests/lifecycle_deferral.rs).
+    // shortened here to 5 s (tests/tests/daemon/lifecycle_deferral.rs).
     let wiring = kubeboot_tests::termination::Wiring {
         env: vec![("KBTEST_HOOK_HEARTBEAT_TIMEOUT_MS", "5000".into())],
         ..Default::default()
