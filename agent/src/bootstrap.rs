@@ -19,15 +19,13 @@
 //! init starts a new generation, so its half-made generation can never be
 //! marked initialized).
 
-use crate::config::{value, Config, Role};
+use crate::config::{value, Role};
+use crate::context::Context;
 use crate::etcd::{self, Etcd, Stale};
-use crate::identity::Identity;
-use crate::join_material::{self, JoinMaterial, JoinStore, Refresh};
-use crate::kubeadm::{self, config as kcfg, Kubeadm};
-use crate::lock::{Guard, LockStore, Locker, Purpose};
-use crate::registry::{
-    InitClaim, MemberRecord, Origin, Phase, RefreshRequest, Registry, RegistryStore,
-};
+use crate::join_material::{self, JoinMaterial, Refresh};
+use crate::kubeadm::{self, config as kcfg};
+use crate::lock::{Guard, LockStore, Purpose};
+use crate::registry::{InitClaim, MemberRecord, Origin, Phase, RefreshRequest, RegistryStore};
 use crate::retry::{self, Classify, RetryClass, WaitPolicy};
 use crate::telemetry;
 use serde::{Deserialize, Serialize};
@@ -212,21 +210,17 @@ const STEP_MAX_DELAY: Duration = Duration::from_secs(15);
 /// so the deadline ends the wait; explicit all the same.
 const STEP_MAX_ATTEMPTS: usize = 10_000;
 
-/// What bootstrap works with; generic over the stores so tests can inject faults.
+/// What bootstrap works with: the node's context; generic over the stores
+/// so tests can inject faults.
 pub struct Bootstrap<L: LockStore, R: RegistryStore> {
-    pub cfg: Config,
-    pub identity: Identity,
-    pub locker: Locker<L>,
-    pub registry: Registry<R>,
-    pub join: JoinStore,
-    pub kubeadm: Kubeadm,
+    pub ctx: Context<L, R>,
 }
 
 impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     fn bound(&self, bound: Bound) -> Duration {
         match bound {
-            Bound::Lock => self.cfg.lock.acquire_timeout,
-            Bound::JoinMaterial => self.cfg.timeouts.join_material,
+            Bound::Lock => self.ctx.cfg.lock.acquire_timeout,
+            Bound::JoinMaterial => self.ctx.cfg.timeouts.join_material,
         }
     }
 
@@ -318,7 +312,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     }
 
     fn checkpoint_path(&self) -> PathBuf {
-        self.cfg.paths.state_dir.join("bootstrap.json")
+        self.ctx.cfg.paths.state_dir.join("bootstrap.json")
     }
 
     /// The path the last attempt chose, as its checkpoint says (for the
@@ -350,7 +344,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             path: path.clone(),
             reason: e.to_string(),
         };
-        std::fs::create_dir_all(&self.cfg.paths.state_dir).map_err(fail)?;
+        std::fs::create_dir_all(&self.ctx.cfg.paths.state_dir).map_err(fail)?;
         let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(c).map_err(|e| Error::Checkpoint {
             path: path.clone(),
@@ -364,7 +358,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         f.sync_all().map_err(fail)?;
         drop(f);
         std::fs::rename(&tmp, &path).map_err(fail)?;
-        std::fs::File::open(&self.cfg.paths.state_dir)
+        std::fs::File::open(&self.ctx.cfg.paths.state_dir)
             .and_then(|d| d.sync_all())
             .map_err(fail)
     }
@@ -378,8 +372,8 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
-        if self.cfg.paths.kubernetes_dir != std::path::Path::new(KUBEADM_DIR) {
-            tracing::warn!(kubernetes_dir = %self.cfg.paths.kubernetes_dir.display(), "paths.kubernetes_dir is not {KUBEADM_DIR}: kubeadm takes only its pki/ from it and writes its kubeconfigs to {KUBEADM_DIR} regardless (a setting for tests and the simulation)");
+        if self.ctx.cfg.paths.kubernetes_dir != std::path::Path::new(KUBEADM_DIR) {
+            tracing::warn!(kubernetes_dir = %self.ctx.cfg.paths.kubernetes_dir.display(), "paths.kubernetes_dir is not {KUBEADM_DIR}: kubeadm takes only its pki/ from it and writes its kubeconfigs to {KUBEADM_DIR} regardless (a setting for tests and the simulation)");
         }
         let mut checkpoint = Checkpoint {
             run_id,
@@ -388,7 +382,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             joined: false,
             done: false,
         };
-        let joined_worker = self.cfg.node.role == Role::Worker
+        let joined_worker = self.ctx.cfg.node.role == Role::Worker
             && previous
                 .as_ref()
                 .is_some_and(|c| c.kubeadm_started && c.joined);
@@ -397,7 +391,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             checkpoint.kubeadm_started = true;
             checkpoint.joined = true;
         } else if previous.as_ref().is_some_and(|c| c.kubeadm_started) {
-            if self.cfg.node.role == Role::ControlPlane && self.adopt_own_member().await? {
+            if self.ctx.cfg.node.role == Role::ControlPlane && self.adopt_own_member().await? {
                 checkpoint.path = previous.as_ref().and_then(|c| c.path);
                 checkpoint.done = true;
                 self.save_checkpoint(&checkpoint)?;
@@ -410,13 +404,13 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             self.reset().await?;
         }
         self.save_checkpoint(&checkpoint)?;
-        let path = match self.cfg.node.role {
+        let path = match self.ctx.cfg.node.role {
             // A worker learns the generation when it looks for join material.
             Role::Worker => Path::WorkerJoin,
             Role::ControlPlane => {
                 let state = self
                     .step("read the cluster state", Bound::Lock, || async {
-                        Ok(self.registry.state().await?)
+                        Ok(self.ctx.registry.state().await?)
                     })
                     .await?;
                 note_generation(&state);
@@ -456,26 +450,26 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     async fn adopt_own_member(&self) -> Result<bool, Error> {
         let state = self
             .step("read the cluster state", Bound::Lock, || async {
-                Ok(self.registry.state().await?)
+                Ok(self.ctx.registry.state().await?)
             })
             .await?;
         if state.phase != Phase::Initialized {
             return Ok(false);
         }
         let settings = self.etcd_settings();
-        let peer_url = settings.peer_url(&self.identity.private_ip);
+        let peer_url = settings.peer_url(&self.ctx.identity.private_ip);
         let records = self.read_members().await?;
-        let me = &self.identity.instance_id;
+        let me = &self.ctx.identity.instance_id;
         let own_record = records
             .iter()
             .find(|r| &r.instance_id == me && r.peer_url == peer_url);
         // A recorded member, or one whose data is on this disk (a power loss
         // after the join, before the record), gets the full promotion window
         // to come back: after a reboot the kubelet starts etcd late.
-        let has_data =
-            std::fs::read_dir(&self.cfg.paths.etcd_data_dir).is_ok_and(|mut d| d.next().is_some());
+        let has_data = std::fs::read_dir(&self.ctx.cfg.paths.etcd_data_dir)
+            .is_ok_and(|mut d| d.next().is_some());
         let wait = if own_record.is_some() || has_data {
-            self.cfg.etcd.promote_timeout
+            self.ctx.cfg.etcd.promote_timeout
         } else {
             Duration::from_secs(5)
         };
@@ -494,7 +488,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                     return Ok(false);
                 }
                 if own_record.is_none() {
-                    let guard = self.locker.acquire(Purpose::Membership).await?;
+                    let guard = self.ctx.locker.acquire(Purpose::Membership).await?;
                     let result = self.confirm_and_record(&guard).await;
                     let _ = guard.release().await;
                     result?;
@@ -545,8 +539,11 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         peer_url: &str,
         wait: Duration,
     ) -> Result<(etcd::Member, Vec<u64>), etcd::Error> {
-        let etcd =
-            Etcd::connect(&[settings.client_url(&self.identity.private_ip)], settings).await?;
+        let etcd = Etcd::connect(
+            &[settings.client_url(&self.ctx.identity.private_ip)],
+            settings,
+        )
+        .await?;
         let member = etcd.confirm(peer_url, wait).await?;
         let ids = etcd.members().await?.iter().map(|m| m.id).collect();
         Ok((member, ids))
@@ -558,18 +555,19 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// other recorded members still list it, goes first through the quorum
     /// guard (refused: nothing is reset, systemd retries later).
     async fn reset(&self) -> Result<(), Error> {
-        if self.cfg.node.role != Role::ControlPlane {
-            self.kubeadm.reset().await?;
+        if self.ctx.cfg.node.role != Role::ControlPlane {
+            self.ctx.kubeadm.reset().await?;
             return Ok(());
         }
         let guard = self
+            .ctx
             .locker
             .acquire(Purpose::Membership)
             .instrument(telemetry::phase("membership-lock"))
             .await?;
         let result = async {
             self.remove_own_member(&guard).await?;
-            self.kubeadm.reset().await?;
+            self.ctx.kubeadm.reset().await?;
             Ok(())
         }
         .await;
@@ -582,12 +580,12 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// reconciler removes what is left) or do not list it.
     async fn remove_own_member(&self, guard: &Guard) -> Result<(), Error> {
         let settings = self.etcd_settings();
-        let peer_url = settings.peer_url(&self.identity.private_ip);
+        let peer_url = settings.peer_url(&self.ctx.identity.private_ip);
         let others: Vec<String> = self
             .read_members()
             .await?
             .iter()
-            .filter(|r| r.instance_id != self.identity.instance_id && r.peer_url != peer_url)
+            .filter(|r| r.instance_id != self.ctx.identity.instance_id && r.peer_url != peer_url)
             .filter_map(|r| etcd::host_of(&r.peer_url).map(|h| settings.client_url(h)))
             .collect();
         if others.is_empty() {
@@ -604,23 +602,23 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             return Ok(());
         };
         let target = crate::membership::Target::Member(own.id);
-        crate::membership::remove_locked(&etcd, &self.registry, guard, &target, false).await?;
+        crate::membership::remove_locked(&etcd, &self.ctx.registry, guard, &target, false).await?;
         Ok(())
     }
 
     fn node(&self) -> kcfg::Node {
         kcfg::Node {
-            name: self.identity.hostname.clone(),
-            ip: self.identity.private_ip.clone(),
+            name: self.ctx.identity.hostname.clone(),
+            ip: self.ctx.identity.private_ip.clone(),
             provider_id: kcfg::provider_id(
-                &self.identity.availability_zone,
-                &self.identity.instance_id,
+                &self.ctx.identity.availability_zone,
+                &self.ctx.identity.instance_id,
             ),
         }
     }
 
     fn etcd_settings(&self) -> etcd::Settings {
-        etcd::Settings::from_config(&self.cfg)
+        etcd::Settings::from_config(&self.ctx.cfg)
     }
 
     /// Runs `work` unless the lock is lost first.
@@ -637,13 +635,14 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
 
     async fn init_or_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
         let guard = self
+            .ctx
             .locker
             .acquire(Purpose::Init)
             .instrument(telemetry::phase("init-lock"))
             .await?;
         let state = self
             .step("read the cluster state", Bound::Lock, || async {
-                Ok(self.registry.state().await?)
+                Ok(self.ctx.registry.state().await?)
             })
             .await;
         let state = match state {
@@ -686,17 +685,17 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         state: &crate::registry::ClusterState,
         checkpoint: &mut Checkpoint,
     ) -> Result<(), Error> {
-        let cfg = &self.cfg;
+        let cfg = &self.ctx.cfg;
         let claim = InitClaim {
             run_id: checkpoint.run_id.clone(),
-            initialized_by: self.locker.owner().as_str().to_string(),
+            initialized_by: self.ctx.locker.owner().as_str().to_string(),
             endpoint: cfg.cluster.control_plane_endpoint.clone(),
             kubernetes_version: cfg.cluster.kubernetes_version.clone(),
             wall: SystemTime::now(),
         };
         let generation = self
             .step("start a new generation", Bound::Lock, || async {
-                Ok(self.registry.begin_init(guard, state, &claim).await?)
+                Ok(self.ctx.registry.begin_init(guard, state, &claim).await?)
             })
             .await?;
         telemetry::set_context(telemetry::ContextKey::InitRunId, checkpoint.run_id.clone());
@@ -708,6 +707,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             tracing::warn!(instance_id = %stale.instance_id, member_id = %format!("{:016x}", stale.member_id), "forgetting a member of an abandoned generation");
             self.step("forget a member record", Bound::Lock, || async {
                 Ok(self
+                    .ctx
                     .registry
                     .forget_member(guard, &stale.instance_id)
                     .await?)
@@ -734,7 +734,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         checkpoint.kubeadm_started = true;
         self.save_checkpoint(checkpoint)?;
         self.guarded(guard, async {
-            Ok(self.kubeadm.init(&rendered, &[&token, &key]).await?)
+            Ok(self.ctx.kubeadm.init(&rendered, &[&token, &key]).await?)
         })
         .instrument(telemetry::phase("kubeadm-init"))
         .await?;
@@ -759,6 +759,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         crash_point("init:after-record");
         self.step("mark the cluster initialized", Bound::Lock, || async {
             Ok(self
+                .ctx
                 .registry
                 .mark_initialized(guard, generation, &checkpoint.run_id, SystemTime::now())
                 .await?)
@@ -778,21 +779,21 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
 
     async fn confirm_and_record_inner(&self, guard: &Guard) -> Result<(), Error> {
         let settings = self.etcd_settings();
-        let own = settings.client_url(&self.identity.private_ip);
+        let own = settings.client_url(&self.ctx.identity.private_ip);
         let etcd = Etcd::connect(&[own], &settings).await?;
-        let peer_url = settings.peer_url(&self.identity.private_ip);
+        let peer_url = settings.peer_url(&self.ctx.identity.private_ip);
         let member = etcd
-            .confirm(&peer_url, self.cfg.etcd.promote_timeout)
+            .confirm(&peer_url, self.ctx.cfg.etcd.promote_timeout)
             .await?;
         let record = MemberRecord {
-            instance_id: self.identity.instance_id.clone(),
+            instance_id: self.ctx.identity.instance_id.clone(),
             member_id: member.id,
             name: member.name.clone(),
             peer_url,
             confirmed_at: SystemTime::now(),
         };
         self.step("record the etcd member", Bound::Lock, || async {
-            Ok(self.registry.record_member(guard, &record).await?)
+            Ok(self.ctx.registry.record_member(guard, &record).await?)
         })
         .await?;
         tracing::info!(member_id = %member.hex_id(), "etcd member confirmed and recorded");
@@ -805,21 +806,22 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// never used: a refresh request is recorded for the leader and the
     /// answer is [`Error::StaleMaterial`], which callers wait out.
     async fn usable_material(&self, with_certs: bool) -> Result<JoinMaterial, Error> {
-        let state = self.registry.state().await?;
+        let state = self.ctx.registry.state().await?;
         if state.phase != Phase::Initialized {
             return Err(Error::NotReady("the cluster is not initialized yet".into()));
         }
         note_generation(&state);
         let pointer = self
+            .ctx
             .registry
             .join_pointer()
             .await?
             .ok_or_else(|| Error::NotReady("no join material has been published".into()))?;
         // A worker never reads the certificate key (its role cannot).
         let material = if with_certs {
-            self.join.read(&pointer).await?
+            self.ctx.join.read(&pointer).await?
         } else {
-            self.join.read_token(&pointer).await?
+            self.ctx.join.read_token(&pointer).await?
         };
         let now = SystemTime::now();
         let need = stale_part(
@@ -834,14 +836,15 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         } else {
             Origin::Worker
         };
-        let already = self.registry.refresh_requests().await?.iter().any(|r| {
+        let already = self.ctx.registry.refresh_requests().await?.iter().any(|r| {
             r.origin == origin && r.stale_version == pointer.secret_version && r.what == what
         });
         if !already {
-            self.registry
+            self.ctx
+                .registry
                 .request_refresh(&RefreshRequest {
                     origin,
-                    requested_by: self.identity.instance_id.clone(),
+                    requested_by: self.ctx.identity.instance_id.clone(),
                     what: what.to_string(),
                     stale_version: pointer.secret_version.clone(),
                     requested_at: now,
@@ -864,7 +867,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         with_certs: bool,
         deadline: Instant,
     ) -> Result<JoinMaterial, Error> {
-        let waited = self.cfg.timeouts.join_material;
+        let waited = self.ctx.cfg.timeouts.join_material;
         self.wait_through(
             "wait for usable join material",
             Bound::JoinMaterial,
@@ -885,7 +888,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// The member records, read through AWS weather.
     async fn read_members(&self) -> Result<Vec<MemberRecord>, Error> {
         self.step("read the member records", Bound::Lock, || async {
-            Ok(self.registry.members().await?)
+            Ok(self.ctx.registry.members().await?)
         })
         .await
     }
@@ -899,12 +902,13 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     async fn publish(&self, guard: &Guard, material: &JoinMaterial) -> Result<(), Error> {
         let previous = self
             .step("read the join pointer", Bound::Lock, || async {
-                Ok(self.registry.join_pointer().await?)
+                Ok(self.ctx.registry.join_pointer().await?)
             })
             .await?;
         let pointer = self
             .step("store the join material", Bound::Lock, || async {
                 Ok(self
+                    .ctx
                     .join
                     .stage(guard, material, previous.as_ref(), None, SystemTime::now())
                     .await?)
@@ -912,12 +916,18 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .await?;
         self.step("publish the join pointer", Bound::Lock, || async {
             Ok(self
+                .ctx
                 .join
-                .commit_pointer(&self.registry, guard, &pointer)
+                .commit_pointer(&self.ctx.registry, guard, &pointer)
                 .await?)
         })
         .await?;
-        if let Err(e) = self.join.write_discovery(&self.registry, &pointer).await {
+        if let Err(e) = self
+            .ctx
+            .join
+            .write_discovery(&self.ctx.registry, &pointer)
+            .await
+        {
             let Some(call) = e.weather() else {
                 return Err(e.into());
             };
@@ -928,12 +938,13 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     }
 
     async fn control_plane_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
-        let deadline = Instant::now() + self.cfg.timeouts.join_material;
+        let deadline = Instant::now() + self.ctx.cfg.timeouts.join_material;
         loop {
             // Wait without the lock (it also serializes the daemon's
             // membership changes), then check again under it.
             self.wait_material(true, deadline).await?;
             let guard = self
+                .ctx
                 .locker
                 .acquire(Purpose::Membership)
                 .instrument(telemetry::phase("membership-lock"))
@@ -973,10 +984,10 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         checkpoint: &mut Checkpoint,
     ) -> Result<(), Error> {
         let settings = self.etcd_settings();
-        let own_peer = settings.peer_url(&self.identity.private_ip);
+        let own_peer = settings.peer_url(&self.ctx.identity.private_ip);
         // One attempt each under the lock: weather is waited out by the
         // caller, outside it.
-        let records = self.registry.members().await?;
+        let records = self.ctx.registry.members().await?;
         let endpoints: Vec<String> = records
             .iter()
             .filter(|r| r.peer_url != own_peer)
@@ -995,7 +1006,11 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         // shared CAs and issues its own certificates; only then can it check
         // etcd's health and remove stale members before the join itself.
         self.guarded(guard, async {
-            Ok(self.kubeadm.join_prepare_certs(&rendered, &secrets).await?)
+            Ok(self
+                .ctx
+                .kubeadm
+                .join_prepare_certs(&rendered, &secrets)
+                .await?)
         })
         .instrument(telemetry::phase("kubeadm-join-certs"))
         .await?;
@@ -1007,7 +1022,8 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             tracing::warn!(member_id = %m.hex_id(), reason = ?s, "removing a stale etcd member before joining");
             // The guarded path: fresh health, the quorum guard, the record.
             let target = crate::membership::Target::Member(m.id);
-            crate::membership::remove_locked(&etcd, &self.registry, guard, &target, false).await?;
+            crate::membership::remove_locked(&etcd, &self.ctx.registry, guard, &target, false)
+                .await?;
         }
         ready.map_err(Error::NotReady)?;
         crash_point("join:after-cleanup");
@@ -1018,7 +1034,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         let rendered = self.render_join(&material);
         let secrets = material.secrets();
         self.guarded(guard, async {
-            Ok(self.kubeadm.join(&rendered, &secrets).await?)
+            Ok(self.ctx.kubeadm.join(&rendered, &secrets).await?)
         })
         .instrument(telemetry::phase("kubeadm-join"))
         .await?;
@@ -1037,7 +1053,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             token: material.token.clone(),
             ca_cert_hashes: material.ca_cert_hashes.clone(),
             certificate_key: material.certificate_key.clone(),
-            kubernetes_dir: self.cfg.paths.kubernetes_dir.display().to_string(),
+            kubernetes_dir: self.ctx.cfg.paths.kubernetes_dir.display().to_string(),
         })
     }
 
@@ -1045,7 +1061,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         if checkpoint.joined {
             return self.wait_ready().await;
         }
-        let deadline = Instant::now() + self.cfg.timeouts.join_material;
+        let deadline = Instant::now() + self.ctx.cfg.timeouts.join_material;
         let material = self.wait_material(false, deadline).await?;
         let rendered = kcfg::render_join(&kcfg::JoinParams {
             node: self.node(),
@@ -1053,11 +1069,12 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             token: material.token.clone(),
             ca_cert_hashes: material.ca_cert_hashes.clone(),
             certificate_key: None,
-            kubernetes_dir: self.cfg.paths.kubernetes_dir.display().to_string(),
+            kubernetes_dir: self.ctx.cfg.paths.kubernetes_dir.display().to_string(),
         });
         checkpoint.kubeadm_started = true;
         self.save_checkpoint(checkpoint)?;
-        self.kubeadm
+        self.ctx
+            .kubeadm
             .join(&rendered, &[&material.token])
             .instrument(telemetry::phase("kubeadm-join"))
             .await?;
@@ -1071,14 +1088,19 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// The worker's Node is `Ready` through the API, as its kubelet's own
     /// credentials (`kubelet.conf`) see it, within `timeouts.node_ready`.
     async fn wait_ready(&self) -> Result<(), Error> {
-        let kubeconfig = self.cfg.paths.kubernetes_dir.join("kubelet.conf");
-        let api =
-            crate::kubernetes::Kubernetes::from_kubeconfig(&kubeconfig, self.cfg.timeouts.kube_api)
-                .await?;
-        api.wait_node_ready(&self.identity.hostname, self.cfg.timeouts.node_ready)
-            .instrument(telemetry::phase("node-ready"))
-            .await?;
-        tracing::info!(node = %self.identity.hostname, "node is Ready");
+        let kubeconfig = self.ctx.cfg.paths.kubernetes_dir.join("kubelet.conf");
+        let api = crate::kubernetes::Kubernetes::from_kubeconfig(
+            &kubeconfig,
+            self.ctx.cfg.timeouts.kube_api,
+        )
+        .await?;
+        api.wait_node_ready(
+            &self.ctx.identity.hostname,
+            self.ctx.cfg.timeouts.node_ready,
+        )
+        .instrument(telemetry::phase("node-ready"))
+        .await?;
+        tracing::info!(node = %self.ctx.identity.hostname, "node is Ready");
         Ok(())
     }
 }
@@ -1108,9 +1130,9 @@ fn stale_part(need: Refresh, with_certs: bool) -> Option<&'static str> {
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Lock(e) => e.entry(),
             E::Registry(e) => e.entry(),

@@ -10,13 +10,11 @@
 //! SIGINT stop the loops, release the lock and exit 0.
 
 use crate::catalogue::Coded;
-use crate::config::{Config, Role};
-use crate::identity::Identity;
-use crate::join_material::JoinStore;
-use crate::kubeadm::Kubeadm;
-use crate::lock::{Guard, LockStore, Locker, Purpose};
-use crate::registry::{Registry, RegistryStore};
+use crate::config::Role;
+use crate::context::Context;
+use crate::lock::{Guard, LockStore, Purpose};
 use crate::pacing::{allowance, next_delay, random_u64, stopped, Stop, LEADER_LOOP, OWN_LOOP};
+use crate::registry::RegistryStore;
 use crate::{systemd, telemetry};
 use std::time::Duration;
 use tracing::Instrument;
@@ -26,14 +24,10 @@ use tracing::Instrument;
 /// the unit's TimeoutStopSec (60 s) with the rest of the shutdown.
 const TURN_STOP_GRACE: Duration = Duration::from_secs(15);
 
-/// What the daemon works with; generic over the stores so tests can inject faults.
+/// What the daemon works with: the node's context and the daemon's own
+/// parts; generic over the stores so tests can inject faults.
 pub struct Daemon<L: LockStore, R: RegistryStore> {
-    pub cfg: Config,
-    pub identity: Identity,
-    pub locker: Locker<L>,
-    pub registry: Registry<R>,
-    pub join: JoinStore,
-    pub kubeadm: Kubeadm,
+    pub ctx: Context<L, R>,
     /// The lifecycle queue, when `aws.lifecycle_queue_url` is set.
     pub queue: Option<crate::aws::sqs::Queue>,
     /// The lifecycle hooks' API (completion, heartbeats).
@@ -52,19 +46,19 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
     /// Runs until `stop` turns true.
     pub async fn run(&self, mut stop: Stop) {
         tracing::info!(
-            role = self.cfg.node.role.as_str(),
-            period_ms = self.cfg.daemon.period.as_millis() as u64,
+            role = self.ctx.cfg.node.role.as_str(),
+            period_ms = self.ctx.cfg.daemon.period.as_millis() as u64,
             "daemon started"
         );
         let own = self.own_termination_loop(stop.clone());
-        match self.cfg.node.role {
+        match self.ctx.cfg.node.role {
             Role::ControlPlane => {
                 // Every control plane renews its own kubeadm certificates.
                 let certs = crate::certs::Renewal {
-                    cfg: &self.cfg,
-                    kubeadm: &self.kubeadm,
-                    locker: &self.locker,
-                    private_ip: &self.identity.private_ip,
+                    cfg: &self.ctx.cfg,
+                    kubeadm: &self.ctx.kubeadm,
+                    locker: &self.ctx.locker,
+                    private_ip: &self.ctx.identity.private_ip,
                 };
                 let certs = crate::certs::watch(certs, stop.clone());
                 tokio::join!(self.leader_loop(stop.clone()), own, certs);
@@ -81,17 +75,17 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
     async fn own_termination_loop(&self, mut stop: Stop) {
         use crate::lifecycle::{own_termination_due, OwnTermination};
         loop {
-            systemd::beat(OWN_LOOP, allowance(&self.cfg));
+            systemd::beat(OWN_LOOP, allowance(&self.ctx.cfg));
             crate::failpoint::stall_point("daemon:own-termination").await;
             match own_termination_due(
                 &self.imds,
-                &self.identity.instance_id,
-                &self.cfg.aws.lifecycle_hook,
+                &self.ctx.identity.instance_id,
+                &self.ctx.cfg.aws.lifecycle_hook,
             )
             .await
             {
                 Ok(Some(action)) => {
-                    let what = match self.cfg.node.role {
+                    let what = match self.ctx.cfg.node.role {
                         Role::ControlPlane => OwnTermination::CleanUpAndComplete,
                         Role::Worker => OwnTermination::AskTheLeader,
                     };
@@ -126,9 +120,9 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         match what {
             OwnTermination::CleanUpAndComplete => {
                 match crate::lifecycle::handle_termination(
-                    &self.cfg,
-                    &self.registry,
-                    &self.locker,
+                    &self.ctx.cfg,
+                    &self.ctx.registry,
+                    &self.ctx.locker,
                     &self.hooks,
                     action,
                 )
@@ -137,7 +131,11 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 {
                     Ok(_) => true,
                     Err(e) => {
-                        crate::catalogue::report!(error, e, "own termination not completed; retrying next turn");
+                        crate::catalogue::report!(
+                            error,
+                            e,
+                            "own termination not completed; retrying next turn"
+                        );
                         false
                     }
                 }
@@ -151,7 +149,11 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                         true
                     }
                     Err(e) => {
-                        crate::catalogue::report!(error, e, "cannot ask the leader; retrying next turn");
+                        crate::catalogue::report!(
+                            error,
+                            e,
+                            "cannot ask the leader; retrying next turn"
+                        );
                         false
                     }
                 },
@@ -167,7 +169,11 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
     }
 
     fn delay(&self) -> Duration {
-        next_delay(self.cfg.daemon.period, self.cfg.daemon.jitter, random_u64())
+        next_delay(
+            self.ctx.cfg.daemon.period,
+            self.ctx.cfg.daemon.jitter,
+            random_u64(),
+        )
     }
 
     async fn leader_loop(&self, mut stop: Stop) {
@@ -175,11 +181,11 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             // Competing may take up to lock.acquire_timeout before it returns.
             systemd::beat(
                 LEADER_LOOP,
-                self.cfg.lock.acquire_timeout + allowance(&self.cfg),
+                self.ctx.cfg.lock.acquire_timeout + allowance(&self.ctx.cfg),
             );
             systemd::status("follower: competing for the leader lock; watching for termination");
             let acquired = tokio::select! {
-                r = self.locker.acquire(Purpose::Leader) => r,
+                r = self.ctx.locker.acquire(Purpose::Leader) => r,
                 _ = stopped(&mut stop) => {
                     systemd::done(LEADER_LOOP);
                     return;
@@ -206,7 +212,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 "leading: this node runs the cluster-wide tasks"
             );
             loop {
-                systemd::beat(LEADER_LOOP, allowance(&self.cfg));
+                systemd::beat(LEADER_LOOP, allowance(&self.ctx.cfg));
                 let stopping = {
                     let turn = self.leader_turn(&guard);
                     tokio::pin!(turn);
@@ -256,25 +262,30 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         crate::failpoint::stall_point("daemon:leader-turn").await;
         {
             let mut last = self.etcd_leader.lock().await;
-            let snapshot = crate::health::report(&self.cfg, &self.registry, *last)
+            let snapshot = crate::health::report(&self.ctx.cfg, &self.ctx.registry, *last)
                 .instrument(telemetry::phase("health"))
                 .await;
             *last = snapshot.leader;
         }
-        if let Err(e) =
-            crate::refresh::run_once(&self.cfg, &self.kubeadm, &self.join, &self.registry, guard)
-                .instrument(telemetry::phase("refresh-join-material"))
-                .await
+        if let Err(e) = crate::refresh::run_once(
+            &self.ctx.cfg,
+            &self.ctx.kubeadm,
+            &self.ctx.join,
+            &self.ctx.registry,
+            guard,
+        )
+        .instrument(telemetry::phase("refresh-join-material"))
+        .await
         {
             crate::catalogue::report!(error, e, "join material refresh failed; retried next turn");
         }
         let mut suspects = self.suspects.lock().await;
         if let Err(e) = crate::reconciler::run_once(
-            &self.cfg,
-            &self.registry,
-            &self.locker,
+            &self.ctx.cfg,
+            &self.ctx.registry,
+            &self.ctx.locker,
             &self.instances,
-            &self.identity.instance_id,
+            &self.ctx.identity.instance_id,
             &mut suspects,
         )
         .instrument(telemetry::phase("reconcile"))
@@ -285,20 +296,24 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         drop(suspects);
         if let Some(queue) = &self.queue {
             if let Err(e) = crate::lifecycle::drain_queue(
-                &self.cfg,
+                &self.ctx.cfg,
                 queue,
-                &self.registry,
-                &self.locker,
+                &self.ctx.registry,
+                &self.ctx.locker,
                 &self.hooks,
                 crate::lifecycle::Ec2 {
                     instances: &self.instances,
-                    leader: &self.identity.instance_id,
+                    leader: &self.ctx.identity.instance_id,
                 },
             )
             .instrument(telemetry::phase("lifecycle"))
             .await
             {
-                crate::catalogue::report!(error, e, "lifecycle queue turn failed; retried next turn");
+                crate::catalogue::report!(
+                    error,
+                    e,
+                    "lifecycle queue turn failed; retried next turn"
+                );
             }
         }
     }

@@ -9,6 +9,7 @@ pub mod certs;
 pub mod cli;
 pub mod cloudformation;
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod error;
 pub mod etcd;

@@ -1,6 +1,7 @@
 //! The command line: the product's face for operators and for systemd.
 
 use crate::config::{self, Config, LoadOptions, Loaded, UserData};
+use crate::context::{Context, NodeContext};
 use crate::error::{Error, EXIT_OK, EXIT_USAGE};
 use crate::lock::dynamo::DynamoLockStore;
 use crate::lock::{Locker, Owner, Purpose};
@@ -560,96 +561,30 @@ async fn etcd_remove(cli: &Cli, args: &EtcdRemoveArgs) -> Result<ExitCode, Error
     Ok(ExitCode::SUCCESS)
 }
 
-/// What bootstrap and the daemon share: this node's identity and its clients.
-struct NodeParts {
-    cfg: Config,
-    identity: crate::identity::Identity,
-    locker: Locker<DynamoLockStore>,
-    registry: Registry<DynamoRegistryStore>,
-    join: crate::join_material::JoinStore,
-    kubeadm: crate::kubeadm::Kubeadm,
-    base: aws_config::SdkConfig,
-}
-
-async fn node_parts(cli: &Cli, sources: &SourceArgs) -> Result<NodeParts, Error> {
+/// This node's context for bootstrap and the daemon: the configuration the
+/// flags and sources give, then the parts built from it.
+async fn node_context(cli: &Cli, sources: &SourceArgs) -> Result<NodeContext, Error> {
     let loaded = load(cli, sources.user_data()).await?;
-    let cfg = loaded.config;
-    telemetry::set_context(telemetry::ContextKey::Cluster, cfg.cluster.name.clone());
-    telemetry::set_context(telemetry::ContextKey::Role, cfg.node.role.as_str());
-    let metrics = crate::metrics::Metrics::start(
-        crate::metrics::Origin {
-            namespace: cfg.metrics.namespace.clone(),
-            cluster: cfg.cluster.name.clone(),
-            role: cfg.node.role.as_str().to_string(),
-            instance_id: None,
-            log_group: (cfg.metrics.sink == config::MetricsSink::Agent)
-                .then(|| cfg.metrics.log_group.clone())
-                .flatten(),
-        },
-        crate::metrics::Destination::from_config(&cfg.metrics),
-        cfg.metrics.buffer,
-    );
-    crate::metrics::install(metrics.clone());
-    let identity = crate::identity::Imds::new(&cfg.imds)?.identity().await?;
-    metrics.set_instance_id(&identity.instance_id);
-    telemetry::set_context(
-        telemetry::ContextKey::InstanceId,
-        identity.instance_id.clone(),
-    );
-    let region = cfg
-        .aws
-        .region
-        .clone()
-        .unwrap_or_else(|| identity.region.clone());
-    let base = crate::aws::sdk_config(&cfg, &region).await?;
-    let ddb = crate::aws::dynamodb_client(&base, &cfg);
-    let locks = std::sync::Arc::new(DynamoLockStore::new(
-        ddb.clone(),
-        &cfg.aws.table,
-        &cfg.cluster.name,
-    ));
-    let registry = Registry::new(std::sync::Arc::new(DynamoRegistryStore::new(
-        ddb,
-        &cfg.aws.table,
-        &cfg.cluster.name,
-    )));
-    Ok(NodeParts {
-        locker: Locker::new(
-            locks,
-            Owner::new(&identity.instance_id),
-            crate::lock::Settings::from_config(&cfg.lock),
-        ),
-        registry,
-        join: crate::join_material::JoinStore::from_config(&base, &cfg),
-        kubeadm: crate::kubeadm::Kubeadm::from_config(&cfg),
-        identity,
-        cfg,
-        base,
-    })
+    Context::for_node(loaded.config).await
 }
 
 async fn bootstrap(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Error> {
     let started = std::time::Instant::now();
-    let p = node_parts(cli, &args.sources).await?;
+    let ctx = node_context(cli, &args.sources).await?;
     let stop = stop_on_signal()?;
     let bootstrap = crate::bootstrap::Bootstrap {
-        locker: p.locker,
-        registry: p.registry,
-        join: p.join,
-        kubeadm: p.kubeadm.with_stop(stop.clone()),
-        identity: p.identity,
-        cfg: p.cfg,
+        ctx: ctx.with_stop(stop.clone()),
     };
     crate::systemd::status("bootstrapping");
     let mut stopped = stop.clone();
-    let outcome = until_stopped(bootstrap.run(), stop, &bootstrap.kubeadm).await;
+    let outcome = until_stopped(bootstrap.run(), stop, &bootstrap.ctx.kubeadm).await;
     if outcome.is_ok() {
         // Only now, the member confirmed and recorded (or found so by an
         // earlier run): the stack's rolling update may take the next one.
         let signal = crate::cloudformation::signal_in_service(
-            &p.base,
-            &bootstrap.cfg,
-            &bootstrap.identity.instance_id,
+            &bootstrap.ctx.aws,
+            &bootstrap.ctx.cfg,
+            &bootstrap.ctx.identity.instance_id,
         );
         tokio::select! {
             () = signal => {}
@@ -741,18 +676,17 @@ async fn until_stopped<T>(
 }
 
 async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
-    let p = node_parts(cli, &args.sources).await?;
+    let ctx = node_context(cli, &args.sources).await?;
     let rx = stop_on_signal()?;
 
-    let queue = p
-        .cfg
-        .aws
-        .lifecycle_queue_url
-        .as_ref()
-        .map(|url| crate::aws::sqs::Queue::new(crate::aws::sqs_client(&p.base, &p.cfg), url));
-    let hooks = crate::aws::autoscaling::Hooks::new(crate::aws::autoscaling_client(&p.base, &p.cfg));
-    let imds = crate::identity::Imds::new(&p.cfg.imds)?;
-    let instances = crate::aws::ec2::Instances::new(crate::aws::ec2_client(&p.base, &p.cfg));
+    let queue =
+        ctx.cfg.aws.lifecycle_queue_url.as_ref().map(|url| {
+            crate::aws::sqs::Queue::new(crate::aws::sqs_client(&ctx.aws, &ctx.cfg), url)
+        });
+    let hooks =
+        crate::aws::autoscaling::Hooks::new(crate::aws::autoscaling_client(&ctx.aws, &ctx.cfg));
+    let imds = crate::identity::Imds::new(&ctx.cfg.imds)?;
+    let instances = crate::aws::ec2::Instances::new(crate::aws::ec2_client(&ctx.aws, &ctx.cfg));
     let daemon = crate::daemon::Daemon {
         queue,
         hooks,
@@ -760,12 +694,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error> {
         instances,
         suspects: Default::default(),
         etcd_leader: Default::default(),
-        locker: p.locker,
-        registry: p.registry,
-        join: p.join,
-        kubeadm: p.kubeadm.with_stop(rx.clone()),
-        identity: p.identity,
-        cfg: p.cfg,
+        ctx: ctx.with_stop(rx.clone()),
     };
     crate::systemd::ready("daemon: loops running");
     let watchdog = tokio::spawn(crate::systemd::watchdog());
