@@ -1,0 +1,323 @@
+//! The leader's turn on the lifecycle queue: taking messages, handling
+//! each (act, defer or refuse) and deleting what is done.
+
+use super::cleanup::{clean_up_gone, handle_limited};
+use super::message::{
+    deferral, hook_heartbeat_timeout, notice_deadline, parse_message, vet, Event, Verdict,
+};
+use super::{alongside, keep_alive, keep_hidden, Error, Limits, Report};
+use crate::aws::autoscaling::{Action, Hooks};
+use crate::aws::ec2::Instances;
+use crate::aws::sqs::{Queue, Received};
+use crate::catalogue::Coded;
+use crate::config::Config;
+use crate::lock::{LockStore, Locker};
+use crate::registry::{Registry, RegistryStore};
+use std::time::Duration;
+
+/// At most this many receives before a batch is handled: enough to find a
+/// whole scale-in (10 messages a receive), bounded so a flooded queue still
+/// lets the turn end.
+pub const RECEIVES_PER_BATCH: usize = 10;
+/// At most this many messages taken in one turn (the first receives and
+/// those during the batch).
+pub const MESSAGES_PER_TURN: usize = 100;
+
+/// EC2, to tell an instance already gone from a live one outside every group.
+#[derive(Debug, Clone, Copy)]
+pub struct Ec2<'a> {
+    pub instances: &'a Instances,
+    /// This leader's own instance: EC2 must report it running for its
+    /// answer about another to be believed.
+    pub leader: &'a str,
+}
+
+/// Receives until the queue answers empty (at most [`RECEIVES_PER_BATCH`]
+/// receives and `room` messages), deleting what is no termination. A
+/// receive that fails after the first is logged and ends the taking: what
+/// was taken is handled.
+async fn take(
+    queue: &Queue,
+    visibility: Duration,
+    room: usize,
+) -> Result<Vec<(Received, Action)>, Error> {
+    let mut batch = Vec::new();
+    let mut taken = 0;
+    for attempt in 0..RECEIVES_PER_BATCH {
+        if taken >= room {
+            break;
+        }
+        let messages = match queue.receive_up_to(visibility, room - taken).await {
+            Ok(m) => m,
+            Err(e) if attempt == 0 => return Err(e.into()),
+            Err(e) => {
+                crate::catalogue::report!(
+                    warn,
+                    e,
+                    "lifecycle queue receive failed; handling what was taken"
+                );
+                break;
+            }
+        };
+        if messages.is_empty() {
+            break;
+        }
+        taken += messages.len();
+        for message in messages {
+            match parse_message(&message.body) {
+                Ok(Event::Terminating(action)) => batch.push((message, action)),
+                Ok(Event::Test) => {
+                    tracing::info!("lifecycle hook test notification");
+                    queue.delete(&message.receipt).await?;
+                }
+                Ok(Event::Ignored(transition)) => {
+                    tracing::info!(%transition, "lifecycle message ignored");
+                    queue.delete(&message.receipt).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(code = e.code(), error = %e, "unreadable lifecycle message deleted");
+                    queue.delete(&message.receipt).await?;
+                }
+            }
+        }
+    }
+    Ok(batch)
+}
+
+/// One pass over the queue: every message waiting is taken first (a
+/// scale-in larger than one receive too), then the terminations are
+/// handled together (each heartbeated and kept hidden from receipt, workers
+/// drained concurrently, control planes removed one at a time) and each
+/// message deleted once handled; messages that cannot be handled now come
+/// back. While a batch lasts, the queue is read again every heartbeat
+/// period, so a termination arriving meanwhile is heartbeated in time too.
+pub async fn drain_queue<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    queue: &Queue,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    hooks: &Hooks,
+    ec2: Ec2<'_>,
+) -> Result<Vec<Report>, Error> {
+    // Short visibility, extended while a message is handled: if this leader
+    // dies or stops leading, the next one sees the message again within one
+    // heartbeat period.
+    let visibility = cfg.daemon.lifecycle_heartbeat;
+    let batch = take(queue, visibility, MESSAGES_PER_TURN).await?;
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    // A batch may take a whole drain: that is progress, not a hang.
+    crate::systemd::beat(crate::pacing::LEADER_LOOP, crate::pacing::allowance(cfg));
+    let limits = Limits::new();
+    let limits = &limits;
+    let handle = |(message, action): (Received, Action)| async move {
+        alongside(
+            handle_message(
+                cfg, queue, registry, locker, hooks, ec2, &action, &message, limits,
+            ),
+            keep_hidden(queue, &message.receipt, visibility),
+        )
+        .await
+    };
+    let mut taken = batch.len();
+    let mut handlings: Vec<_> = batch.into_iter().map(|m| Box::pin(handle(m))).collect();
+    let mut reports = Vec::new();
+    let mut failed = None;
+    let mut next_receive = tokio::time::Instant::now() + visibility;
+    while !handlings.is_empty() {
+        tokio::select! {
+            outcome = next_done(&mut handlings) => match outcome {
+                Ok(Some(report)) => reports.push(report),
+                Ok(None) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            },
+            _ = tokio::time::sleep_until(next_receive), if taken < MESSAGES_PER_TURN => {
+                next_receive = tokio::time::Instant::now() + visibility;
+                match take(queue, visibility, MESSAGES_PER_TURN - taken).await {
+                    Ok(more) if more.is_empty() => {}
+                    Ok(more) => {
+                        tracing::info!(messages = more.len(), "more terminations arrived during the batch");
+                        crate::systemd::beat(crate::pacing::LEADER_LOOP, crate::pacing::allowance(cfg));
+                        taken += more.len();
+                        handlings.extend(more.into_iter().map(|m| Box::pin(handle(m))));
+                    }
+                    Err(e) => {
+                        crate::catalogue::report!(warn, e, "lifecycle queue receive during the batch failed");
+                    }
+                }
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(reports),
+    }
+}
+
+/// The output of the first of `futures` to finish, which is removed; the
+/// others run on within the caller's task (dropping the caller drops them).
+/// Pending forever when there is none.
+async fn next_done<F: std::future::Future + Unpin>(futures: &mut Vec<F>) -> F::Output {
+    use std::task::Poll;
+    std::future::poll_fn(|cx| {
+        for i in 0..futures.len() {
+            if let Poll::Ready(out) = std::pin::Pin::new(&mut futures[i]).poll(cx) {
+                drop(futures.swap_remove(i));
+                return Poll::Ready(out);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One termination of a batch: vetted with Auto Scaling (and EC2 when no
+/// group holds the instance), handled while its action is heartbeated, its
+/// message deleted. `None` when it was refused or comes back later.
+#[allow(clippy::too_many_arguments)]
+async fn handle_message<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    queue: &Queue,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    hooks: &Hooks,
+    ec2: Ec2<'_>,
+    action: &Action,
+    message: &Received,
+    limits: &Limits,
+) -> Result<Option<Report>, Error> {
+    match hooks.placement(action).await {
+        Ok(None) => {
+            return handle_unplaced(cfg, queue, registry, locker, ec2, action, message, limits)
+                .await
+        }
+        Ok(Some(seen)) => match vet(action, Some(&seen)) {
+            Verdict::Confirmed => {}
+            Verdict::NotYet(e) => {
+                return defer_or_refuse(cfg, queue, action, message, e).await;
+            }
+            Verdict::Refused(e) | Verdict::NotInGroup(e) => {
+                crate::catalogue::report!(warn, e, "lifecycle message refused and deleted");
+                queue.delete(&message.receipt).await?;
+                return Ok(None);
+            }
+        },
+        Err(e) => {
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "cannot check the termination with Auto Scaling; the message comes back");
+            return Ok(None);
+        }
+    }
+    tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");
+    let handled = alongside(
+        handle_limited(cfg, registry, locker, hooks, action, limits),
+        keep_alive(hooks, action, cfg.daemon.lifecycle_heartbeat),
+    )
+    .await;
+    match handled {
+        Ok(report) => {
+            crate::failpoint::crash_point("lifecycle:after-complete");
+            queue.delete(&message.receipt).await?;
+            Ok(Some(report))
+        }
+        Err(e) => {
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "termination not completed; the message comes back");
+            Ok(None)
+        }
+    }
+}
+
+/// A notice Auto Scaling does not confirm (yet): kept on the queue, hidden
+/// for a while ([`deferral`]), until its [`notice_deadline`]; refused and
+/// deleted after it. Nothing is removed or drained for it meanwhile, and its
+/// action is not heartbeated (it may not exist).
+async fn defer_or_refuse(
+    cfg: &Config,
+    queue: &Queue,
+    action: &Action,
+    message: &Received,
+    refusal: Error,
+) -> Result<Option<Report>, Error> {
+    let now = std::time::SystemTime::now();
+    let deadline = notice_deadline(
+        message.sent,
+        hook_heartbeat_timeout(),
+        cfg.daemon.lifecycle_heartbeat,
+    )
+    .filter(|d| now < *d);
+    let Some(deadline) = deadline else {
+        crate::catalogue::report!(warn, refusal, "lifecycle message refused and deleted");
+        queue.delete(&message.receipt).await?;
+        return Ok(None);
+    };
+    let sent = message.sent.unwrap_or(now);
+    let hidden = deferral(sent, cfg.daemon.lifecycle_heartbeat, now, deadline);
+    queue.extend(&message.receipt, hidden).await?;
+    let until = deadline.duration_since(now).unwrap_or(Duration::ZERO);
+    tracing::info!(
+        instance_id = %action.instance_id,
+        asg = %action.asg,
+        error = %refusal,
+        receives = message.receives,
+        next_look_s = hidden.as_secs(),
+        kept_for_s = until.as_secs(),
+        "termination notice not confirmed by Auto Scaling yet; kept and looked at again"
+    );
+    Ok(None)
+}
+
+/// A notice for an instance no Auto Scaling group holds: cleaned up after
+/// when EC2 no longer runs it (the ASG went on past the hook's timeout, or
+/// the leader read the notice late), refused when EC2 runs it (forged).
+#[allow(clippy::too_many_arguments)]
+async fn handle_unplaced<L: LockStore, R: RegistryStore>(
+    cfg: &Config,
+    queue: &Queue,
+    registry: &Registry<R>,
+    locker: &Locker<L>,
+    ec2: Ec2<'_>,
+    action: &Action,
+    message: &Received,
+    limits: &Limits,
+) -> Result<Option<Report>, Error> {
+    let id = std::slice::from_ref(&action.instance_id);
+    let not_running = match ec2.instances.not_running(id, ec2.leader).await {
+        Ok(n) => n,
+        Err(e) => {
+            let e = Error::from(e);
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "no group holds the instance and EC2 cannot say whether it is gone; the message comes back");
+            return Ok(None);
+        }
+    };
+    // EC2 does not report it pending or running: terminated, shutting down,
+    // stopped (an ASG replaces a stopped instance) or forgotten.
+    if !not_running.contains(&action.instance_id) {
+        let refusal = Error::NotInGroup {
+            instance_id: action.instance_id.clone(),
+            claimed_asg: action.asg.clone(),
+        };
+        crate::catalogue::report!(warn, refusal, "lifecycle message refused and deleted");
+        queue.delete(&message.receipt).await?;
+        return Ok(None);
+    }
+    tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "no group holds the instance and EC2 no longer runs it");
+    match clean_up_gone(cfg, registry, locker, action, limits).await {
+        Ok(report) if report.cleanup_failures.is_empty() => {
+            queue.delete(&message.receipt).await?;
+            Ok(Some(report))
+        }
+        // Nobody else deletes a gone instance's Node (or its member, when
+        // etcd refused): keep the message, it comes back and is tried again
+        // (the queue's redrive policy ends a hopeless one in the DLQ).
+        Ok(report) => {
+            tracing::error!(instance_id = %action.instance_id, failures = ?report.cleanup_failures, "cleanup after a gone instance is incomplete; the message comes back");
+            Ok(Some(report))
+        }
+        Err(e) => {
+            crate::catalogue::report!(error, e, instance_id = %action.instance_id, "cleanup after a gone instance failed; the message comes back");
+            Ok(None)
+        }
+    }
+}
