@@ -489,9 +489,9 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 }
                 if own_record.is_none() {
                     let guard = self.ctx.locker.acquire(Purpose::Membership).await?;
-                    let result = self.confirm_and_record(&guard).await;
-                    let _ = guard.release().await;
-                    result?;
+                    guard
+                        .scoped(async |guard| self.confirm_and_record(guard).await)
+                        .await?;
                 }
                 Ok(true)
             }
@@ -565,14 +565,13 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .acquire(Purpose::Membership)
             .instrument(telemetry::phase("membership-lock"))
             .await?;
-        let result = async {
-            self.remove_own_member(&guard).await?;
-            self.ctx.kubeadm.reset().await?;
-            Ok(())
-        }
-        .await;
-        let _ = guard.release().await;
-        result
+        guard
+            .scoped(async |guard| {
+                self.remove_own_member(guard).await?;
+                self.ctx.kubeadm.reset().await?;
+                Ok(())
+            })
+            .await
     }
 
     /// Removes this node's member through the other recorded members, under
@@ -949,8 +948,9 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 .acquire(Purpose::Membership)
                 .instrument(telemetry::phase("membership-lock"))
                 .await?;
-            let result = self.control_plane_join_locked(&guard, checkpoint).await;
-            let _ = guard.release().await;
+            let result = guard
+                .scoped(async |guard| self.control_plane_join_locked(guard, checkpoint).await)
+                .await;
             match result {
                 Err(Error::StaleMaterial(why)) if Instant::now() < deadline => {
                     tracing::warn!(%why, "join material went stale while waiting for the lock; waiting again");

@@ -593,20 +593,20 @@ impl<L: LockStore> Renewal<'_, L> {
             fence = guard.fence().map(|f| f.value).unwrap_or_default(),
             "certificate renewal holds the membership lock"
         );
-        let result = tokio::select! {
-            r = self.renew_held(restart_pending) => r,
-            () = guard.lost() => Err(Error::Lock(crate::lock::Error::Lost {
-                purpose: Purpose::Membership,
-                reason: "lost during the certificate renewal".into(),
-            })),
-        };
-        // Whatever happened, this node's control plane must not stay down.
-        let restored = restore_parked(&self.cfg.paths.kubernetes_dir);
-        if let Err(e) = guard.release().await {
-            crate::catalogue::report!(warn, e, "cannot release the membership lock after the certificate renewal; its lease expires on its own");
-        }
-        restored?;
-        result
+        guard
+            .scoped(async |guard| {
+                let result = tokio::select! {
+                    r = self.renew_held(restart_pending) => r,
+                    () = guard.lost() => Err(Error::Lock(crate::lock::Error::Lost {
+                        purpose: Purpose::Membership,
+                        reason: "lost during the certificate renewal".into(),
+                    })),
+                };
+                // Whatever happened, this node's control plane must not stay down.
+                restore_parked(&self.cfg.paths.kubernetes_dir)?;
+                result
+            })
+            .await
     }
 
     async fn renew_held(&self, restart_pending: &mut bool) -> Result<f64, Error> {

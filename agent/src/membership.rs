@@ -191,9 +191,9 @@ pub async fn remove_in<L: LockStore, R: RegistryStore>(
     context: quorum::Context,
 ) -> Result<Outcome, Error> {
     let guard = locker.acquire(Purpose::Membership).await?;
-    let result = remove_locked_in(etcd, registry, &guard, target, context).await;
-    let _ = guard.release().await;
-    result
+    guard
+        .scoped(async |guard| remove_locked_in(etcd, registry, guard, target, context).await)
+        .await
 }
 
 /// How long a removal of a dead member waits for the others to elect its

@@ -153,7 +153,7 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
         tracing::debug!("membership lock busy; reconciling next turn");
         return Ok(Vec::new());
     };
-    let result = async {
+    guard.scoped(async |guard| {
         let records = registry.members().await?;
         if records.is_empty() {
             return Ok(Vec::new());
@@ -187,7 +187,7 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
             match &step {
                 Step::Remove { target, why } => {
                     tracing::warn!(removing = %target, %why, "reconciler removes a member");
-                    match membership::remove_locked(&etcd, registry, &guard, target, false).await {
+                    match membership::remove_locked(&etcd, registry, guard, target, false).await {
                         Ok(_) => done.push(step),
                         Err(e) => {
                             crate::catalogue::report!(error, e, removing = %target, "reconciler could not remove the member; retried next turn")
@@ -196,16 +196,14 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
                 }
                 Step::Forget { instance_id } => {
                     tracing::warn!(%instance_id, "reconciler deletes a record whose member is gone");
-                    registry.forget_member(&guard, instance_id).await?;
+                    registry.forget_member(guard, instance_id).await?;
                     done.push(step);
                 }
             }
         }
         Ok(done)
-    }
-    .await;
-    let _ = guard.release().await;
-    result
+    })
+    .await
 }
 
 impl crate::catalogue::Coded for self::Error {

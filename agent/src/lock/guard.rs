@@ -223,6 +223,20 @@ impl Guard {
         self.settings_lease
     }
 
+    /// Runs `work` with the lock held, then releases it whatever `work`
+    /// returned, so no early return forgets the release. A failed release is
+    /// logged and left to the lease, which expires on its own; a caller that
+    /// must act on a failed release (the init lock, the leader loop) calls
+    /// [`Guard::release`] itself.
+    pub async fn scoped<T>(self, work: impl AsyncFnOnce(&Guard) -> T) -> T {
+        let out = work(&self).await;
+        let purpose = self.purpose;
+        if let Err(e) = self.release().await {
+            crate::catalogue::report!(warn, e, lock = %purpose, "cannot release the lock; its lease expires on its own");
+        }
+        out
+    }
+
     /// Stops renewing and releases the lock, conditioned on this guard's own
     /// acquisition: the owner is per process and the daemon's loops share
     /// it, so only the fence tells this guard's hold from another loop's.
