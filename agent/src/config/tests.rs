@@ -1,8 +1,11 @@
 //! Scenarios for merging and validation. Everything here is pure: layers are
 //! built from strings, so each rule is checked without files or IMDS.
 
+use super::merge::nest;
+use super::schema::Kind;
 use super::*;
 use crate::catalogue::Coded;
+use std::collections::BTreeMap;
 
 const BASE: &str = r#"
 [cluster]
