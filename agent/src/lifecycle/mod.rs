@@ -167,6 +167,7 @@ async fn keep_hidden(
         }
     }
 }
+
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
