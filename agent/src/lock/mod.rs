@@ -239,7 +239,7 @@ impl Error {
 }
 
 /// A new record version, unique per write.
-pub(super) fn new_rvn() -> String {
+fn new_rvn() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
