@@ -499,7 +499,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 let Some(record) = own_record else {
                     return Ok(false);
                 };
-                let id = format!("{:016x}", record.member_id);
+                let id = crate::etcd::MemberHex(record.member_id).to_string();
                 let others: Vec<String> = records
                     .iter()
                     .filter(|r| &r.instance_id != me)
@@ -703,7 +703,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         // A new generation is a new etcd cluster: members recorded for an
         // abandoned generation are gone with it.
         for stale in self.read_members().await? {
-            tracing::warn!(instance_id = %stale.instance_id, member_id = %format!("{:016x}", stale.member_id), "forgetting a member of an abandoned generation");
+            tracing::warn!(instance_id = %stale.instance_id, member_id = %crate::etcd::MemberHex(stale.member_id), "forgetting a member of an abandoned generation");
             self.step("forget a member record", Bound::Lock, || async {
                 Ok(self
                     .ctx

@@ -38,7 +38,18 @@ impl Member {
 
     /// The id as etcdctl prints it.
     pub fn hex_id(&self) -> String {
-        format!("{:016x}", self.id)
+        MemberHex(self.id).to_string()
+    }
+}
+
+/// A member id as etcdctl prints it (16 lower-case hex digits): the one
+/// place that says how, for logs, messages, tables and records alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberHex(pub u64);
+
+impl std::fmt::Display for MemberHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
     }
 }
 
@@ -73,8 +84,9 @@ impl Alarm {
             _ => "`etcdctl alarm list` shows it; clear its cause, then `etcdctl alarm disarm`",
         };
         format!(
-            "etcd alarm {} is active (raised by member {:016x}): {what}",
-            self.kind, self.member_id
+            "etcd alarm {} is active (raised by member {}): {what}",
+            self.kind,
+            MemberHex(self.member_id)
         )
     }
 }
@@ -486,7 +498,7 @@ impl Etcd {
         match answer {
             Ok(_) => Ok(()),
             Err(Failure::Etcd(e)) if e.to_string().contains("member not found") => {
-                tracing::info!(member_id = %format!("{id:016x}"), "member already removed");
+                tracing::info!(member_id = %MemberHex(id), "member already removed");
                 Ok(())
             }
             Err(f) => Err(f.into_error("member remove")),

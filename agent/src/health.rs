@@ -109,7 +109,7 @@ pub fn status_line(s: &Snapshot) -> String {
             s.voters,
             s.learners,
             s.leader
-                .map(|l| format!(", leader {l:016x}"))
+                .map(|l| format!(", leader {}", crate::etcd::MemberHex(l)))
                 .unwrap_or_else(|| ", no leader".into())
         ),
     };

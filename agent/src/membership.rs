@@ -8,7 +8,7 @@
 //! from etcd, then its record deleted. Each step is idempotent: a member
 //! already gone is not an error, its record is still cleaned up.
 
-use crate::etcd::{self, Etcd, Health};
+use crate::etcd::{self, Etcd, Health, MemberHex};
 use crate::lock::{Guard, LockStore, Locker, Purpose};
 use crate::quorum::{self, Refusal, Removal};
 use crate::registry::{MemberRecord, Registry, RegistryStore};
@@ -53,7 +53,7 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Instance(i) => write!(f, "instance {i}"),
-            Target::Member(id) => write!(f, "member {id:016x}"),
+            Target::Member(id) => write!(f, "member {}", MemberHex(*id)),
         }
     }
 }
@@ -89,7 +89,7 @@ pub struct MemberView {
 }
 
 fn hex_id<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{id:016x}"))
+    s.collect_str(&MemberHex(*id))
 }
 
 /// etcd's members with their records, and the records with no member.
@@ -242,7 +242,7 @@ pub async fn remove_locked_in<R: RegistryStore>(
     if let Some(id) = id {
         let verdict = quorum::judge(&health, id, context)?;
         if verdict.forced {
-            tracing::warn!(member_id = %format!("{id:016x}"), "FORCED removal from a two-member cluster: one more failure loses the cluster");
+            tracing::warn!(member_id = %MemberHex(id), "FORCED removal from a two-member cluster: one more failure loses the cluster");
         }
         // A proposal made while the others elect a new leader is dropped and
         // times out: when the dead member led, wait for its successor first.
@@ -272,7 +272,7 @@ pub async fn remove_locked_in<R: RegistryStore>(
                 transient: true,
             }),
         })?;
-        tracing::info!(member_id = %format!("{id:016x}"), voters_after = verdict.voters_after, healthy_voters_after = verdict.healthy_voters_after, "etcd member removed");
+        tracing::info!(member_id = %MemberHex(id), voters_after = verdict.voters_after, healthy_voters_after = verdict.healthy_voters_after, "etcd member removed");
         crate::failpoint::crash_point("membership:after-etcd-remove");
         removed = Some(verdict);
     }
@@ -319,8 +319,8 @@ pub fn render_text(members: &[MemberView], orphans: &[MemberRecord]) -> String {
     );
     for m in members {
         out.push_str(&format!(
-            "{:016x}  {:<30}  {:<19}  {:<28}  {:<7}  {:<9}  {}\n",
-            m.id,
+            "{}  {:<30}  {:<19}  {:<28}  {:<7}  {:<9}  {}\n",
+            MemberHex(m.id),
             if m.name.is_empty() {
                 "(not started)"
             } else {
@@ -335,8 +335,9 @@ pub fn render_text(members: &[MemberView], orphans: &[MemberRecord]) -> String {
     }
     for r in orphans {
         out.push_str(&format!(
-            "{:016x}  {:<30}  {:<19}  {:<28}  {:<7}  {:<9}  {}\n",
-            r.member_id, r.name, r.instance_id, r.peer_url, "-", "-", "record only (member gone)"
+            "{}  {:<30}  {:<19}  {:<28}  {:<7}  {:<9}  {}\n",
+            MemberHex(r.member_id),
+            r.name, r.instance_id, r.peer_url, "-", "-", "record only (member gone)"
         ));
     }
     out

@@ -16,21 +16,21 @@
 //!   size (`voters_after / 2 + 1`). Force does not lift this: etcd could not
 //!   commit the change anyway, and trying makes things worse.
 
-use crate::etcd::Health;
+use crate::etcd::{Health, MemberHex};
 
 /// Why a removal is refused; each says what would happen and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("member {id:016x} is not in the etcd member list (already removed?)")]
+    #[error("member {} is not in the etcd member list (already removed?)", MemberHex(*.id))]
     NotAMember { id: u64 },
-    #[error("member {id:016x} is the last voting member: removing it would destroy the cluster")]
+    #[error("member {} is the last voting member: removing it would destroy the cluster", MemberHex(*.id))]
     LastVoter { id: u64 },
     #[error(
         "the cluster has only {voters} voting members: removing one leaves no tolerance for any failure"
     )]
     TwoVoters { voters: usize },
     #[error(
-        "removing member {id:016x} would leave {healthy_after} healthy of {voters_after} voting members, below quorum {quorum_after}; unhealthy now: {unhealthy}"
+        "removing member {} would leave {healthy_after} healthy of {voters_after} voting members, below quorum {quorum_after}; unhealthy now: {unhealthy}", MemberHex(*.id)
     )]
     BelowQuorum {
         id: u64,

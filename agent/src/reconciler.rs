@@ -97,7 +97,7 @@ pub fn plan(
                 &mut steps,
             ),
             None if !h.healthy => suspect(
-                format!("member:{:016x}", m.id),
+                format!("member:{}", etcd::MemberHex(m.id)),
                 Step::Remove {
                     target: Target::Member(m.id),
                     why: "an unrecorded member that stays unhealthy".into(),

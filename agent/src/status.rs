@@ -190,9 +190,9 @@ pub fn render_text(s: &Status) -> String {
     out.push_str(&format!("members ({}):\n", s.members.len()));
     for m in &s.members {
         out.push_str(&format!(
-            "  {}  member {:016x}  {}  {}  confirmed {}\n",
+            "  {}  member {}  {}  {}  confirmed {}\n",
             m.instance_id,
-            m.member_id,
+            crate::etcd::MemberHex(m.member_id),
             if m.name.is_empty() { "-" } else { &m.name },
             m.peer_url,
             age(s.observed_at, m.confirmed_at)
@@ -284,7 +284,7 @@ pub fn to_json(s: &Status) -> serde_json::Value {
         }).collect::<Vec<_>>(),
         "members": s.members.iter().map(|m| json!({
             "instance_id": m.instance_id,
-            "member_id": format!("{:016x}", m.member_id),
+            "member_id": crate::etcd::MemberHex(m.member_id).to_string(),
             "name": m.name,
             "peer_url": m.peer_url,
             "confirmed_at_ms": epoch_ms(m.confirmed_at),

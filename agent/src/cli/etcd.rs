@@ -79,8 +79,8 @@ pub(super) async fn remove(cli: &Cli, args: &EtcdRemoveArgs) -> Result<ExitCode,
     let mut out = String::new();
     match &outcome.removed {
         Some(r) => out.push_str(&format!(
-            "removed etcd member {:016x}{}: {} voting members left, {} healthy (quorum {})\n",
-            r.id,
+            "removed etcd member {}{}: {} voting members left, {} healthy (quorum {})\n",
+            crate::etcd::MemberHex(r.id),
             if r.learner { " (learner)" } else { "" },
             r.voters_after,
             r.healthy_voters_after,

@@ -242,7 +242,7 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
                     (etcd, Target::Instance(action.instance_id.clone()))
                 }
                 Leaving::Unrecorded(etcd, id) => {
-                    tracing::warn!(instance_id = %action.instance_id, member_id = %format!("{id:016x}"), "a control plane without a member record: its etcd member is found by its Node's name");
+                    tracing::warn!(instance_id = %action.instance_id, member_id = %crate::etcd::MemberHex(id), "a control plane without a member record: its etcd member is found by its Node's name");
                     (*etcd, Target::Member(id))
                 }
             };
@@ -260,7 +260,7 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
         }
         match removal.await {
             Ok(outcome) => {
-                member = outcome.removed.map(|r| format!("{:016x}", r.id));
+                member = outcome.removed.map(|r| crate::etcd::MemberHex(r.id).to_string());
             }
             Err(e) => {
                 crate::catalogue::report!(error, e, instance_id = %action.instance_id, "etcd member not removed; the reconciler retries once it is safe");
