@@ -25,7 +25,9 @@ use crate::etcd::{self, Etcd, Stale};
 use crate::join_material::{self, JoinMaterial, Refresh};
 use crate::kubeadm::{self, config as kcfg};
 use crate::lock::{Guard, LockStore, Purpose};
-use crate::registry::{InitClaim, MemberRecord, Origin, Phase, RefreshRequest, RegistryStore};
+use crate::registry::{
+    InitClaim, MemberRecord, Origin, Phase, RefreshRequest, RegistryStore, Wants,
+};
 use crate::retry::{self, Classify, RetryClass, WaitPolicy};
 use crate::telemetry;
 use serde::{Deserialize, Serialize};
@@ -844,12 +846,12 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 .request_refresh(&RefreshRequest {
                     origin,
                     requested_by: self.ctx.identity.instance_id.clone(),
-                    what: what.to_string(),
+                    what: what.clone(),
                     stale_version: pointer.secret_version.clone(),
                     requested_at: now,
                 })
                 .await?;
-            tracing::warn!(version = %pointer.secret_version, stale = what, "join material expires too soon to use; refresh requested from the leader");
+            tracing::warn!(version = %pointer.secret_version, stale = %what, "join material expires too soon to use; refresh requested from the leader");
         }
         Err(Error::StaleMaterial(format!(
             "join material version {} ({what}) expires within its margin (token {}, certificate key {}); a refresh was requested from the leader",
@@ -1117,14 +1119,14 @@ const CERTS_MARGIN: Duration = Duration::from_secs(120);
 
 /// What this joiner needs refreshed, as the request names it: workers need
 /// only the token.
-fn stale_part(need: Refresh, with_certs: bool) -> Option<&'static str> {
+fn stale_part(need: Refresh, with_certs: bool) -> Option<Wants> {
     match (need, with_certs) {
         (Refresh::Nothing, _) => None,
-        (Refresh::Token, _) => Some("token"),
+        (Refresh::Token, _) => Some(Wants::Token),
         (Refresh::Certs, false) => None,
-        (Refresh::Certs, true) => Some("certs"),
-        (Refresh::Both, false) => Some("token"),
-        (Refresh::Both, true) => Some("both"),
+        (Refresh::Certs, true) => Some(Wants::Certs),
+        (Refresh::Both, false) => Some(Wants::Token),
+        (Refresh::Both, true) => Some(Wants::Both),
     }
 }
 
@@ -1177,7 +1179,9 @@ mod tests {
         ];
         for (need, with_certs, want) in cases {
             assert_eq!(
-                stale_part(need, with_certs),
+                stale_part(need, with_certs)
+                    .as_ref()
+                    .map(crate::registry::Wants::as_str),
                 want,
                 "{need:?} certs={with_certs}"
             );

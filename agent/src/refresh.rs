@@ -86,8 +86,8 @@ pub fn plan(
         .iter()
         .filter(|r| r.stale_version == current_version)
     {
-        let asks_token = matches!(r.what.as_str(), "token" | "both");
-        let asks_certs = matches!(r.what.as_str(), "certs" | "both");
+        let asks_token = r.what.token();
+        let asks_certs = r.what.certs();
         token |= asks_token && token_age >= MIN_TOKEN_ROTATION;
         certs |= asks_certs && r.origin == Origin::ControlPlane && certs_due;
     }
@@ -155,7 +155,7 @@ pub async fn run_once<S: RegistryStore>(
         .iter()
         .filter(|r| r.stale_version == pointer.secret_version)
     {
-        if r.origin == Origin::Worker && matches!(r.what.as_str(), "certs" | "both") {
+        if r.origin == Origin::Worker && r.what.certs() {
             tracing::warn!(requested_by = %r.requested_by, what = %r.what, "a refresh request from the worker partition asks for the certificates; workers are given a token only");
         }
     }
@@ -169,7 +169,11 @@ pub async fn run_once<S: RegistryStore>(
             .ensure_discovery(registry, &pointer, cfg.daemon.period)
             .await
         {
-            crate::catalogue::report!(warn, e, "cannot write the SSM discovery parameters; tried again later");
+            crate::catalogue::report!(
+                warn,
+                e,
+                "cannot write the SSM discovery parameters; tried again later"
+            );
         }
         return Ok(None);
     }
@@ -220,9 +224,9 @@ pub async fn run_once<S: RegistryStore>(
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Registry(e) => e.entry(),
             E::JoinMaterial(e) => e.entry(),
@@ -269,7 +273,7 @@ mod tests {
         RefreshRequest {
             origin,
             requested_by: "i-0new".into(),
-            what: what.into(),
+            what: crate::registry::Wants::parse(what),
             stale_version: version.into(),
             requested_at: at(0),
         }

@@ -385,7 +385,7 @@ mod tests {
             refresh: Some(RefreshRequest {
                 origin: crate::registry::Origin::Worker,
                 requested_by: "i-0new".into(),
-                what: "token".into(),
+                what: crate::registry::Wants::Token,
                 stale_version: "v-2".into(),
                 requested_at: t0 - Duration::from_secs(30),
             }),

@@ -3,7 +3,7 @@
 
 use super::{
     ClusterState, InitClaim, JoinPointer, MemberRecord, Origin, Phase, RefreshRequest,
-    RegistryStore, WriteResult,
+    RegistryStore, Wants, WriteResult,
 };
 use crate::lock::Fence;
 use crate::table::{self, epoch_ms, n, s, store_error, StoreError, StoreErrorClass};
@@ -329,7 +329,7 @@ impl RegistryStore for DynamoRegistryStore {
             Origin::Worker => {
                 let mut item = self.request_key(table::REFRESH_SK);
                 item.insert("requested_by".into(), s(&request.requested_by));
-                item.insert("what".into(), s(&request.what));
+                item.insert("what".into(), s(request.what.as_str()));
                 item.insert("stale_version".into(), s(&request.stale_version));
                 item.insert("requested_at".into(), n(epoch_ms(request.requested_at)));
                 self.client
@@ -352,7 +352,7 @@ impl RegistryStore for DynamoRegistryStore {
                     )
                     .expression_attribute_names("#what", "what")
                     .expression_attribute_values(":by", s(&request.requested_by))
-                    .expression_attribute_values(":what", s(&request.what))
+                    .expression_attribute_values(":what", s(request.what.as_str()))
                     .expression_attribute_values(":stale", s(&request.stale_version))
                     .expression_attribute_values(":at", n(epoch_ms(request.requested_at)))
                     .send()
@@ -519,7 +519,7 @@ fn parse_refresh(item: &Item, origin: Origin) -> Result<RefreshRequest, StoreErr
     Ok(RefreshRequest {
         origin,
         requested_by: text("requested_by")?,
-        what: text("what")?,
+        what: Wants::parse(&text("what")?),
         stale_version: text("stale_version")?,
         requested_at: item
             .get("requested_at")
@@ -544,7 +544,6 @@ fn invalid(operation: &'static str, e: &dyn std::fmt::Display) -> StoreError {
         message: format!("request could not be built: {e}"),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

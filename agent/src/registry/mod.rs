@@ -143,12 +143,67 @@ pub struct RefreshRequest {
     pub origin: Origin,
     /// The instance id the requester gave (informational: not authenticated).
     pub requested_by: String,
-    /// `token`, `certs` or `both`.
-    pub what: String,
+    /// What it asks for.
+    pub what: Wants,
     /// The secret version that was found too close to expiry.
     pub stale_version: String,
     #[serde(skip)]
     pub requested_at: SystemTime,
+}
+
+/// What a refresh request asks for, stored as `token`, `certs` or `both`.
+/// Anything else read back (another version's word, a hand edit) is kept as
+/// written, so `kubeboot status` shows it, and asks for nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wants {
+    Token,
+    Certs,
+    Both,
+    Unknown(String),
+}
+
+impl Wants {
+    /// What the stored word asks for.
+    pub fn parse(word: &str) -> Wants {
+        match word {
+            "token" => Wants::Token,
+            "certs" => Wants::Certs,
+            "both" => Wants::Both,
+            other => Wants::Unknown(other.to_string()),
+        }
+    }
+
+    /// The stored word.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Wants::Token => "token",
+            Wants::Certs => "certs",
+            Wants::Both => "both",
+            Wants::Unknown(word) => word,
+        }
+    }
+
+    /// Whether it asks for a new bootstrap token.
+    pub fn token(&self) -> bool {
+        matches!(self, Wants::Token | Wants::Both)
+    }
+
+    /// Whether it asks for the control-plane certificates.
+    pub fn certs(&self) -> bool {
+        matches!(self, Wants::Certs | Wants::Both)
+    }
+}
+
+impl std::fmt::Display for Wants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Wants {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// Which role could have written a refresh request.
@@ -266,7 +321,6 @@ impl Error {
             _ => None,
         }
     }
-
 }
 
 /// The fence of `guard`, if it is one of the locks allowed to fence `operation`.
@@ -551,10 +605,10 @@ impl<S: RegistryStore> Registry<S> {
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
         use crate::lock::StoreErrorClass as C;
-        use self::Error as E;
         match self {
             // A refused fence is the lock lost, whoever noticed first.
             E::LockLost { .. } => &crate::catalogue::LOCK_LOST,
