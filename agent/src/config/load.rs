@@ -28,6 +28,9 @@ pub type FetchError = Box<dyn std::error::Error + Send + Sync>;
 /// configuration sits below the instance identity, which is configured by it.
 pub trait UserDataSource: Sync {
     /// The raw user-data (`None`: the instance has none), read with `settings`.
+    // A boxed future spelled out: implementors (the IMDS client, tests) see
+    // the whole type here rather than behind an alias.
+    #[allow(clippy::type_complexity)]
     fn user_data<'a>(
         &'a self,
         settings: &'a model::Imds,
