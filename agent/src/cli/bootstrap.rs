@@ -2,7 +2,7 @@
 //! signals the stack when the node is in, and reports the outcome to
 //! systemd and the metrics.
 
-use super::{node_context, stop_on_signal, BootstrapArgs, Cli};
+use super::{node_context, stop_on_signal, BootstrapArgs, Cli, LOG_TARGET};
 use crate::error::Error;
 use std::process::ExitCode;
 
@@ -26,7 +26,7 @@ pub(super) async fn run(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Err
         );
         tokio::select! {
             () = signal => {}
-            _ = stopped.wait_for(|s| *s) => tracing::warn!("stopped before the stack signal was answered; the next start signals again"),
+            _ = stopped.wait_for(|s| *s) => tracing::warn!(target: LOG_TARGET, "stopped before the stack signal was answered; the next start signals again"),
         }
     }
     let elapsed = crate::metrics::ms(started.elapsed());
@@ -45,7 +45,7 @@ pub(super) async fn run(cli: &Cli, args: &BootstrapArgs) -> Result<ExitCode, Err
                 ],
                 &[("Path", path)],
             );
-            tracing::info!(run_id = %done.run_id, path, "node bootstrapped");
+            tracing::info!(target: LOG_TARGET, run_id = %done.run_id, path, "node bootstrapped");
             crate::systemd::ready(&format!("bootstrapped ({path})"));
             Ok(ExitCode::SUCCESS)
         }

@@ -3,7 +3,7 @@
 
 use super::{
     dynamodb, load, operator_locker, print, registry_for, Cli, EtcdEndpointArgs, EtcdMembersArgs,
-    EtcdRemoveArgs, Output,
+    EtcdRemoveArgs, Output, LOG_TARGET,
 };
 use crate::config::Config;
 use crate::error::Error;
@@ -72,7 +72,7 @@ pub(super) async fn remove(cli: &Cli, args: &EtcdRemoveArgs) -> Result<ExitCode,
     let registry = registry_for(cfg, client.clone());
     let etcd = etcd_client(cfg, &args.etcd, &registry).await?;
     if args.force {
-        tracing::warn!(removing = %target, "--force: a two-member cluster may be shrunk to one; one more failure would then lose it");
+        tracing::warn!(target: LOG_TARGET, removing = %target, "--force: a two-member cluster may be shrunk to one; one more failure would then lose it");
     }
     let locker = operator_locker(cfg, client);
     let outcome = crate::membership::remove(&etcd, &registry, &locker, &target, args.force).await?;

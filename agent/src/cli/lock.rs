@@ -1,6 +1,6 @@
 //! `kubeboot lock release`: the operator's override for a dead holder.
 
-use super::{dynamodb, load, operator_locker, print, Cli, ReleaseArgs};
+use super::{dynamodb, load, operator_locker, print, Cli, ReleaseArgs, LOG_TARGET};
 use crate::error::Error;
 use std::process::ExitCode;
 
@@ -16,6 +16,7 @@ pub(super) async fn release(cli: &Cli, args: &ReleaseArgs) -> Result<ExitCode, E
     let cfg = &loaded.config;
     let locker = operator_locker(cfg, dynamodb(cfg).await?);
     tracing::warn!(
+        target: LOG_TARGET,
         lock = %args.purpose,
         "forcing a lock release: watching it for its lease plus lock.margin; refused if the holder renews meanwhile"
     );

@@ -28,6 +28,10 @@ use clap::Parser;
 use std::io::Write;
 use std::process::ExitCode;
 
+/// The target of every log line the commands write: `kubeboot::cli`, as
+/// when they shared one file, so log queries and filters keep matching.
+const LOG_TARGET: &str = "kubeboot::cli";
+
 /// Parses the process arguments, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
