@@ -4,7 +4,7 @@
 #   scripts/test.sh
 #
 # Steps: setup (idempotent) -> rustfmt check -> clippy -D warnings -> shellcheck
-# -> cfn-lint + checkov on infra/ -> build the binaries the integration tests start -> all tests (nextest).
+# -> rust-version check (scripts/check-msrv.sh) -> cfn-lint + checkov on infra/ -> build the binaries the integration tests start -> all tests (nextest).
 set -euo pipefail
 
 root_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,7 +46,10 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "shellcheck"
-shellcheck scripts/*.sh .ci/run
+shellcheck scripts/*.sh .ci/run bench/*.sh
+
+step "rust-version covers the locked dependencies"
+scripts/check-msrv.sh
 
 step "infra templates: cfn-lint and checkov"
 scripts/lint-infra.sh

@@ -75,9 +75,9 @@ fn file_kind(t: &std::fs::FileType) -> Option<&'static str> {
 
 /// Human size of a limit, e.g. `1 MiB`.
 pub fn size(limit: u64) -> String {
-    if limit % (1024 * 1024) == 0 {
+    if limit.is_multiple_of(1024 * 1024) {
         format!("{} MiB", limit / (1024 * 1024))
-    } else if limit % 1024 == 0 {
+    } else if limit.is_multiple_of(1024) {
         format!("{} KiB", limit / 1024)
     } else {
         format!("{limit} bytes")

@@ -131,7 +131,7 @@ fn base64_layer(bytes: &[u8]) -> Option<Vec<u8>> {
         .filter(|b| !b.is_ascii_whitespace())
         .collect();
     if compact.len() < 8
-        || compact.len() % 4 != 0
+        || !compact.len().is_multiple_of(4)
         || !compact
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/' || *b == b'=')
