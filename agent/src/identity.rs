@@ -309,26 +309,19 @@ impl Imds {
 pub struct UserDataFromImds;
 
 impl crate::config::UserDataSource for UserDataFromImds {
-    fn user_data<'a>(
-        &'a self,
-        settings: &'a model::Imds,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<Option<Vec<u8>>, crate::config::FetchError>,
-                > + Send
-                + 'a,
-        >,
-    > {
-        Box::pin(async move { Ok(Imds::new(settings)?.user_data().await?) })
+    async fn user_data(
+        &self,
+        settings: &model::Imds,
+    ) -> Result<Option<Vec<u8>>, crate::config::FetchError> {
+        Ok(Imds::new(settings)?.user_data().await?)
     }
 }
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Endpoint { .. } => &crate::catalogue::IMDS_ENDPOINT,
             E::Request { .. } => &crate::catalogue::IMDS_REQUEST,

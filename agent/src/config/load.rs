@@ -7,7 +7,6 @@ use super::{
 };
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 
 /// Where user-data comes from when loading.
 #[derive(Debug, Clone)]
@@ -26,26 +25,20 @@ pub type FetchError = Box<dyn std::error::Error + Send + Sync>;
 /// Where [`UserData::FromImds`] comes from: on a node, the IMDS client
 /// (`identity::UserDataFromImds`). Injected rather than called so that the
 /// configuration sits below the instance identity, which is configured by it.
-pub trait UserDataSource: Sync {
+pub trait UserDataSource {
     /// The raw user-data (`None`: the instance has none), read with `settings`.
-    // A boxed future spelled out: implementors (the IMDS client, tests) see
-    // the whole type here rather than behind an alias.
-    #[allow(clippy::type_complexity)]
-    fn user_data<'a>(
-        &'a self,
-        settings: &'a model::Imds,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<u8>>, FetchError>> + Send + 'a>>;
+    fn user_data(
+        &self,
+        settings: &model::Imds,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, FetchError>>;
 }
 
 /// A [`UserDataSource`] for callers that never ask IMDS: [`UserData::FromImds`] fails.
 pub struct NoUserDataSource;
 
 impl UserDataSource for NoUserDataSource {
-    fn user_data<'a>(
-        &'a self,
-        _settings: &'a model::Imds,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<u8>>, FetchError>> + Send + 'a>> {
-        Box::pin(async { Err("no instance metadata client in this caller".into()) })
+    async fn user_data(&self, _settings: &model::Imds) -> Result<Option<Vec<u8>>, FetchError> {
+        Err("no instance metadata client in this caller".into())
     }
 }
 
@@ -74,7 +67,7 @@ pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
 }
 
 /// Reads every source, user-data from `imds` when asked to, merges and validates.
-pub async fn load_with(opts: &LoadOptions, imds: &dyn UserDataSource) -> Result<Loaded, Error> {
+pub async fn load_with(opts: &LoadOptions, imds: &impl UserDataSource) -> Result<Loaded, Error> {
     let mut problems = Vec::new();
     let text = read_text(&opts.path)?;
     let mut layers = vec![parse_toml(

@@ -260,7 +260,9 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
         }
         match removal.await {
             Ok(outcome) => {
-                member = outcome.removed.map(|r| crate::etcd::MemberHex(r.id).to_string());
+                member = outcome
+                    .removed
+                    .map(|r| crate::etcd::MemberHex(r.id).to_string());
             }
             Err(e) => {
                 crate::catalogue::report!(error, e, instance_id = %action.instance_id, "etcd member not removed; the reconciler retries once it is safe");

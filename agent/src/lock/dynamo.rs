@@ -3,7 +3,8 @@
 
 use super::{Claim, LockItem, LockStore, Purpose};
 use crate::table::{
-    self, conditional, epoch_ms, is_condition_failed, n, s, store_error, StoreError, StoreErrorClass,
+    self, conditional, epoch_ms, is_condition_failed, n, s, store_error, StoreError,
+    StoreErrorClass,
 };
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use aws_sdk_dynamodb::Client;
