@@ -345,7 +345,6 @@ impl Error {
     pub fn is_deferral(&self) -> bool {
         matches!(self, Error::Deferred { .. } | Error::QuorumUnknown(_))
     }
-
 }
 
 /// The `[timeouts]` and the kubelet's pace for one renewal, so tests can
@@ -796,9 +795,9 @@ pub fn epoch_ms(t: SystemTime) -> u64 {
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Read { .. } => &crate::catalogue::CERT_READ,
             E::Parse { .. } => &crate::catalogue::CERT_PARSE,

@@ -706,15 +706,17 @@ pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Certificate { .. } => &crate::catalogue::ETCD_CERTIFICATE,
             E::Connect { .. } => &crate::catalogue::ETCD_CONNECT,
             E::Request { .. } => &crate::catalogue::ETCD_REQUEST,
             // One check failing is what the confirmation wait retries.
-            E::NotConfirmed { .. } | E::ConfirmTimeout { .. } => &crate::catalogue::ETCD_NOT_CONFIRMED,
+            E::NotConfirmed { .. } | E::ConfirmTimeout { .. } => {
+                &crate::catalogue::ETCD_NOT_CONFIRMED
+            }
         }
     }
 }

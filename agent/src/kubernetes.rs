@@ -346,9 +346,9 @@ fn api_error(operation: &'static str, object: &str, e: &kube::Error) -> Error {
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Kubeconfig { .. } => &crate::catalogue::KUBE_KUBECONFIG,
             E::Api {

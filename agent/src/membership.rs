@@ -337,7 +337,12 @@ pub fn render_text(members: &[MemberView], orphans: &[MemberRecord]) -> String {
         out.push_str(&format!(
             "{}  {:<30}  {:<19}  {:<28}  {:<7}  {:<9}  {}\n",
             MemberHex(r.member_id),
-            r.name, r.instance_id, r.peer_url, "-", "-", "record only (member gone)"
+            r.name,
+            r.instance_id,
+            r.peer_url,
+            "-",
+            "-",
+            "record only (member gone)"
         ));
     }
     out
@@ -345,9 +350,9 @@ pub fn render_text(members: &[MemberView], orphans: &[MemberRecord]) -> String {
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Etcd(e) => e.entry(),
             E::Registry(e) => e.entry(),

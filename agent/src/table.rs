@@ -8,13 +8,12 @@
 
 use crate::retry::{self, RetryClass};
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType, TimeToLiveSpecification,
+};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use std::time::{SystemTime, UNIX_EPOCH};
-use aws_sdk_dynamodb::types::{
-    AttributeValue, 
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    TimeToLiveSpecification,
-};
 
 /// Partition key attribute (string): `CLUSTER#<name>`.
 pub const PARTITION_KEY: &str = "pk";
@@ -186,4 +185,3 @@ pub fn epoch_ms(t: SystemTime) -> u128 {
         .map(|d| d.as_millis())
         .unwrap_or(0)
 }
-

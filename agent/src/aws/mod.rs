@@ -211,7 +211,6 @@ client!(
     "cloudformation"
 );
 
-
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         #[allow(unused_imports)]

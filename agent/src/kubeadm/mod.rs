@@ -496,9 +496,9 @@ pub fn config_path(run_dir: &Path, command: &str) -> PathBuf {
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
+        use self::Error as E;
         #[allow(unused_imports)]
         use crate::catalogue::Coded;
-        use self::Error as E;
         match self {
             E::Spawn { .. } => &crate::catalogue::KUBEADM_SPAWN,
             E::WriteConfig { .. } => &crate::catalogue::KUBEADM_WRITE_CONFIG,
