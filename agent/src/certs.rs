@@ -1045,19 +1045,13 @@ v2pEMLmJOlqZVCHkOsmUmFHm
     }
 
     fn member(id: u64, voter: bool, healthy: bool) -> crate::etcd::Health {
-        crate::etcd::Health {
-            member: crate::etcd::Member {
-                id,
-                name: format!("m{id}"),
-                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
-                client_urls: vec![format!("https://10.0.0.{id}:2379")],
-                is_learner: !voter,
-            },
-            healthy,
-            error: None,
-            db_size: None,
-            leader: None,
-        }
+        use crate::testing;
+        let m = if voter {
+            testing::member(id)
+        } else {
+            testing::learner(id)
+        };
+        testing::health(m, healthy)
     }
 
     const OWN: &str = "https://10.0.0.1:2380";

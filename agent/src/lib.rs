@@ -35,3 +35,5 @@ pub mod status;
 pub mod systemd;
 pub mod table;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

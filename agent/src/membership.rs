@@ -367,37 +367,20 @@ impl crate::catalogue::Coded for self::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etcd::Member;
-    use std::time::SystemTime;
+    use crate::testing::{self, record};
 
     fn health(id: u64, name: &str, learner: bool, healthy: bool) -> Health {
-        Health {
-            member: Member {
-                id,
-                name: name.into(),
-                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
-                client_urls: if name.is_empty() {
-                    vec![]
-                } else {
-                    vec![format!("https://10.0.0.{id}:2379")]
-                },
-                is_learner: learner,
-            },
-            healthy,
-            error: None,
-            db_size: None,
-            leader: None,
+        let mut m = if learner {
+            testing::learner(id)
+        } else {
+            testing::member(id)
+        };
+        if name.is_empty() {
+            m = testing::unstarted(m);
+        } else {
+            m.name = name.into();
         }
-    }
-
-    fn record(instance: &str, id: u64) -> MemberRecord {
-        MemberRecord {
-            instance_id: instance.into(),
-            member_id: id,
-            name: format!("n{id}"),
-            peer_url: format!("https://10.0.0.{id}:2380"),
-            confirmed_at: SystemTime::UNIX_EPOCH,
-        }
+        testing::health(m, healthy)
     }
 
     #[test]

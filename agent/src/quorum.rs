@@ -154,21 +154,18 @@ impl crate::catalogue::Coded for self::Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etcd::Member;
+    use crate::testing;
 
     fn member(id: u64, learner: bool, healthy: bool) -> Health {
-        Health {
-            member: Member {
-                id,
-                name: format!("m{id}"),
-                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
-                client_urls: vec![format!("https://10.0.0.{id}:2379")],
-                is_learner: learner,
-            },
-            healthy,
-            error: (!healthy).then(|| "connection refused".to_string()),
-            db_size: None,
-            leader: None,
+        let m = if learner {
+            testing::learner(id)
+        } else {
+            testing::member(id)
+        };
+        if healthy {
+            testing::health(m, true)
+        } else {
+            testing::down(m, "connection refused")
         }
     }
 

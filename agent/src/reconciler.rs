@@ -223,41 +223,15 @@ impl crate::catalogue::Coded for self::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etcd::Member;
-    use std::time::SystemTime;
+    use crate::testing::{self, record};
 
     fn member(id: u64, started: bool, learner: bool, healthy: bool) -> Health {
-        Health {
-            member: Member {
-                id,
-                name: if started {
-                    format!("m{id}")
-                } else {
-                    String::new()
-                },
-                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
-                client_urls: if started {
-                    vec![format!("https://10.0.0.{id}:2379")]
-                } else {
-                    vec![]
-                },
-                is_learner: learner,
-            },
-            healthy,
-            error: None,
-            db_size: None,
-            leader: None,
-        }
-    }
-
-    fn record(instance: &str, id: u64) -> MemberRecord {
-        MemberRecord {
-            instance_id: instance.into(),
-            member_id: id,
-            name: format!("m{id}"),
-            peer_url: format!("https://10.0.0.{id}:2380"),
-            confirmed_at: SystemTime::UNIX_EPOCH,
-        }
+        let m = if learner {
+            testing::learner(id)
+        } else {
+            testing::member(id)
+        };
+        testing::health(if started { m } else { testing::unstarted(m) }, healthy)
     }
 
     fn seen(health: Vec<Health>, records: Vec<MemberRecord>, gone: &[&str]) -> Observation {

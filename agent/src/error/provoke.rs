@@ -442,22 +442,19 @@ fn a_ca_file_that_is_no_certificate_has_its_code() {
 }
 
 fn member(id: u64, learner: bool) -> crate::etcd::Member {
-    crate::etcd::Member {
-        id,
-        name: format!("m{id}"),
-        peer_urls: vec![format!("http://127.0.0.{id}:2380")],
-        client_urls: vec![format!("http://127.0.0.{id}:2379")],
-        is_learner: learner,
+    if learner {
+        crate::testing::learner(id)
+    } else {
+        crate::testing::member(id)
     }
 }
 
 fn health(id: u64, healthy: bool) -> crate::etcd::Health {
-    crate::etcd::Health {
-        member: member(id, false),
-        healthy,
-        error: (!healthy).then(|| "down".to_string()),
-        db_size: None,
-        leader: None,
+    let m = member(id, false);
+    if healthy {
+        crate::testing::health(m, true)
+    } else {
+        crate::testing::down(m, "down")
     }
 }
 
