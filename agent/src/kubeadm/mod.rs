@@ -6,6 +6,7 @@
 pub mod config;
 
 use crate::secret::{scrub, Secret};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -249,19 +250,14 @@ impl Kubeadm {
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
     ) -> Result<Outcome, Error> {
-        let file = self.write("kubeadm-token.yaml", rendered)?;
-        let path = file.path();
-        let admin = self.kubernetes_dir.join("admin.conf");
-        let args = [
-            "token".as_ref(),
-            "create".as_ref(),
-            "--config".as_ref(),
-            path.as_os_str(),
-            "--kubeconfig".as_ref(),
-            admin.as_os_str(),
-        ];
-        self.run("token create", &args, self.join_timeout, secrets)
-            .await
+        self.run_as_admin(
+            "token create",
+            &["token", "create"],
+            "kubeadm-token.yaml",
+            rendered,
+            secrets,
+        )
+        .await
     }
 
     /// `kubeadm init phase upload-certs --upload-certs --config <file>`:
@@ -271,21 +267,37 @@ impl Kubeadm {
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
     ) -> Result<Outcome, Error> {
-        let file = self.write("kubeadm-upload-certs.yaml", rendered)?;
-        let path = file.path();
+        self.run_as_admin(
+            "upload-certs",
+            &["init", "phase", "upload-certs", "--upload-certs"],
+            "kubeadm-upload-certs.yaml",
+            rendered,
+            secrets,
+        )
+        .await
+    }
+
+    /// `kubeadm <words> --config <file> --kubeconfig <admin.conf>`: a command
+    /// the leader runs against the cluster with the admin credentials, its
+    /// configuration written 0600 to `file_name` and gone afterwards.
+    async fn run_as_admin(
+        &self,
+        command: &'static str,
+        words: &[&str],
+        file_name: &str,
+        rendered: &config::Rendered,
+        secrets: &[&Secret<String>],
+    ) -> Result<Outcome, Error> {
+        let file = self.write(file_name, rendered)?;
         let admin = self.kubernetes_dir.join("admin.conf");
-        let args = [
-            "init".as_ref(),
-            "phase".as_ref(),
-            "upload-certs".as_ref(),
-            "--upload-certs".as_ref(),
-            "--config".as_ref(),
-            path.as_os_str(),
-            "--kubeconfig".as_ref(),
+        let mut args: Vec<&OsStr> = words.iter().map(OsStr::new).collect();
+        args.extend([
+            OsStr::new("--config"),
+            file.path().as_os_str(),
+            OsStr::new("--kubeconfig"),
             admin.as_os_str(),
-        ];
-        self.run("upload-certs", &args, self.join_timeout, secrets)
-            .await
+        ]);
+        self.run(command, &args, self.join_timeout, secrets).await
     }
 
     /// `kubeadm certs renew all --cert-dir <kubernetes_dir>/pki`: re-signs
