@@ -561,12 +561,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             self.ctx.kubeadm.reset().await?;
             return Ok(());
         }
-        let guard = self
-            .ctx
-            .locker
-            .acquire(Purpose::Membership)
-            .instrument(telemetry::phase("membership-lock"))
-            .await?;
+        let guard = self.lock(Purpose::Membership, "membership-lock").await?;
         guard
             .scoped(async |guard| {
                 self.remove_own_member(guard).await?;
@@ -634,13 +629,18 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
     }
 
-    async fn init_or_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
-        let guard = self
+    /// Waits for `purpose`'s lock; the wait is the log's `phase` span.
+    async fn lock(&self, purpose: Purpose, phase: &'static str) -> Result<Guard, Error> {
+        Ok(self
             .ctx
             .locker
-            .acquire(Purpose::Init)
-            .instrument(telemetry::phase("init-lock"))
-            .await?;
+            .acquire(purpose)
+            .instrument(telemetry::phase(phase))
+            .await?)
+    }
+
+    async fn init_or_join(&self, checkpoint: &mut Checkpoint) -> Result<(), Error> {
+        let guard = self.lock(Purpose::Init, "init-lock").await?;
         let state = self
             .step("read the cluster state", Bound::Lock, || async {
                 Ok(self.ctx.registry.state().await?)
@@ -944,12 +944,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             // Wait without the lock (it also serializes the daemon's
             // membership changes), then check again under it.
             self.wait_material(true, deadline).await?;
-            let guard = self
-                .ctx
-                .locker
-                .acquire(Purpose::Membership)
-                .instrument(telemetry::phase("membership-lock"))
-                .await?;
+            let guard = self.lock(Purpose::Membership, "membership-lock").await?;
             let result = guard
                 .scoped(async |guard| self.control_plane_join_locked(guard, checkpoint).await)
                 .await;
