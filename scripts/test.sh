@@ -4,7 +4,7 @@
 #   scripts/test.sh
 #
 # Steps: setup (idempotent) -> rustfmt check -> clippy -D warnings -> shellcheck
-# -> rust-version check (scripts/check-msrv.sh) -> cfn-lint + checkov on infra/ -> build the binaries the integration tests start -> all tests (nextest).
+# -> rust-version check (scripts/check-msrv.sh) -> module graph check (scripts/modules.py) -> cfn-lint + checkov on infra/ -> build the binaries the integration tests start -> all tests (nextest).
 set -euo pipefail
 
 root_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,6 +50,9 @@ shellcheck scripts/*.sh .ci/run bench/*.sh
 
 step "rust-version covers the locked dependencies"
 scripts/check-msrv.sh
+
+step "module dependencies: no import cycle, ARCHITECTURE's picture and table match the tree"
+python3 scripts/modules.py check
 
 step "infra templates: cfn-lint and checkov"
 scripts/lint-infra.sh
