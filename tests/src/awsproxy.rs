@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -35,6 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::lifecycle_actions::LifecycleActions;
+use crate::lock;
 
 /// Environment variable that replaces the random default fault seed, to
 /// replay a failing run (the seed is printed whenever faults are set).
@@ -737,11 +738,6 @@ impl Drop for AwsProxy {
         // connection task — including requests held by Timeout faults.
         self.task.abort();
     }
-}
-
-/// Poison-tolerant lock: a panicking test must not cascade into the server.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Returned by the service to make hyper close the connection without

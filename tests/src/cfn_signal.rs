@@ -40,10 +40,11 @@
 //! signals a waiting resource counts.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::awsproxy::{Handler, IncomingRequest, ProxyResponse};
+use crate::lock;
 
 /// XML namespace of every CloudFormation answer.
 pub const NAMESPACE: &str = "http://cloudformation.amazonaws.com/doc/2010-05-15/";
@@ -116,10 +117,6 @@ struct State {
 #[derive(Debug, Clone, Default)]
 pub struct StackSignals {
     state: Arc<Mutex<State>>,
-}
-
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl StackSignals {

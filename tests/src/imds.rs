@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -19,7 +19,8 @@ use axum::response::Response;
 use axum::Router;
 use tokio::sync::oneshot;
 
-use crate::net::random_bytes;
+use crate::lock;
+use crate::net::{random_bytes, serve_local};
 
 /// Header carrying the requested token lifetime on `PUT /latest/api/token`.
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -121,7 +122,8 @@ struct Inner {
 pub struct Imds {
     inner: Arc<Inner>,
     addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
+    /// Dropped with the double: the server shuts down.
+    _shutdown: oneshot::Sender<()>,
 }
 
 impl Imds {
@@ -143,23 +145,12 @@ impl Imds {
             log: Mutex::new(Vec::new()),
             tokens: Mutex::new(HashMap::new()),
         });
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("bind IMDS double on 127.0.0.1");
-        let addr = listener.local_addr().expect("IMDS double local address");
         let app = Router::new().fallback(handle).with_state(inner.clone());
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let (addr, tx) = serve_local(app, "IMDS double").await;
         Self {
             inner,
             addr,
-            shutdown: Some(tx),
+            _shutdown: tx,
         }
     }
 
@@ -216,19 +207,6 @@ impl Imds {
     pub fn request_log(&self) -> Vec<ImdsRequest> {
         lock(&self.inner.log).clone()
     }
-}
-
-impl Drop for Imds {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-/// Poison-tolerant lock: a panicking test must not cascade into the server.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn handle(

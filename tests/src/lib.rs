@@ -14,6 +14,7 @@ pub mod cfn;
 pub mod cfn_signal;
 pub mod emf;
 pub mod etcd;
+pub mod fixtures;
 pub mod imds;
 pub mod kubeapi;
 pub mod lifecycle_actions;
@@ -27,3 +28,9 @@ pub mod simcluster;
 pub mod standin;
 pub mod termination;
 pub mod workspace;
+
+/// Poison-tolerant lock: a panicking test must not cascade into the doubles
+/// that share its state.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -283,30 +283,10 @@ impl LockStore for Handle {
         purpose: Purpose,
         claim: &Claim<'_>,
     ) -> Result<Option<LockItem>, StoreError> {
-        let (owner, rvn, lease, wall) = (
-            claim.owner.to_string(),
-            claim.rvn.to_string(),
-            claim.lease,
-            claim.wall,
-        );
-        self.store
-            .call("acquire", true, None, move |w| {
-                let claim = Claim {
-                    owner: &owner,
-                    rvn: &rvn,
-                    lease,
-                    wall,
-                };
-                let current = w.locks.get(&purpose);
-                if current.is_none_or(|i| i.released) {
-                    let item = claimed(current, &claim);
-                    w.locks.insert(purpose, item.clone());
-                    Some(item)
-                } else {
-                    None
-                }
-            })
-            .await
+        self.claim("acquire", purpose, claim, |current| {
+            current.is_none_or(|i| i.released)
+        })
+        .await
     }
 
     async fn take_over(
@@ -315,31 +295,11 @@ impl LockStore for Handle {
         observed: &str,
         claim: &Claim<'_>,
     ) -> Result<Option<LockItem>, StoreError> {
-        let (owner, rvn, lease, wall, seen) = (
-            claim.owner.to_string(),
-            claim.rvn.to_string(),
-            claim.lease,
-            claim.wall,
-            observed.to_string(),
-        );
-        self.store
-            .call("take over", true, None, move |w| {
-                let claim = Claim {
-                    owner: &owner,
-                    rvn: &rvn,
-                    lease,
-                    wall,
-                };
-                let current = w.locks.get(&purpose);
-                if current.is_some_and(|i| i.rvn == seen && !i.released) {
-                    let item = claimed(current, &claim);
-                    w.locks.insert(purpose, item.clone());
-                    Some(item)
-                } else {
-                    None
-                }
-            })
-            .await
+        let seen = observed.to_string();
+        self.claim("take over", purpose, claim, move |current| {
+            current.is_some_and(|i| i.rvn == seen && !i.released)
+        })
+        .await
     }
 
     async fn read(&self, purpose: Purpose) -> Result<Option<LockItem>, StoreError> {
@@ -356,18 +316,8 @@ impl LockStore for Handle {
         new: &str,
         wall: SystemTime,
     ) -> Result<bool, StoreError> {
-        let (owner, old, new) = (owner.to_string(), old.to_string(), new.to_string());
-        self.store
-            .call("heartbeat", true, false, move |w| {
-                match w.locks.get_mut(&purpose) {
-                    Some(i) if i.owner == owner && i.rvn == old && !i.released => {
-                        i.rvn = new;
-                        i.heartbeat_at = Some(wall);
-                        true
-                    }
-                    _ => false,
-                }
-            })
+        let new = new.to_string();
+        self.while_held("heartbeat", purpose, owner, old, wall, move |i| i.rvn = new)
             .await
     }
 
@@ -378,18 +328,7 @@ impl LockStore for Handle {
         rvn: &str,
         wall: SystemTime,
     ) -> Result<bool, StoreError> {
-        let (owner, rvn) = (owner.to_string(), rvn.to_string());
-        self.store
-            .call("release", true, false, move |w| {
-                match w.locks.get_mut(&purpose) {
-                    Some(i) if i.owner == owner && i.rvn == rvn && !i.released => {
-                        i.released = true;
-                        i.heartbeat_at = Some(wall);
-                        true
-                    }
-                    _ => false,
-                }
-            })
+        self.while_held("release", purpose, owner, rvn, wall, |i| i.released = true)
             .await
     }
 
@@ -417,6 +356,67 @@ impl LockStore for Handle {
 }
 
 impl Handle {
+    /// Claims the `purpose` lock for `claim`'s owner when `may_take` allows
+    /// it given the current item; `None` when it does not.
+    async fn claim(
+        &self,
+        what: &'static str,
+        purpose: Purpose,
+        claim: &Claim<'_>,
+        may_take: impl FnOnce(Option<&LockItem>) -> bool + Send + 'static,
+    ) -> Result<Option<LockItem>, StoreError> {
+        let (owner, rvn, lease, wall) = (
+            claim.owner.to_string(),
+            claim.rvn.to_string(),
+            claim.lease,
+            claim.wall,
+        );
+        self.store
+            .call(what, true, None, move |w| {
+                let claim = Claim {
+                    owner: &owner,
+                    rvn: &rvn,
+                    lease,
+                    wall,
+                };
+                let current = w.locks.get(&purpose);
+                if may_take(current) {
+                    let item = claimed(current, &claim);
+                    w.locks.insert(purpose, item.clone());
+                    Some(item)
+                } else {
+                    None
+                }
+            })
+            .await
+    }
+
+    /// Changes the `purpose` lock and stamps it `wall` if `owner` still
+    /// holds it with `rvn`; false if not.
+    async fn while_held(
+        &self,
+        what: &'static str,
+        purpose: Purpose,
+        owner: &str,
+        rvn: &str,
+        wall: SystemTime,
+        change: impl FnOnce(&mut LockItem) + Send + 'static,
+    ) -> Result<bool, StoreError> {
+        let (owner, rvn) = (owner.to_string(), rvn.to_string());
+        self.store
+            .call(what, true, false, move |w| {
+                match w.locks.get_mut(&purpose) {
+                    Some(i) if i.owner == owner && i.rvn == rvn && !i.released => {
+                        change(i);
+                        i.heartbeat_at = Some(wall);
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .await
+    }
+
     async fn fenced(
         &self,
         what: &'static str,

@@ -161,3 +161,51 @@ fn decode_chunked(mut rest: &[u8]) -> Option<Vec<u8>> {
         rest = rest.get(size + 2..)?;
     }
 }
+
+/// A loopback address nothing listens on (connection refused): bound for a
+/// moment to pick a free port, then closed.
+pub fn closed_endpoint() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// A TCP endpoint that takes no more connections: its accept queue is full,
+/// so a new connect hangs (SYNs are dropped) like a wedged peer's. Returns
+/// the listener and the connections that fill its queue (both must be kept
+/// for the endpoint to stay stalled) and its address.
+pub fn stalled_endpoint() -> (TcpListener, Vec<std::net::TcpStream>, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    for _ in 0..4096 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => held.push(s),
+            Err(_) => return (listener, held, addr.to_string()),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+/// Serves `app` on a fresh port of 127.0.0.1 in a task of its own, until
+/// the returned sender fires or is dropped (a graceful shutdown); `what`
+/// names the double in panics.
+pub async fn serve_local(
+    app: axum::Router,
+    what: &str,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap_or_else(|e| panic!("bind {what} on 127.0.0.1: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("{what} local address: {e}"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (addr, tx)
+}

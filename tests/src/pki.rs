@@ -239,20 +239,7 @@ fn issue(leaf: &Leaf, ca_key_pem: &str) -> Result<(String, String), String> {
             Err(_) => SanType::DnsName(s.clone().try_into().map_err(|e| format!("SAN {s}: {e}"))?),
         });
     }
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    if leaf.server {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
-    }
-    if leaf.client {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ClientAuth);
-    }
+    leaf_usages(&mut params, leaf.server, leaf.client);
     validity(&mut params, 1);
     let key = KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = params.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
@@ -397,7 +384,7 @@ pub fn signed_by(leaf_pem: &str, ca_pem: &str) -> bool {
 pub fn certificate_key_bytes(key: &str) -> Result<Vec<u8>, String> {
     // Never echo the key itself: it decrypts the cluster's CA keys.
     let bad = || "error decoding certificate key: encoding/hex: invalid byte".to_string();
-    if key.len() % 2 != 0 {
+    if !key.len().is_multiple_of(2) {
         return Err("error decoding certificate key: encoding/hex: odd length hex string".into());
     }
     let bytes = (0..key.len())
@@ -648,20 +635,7 @@ fn sign(
             .push(DnType::OrganizationName, o.as_str());
     }
     params.subject_alt_names = kept.sans.clone();
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    if kept.server {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
-    }
-    if kept.client {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ClientAuth);
-    }
+    leaf_usages(&mut params, kept.server, kept.client);
     set_validity(&mut params, not_after);
     let key = KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = params.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
@@ -809,6 +783,25 @@ pub fn not_after_of(pem: &str) -> Result<std::time::SystemTime, String> {
     let cert = x509_cert::Certificate::from_pem(pem.as_bytes())
         .map_err(|e| format!("failed to parse certificate: {e}"))?;
     Ok(cert.tbs_certificate().validity().not_after.to_system_time())
+}
+
+/// A leaf's key usages, as kubeadm's `certs` phase sets them: signing and
+/// key encipherment, and server and/or client authentication.
+fn leaf_usages(params: &mut CertificateParams, server: bool, client: bool) {
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    if server {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    if client {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
 }
 
 #[cfg(test)]

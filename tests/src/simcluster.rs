@@ -14,11 +14,11 @@ use crate::moto::Moto;
 use crate::net::fresh_loopback_ip;
 use crate::standin::{self, StandinProcesses};
 use crate::workspace::kubeboot_bin;
-use kubeboot::join_material::JoinStore;
+use kubeboot::join_material::{JoinMaterial, JoinStore};
 use kubeboot::lock::dynamo::DynamoLockStore;
 use kubeboot::lock::{Guard, Locker, Owner, Purpose, Settings};
 use kubeboot::registry::dynamo::DynamoRegistryStore;
-use kubeboot::registry::Registry;
+use kubeboot::registry::{JoinPointer, Registry};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -83,12 +83,19 @@ pub async fn sigterm_and_wait(child: &mut tokio::process::Child) -> (Option<i32>
         .await
         .expect("the daemon stops within 20 s of SIGTERM")
         .expect("wait");
+    let stderr = read_stderr(child).await;
+    (status.code(), stderr)
+}
+
+/// What is left of a child's piped stderr, to its end (empty when it was
+/// not piped or was taken already).
+pub async fn read_stderr(child: &mut tokio::process::Child) -> String {
     let mut stderr = String::new();
     if let Some(mut e) = child.stderr.take() {
         use tokio::io::AsyncReadExt;
         let _ = e.read_to_string(&mut stderr).await;
     }
-    (status.code(), stderr)
+    stderr
 }
 
 /// The JSON log lines of an agent's output (other lines skipped).
@@ -96,6 +103,15 @@ pub fn log_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// The first JSON log line of `text` whose message is `message`; panics
+/// with the output's tail when there is none.
+pub fn log_line(text: &str, message: &str) -> serde_json::Value {
+    log_lines(text)
+        .into_iter()
+        .find(|l| l["message"] == message)
+        .unwrap_or_else(|| panic!("no {message:?} line in\n{}", tail(text)))
 }
 
 /// Every run exited 0; otherwise the failing node's last output.
@@ -479,13 +495,8 @@ impl SimCluster {
     /// the next leader turn refreshes it; returns the version published.
     pub async fn expire_join_material(&self, owner: &str) -> String {
         let registry = self.registry().await;
-        let pointer = registry
-            .join_pointer()
-            .await
-            .expect("pointer")
-            .expect("published");
+        let (_, material) = self.current_join_material().await;
         let store = self.join_store().await;
-        let material = store.read(&pointer).await.expect("material");
         let past = SystemTime::now() - Duration::from_secs(60);
         let guard = self.leader_lock(owner).await;
         let expired = store
@@ -578,6 +589,61 @@ impl SimCluster {
             .await
             .expect("connect to etcd");
         etcd.members().await.expect("member list")
+    }
+
+    /// etcd's members (asked through `live`) are the member records: the
+    /// same ids, every member started and voting. Returns the members.
+    pub async fn assert_members_are_the_records(
+        &self,
+        live: &[usize],
+        what: &str,
+    ) -> Vec<kubeboot::etcd::Member> {
+        let members = self.etcd_members(live).await;
+        let mut ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+        let mut recorded: Vec<u64> = self
+            .registry()
+            .await
+            .members()
+            .await
+            .expect("records")
+            .iter()
+            .map(|r| r.member_id)
+            .collect();
+        ids.sort_unstable();
+        recorded.sort_unstable();
+        assert_eq!(ids, recorded, "{what}: members == records");
+        assert!(
+            members.iter().all(|m| m.is_started() && !m.is_learner),
+            "{what}: {members:?}"
+        );
+        members
+    }
+
+    /// Whether the API double holds `node`'s Node object.
+    pub fn has_node_object(&self, node: &SimNode) -> bool {
+        self.kubeapi
+            .object(&format!(
+                "/api/v1/nodes/{}",
+                node.imds.identity().local_hostname()
+            ))
+            .is_some()
+    }
+
+    /// The published join pointer.
+    pub async fn join_pointer(&self) -> JoinPointer {
+        self.registry()
+            .await
+            .join_pointer()
+            .await
+            .expect("pointer")
+            .expect("published")
+    }
+
+    /// The published join pointer and the material it names.
+    pub async fn current_join_material(&self) -> (JoinPointer, JoinMaterial) {
+        let pointer = self.join_pointer().await;
+        let material = self.join_store().await.read(&pointer).await.expect("read");
+        (pointer, material)
     }
 }
 

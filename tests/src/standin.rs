@@ -1,4 +1,4 @@
-//! Shared pieces of the test-only `kubeadm` stand-in (`src/bin/kubeadm.rs`)
+//! Shared pieces of the test-only `kubeadm` stand-in (`src/bin/kubeadm/`)
 //! and what tests need to drive it.
 //!
 //! kubeadm cannot be installed here, so the stand-in reproduces kubeadm's

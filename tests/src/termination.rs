@@ -7,34 +7,14 @@ use crate::lifecycle_actions::{
     ActionState, LifecycleActions, LifecycleCall, LifecycleOperation, LifecycleResult,
     PendingAction,
 };
-use crate::simcluster::SimCluster;
-pub use crate::simcluster::{log_lines, tail};
+pub use crate::simcluster::{log_line, log_lines, tail};
+use crate::simcluster::{read_stderr, SimCluster};
 use crate::standin;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// The lifecycle hook's name in these tests.
 pub const HOOK: &str = "kubeboot-terminate";
-
-/// Starts a daemon on node `index`, wired to the queue and the proxy.
-pub fn spawn_daemon(
-    sim: &SimCluster,
-    index: usize,
-    queue_url: &str,
-    autoscaling: &str,
-    drain: &str,
-    crash_at: Option<&str>,
-) -> tokio::process::Child {
-    spawn_daemon_with(
-        sim,
-        index,
-        queue_url,
-        autoscaling,
-        drain,
-        crash_at,
-        &Wiring::default(),
-    )
-}
 
 /// How a test wires its daemons beyond the queue and the lifecycle actions.
 #[derive(Debug, Clone)]
@@ -58,7 +38,8 @@ impl Default for Wiring {
     }
 }
 
-/// [`spawn_daemon`] with the test's [`Wiring`]; `autoscaling` is the proxy.
+/// Starts a daemon on node `index`, wired to the queue and the proxy
+/// (`autoscaling`) as the test's [`Wiring`] says.
 pub fn spawn_daemon_with(
     sim: &SimCluster,
     index: usize,
@@ -204,17 +185,34 @@ impl Terminations {
     /// Messages a receiver could take now (not hidden by a handler).
     pub async fn visible_messages(&self) -> u32 {
         use aws_sdk_sqs::types::QueueAttributeName as A;
-        self.sqs
+        self.count_messages(&[A::ApproximateNumberOfMessages]).await
+    }
+
+    /// Messages in the queue, visible or hidden by a handler (not deleted).
+    pub async fn queued(&self) -> u32 {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        self.count_messages(&[
+            A::ApproximateNumberOfMessages,
+            A::ApproximateNumberOfMessagesNotVisible,
+        ])
+        .await
+    }
+
+    /// The sum of SQS's `counts` for the queue.
+    async fn count_messages(&self, counts: &[aws_sdk_sqs::types::QueueAttributeName]) -> u32 {
+        let attrs = self
+            .sqs
             .get_queue_attributes()
             .queue_url(&self.queue_url)
-            .attribute_names(A::ApproximateNumberOfMessages)
+            .set_attribute_names(Some(counts.to_vec()))
             .send()
             .await
-            .expect("queue attributes")
-            .attributes()
-            .and_then(|m| m.get(&A::ApproximateNumberOfMessages))
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0)
+            .expect("queue attributes");
+        counts
+            .iter()
+            .filter_map(|a| attrs.attributes().and_then(|m| m.get(a)))
+            .filter_map(|v| v.parse::<u32>().ok())
+            .sum()
     }
 
     /// Heartbeats sent for `instance_id` after `since` (on the actions' clock).
@@ -226,33 +224,21 @@ impl Terminations {
             .collect()
     }
 
+    /// How many completions for `instance_id` Auto Scaling accepted.
+    pub fn accepted_completions(&self, instance_id: &str) -> usize {
+        self.actions.accepted_completions(instance_id)
+    }
+
+    /// Completions attempted for `instance_id`, accepted or not.
+    pub fn completions(&self, instance_id: &str) -> Vec<LifecycleCall> {
+        self.actions
+            .calls_for(LifecycleOperation::Complete, instance_id)
+    }
+
     /// Waits until every message was handled and deleted.
     pub async fn wait_queue_empty(&self) {
-        use aws_sdk_sqs::types::QueueAttributeName as A;
         let started = Instant::now();
-        loop {
-            let attrs = self
-                .sqs
-                .get_queue_attributes()
-                .queue_url(&self.queue_url)
-                .attribute_names(A::ApproximateNumberOfMessages)
-                .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-                .send()
-                .await
-                .expect("queue attributes");
-            let count = |a: A| {
-                attrs
-                    .attributes()
-                    .and_then(|m| m.get(&a))
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .unwrap_or(0)
-            };
-            if count(A::ApproximateNumberOfMessages)
-                + count(A::ApproximateNumberOfMessagesNotVisible)
-                == 0
-            {
-                return;
-            }
+        while self.queued().await > 0 {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "the queue never emptied"
@@ -307,15 +293,11 @@ impl Terminations {
         )
         .expect("SIGTERM");
         let status = tokio::time::timeout(Duration::from_secs(20), self.daemon.wait()).await;
-        let mut stderr = String::new();
         if status.is_err() {
             let _ = self.daemon.start_kill();
             let _ = self.daemon.wait().await;
         }
-        if let Some(mut e) = self.daemon.stderr.take() {
-            use tokio::io::AsyncReadExt;
-            let _ = e.read_to_string(&mut stderr).await;
-        }
+        let stderr = read_stderr(&mut self.daemon).await;
         let status = match status {
             Ok(status) => status.expect("wait"),
             Err(_) => panic!(
@@ -385,11 +367,7 @@ pub async fn crashes_at(child: &mut tokio::process::Child, point: &str) {
         .await
         .expect("exits within 60 s")
         .expect("wait");
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
+    let stderr = read_stderr(child).await;
     assert!(
         !status.success() && stderr.contains(point),
         "the daemon should have crashed at {point}:\n{}",
@@ -442,4 +420,28 @@ pub async fn instance_terminated(sim: &SimCluster, instance_id: &str) {
         .send()
         .await
         .expect("moto terminates the instance");
+}
+
+/// Nothing of the three control planes was removed: every etcd member,
+/// member record and Node is still there.
+pub async fn assert_nothing_removed(sim: &SimCluster) {
+    assert_eq!(sim.etcd_members(&[0, 1, 2]).await.len(), 3);
+    assert_eq!(
+        sim.registry().await.members().await.expect("records").len(),
+        3
+    );
+    assert_eq!(sim.kubeapi.nodes().len(), 3, "no Node deleted");
+}
+
+/// The daemon refused a lifecycle message and deleted it, with `code` and
+/// an error that says `because`.
+pub fn assert_refused(stderr: &str, code: &str, because: &str) {
+    let refused = log_line(stderr, "lifecycle message refused and deleted");
+    assert_eq!(refused["code"], code, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(because)),
+        "{refused}"
+    );
 }

@@ -1,33 +1,10 @@
 //! The binary as an operator meets it: exit codes, every problem printed,
 //! secrets never shown, help that explains.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use crate::common::{examples, kubeboot_with as kubeboot, stderr, stdout};
+use std::path::Path;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kubeboot");
 const TOKEN: &str = "abcdef.0123456789abcdef";
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-/// Runs kubeboot with a clean environment plus `env`.
-fn kubeboot(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear().env("PATH", "/usr/bin:/bin").args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("kubeboot runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn write_config(dir: &Path, text: &str) -> String {
     let path = dir.join("config.toml");

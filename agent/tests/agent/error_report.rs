@@ -2,30 +2,27 @@
 //! `code` field and a `[KB-...]` message prefix, next to the hint and the
 //! `explain` pointer. Failures of the command line itself are provoked here.
 
-use std::path::{Path, PathBuf};
+use crate::common::{examples, kubeboot, run, stderr, BIN};
 use std::process::{Command, Output, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kubeboot");
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+/// The worker example with `extra` appended, written in `dir`; its path.
+fn worker_config(dir: &tempfile::TempDir, extra: &str) -> String {
+    let base = std::fs::read_to_string(examples().join("worker.toml")).expect("example");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, format!("{base}\n{extra}")).expect("write");
+    path.display().to_string()
 }
 
-fn run(mut cmd: Command) -> Output {
-    cmd.env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .expect("kubeboot runs")
-}
-
-fn kubeboot(args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    run(cmd)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+/// `kubeboot status` with JSON logs, no user-data and `config`.
+fn status(config: &str) -> Output {
+    kubeboot(&[
+        "--log-format",
+        "json",
+        "status",
+        "--no-user-data",
+        "--config",
+        config,
+    ])
 }
 
 /// The JSON log lines on stderr.
@@ -126,14 +123,7 @@ fn an_unknown_code_for_explain_carries_its_code() {
 
 #[test]
 fn a_missing_configuration_file_carries_its_code() {
-    let out = kubeboot(&[
-        "--log-format",
-        "json",
-        "status",
-        "--no-user-data",
-        "--config",
-        "/nonexistent/k.toml",
-    ]);
+    let out = status("/nonexistent/k.toml");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert_eq!(report_line(&out)["code"], "KB-CONFIG-002");
 }
@@ -141,22 +131,8 @@ fn a_missing_configuration_file_carries_its_code() {
 #[test]
 fn every_configuration_problem_is_logged_with_its_own_code() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = std::fs::read_to_string(examples().join("worker.toml")).expect("example");
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        format!("{base}\n[lock]\nleese = \"30s\"\nlease = \"11m\"\n"),
-    )
-    .expect("write");
-    let path = path.display().to_string();
-    let out = kubeboot(&[
-        "--log-format",
-        "json",
-        "status",
-        "--no-user-data",
-        "--config",
-        &path,
-    ]);
+    let path = worker_config(&dir, "[lock]\nleese = \"30s\"\nlease = \"11m\"\n");
+    let out = status(&path);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let lines = json_lines(&out);
     let problem = |key: &str| {
@@ -178,15 +154,11 @@ fn every_configuration_problem_is_logged_with_its_own_code() {
 #[test]
 fn user_data_from_an_unreachable_imds_carries_its_code() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = std::fs::read_to_string(examples().join("worker.toml")).expect("example");
-    let path = dir.path().join("config.toml");
     // Nothing listens on port 9; the shortest deadline keeps the test quick.
-    std::fs::write(
-        &path,
-        format!("{base}\n[imds]\nendpoint = \"http://127.0.0.1:9\"\ndeadline = \"1s\"\n"),
-    )
-    .expect("write");
-    let path = path.display().to_string();
+    let path = worker_config(
+        &dir,
+        "[imds]\nendpoint = \"http://127.0.0.1:9\"\ndeadline = \"1s\"\n",
+    );
     let out = kubeboot(&["--log-format", "json", "config", "show", "--config", &path]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(report_line(&out)["code"], "KB-CONFIG-004");

@@ -2,25 +2,10 @@
 //! with KBTEST_BLESS=1 to rewrite it), `kubeboot explain` knows every code,
 //! and every code is asserted on a provoked error by some test.
 
+use crate::common::{kubeboot, root, rust_files};
 use kubeboot::catalogue::{self, ENTRIES};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kubeboot");
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn kubeboot(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .args(args)
-        .output()
-        .expect("kubeboot runs")
-}
 
 #[test]
 fn docs_errors_md_matches_the_catalogue() {
@@ -108,45 +93,63 @@ fn an_unknown_code_exits_2_naming_the_value_the_form_and_the_nearest_codes() {
 // Every code is proven by a test.
 
 /// The test sources: the test modules of `agent/src` (after `#[cfg(test)]`,
-/// or whole files under `agent/src/catalogue/`), `agent/tests` and
-/// `tests/tests`. Not this file and not `catalogue.rs` (their codes are
-/// about the catalogue, not about provoked errors).
+/// or whole files of modules compiled only for tests, such as
+/// `agent/src/error/provoke.rs`), `agent/tests` and `tests/tests`. Not this
+/// file and not `catalogue.rs` (their codes are about the catalogue, not
+/// about provoked errors).
 fn test_sources() -> Vec<(PathBuf, String)> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push(path);
-            }
-        }
-    }
     let root = root();
     let mut out = Vec::new();
-    let mut files = Vec::new();
-    walk(&root.join("agent/src"), &mut files);
+    let files = rust_files(&root.join("agent/src"));
+    let test_only = test_only_modules(&files);
     for path in files {
         let rel = path.strip_prefix(&root).unwrap_or(&path).to_path_buf();
         let text = std::fs::read_to_string(&path).expect("read source");
         if rel == Path::new("agent/src/catalogue.rs") {
             continue;
         }
-        if rel.starts_with("agent/src/catalogue") {
+        if test_only.contains(&path) {
             out.push((rel, text));
         } else if let Some(i) = text.find("#[cfg(test)]") {
             out.push((rel, text[i..].to_string()));
         }
     }
     for dir in ["agent/tests", "tests/tests"] {
-        let mut files = Vec::new();
-        walk(&root.join(dir), &mut files);
-        for path in files {
+        for path in rust_files(&root.join(dir)) {
             let rel = path.strip_prefix(&root).unwrap_or(&path).to_path_buf();
             if rel != Path::new("agent/tests/agent/errors.rs") {
                 let text = std::fs::read_to_string(&path).expect("read test");
                 out.push((rel, text));
             }
+        }
+    }
+    out
+}
+
+/// The files of modules declared `#[cfg(test)] mod name;` (the line after
+/// the attribute), as `name.rs` or `name/mod.rs` where their parent keeps
+/// its children.
+fn test_only_modules(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for path in files {
+        let text = std::fs::read_to_string(path).expect("read source");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for pair in lines.windows(2) {
+            let name = pair[1]
+                .trim_start_matches("pub(crate) ")
+                .strip_prefix("mod ")
+                .and_then(|rest| rest.strip_suffix(';'));
+            let (true, Some(name)) = (pair[0] == "#[cfg(test)]", name) else {
+                continue;
+            };
+            let parent = path.parent().expect("a parent directory");
+            let dir = match path.file_stem().and_then(|s| s.to_str()) {
+                Some("mod" | "lib" | "main") => parent.to_path_buf(),
+                Some(stem) => parent.join(stem),
+                None => continue,
+            };
+            out.insert(dir.join(format!("{name}.rs")));
+            out.insert(dir.join(name).join("mod.rs"));
         }
     }
     out

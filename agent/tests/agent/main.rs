@@ -8,6 +8,7 @@
 //! meet.
 
 mod cli;
+mod common;
 mod error_report;
 mod errors;
 mod no_shell;

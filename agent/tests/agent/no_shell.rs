@@ -2,24 +2,13 @@
 //! (grep-able, as the invariant promises): one place starts processes — the
 //! kubeadm runner, by argv — and no shell or `-c` appears anywhere.
 
+use crate::common::rust_files;
 use std::path::{Path, PathBuf};
-
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("read agent sources") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 #[test]
 fn no_shell_anywhere_and_one_argv_process_runner() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = Vec::new();
-    sources(&root.join("src"), &mut files);
+    let files = rust_files(&root.join("src"));
     assert!(files.len() > 10, "found the sources: {files:?}");
     let forbidden = [
         "sh -c",

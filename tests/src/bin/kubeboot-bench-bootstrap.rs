@@ -27,8 +27,8 @@ mod bench_common;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use bench_common::{
-    command_line, date_line, first_line, machine, moto_version, ms, percentile, publish, shown,
-    spread, tail, timeline, warm_up_moto, Interference,
+    args, command_line, date_line, first_line, initialized_cluster, kept_and_succeeded, machine,
+    moto_version, ms, percentile, publish, shown, spread, timeline, warm_up_moto, Interference,
 };
 use kubeboot::registry::Phase;
 use kubeboot::table;
@@ -68,50 +68,22 @@ struct Options {
     logs: Option<PathBuf>,
 }
 
-fn usage(code: i32) -> ! {
-    eprintln!(
-        "usage: kubeboot-bench-bootstrap [--runs N] [--init-runs N] [--worker-runs N] [--out FILE] [--logs DIR]\n\
-         \n  --runs N         runs per path (default 20)\
-         \n  --init-runs N    runs of the init path (overrides --runs)\
-         \n  --worker-runs N  runs of the worker path (overrides --runs)\
-         \n  --out FILE       also write the report there (after every run succeeded)\
-         \n  --logs DIR       keep each run's agent log (JSON lines) there"
-    );
-    std::process::exit(code);
-}
+const USAGE: &str = "usage: kubeboot-bench-bootstrap [--runs N] [--init-runs N] [--worker-runs N] [--out FILE] [--logs DIR]\n\
+     \n  --runs N         runs per path (default 20)\
+     \n  --init-runs N    runs of the init path (overrides --runs)\
+     \n  --worker-runs N  runs of the worker path (overrides --runs)\
+     \n  --out FILE       also write the report there (after every run succeeded)\
+     \n  --logs DIR       keep each run's agent log (JSON lines) there";
 
 fn options() -> Options {
-    let mut o = Options {
-        init_runs: 20,
-        worker_runs: 20,
-        out: None,
-        logs: None,
-    };
-    let (mut init, mut worker) = (None, None);
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut count = || -> usize {
-            args.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|n| *n > 0)
-                .unwrap_or_else(|| usage(2))
-        };
-        match a.as_str() {
-            "--runs" => {
-                let n = count();
-                (o.init_runs, o.worker_runs) = (n, n);
-            }
-            "--init-runs" => init = Some(count()),
-            "--worker-runs" => worker = Some(count()),
-            "--out" => o.out = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage(2))),
-            "--logs" => o.logs = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage(2))),
-            "-h" | "--help" => usage(0),
-            _ => usage(2),
-        }
+    let a = args(USAGE, &["--runs", "--init-runs", "--worker-runs"]);
+    let runs = a.counts.get("--runs").copied().unwrap_or(20);
+    Options {
+        init_runs: a.counts.get("--init-runs").copied().unwrap_or(runs),
+        worker_runs: a.counts.get("--worker-runs").copied().unwrap_or(runs),
+        out: a.out,
+        logs: a.logs,
     }
-    o.init_runs = init.unwrap_or(o.init_runs);
-    o.worker_runs = worker.unwrap_or(o.worker_runs);
-    o
 }
 
 /// The AWS proxies, one per service, in front of one moto.
@@ -212,20 +184,7 @@ async fn timed_bootstrap(
     let out = cmd.output().await.expect("kubeboot runs");
     let elapsed = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if let Some(dir) = logs {
-        std::fs::create_dir_all(dir).expect("logs directory");
-        std::fs::write(
-            dir.join(format!("{}.log", what.replace(' ', "-"))),
-            &out.stderr,
-        )
-        .expect("write agent log");
-    }
-    assert!(
-        out.status.success(),
-        "{what}: kubeboot bootstrap exited {:?} after {elapsed:?}; last log lines:\n{}",
-        out.status.code(),
-        tail(&stderr, 30)
-    );
+    kept_and_succeeded(&out, logs, &what.replace(' ', "-"), what, elapsed);
     let mut aws: BTreeMap<(&'static str, String), (usize, usize)> = BTreeMap::new();
     for (service, r) in proxies.since(&marks) {
         let e = aws.entry((service, r.operation.clone())).or_default();
@@ -334,31 +293,14 @@ async fn init_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>) {
 /// Worker runs, and the reference round trip of one moto call (through the
 /// same proxy, from this process).
 async fn worker_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>) {
-    let sim = SimCluster::start(1, n).await;
     // Setup, not timed: the first control plane with the full stand-in.
-    let setup = sim.bootstrap(&[0]).await;
-    assert!(
-        setup.iter().all(|r| r.code == Some(0)),
-        "the control plane did not initialize the cluster:\n{}",
-        setup
-            .iter()
-            .map(|r| tail(&r.stderr, 30))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    warm_up_moto(&sim).await;
+    let sim = initialized_cluster(n).await;
     let proxies = Proxies::start(&sim.moto.endpoint()).await;
     let mut runs = Vec::new();
     for i in 1..=n {
         let node = &sim.nodes[i];
         let run = timed_bootstrap(&sim, node, &proxies, &format!("worker run {i}"), logs).await;
-        let registered = sim
-            .kubeapi
-            .object(&format!(
-                "/api/v1/nodes/{}",
-                node.imds.identity().local_hostname()
-            ))
-            .is_some();
+        let registered = sim.has_node_object(node);
         assert!(registered, "worker run {i}: no Node object");
         eprintln!("worker run {i}/{n}: {}", ms(run.elapsed));
         runs.push(run);

@@ -31,10 +31,11 @@
 mod bench_common;
 
 use bench_common::{
-    command_line, date_line, first_line, machine, moto_version, ms, percentile, publish, shown,
-    spread, tail, timeline, warm_up_moto, Interference,
+    args, command_line, date_line, first_line, initialized_cluster, kept_and_succeeded, machine,
+    moto_version, ms, percentile, publish, shown, spread, tail, timeline, Interference,
 };
 use kubeboot::metrics::{FLUSH_GRACE, RECONNECT_AFTER, SINK_TIMEOUT};
+use kubeboot_tests::net::{closed_endpoint, stalled_endpoint};
 use kubeboot_tests::simcluster::{SimCluster, SimNode};
 use kubeboot_tests::standin;
 use kubeboot_tests::workspace::kubeboot_bin;
@@ -117,39 +118,18 @@ struct Options {
     logs: Option<PathBuf>,
 }
 
-fn usage(code: i32) -> ! {
-    eprintln!(
-        "usage: kubeboot-bench-metrics [--runs N] [--out FILE] [--logs DIR]\n\
-         \n  --runs N    runs per sink mode (default 20), interleaved round-robin\
-         \n  --out FILE  also write the report there (after every run succeeded)\
-         \n  --logs DIR  keep each run's agent log (JSON lines) there"
-    );
-    std::process::exit(code);
-}
+const USAGE: &str = "usage: kubeboot-bench-metrics [--runs N] [--out FILE] [--logs DIR]\n\
+     \n  --runs N    runs per sink mode (default 20), interleaved round-robin\
+     \n  --out FILE  also write the report there (after every run succeeded)\
+     \n  --logs DIR  keep each run's agent log (JSON lines) there";
 
 fn options() -> Options {
-    let mut o = Options {
-        runs: 20,
-        out: None,
-        logs: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--runs" => {
-                o.runs = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|n| *n > 0)
-                    .unwrap_or_else(|| usage(2))
-            }
-            "--out" => o.out = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage(2))),
-            "--logs" => o.logs = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage(2))),
-            "-h" | "--help" => usage(0),
-            _ => usage(2),
-        }
+    let a = args(USAGE, &["--runs"]);
+    Options {
+        runs: a.counts.get("--runs").copied().unwrap_or(20),
+        out: a.out,
+        logs: a.logs,
     }
-    o
 }
 
 /// What the healthy agent's listener has seen.
@@ -228,22 +208,6 @@ impl Drop for UpAgent {
     }
 }
 
-/// A TCP endpoint that takes no more connections: its accept queue is full,
-/// so a new connect hangs (SYNs are dropped) like a wedged agent's. The same
-/// construction as `stalled_endpoint()` in tests/tests/cli/metrics_sink.rs.
-fn stalled_endpoint() -> (std::net::TcpListener, Vec<std::net::TcpStream>, String) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let mut held = Vec::new();
-    for _ in 0..4096 {
-        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Ok(s) => held.push(s),
-            Err(_) => return (listener, held, addr.to_string()),
-        }
-    }
-    panic!("the accept queue never filled");
-}
-
 /// The three agent endpoints, alive for the whole benchmark.
 struct Sinks {
     up: UpAgent,
@@ -257,10 +221,7 @@ struct Sinks {
 impl Sinks {
     async fn start() -> Sinks {
         let up = UpAgent::start().await;
-        let down = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr").to_string()
-        };
+        let down = closed_endpoint();
         let (listener, held, stalled) = stalled_endpoint();
         Sinks {
             up,
@@ -354,20 +315,8 @@ async fn timed_bootstrap(bench: &Bench<'_>, node: &SimNode, mode: Mode, round: u
     }
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     sim.record_output(&stderr);
-    if let Some(dir) = logs {
-        std::fs::create_dir_all(dir).expect("logs directory");
-        std::fs::write(
-            dir.join(format!("{}-{:03}.log", mode.name(), round + 1)),
-            &out.stderr,
-        )
-        .expect("write agent log");
-    }
-    assert!(
-        out.status.success(),
-        "{what}: kubeboot bootstrap exited {:?} after {exit:?}; last log lines:\n{}",
-        out.status.code(),
-        tail(&stderr, 30)
-    );
+    let name = format!("{}-{:03}", mode.name(), round + 1);
+    kept_and_succeeded(&out, logs, &name, &what, exit);
     let ready = ready.unwrap_or_else(|| {
         panic!(
             "{what}: no READY=1 on the notify socket; last log lines:\n{}",
@@ -378,13 +327,7 @@ async fn timed_bootstrap(bench: &Bench<'_>, node: &SimNode, mode: Mode, round: u
     let at = |message: &str| lines.iter().find(|(m, _)| m == message).map(|(_, d)| *d);
     let logged = at(BOOTSTRAPPED)
         .unwrap_or_else(|| panic!("{what}: no \"{BOOTSTRAPPED}\" line:\n{}", tail(&stderr, 30)));
-    let registered = sim
-        .kubeapi
-        .object(&format!(
-            "/api/v1/nodes/{}",
-            node.imds.identity().local_hostname()
-        ))
-        .is_some();
+    let registered = sim.has_node_object(node);
     assert!(registered, "{what}: no Node object");
     let file = node.metrics_file();
     assert_eq!(
@@ -417,18 +360,7 @@ async fn timed_bootstrap(bench: &Bench<'_>, node: &SimNode, mode: Mode, round: u
 /// stand-in, one untimed warm-up worker, then `rounds` rounds of one new
 /// worker per mode.
 async fn measure(rounds: usize, logs: Option<&Path>) -> (Vec<Run>, usize) {
-    let sim = SimCluster::start(1, MODES.len() * rounds + 1).await;
-    let setup = sim.bootstrap(&[0]).await;
-    assert!(
-        setup.iter().all(|r| r.code == Some(0)),
-        "the control plane did not initialize the cluster:\n{}",
-        setup
-            .iter()
-            .map(|r| tail(&r.stderr, 30))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    warm_up_moto(&sim).await;
+    let sim = initialized_cluster(MODES.len() * rounds + 1).await;
     let sinks = Sinks::start().await;
     let dir = tempfile::Builder::new()
         .prefix("kbbench-notify-")

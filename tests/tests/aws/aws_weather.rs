@@ -18,11 +18,13 @@
 //! The AWS proxy sits in front of moto for one service at a time
 //! (`KUBEBOOT_AWS_ENDPOINTS_*`), so the rest of the node's AWS stays calm.
 
-use kubeboot_tests::awsproxy::{AwsProxy, FaultKind, FaultPlan, Handler, ProxyResponse};
+use crate::ssm_weather::{
+    discovery, expected_discovery, refresh_through, refuse_updates, repaired_then_stopped,
+};
+use kubeboot_tests::awsproxy::{AwsProxy, FaultKind, FaultPlan, ProxyResponse};
 use kubeboot_tests::simcluster::{log_lines, tail, SimCluster};
-use std::collections::HashMap;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the weather lasts in the "waited out" scenarios: several times
@@ -148,17 +150,7 @@ async fn an_init_waits_out_secrets_manager_5xx_while_storing_its_join_material()
         "AwsCallsExhausted counted the weather: {counted:?}"
     );
     // The material published is the one joiners can read.
-    let registry = sim.registry().await;
-    let pointer = registry
-        .join_pointer()
-        .await
-        .expect("read")
-        .expect("published");
-    sim.join_store()
-        .await
-        .read(&pointer)
-        .await
-        .expect("the pointer names readable material");
+    sim.current_join_material().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -242,72 +234,6 @@ async fn access_denied_still_fails_at_once_with_its_hint() {
     assert!(exhausted(&sim).is_empty(), "a refusal is not weather");
 }
 
-/// SSM's answer to a parameter updated in quick succession (awsJson 1.1).
-fn too_many_updates() -> ProxyResponse {
-    ProxyResponse::json(
-        400,
-        "application/x-amz-json-1.1",
-        &serde_json::json!({
-            "__type": "TooManyUpdates",
-            "message": "There are concurrent updates for a resource that supports one update at a time.",
-        }),
-    )
-}
-
-/// A handler that answers the first `n` PutParameter requests for each
-/// parameter name with TooManyUpdates (`usize::MAX`: all of them).
-fn refuse_updates(n: usize) -> (Handler, Arc<Mutex<HashMap<String, usize>>>) {
-    let seen = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
-    let counts = seen.clone();
-    let handler: Handler = Arc::new(move |req| {
-        if req.operation != "PutParameter" {
-            return None;
-        }
-        let name = req
-            .json()
-            .and_then(|j| j["Name"].as_str().map(str::to_string))
-            .unwrap_or_default();
-        let mut seen = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let c = seen.entry(name).or_insert(0);
-        *c += 1;
-        (*c <= n).then(too_many_updates)
-    });
-    (handler, seen)
-}
-
-/// The SSM discovery parameters as moto holds them (None: absent).
-async fn discovery(sim: &SimCluster) -> (Option<String>, Option<String>) {
-    let ssm = aws_sdk_ssm::Client::new(&sim.moto.sdk_config().await);
-    let get = |name: &'static str| {
-        let ssm = ssm.clone();
-        let full = format!("/kubeboot/{}/{name}", sim.name);
-        async move {
-            ssm.get_parameter()
-                .name(full)
-                .send()
-                .await
-                .ok()
-                .and_then(|o| o.parameter.and_then(|p| p.value))
-        }
-    };
-    (get("endpoint").await, get("ca-cert-hashes").await)
-}
-
-/// What the discovery parameters must hold for the current pointer.
-async fn expected_discovery(sim: &SimCluster) -> (Option<String>, Option<String>) {
-    let pointer = sim
-        .registry()
-        .await
-        .join_pointer()
-        .await
-        .expect("read")
-        .expect("published");
-    (
-        Some(pointer.endpoint),
-        Some(pointer.ca_cert_hashes.join(",")),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn ssm_too_many_updates_for_a_few_attempts_is_retried_by_the_sdk() {
     let sim = SimCluster::start(1, 0).await;
@@ -354,39 +280,7 @@ async fn a_publish_whose_ssm_write_keeps_failing_is_complete_for_joiners_and_the
     // A refresh's publication, SSM still refusing. (The harness's stand-in
     // publisher of the expired material writes SSM directly: take away
     // what it wrote, so SSM holds only what the agent managed to write.)
-    let expired = sim.expire_join_material("i-old-leader").await;
-    let ssm = aws_sdk_ssm::Client::new(&sim.moto.sdk_config().await);
-    ssm.delete_parameters()
-        .names(format!("/kubeboot/{}/endpoint", sim.name))
-        .names(format!("/kubeboot/{}/ca-cert-hashes", sim.name))
-        .send()
-        .await
-        .expect("delete");
-    let mut daemon = sim
-        .daemon_command(&sim.nodes[0])
-        .env("KUBEBOOT_AWS_ENDPOINTS_SSM", proxy.endpoint())
-        .env("KUBEBOOT_AWS_MAX_ATTEMPTS", "2")
-        .env("KUBEBOOT_AWS_INITIAL_BACKOFF", "50ms")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("daemon");
-    let registry = sim.registry().await;
-    let start = Instant::now();
-    let pointer = loop {
-        let p = registry
-            .join_pointer()
-            .await
-            .expect("read")
-            .expect("published");
-        if p.secret_version != expired {
-            break p;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the leader never refreshed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (daemon, pointer, start) = refresh_through(&sim, &proxy).await;
     // A few more turns with SSM refusing.
     let refused_before = proxy.log_for("PutParameter").len();
     while proxy.log_for("PutParameter").len() < refused_before + 4 {
@@ -415,21 +309,7 @@ async fn a_publish_whose_ssm_write_keeps_failing_is_complete_for_joiners_and_the
 
     // SSM takes updates again: the next turn writes the discovery values.
     proxy.clear_handler();
-    let want = expected_discovery(&sim).await;
-    while discovery(&sim).await != want {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the next turns never repaired SSM"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    let _ = daemon.kill().await;
-    let mut stderr = String::new();
-    if let Some(mut e) = daemon.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
-    sim.record_output(&stderr);
+    let stderr = repaired_then_stopped(&sim, daemon, start).await;
     assert!(
         stderr.contains("writing the discovery parameters"),
         "{}",
@@ -485,11 +365,7 @@ async fn an_init_whose_writes_apply_but_lose_their_answers_lands_each_write_once
         .filter(|r| r.exit == 0)
         .count();
     assert_eq!(inits, 1, "exactly one kubeadm init");
-    let pointer = registry
-        .join_pointer()
-        .await
-        .expect("read")
-        .expect("published");
+    let pointer = sim.join_pointer().await;
     assert_eq!(pointer.seq, 1, "one publication: {pointer:?}");
     assert_eq!(registry.members().await.expect("records").len(), 1);
 }

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::SdkConfig;
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::operation::get_item::{GetItemError, GetItemOutput};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use kubeboot_tests::awsproxy::{AwsProxy, FaultKind, FaultPlan, IncomingRequest, ProxyResponse};
+use kubeboot_tests::fixtures::create_pk_table;
 use kubeboot_tests::moto::Moto;
 use kubeboot_tests::net::http_request;
 
@@ -46,29 +46,6 @@ fn client_via(
     Client::from_conf(conf)
 }
 
-async fn create_table(ddb: &Client) {
-    ddb.create_table()
-        .table_name(TABLE)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .expect("attribute definition"),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(KeyType::Hash)
-                .build()
-                .expect("key schema"),
-        )
-        .send()
-        .await
-        .expect("create_table through the proxy");
-}
-
 async fn put(ddb: &Client, pk: &str, value: &str) -> Result<(), String> {
     ddb.put_item()
         .table_name(TABLE)
@@ -78,6 +55,18 @@ async fn put(ddb: &Client, pk: &str, value: &str) -> Result<(), String> {
         .await
         .map(|_| ())
         .map_err(|e| format!("{e:?}"))
+}
+
+/// A plain (eventually consistent) GetItem of `pk`.
+async fn get_item(
+    ddb: &Client,
+    pk: &str,
+) -> Result<GetItemOutput, SdkError<GetItemError, HttpResponse>> {
+    ddb.get_item()
+        .table_name(TABLE)
+        .key("pk", AttributeValue::S(pk.into()))
+        .send()
+        .await
 }
 
 async fn get(ddb: &Client, pk: &str) -> Option<String> {
@@ -100,7 +89,7 @@ async fn setup() -> (Moto, AwsProxy, SdkConfig) {
     let moto = Moto::start().await;
     let proxy = AwsProxy::start(&moto.endpoint()).await;
     let sdk = moto.sdk_config().await;
-    create_table(&client_via(&sdk, &proxy, 1, None)).await;
+    create_pk_table(&client_via(&sdk, &proxy, 1, None), TABLE).await;
     (moto, proxy, sdk)
 }
 
@@ -153,11 +142,7 @@ async fn throttling_is_answered_in_the_service_shape_and_the_sdk_retries_it() {
 
     proxy.set_faults(FaultPlan::always(FaultKind::Throttle).only(&["GetItem"]));
     let ddb = client_via(&sdk, &proxy, 3, None);
-    let err = ddb
-        .get_item()
-        .table_name(TABLE)
-        .key("pk", AttributeValue::S("k".into()))
-        .send()
+    let err = get_item(&ddb, "k")
         .await
         .expect_err("every GetItem is throttled");
     assert_eq!(err.code(), Some("ThrottlingException"), "{err:?}");
@@ -198,13 +183,7 @@ async fn server_errors_are_500s() {
     let (_moto, proxy, sdk) = setup().await;
     proxy.set_faults(FaultPlan::always(FaultKind::ServerError).only(&["GetItem"]));
     let ddb = client_via(&sdk, &proxy, 2, None);
-    let err = ddb
-        .get_item()
-        .table_name(TABLE)
-        .key("pk", AttributeValue::S("k".into()))
-        .send()
-        .await
-        .expect_err("every GetItem fails");
+    let err = get_item(&ddb, "k").await.expect_err("every GetItem fails");
     assert_eq!(err.code(), Some("InternalServerError"), "{err:?}");
     assert_eq!(err.raw_response().map(|r| r.status().as_u16()), Some(500));
     let attempts = proxy.log_for("GetItem");

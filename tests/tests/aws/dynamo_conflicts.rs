@@ -25,14 +25,14 @@ use kubeboot::lock::{Locker, Owner, Purpose, Settings};
 use kubeboot::registry::dynamo::DynamoRegistryStore;
 use kubeboot::registry::{Error as RegistryError, JoinPointer, MemberRecord, Registry};
 use kubeboot_tests::awsproxy::{AwsProxy, FaultKind, FaultPlan};
-use kubeboot_tests::moto::Moto;
+use kubeboot_tests::fixtures::{self, MotoTable};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 const CLUSTER: &str = "conflicts";
 
 struct Setup {
-    _moto: Moto,
+    _aws: MotoTable,
     proxy: AwsProxy,
     /// Through the proxy, with the agent's standard retry mode.
     client: aws_sdk_dynamodb::Client,
@@ -40,30 +40,16 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let moto = Moto::start().await;
-    let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
-    kubeboot::table::create(&moto.dynamodb().await, &table)
-        .await
-        .expect("create table");
+    let aws = MotoTable::start().await;
     // Seeded: a rate-based plan injects the same faults on every run.
-    let proxy = AwsProxy::start(&moto.endpoint()).await.with_seed(14);
-    let sdk = moto
-        .sdk_config()
-        .await
-        .to_builder()
-        .endpoint_url(proxy.endpoint())
-        .retry_config(
-            aws_config::retry::RetryConfig::standard()
-                .with_max_attempts(3)
-                .with_initial_backoff(Duration::from_millis(10))
-                .with_max_backoff(Duration::from_millis(50)),
-        )
-        .build();
+    let proxy = AwsProxy::start(&aws.moto.endpoint()).await.with_seed(14);
+    let backoff = Duration::from_millis(10);
+    let sdk = fixtures::through(&aws.sdk, &proxy.endpoint(), 3, backoff, backoff * 5);
     Setup {
         client: aws_sdk_dynamodb::Client::new(&sdk),
-        _moto: moto,
+        table: aws.table.clone(),
+        _aws: aws,
         proxy,
-        table,
     }
 }
 
@@ -72,12 +58,11 @@ fn s(v: &str) -> AttributeValue {
 }
 
 fn settings() -> Settings {
-    Settings {
-        lease: Duration::from_secs(3),
-        margin: Duration::from_secs(1),
-        acquire_timeout: Duration::from_secs(30),
-        wall_clock: Arc::new(SystemTime::now),
-    }
+    fixtures::lock_settings(
+        Duration::from_secs(3),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
 }
 
 fn code(e: &impl aws_sdk_dynamodb::error::ProvideErrorMetadata) -> String {

@@ -2,142 +2,81 @@
 //! DynamoDB clients: the secret version readers use is the one the fenced
 //! registry pointer names, never merely the newest one.
 
+use kubeboot::catalogue::Coded;
 use kubeboot::join_material::{
     self, JoinMaterial, JoinStore, Refresh, SSM_CA_CERT_HASHES, SSM_ENDPOINT,
 };
 use kubeboot::lock::dynamo::DynamoLockStore;
-use kubeboot::lock::{Claim, LockItem, LockStore, Locker, Owner, Purpose, Settings, StoreError};
+use kubeboot::lock::{Guard, LockStore, Purpose, StoreError};
 use kubeboot::registry::dynamo::DynamoRegistryStore;
-use kubeboot::registry::Registry;
-use kubeboot_tests::moto::Moto;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use kubeboot::registry::{JoinPointer, Registry};
+use kubeboot_tests::fixtures::{self, lock_settings, now_ms, Intercepted, LockHooks, MotoTable};
+use std::time::{Duration, SystemTime};
 
 const LEASE: Duration = Duration::from_secs(6);
 const MARGIN: Duration = Duration::from_secs(1);
 const ENDPOINT: &str = "api.cluster.test:6443";
 
-struct Fixture {
-    _moto: Moto,
-    sdk: aws_config::SdkConfig,
-    dynamodb: aws_sdk_dynamodb::Client,
-    table: String,
-    cluster: String,
+type Fixture = MotoTable;
+
+/// A moto and table of the test's own, and a node's join store and registry.
+async fn setup() -> (Fixture, JoinStore, Registry<DynamoRegistryStore>) {
+    let fx = MotoTable::start().await;
+    let (store, registry) = (fx.join_store(), fx.registry());
+    (fx, store, registry)
 }
 
-impl Fixture {
-    async fn new() -> Self {
-        let moto = Moto::start().await;
-        let sdk = moto.sdk_config().await;
-        let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-        let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
-        kubeboot::table::create(&dynamodb, &table)
-            .await
-            .expect("create table");
-        Fixture {
-            _moto: moto,
-            sdk,
-            dynamodb,
-            table,
-            cluster: format!("c-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
-        }
-    }
+/// Publishes fresh material (with certificates) now as `guard`'s holder:
+/// the material, its pointer and the time it was published at.
+async fn publish_fresh(
+    store: &JoinStore,
+    registry: &Registry<DynamoRegistryStore>,
+    guard: &Guard,
+) -> (JoinMaterial, JoinPointer, SystemTime) {
+    let now = now_ms();
+    let material = JoinMaterial::fresh(ENDPOINT, pins(), now, true);
+    let pointer = store
+        .publish(registry, guard, &material, now)
+        .await
+        .expect("publish");
+    (material, pointer, now)
+}
 
-    fn lock_store(&self) -> DynamoLockStore {
-        DynamoLockStore::new(self.dynamodb.clone(), &self.table, &self.cluster)
-    }
+/// `instance`'s `purpose` lock over `store`, with short leases.
+async fn acquire<S: LockStore>(store: S, instance: &str, purpose: Purpose, what: &str) -> Guard {
+    let settings = lock_settings(LEASE, MARGIN, Duration::from_secs(30));
+    fixtures::locker(store, instance, settings)
+        .acquire(purpose)
+        .await
+        .expect(what)
+}
 
-    fn registry(&self) -> Registry<DynamoRegistryStore> {
-        Registry::new(Arc::new(DynamoRegistryStore::new(
-            self.dynamodb.clone(),
-            &self.table,
-            &self.cluster,
-        )))
-    }
+/// Every version of the join secret: (VersionId, staging labels).
+async fn join_versions(fx: &Fixture) -> Vec<(String, Vec<String>)> {
+    fixtures::secret_versions(&fx.secrets(), &fx.secret_name()).await
+}
 
-    /// A node's view: its own clients, the names the config derives.
-    fn join_store(&self) -> JoinStore {
-        JoinStore::new(
-            self.secrets(),
-            self.ssm(),
-            self.secret_name(),
-            format!("kubeboot/{}/certificate-key", self.cluster),
-            format!("/kubeboot/{}", self.cluster),
-        )
-    }
+/// The first holder of `purpose`.
+async fn first_holder(fx: &Fixture, purpose: Purpose) -> Guard {
+    acquire(fx.lock_store(), "i-00000000000000001", purpose, "acquire").await
+}
 
-    fn secret_name(&self) -> String {
-        format!("kubeboot/{}/join", self.cluster)
-    }
-
-    fn secrets(&self) -> aws_sdk_secretsmanager::Client {
-        aws_sdk_secretsmanager::Client::new(&self.sdk)
-    }
-
-    fn ssm(&self) -> aws_sdk_ssm::Client {
-        aws_sdk_ssm::Client::new(&self.sdk)
-    }
-
-    fn locker<S: LockStore>(&self, store: S, instance: &str) -> Locker<S> {
-        Locker::new(
-            Arc::new(store),
-            Owner::new(instance),
-            Settings {
-                lease: LEASE,
-                margin: MARGIN,
-                acquire_timeout: Duration::from_secs(30),
-                wall_clock: Arc::new(SystemTime::now),
-            },
-        )
-    }
-
-    /// Every version of the join secret: (VersionId, staging labels).
-    async fn versions(&self) -> Vec<(String, Vec<String>)> {
-        self.secrets()
-            .list_secret_version_ids()
-            .secret_id(self.secret_name())
-            .include_deprecated(true)
-            .send()
-            .await
-            .expect("list versions")
-            .versions()
-            .iter()
-            .map(|v| {
-                (
-                    v.version_id().unwrap_or_default().to_string(),
-                    v.version_stages().to_vec(),
-                )
-            })
-            .collect()
-    }
+/// The first holder of `purpose`, whose renewals never reach the table
+/// while it believes they do (see [`Frozen`]).
+async fn frozen_holder(fx: &Fixture, purpose: Purpose) -> Guard {
+    let store = Intercepted::new(fx.lock_store(), Frozen);
+    acquire(store, "i-00000000000000001", purpose, "old acquires").await
 }
 
 /// A lock store whose renewals "succeed" without reaching the table: the
 /// holder keeps believing it holds the lock (as a paused or partitioned
 /// process does) while the record stands still and a waiter takes it over.
-struct Frozen(DynamoLockStore);
+struct Frozen;
 
-impl LockStore for Frozen {
-    async fn acquire_free(
-        &self,
-        purpose: Purpose,
-        claim: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.0.acquire_free(purpose, claim).await
-    }
-    async fn take_over(
-        &self,
-        purpose: Purpose,
-        observed: &str,
-        claim: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.0.take_over(purpose, observed, claim).await
-    }
-    async fn read(&self, purpose: Purpose) -> Result<Option<LockItem>, StoreError> {
-        self.0.read(purpose).await
-    }
+impl LockHooks<DynamoLockStore> for Frozen {
     async fn heartbeat(
         &self,
+        _inner: &DynamoLockStore,
         _purpose: Purpose,
         _owner: &str,
         _old: &str,
@@ -146,33 +85,6 @@ impl LockStore for Frozen {
     ) -> Result<bool, StoreError> {
         Ok(true)
     }
-    async fn release(
-        &self,
-        purpose: Purpose,
-        owner: &str,
-        rvn: &str,
-        wall: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.0.release(purpose, owner, rvn, wall).await
-    }
-    async fn force_release(
-        &self,
-        purpose: Purpose,
-        observed: &str,
-        wall: SystemTime,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.0.force_release(purpose, observed, wall).await
-    }
-}
-
-/// Now, to the millisecond the wire format keeps, so that material read
-/// back compares equal to what was published.
-fn now_ms() -> SystemTime {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis();
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).expect("fits"))
 }
 
 fn pins() -> Vec<String> {
@@ -184,24 +96,14 @@ fn pins() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn published_material_is_read_back_from_the_pointed_version() {
-    let fx = Fixture::new().await;
-    let (store, registry) = (fx.join_store(), fx.registry());
+    let (fx, store, registry) = setup().await;
     assert!(
         store.current(&registry).await.expect("read").is_none(),
         "nothing published yet"
     );
-    let guard = fx
-        .locker(fx.lock_store(), "i-00000000000000001")
-        .acquire(Purpose::Init)
-        .await
-        .expect("acquire");
-    let now = now_ms();
-    let material = JoinMaterial::fresh(ENDPOINT, pins(), now, true);
+    let guard = first_holder(&fx, Purpose::Init).await;
     // The secret does not exist yet: publish creates it.
-    let pointer = store
-        .publish(&registry, &guard, &material, now)
-        .await
-        .expect("publish");
+    let (material, pointer, now) = publish_fresh(&store, &registry, &guard).await;
     assert_eq!(
         registry.join_pointer().await.expect("pointer"),
         Some(pointer.clone())
@@ -223,7 +125,7 @@ async fn published_material_is_read_back_from_the_pointed_version() {
         .expect("published");
     assert_eq!(read, material);
     assert_eq!(
-        fx.versions().await,
+        join_versions(&fx).await,
         vec![(
             pointer.secret_version.clone(),
             vec!["AWSCURRENT".to_string()]
@@ -234,13 +136,8 @@ async fn published_material_is_read_back_from_the_pointed_version() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_replaces_the_token_and_readers_see_the_new_one() {
-    let fx = Fixture::new().await;
-    let (store, registry) = (fx.join_store(), fx.registry());
-    let guard = fx
-        .locker(fx.lock_store(), "i-00000000000000001")
-        .acquire(Purpose::Leader)
-        .await
-        .expect("acquire");
+    let (fx, store, registry) = setup().await;
+    let guard = first_holder(&fx, Purpose::Leader).await;
     let start = now_ms();
     let first = JoinMaterial::fresh(ENDPOINT, pins(), start, true);
     let p1 = store
@@ -285,14 +182,9 @@ async fn a_refresh_replaces_the_token_and_readers_see_the_new_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publisher_that_lost_its_lock_cannot_make_its_version_current() {
-    let fx = Fixture::new().await;
-    let (store, registry) = (fx.join_store(), fx.registry());
+    let (fx, store, registry) = setup().await;
     // The old holder's renewals never reach the table, but it believes they do.
-    let old = fx
-        .locker(Frozen(fx.lock_store()), "i-00000000000000001")
-        .acquire(Purpose::Leader)
-        .await
-        .expect("old acquires");
+    let old = frozen_holder(&fx, Purpose::Leader).await;
     let now = now_ms();
     store
         .publish(
@@ -305,11 +197,13 @@ async fn a_publisher_that_lost_its_lock_cannot_make_its_version_current() {
         .expect("old publishes while it holds");
 
     // A new holder takes over after one lease and publishes its material.
-    let new = fx
-        .locker(fx.lock_store(), "i-00000000000000002")
-        .acquire(Purpose::Leader)
-        .await
-        .expect("new takes over");
+    let new = acquire(
+        fx.lock_store(),
+        "i-00000000000000002",
+        Purpose::Leader,
+        "new takes over",
+    )
+    .await;
     let current = JoinMaterial::fresh(ENDPOINT, pins(), now_ms(), true);
     let pointer = store
         .publish(&registry, &new, &current, now_ms())
@@ -343,7 +237,7 @@ async fn a_publisher_that_lost_its_lock_cannot_make_its_version_current() {
         registry.join_pointer().await.expect("pointer"),
         Some(pointer.clone())
     );
-    let versions = fx.versions().await;
+    let versions = join_versions(&fx).await;
     let orphan = versions
         .iter()
         .find(|(_, stages)| stages.iter().any(|s| s == "AWSCURRENT"))
@@ -365,48 +259,28 @@ async fn a_publisher_that_lost_its_lock_cannot_make_its_version_current() {
         .await
         .expect_err("lost");
     assert!(matches!(err, join_material::Error::Lock(_)), "{err}");
-    assert_eq!(fx.versions().await.len(), versions.len(), "nothing written");
+    assert_eq!(
+        join_versions(&fx).await.len(),
+        versions.len(),
+        "nothing written"
+    );
     new.release().await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn discovery_values_are_in_ssm_and_secrets_are_not() {
-    let fx = Fixture::new().await;
-    let (store, registry) = (fx.join_store(), fx.registry());
-    let guard = fx
-        .locker(fx.lock_store(), "i-00000000000000001")
-        .acquire(Purpose::Init)
-        .await
-        .expect("acquire");
-    let now = now_ms();
-    let material = JoinMaterial::fresh(ENDPOINT, pins(), now, true);
-    store
-        .publish(&registry, &guard, &material, now)
-        .await
-        .expect("publish");
+    let (fx, store, registry) = setup().await;
+    let guard = first_holder(&fx, Purpose::Init).await;
+    let (material, _, _) = publish_fresh(&store, &registry, &guard).await;
 
-    let ssm = fx.ssm();
-    let get = |name: String| {
-        let ssm = ssm.clone();
-        async move {
-            ssm.get_parameter()
-                .name(name)
-                .send()
-                .await
-                .expect("parameter exists")
-                .parameter()
-                .and_then(|p| p.value())
-                .unwrap_or_default()
-                .to_string()
-        }
-    };
-    assert_eq!(get(store.parameter(SSM_ENDPOINT)).await, ENDPOINT);
+    assert_eq!(parameter(&fx, &store, SSM_ENDPOINT).await, ENDPOINT);
     assert_eq!(
-        get(store.parameter(SSM_CA_CERT_HASHES)).await,
+        parameter(&fx, &store, SSM_CA_CERT_HASHES).await,
         pins().join(",")
     );
 
-    let all = ssm
+    let all = fx
+        .ssm()
         .get_parameters_by_path()
         .path(format!("/kubeboot/{}", fx.cluster))
         .recursive(true)
@@ -448,13 +322,8 @@ async fn parameter(fx: &Fixture, store: &JoinStore, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publisher_whose_clock_runs_ahead_does_not_block_the_next_publication() {
-    let fx = Fixture::new().await;
-    let (store, registry) = (fx.join_store(), fx.registry());
-    let guard = fx
-        .locker(fx.lock_store(), "i-00000000000000001")
-        .acquire(Purpose::Leader)
-        .await
-        .expect("acquire");
+    let (fx, store, registry) = setup().await;
+    let guard = first_holder(&fx, Purpose::Leader).await;
     // A publisher on a host whose clock is two hours ahead.
     let ahead = now_ms() + Duration::from_secs(2 * 3600);
     let first = store
@@ -503,19 +372,16 @@ async fn a_publisher_whose_clock_runs_ahead_does_not_block_the_next_publication(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publisher_that_lost_its_lock_cannot_overwrite_the_discovery_values() {
-    let fx = Fixture::new().await;
-    let (store, registry) = (fx.join_store(), fx.registry());
-    let old = fx
-        .locker(Frozen(fx.lock_store()), "i-00000000000000001")
-        .acquire(Purpose::Init)
-        .await
-        .expect("old acquires");
+    let (fx, store, registry) = setup().await;
+    let old = frozen_holder(&fx, Purpose::Init).await;
     // The new holder initialized a new generation with a new CA.
-    let new = fx
-        .locker(fx.lock_store(), "i-00000000000000002")
-        .acquire(Purpose::Init)
-        .await
-        .expect("new takes over");
+    let new = acquire(
+        fx.lock_store(),
+        "i-00000000000000002",
+        Purpose::Init,
+        "new takes over",
+    )
+    .await;
     let new_pins = vec![format!("sha256:{}", "12".repeat(32))];
     store
         .publish(

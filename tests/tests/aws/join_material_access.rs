@@ -48,14 +48,9 @@ fn runs(sim: &SimCluster, command: &str) -> usize {
 /// Waits up to `within` for the join pointer to move past `version`;
 /// returns the new version, or `None` if it did not move.
 async fn pointer_moves(sim: &SimCluster, version: &str, within: Duration) -> Option<String> {
-    let registry = sim.registry().await;
     let start = Instant::now();
     while start.elapsed() < within {
-        let now = registry
-            .join_pointer()
-            .await
-            .expect("read")
-            .expect("published");
+        let now = sim.join_pointer().await;
         if now.secret_version != version {
             return Some(now.secret_version);
         }
@@ -65,13 +60,7 @@ async fn pointer_moves(sim: &SimCluster, version: &str, within: Duration) -> Opt
 }
 
 async fn current_version(sim: &SimCluster) -> String {
-    sim.registry()
-        .await
-        .join_pointer()
-        .await
-        .expect("read")
-        .expect("published")
-        .secret_version
+    sim.join_pointer().await.secret_version
 }
 
 async fn ask(sim: &SimCluster, origin: Origin, what: &str) {
@@ -81,7 +70,7 @@ async fn ask(sim: &SimCluster, origin: Origin, what: &str) {
         .request_refresh(&RefreshRequest {
             origin,
             requested_by: "i-0requester0000000".into(),
-            what: what.into(),
+            what: kubeboot::registry::Wants::parse(what),
             stale_version: version,
             requested_at: SystemTime::now(),
         })
@@ -243,11 +232,7 @@ async fn a_cluster_upgraded_from_the_single_secret_format_gets_new_material_from
     let sim = SimCluster::start(1, 1).await;
     assert_ok(&sim.bootstrap(&[0]).await);
     let registry = sim.registry().await;
-    let current = registry
-        .join_pointer()
-        .await
-        .expect("read")
-        .expect("published");
+    let current = sim.join_pointer().await;
     // What the previous kubeboot published: format 1, the key beside the token.
     let old_body = serde_json::json!({
         "format": 1,

@@ -11,4 +11,5 @@ mod awsproxy;
 mod dynamo_conflicts;
 mod join_material;
 mod join_material_access;
+mod ssm_weather;
 mod stack_signal;

@@ -40,23 +40,10 @@ async fn assert_converged(sim: &SimCluster, control_planes: &[usize], point: &st
     let registry = sim.registry().await;
     let state = registry.state().await.expect("state");
     assert_eq!(state.phase, Phase::Initialized, "{point}");
-    let members = sim.etcd_members(control_planes).await;
+    let members = sim
+        .assert_members_are_the_records(control_planes, point)
+        .await;
     assert_eq!(members.len(), control_planes.len(), "{point}: {members:?}");
-    assert!(
-        members.iter().all(|m| m.is_started() && !m.is_learner),
-        "{point}: {members:?}"
-    );
-    let mut recorded: Vec<u64> = registry
-        .members()
-        .await
-        .expect("records")
-        .iter()
-        .map(|r| r.member_id)
-        .collect();
-    let mut actual: Vec<u64> = members.iter().map(|m| m.id).collect();
-    recorded.sort_unstable();
-    actual.sort_unstable();
-    assert_eq!(recorded, actual, "{point}: records == etcd members");
     let inits = sim
         .kubeadm_invocations()
         .iter()

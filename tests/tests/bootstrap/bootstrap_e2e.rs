@@ -78,13 +78,7 @@ async fn three_control_planes_and_two_workers_boot_at_once_and_form_one_cluster(
 
     // I6: neither the token nor the certificate key appears in anything the
     // agent printed (its own logs and the kubeadm output it relays).
-    let registry_now = sim.registry().await;
-    let pointer = registry_now
-        .join_pointer()
-        .await
-        .expect("pointer")
-        .expect("published");
-    let material = sim.join_store().await.read(&pointer).await.expect("read");
+    let (_, material) = sim.current_join_material().await;
     let mut secrets = vec![material.token.expose().clone()];
     secrets.extend(material.certificate_key.iter().map(|k| k.expose().clone()));
     // The token's secret half alone must not leak either.

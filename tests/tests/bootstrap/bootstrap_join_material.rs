@@ -35,17 +35,6 @@ async fn initialized(cps: usize, workers: usize) -> SimCluster {
     sim
 }
 
-async fn current(sim: &SimCluster) -> (JoinPointer, JoinMaterial) {
-    let registry = sim.registry().await;
-    let pointer = registry
-        .join_pointer()
-        .await
-        .expect("pointer")
-        .expect("published");
-    let material = sim.join_store().await.read(&pointer).await.expect("read");
-    (pointer, material)
-}
-
 /// Publishes `material` as the leader would; returns its pointer.
 async fn publish(sim: &SimCluster, material: &JoinMaterial) -> JoinPointer {
     let guard = sim.leader_lock("i-leader-under-test").await;
@@ -62,7 +51,7 @@ async fn publish(sim: &SimCluster, material: &JoinMaterial) -> JoinPointer {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_never_joins_with_a_token_about_to_expire_and_waits_for_the_refresh() {
     let sim = initialized(0, 1).await;
-    let (_, good) = current(&sim).await;
+    let (_, good) = sim.current_join_material().await;
     let stale = publish(
         &sim,
         &JoinMaterial {
@@ -90,7 +79,7 @@ async fn a_worker_never_joins_with_a_token_about_to_expire_and_waits_for_the_ref
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(request.what, "token");
+    assert_eq!(request.what, kubeboot::registry::Wants::Token);
     assert_eq!(request.stale_version, stale.secret_version);
     assert_eq!(request.requested_by, worker.instance_id());
     assert!(!request.fulfilled_by(Some(&stale)));
@@ -140,7 +129,7 @@ async fn a_worker_never_joins_with_a_token_about_to_expire_and_waits_for_the_ref
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expiring_certificate_key_stops_a_control_plane_at_its_deadline_but_not_a_worker() {
     let sim = initialized(1, 1).await;
-    let (_, good) = current(&sim).await;
+    let (_, good) = sim.current_join_material().await;
     let stale = publish(
         &sim,
         &JoinMaterial {
@@ -193,7 +182,7 @@ async fn an_expiring_certificate_key_stops_a_control_plane_at_its_deadline_but_n
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_or_malicious_join_material_is_refused_before_kubeadm_runs() {
     let sim = initialized(0, 1).await;
-    let (pointer, good) = current(&sim).await;
+    let (pointer, good) = sim.current_join_material().await;
     let good_body = kubeboot::join_material::encode_wire(&good)
         .expect("encode")
         .expose()

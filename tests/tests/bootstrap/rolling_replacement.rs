@@ -13,28 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Member list == records: same ids, every member started and voting.
-async fn assert_consistent(sim: &SimCluster, live: &[usize], step: &str) {
-    let members = sim.etcd_members(live).await;
-    let mut ids: Vec<u64> = members.iter().map(|m| m.id).collect();
-    let mut recorded: Vec<u64> = sim
-        .registry()
-        .await
-        .members()
-        .await
-        .expect("records")
-        .iter()
-        .map(|r| r.member_id)
-        .collect();
-    ids.sort_unstable();
-    recorded.sort_unstable();
-    assert_eq!(ids, recorded, "{step}: members == records");
-    assert!(
-        members.iter().all(|m| m.is_started() && !m.is_learner),
-        "{step}: {members:?}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_control_plane_is_replaced_five_times_without_losing_quorum_or_data() {
     let mut sim = SimCluster::start(3, 0).await;
@@ -124,7 +102,8 @@ async fn every_control_plane_is_replaced_five_times_without_losing_quorum_or_dat
             terminations
                 .wait_completed(&token, Duration::from_secs(90))
                 .await;
-            assert_consistent(&sim, &live, &format!("{step}: after removal")).await;
+            sim.assert_members_are_the_records(&live, &format!("{step}: after removal"))
+                .await;
 
             // Its replacement boots and joins, then runs its own daemon.
             let new = sim.add_node("control-plane").await;
@@ -138,7 +117,8 @@ async fn every_control_plane_is_replaced_five_times_without_losing_quorum_or_dat
             live.insert(slot, new);
             *live_endpoints.lock().expect("live") =
                 live.iter().map(|&i| endpoint(&sim, i)).collect();
-            assert_consistent(&sim, &live, &format!("{step}: after the join")).await;
+            sim.assert_members_are_the_records(&live, &format!("{step}: after the join"))
+                .await;
             daemons.push((new, terminations.daemon_on(&sim, new, None)));
             assert_eq!(
                 terminations

@@ -2,8 +2,10 @@
 //! user-data served by the IMDSv2 double, credentials from its instance role,
 //! DynamoDB on moto_server through the real SDK client.
 
+use kubeboot::catalogue::Coded;
 use kubeboot::config::{self, LoadOptions, Role, UserData};
 use kubeboot::identity;
+use kubeboot_tests::fixtures::create_pk_table;
 use kubeboot_tests::imds::Imds;
 use kubeboot_tests::moto::Moto;
 use kubeboot_tests::workspace::kubeboot_bin;
@@ -56,13 +58,14 @@ async fn gzipped_multipart_user_data_from_imds_sets_the_role() {
     ))));
     let dir = tempfile::tempdir().expect("tempdir");
     let path = config_file(dir.path(), &imds.endpoint(), "");
-    let loaded = config::load(&LoadOptions {
+    let options = LoadOptions {
         path,
         user_data: UserData::FromImds,
         env: vec![],
-    })
-    .await
-    .expect("config loads");
+    };
+    let loaded = config::load_with(&options, &identity::UserDataFromImds)
+        .await
+        .expect("config loads");
     assert_eq!(loaded.config.node.role, Role::ControlPlane);
     assert_eq!(
         loaded.entries["node.role"].source.to_string(),
@@ -75,13 +78,14 @@ async fn no_user_data_at_all_is_not_an_error() {
     let imds = Imds::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = config_file(dir.path(), &imds.endpoint(), "[node]\nrole = \"worker\"\n");
-    let loaded = config::load(&LoadOptions {
+    let options = LoadOptions {
         path,
         user_data: UserData::FromImds,
         env: vec![],
-    })
-    .await
-    .expect("config loads without user-data");
+    };
+    let loaded = config::load_with(&options, &identity::UserDataFromImds)
+        .await
+        .expect("config loads without user-data");
     assert_eq!(loaded.config.node.role, Role::Worker);
 }
 
@@ -178,29 +182,7 @@ async fn sdk_clients_use_the_instance_role_and_reach_moto() {
         kubeboot::aws::Service::DynamoDb,
     ));
     let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
-    use aws_sdk_dynamodb::types::{
-        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    };
-    ddb.create_table()
-        .table_name(&table)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .expect("attr"),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(KeyType::Hash)
-                .build()
-                .expect("key"),
-        )
-        .send()
-        .await
-        .expect("create table on moto");
+    create_pk_table(&ddb, &table).await;
     let tables = ddb
         .list_tables()
         .send()

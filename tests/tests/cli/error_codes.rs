@@ -13,21 +13,13 @@ use kubeboot::lock::{LockStore, Locker, Owner, Purpose, Settings};
 use kubeboot::registry::dynamo::DynamoRegistryStore;
 use kubeboot::registry::{InitClaim, MemberRecord, Registry};
 use kubeboot_tests::awsproxy::{AwsProxy, FaultKind, FaultPlan, ProxyResponse};
+use kubeboot_tests::fixtures::{create_table, init_claim, lock_settings, unique_table, MotoTable};
 use kubeboot_tests::memstore::{Faults, Handle, MemStore};
 use kubeboot_tests::moto::Moto;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 const ENDPOINT: &str = "api.cluster.test:6443";
-
-fn settings(lease: Duration, margin: Duration, acquire_timeout: Duration) -> Settings {
-    Settings {
-        lease,
-        margin,
-        acquire_timeout,
-        wall_clock: Arc::new(SystemTime::now),
-    }
-}
 
 fn mem_locker(store: &Arc<MemStore>, who: &str, s: Settings) -> Locker<Handle> {
     Locker::new(store.handle(who), Owner::new(who), s)
@@ -38,7 +30,7 @@ fn mem_registry(store: &Arc<MemStore>, who: &str) -> Registry<Handle> {
 }
 
 fn quick() -> Settings {
-    settings(
+    lock_settings(
         Duration::from_millis(1500),
         Duration::from_millis(500),
         Duration::from_millis(300),
@@ -46,13 +38,7 @@ fn quick() -> Settings {
 }
 
 fn claim(run_id: &str) -> InitClaim {
-    InitClaim {
-        run_id: run_id.into(),
-        initialized_by: "i-0000000000000000a".into(),
-        endpoint: ENDPOINT.into(),
-        kubernetes_version: "1.31.2".into(),
-        wall: SystemTime::now(),
-    }
+    init_claim(run_id, "i-0000000000000000a", ENDPOINT)
 }
 
 fn pins() -> Vec<String> {
@@ -186,11 +172,8 @@ async fn a_table_that_refuses_or_throttles_has_its_codes() {
     assert_eq!(err.code(), "KB-STATUS-001", "{err}");
 
     // A throttled table, after the SDK gave up.
-    let client = aws_sdk_dynamodb::Client::new(&sdk);
-    let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
-    kubeboot::table::create(&client, &table)
-        .await
-        .expect("create table");
+    let table = unique_table();
+    create_table(&aws_sdk_dynamodb::Client::new(&sdk), &table).await;
     let proxy = AwsProxy::start(&moto.endpoint()).await;
     proxy.set_faults(FaultPlan::always(FaultKind::Throttle).only(&["GetItem", "Query"]));
     let throttled = aws_sdk_dynamodb::Client::new(&no_retries(&at(&sdk, &proxy.endpoint())));
@@ -377,8 +360,9 @@ async fn lifecycle_and_ec2_failures_have_their_codes() {
     let _actions = proxy.enable_lifecycle_actions();
     let via_proxy = no_retries(&at(&sdk, &proxy.endpoint()));
 
-    let hooks = kubeboot::lifecycle::Hooks::new(aws_sdk_autoscaling::Client::new(&via_proxy));
-    let action = kubeboot::lifecycle::Action {
+    let hooks =
+        kubeboot::aws::autoscaling::Hooks::new(aws_sdk_autoscaling::Client::new(&via_proxy));
+    let action = kubeboot::aws::autoscaling::Action {
         asg: "asg-codes".into(),
         hook: "kubeboot-terminate".into(),
         instance_id: "i-0000000000000000a".into(),
@@ -390,7 +374,7 @@ async fn lifecycle_and_ec2_failures_have_their_codes() {
         .expect_err("no active lifecycle action");
     assert_eq!(err.code(), "KB-LIFE-002", "{err}");
 
-    let queue = kubeboot::lifecycle::Queue::new(
+    let queue = kubeboot::aws::sqs::Queue::new(
         aws_sdk_sqs::Client::new(&sdk),
         format!("{}/123456789012/no-such-queue", moto.endpoint()),
     );
@@ -401,7 +385,7 @@ async fn lifecycle_and_ec2_failures_have_their_codes() {
     assert_eq!(err.code(), "KB-LIFE-003", "{err}");
 
     proxy.set_faults(FaultPlan::always(FaultKind::ServerError).only(&["DescribeInstances"]));
-    let instances = kubeboot::reconciler::Instances::new(aws_sdk_ec2::Client::new(&via_proxy));
+    let instances = kubeboot::aws::ec2::Instances::new(aws_sdk_ec2::Client::new(&via_proxy));
     let err = instances
         .not_running(&["i-0000000000000000a".to_string()], "i-0000000000000000b")
         .await
@@ -498,21 +482,25 @@ fn bootstrap(
     n: &Node,
     store: &Arc<MemStore>,
     join: JoinStore,
+    aws: &aws_config::SdkConfig,
 ) -> kubeboot::bootstrap::Bootstrap<Handle, Handle> {
     let id = "i-0000000000000000b";
     kubeboot::bootstrap::Bootstrap {
-        cfg: n.cfg.clone(),
-        identity: kubeboot::identity::Identity {
-            instance_id: id.into(),
-            private_ip: "127.0.0.1".into(),
-            hostname: "node-b".into(),
-            availability_zone: "us-east-1a".into(),
-            region: "us-east-1".into(),
+        ctx: kubeboot::context::Context {
+            cfg: n.cfg.clone(),
+            identity: kubeboot::identity::Identity {
+                instance_id: id.into(),
+                private_ip: "127.0.0.1".into(),
+                hostname: "node-b".into(),
+                availability_zone: "us-east-1a".into(),
+                region: "us-east-1".into(),
+            },
+            locker: mem_locker(store, id, quick()),
+            registry: mem_registry(store, id),
+            join,
+            kubeadm: kubeboot::kubeadm::Kubeadm::from_config(&n.cfg),
+            aws: aws.clone(),
         },
-        locker: mem_locker(store, id, quick()),
-        registry: mem_registry(store, id),
-        join,
-        kubeadm: kubeboot::kubeadm::Kubeadm::from_config(&n.cfg),
     }
 }
 
@@ -529,7 +517,7 @@ async fn bootstrap_refusals_have_their_codes() {
         "{not json",
     )
     .expect("write");
-    let err = bootstrap(&worker, &store, fx.store_via(&fx.sdk))
+    let err = bootstrap(&worker, &store, fx.store_via(&fx.sdk), &fx.sdk)
         .run()
         .await
         .expect_err("corrupt checkpoint");
@@ -537,7 +525,7 @@ async fn bootstrap_refusals_have_their_codes() {
 
     // A worker of a cluster nobody initializes: no material within 5 s.
     let worker = node("worker", "kubeboot-codes").await;
-    let err = bootstrap(&worker, &store, fx.store_via(&fx.sdk))
+    let err = bootstrap(&worker, &store, fx.store_via(&fx.sdk), &fx.sdk)
         .run()
         .await
         .expect_err("never initialized");
@@ -571,7 +559,7 @@ async fn bootstrap_refusals_have_their_codes() {
         .expect("initialized");
     init.release().await.expect("release");
     let control_plane = node("control-plane", "kubeboot-codes").await;
-    let err = bootstrap(&control_plane, &store, fx.store_via(&fx.sdk))
+    let err = bootstrap(&control_plane, &store, fx.store_via(&fx.sdk), &fx.sdk)
         .run()
         .await
         .expect_err("nothing to join through");
@@ -583,12 +571,7 @@ async fn bootstrap_refusals_have_their_codes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_reports_codes_for_an_empty_and_a_missing_table() {
-    let moto = Moto::start().await;
-    let client = moto.dynamodb().await;
-    let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
-    kubeboot::table::create(&client, &table)
-        .await
-        .expect("create table");
+    let MotoTable { moto, table, .. } = MotoTable::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = |table: &str| {
         let path = dir.path().join(format!("{table}.toml"));

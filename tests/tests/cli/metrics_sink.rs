@@ -4,6 +4,7 @@
 
 use kubeboot::metrics::{self, Destination, Metrics, Origin};
 use kubeboot_tests::emf;
+use kubeboot_tests::net::{closed_endpoint, stalled_endpoint};
 use kubeboot_tests::simcluster::{tail, SimCluster};
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
@@ -119,28 +120,10 @@ async fn documents_dropped_while_the_agent_was_down_are_counted_once_it_is_back(
     assert_eq!(report["MetricsDropped"], 3, "{}", lines[1]);
 }
 
-/// A TCP endpoint that takes no more connections: its accept queue is full,
-/// so a new connect hangs (SYNs are dropped) like a wedged agent's.
-fn stalled_endpoint() -> (std::net::TcpListener, Vec<std::net::TcpStream>, String) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let mut held = Vec::new();
-    for _ in 0..4096 {
-        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Ok(s) => held.push(s),
-            Err(_) => return (listener, held, addr.to_string()),
-        }
-    }
-    panic!("the accept queue never filled");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_down_or_stalled_metrics_agent_costs_bootstrap_only_its_metrics() {
     let sim = SimCluster::start(2, 0).await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").to_string()
-    };
+    let closed = closed_endpoint();
     let (_stalled, _held, stalled) = stalled_endpoint();
     for (index, endpoint) in [(0, closed), (1, stalled)] {
         let out = sim

@@ -2,10 +2,10 @@
 //! the real binary, its config pointing at moto_server.
 
 use kubeboot::lock::dynamo::DynamoLockStore;
-use kubeboot::lock::{LockStore, Locker, Owner, Purpose, Settings};
+use kubeboot::lock::{LockStore, Locker, Owner, Purpose};
 use kubeboot::registry::dynamo::DynamoRegistryStore;
-use kubeboot::registry::{InitClaim, MemberRecord, Registry};
-use kubeboot_tests::moto::Moto;
+use kubeboot::registry::{MemberRecord, Registry};
+use kubeboot_tests::fixtures::{init_claim, lock_settings, MotoTable};
 use kubeboot_tests::workspace::kubeboot_bin;
 use std::path::Path;
 use std::process::Output;
@@ -49,23 +49,22 @@ fn text(o: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_shows_the_record_holders_and_members_and_release_guards_live_locks() {
-    let moto = Moto::start().await;
-    let client = moto.dynamodb().await;
-    let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
+    let MotoTable {
+        moto,
+        dynamodb: client,
+        table,
+        ..
+    } = MotoTable::start().await;
     let cluster = "ops";
-    kubeboot::table::create(&client, &table)
-        .await
-        .expect("table");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &moto.endpoint(), &table, cluster);
 
     let store = Arc::new(DynamoLockStore::new(client.clone(), &table, cluster));
-    let settings = Settings {
-        lease: Duration::from_secs(3),
-        margin: Duration::from_secs(1),
-        acquire_timeout: Duration::from_secs(30),
-        wall_clock: Arc::new(SystemTime::now),
-    };
+    let settings = lock_settings(
+        Duration::from_secs(3),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    );
     let locker = Locker::new(store.clone(), Owner::new("i-0123456789abcdef0"), settings);
     let registry = Registry::new(Arc::new(DynamoRegistryStore::new(
         client.clone(),
@@ -74,13 +73,7 @@ async fn status_shows_the_record_holders_and_members_and_release_guards_live_loc
     )));
     let init = locker.acquire(Purpose::Init).await.expect("init lock");
     let state = registry.state().await.expect("state");
-    let claim = InitClaim {
-        run_id: "run-42".into(),
-        initialized_by: "i-0123456789abcdef0".into(),
-        endpoint: "api:6443".into(),
-        kubernetes_version: "1.31.2".into(),
-        wall: SystemTime::now(),
-    };
+    let claim = init_claim("run-42", "i-0123456789abcdef0", "api:6443");
     let generation = registry
         .begin_init(&init, &state, &claim)
         .await

@@ -6,9 +6,10 @@
 
 use kubeboot::lock::Purpose;
 use kubeboot_tests::pki;
-use kubeboot_tests::simcluster::{assert_ok, log_lines, tail, SimCluster, SimNode};
+use kubeboot_tests::simcluster::{assert_ok, log_lines, read_stderr, tail, SimCluster, SimNode};
 use kubeboot_tests::termination::host_dies;
 use kubeboot_tests::workspace::kubeboot_bin;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -52,12 +53,7 @@ async fn stop(child: &mut tokio::process::Child) -> String {
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
-    stderr
+    read_stderr(child).await
 }
 
 fn metric_values(sim: &SimCluster, name: &str) -> Vec<f64> {
@@ -79,19 +75,14 @@ async fn a_control_plane_whose_certificates_expire_soon_renews_them_under_the_me
     assert!(soonest_days(&fresh) > 300.0, "{fresh:#}");
 
     // Eleven months later: every leaf and kubeconfig expires in ten days.
-    pki::age_node_certificates(&k8s, SystemTime::now() + 10 * DAY).expect("aged certificates");
+    age(node, 10);
     let aged = status_json(&sim, node).await;
     let days = soonest_days(&aged);
     assert!((9.5..=10.0).contains(&days), "{aged:#}");
     assert_eq!(aged["certificates"]["problems"], serde_json::json!([]));
 
     // Another member's change holds the membership lock: no renewal meanwhile.
-    let held = sim
-        .locker("i-other-member")
-        .await
-        .acquire(Purpose::Membership)
-        .await
-        .expect("membership lock");
+    let held = membership_held_elsewhere(&sim).await;
     let mut child = daemon(&sim, node);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
@@ -178,24 +169,8 @@ async fn a_control_plane_whose_certificates_expire_soon_renews_them_under_the_me
 
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_kubeadm_cannot_renew_are_reported_with_a_code_and_metered() {
-    let sim = SimCluster::start(1, 0).await;
-    assert_ok(&sim.bootstrap(&[0]).await);
+    let (sim, mut child) = external_ca_renewal_failed().await;
     let node = &sim.nodes[0];
-    let k8s = node.dir.join("etc/kubernetes");
-    pki::age_node_certificates(&k8s, SystemTime::now() + 5 * DAY).expect("aged certificates");
-    // An external cluster CA: its key is not on the node; kubeadm skips
-    // what it signs ("Detected external ca") and exits 0.
-    std::fs::remove_file(k8s.join("pki/ca.key")).expect("remove ca.key");
-
-    let mut child = daemon(&sim, node);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric_values(&sim, "CertificateRenewalFailures").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no CertificateRenewalFailures metric"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
     let stderr = stop(&mut child).await;
     sim.record_output(&stderr);
     let failure = log_lines(&stderr)
@@ -216,6 +191,43 @@ async fn certificates_kubeadm_cannot_renew_are_reported_with_a_code_and_metered(
     assert!(soonest_days(&status) < 6.0, "{status:#}");
 }
 
+/// Ages `node`'s certificates (as eleven months and more of a long-lived
+/// control plane would) so that they expire `days` from now; returns the
+/// node's `/etc/kubernetes`.
+fn age(node: &SimNode, days: u32) -> PathBuf {
+    let k8s = node.dir.join("etc/kubernetes");
+    pki::age_node_certificates(&k8s, SystemTime::now() + days * DAY).expect("aged certificates");
+    k8s
+}
+
+/// One bootstrapped control plane whose certificates expire in five days
+/// and whose cluster CA is external: its key is not on the node; kubeadm
+/// skips what it signs ("Detected external ca") and exits 0. Returns once
+/// its daemon (returned too) metered the first renewal it could not make.
+async fn external_ca_renewal_failed() -> (SimCluster, tokio::process::Child) {
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let k8s = age(&sim.nodes[0], 5);
+    std::fs::remove_file(k8s.join("pki/ca.key")).expect("remove ca.key");
+    let child = daemon(&sim, &sim.nodes[0]);
+    wait_until(
+        Duration::from_secs(60),
+        "no CertificateRenewalFailures metric",
+        || !metric_values(&sim, "CertificateRenewalFailures").is_empty(),
+    )
+    .await;
+    (sim, child)
+}
+
+/// The membership lock, held by another member (its change in progress).
+async fn membership_held_elsewhere(sim: &SimCluster) -> kubeboot::lock::Guard {
+    sim.locker("i-other-member")
+        .await
+        .acquire(Purpose::Membership)
+        .await
+        .expect("membership lock")
+}
+
 /// Waits (up to `within`) until `done` holds, polling every half second.
 async fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -234,8 +246,7 @@ async fn a_renewal_that_would_cost_etcd_quorum_is_deferred_without_restarting_an
     // Node 1 reaches its renewal window: restarting it would leave node 0
     // alone, 1 healthy of 3 voters, and etcd would lose quorum.
     let node = &sim.nodes[1];
-    let k8s = node.dir.join("etc/kubernetes");
-    pki::age_node_certificates(&k8s, SystemTime::now() + 10 * DAY).expect("aged certificates");
+    let k8s = age(node, 10);
 
     let mut child = daemon(&sim, node);
     wait_until(
@@ -281,21 +292,8 @@ async fn a_renewal_that_would_cost_etcd_quorum_is_deferred_without_restarting_an
 #[tokio::test(flavor = "multi_thread")]
 async fn after_kubeadm_left_certificates_unrenewed_the_next_turns_back_off_instead_of_renewing_again(
 ) {
-    let sim = SimCluster::start(1, 0).await;
-    assert_ok(&sim.bootstrap(&[0]).await);
-    let node = &sim.nodes[0];
-    let k8s = node.dir.join("etc/kubernetes");
-    pki::age_node_certificates(&k8s, SystemTime::now() + 5 * DAY).expect("aged certificates");
     // External cluster CA: kubeadm renews the etcd leaves only (KB-CERT-003).
-    std::fs::remove_file(k8s.join("pki/ca.key")).expect("remove ca.key");
-
-    let mut child = daemon(&sim, node);
-    wait_until(
-        Duration::from_secs(60),
-        "no CertificateRenewalFailures metric",
-        || !metric_values(&sim, "CertificateRenewalFailures").is_empty(),
-    )
-    .await;
+    let (sim, mut child) = external_ca_renewal_failed().await;
     // Turns come every second or so: several of them within the back-off.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let stderr = stop(&mut child).await;
@@ -333,14 +331,8 @@ async fn a_daemon_stopped_while_its_renewal_waits_for_the_lock_stops_at_once() {
     let sim = SimCluster::start(1, 0).await;
     assert_ok(&sim.bootstrap(&[0]).await);
     let node = &sim.nodes[0];
-    let k8s = node.dir.join("etc/kubernetes");
-    pki::age_node_certificates(&k8s, SystemTime::now() + 10 * DAY).expect("aged certificates");
-    let held = sim
-        .locker("i-other-member")
-        .await
-        .acquire(Purpose::Membership)
-        .await
-        .expect("membership lock");
+    let k8s = age(node, 10);
+    let held = membership_held_elsewhere(&sim).await;
     let mut child = daemon(&sim, node);
     // The renewal is due and waits for the lock.
     tokio::time::sleep(Duration::from_secs(4)).await;

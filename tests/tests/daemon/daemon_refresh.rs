@@ -10,14 +10,7 @@ use std::process::Stdio;
 async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_refresh() {
     let sim = SimCluster::start(2, 1).await;
     assert_ok(&sim.bootstrap(&[0]).await);
-    let registry = sim.registry().await;
-    let pointer = registry
-        .join_pointer()
-        .await
-        .expect("pointer")
-        .expect("published");
-    let store = sim.join_store().await;
-    let old = store.read(&pointer).await.expect("material");
+    let (_, old) = sim.current_join_material().await;
 
     // Time passes: the token and the uploaded certificates are gone from the
     // cluster, and the published material says so.
@@ -44,13 +37,8 @@ async fn nodes_booting_after_the_join_material_expired_join_through_the_leaders_
     let runs = sim.bootstrap(&[1, 2]).await;
     assert_ok(&runs);
 
-    let now = registry
-        .join_pointer()
-        .await
-        .expect("pointer")
-        .expect("published");
+    let (now, fresh) = sim.current_join_material().await;
     assert_ne!(now.secret_version, expired, "fresh material");
-    let fresh = store.read(&now).await.expect("fresh material");
     assert_ne!(fresh.token, old.token);
     assert_ne!(fresh.certificate_key, old.certificate_key);
     let kubeadm = sim.kubeadm_invocations();

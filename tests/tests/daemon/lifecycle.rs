@@ -6,17 +6,25 @@
 
 use kubeboot_tests::simcluster::{assert_ok, SimCluster};
 use kubeboot_tests::termination::{
-    crashes_at, host_dies, log_lines, tail, wait_leader, Terminations as Lifecycle,
+    assert_nothing_removed, assert_refused, crashes_at, host_dies, log_line, log_lines, tail,
+    wait_leader, Terminations as Lifecycle,
 };
 use std::time::{Duration, Instant};
 
 const ASG: &str = "kb-control-plane";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_once() {
+/// Three bootstrapped control planes and the terminations machinery, its
+/// leader daemon on node 0 draining for up to 30 s.
+async fn three_control_planes() -> (SimCluster, Lifecycle) {
     let sim = SimCluster::start(3, 0).await;
     assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
     let lifecycle = Lifecycle::start(&sim, "30s").await;
+    (sim, lifecycle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_once() {
+    let (sim, lifecycle) = three_control_planes().await;
     let victim = &sim.nodes[2];
     assert_eq!(sim.kubeapi.nodes().len(), 3);
 
@@ -39,23 +47,13 @@ async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_onc
         .iter()
         .all(|r| r.instance_id != victim.instance_id()));
     assert_eq!(sim.kubeapi.nodes().len(), 2, "the Node is deleted");
-    assert_eq!(
-        lifecycle
-            .actions
-            .accepted_completions(&victim.instance_id()),
-        1
-    );
+    assert_eq!(lifecycle.accepted_completions(&victim.instance_id()), 1);
 
     // The same message again (a new leader re-receiving it) changes nothing:
     // AWS refuses the second completion, which counts as done.
     lifecycle.send(ASG, &victim.instance_id(), &token).await;
     lifecycle.wait_queue_empty().await;
-    assert_eq!(
-        lifecycle
-            .actions
-            .accepted_completions(&victim.instance_id()),
-        1
-    );
+    assert_eq!(lifecycle.accepted_completions(&victim.instance_id()), 1);
     assert_eq!(sim.etcd_members(&[0, 1]).await.len(), 2);
     assert_eq!(
         sim.registry().await.members().await.expect("records").len(),
@@ -95,34 +93,14 @@ async fn a_forged_notice_for_a_control_plane_in_service_is_refused_and_nothing_i
         .await;
     lifecycle.wait_queue_empty().await;
 
-    assert_eq!(sim.etcd_members(&[0, 1, 2]).await.len(), 3);
-    assert_eq!(
-        sim.registry().await.members().await.expect("records").len(),
-        3
-    );
-    assert_eq!(sim.kubeapi.nodes().len(), 3, "no Node deleted");
+    assert_nothing_removed(&sim).await;
     assert!(
-        lifecycle
-            .actions
-            .calls_for(
-                kubeboot_tests::lifecycle_actions::LifecycleOperation::Complete,
-                &victim
-            )
-            .is_empty(),
+        lifecycle.completions(&victim).is_empty(),
         "no completion attempted"
     );
     let stderr = lifecycle.stop(&sim).await;
-    let refused = log_lines(&stderr)
-        .into_iter()
-        .find(|l| l["message"] == "lifecycle message refused and deleted")
-        .unwrap_or_else(|| panic!("no refusal line in\n{}", tail(&stderr)));
-    assert_eq!(refused["code"], "KB-LIFE-004", "{refused}");
-    assert!(
-        refused["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("InService")),
-        "{refused}"
-    );
+    // Auto Scaling still reports the instance InService.
+    assert_refused(&stderr, "KB-LIFE-004", "InService");
 }
 
 /// The total of `metric` over documents.
@@ -161,7 +139,7 @@ async fn throttled_completions_are_retried_by_the_sdk_counted_and_completed_once
     lifecycle
         .wait_completed(&token, Duration::from_secs(60))
         .await;
-    assert_eq!(lifecycle.actions.accepted_completions(&worker), 1);
+    assert_eq!(lifecycle.accepted_completions(&worker), 1);
     let stderr = lifecycle.stop(&sim).await;
     let docs = sim.metrics_documents();
     assert!(sum(&docs, "LifecycleActionsCompleted") >= 1.0);
@@ -264,12 +242,7 @@ async fn a_worker_is_drained_past_what_a_disruption_budget_allows_until_the_dead
             .is_none(),
         "the Node is deleted"
     );
-    assert_eq!(
-        lifecycle
-            .actions
-            .accepted_completions(&worker.instance_id()),
-        1
-    );
+    assert_eq!(lifecycle.accepted_completions(&worker.instance_id()), 1);
     let stderr = lifecycle.stop(&sim).await;
     assert!(
         stderr.contains("drain deadline passed; completing the lifecycle action anyway"),
@@ -307,20 +280,13 @@ async fn assert_removed_once(
         survivors.len(),
         "the Node is deleted"
     );
-    assert_eq!(
-        lifecycle
-            .actions
-            .accepted_completions(&victim.instance_id()),
-        1
-    );
+    assert_eq!(lifecycle.accepted_completions(&victim.instance_id()), 1);
 }
 
 /// The removal path's crash matrix: the leader dies at each step, restarts,
 /// and the termination converges with one completion.
 async fn leader_crashes_at(point: &str) {
-    let sim = SimCluster::start(3, 0).await;
-    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    let mut lifecycle = Lifecycle::start(&sim, "30s").await;
+    let (sim, mut lifecycle) = three_control_planes().await;
     // Replace the plain daemon by one that crashes at `point`.
     let _ = lifecycle.daemon.start_kill();
     let _ = lifecycle.daemon.wait().await;
@@ -354,9 +320,7 @@ async fn the_leader_crashes_after_completing_before_deleting_the_message() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn another_daemon_takes_over_when_the_leader_dies_mid_removal() {
-    let sim = SimCluster::start(3, 0).await;
-    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    let mut lifecycle = Lifecycle::start(&sim, "30s").await;
+    let (sim, mut lifecycle) = three_control_planes().await;
     let _ = lifecycle.daemon.start_kill();
     let _ = lifecycle.daemon.wait().await;
     lifecycle.daemon = lifecycle.daemon_on(&sim, 0, Some("membership:after-etcd-remove"));
@@ -386,9 +350,7 @@ async fn another_daemon_takes_over_when_the_leader_dies_mid_removal() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_control_plane_that_sees_its_own_termination_in_imds_cleans_up_and_completes() {
-    let sim = SimCluster::start(3, 0).await;
-    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let (sim, lifecycle) = three_control_planes().await;
     let mut own = lifecycle.daemon_on(&sim, 2, None);
     let victim = &sim.nodes[2];
     lifecycle
@@ -413,12 +375,7 @@ async fn a_control_plane_that_sees_its_own_termination_in_imds_cleans_up_and_com
         .iter()
         .all(|r| r.instance_id != victim.instance_id()));
     assert_eq!(sim.kubeapi.nodes().len(), 2, "its Node is deleted");
-    assert_eq!(
-        lifecycle
-            .actions
-            .accepted_completions(&victim.instance_id()),
-        1
-    );
+    assert_eq!(lifecycle.accepted_completions(&victim.instance_id()), 1);
     let _ = own.start_kill();
     let _ = own.wait().await;
     lifecycle.stop(&sim).await;
@@ -449,12 +406,7 @@ async fn a_worker_that_sees_its_own_termination_asks_the_leader_to_drain_it() {
         .wait_completed(&token, Duration::from_secs(60))
         .await;
     assert_eq!(sim.kubeapi.nodes().len(), 1, "the worker's Node is deleted");
-    assert_eq!(
-        lifecycle
-            .actions
-            .accepted_completions(&worker.instance_id()),
-        1
-    );
+    assert_eq!(lifecycle.accepted_completions(&worker.instance_id()), 1);
     let _ = own.start_kill();
     let _ = own.wait().await;
     lifecycle.stop(&sim).await;
@@ -503,11 +455,7 @@ async fn a_termination_that_fails_early_leaves_no_heartbeat_behind() {
         .wait_completed(&token, Duration::from_secs(60))
         .await;
     let completed = lifecycle
-        .actions
-        .calls_for(
-            kubeboot_tests::lifecycle_actions::LifecycleOperation::Complete,
-            worker,
-        )
+        .completions(worker)
         .iter()
         .find(|c| c.accepted())
         .map(|c| c.at)
@@ -616,7 +564,7 @@ async fn a_batch_of_terminating_workers_is_heartbeated_from_receipt_and_drained_
         "drained together, not one after another: {took:?}"
     );
     for w in workers {
-        assert_eq!(lifecycle.actions.accepted_completions(w), 1, "{w}");
+        assert_eq!(lifecycle.accepted_completions(w), 1, "{w}");
     }
     lifecycle.stop(&sim).await;
 }
@@ -666,20 +614,13 @@ async fn a_control_plane_terminated_from_two_leaves_etcd_first_and_the_survivor_
     );
     let records = sim.registry().await.members().await.expect("records");
     assert_eq!(records.len(), 1, "{records:?}");
-    assert_eq!(
-        lifecycle
-            .actions
-            .accepted_completions(&victim.instance_id()),
-        1
-    );
+    assert_eq!(lifecycle.accepted_completions(&victim.instance_id()), 1);
     lifecycle.stop(&sim).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_notice_for_an_instance_no_auto_scaling_group_holds_is_refused() {
-    let sim = SimCluster::start(3, 0).await;
-    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let (sim, lifecycle) = three_control_planes().await;
     let victim = sim.nodes[2].instance_id();
     lifecycle
         .actions
@@ -690,17 +631,9 @@ async fn a_notice_for_an_instance_no_auto_scaling_group_holds_is_refused() {
         .send(ASG, &victim, "11111111-2222-3333-4444-555555555555")
         .await;
     lifecycle.wait_queue_empty().await;
-    assert_eq!(sim.etcd_members(&[0, 1, 2]).await.len(), 3);
-    assert_eq!(
-        sim.registry().await.members().await.expect("records").len(),
-        3
-    );
-    assert_eq!(sim.kubeapi.nodes().len(), 3, "no Node deleted");
+    assert_nothing_removed(&sim).await;
     let stderr = lifecycle.stop(&sim).await;
-    let refused = log_lines(&stderr)
-        .into_iter()
-        .find(|l| l["message"] == "lifecycle message refused and deleted")
-        .unwrap_or_else(|| panic!("no refusal line in\n{}", tail(&stderr)));
+    let refused = log_line(&stderr, "lifecycle message refused and deleted");
     assert_eq!(refused["code"], "KB-LIFE-005", "{refused}");
 }
 
@@ -740,9 +673,7 @@ async fn a_terminating_control_plane_without_a_member_record_still_leaves_etcd()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_control_plane_terminated_while_no_leader_read_the_queue_still_leaves_etcd_and_its_node_goes(
 ) {
-    let sim = SimCluster::start(3, 0).await;
-    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let (sim, lifecycle) = three_control_planes().await;
     let victim = sim.nodes[2].instance_id();
     lifecycle
         .actions
@@ -769,20 +700,11 @@ async fn a_control_plane_terminated_while_no_leader_read_the_queue_still_leaves_
         "{records:?}"
     );
     assert!(
-        lifecycle
-            .actions
-            .calls_for(
-                kubeboot_tests::lifecycle_actions::LifecycleOperation::Complete,
-                &victim
-            )
-            .is_empty(),
+        lifecycle.completions(&victim).is_empty(),
         "no lifecycle action to complete"
     );
     let stderr = lifecycle.stop(&sim).await;
-    let gone = log_lines(&stderr)
-        .into_iter()
-        .find(|l| l["message"] == "instance already gone: cleaned up after it")
-        .unwrap_or_else(|| panic!("no cleanup line in\n{}", tail(&stderr)));
+    let gone = log_line(&stderr, "instance already gone: cleaned up after it");
     assert_eq!(gone["instance_id"], victim.as_str(), "{gone}");
 }
 
@@ -826,7 +748,7 @@ async fn a_scale_in_larger_than_one_receive_and_a_late_arrival_are_all_heartbeat
         lifecycle
             .wait_completed(token, Duration::from_secs(90))
             .await;
-        assert_eq!(lifecycle.actions.accepted_completions(w), 1, "{w}");
+        assert_eq!(lifecycle.accepted_completions(w), 1, "{w}");
     }
     lifecycle.stop(&sim).await;
 }
@@ -856,9 +778,6 @@ async fn a_node_etcd_cannot_be_asked_about_is_not_drained_as_a_worker_and_its_me
         "its Node is kept"
     );
     let stderr = lifecycle.stop(&sim).await;
-    let deferred = log_lines(&stderr)
-        .into_iter()
-        .find(|l| l["message"] == "termination not completed; the message comes back")
-        .unwrap_or_else(|| panic!("no deferral line in\n{}", tail(&stderr)));
+    let deferred = log_line(&stderr, "termination not completed; the message comes back");
     assert_eq!(deferred["code"], "KB-LIFE-006", "{deferred}");
 }

@@ -580,7 +580,7 @@ fn user_data_problems(s: &Stack) -> Vec<String> {
         if md["InstanceMetadataTags"] != "enabled" {
             p.push(format!(
                 "{role:?} launch template hides instance tags from IMDS; the agent reads {}",
-                kubeboot::lifecycle::ASG_TAG_PATH
+                kubeboot::identity::paths::ASG_NAME_TAG
             ));
         }
         let profile = scalar(&data["IamInstanceProfile"]["Arn"]);

@@ -2,16 +2,17 @@
 //! real DynamoDB client. Leases are short (3 s) so scenarios stay quick;
 //! timings asserted here are the algorithm's bounds, not performance.
 
+use kubeboot::catalogue::Coded;
 use kubeboot::lock::dynamo::DynamoLockStore;
 use kubeboot::lock::{
-    Claim, Error as LockError, Fence, LockItem, LockStore, Locker, Owner, Purpose, Settings,
+    Claim, Error as LockError, Fence, Guard, LockItem, LockStore, Locker, Owner, Purpose, Settings,
     StoreError,
 };
 use kubeboot::registry::dynamo::DynamoRegistryStore;
 use kubeboot::registry::{
     self, InitClaim, MemberRecord, Phase, Registry, RegistryStore, WriteResult,
 };
-use kubeboot_tests::moto::Moto;
+use kubeboot_tests::fixtures::{self, lock_settings, Intercepted, LockHooks, MotoTable};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -20,42 +21,22 @@ const LEASE: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(1);
 
 struct Fixture {
-    _moto: Moto,
-    client: aws_sdk_dynamodb::Client,
-    table: String,
-    cluster: String,
+    aws: MotoTable,
 }
 
 impl Fixture {
     async fn new() -> Self {
-        let moto = Moto::start().await;
-        let client = moto.dynamodb().await;
-        let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
-        kubeboot::table::create(&client, &table)
-            .await
-            .expect("create table");
         Fixture {
-            _moto: moto,
-            client,
-            table,
-            cluster: format!("c-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            aws: MotoTable::start().await,
         }
     }
 
     fn store(&self) -> Arc<DynamoLockStore> {
-        Arc::new(DynamoLockStore::new(
-            self.client.clone(),
-            &self.table,
-            &self.cluster,
-        ))
+        Arc::new(self.aws.lock_store())
     }
 
     fn registry(&self) -> Registry<DynamoRegistryStore> {
-        Registry::new(Arc::new(DynamoRegistryStore::new(
-            self.client.clone(),
-            &self.table,
-            &self.cluster,
-        )))
+        self.aws.registry()
     }
 
     fn locker(&self, instance: &str) -> Locker<DynamoLockStore> {
@@ -65,14 +46,17 @@ impl Fixture {
             settings(SystemTime::now),
         )
     }
+
+    /// `instance`'s guard of `purpose`, taken on a free lock.
+    async fn holds(&self, instance: &str, purpose: Purpose, what: &str) -> Guard {
+        self.locker(instance).acquire(purpose).await.expect(what)
+    }
 }
 
 fn settings(clock: fn() -> SystemTime) -> Settings {
     Settings {
-        lease: LEASE,
-        margin: MARGIN,
-        acquire_timeout: Duration::from_secs(30),
         wall_clock: Arc::new(clock),
+        ..lock_settings(LEASE, MARGIN, Duration::from_secs(30))
     }
 }
 
@@ -188,10 +172,8 @@ async fn a_live_holder_is_never_taken_over() {
 async fn release_lets_the_next_contender_in_at_once() {
     let fx = Fixture::new().await;
     let first = fx
-        .locker("i-00000000000000001")
-        .acquire(Purpose::Leader)
-        .await
-        .expect("first");
+        .holds("i-00000000000000001", Purpose::Leader, "first")
+        .await;
     let second = fx.locker("i-00000000000000002");
     let wait = tokio::spawn(async move {
         let started = Instant::now();
@@ -210,31 +192,13 @@ async fn release_lets_the_next_contender_in_at_once() {
 
 /// A store whose heartbeats hang while paused: the holder's process is frozen.
 struct Pausable {
-    inner: DynamoLockStore,
     paused: AtomicBool,
 }
 
-impl LockStore for Pausable {
-    async fn acquire_free(
-        &self,
-        p: Purpose,
-        c: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.acquire_free(p, c).await
-    }
-    async fn take_over(
-        &self,
-        p: Purpose,
-        o: &str,
-        c: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.take_over(p, o, c).await
-    }
-    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
-        self.inner.read(p).await
-    }
+impl LockHooks<DynamoLockStore> for Pausable {
     async fn heartbeat(
         &self,
+        inner: &DynamoLockStore,
         p: Purpose,
         owner: &str,
         old: &str,
@@ -244,44 +208,23 @@ impl LockStore for Pausable {
         while self.paused.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.inner.heartbeat(p, owner, old, new, wall).await
-    }
-    async fn release(
-        &self,
-        p: Purpose,
-        owner: &str,
-        rvn: &str,
-        wall: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.inner.release(p, owner, rvn, wall).await
-    }
-    async fn force_release(
-        &self,
-        p: Purpose,
-        o: &str,
-        wall: SystemTime,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.force_release(p, o, wall).await
+        inner.heartbeat(p, owner, old, new, wall).await
     }
 }
 
 fn init_claim(run: &str) -> InitClaim {
-    InitClaim {
-        run_id: run.into(),
-        initialized_by: format!("owner-of-{run}"),
-        endpoint: "api:6443".into(),
-        kubernetes_version: "1.31.2".into(),
-        wall: SystemTime::now(),
-    }
+    fixtures::init_claim(run, &format!("owner-of-{run}"), "api:6443")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_holder_is_fenced_out_and_learns_it_lost() {
     let fx = Fixture::new().await;
-    let store = Arc::new(Pausable {
-        inner: (*fx.store()).clone(),
-        paused: AtomicBool::new(false),
-    });
+    let store = Arc::new(Intercepted::new(
+        fx.aws.lock_store(),
+        Pausable {
+            paused: AtomicBool::new(false),
+        },
+    ));
     let holder = Locker::new(
         store.clone(),
         Owner::new("i-00000000000000001"),
@@ -299,14 +242,12 @@ async fn a_paused_holder_is_fenced_out_and_learns_it_lost() {
         .await
         .expect("begin init");
 
-    store.paused.store(true, Ordering::SeqCst);
+    store.hooks.paused.store(true, Ordering::SeqCst);
     let waiter = fx
-        .locker("i-00000000000000002")
-        .acquire(Purpose::Init)
-        .await
-        .expect("waiter takes over");
+        .holds("i-00000000000000002", Purpose::Init, "waiter takes over")
+        .await;
     assert_eq!(waiter.fence().expect("held").value, stale.value + 1);
-    store.paused.store(false, Ordering::SeqCst);
+    store.hooks.paused.store(false, Ordering::SeqCst);
 
     // The holder wakes up. Its own clock says it stopped renewing long ago...
     assert!(
@@ -319,7 +260,7 @@ async fn a_paused_holder_is_fenced_out_and_learns_it_lost() {
         .expect_err("refused");
     assert!(matches!(err, registry::Error::NotHeld(_)), "{err}");
     // ...and had its clock not noticed, the store refuses the stale fence anyway.
-    let raw = DynamoRegistryStore::new(fx.client.clone(), &fx.table, &fx.cluster);
+    let raw = DynamoRegistryStore::new(fx.aws.dynamodb.clone(), &fx.aws.table, &fx.aws.cluster);
     let result = raw
         .finish_init(stale, generation, "run-1", SystemTime::now())
         .await
@@ -336,10 +277,8 @@ async fn a_paused_holder_is_fenced_out_and_learns_it_lost() {
 async fn a_holder_whose_fence_moved_behind_its_back_is_refused_and_marked_lost() {
     let fx = Fixture::new().await;
     let guard = fx
-        .locker("i-00000000000000001")
-        .acquire(Purpose::Membership)
-        .await
-        .expect("acquire");
+        .holds("i-00000000000000001", Purpose::Membership, "acquire")
+        .await;
     let now_ms = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("clock")
@@ -358,12 +297,15 @@ async fn a_holder_whose_fence_moved_behind_its_back_is_refused_and_marked_lost()
         .expect("fenced write with a good fence");
     // Another node took over while this one was frozen with a clock that did
     // not notice: the fence moved, the holder still believes it holds.
-    fx.client
+    fx.aws
+        .dynamodb
         .update_item()
-        .table_name(&fx.table)
+        .table_name(&fx.aws.table)
         .key(
             "pk",
-            aws_sdk_dynamodb::types::AttributeValue::S(kubeboot::table::cluster_pk(&fx.cluster)),
+            aws_sdk_dynamodb::types::AttributeValue::S(kubeboot::table::cluster_pk(
+                &fx.aws.cluster,
+            )),
         )
         .key(
             "sk",
@@ -450,10 +392,8 @@ async fn wall_clocks_ten_minutes_apart_do_not_change_the_lease() {
 async fn an_operator_cannot_force_release_a_live_lock_but_can_a_dead_one() {
     let fx = Fixture::new().await;
     let guard = fx
-        .locker("i-00000000000000001")
-        .acquire(Purpose::Membership)
-        .await
-        .expect("acquire");
+        .holds("i-00000000000000001", Purpose::Membership, "acquire")
+        .await;
     let operator = fx.locker("operator");
     let err = operator
         .force_release(Purpose::Membership)
@@ -542,10 +482,8 @@ async fn join_material_becomes_current_only_through_a_fenced_pointer() {
         published_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
     };
     let old = fx
-        .locker("i-00000000000000001")
-        .acquire(Purpose::Init)
-        .await
-        .expect("acquire");
+        .holds("i-00000000000000001", Purpose::Init, "acquire")
+        .await;
     registry
         .publish_join(&old, &pointer("v1", 1))
         .await
@@ -558,16 +496,14 @@ async fn join_material_becomes_current_only_through_a_fenced_pointer() {
     let stale = old.fence().expect("held");
     drop(old);
     let new = fx
-        .locker("i-00000000000000002")
-        .acquire(Purpose::Init)
-        .await
-        .expect("takeover");
+        .holds("i-00000000000000002", Purpose::Init, "takeover")
+        .await;
     registry
         .publish_join(&new, &pointer("v2", 2))
         .await
         .expect("publish v2");
     // The frozen holder's late pointer write (its secret version "v0") is refused.
-    let raw = DynamoRegistryStore::new(fx.client.clone(), &fx.table, &fx.cluster);
+    let raw = DynamoRegistryStore::new(fx.aws.dynamodb.clone(), &fx.aws.table, &fx.aws.cluster);
     assert_eq!(
         raw.put_join(stale, &pointer("v0", 3))
             .await
@@ -589,14 +525,12 @@ async fn join_material_becomes_current_only_through_a_fenced_pointer() {
 async fn a_released_lock_refuses_its_old_holders_fenced_writes() {
     let fx = Fixture::new().await;
     let guard = fx
-        .locker("i-00000000000000001")
-        .acquire(Purpose::Init)
-        .await
-        .expect("acquire");
+        .holds("i-00000000000000001", Purpose::Init, "acquire")
+        .await;
     let fence = guard.fence().expect("held");
     guard.release().await.expect("release");
     // The fence value is unchanged by a normal release: only `released` stops this write.
-    let raw = DynamoRegistryStore::new(fx.client.clone(), &fx.table, &fx.cluster);
+    let raw = DynamoRegistryStore::new(fx.aws.dynamodb.clone(), &fx.aws.table, &fx.aws.cluster);
     let result = raw
         .begin_init(fence, 0, &init_claim("late"))
         .await
@@ -613,10 +547,8 @@ async fn a_takeover_needs_the_record_version_it_watched() {
     let fx = Fixture::new().await;
     let store = fx.store();
     let guard = fx
-        .locker("i-00000000000000001")
-        .acquire(Purpose::Init)
-        .await
-        .expect("acquire");
+        .holds("i-00000000000000001", Purpose::Init, "acquire")
+        .await;
     let watched = store
         .read(Purpose::Init)
         .await
@@ -646,7 +578,6 @@ async fn a_takeover_needs_the_record_version_it_watched() {
 /// connection that stopped answering under one loop of the daemon); calls
 /// started after `stuck` is cleared go through.
 struct StuckCalls {
-    inner: DynamoLockStore,
     stuck: AtomicBool,
 }
 
@@ -658,28 +589,18 @@ impl StuckCalls {
     }
 }
 
-impl LockStore for StuckCalls {
-    async fn acquire_free(
+impl LockHooks<DynamoLockStore> for StuckCalls {
+    async fn read(
         &self,
+        inner: &DynamoLockStore,
         p: Purpose,
-        c: &Claim<'_>,
     ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.acquire_free(p, c).await
-    }
-    async fn take_over(
-        &self,
-        p: Purpose,
-        o: &str,
-        c: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.take_over(p, o, c).await
-    }
-    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
         self.hang_if_stuck().await;
-        self.inner.read(p).await
+        inner.read(p).await
     }
     async fn heartbeat(
         &self,
+        inner: &DynamoLockStore,
         p: Purpose,
         owner: &str,
         old: &str,
@@ -687,24 +608,7 @@ impl LockStore for StuckCalls {
         wall: SystemTime,
     ) -> Result<bool, StoreError> {
         self.hang_if_stuck().await;
-        self.inner.heartbeat(p, owner, old, new, wall).await
-    }
-    async fn release(
-        &self,
-        p: Purpose,
-        owner: &str,
-        rvn: &str,
-        wall: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.inner.release(p, owner, rvn, wall).await
-    }
-    async fn force_release(
-        &self,
-        p: Purpose,
-        o: &str,
-        wall: SystemTime,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.force_release(p, o, wall).await
+        inner.heartbeat(p, owner, old, new, wall).await
     }
 }
 
@@ -716,10 +620,12 @@ impl LockStore for StuckCalls {
 async fn a_refused_release_never_frees_the_lock_another_loop_of_the_same_process_took() {
     let fx = Fixture::new().await;
     let owner = Owner::new("i-00000000000000001");
-    let leader_store = Arc::new(StuckCalls {
-        inner: (*fx.store()).clone(),
-        stuck: AtomicBool::new(false),
-    });
+    let leader_store = Arc::new(Intercepted::new(
+        fx.aws.lock_store(),
+        StuckCalls {
+            stuck: AtomicBool::new(false),
+        },
+    ));
     let leader_loop = Locker::new(
         leader_store.clone(),
         owner.clone(),
@@ -732,14 +638,14 @@ async fn a_refused_release_never_frees_the_lock_another_loop_of_the_same_process
         .await
         .expect("leader loop acquires");
     let stale_fence = stale.fence().expect("held").value;
-    leader_store.stuck.store(true, Ordering::SeqCst);
+    leader_store.hooks.stuck.store(true, Ordering::SeqCst);
     let taken = reconciler_loop
         .acquire(Purpose::Membership)
         .await
         .expect("the reconciler takes the silent lease over");
     let fence = taken.fence().expect("held").value;
     assert_eq!(fence, stale_fence + 1);
-    leader_store.stuck.store(false, Ordering::SeqCst);
+    leader_store.hooks.stuck.store(false, Ordering::SeqCst);
 
     stale
         .release()

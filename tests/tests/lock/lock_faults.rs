@@ -3,14 +3,13 @@
 //! answer lost. Contenders retry their step like bootstrap does; the state
 //! must still move exactly once and no record may be lost or doubled.
 
-use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use kubeboot::lock::dynamo::DynamoLockStore;
-use kubeboot::lock::{Locker, Owner, Purpose, Settings};
+use kubeboot::lock::{Locker, Owner, Purpose};
 use kubeboot::registry::dynamo::DynamoRegistryStore;
-use kubeboot::registry::{InitClaim, MemberRecord, Phase, Registry};
+use kubeboot::registry::{MemberRecord, Phase, Registry};
 use kubeboot_tests::awsproxy::{AwsProxy, FaultPlan};
-use kubeboot_tests::moto::Moto;
+use kubeboot_tests::fixtures::{self, MotoTable};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,26 +30,14 @@ fn fault_plan() -> FaultPlan {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn at_twenty_percent_faults_init_happens_once_and_no_member_record_is_lost() {
-    let moto = Moto::start().await;
-    let setup = moto.dynamodb().await;
-    let table = format!("kubeboot-{}", uuid::Uuid::new_v4().simple());
-    kubeboot::table::create(&setup, &table)
-        .await
-        .expect("create table");
+    let aws = MotoTable::start().await;
+    let table = &aws.table;
     let cluster = "faulty";
-    let proxy = AwsProxy::start(&moto.endpoint()).await;
+    let proxy = AwsProxy::start(&aws.moto.endpoint()).await;
     proxy.set_faults(fault_plan());
-    let sdk = moto
-        .sdk_config()
-        .await
+    let retried = Duration::from_millis(20);
+    let sdk = fixtures::through(&aws.sdk, &proxy.endpoint(), 6, retried, retried * 10)
         .to_builder()
-        .endpoint_url(proxy.endpoint())
-        .retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(6)
-                .with_initial_backoff(Duration::from_millis(20))
-                .with_max_backoff(Duration::from_millis(200)),
-        )
         .timeout_config(
             TimeoutConfig::builder()
                 .operation_attempt_timeout(Duration::from_millis(400))
@@ -58,16 +45,15 @@ async fn at_twenty_percent_faults_init_happens_once_and_no_member_record_is_lost
         )
         .build();
     let client = aws_sdk_dynamodb::Client::new(&sdk);
-    let settings = Settings {
-        lease: Duration::from_secs(3),
-        margin: Duration::from_secs(1),
-        acquire_timeout: Duration::from_secs(120),
-        wall_clock: Arc::new(SystemTime::now),
-    };
-    let lock_store = Arc::new(DynamoLockStore::new(client.clone(), &table, cluster));
+    let settings = fixtures::lock_settings(
+        Duration::from_secs(3),
+        Duration::from_secs(1),
+        Duration::from_secs(120),
+    );
+    let lock_store = Arc::new(DynamoLockStore::new(client.clone(), table, cluster));
     let registry = Arc::new(Registry::new(Arc::new(DynamoRegistryStore::new(
         client.clone(),
-        &table,
+        table,
         cluster,
     ))));
     let inits = Arc::new(AtomicUsize::new(0));
@@ -94,13 +80,7 @@ async fn at_twenty_percent_faults_init_happens_once_and_no_member_record_is_lost
                     let state = registry.state().await.map_err(|e| e.to_string())?;
                     if state.phase != Phase::Initialized {
                         let run = format!("run-{i}-{attempt}");
-                        let claim = InitClaim {
-                            run_id: run.clone(),
-                            initialized_by: instance.clone(),
-                            endpoint: "api:6443".into(),
-                            kubernetes_version: "1.31.2".into(),
-                            wall: SystemTime::now(),
-                        };
+                        let claim = fixtures::init_claim(&run, &instance, "api:6443");
                         let generation = registry
                             .begin_init(&guard, &state, &claim)
                             .await

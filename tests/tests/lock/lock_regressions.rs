@@ -5,6 +5,7 @@ use kubeboot::lock::{
     Claim, Guard, LockItem, LockStore, Locker, Owner, Purpose, Settings, StoreError,
     StoreErrorClass,
 };
+use kubeboot_tests::fixtures::{lock_settings, Intercepted, LockHooks};
 use kubeboot_tests::memstore::{Faults, Handle, MemStore};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,19 +15,13 @@ const LEASE: Duration = Duration::from_secs(30);
 const MARGIN: Duration = Duration::from_secs(5);
 
 fn settings() -> Settings {
-    Settings {
-        lease: LEASE,
-        margin: MARGIN,
-        acquire_timeout: Duration::from_secs(600),
-        wall_clock: Arc::new(SystemTime::now),
-    }
+    lock_settings(LEASE, MARGIN, Duration::from_secs(600))
 }
 
 /// A store whose first claim applies at once but whose answer arrives late
 /// and says "held" (an SDK retry refused by our own write); renewals answer
 /// after `renewal_answer`.
 struct SlowAnswers {
-    inner: Arc<Handle>,
     claim_answer: Duration,
     armed: AtomicBool,
     renewal_answer: Duration,
@@ -34,32 +29,23 @@ struct SlowAnswers {
     renewals_land: bool,
 }
 
-impl LockStore for SlowAnswers {
+impl LockHooks<Handle> for SlowAnswers {
     async fn acquire_free(
         &self,
+        inner: &Handle,
         p: Purpose,
         c: &Claim<'_>,
     ) -> Result<Option<LockItem>, StoreError> {
-        let r = self.inner.acquire_free(p, c).await;
+        let r = inner.acquire_free(p, c).await;
         if self.armed.swap(false, Ordering::SeqCst) {
             tokio::time::sleep(self.claim_answer).await;
             return r.map(|_| None);
         }
         r
     }
-    async fn take_over(
-        &self,
-        p: Purpose,
-        o: &str,
-        c: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.take_over(p, o, c).await
-    }
-    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
-        self.inner.read(p).await
-    }
     async fn heartbeat(
         &self,
+        inner: &Handle,
         p: Purpose,
         o: &str,
         a: &str,
@@ -74,27 +60,20 @@ impl LockStore for SlowAnswers {
                 message: "partitioned".into(),
             });
         }
-        let r = self.inner.heartbeat(p, o, a, b, w).await;
+        let r = inner.heartbeat(p, o, a, b, w).await;
         tokio::time::sleep(self.renewal_answer).await;
         r
     }
-    async fn release(
-        &self,
-        p: Purpose,
-        o: &str,
-        r: &str,
-        w: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.inner.release(p, o, r, w).await
-    }
-    async fn force_release(
-        &self,
-        p: Purpose,
-        o: &str,
-        w: SystemTime,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.force_release(p, o, w).await
-    }
+}
+
+/// Somebody acquired the lock, and never two believed they held it at once.
+fn assert_no_overlap((overlap, someone): (Duration, bool)) {
+    assert!(someone, "somebody acquires the lock");
+    assert_eq!(
+        overlap,
+        Duration::ZERO,
+        "both believed they held for {overlap:?}"
+    );
 }
 
 type Slot = Arc<Mutex<Option<Guard>>>;
@@ -111,13 +90,15 @@ async fn overlap_when(
     renewals_land: bool,
 ) -> (Duration, bool) {
     let store = MemStore::new(1, Faults::none());
-    let a_store = Arc::new(SlowAnswers {
-        inner: store.handle("A"),
-        claim_answer,
-        armed: AtomicBool::new(true),
-        renewal_answer,
-        renewals_land,
-    });
+    let a_store = Arc::new(Intercepted::shared(
+        store.handle("A"),
+        SlowAnswers {
+            claim_answer,
+            armed: AtomicBool::new(true),
+            renewal_answer,
+            renewals_land,
+        },
+    ));
     let a = Locker::new(a_store, Owner::new("i-a"), settings());
     let b = Locker::new(store.handle("B"), Owner::new("i-b"), settings());
     let (slot_a, slot_b): (Slot, Slot) = (Arc::default(), Arc::default());
@@ -151,13 +132,7 @@ async fn overlap_when(
 async fn a_claim_confirmed_late_is_not_trusted_past_its_send_time() {
     // The claim's answer takes 26 s (> lease - margin): trusting it from its
     // answer would overlap with B's takeover at 35 s.
-    let (overlap, someone) = overlap_with(Duration::from_secs(26), Duration::ZERO).await;
-    assert!(someone, "somebody acquires the lock");
-    assert_eq!(
-        overlap,
-        Duration::ZERO,
-        "both believed they held for {overlap:?}"
-    );
+    assert_no_overlap(overlap_with(Duration::from_secs(26), Duration::ZERO).await);
 }
 
 #[tokio::test(start_paused = true)]
@@ -166,89 +141,28 @@ async fn a_late_claim_that_can_never_renew_stops_trusting_at_send_time_plus_wind
     // lands. B takes over 35 s after it last saw a change (lease + margin);
     // A may trust its claim until 25 s after it was *sent*. Anchored at the
     // answer instead, A would still believe it held until 45 s.
-    let (overlap, someone) =
-        overlap_when(Duration::from_secs(20), Duration::from_secs(1), false).await;
-    assert!(someone);
-    assert_eq!(
-        overlap,
-        Duration::ZERO,
-        "both believed they held for {overlap:?}"
-    );
+    assert_no_overlap(overlap_when(Duration::from_secs(20), Duration::from_secs(1), false).await);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_late_claim_with_slow_renewal_answers_never_overlaps() {
-    let (overlap, someone) = overlap_with(Duration::from_secs(20), Duration::from_secs(12)).await;
-    assert!(someone);
-    assert_eq!(
-        overlap,
-        Duration::ZERO,
-        "both believed they held for {overlap:?}"
-    );
-}
-
-/// Renewals land at once but answer after 2 s.
-struct SlowRenewalAnswer {
-    inner: Arc<Handle>,
-}
-
-impl LockStore for SlowRenewalAnswer {
-    async fn acquire_free(
-        &self,
-        p: Purpose,
-        c: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.acquire_free(p, c).await
-    }
-    async fn take_over(
-        &self,
-        p: Purpose,
-        o: &str,
-        c: &Claim<'_>,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.take_over(p, o, c).await
-    }
-    async fn read(&self, p: Purpose) -> Result<Option<LockItem>, StoreError> {
-        self.inner.read(p).await
-    }
-    async fn heartbeat(
-        &self,
-        p: Purpose,
-        o: &str,
-        a: &str,
-        b: &str,
-        w: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let r = self.inner.heartbeat(p, o, a, b, w).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        r
-    }
-    async fn release(
-        &self,
-        p: Purpose,
-        o: &str,
-        r: &str,
-        w: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.inner.release(p, o, r, w).await
-    }
-    async fn force_release(
-        &self,
-        p: Purpose,
-        o: &str,
-        w: SystemTime,
-    ) -> Result<Option<LockItem>, StoreError> {
-        self.inner.force_release(p, o, w).await
-    }
+    assert_no_overlap(overlap_with(Duration::from_secs(20), Duration::from_secs(12)).await);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_release_racing_an_in_flight_renewal_still_frees_the_lock() {
     let store = MemStore::new(1, Faults::none());
     let a = Locker::new(
-        Arc::new(SlowRenewalAnswer {
-            inner: store.handle("A"),
-        }),
+        // Renewals land at once but answer after 2 s.
+        Arc::new(Intercepted::shared(
+            store.handle("A"),
+            SlowAnswers {
+                claim_answer: Duration::ZERO,
+                armed: AtomicBool::new(false),
+                renewal_answer: Duration::from_secs(2),
+                renewals_land: true,
+            },
+        )),
         Owner::new("i-a"),
         settings(),
     );

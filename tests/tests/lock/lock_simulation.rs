@@ -19,8 +19,9 @@
 //! `KBTEST_SIM_TRIALS` (default 1000) sets the count for a soak;
 //! `KBTEST_SIM_SEED` replays one trial.
 
-use kubeboot::lock::{Guard, Locker, Owner, Purpose, Settings};
-use kubeboot::registry::{InitClaim, Phase, Registry};
+use kubeboot::lock::{Guard, Locker, Owner, Purpose};
+use kubeboot::registry::{Phase, Registry};
+use kubeboot_tests::fixtures::{init_claim, lock_settings};
 use kubeboot_tests::memstore::{Faults, MemStore, SimRng};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -71,12 +72,7 @@ async fn process(
     beliefs: Beliefs,
 ) {
     let handle = store.handle(&name);
-    let settings = Settings {
-        lease: LEASE,
-        margin: MARGIN,
-        acquire_timeout: TRIAL_DEADLINE,
-        wall_clock: Arc::new(SystemTime::now),
-    };
+    let settings = lock_settings(LEASE, MARGIN, TRIAL_DEADLINE);
     let locker = Locker::new(handle.clone(), Owner::new(&name), settings);
     let registry = Registry::new(handle);
     loop {
@@ -101,13 +97,7 @@ async fn process(
                 return Ok(true);
             }
             let run = format!("{name}-{}", rng.next_u64());
-            let claim = InitClaim {
-                run_id: run.clone(),
-                initialized_by: name.clone(),
-                endpoint: "api:6443".into(),
-                kubernetes_version: "1.31.2".into(),
-                wall: SystemTime::now(),
-            };
+            let claim = init_claim(&run, &name, "api:6443");
             let generation = registry
                 .begin_init(&guard, &state, &claim)
                 .await

@@ -101,19 +101,32 @@ fn install_units(machine: &Machine, standin: &str, daemon_extra: &str) {
     );
 }
 
-/// Waits for the bootstrap unit to settle (active or failed) and the
-/// daemon to lead; panics with both units' state otherwise. Returns how
-/// long bootstrap took.
-fn wait_bootstrapped_and_leading(machine: &Machine, sim: &SimCluster) -> Duration {
-    let settled = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, sub| {
-        active == "failed" || (active == "active" && sub == "exited")
-    });
-    sim.record_output(&machine.journal(BOOTSTRAP));
-    let took = settled.unwrap_or_else(|(active, sub)| {
+/// Waits (two minutes at most) until the bootstrap unit is `settled`,
+/// records its journal for the cluster's scans, and returns how long that
+/// took and the journal; panics with the unit's state if it never settles.
+fn bootstrap_settles(
+    machine: &Machine,
+    sim: &SimCluster,
+    settled: impl Fn(&str, &str) -> bool,
+) -> (Duration, String) {
+    let waited = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), settled);
+    let journal = machine.journal(BOOTSTRAP);
+    sim.record_output(&journal);
+    let took = waited.unwrap_or_else(|(active, sub)| {
         panic!(
             "{BOOTSTRAP} is {active}/{sub}:\n{}",
             machine.report(BOOTSTRAP)
         )
+    });
+    (took, journal)
+}
+
+/// Waits for the bootstrap unit to settle (active or failed) and the
+/// daemon to lead; panics with both units' state otherwise. Returns how
+/// long bootstrap took.
+fn wait_bootstrapped_and_leading(machine: &Machine, sim: &SimCluster) -> Duration {
+    let (took, _) = bootstrap_settles(machine, sim, |active, sub| {
+        active == "failed" || (active == "active" && sub == "exited")
     });
     assert_eq!(
         machine.show(BOOTSTRAP, "ActiveState"),
@@ -499,16 +512,8 @@ async fn a_worker_bootstraps_under_the_real_unit() {
     );
     let kubelet_before = machine.show("kubelet.service", "InvocationID");
     machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP]);
-    let waited = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, _| {
+    let (took, journal) = bootstrap_settles(&machine, &sim, |active, _| {
         active == "active" || active == "failed"
-    });
-    let journal = machine.journal(BOOTSTRAP);
-    sim.record_output(&journal);
-    let took = waited.unwrap_or_else(|(active, sub)| {
-        panic!(
-            "{BOOTSTRAP} is {active}/{sub}:\n{}",
-            machine.report(BOOTSTRAP)
-        )
     });
     assert_eq!(
         machine.show(BOOTSTRAP, "ActiveState"),
@@ -646,16 +651,9 @@ async fn a_control_plane_join_killed_after_kubeadm_is_converged_by_systemd_witho
     let rm = machine.exec(&["rm", CRASH]);
     assert!(rm.status.success(), "{rm:?}");
     machine.systemctl_ok(&["daemon-reload"]);
-    let crashed = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, _| {
+    bootstrap_settles(&machine, &sim, |active, _| {
         active == "failed" || machine.show(BOOTSTRAP, "NRestarts") != "0"
     });
-    sim.record_output(&machine.journal(BOOTSTRAP));
-    if let Err((active, sub)) = crashed {
-        panic!(
-            "{BOOTSTRAP} is {active}/{sub}:\n{}",
-            machine.report(BOOTSTRAP)
-        );
-    }
     let after_crash = local_etcd(&machine);
     eprintln!("crashed and restarted by systemd; etcd: {after_crash:?}");
     machine.systemctl_ok(&["start", "--no-block", DAEMON]);
@@ -696,7 +694,7 @@ async fn ask_for_certificates(
         .request_refresh(&kubeboot::registry::RefreshRequest {
             origin: kubeboot::registry::Origin::ControlPlane,
             requested_by: "i-0joiningcontrolpl".into(),
-            what: "both".into(),
+            what: kubeboot::registry::Wants::Both,
             stale_version: stale_version.into(),
             requested_at: std::time::SystemTime::now(),
         })
@@ -811,17 +809,9 @@ async fn after_a_power_loss_mid_bootstrap_the_next_boot_adopts_the_member_withou
         "[Service]\nRestart=no\nEnvironment=KBTEST_CRASH_AT=init:after-mark\n",
     );
     machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP]);
-    let crashed = machine.wait_until(BOOTSTRAP, Duration::from_secs(120), |active, _| {
+    let (_, journal) = bootstrap_settles(&machine, &sim, |active, _| {
         active == "failed" || active == "active"
     });
-    let journal = machine.journal(BOOTSTRAP);
-    sim.record_output(&journal);
-    if let Err((active, sub)) = crashed {
-        panic!(
-            "{BOOTSTRAP} is {active}/{sub}:\n{}",
-            machine.report(BOOTSTRAP)
-        );
-    }
     assert!(
         journal.contains("crashing on purpose"),
         "{}",

@@ -2,7 +2,7 @@
 //! the daemon say READY=1; the daemon pings the watchdog while its loops make
 //! progress, and trips it (and stops pinging) when a loop hangs.
 
-use kubeboot_tests::simcluster::{tail, SimCluster};
+use kubeboot_tests::simcluster::{read_stderr, tail, SimCluster};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -51,11 +51,7 @@ async fn sigterm(mut child: tokio::process::Child, sim: &SimCluster) -> String {
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
+    let stderr = read_stderr(&mut child).await;
     sim.record_output(&stderr);
     stderr
 }

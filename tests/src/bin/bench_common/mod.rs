@@ -7,9 +7,75 @@
 
 use kubeboot_tests::simcluster::SimCluster;
 use kubeboot_tests::workspace::workspace_root;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A driver's command line: the counts given (each above 0), `--out FILE`
+/// and `--logs DIR`.
+pub struct Args {
+    pub counts: BTreeMap<&'static str, usize>,
+    pub out: Option<PathBuf>,
+    pub logs: Option<PathBuf>,
+}
+
+/// Parses the command line of a driver that takes the count flags `counts`
+/// (e.g. `--runs N`), `--out FILE` and `--logs DIR`. `-h`/`--help` prints
+/// `usage` and exits 0; anything else prints it and exits 2.
+pub fn args(usage: &str, counts: &[&'static str]) -> Args {
+    let fail = |code: i32| -> ! {
+        eprintln!("{usage}");
+        std::process::exit(code);
+    };
+    let mut parsed = Args {
+        counts: BTreeMap::new(),
+        out: None,
+        logs: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if let Some(flag) = counts.iter().find(|f| **f == a) {
+            let n = args
+                .next()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or_else(|| fail(2));
+            parsed.counts.insert(flag, n);
+            continue;
+        }
+        match a.as_str() {
+            "--out" => parsed.out = Some(args.next().map(PathBuf::from).unwrap_or_else(|| fail(2))),
+            "--logs" => {
+                parsed.logs = Some(args.next().map(PathBuf::from).unwrap_or_else(|| fail(2)))
+            }
+            "-h" | "--help" => fail(0),
+            _ => fail(2),
+        }
+    }
+    parsed
+}
+
+/// Keeps a run's agent log as `<logs>/<name>.log` when `logs` is given,
+/// then checks the run succeeded (its last log lines otherwise).
+pub fn kept_and_succeeded(
+    out: &std::process::Output,
+    logs: Option<&Path>,
+    name: &str,
+    what: &str,
+    took: Duration,
+) {
+    if let Some(dir) = logs {
+        std::fs::create_dir_all(dir).expect("logs directory");
+        std::fs::write(dir.join(format!("{name}.log")), &out.stderr).expect("write agent log");
+    }
+    assert!(
+        out.status.success(),
+        "{what}: kubeboot bootstrap exited {:?} after {took:?}; last log lines:\n{}",
+        out.status.code(),
+        tail(&String::from_utf8_lossy(&out.stderr), 30)
+    );
+}
 
 pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -170,6 +236,25 @@ pub fn timeline(stderr: &str, spawned: SystemTime) -> Vec<(String, Duration)> {
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A cluster of one control plane and `workers` workers, initialized
+/// (untimed) by the control plane with the full stand-in, and moto warmed
+/// up: what every timed worker run starts from.
+pub async fn initialized_cluster(workers: usize) -> SimCluster {
+    let sim = SimCluster::start(1, workers).await;
+    let setup = sim.bootstrap(&[0]).await;
+    assert!(
+        setup.iter().all(|r| r.code == Some(0)),
+        "the control plane did not initialize the cluster:\n{}",
+        setup
+            .iter()
+            .map(|r| tail(&r.stderr, 30))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    warm_up_moto(&sim).await;
+    sim
 }
 
 /// First use of a service in a fresh moto_server costs moto, not the agent,

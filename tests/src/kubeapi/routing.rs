@@ -1,0 +1,86 @@
+//! Routing
+
+use super::replies::Reply;
+use super::{Resource, RESOURCES};
+
+#[derive(Debug)]
+pub(super) enum Route {
+    Version,
+    Health,
+    ApiVersions,
+    ResourceList,
+    /// `ns` empty: cluster-scoped, or namespaced across all namespaces.
+    Collection {
+        res: &'static Resource,
+        ns: String,
+    },
+    Object {
+        res: &'static Resource,
+        ns: String,
+        name: String,
+        sub: Option<String>,
+    },
+}
+
+pub(super) fn resource(plural: &str) -> Option<&'static Resource> {
+    RESOURCES.iter().find(|r| r.plural == plural)
+}
+
+pub(super) fn not_found_path() -> Reply {
+    Reply::status(
+        404,
+        "NotFound",
+        "the server could not find the requested resource".into(),
+        None,
+    )
+}
+
+pub(super) fn route(path: &str) -> Result<Route, Reply> {
+    let path = path.trim_end_matches('/');
+    match path {
+        "/version" => return Ok(Route::Version),
+        "/readyz" | "/livez" | "/healthz" => return Ok(Route::Health),
+        "/api" => return Ok(Route::ApiVersions),
+        "/api/v1" => return Ok(Route::ResourceList),
+        _ => {}
+    }
+    let rest = path.strip_prefix("/api/v1/").ok_or_else(not_found_path)?;
+    let segs: Vec<&str> = rest.split('/').collect();
+    let found = |plural: &str| resource(plural).ok_or_else(not_found_path);
+    match segs.as_slice() {
+        ["namespaces", ns, plural, tail @ ..] if !tail.is_empty() || resource(plural).is_some() => {
+            let res = found(plural)?;
+            if !res.namespaced {
+                return Err(not_found_path());
+            }
+            let ns = ns.to_string();
+            match tail {
+                [] => Ok(Route::Collection { res, ns }),
+                [name, sub @ ..] if sub.len() <= 1 => Ok(Route::Object {
+                    res,
+                    ns,
+                    name: name.to_string(),
+                    sub: sub.first().map(|s| s.to_string()),
+                }),
+                _ => Err(not_found_path()),
+            }
+        }
+        [plural] => Ok(Route::Collection {
+            res: found(plural)?,
+            ns: String::new(),
+        }),
+        [plural, name, sub @ ..] if sub.len() <= 1 => {
+            let res = found(plural)?;
+            if res.namespaced {
+                return Err(not_found_path());
+            }
+            Ok(Route::Object {
+                res,
+                ns: String::new(),
+                name: name.to_string(),
+                sub: sub.first().map(|s| s.to_string()),
+            })
+        }
+        _ => Err(not_found_path()),
+    }
+}
