@@ -1128,8 +1128,6 @@ fn stale_part(need: Refresh, with_certs: bool) -> Option<Wants> {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Lock(e) => e.entry(),
             E::Registry(e) => e.entry(),

@@ -796,8 +796,6 @@ pub fn epoch_ms(t: SystemTime) -> u64 {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Read { .. } => &crate::catalogue::CERT_READ,
             E::Parse { .. } => &crate::catalogue::CERT_PARSE,
@@ -818,6 +816,9 @@ impl crate::catalogue::Coded for self::Error {
                     .into(),
             ),
             Error::Kubeadm(e) => e.detail(),
+            // Whether removing this member keeps quorum could not be judged:
+            // what etcd's own failure says to check comes first.
+            Error::QuorumUnknown(e) | Error::EtcdAfterRestart(e) => Some(e.hint()),
             _ => None,
         }
     }

@@ -368,8 +368,6 @@ impl Answered {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Refused { .. } => &crate::catalogue::STACK_SIGNAL_REFUSED,
             E::Unavailable { .. } => &crate::catalogue::STACK_SIGNAL_UNAVAILABLE,

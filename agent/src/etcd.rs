@@ -707,8 +707,6 @@ pub fn join_plan(health: &[Health], own_peer_url: &str) -> (Vec<Stale>, Result<(
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Certificate { .. } => &crate::catalogue::ETCD_CERTIFICATE,
             E::Connect { .. } => &crate::catalogue::ETCD_CONNECT,

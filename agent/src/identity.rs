@@ -320,8 +320,6 @@ impl crate::config::UserDataSource for UserDataFromImds {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Endpoint { .. } => &crate::catalogue::IMDS_ENDPOINT,
             E::Request { .. } => &crate::catalogue::IMDS_REQUEST,

@@ -347,8 +347,6 @@ fn api_error(operation: &'static str, object: &str, e: &kube::Error) -> Error {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Kubeconfig { .. } => &crate::catalogue::KUBE_KUBECONFIG,
             E::Api {

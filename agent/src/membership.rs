@@ -351,8 +351,6 @@ pub fn render_text(members: &[MemberView], orphans: &[MemberRecord]) -> String {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Etcd(e) => e.entry(),
             E::Registry(e) => e.entry(),

@@ -140,8 +140,6 @@ pub fn judge(health: &[Health], id: u64, context: Context) -> Result<Removal, Re
 impl crate::catalogue::Coded for self::Refusal {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Refusal as R;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             R::NotAMember { .. } => &crate::catalogue::MEMBER_NOT_A_MEMBER,
             R::LastVoter { .. } => &crate::catalogue::MEMBER_LAST_VOTER,

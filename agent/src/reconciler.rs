@@ -209,8 +209,6 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Ec2(e) => e.entry(),
             E::Membership(e) => e.entry(),

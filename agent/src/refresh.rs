@@ -225,8 +225,6 @@ pub async fn run_once<S: RegistryStore>(
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Registry(e) => e.entry(),
             E::JoinMaterial(e) => e.entry(),

@@ -311,8 +311,6 @@ pub fn to_json(s: &Status) -> serde_json::Value {
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             self::Error::Lock { .. } => &crate::catalogue::STATUS_LOCK_READ,
             self::Error::Registry(e) => e.entry(),

@@ -317,8 +317,6 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Level(_) => &crate::catalogue::LOG_LEVEL,
             E::AlreadyInitialized => &crate::catalogue::LOG_TWICE,

@@ -213,8 +213,6 @@ client!(
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             self::Error::ImdsEndpoint { .. } => &crate::catalogue::AWS_IMDS_ENDPOINT,
         }

@@ -216,8 +216,6 @@ pub struct Layer {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Invalid { .. } => &crate::catalogue::CONFIG_INVALID,
             E::Read { .. } => &crate::catalogue::CONFIG_READ,
@@ -233,8 +231,6 @@ impl crate::catalogue::Coded for self::Error {
 impl crate::catalogue::Coded for self::ProblemKind {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::ProblemKind as K;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             K::Syntax => &crate::catalogue::CONFIG_SYNTAX,
             K::UnknownKey => &crate::catalogue::CONFIG_UNKNOWN_KEY,
@@ -251,8 +247,6 @@ impl crate::catalogue::Coded for self::ProblemKind {
 
 impl crate::catalogue::Coded for self::Problem {
     fn entry(&self) -> &'static crate::catalogue::Entry {
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         self.kind.entry()
     }
 }

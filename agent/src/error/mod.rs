@@ -79,8 +79,6 @@ impl Error {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Config(e) => e.entry(),
             E::Telemetry(e) => e.entry(),

@@ -352,8 +352,6 @@ impl JoinMaterial {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::{Error as E, Malformed as M};
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::CaCert { .. } => &crate::catalogue::JOIN_CA_CERT,
             E::Invalid { .. } => &crate::catalogue::JOIN_INVALID,

@@ -509,8 +509,6 @@ pub fn config_path(run_dir: &Path, command: &str) -> PathBuf {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Spawn { .. } => &crate::catalogue::KUBEADM_SPAWN,
             E::WriteConfig { .. } => &crate::catalogue::KUBEADM_WRITE_CONFIG,
@@ -522,10 +520,9 @@ impl crate::catalogue::Coded for self::Error {
 
     fn detail(&self) -> Option<String> {
         match self {
-            Error::TimedOut { command, .. } => Some(format!(
-                "raise timeouts.{} if the node is just slow",
-                timeout_key(command)
-            )),
+            Error::TimedOut { command, .. } => {
+                Some(format!("its timeout is timeouts.{}", timeout_key(command)))
+            }
             Error::Failed { hint, .. } => Some((*hint).to_string()),
             _ => None,
         }

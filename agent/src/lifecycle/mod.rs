@@ -171,8 +171,6 @@ async fn keep_hidden(
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Message { .. } => &crate::catalogue::LIFE_MESSAGE,
             E::AutoScaling(e) => e.entry(),

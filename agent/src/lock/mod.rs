@@ -246,8 +246,6 @@ fn new_rvn() -> String {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::{Error as E, StoreErrorClass as C};
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         match self {
             E::Timeout { .. } => &crate::catalogue::LOCK_TIMEOUT,
             E::Lost { .. } => &crate::catalogue::LOCK_LOST,
@@ -257,6 +255,15 @@ impl crate::catalogue::Coded for self::Error {
             },
             E::HolderAlive { .. } => &crate::catalogue::LOCK_HOLDER_ALIVE,
             E::NotHeld { .. } => &crate::catalogue::LOCK_NOT_HELD,
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Error::Timeout { purpose, .. } => Some(format!(
+                "the lock is `{purpose}` (`kubeboot lock release --purpose {purpose} --force`)"
+            )),
+            _ => None,
         }
     }
 }

@@ -606,8 +606,6 @@ impl<S: RegistryStore> Registry<S> {
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         use self::Error as E;
-        #[allow(unused_imports)]
-        use crate::catalogue::Coded;
         use crate::lock::StoreErrorClass as C;
         match self {
             // A refused fence is the lock lost, whoever noticed first.
