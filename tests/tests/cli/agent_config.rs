@@ -50,6 +50,17 @@ fn imds_settings(endpoint: &str, deadline: Duration) -> config::model::Imds {
     }
 }
 
+/// The configuration at `path` with the user-data IMDS serves, as a node
+/// loads it.
+async fn load_with_user_data(path: PathBuf) -> Result<config::Loaded, config::Error> {
+    let options = LoadOptions {
+        path,
+        user_data: UserData::FromImds,
+        env: vec![],
+    };
+    config::load_with(&options, &identity::UserDataFromImds).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn gzipped_multipart_user_data_from_imds_sets_the_role() {
     let imds = Imds::start().await;
@@ -58,14 +69,7 @@ async fn gzipped_multipart_user_data_from_imds_sets_the_role() {
     ))));
     let dir = tempfile::tempdir().expect("tempdir");
     let path = config_file(dir.path(), &imds.endpoint(), "");
-    let options = LoadOptions {
-        path,
-        user_data: UserData::FromImds,
-        env: vec![],
-    };
-    let loaded = config::load_with(&options, &identity::UserDataFromImds)
-        .await
-        .expect("config loads");
+    let loaded = load_with_user_data(path).await.expect("config loads");
     assert_eq!(loaded.config.node.role, Role::ControlPlane);
     assert_eq!(
         loaded.entries["node.role"].source.to_string(),
@@ -78,12 +82,7 @@ async fn no_user_data_at_all_is_not_an_error() {
     let imds = Imds::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = config_file(dir.path(), &imds.endpoint(), "[node]\nrole = \"worker\"\n");
-    let options = LoadOptions {
-        path,
-        user_data: UserData::FromImds,
-        env: vec![],
-    };
-    let loaded = config::load_with(&options, &identity::UserDataFromImds)
+    let loaded = load_with_user_data(path)
         .await
         .expect("config loads without user-data");
     assert_eq!(loaded.config.node.role, Role::Worker);
