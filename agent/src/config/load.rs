@@ -42,7 +42,7 @@ impl UserDataSource for NoUserDataSource {
     }
 }
 
-/// Everything [`load`] reads, made explicit so tests control it.
+/// Everything [`load_with`] reads, made explicit so tests control it.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub path: PathBuf,
@@ -61,8 +61,10 @@ impl LoadOptions {
     }
 }
 
-/// Reads every source but IMDS user-data (`UserData::FromImds` fails), merges and validates.
-pub async fn load(opts: &LoadOptions) -> Result<Loaded, Error> {
+/// Reads every source but IMDS user-data, merges and validates: for callers
+/// off a node (tests, `--user-data FILE`). `UserData::FromImds` fails here
+/// (KB-CONFIG-004); a node loads with [`load_with`] and the IMDS client.
+pub async fn load_offline(opts: &LoadOptions) -> Result<Loaded, Error> {
     load_with(opts, &NoUserDataSource).await
 }
 

@@ -24,8 +24,8 @@ mod parse;
 mod show;
 
 pub use load::{
-    drop_ins, imds_settings, load, load_with, FetchError, LoadOptions, NoUserDataSource, UserData,
-    UserDataSource,
+    drop_ins, imds_settings, load_offline, load_with, FetchError, LoadOptions, NoUserDataSource,
+    UserData, UserDataSource,
 };
 pub use merge::{merge, Loaded};
 pub use model::{Config, MetricsSink, Role};

@@ -608,7 +608,7 @@ mod load {
             user_data: UserData::File(ud),
             env: vec![],
         };
-        let loaded = load(&opts).await.unwrap();
+        let loaded = load_offline(&opts).await.unwrap();
         assert_eq!(
             loaded.config.daemon.period,
             std::time::Duration::from_secs(20)
@@ -627,7 +627,7 @@ mod load {
             user_data: UserData::Skip,
             env: vec![],
         };
-        let err = load(&opts).await.unwrap_err();
+        let err = load_offline(&opts).await.unwrap_err();
         assert!(err.is_usage());
         assert!(err.hint().contains("KUBEBOOT_CONFIG"), "{}", err.hint());
     }
@@ -645,7 +645,7 @@ mod load {
             "ud",
             &format!("Content-Type: multipart/mixed; boundary=B\n\n{part}{part}--B--\n"),
         );
-        let err = load(&LoadOptions {
+        let err = load_offline(&LoadOptions {
             path,
             user_data: UserData::File(ud),
             env: vec![],

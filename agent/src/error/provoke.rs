@@ -86,7 +86,7 @@ async fn load_text(
         }
         None => UserData::Skip,
     };
-    config::load(&LoadOptions {
+    config::load_offline(&LoadOptions {
         path,
         user_data,
         env: env
@@ -145,7 +145,7 @@ async fn every_kind_of_configuration_problem_has_its_code() {
 #[tokio::test]
 async fn unreadable_configuration_sources_have_their_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let missing = config::load(&LoadOptions {
+    let missing = config::load_offline(&LoadOptions {
         path: dir.path().join("nope.toml"),
         user_data: UserData::Skip,
         env: vec![],

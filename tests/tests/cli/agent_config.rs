@@ -164,7 +164,7 @@ async fn sdk_clients_use_the_instance_role_and_reach_moto() {
         moto.endpoint()
     );
     let path = config_file(dir.path(), &imds.endpoint(), &extra);
-    let loaded = config::load(&LoadOptions {
+    let loaded = config::load_offline(&LoadOptions {
         path,
         user_data: UserData::Skip,
         env: vec![],

@@ -465,7 +465,7 @@ async fn node(role: &str, table: &str) -> Node {
         ),
     )
     .expect("config");
-    let loaded = kubeboot::config::load(&kubeboot::config::LoadOptions {
+    let loaded = kubeboot::config::load_offline(&kubeboot::config::LoadOptions {
         path,
         user_data: kubeboot::config::UserData::Skip,
         env: vec![],

@@ -465,11 +465,13 @@ fn node_config(s: &Stack, role: Role) -> kubeboot::config::Config {
         .build()
         .expect("runtime");
     let loaded = rt
-        .block_on(kubeboot::config::load(&kubeboot::config::LoadOptions {
-            path: config,
-            user_data: kubeboot::config::UserData::File(user_data),
-            env: vec![],
-        }))
+        .block_on(kubeboot::config::load_offline(
+            &kubeboot::config::LoadOptions {
+                path: config,
+                user_data: kubeboot::config::UserData::File(user_data),
+                env: vec![],
+            },
+        ))
         .unwrap_or_else(|e| panic!("{role:?} user-data is refused by the agent: {e}"));
     loaded.config
 }
