@@ -536,7 +536,7 @@ pub fn render_list() -> String {
 pub fn markdown() -> String {
     let mut out = String::from(
         "<!-- Generated from agent/src/catalogue.rs: do not edit. Regenerate with\n     \
-         KBTEST_BLESS=1 cargo test -p kubeboot --test errors -->\n\
+         KBTEST_BLESS=1 cargo test -p kubeboot --test agent errors:: -->\n\
          # kubeboot error codes\n\n\
          Every failure kubeboot reports carries a stable code `KB-<AREA>-<NNN>`: in JSON logs the \
          error line's `code` field, in text logs a `[KB-...]` prefix on the message, next to the \
