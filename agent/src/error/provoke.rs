@@ -319,7 +319,7 @@ async fn an_unwritable_run_dir_has_its_code() {
 }
 
 // ---------------------------------------------------------------------------
-// etcd (requests and confirmation need a real etcd: tests/tests/error_codes.rs)
+// etcd (requests and confirmation need a real etcd: tests/tests/cli/error_codes.rs)
 
 fn etcd_settings(scheme: config::model::EtcdScheme, pki_dir: PathBuf) -> crate::etcd::Settings {
     crate::etcd::Settings {
