@@ -4,7 +4,7 @@
 #   scripts/test.sh
 #
 # Steps: setup (idempotent) -> rustfmt check -> clippy -D warnings -> shellcheck
-# -> rust-version check (scripts/check-msrv.sh) -> module graph check (scripts/modules.py) -> cfn-lint + checkov on infra/ -> build the binaries the integration tests start -> all tests (nextest).
+# -> rust-version check (scripts/check-msrv.sh) -> module graph check (scripts/modules.py) -> cfn-lint + checkov on infra/ -> build the binaries the integration tests start and the tests -> all tests (nextest).
 set -euo pipefail
 
 root_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,8 +57,11 @@ python3 scripts/modules.py check
 step "infra templates: cfn-lint and checkov"
 scripts/lint-infra.sh
 
-step "build binaries used by the tests"
-cargo build --workspace --bins --locked
+# The binaries and the tests in one build: the tests' dev-dependencies turn
+# on tokio's test-util, and a build of the binaries alone would compile tokio
+# and every crate above it (the AWS SDKs, kube) a second time for the tests.
+step "build the binaries the tests start, and the tests"
+cargo build --workspace --bins --tests --locked
 
 step "tests"
 profile=default
