@@ -84,19 +84,7 @@ where
     E: Classify + Display,
 {
     let last = std::sync::Mutex::new(None::<String>);
-    let attempt = std::sync::atomic::AtomicUsize::new(1);
-    let run = op
-        .retry(policy.builder())
-        .sleep(tokio::time::sleep)
-        .when(|e: &E| e.retry_class() == RetryClass::Transient)
-        .notify(|e: &E, delay: Duration| {
-            let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if let Ok(mut l) = last.lock() {
-                *l = Some(e.to_string());
-            }
-                        tracing::warn!(what, attempt = n, max_attempts = policy.max_attempts, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
-            crate::metrics::record(crate::metrics::RETRIES, 1.0, &[("Kind", "wait")]);
-        });
+    let run = retry_loop(what, policy, Some(&last), op);
     match policy.deadline {
         None => run.await.map_err(RetryError::Failed),
         Some(deadline) => match tokio::time::timeout(deadline, run).await {
@@ -108,6 +96,91 @@ where
             }),
         },
     }
+}
+
+/// The attempts of [`with_retries`], without its deadline. Each retry is
+/// logged, counted in the `Retries` metric and its error kept in `last`.
+async fn retry_loop<T, E, F, Fut>(
+    what: &'static str,
+    policy: &WaitPolicy,
+    last: Option<&std::sync::Mutex<Option<String>>>,
+    op: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Classify + Display,
+{
+    let attempt = std::sync::atomic::AtomicUsize::new(1);
+    op.retry(policy.builder())
+        .sleep(tokio::time::sleep)
+        .when(|e: &E| e.retry_class() == RetryClass::Transient)
+        .notify(|e: &E, delay: Duration| {
+            let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(Ok(mut l)) = last.map(|l| l.lock()) {
+                *l = Some(e.to_string());
+            }
+            tracing::warn!(what, attempt = n, max_attempts = policy.max_attempts, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
+            crate::metrics::record(crate::metrics::RETRIES, 1.0, &[("Kind", "wait")]);
+        })
+        .await
+}
+
+/// One failed attempt of a loop whose errors are already its own: `Again`
+/// is worth another attempt, `Stop` ends the loop with it.
+#[derive(Debug)]
+pub enum Attempt<E> {
+    Again(E),
+    Stop(E),
+}
+
+impl<E> Attempt<E> {
+    fn into_inner(self) -> E {
+        match self {
+            Attempt::Again(e) | Attempt::Stop(e) => e,
+        }
+    }
+}
+
+impl<E> Classify for Attempt<E> {
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            Attempt::Again(_) => RetryClass::Transient,
+            Attempt::Stop(_) => RetryClass::Permanent,
+        }
+    }
+}
+
+impl<E: Display> Display for Attempt<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Again(e) | Attempt::Stop(e) => e.fmt(f),
+        }
+    }
+}
+
+/// [`with_retries`] for a short loop bounded by its attempts alone (no
+/// deadline): the last error is the loop's error, as it was.
+pub async fn with_attempts<T, E, F, Fut>(
+    what: &'static str,
+    first_delay: Duration,
+    max_attempts: usize,
+    op: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Attempt<E>>>,
+    E: Display,
+{
+    let policy = WaitPolicy {
+        first_delay,
+        max_delay: first_delay * 16,
+        max_attempts,
+        deadline: None,
+    };
+    retry_loop(what, &policy, None, op)
+        .await
+        .map_err(Attempt::into_inner)
 }
 
 /// SDK retry settings: standard mode, attempts and backoff from `[aws]`.

@@ -6,7 +6,7 @@ use super::{
     StoreErrorClass, WallClock,
 };
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -256,58 +256,54 @@ impl Guard {
         // again with what is there, while the record is still this guard's
         // (our owner *and* our fence: a takeover, even by another loop of
         // this process, bumps the fence).
-        let mut rvn = rvn;
-        let mut last_error = None;
-        for attempt in 0..RELEASE_ATTEMPTS {
-            match self.release.release(&self.owner, &rvn, wall).await {
+        use crate::retry::Attempt::{Again, Stop};
+        let rvn = std::sync::Mutex::new(rvn);
+        let store_error = |source| Error::Store {
+            purpose: self.purpose,
+            source,
+        };
+        crate::retry::with_attempts("release lock", RELEASE_FIRST_DELAY, RELEASE_ATTEMPTS, || async {
+            let current = rvn.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let failed = match self.release.release(&self.owner, &current, wall).await {
                 Ok(true) => {
                     tracing::info!(lock = %self.purpose, fence = self.fence, "lock released");
                     return Ok(());
                 }
-                Ok(false) => {}
+                // The record moved (a renewal in flight): read it back.
+                Ok(false) => None,
                 Err(e) if e.class == StoreErrorClass::Permanent => {
-                    return Err(Error::Store {
-                        purpose: self.purpose,
-                        source: e,
-                    })
+                    return Err(Stop(store_error(e)))
                 }
-                Err(e) => {
-                    // A transaction conflict (the registry's fence check
-                    // reading this item) or throttling passes in moments;
-                    // attempts back to back would all meet it.
-                    last_error = Some(e);
-                    if attempt + 1 < RELEASE_ATTEMPTS {
-                        tokio::time::sleep(RELEASE_BACKOFF * (1 << attempt)).await;
-                    }
-                }
-            }
+                // A transaction conflict (the registry's fence check reading
+                // this item) or throttling passes in moments: read back, and
+                // try again after a pause unless the release had applied.
+                Err(e) => Some(e),
+            };
             match self.release.read().await {
                 Ok(Some(item))
                     if item.owner == self.owner && item.fence == self.fence && !item.released =>
                 {
-                    rvn = item.rvn
+                    *rvn.lock().unwrap_or_else(PoisonError::into_inner) = item.rvn;
+                    Err(Again(store_error(failed.unwrap_or(StoreError {
+                        class: StoreErrorClass::Transient,
+                        operation: "release lock",
+                        message: format!(
+                            "the lock record moved under the release; still ours after {RELEASE_ATTEMPTS} attempts, it expires after its lease"
+                        ),
+                    }))))
                 }
-                Ok(_) => return Ok(()),
-                Err(e) => last_error = Some(e),
+                Ok(_) => Ok(()),
+                Err(e) => Err(Again(store_error(e))),
             }
-        }
-        Err(Error::Store {
-            purpose: self.purpose,
-            source: last_error.unwrap_or(StoreError {
-                class: StoreErrorClass::Transient,
-                operation: "release lock",
-                message: format!(
-                    "still ours after {RELEASE_ATTEMPTS} attempts; it expires after its lease"
-                ),
-            }),
         })
+        .await
     }
 }
 
-/// Attempts of a release before it is left to expire with its lease.
-const RELEASE_ATTEMPTS: u32 = 3;
-/// Wait after a release that failed transiently, doubled each time.
-const RELEASE_BACKOFF: Duration = Duration::from_millis(100);
+/// Attempts of a release before it is left to expire with its lease, and
+/// the pause after the first, doubled each time.
+const RELEASE_ATTEMPTS: usize = 3;
+const RELEASE_FIRST_DELAY: Duration = Duration::from_millis(100);
 
 impl Drop for Guard {
     fn drop(&mut self) {

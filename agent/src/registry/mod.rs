@@ -549,59 +549,57 @@ impl<S: RegistryStore> Registry<S> {
         R: Fn() -> RF,
         RF: Future<Output = Result<bool, Error>>,
     {
-        const ATTEMPTS: u32 = 5;
-        let mut last = None;
-        for attempt in 0..ATTEMPTS {
+        use crate::retry::Attempt::{Again, Stop};
+        crate::retry::with_attempts(operation, FENCED_FIRST_DELAY, FENCED_ATTEMPTS, || async {
             match write().await {
-                Ok(WriteResult::Applied) => return Ok(()),
+                Ok(WriteResult::Applied) => Ok(()),
                 Ok(WriteResult::FenceRejected) => {
                     guard.mark_lost(format!(
                         "{operation} was refused: fence {} is stale",
                         fence.value
                     ));
-                    return Err(Error::LockLost { operation, fence });
+                    Err(Stop(Error::LockLost { operation, fence }))
                 }
                 Ok(WriteResult::ConditionFailed) => {
-                    if read_back().await? {
+                    if read_back().await.map_err(Stop)? {
                         tracing::info!(
                             operation,
                             "condition failed against our own earlier attempt (read back)"
                         );
                         return Ok(());
                     }
-                    return Err(Error::Conflict {
+                    Err(Stop(Error::Conflict {
                         operation,
                         reason: "the record is not in the expected state".into(),
-                    });
+                    }))
                 }
-                Err(e) if e.class == StoreErrorClass::Permanent => {
-                    return Err(Error::Store {
-                        operation,
-                        source: e,
-                    })
-                }
+                Err(e) if e.class == StoreErrorClass::Permanent => Err(Stop(Error::Store {
+                    operation,
+                    source: e,
+                })),
                 Err(e) => {
-                    if read_back().await? {
+                    if read_back().await.map_err(Stop)? {
                         tracing::info!(operation, error = %e, "write reported failure but had applied (read back)");
                         return Ok(());
                     }
-                    tracing::warn!(operation, error = %e, attempt, "write did not apply (read back); writing again");
-                    guard.fence()?;
-                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
-                    last = Some(e);
+                    // Provably not applied: another attempt, while the lock is ours.
+                    guard.fence().map_err(|e| Stop(e.into()))?;
+                    Err(Again(Error::Store {
+                        operation,
+                        source: e,
+                    }))
                 }
             }
-        }
-        Err(Error::Store {
-            operation,
-            source: last.unwrap_or(StoreError {
-                class: StoreErrorClass::Transient,
-                operation,
-                message: "gave up".into(),
-            }),
         })
+        .await
     }
 }
+
+/// Attempts of a fenced write whose answer said it did not apply (read
+/// back), and the pause after the first, doubled each time: a transaction
+/// conflict or throttling passes in moments.
+const FENCED_ATTEMPTS: usize = 5;
+const FENCED_FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl crate::catalogue::Coded for self::Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
