@@ -59,8 +59,15 @@ pub fn kubeboot_bin() -> PathBuf {
     if std::env::var_os("KBTEST_KUBEBOOT_BIN").is_none() {
         let built = modified(&path);
         let agent = workspace_root().join("agent");
-        let source =
-            newest_modification(&agent.join("src")).max(modified(&agent.join("Cargo.toml")));
+        // Cargo's dep-info names exactly the files the binary was built from,
+        // so a test-only module (or a test) edited since does not count; a
+        // build without one falls back to every file under agent/src.
+        let source = match built_from(&path) {
+            Some(files) => files.iter().map(|f| modified(f)).max(),
+            None => Some(newest_modification(&agent.join("src"))),
+        }
+        .unwrap_or(std::time::UNIX_EPOCH)
+        .max(modified(&agent.join("Cargo.toml")));
         assert!(
             built >= source,
             "agent binary {} is older than the agent's sources: run `cargo build --bins` \
@@ -94,6 +101,40 @@ fn assert_test_build(path: &Path) {
     );
 }
 
+/// The source files cargo's dep-info (`<binary>.d`, beside the binary) says
+/// the binary was built from; `None` when there is no readable dep-info.
+fn built_from(binary: &Path) -> Option<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(binary.with_extension("d")).ok()?;
+    let (_, deps) = text.lines().next()?.split_once(": ")?;
+    Some(parse_dep_list(deps))
+}
+
+/// Splits a make-style dependency list: spaces separate paths, `\ ` is a
+/// space inside one.
+fn parse_dep_list(deps: &str) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    let mut current = String::new();
+    let mut chars = deps.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&' ') => {
+                current.push(' ');
+                chars.next();
+            }
+            ' ' => {
+                if !current.is_empty() {
+                    paths.push(PathBuf::from(std::mem::take(&mut current)));
+                }
+            }
+            _ => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        paths.push(PathBuf::from(current));
+    }
+    paths
+}
+
 fn modified(path: &Path) -> std::time::SystemTime {
     std::fs::metadata(path)
         .and_then(|m| m.modified())
@@ -116,4 +157,21 @@ fn newest_modification(dir: &Path) -> std::time::SystemTime {
         newest = newest.max(t);
     }
     newest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dep_list_keeps_escaped_spaces_inside_a_path() {
+        assert_eq!(
+            parse_dep_list("/a/b.rs /my\\ dir/c.rs  /d.rs"),
+            vec![
+                PathBuf::from("/a/b.rs"),
+                PathBuf::from("/my dir/c.rs"),
+                PathBuf::from("/d.rs")
+            ]
+        );
+    }
 }
