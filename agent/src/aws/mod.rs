@@ -14,7 +14,9 @@
 
 pub mod autoscaling;
 pub mod ec2;
+pub mod secrets;
 pub mod sqs;
+pub mod ssm;
 
 use crate::config::{model, Config};
 use aws_config::environment::EnvironmentVariableCredentialsProvider;

@@ -173,6 +173,28 @@ impl Classify for Error {
     }
 }
 
+impl From<crate::aws::secrets::Error> for Error {
+    fn from(e: crate::aws::secrets::Error) -> Self {
+        Error::SecretsManager {
+            operation: e.operation,
+            secret: e.secret,
+            class: e.class,
+            message: e.message,
+        }
+    }
+}
+
+impl From<crate::aws::ssm::Error> for Error {
+    fn from(e: crate::aws::ssm::Error) -> Self {
+        Error::Ssm {
+            operation: e.operation,
+            parameter: e.parameter,
+            class: e.class,
+            message: e.message,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The material
 

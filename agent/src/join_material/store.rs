@@ -4,22 +4,21 @@
 use super::wire::{decode_key_wire, decode_wire, encode_key_wire, encode_wire, epoch_ms};
 use super::{Error, JoinMaterial, Malformed, SSM_CA_CERT_HASHES, SSM_ENDPOINT};
 use crate::aws;
+use crate::aws::secrets::Secrets;
+use crate::aws::ssm::Parameters;
 use crate::config::Config;
 use crate::lock::Guard;
 use crate::registry::{JoinPointer, Registry, RegistryStore};
-use crate::retry::classify_sdk_error;
 use crate::secret::Secret;
 use aws_config::SdkConfig;
-use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use std::time::{Duration, SystemTime};
 
 /// Reads and publishes join material: Secrets Manager for the secrets, SSM
 /// for discovery values, the registry's fenced pointer for "which is current".
 #[derive(Debug, Clone)]
 pub struct JoinStore {
-    secrets: aws_sdk_secretsmanager::Client,
-    ssm: aws_sdk_ssm::Client,
+    secrets: Secrets,
+    ssm: Parameters,
     secret_name: String,
     key_secret_name: String,
     ssm_prefix: String,
@@ -71,23 +70,12 @@ impl JoinStore {
         key_secret_name: impl Into<String>,
         ssm_prefix: impl Into<String>,
     ) -> Self {
-        // SSM answers `TooManyUpdates` to a parameter updated in quick
-        // succession, which the SDK's default classifiers do not retry: let
-        // the SDK's own retry strategy treat it as throttling.
-        let ssm = aws_sdk_ssm::Client::from_conf(
-            aws_sdk_ssm::Client::config(&ssm)
-                .to_builder()
-                .retry_classifier(crate::retry::ThrottlingCodes::<
-                    aws_sdk_ssm::operation::put_parameter::PutParameterError,
-                >::new(crate::retry::SSM_THROTTLING_CODES))
-                .build(),
-        );
         JoinStore {
             discovery_written: Default::default(),
             request_tokens: Default::default(),
             repair_backoff: Default::default(),
-            secrets,
-            ssm,
+            secrets: Secrets::new(secrets),
+            ssm: Parameters::new(ssm),
             secret_name: secret_name.into(),
             key_secret_name: key_secret_name.into(),
             ssm_prefix: ssm_prefix.into(),
@@ -387,16 +375,9 @@ impl JoinStore {
     /// The body of one secret version, as a [`Secret`].
     async fn get_secret(&self, which: Which, version: &str) -> Result<Secret<String>, Error> {
         let name = self.name(which);
-        let out = self
-            .secrets
-            .get_secret_value()
-            .secret_id(name)
-            .version_id(version)
-            .send()
-            .await
-            .map_err(|e| self.secrets_error(which, "GetSecretValue", &e))?;
-        out.secret_string
-            .map(Secret::new)
+        self.secrets
+            .get_string(name, version)
+            .await?
             .ok_or_else(|| Error::Malformed {
                 secret: name.to_string(),
                 version: version.to_string(),
@@ -404,65 +385,26 @@ impl JoinStore {
             })
     }
 
-    /// Writes a new version of one secret and returns its VersionId.
+    /// Writes a new version of one secret (creating the secret on its first
+    /// write) and returns its VersionId.
     async fn put_secret(
         &self,
         which: Which,
         body: &Secret<String>,
         seq: u64,
     ) -> Result<String, Error> {
-        let name = self.name(which);
         // One token per content: the SDK's retries, the fallback put after
         // a concurrent create and the caller's step retries of the same
         // publication are then idempotent.
         let request_token = self.request_token(which, body, seq);
-        let put = || {
-            self.secrets
-                .put_secret_value()
-                .secret_id(name)
-                .client_request_token(&request_token)
-                .secret_string(body.expose())
-                .send()
+        let description = match which {
+            Which::Token => "kubeboot join material: bootstrap token, endpoint, CA pins (the registry's join pointer names the current version)",
+            Which::Key => "kubeboot certificate key for control-plane joins; control-plane role only (the registry's join pointer names the current version)",
         };
-        let version = match put().await {
-            Ok(out) => out.version_id,
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
-            {
-                tracing::info!(secret = %name, "join secret does not exist yet; creating it");
-                let description = match which {
-                    Which::Token => "kubeboot join material: bootstrap token, endpoint, CA pins (the registry's join pointer names the current version)",
-                    Which::Key => "kubeboot certificate key for control-plane joins; control-plane role only (the registry's join pointer names the current version)",
-                };
-                let created = self
-                    .secrets
-                    .create_secret()
-                    .name(name)
-                    .description(description)
-                    .client_request_token(&request_token)
-                    .secret_string(body.expose())
-                    .send()
-                    .await;
-                match created {
-                    Ok(out) => out.version_id,
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|s| s.is_resource_exists_exception()) =>
-                    {
-                        // Another publisher created it first: put our version.
-                        put()
-                            .await
-                            .map_err(|e| self.secrets_error(which, "PutSecretValue", &e))?
-                            .version_id
-                    }
-                    Err(e) => return Err(self.secrets_error(which, "CreateSecret", &e)),
-                }
-            }
-            Err(e) => return Err(self.secrets_error(which, "PutSecretValue", &e)),
-        };
-        // Secrets Manager uses the ClientRequestToken as the VersionId.
-        Ok(version.unwrap_or(request_token))
+        Ok(self
+            .secrets
+            .put(self.name(which), &request_token, body, description)
+            .await?)
     }
 
     /// The ClientRequestToken for writing `body` to secret `which`: the one
@@ -499,39 +441,7 @@ impl JoinStore {
     }
 
     async fn put_parameter(&self, name: &str, value: &str) -> Result<(), Error> {
-        let parameter = self.parameter(name);
-        self.ssm
-            .put_parameter()
-            .name(&parameter)
-            .value(value)
-            .r#type(aws_sdk_ssm::types::ParameterType::String)
-            .overwrite(true)
-            .send()
-            .await
-            .map_err(|e| Error::Ssm {
-                operation: "PutParameter",
-                class: classify_sdk_error(&e),
-                message: DisplayErrorContext(&e).to_string(),
-                parameter,
-            })?;
-        Ok(())
-    }
-
-    fn secrets_error<E>(
-        &self,
-        which: Which,
-        operation: &'static str,
-        e: &SdkError<E, HttpResponse>,
-    ) -> Error
-    where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-    {
-        Error::SecretsManager {
-            operation,
-            secret: self.name(which).to_string(),
-            class: classify_sdk_error(e),
-            message: DisplayErrorContext(e).to_string(),
-        }
+        Ok(self.ssm.put_string(&self.parameter(name), value).await?)
     }
 }
 
