@@ -84,6 +84,16 @@ impl Path {
     }
 }
 
+/// Whether `previous` ran `kubeadm init` for a generation that did not
+/// become the cluster's: the initialized cluster was begun by another run.
+/// Its local etcd is a one-member cluster of its own, never to be adopted.
+fn abandoned_init(previous: &Checkpoint, state: &crate::registry::ClusterState) -> bool {
+    previous.path == Some(Path::Init)
+        && previous.kubeadm_started
+        && state.phase == Phase::Initialized
+        && state.init_run_id.as_deref() != Some(previous.run_id.as_str())
+}
+
 /// The local checkpoint (`<state_dir>/bootstrap.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -392,9 +402,11 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             tracing::info!("an earlier attempt joined this worker; waiting for readiness only");
             checkpoint.kubeadm_started = true;
             checkpoint.joined = true;
-        } else if previous.as_ref().is_some_and(|c| c.kubeadm_started) {
-            if self.ctx.cfg.node.role == Role::ControlPlane && self.adopt_own_member().await? {
-                checkpoint.path = previous.as_ref().and_then(|c| c.path);
+        } else if let Some(previous) = previous.as_ref().filter(|c| c.kubeadm_started) {
+            if self.ctx.cfg.node.role == Role::ControlPlane
+                && self.adopt_own_member(previous).await?
+            {
+                checkpoint.path = previous.path;
                 checkpoint.done = true;
                 self.save_checkpoint(&checkpoint)?;
                 tracing::info!("an earlier attempt had finished joining; its member is adopted");
@@ -449,7 +461,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// (etcd can be slow after a reboot): only when the other recorded
     /// members answer without it is it gone. Otherwise bootstrap fails and
     /// systemd retries later.
-    async fn adopt_own_member(&self) -> Result<bool, Error> {
+    async fn adopt_own_member(&self, previous: &Checkpoint) -> Result<bool, Error> {
         let state = self
             .step("read the cluster state", Bound::Lock, || async {
                 Ok(self.ctx.registry.state().await?)
@@ -470,6 +482,13 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         // to come back: after a reboot the kubelet starts etcd late.
         let has_data = std::fs::read_dir(&self.ctx.cfg.paths.etcd_data_dir)
             .is_ok_and(|mut d| d.next().is_some());
+        if own_record.is_none() && abandoned_init(previous, &state) {
+            // This node's own `kubeadm init` made that data, and another
+            // node's init took the cluster over: its member can never be
+            // adopted, so there is nothing to wait the promotion window for.
+            tracing::warn!(generation = state.generation, "an earlier attempt of this node ran kubeadm init, and the cluster was initialized by another run: its local etcd data is of an abandoned generation; reset, not adopted");
+            return Ok(false);
+        }
         let wait = if own_record.is_some() || has_data {
             self.ctx.cfg.etcd.promote_timeout
         } else {
@@ -502,11 +521,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                     return Ok(false);
                 };
                 let id = crate::etcd::MemberHex(record.member_id).to_string();
-                let others: Vec<String> = records
-                    .iter()
-                    .filter(|r| &r.instance_id != me)
-                    .filter_map(|r| etcd::host_of(&r.peer_url).map(|h| settings.client_url(h)))
-                    .collect();
+                let others = self.others_client_urls(&records, &settings);
                 let keep = |reason: String| {
                     Err(Error::NotReady(format!(
                         "this node's etcd member {id} is recorded as the cluster's and did not answer within {} ({why}); {reason}: not resetting it",
@@ -530,6 +545,20 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 }
             }
         }
+    }
+
+    /// The client URLs of the members recorded for other instances.
+    fn others_client_urls(
+        &self,
+        records: &[MemberRecord],
+        settings: &etcd::Settings,
+    ) -> Vec<String> {
+        let me = &self.ctx.identity.instance_id;
+        records
+            .iter()
+            .filter(|r| &r.instance_id != me)
+            .filter_map(|r| etcd::host_of(&r.peer_url).map(|h| settings.client_url(h)))
+            .collect()
     }
 
     /// This node's own etcd member, confirmed (started, voting, healthy)
@@ -1157,6 +1186,50 @@ impl crate::catalogue::Coded for self::Error {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_an_init_of_this_node_that_another_run_replaced_is_abandoned() {
+        use super::{abandoned_init, Checkpoint, Path};
+        use crate::registry::{ClusterState, Phase};
+        let checkpoint = |path, kubeadm_started| Checkpoint {
+            run_id: "run-a".into(),
+            path: Some(path),
+            kubeadm_started,
+            joined: false,
+            done: false,
+        };
+        let state = |phase, init_run_id: &str| ClusterState {
+            phase,
+            generation: 2,
+            init_run_id: Some(init_run_id.into()),
+            ..ClusterState::uninitialized()
+        };
+        let initialized_by_b = state(Phase::Initialized, "run-b");
+        // Ours ran init, another run's init became the cluster.
+        assert!(abandoned_init(
+            &checkpoint(Path::Init, true),
+            &initialized_by_b
+        ));
+        // Our own init became the cluster: its data is the cluster's.
+        assert!(!abandoned_init(
+            &checkpoint(Path::Init, true),
+            &state(Phase::Initialized, "run-a")
+        ));
+        // A join (its member may be the cluster's, unrecorded) or an init
+        // that never started kubeadm, or a cluster not initialized yet.
+        assert!(!abandoned_init(
+            &checkpoint(Path::ControlPlaneJoin, true),
+            &initialized_by_b
+        ));
+        assert!(!abandoned_init(
+            &checkpoint(Path::Init, false),
+            &initialized_by_b
+        ));
+        assert!(!abandoned_init(
+            &checkpoint(Path::Init, true),
+            &state(Phase::Initializing, "run-b")
+        ));
+    }
+
     #[test]
     fn workers_ask_only_for_a_token_and_control_planes_for_what_runs_out() {
         use super::{stale_part, Refresh};

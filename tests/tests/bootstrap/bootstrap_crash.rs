@@ -185,8 +185,10 @@ fn etcd_pid(sim: &SimCluster, node: usize) -> i32 {
 /// Before: a node whose `kubeadm init` was taken over (it paused past its
 /// lease, another node started generation g+1 and finished) came back,
 /// confirmed its own one-member etcd and recorded it: two etcd clusters in
-/// one registry, and the next leader would "lead" the wrong one. Now its
-/// member is not of the recorded cluster: it is reset and joins as usual.
+/// one registry, and the next leader would "lead" the wrong one. Now the
+/// registry says the cluster was initialized by another run than the one
+/// its checkpoint names: its member is of an abandoned generation, it is
+/// reset at once and joins as usual.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_init_was_taken_over_resets_instead_of_adopting_a_second_cluster() {
     let sim = SimCluster::start(2, 0).await;
@@ -197,7 +199,9 @@ async fn a_node_whose_init_was_taken_over_resets_instead_of_adopting_a_second_cl
     let runs = sim.bootstrap(&[0]).await;
     assert_ok(&runs, "the crashed node again");
     assert!(
-        runs[0].stderr.contains("not of the recorded cluster"),
+        runs[0]
+            .stderr
+            .contains("local etcd data is of an abandoned generation"),
         "{}",
         tail(&runs[0].stderr)
     );

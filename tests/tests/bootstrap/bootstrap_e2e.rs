@@ -118,12 +118,13 @@ async fn the_init_holder_dies_mid_init_and_another_control_plane_forms_a_clean_g
     let etcd_dir = node0.dir.join("var/lib/etcd");
 
     // Node 0 alone starts bootstrap; as soon as its kubeadm init has started
-    // etcd, the agent is killed -9 and its member with it (the host dies).
+    // etcd and etcd has written its data, the agent is killed -9 and its
+    // member with it (the host dies).
     let mut agent = sim.bootstrap_command(node0).spawn().expect("spawn agent");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let pids = standin::etcd_pids_for(&etcd_dir);
-        if !pids.is_empty() {
+        if !pids.is_empty() && etcd_dir.join("member").is_dir() {
             agent.start_kill().expect("kill -9 the agent");
             let _ = agent.wait().await;
             standin::stop_groups(&pids, Duration::ZERO);
@@ -157,9 +158,19 @@ async fn the_init_holder_dies_mid_init_and_another_control_plane_forms_a_clean_g
         "the interrupted generation 1 was abandoned, not finished"
     );
 
-    // Node 0 comes back: it resets its half-made state and joins.
+    // Node 0 comes back: it resets its half-made state and joins. Its etcd
+    // data is of its own init, which another run's init replaced (the
+    // registry says so): it is reset at once, without waiting
+    // etcd.promote_timeout (2 min here) for a member that cannot be adopted.
     let again = sim.bootstrap(&[0]).await;
     assert_ok(&again);
+    assert!(
+        again[0]
+            .stderr
+            .contains("local etcd data is of an abandoned generation"),
+        "node 0 did not see at once that its data is of an abandoned init:\n{}",
+        tail(&again[0].stderr)
+    );
     let members = sim.etcd_members(&[1, 2]).await;
     assert_eq!(members.len(), 3, "{members:?}");
     assert!(
