@@ -154,7 +154,12 @@ pub fn validate(line: &str) -> Result<Value, String> {
 
 /// Checks every line of an EMF stream; returns the documents.
 pub fn validate_all(text: &str) -> Vec<Value> {
-    text.lines()
+    // Complete lines only: the last one without its newline is a line a live
+    // writer has not finished yet (a read can see part of a write), which
+    // the CloudWatch agent, reading up to a newline, does not take either.
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, line)| {
@@ -183,6 +188,13 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"_aws":{"Timestamp":1764000000000,"CloudWatchMetrics":[{"Namespace":"Kubeboot","Dimensions":[["ClusterName","Role"]],"Metrics":[{"Name":"EtcdMembers","Unit":"Count"}]}]},"ClusterName":"c","Role":"control-plane","EtcdMembers":3}"#;
+
+    #[test]
+    fn a_line_not_finished_yet_is_not_read() {
+        let half = &GOOD[..GOOD.len() / 2];
+        assert_eq!(validate_all(&format!("{GOOD}\n{GOOD}\n{half}")).len(), 2);
+        assert!(validate_all(half).is_empty());
+    }
 
     #[test]
     fn the_checker_accepts_a_valid_document_and_names_each_broken_rule() {
