@@ -110,6 +110,16 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         }
     }
 
+    /// What the lifecycle handlers borrow from this daemon for a turn.
+    fn lifecycle_parts(&self) -> crate::lifecycle::Parts<'_, L, R> {
+        crate::lifecycle::Parts {
+            cfg: &self.ctx.cfg,
+            registry: &self.ctx.registry,
+            locker: &self.ctx.locker,
+            hooks: &self.hooks,
+        }
+    }
+
     /// Acts on this node's own termination; whether it is done.
     async fn own_termination(
         &self,
@@ -119,15 +129,9 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         use crate::lifecycle::OwnTermination;
         match what {
             OwnTermination::CleanUpAndComplete => {
-                match crate::lifecycle::handle_termination(
-                    &self.ctx.cfg,
-                    &self.ctx.registry,
-                    &self.ctx.locker,
-                    &self.hooks,
-                    action,
-                )
-                .instrument(telemetry::phase("own-termination"))
-                .await
+                match crate::lifecycle::handle_termination(self.lifecycle_parts(), action)
+                    .instrument(telemetry::phase("own-termination"))
+                    .await
                 {
                     Ok(_) => true,
                     Err(e) => {
@@ -296,11 +300,8 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         drop(suspects);
         if let Some(queue) = &self.queue {
             if let Err(e) = crate::lifecycle::drain_queue(
-                &self.ctx.cfg,
+                self.lifecycle_parts(),
                 queue,
-                &self.ctx.registry,
-                &self.ctx.locker,
-                &self.hooks,
                 crate::lifecycle::Ec2 {
                     instances: &self.instances,
                     leader: &self.ctx.identity.instance_id,

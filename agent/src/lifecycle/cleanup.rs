@@ -1,29 +1,26 @@
 //! Cleaning up after a terminating instance (its etcd member, record and
 //! Node, or a worker's drain) and completing its lifecycle action.
 
-use super::{alongside, keep_alive, Error, Limits, Report};
-use crate::aws::autoscaling::{Action, Completion, Hooks};
+use super::{alongside, keep_alive, Error, Limits, Parts, Report};
+use crate::aws::autoscaling::{Action, Completion};
 use crate::config::Config;
 use crate::etcd::{self, Etcd};
 use crate::kubernetes::Kubernetes;
-use crate::lock::{LockStore, Locker};
+use crate::lock::LockStore;
 use crate::membership::{self, Target};
 use crate::metrics;
-use crate::registry::{Registry, RegistryStore};
+use crate::registry::RegistryStore;
 use std::time::Instant;
 
 /// Cleans up after a terminating instance and completes its action (I5).
 pub async fn handle_termination<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
-    hooks: &Hooks,
+    parts: Parts<'_, L, R>,
     action: &Action,
 ) -> Result<Report, Error> {
     let limits = Limits::new();
     alongside(
-        handle_limited(cfg, registry, locker, hooks, action, &limits),
-        keep_alive(hooks, action, cfg.daemon.lifecycle_heartbeat),
+        handle_limited(parts, action, &limits),
+        keep_alive(parts.hooks, action, parts.cfg.daemon.lifecycle_heartbeat),
     )
     .await
 }
@@ -31,14 +28,11 @@ pub async fn handle_termination<L: LockStore, R: RegistryStore>(
 /// [`handle_termination`] without its heartbeat (the caller keeps the
 /// action alive), within a batch's `limits`; metered.
 pub(super) async fn handle_limited<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
-    hooks: &Hooks,
+    parts: Parts<'_, L, R>,
     action: &Action,
     limits: &Limits,
 ) -> Result<Report, Error> {
-    let outcome = clean_up_and_complete(cfg, registry, locker, hooks, action, limits).await;
+    let outcome = clean_up_and_complete(parts, action, limits).await;
     let counter = match outcome {
         Ok(_) => metrics::LIFECYCLE_ACTIONS_COMPLETED,
         Err(_) => metrics::LIFECYCLE_ACTIONS_FAILED,
@@ -132,17 +126,14 @@ enum Host {
 }
 
 async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
-    hooks: &Hooks,
+    parts: Parts<'_, L, R>,
     action: &Action,
     limits: &Limits,
 ) -> Result<Report, Error> {
     let started = Instant::now();
-    let cleanup = clean_up(cfg, registry, locker, action, limits, Host::Terminating).await?;
+    let cleanup = clean_up(parts, action, limits, Host::Terminating).await?;
     crate::failpoint::crash_point("lifecycle:after-cleanup");
-    let completion = hooks.complete(action).await?;
+    let completion = parts.hooks.complete(action).await?;
     Ok(Report::logged(
         action,
         cleanup,
@@ -157,14 +148,12 @@ async fn clean_up_and_complete<L: LockStore, R: RegistryStore>(
 /// leaves through the guarded path and its Node goes; there is no action to
 /// complete. Nobody else deletes the Node.
 pub(super) async fn clean_up_gone<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
+    parts: Parts<'_, L, R>,
     action: &Action,
     limits: &Limits,
 ) -> Result<Report, Error> {
     let started = Instant::now();
-    let cleanup = clean_up(cfg, registry, locker, action, limits, Host::Gone).await?;
+    let cleanup = clean_up(parts, action, limits, Host::Gone).await?;
     Ok(Report::logged(
         action,
         cleanup,
@@ -177,13 +166,17 @@ pub(super) async fn clean_up_gone<L: LockStore, R: RegistryStore>(
 /// Removes the member of a control plane (or drains a running worker) and
 /// deletes the Node; failures of single steps are collected, not fatal.
 async fn clean_up<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
+    parts: Parts<'_, L, R>,
     action: &Action,
     limits: &Limits,
     host: Host,
 ) -> Result<Cleanup, Error> {
+    let Parts {
+        cfg,
+        registry,
+        locker,
+        ..
+    } = parts;
     let mut failures = Vec::new();
     let records = registry.members().await?;
     let record = records

@@ -34,7 +34,27 @@ use crate::aws::ec2;
 use crate::aws::sqs::{self, Queue};
 use crate::catalogue::Coded;
 use crate::etcd;
+use crate::lock::{LockStore, Locker};
+use crate::registry::{Registry, RegistryStore};
 use std::time::Duration;
+
+/// What handling a termination works with, borrowed from the daemon for a
+/// turn (its configuration, registry, locker and Auto Scaling hooks): one
+/// argument through the handlers instead of four.
+pub struct Parts<'a, L: LockStore, R: RegistryStore> {
+    pub cfg: &'a crate::config::Config,
+    pub registry: &'a Registry<R>,
+    pub locker: &'a Locker<L>,
+    pub hooks: &'a Hooks,
+}
+
+impl<L: LockStore, R: RegistryStore> Clone for Parts<'_, L, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<L: LockStore, R: RegistryStore> Copy for Parts<'_, L, R> {}
 
 /// Lifecycle failures, naming the instance or queue involved.
 #[derive(Debug, thiserror::Error)]

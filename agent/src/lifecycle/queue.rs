@@ -5,14 +5,14 @@ use super::cleanup::{clean_up_gone, handle_limited};
 use super::message::{
     deferral, hook_heartbeat_timeout, notice_deadline, parse_message, vet, Event, Verdict,
 };
-use super::{alongside, keep_alive, keep_hidden, Error, Limits, Report};
-use crate::aws::autoscaling::{Action, Hooks};
+use super::{alongside, keep_alive, keep_hidden, Error, Limits, Parts, Report};
+use crate::aws::autoscaling::Action;
 use crate::aws::ec2::Instances;
 use crate::aws::sqs::{Queue, Received};
 use crate::catalogue::Coded;
 use crate::config::Config;
-use crate::lock::{LockStore, Locker};
-use crate::registry::{Registry, RegistryStore};
+use crate::lock::LockStore;
+use crate::registry::RegistryStore;
 use std::time::Duration;
 
 /// At most this many receives before a batch is handled: enough to find a
@@ -92,13 +92,11 @@ async fn take(
 /// back. While a batch lasts, the queue is read again every heartbeat
 /// period, so a termination arriving meanwhile is heartbeated in time too.
 pub async fn drain_queue<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
+    parts: Parts<'_, L, R>,
     queue: &Queue,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
-    hooks: &Hooks,
     ec2: Ec2<'_>,
 ) -> Result<Vec<Report>, Error> {
+    let cfg = parts.cfg;
     // Short visibility, extended while a message is handled: if this leader
     // dies or stops leading, the next one sees the message again within one
     // heartbeat period.
@@ -113,9 +111,7 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
     let limits = &limits;
     let handle = |(message, action): (Received, Action)| async move {
         alongside(
-            handle_message(
-                cfg, queue, registry, locker, hooks, ec2, &action, &message, limits,
-            ),
+            handle_message(parts, queue, ec2, &action, &message, limits),
             keep_hidden(queue, &message.receipt, visibility),
         )
         .await
@@ -177,23 +173,17 @@ async fn next_done<F: std::future::Future + Unpin>(futures: &mut Vec<F>) -> F::O
 /// One termination of a batch: vetted with Auto Scaling (and EC2 when no
 /// group holds the instance), handled while its action is heartbeated, its
 /// message deleted. `None` when it was refused or comes back later.
-#[allow(clippy::too_many_arguments)]
 async fn handle_message<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
+    parts: Parts<'_, L, R>,
     queue: &Queue,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
-    hooks: &Hooks,
     ec2: Ec2<'_>,
     action: &Action,
     message: &Received,
     limits: &Limits,
 ) -> Result<Option<Report>, Error> {
+    let Parts { cfg, hooks, .. } = parts;
     match hooks.placement(action).await {
-        Ok(None) => {
-            return handle_unplaced(cfg, queue, registry, locker, ec2, action, message, limits)
-                .await
-        }
+        Ok(None) => return handle_unplaced(parts, queue, ec2, action, message, limits).await,
         Ok(Some(seen)) => match vet(action, Some(&seen)) {
             Verdict::Confirmed => {}
             Verdict::NotYet(e) => {
@@ -212,7 +202,7 @@ async fn handle_message<L: LockStore, R: RegistryStore>(
     }
     tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "instance terminating");
     let handled = alongside(
-        handle_limited(cfg, registry, locker, hooks, action, limits),
+        handle_limited(parts, action, limits),
         keep_alive(hooks, action, cfg.daemon.lifecycle_heartbeat),
     )
     .await;
@@ -271,12 +261,9 @@ async fn defer_or_refuse(
 /// A notice for an instance no Auto Scaling group holds: cleaned up after
 /// when EC2 no longer runs it (the ASG went on past the hook's timeout, or
 /// the leader read the notice late), refused when EC2 runs it (forged).
-#[allow(clippy::too_many_arguments)]
 async fn handle_unplaced<L: LockStore, R: RegistryStore>(
-    cfg: &Config,
+    parts: Parts<'_, L, R>,
     queue: &Queue,
-    registry: &Registry<R>,
-    locker: &Locker<L>,
     ec2: Ec2<'_>,
     action: &Action,
     message: &Received,
@@ -303,7 +290,7 @@ async fn handle_unplaced<L: LockStore, R: RegistryStore>(
         return Ok(None);
     }
     tracing::info!(instance_id = %action.instance_id, asg = %action.asg, "no group holds the instance and EC2 no longer runs it");
-    match clean_up_gone(cfg, registry, locker, action, limits).await {
+    match clean_up_gone(parts, action, limits).await {
         Ok(report) if report.cleanup_failures.is_empty() => {
             queue.delete(&message.receipt).await?;
             Ok(Some(report))
