@@ -126,16 +126,17 @@ async fn the_leader_uploads_certificates_only_for_a_control_plane_and_rotates_at
 ) {
     let sim = SimCluster::start(1, 0).await;
     assert_ok(&sim.bootstrap(&[0]).await);
+    // 1. The material runs out with nobody asking: the leader renews the
+    //    token on schedule and does not upload the certificates. (Expired
+    //    before the daemon starts: publishing takes the leader lock, which
+    //    a running daemon never lets go.)
+    let expired = sim.expire_join_material("i-old-leader").await;
     let mut daemon = sim
         .daemon_command(&sim.nodes[0])
         .stderr(Stdio::piped())
         .spawn()
         .expect("daemon");
     let quiet = Duration::from_secs(6); // six leader turns
-
-    // 1. The material runs out with nobody asking: the leader renews the
-    //    token on schedule and does not upload the certificates.
-    let expired = sim.expire_join_material("i-old-leader").await;
     let v1 = pointer_moves(&sim, &expired, Duration::from_secs(60))
         .await
         .expect("the token is renewed");
