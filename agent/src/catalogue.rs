@@ -49,6 +49,7 @@ pub const AREAS: &[(&str, &str)] = &[
     ("RECON", "the dead-member reconciler"),
     ("CERT", "kubeadm's certificates: expiry and renewal"),
     ("STACK", "signalling the CloudFormation stack"),
+    ("BACKUP", "etcd backups in S3"),
 ];
 
 /// Declares each entry as a `pub static` and lists them all in [`ENTRIES`],
@@ -361,6 +362,22 @@ catalogue! {
     STACK_SIGNAL_UNAVAILABLE = "KB-STACK-002", "CloudFormation did not take the control plane's signal in time",
         cause: "SignalResource was throttled, failed (5xx) or timed out after the SDK's retries. A warning, not a failure: bootstrap succeeded, and a rolling update waiting for this control plane times out after its PauseTime and rolls back. Metric StackSignalFailed.",
         check: "Network or VPC endpoint to CloudFormation (aws.endpoints.cloudformation), aws.max_attempts and aws.operation_timeout; `systemctl restart kubeboot-bootstrap` signals again while the update waits. The node is up (bootstrap still succeeded), but a rolling update waiting for this control plane rolls back after its PauseTime.";
+
+    BACKUP_NO_BUCKET = "KB-BACKUP-001", "backups are on but no bucket is set",
+        cause: "A backup command ran, or backups are enabled, without aws.backup_bucket: the node's configuration does not name the cluster's backup bucket.",
+        check: "aws.backup_bucket in the node's configuration (the stack's BackupBucket output); `kubeboot config show`.";
+    BACKUP_STREAM = "KB-BACKUP-002", "the etcd snapshot could not be streamed",
+        cause: "No etcd member would open a snapshot stream (certificates, an unhealthy member, NOSPACE), the stream stopped for 60 s, the whole backup took longer than backup.timeout, or the daemon lost the backup lock mid-upload. The upload was aborted: nothing half-written is left.",
+        check: "`kubeboot etcd members` and `kubeboot status`; etcd's own logs on the member in the message; backup.timeout against the database size (metric EtcdDbSize). Retried at the next interval; `kubeboot backup now` tries at once.";
+    BACKUP_STORAGE = "KB-BACKUP-003", "S3 refused or failed a backup call",
+        cause: "The control-plane role may not call the operation on the bucket or prefix (s3:PutObject, s3:ListBucket, s3:AbortMultipartUpload...), the KMS key refuses the role (SSE-KMS needs kms:GenerateDataKey and kms:Decrypt), or S3 was throttling or unreachable after the SDK's retries. An upload that failed was aborted.",
+        check: "The operation and key in the message; the control-plane role's policy and the key policy of aws.kms_key_id (or the bucket's default key); network or VPC endpoint to S3 (aws.endpoints.s3). Metric BackupFailures.";
+    BACKUP_DAMAGED = "KB-BACKUP-004", "a snapshot does not verify",
+        cause: "The snapshot's sha256 (etcd appends it to the stream and the manifest records it) does not match its bytes: the object was truncated, altered or replaced after upload, its manifest belongs to another object, or the stream from etcd was cut. Nothing was restored or changed.",
+        check: "`kubeboot backup list` and `kubeboot backup verify <key>` on an older snapshot; the bucket's access logs and object versions (versioning keeps the previous version). Use a snapshot that verifies.";
+    BACKUP_NOT_FOUND = "KB-BACKUP-005", "no such snapshot",
+        cause: "The key or URI names no object (deleted by retention, a typo, another bucket or cluster), `latest` found no snapshot with a manifest, or the bucket does not exist.",
+        check: "`kubeboot backup list` for what exists; aws.backup_bucket and backup.prefix; a URI must name this cluster's bucket.";
 }
 
 /// An error with a catalogue entry. The advice an operator reads with an

@@ -40,6 +40,10 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub suspects: tokio::sync::Mutex<crate::reconciler::Suspects>,
     /// The etcd leader the last health look saw (to count leader changes).
     pub etcd_leader: tokio::sync::Mutex<Option<u64>>,
+    /// The cluster's backups, on a control plane with backups enabled.
+    pub backups: Option<crate::backup::Backups>,
+    /// Whether this daemon holds the leader lock (read by the backup loop).
+    pub leading: std::sync::atomic::AtomicBool,
 }
 
 impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
@@ -61,7 +65,12 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     private_ip: &self.ctx.identity.private_ip,
                 };
                 let certs = crate::certs::watch(certs, stop.clone());
-                tokio::join!(self.leader_loop(stop.clone()), own, certs);
+                tokio::join!(
+                    self.leader_loop(stop.clone()),
+                    own,
+                    certs,
+                    self.backup_loop(stop.clone())
+                );
             }
             Role::Worker => own.await,
         }
@@ -211,6 +220,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 }
             };
             self.suspects.lock().await.clear();
+            self.set_leading(true);
             tracing::info!(
                 fence = guard.fence().map(|f| f.value).unwrap_or_default(),
                 "leading: this node runs the cluster-wide tasks"
@@ -236,21 +246,25 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     }
                 };
                 if stopping {
+                    self.set_leading(false);
                     let _ = guard.release().await;
                     systemd::done(LEADER_LOOP);
                     return;
                 }
                 if !guard.is_held() {
+                    self.set_leading(false);
                     tracing::warn!("lost the leader lock; competing again");
                     break;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(self.delay()) => {}
                     _ = guard.lost() => {
+                        self.set_leading(false);
                         tracing::warn!("lost the leader lock; competing again");
                         break;
                     }
-                                        _ = stopped(&mut stop) => {
+                    _ = stopped(&mut stop) => {
+                        self.set_leading(false);
                         let _ = guard.release().await;
                         systemd::done(LEADER_LOOP);
                         return;
@@ -258,6 +272,117 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 }
             }
         }
+    }
+
+    fn set_leading(&self, leading: bool) {
+        self.leading
+            .store(leading, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The leader's scheduled backups, beside its turns (a large snapshot
+    /// streams for minutes: inside a turn it would hold up terminations and
+    /// trip the watchdog). Each period, while this daemon leads: report the
+    /// newest verified backup's age and, once backup.interval has passed
+    /// since it, take one under the `backup` lock (skipped while someone
+    /// else holds it), then apply retention.
+    async fn backup_loop(&self, mut stop: Stop) {
+        let Some(backups) = &self.backups else {
+            return;
+        };
+        // The newest verified backup's time, learned from the bucket on
+        // becoming leader and kept while leading.
+        let mut newest: Option<Option<u64>> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.delay()) => {}
+                _ = stopped(&mut stop) => return,
+            }
+            if !self.leading.load(std::sync::atomic::Ordering::SeqCst) {
+                newest = None;
+                continue;
+            }
+            let now = crate::backup::now_unix();
+            let last = match newest {
+                Some(last) => last,
+                None => match backups.newest_verified().await {
+                    Ok(m) => *newest.insert(m.map(|m| m.taken_at_unix)),
+                    Err(e) => {
+                        crate::catalogue::report!(
+                            warn,
+                            e,
+                            "cannot list the backups; retried next period"
+                        );
+                        continue;
+                    }
+                },
+            };
+            if let Some(t) = last {
+                crate::metrics::record(
+                    crate::metrics::BACKUP_AGE,
+                    now.saturating_sub(t) as f64,
+                    &[],
+                );
+                if now < t + self.ctx.cfg.backup.interval.as_secs() {
+                    continue;
+                }
+            }
+            let taken = tokio::select! {
+                r = self.scheduled_backup(backups) => r,
+                _ = stopped(&mut stop) => return,
+            };
+            match taken {
+                Ok(Some(m)) => {
+                    newest = Some(Some(m.taken_at_unix));
+                    if let Err(e) = backups.apply_retention(crate::backup::now_unix()).await {
+                        crate::catalogue::report!(
+                            warn,
+                            e,
+                            "retention failed; retried after the next backup"
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => crate::catalogue::report!(
+                    error,
+                    e,
+                    "scheduled backup failed; retried next period"
+                ),
+            }
+        }
+    }
+
+    /// One scheduled backup, unless another holds the `backup` lock.
+    async fn scheduled_backup(
+        &self,
+        backups: &crate::backup::Backups,
+    ) -> Result<Option<crate::backup::Manifest>, crate::backup::Error> {
+        let Some(guard) = self.ctx.locker.try_acquire(Purpose::Backup).await? else {
+            tracing::info!(
+                "another backup is running (the backup lock is held); this one is skipped"
+            );
+            return Ok(None);
+        };
+        let settings = crate::etcd::Settings::from_config(&self.ctx.cfg);
+        let own = settings.client_url(&self.ctx.identity.private_ip);
+        let recorded =
+            crate::etcd::recorded_endpoints(&self.ctx.registry.members().await?, &settings);
+        let mut endpoints = vec![own.clone()];
+        endpoints.extend(recorded.into_iter().filter(|e| *e != own));
+        let generation = self.ctx.registry.state().await?.generation;
+        let etcd = crate::etcd::Etcd::connect_any(&endpoints, &settings).await?;
+        let source = crate::backup::Source {
+            etcd: &etcd,
+            endpoints,
+            generation,
+        };
+        guard
+            .scoped(async |g| {
+                crate::backup::take(backups, source, crate::backup::Trigger::Scheduled, g)
+                    .instrument(telemetry::phase("backup"))
+                    .await
+            })
+            .await
+            .map(Some)
     }
 
     /// One turn of every leader task; a failing task is logged and retried

@@ -198,6 +198,44 @@ impl Classify for Error {
     }
 }
 
+/// The member a snapshot streams from, and etcd's state when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSource {
+    pub member: u64,
+    /// The revision when the stream opened (the snapshot holds at least it).
+    pub revision: i64,
+    pub endpoint: String,
+    /// The member's database size then: about what the stream will carry.
+    pub db_size: u64,
+}
+
+/// etcd's snapshot stream: the database in pieces, then its sha256.
+pub struct SnapshotStream {
+    inner: etcd_client::SnapshotStreaming,
+    stall: Duration,
+    /// The stream's own connection, closed with it.
+    _client: Client,
+}
+
+impl SnapshotStream {
+    /// The next piece; `None` once etcd has sent everything.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        match tokio::time::timeout(self.stall, self.inner.message()).await {
+            Err(_) => Err(Error::Request {
+                operation: "snapshot",
+                message: format!(
+                    "no data for {}",
+                    crate::config::value::format_duration(self.stall)
+                ),
+                transient: true,
+            }),
+            Ok(Err(e)) => Err(request("snapshot", e)),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(piece))) => Ok(Some(piece.blob().to_vec())),
+        }
+    }
+}
+
 /// A client to the cluster's etcd.
 pub struct Etcd {
     client: Client,
@@ -342,6 +380,82 @@ impl Etcd {
             endpoints: endpoints.to_vec(),
             message: failures.join("; "),
         })
+    }
+
+    /// A snapshot stream from the first of `endpoints` that answers, through
+    /// a connection of its own without the request timeout (a large database
+    /// streams for minutes): `stall` bounds the wait for each piece instead.
+    pub async fn snapshot(
+        &self,
+        endpoints: &[String],
+        stall: Duration,
+    ) -> Result<(SnapshotSource, SnapshotStream), Error> {
+        let mut failures = Vec::new();
+        for endpoint in endpoints {
+            match self.snapshot_from(endpoint, stall).await {
+                Ok(opened) => return Ok(opened),
+                Err(e) => failures.push(format!("{endpoint}: {e}")),
+            }
+        }
+        Err(Error::Connect {
+            endpoints: endpoints.to_vec(),
+            message: failures.join("; "),
+        })
+    }
+
+    async fn snapshot_from(
+        &self,
+        endpoint: &str,
+        stall: Duration,
+    ) -> Result<(SnapshotSource, SnapshotStream), Error> {
+        let mut options = ConnectOptions::new().with_connect_timeout(self.settings.dial_timeout);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.clone());
+        }
+        let endpoints = [endpoint.to_string()];
+        let timed_out = |operation: &'static str| Error::Request {
+            operation,
+            message: "timed out".into(),
+            transient: true,
+        };
+        let mut client = tokio::time::timeout(
+            self.settings.dial_timeout + self.settings.request_timeout,
+            Client::connect(&endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| Error::Connect {
+            endpoints: endpoints.to_vec(),
+            message: "timed out".into(),
+        })?
+        .map_err(|e| Error::Connect {
+            endpoints: endpoints.to_vec(),
+            message: e.to_string(),
+        })?;
+        let status = tokio::time::timeout(self.settings.request_timeout, client.status())
+            .await
+            .map_err(|_| timed_out("status"))?
+            .map_err(|e| request("status", e))?;
+        let (member, revision) = status
+            .header()
+            .map(|h| (h.member_id(), h.revision()))
+            .unwrap_or_default();
+        let inner = tokio::time::timeout(self.settings.request_timeout, client.snapshot())
+            .await
+            .map_err(|_| timed_out("snapshot"))?
+            .map_err(|e| request("snapshot", e))?;
+        Ok((
+            SnapshotSource {
+                member,
+                revision,
+                endpoint: endpoint.to_string(),
+                db_size: status.db_size().max(0) as u64,
+            },
+            SnapshotStream {
+                inner,
+                stall,
+                _client: client,
+            },
+        ))
     }
 
     /// The member list, as etcd reports it.

@@ -44,6 +44,14 @@ pub enum Resource {
     /// (`arn:aws:cloudformation:<region>:<account>:stack/<aws.cloudformation_stack>/*`),
     /// which a control plane signals after bootstrap.
     Stack,
+    /// The backup bucket itself (listing): `arn:aws:s3:::<aws.backup_bucket>`.
+    BackupBucket,
+    /// This cluster's snapshots in it:
+    /// `arn:aws:s3:::<aws.backup_bucket>/<backup.prefix>/<cluster>/*`.
+    Backups,
+    /// The KMS key the backups are encrypted with (the cluster key, the
+    /// bucket's default), used by S3 on the caller's behalf.
+    BackupKey,
 }
 
 /// One IAM permission: an action on one kind of resource.
@@ -238,6 +246,85 @@ pub const OPERATIONS: &[Operation] = &[
         grants: &[on("cloudformation:SignalResource", Resource::Stack)],
         control_plane_only: &[],
         why: "a bootstrapped control plane tells its stack's rolling update it is in service (cloudformation)",
+    },
+    Operation {
+        call: "s3:CreateMultipartUpload",
+        roles: CP,
+        grants: &[
+            on("s3:PutObject", Resource::Backups),
+            on("kms:GenerateDataKey", Resource::BackupKey),
+        ],
+        control_plane_only: &[],
+        why: "an etcd snapshot streams into a multipart upload (backup)",
+    },
+    Operation {
+        call: "s3:UploadPart",
+        roles: CP,
+        grants: &[
+            on("s3:PutObject", Resource::Backups),
+            on("kms:GenerateDataKey", Resource::BackupKey),
+            on("kms:Decrypt", Resource::BackupKey),
+        ],
+        control_plane_only: &[],
+        why: "each part of a snapshot (backup); SSE-KMS multipart needs the data key",
+    },
+    Operation {
+        call: "s3:CompleteMultipartUpload",
+        roles: CP,
+        grants: &[
+            on("s3:PutObject", Resource::Backups),
+            on("kms:Decrypt", Resource::BackupKey),
+        ],
+        control_plane_only: &[],
+        why: "a snapshot whose stream verified becomes an object (backup)",
+    },
+    Operation {
+        call: "s3:AbortMultipartUpload",
+        roles: CP,
+        grants: &[on("s3:AbortMultipartUpload", Resource::Backups)],
+        control_plane_only: &[],
+        why: "a failed snapshot, or one a dead leader left open, leaves no parts (backup)",
+    },
+    Operation {
+        call: "s3:ListMultipartUploads",
+        roles: CP,
+        grants: &[on("s3:ListBucketMultipartUploads", Resource::BackupBucket)],
+        control_plane_only: &[],
+        why: "finding uploads a dead leader left open (backup)",
+    },
+    Operation {
+        call: "s3:PutObject",
+        roles: CP,
+        grants: &[
+            on("s3:PutObject", Resource::Backups),
+            on("kms:GenerateDataKey", Resource::BackupKey),
+        ],
+        control_plane_only: &[],
+        why: "a verified snapshot's manifest (backup)",
+    },
+    Operation {
+        call: "s3:ListObjectsV2",
+        roles: CP,
+        grants: &[on("s3:ListBucket", Resource::BackupBucket)],
+        control_plane_only: &[],
+        why: "the snapshots, for retention, status and `backup list` (backup)",
+    },
+    Operation {
+        call: "s3:GetObject",
+        roles: CP,
+        grants: &[
+            on("s3:GetObject", Resource::Backups),
+            on("kms:Decrypt", Resource::BackupKey),
+        ],
+        control_plane_only: &[],
+        why: "manifests, and snapshots read back by `backup verify` and restore (backup)",
+    },
+    Operation {
+        call: "s3:DeleteObject",
+        roles: CP,
+        grants: &[on("s3:DeleteObject", Resource::Backups)],
+        control_plane_only: &[],
+        why: "snapshots retention no longer keeps (backup)",
     },
 ];
 

@@ -3,6 +3,7 @@
 //! concern lives in its own module, named for what it is.
 
 pub mod aws;
+pub mod backup;
 pub mod bootstrap;
 pub mod catalogue;
 pub mod certs;

@@ -108,6 +108,10 @@ catalogue! {
     CERTIFICATE_RENEWALS = "CertificateRenewals", Count, [], "Certificate renewals (kubeadm certs renew all and a control-plane restart) that completed.";
     CERTIFICATE_RENEWAL_FAILURES = "CertificateRenewalFailures", Count, [], "Certificate renewals that failed this turn (retried next turn).";
     CERTIFICATE_RENEWALS_DEFERRED = "CertificateRenewalsDeferred", Count, [], "Certificate renewals put off this turn because restarting the control plane would cost etcd's quorum (retried next turn).";
+    BACKUP_DURATION = "BackupDuration", Milliseconds, ["Trigger"], "Wall time of one etcd backup, stream opened to manifest written; Trigger scheduled, manual or membership-change.";
+    BACKUP_SIZE = "BackupSize", Bytes, [], "Bytes of the last verified etcd snapshot (database and its sha256).";
+    BACKUP_FAILURES = "BackupFailures", Count, ["Trigger"], "etcd backups that failed (stream, verification or upload); their uploads were aborted.";
+    BACKUP_AGE = "BackupAge", Seconds, [], "Age of the newest verified etcd backup, reported by the leader each period.";
     STACK_SIGNAL_FAILED = "StackSignalFailed", Count, [], "A bootstrapped control plane could not signal its CloudFormation stack (refused, throttled or timed out); a rolling update waiting for it times out and rolls back.";
 }
 

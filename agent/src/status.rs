@@ -28,9 +28,46 @@ pub struct Status {
     /// This node's own kubeadm certificates (a control plane's; empty on a
     /// worker or off-node): per node, unlike everything above.
     pub certificates: crate::certs::Inventory,
+    /// The newest verified backup (control planes with backups on).
+    pub backup: BackupView,
+}
+
+/// The newest verified backup, as `status` shows it.
+#[derive(Debug, Default)]
+pub enum BackupView {
+    /// Not looked at: a worker (its role may not list the bucket), or backups off.
+    #[default]
+    NotHere,
+    /// The bucket could not be listed.
+    Unreadable { code: &'static str, error: String },
+    /// Nothing verified yet under `location`.
+    NoneYet { location: String },
+    Newest {
+        uri: String,
+        manifest: crate::backup::Manifest,
+    },
 }
 
 impl Status {
+    /// Adds the newest verified backup of `backups`.
+    pub async fn with_backups(mut self, backups: &crate::backup::Backups) -> Status {
+        use crate::catalogue::Coded as _;
+        self.backup = match backups.newest_verified().await {
+            Ok(Some(manifest)) => BackupView::Newest {
+                uri: backups.bucket().uri(&manifest.key),
+                manifest,
+            },
+            Ok(None) => BackupView::NoneYet {
+                location: backups.location(),
+            },
+            Err(e) => BackupView::Unreadable {
+                code: e.code(),
+                error: e.to_string(),
+            },
+        };
+        self
+    }
+
     /// Adds this node's kubeadm certificates, read under `kubernetes_dir`.
     pub fn with_local_certificates(mut self, kubernetes_dir: &std::path::Path) -> Status {
         self.certificates = crate::certs::inventory(kubernetes_dir);
@@ -76,6 +113,7 @@ pub async fn gather<L: LockStore, R: RegistryStore>(
         refresh: registry.refresh_request().await?,
         observed_at: SystemTime::now(),
         certificates: Default::default(),
+        backup: BackupView::NotHere,
     })
 }
 
@@ -200,7 +238,49 @@ pub fn render_text(s: &Status) -> String {
     }
     out.push_str(&join_lines(s));
     out.push_str(&certificate_lines(s));
+    out.push_str(&backup_line(s));
     out
+}
+
+/// The newest verified backup and its age.
+fn backup_line(s: &Status) -> String {
+    match &s.backup {
+        BackupView::NotHere => {
+            "backups: not shown here (a worker, or backup.enabled = false)\n".into()
+        }
+        BackupView::Unreadable { code, error } => {
+            format!("backups: cannot list them: [{code}] {error}\n")
+        }
+        BackupView::NoneYet { location } => format!("backups: NONE verified yet in {location}\n"),
+        BackupView::Newest { uri, manifest } => format!(
+            "backups: newest verified {} ({})  {} bytes  revision {}  {}\n",
+            manifest.taken_at,
+            age(
+                s.observed_at,
+                UNIX_EPOCH + Duration::from_secs(manifest.taken_at_unix)
+            ),
+            manifest.size,
+            manifest.revision,
+            uri
+        ),
+    }
+}
+
+fn backup_json(s: &Status) -> serde_json::Value {
+    let observed = epoch_ms(s.observed_at) / 1000;
+    match &s.backup {
+        BackupView::NotHere => json!({"status": "not-shown"}),
+        BackupView::Unreadable { code, error } => {
+            json!({"status": "unreadable", "code": code, "error": error})
+        }
+        BackupView::NoneYet { location } => json!({"status": "none", "location": location}),
+        BackupView::Newest { uri, manifest } => json!({
+            "status": "verified",
+            "uri": uri,
+            "age_s": observed.saturating_sub(manifest.taken_at_unix),
+            "manifest": manifest,
+        }),
+    }
 }
 
 /// This node's certificates: the soonest leaf and CA, and what is unreadable.
@@ -305,6 +385,7 @@ pub fn to_json(s: &Status) -> serde_json::Value {
             "fulfilled": r.fulfilled_by(s.join.as_ref()),
         })),
         "certificates": certificates_json(s),
+        "backup": backup_json(s),
         "observed_at_ms": observed,
     })
 }
@@ -388,6 +469,7 @@ mod tests {
                 requested_at: t0 - Duration::from_secs(30),
             }),
             observed_at: t0,
+            backup: Default::default(),
             certificates: crate::certs::Inventory {
                 expiries: vec![
                     crate::certs::Expiry {

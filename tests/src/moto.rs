@@ -134,6 +134,14 @@ impl Moto {
     pub async fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
         aws_sdk_dynamodb::Client::new(&self.sdk_config().await)
     }
+
+    /// An S3 client on this moto (path-style, as moto needs).
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        let conf = aws_sdk_s3::config::Builder::from(&self.sdk_config().await)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
 }
 
 /// Path of `moto_server`; panics with a setup hint if it is missing.

@@ -167,6 +167,23 @@ impl SimCluster {
         kubeboot::table::create(&moto.dynamodb().await, &table)
             .await
             .expect("create table");
+        // The backup bucket (named as the table: unique per test), versioned as infra/'s is.
+        let s3 = moto.s3().await;
+        s3.create_bucket()
+            .bucket(&table)
+            .send()
+            .await
+            .expect("create the backup bucket");
+        s3.put_bucket_versioning()
+            .bucket(&table)
+            .versioning_configuration(
+                aws_sdk_s3::types::VersioningConfiguration::builder()
+                    .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("version the backup bucket");
         let kubeadm_log = work.path().join("kubeadm.log");
         let mut sim = SimCluster {
             name,
@@ -227,7 +244,8 @@ impl SimCluster {
             &config,
             format!(
                 "[cluster]\nname = \"{name}\"\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"{api}\"\n\n\
-                 [aws]\ntable = \"{table}\"\nmax_attempts = 5\ninitial_backoff = \"50ms\"\n\n\
+                 [aws]\ntable = \"{table}\"\nmax_attempts = 5\ninitial_backoff = \"50ms\"\n\
+                 backup_bucket = \"{table}\"\ns3_force_path_style = true\n\n\
                  [aws.endpoints]\ndynamodb = \"{moto}\"\nssm = \"{moto}\"\nsecretsmanager = \"{moto}\"\n\
                  ec2 = \"{moto}\"\nsqs = \"{moto}\"\nautoscaling = \"{moto}\"\ns3 = \"{moto}\"\nsts = \"{moto}\"\n\n\
                  [imds]\nendpoint = \"{imds}\"\ndeadline = \"20s\"\n\n\
@@ -269,6 +287,23 @@ impl SimCluster {
             .arg(&node.config)
             .kill_on_drop(true);
         cmd
+    }
+
+    /// `kubeboot <args>` on one node, as an operator would run it there.
+    pub fn command(&self, node: &SimNode, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(kubeboot_bin());
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .args(args)
+            .args(["--log-format", "json", "--config"])
+            .arg(&node.config)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// The backup bucket (aws.backup_bucket of every node).
+    pub fn bucket(&self) -> &str {
+        &self.table
     }
 
     /// `kubeboot daemon` for one node, as systemd would start it, with a

@@ -14,6 +14,7 @@
 
 pub mod autoscaling;
 pub mod ec2;
+pub mod s3;
 pub mod secrets;
 pub mod sqs;
 pub mod ssm;
@@ -198,6 +199,20 @@ client!(
     "secretsmanager"
 );
 client!(ec2_client, aws_sdk_ec2, Service::Ec2, "ec2");
+
+/// The S3 client: as [`client!`]'s, with the bucket addressing of
+/// `aws.s3_force_path_style` (path-style for moto and some endpoints).
+pub fn s3_client(base: &SdkConfig, cfg: &Config) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::from(&for_service(base, cfg, Service::S3))
+        .force_path_style(cfg.aws.s3_force_path_style)
+        .interceptor(RetryCounter)
+        .interceptor(OperationGuard {
+            service: "s3",
+            role: cfg.node.role,
+        })
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
 client!(sqs_client, aws_sdk_sqs, Service::Sqs, "sqs");
 client!(
     autoscaling_client,

@@ -85,6 +85,12 @@ pub enum Command {
     #[command(subcommand)]
     Etcd(EtcdCommand),
 
+    /// etcd backups in the cluster's S3 bucket (run on a control plane): take
+    /// one now, list them, verify one. The leader's daemon takes them every
+    /// backup.interval and applies retention.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+
     /// Explain an error code from a log line (e.g. KB-LOCK-001): what failed,
     /// the probable cause and what to check. Needs no configuration.
     Explain(ExplainArgs),
@@ -235,6 +241,65 @@ pub struct ConfigArgs {
     pub sources: SourceArgs,
 
     /// Output format for the printed data.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// `kubeboot backup ...`
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a snapshot now: stream etcd's snapshot into the backup bucket as
+    /// a multipart upload, verify the sha256 etcd appends, then write its
+    /// manifest. Waits (up to lock.acquire_timeout) for the `backup` lock if
+    /// the leader is taking one. Prints the snapshot's URI.
+    Now(BackupNowArgs),
+
+    /// List this cluster's snapshots, oldest first: when, size, revision,
+    /// member, and whether it is verified (has a manifest).
+    List(BackupListArgs),
+
+    /// Read a snapshot back from S3 and check it against its trailing sha256
+    /// and its manifest (exit 1 and KB-BACKUP-004 when it does not verify).
+    Verify(BackupVerifyArgs),
+}
+
+/// Options of `kubeboot backup now`.
+#[derive(Debug, Args)]
+pub struct BackupNowArgs {
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    #[command(flatten)]
+    pub etcd: EtcdEndpointArgs,
+
+    /// Output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Options of `kubeboot backup list`.
+#[derive(Debug, Args)]
+pub struct BackupListArgs {
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    /// Output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Options of `kubeboot backup verify`.
+#[derive(Debug, Args)]
+pub struct BackupVerifyArgs {
+    /// `latest` (the newest verified snapshot), a key as `backup list` shows
+    /// it, or `s3://<bucket>/<key>` in this cluster's bucket.
+    #[arg(value_name = "SNAPSHOT", default_value = "latest")]
+    pub snapshot: String,
+
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    /// Output format.
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
     pub output: Output,
 }

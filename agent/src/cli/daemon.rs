@@ -17,7 +17,14 @@ pub(super) async fn run(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error>
         crate::aws::autoscaling::Hooks::new(crate::aws::autoscaling_client(&ctx.aws, &ctx.cfg));
     let imds = crate::identity::Imds::new(&ctx.cfg.imds)?;
     let instances = crate::aws::ec2::Instances::new(crate::aws::ec2_client(&ctx.aws, &ctx.cfg));
+    // Configuration refuses a control plane with backups on and no bucket.
+    let backups = (ctx.cfg.node.role == crate::config::Role::ControlPlane
+        && ctx.cfg.backup.enabled)
+        .then(|| crate::backup::Backups::from_config(&ctx.aws, &ctx.cfg).ok())
+        .flatten();
     let daemon = crate::daemon::Daemon {
+        backups,
+        leading: Default::default(),
         queue,
         hooks,
         imds,

@@ -12,7 +12,7 @@ use crate::registry::Registry;
 use std::process::ExitCode;
 
 /// etcd through `--endpoint`s, else through the members the registry records.
-async fn etcd_client(
+pub(super) async fn etcd_client(
     cfg: &Config,
     args: &EtcdEndpointArgs,
     registry: &Registry<DynamoRegistryStore>,

@@ -6,6 +6,7 @@
 //! [`node_context`], the one place its parts are built.
 
 mod args;
+mod backup;
 mod bootstrap;
 mod config;
 mod daemon;
@@ -88,6 +89,9 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
         Command::Lock(LockCommand::Release(args)) => lock::release(cli, args).await,
         Command::Etcd(EtcdCommand::Members(args)) => etcd::members(cli, args).await,
         Command::Etcd(EtcdCommand::Remove(args)) => etcd::remove(cli, args).await,
+        Command::Backup(BackupCommand::Now(args)) => backup::now(cli, args).await,
+        Command::Backup(BackupCommand::List(args)) => backup::list(cli, args).await,
+        Command::Backup(BackupCommand::Verify(args)) => backup::verify(cli, args).await,
         Command::Bootstrap(args) => bootstrap::run(cli, args).await,
         Command::Daemon(args) => daemon::run(cli, args).await,
         Command::Explain(args) => explain::run(args),
@@ -149,10 +153,14 @@ async fn region(cfg: &Config) -> Result<String, Error> {
     }
 }
 
+/// The SDK configuration for the operator commands (region from config or IMDS).
+async fn aws_config(cfg: &Config) -> Result<aws_config::SdkConfig, Error> {
+    Ok(crate::aws::sdk_config(cfg, &region(cfg).await?).await?)
+}
+
 /// A DynamoDB client with the configured endpoint, retries and timeouts.
 async fn dynamodb(cfg: &Config) -> Result<aws_sdk_dynamodb::Client, Error> {
-    let base = crate::aws::sdk_config(cfg, &region(cfg).await?).await?;
-    Ok(crate::aws::dynamodb_client(&base, cfg))
+    Ok(crate::aws::dynamodb_client(&aws_config(cfg).await?, cfg))
 }
 
 /// The cluster's locks, for the operator commands (no node identity needed).

@@ -201,8 +201,12 @@ pub struct Backup {
     #[serde(deserialize_with = "duration")]
     pub interval: Duration,
     pub prefix: String,
+    #[serde(deserialize_with = "duration")]
+    pub keep_all_within: Duration,
     pub keep_hourly: u32,
     pub keep_daily: u32,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
     pub before_membership_change: bool,
 }
 

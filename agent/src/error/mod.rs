@@ -39,6 +39,8 @@ pub enum Error {
     Bootstrap(#[from] crate::bootstrap::Error),
     #[error(transparent)]
     Membership(#[from] crate::membership::Error),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::Error),
     #[error("{0}")]
     Usage(String),
     #[error("cannot start the async runtime: {0}")]
@@ -56,6 +58,7 @@ impl Error {
             Error::Config(e) if e.is_usage() => EXIT_USAGE,
             Error::Telemetry(crate::telemetry::Error::Level(_)) => EXIT_USAGE,
             Error::Usage(_) | Error::UnknownCode(_) => EXIT_USAGE,
+            Error::Backup(crate::backup::Error::NoBucket) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -89,6 +92,7 @@ impl crate::catalogue::Coded for self::Error {
             E::Status(e) => e.entry(),
             E::Bootstrap(e) => e.entry(),
             E::Membership(e) => e.entry(),
+            E::Backup(e) => e.entry(),
             E::Usage(_) => &crate::catalogue::CLI_USAGE,
             E::Runtime(_) => &crate::catalogue::CLI_RUNTIME,
             E::Output(_) => &crate::catalogue::CLI_OUTPUT,

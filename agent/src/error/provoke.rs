@@ -489,3 +489,82 @@ fn an_unknown_code_given_to_explain_has_its_code() {
     assert_eq!(err.code(), "KB-CLI-004", "{err}");
     assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
 }
+
+// ---------------------------------------------------------------------------
+// Backups (streaming, verification and retention need etcd and moto:
+// tests/tests/daemon/backup.rs)
+
+/// An S3 client on `addr` with static credentials and one attempt.
+fn s3_at(addr: SocketAddr) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "provoke",
+        ))
+        .endpoint_url(format!("http://{addr}"))
+        .force_path_style(true)
+        .retry_config(aws_smithy_types::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+#[tokio::test]
+async fn backup_failures_have_their_codes() {
+    // Backups on a node whose configuration names no bucket.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let loaded = load_text(dir.path(), &worker_toml(), None, &[])
+        .await
+        .expect("the worker example loads");
+    let err = crate::backup::Backups::from_config(
+        &aws_config::SdkConfig::builder().build(),
+        &loaded.config,
+    )
+    .expect_err("no bucket");
+    assert_eq!(err.code(), "KB-BACKUP-001", "{err}");
+
+    // No etcd member opens a snapshot stream.
+    let settings = etcd_settings(config::model::EtcdScheme::Http, dir.path().join("pki"));
+    let etcd = crate::etcd::Etcd::connect(&["http://127.0.0.1:9".into()], &settings).await;
+    if let Ok(etcd) = etcd {
+        let err = etcd
+            .snapshot(&["http://127.0.0.1:9".into()], Duration::from_secs(1))
+            .await
+            .err()
+            .expect("nothing listens");
+        assert_eq!(crate::backup::Error::from(err).code(), "KB-BACKUP-002");
+    }
+    let stalled = crate::backup::Error::TimedOut {
+        after: Duration::from_secs(1800),
+    };
+    assert_eq!(stalled.code(), "KB-BACKUP-002");
+
+    // S3 refuses (403), then has no such key (404).
+    let addr = serve(respond(|_, path| {
+        if path.contains("missing") {
+            (
+                404,
+                "application/xml",
+                b"<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>".to_vec(),
+            )
+        } else {
+            (
+                403,
+                "application/xml",
+                b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>".to_vec(),
+            )
+        }
+    }))
+    .await;
+    let bucket = crate::aws::s3::Bucket::new(s3_at(addr), "backups", None);
+    let err = crate::backup::Error::from(bucket.list("etcd-snapshots/").await.expect_err("403"));
+    assert_eq!(err.code(), "KB-BACKUP-003", "{err}");
+    let err = crate::backup::Error::from(
+        bucket
+            .open("etcd-snapshots/missing.db")
+            .await
+            .err()
+            .expect("404"),
+    );
+    assert_eq!(err.code(), "KB-BACKUP-005", "{err}");
+}

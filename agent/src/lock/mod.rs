@@ -43,11 +43,19 @@ pub enum Purpose {
     Membership,
     /// The daemon's singleton tasks.
     Leader,
+    /// Taking an etcd backup: one upload at a time, so whoever holds it may
+    /// abort the uploads a dead holder left open.
+    Backup,
 }
 
 impl Purpose {
     /// Every purpose, for status output.
-    pub const ALL: [Purpose; 3] = [Purpose::Init, Purpose::Membership, Purpose::Leader];
+    pub const ALL: [Purpose; 4] = [
+        Purpose::Init,
+        Purpose::Membership,
+        Purpose::Leader,
+        Purpose::Backup,
+    ];
 
     /// The name used in the item key (`LOCK#init`) and in logs.
     pub fn as_str(self) -> &'static str {
@@ -55,6 +63,7 @@ impl Purpose {
             Purpose::Init => "init",
             Purpose::Membership => "membership",
             Purpose::Leader => "leader",
+            Purpose::Backup => "backup",
         }
     }
 }

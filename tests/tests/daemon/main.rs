@@ -4,6 +4,7 @@
 //! One test binary for the area (linking is most of the suite's cost): one
 //! module per former test file, `cargo nextest run -p kubeboot-tests --test daemon <module>::`.
 
+mod backup;
 mod certificates;
 mod daemon_refresh;
 mod lifecycle;

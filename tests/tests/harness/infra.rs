@@ -332,6 +332,16 @@ fn expected_resources(
             "arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{}/*",
             scalar(&s.eval(&json!({"Ref": "AWS::StackName"})))
         )]),
+        // The bucket aws.backup_bucket names, and this cluster's snapshots in it.
+        Resource::BackupBucket => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["BackupBucket", "Arn"]})))]),
+        Resource::Backups => set(&[format!(
+            "{}/{}/{}/*",
+            scalar(&s.eval(&json!({"Fn::GetAtt": ["BackupBucket", "Arn"]}))),
+            cfg.backup.prefix,
+            cfg.cluster.name
+        )]),
+        // The bucket's default encryption key.
+        Resource::BackupKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["ClusterKey", "Arn"]})))]),
     }
 }
 
@@ -391,6 +401,9 @@ fn iam_problems(s: &Stack) -> Vec<String> {
                 Resource::SecretsKey,
                 Resource::AnyInstance,
                 Resource::Stack,
+                Resource::BackupBucket,
+                Resource::Backups,
+                Resource::BackupKey,
             ]
             .into_iter()
             .find(|k| format!("{k:?}") == sid);
