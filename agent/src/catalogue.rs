@@ -368,7 +368,7 @@ catalogue! {
         check: "aws.backup_bucket in the node's configuration (the stack's BackupBucket output); `kubeboot config show`.";
     BACKUP_STREAM = "KB-BACKUP-002", "the etcd snapshot could not be streamed",
         cause: "No etcd member would open a snapshot stream (certificates, an unhealthy member, NOSPACE), the stream stopped for 60 s, the whole backup took longer than backup.timeout, or the daemon lost the backup lock mid-upload. The upload was aborted: nothing half-written is left.",
-        check: "`kubeboot etcd members` and `kubeboot status`; etcd's own logs on the member in the message; backup.timeout against the database size (metric EtcdDbSize). Retried at the next interval; `kubeboot backup now` tries at once.";
+        check: "`kubeboot etcd members` and `kubeboot status`; etcd's own logs on the member in the message; backup.timeout against the database size (metric EtcdDbSize). The leader retries after 5 minutes, doubling up to backup.interval; `kubeboot backup now` tries at once.";
     BACKUP_STORAGE = "KB-BACKUP-003", "S3 refused or failed a backup call",
         cause: "The control-plane role may not call the operation on the bucket or prefix (s3:PutObject, s3:ListBucket, s3:AbortMultipartUpload...), the KMS key refuses the role (SSE-KMS needs kms:GenerateDataKey and kms:Decrypt), or S3 was throttling or unreachable after the SDK's retries. An upload that failed was aborted.",
         check: "The operation and key in the message; the control-plane role's policy and the key policy of aws.kms_key_id (or the bucket's default key); network or VPC endpoint to S3 (aws.endpoints.s3). Metric BackupFailures.";

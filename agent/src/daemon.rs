@@ -126,7 +126,15 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             registry: &self.ctx.registry,
             locker: &self.ctx.locker,
             hooks: &self.hooks,
+            backups: self.before_removal(),
         }
+    }
+
+    /// The backups to snapshot before a removal, if that is asked for.
+    fn before_removal(&self) -> Option<&crate::backup::Backups> {
+        self.backups
+            .as_ref()
+            .filter(|_| self.ctx.cfg.backup.before_membership_change)
     }
 
     /// Acts on this node's own termination; whether it is done.
@@ -284,20 +292,25 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
     /// trip the watchdog). Each period, while this daemon leads: report the
     /// newest verified backup's age and, once backup.interval has passed
     /// since it, take one under the `backup` lock (skipped while someone
-    /// else holds it), then apply retention.
+    /// else holds it), then apply retention. A failed backup is retried
+    /// after 5 minutes, doubling up to backup.interval, not every period.
+    /// On stop, a backup in flight aborts its upload and releases its lock.
     async fn backup_loop(&self, mut stop: Stop) {
         let Some(backups) = &self.backups else {
             return;
         };
+        let interval = self.ctx.cfg.backup.interval;
         // The newest verified backup's time, learned from the bucket on
         // becoming leader and kept while leading.
         let mut newest: Option<Option<u64>> = None;
+        let mut failures: u32 = 0;
+        let mut retry_at: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.delay()) => {}
                 _ = stopped(&mut stop) => return,
             }
-            if !self.leading.load(std::sync::atomic::Ordering::SeqCst) {
+            if !self.is_leading() {
                 newest = None;
                 continue;
             }
@@ -322,46 +335,57 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     now.saturating_sub(t) as f64,
                     &[],
                 );
-                if now < t + self.ctx.cfg.backup.interval.as_secs() {
+                if now < t + interval.as_secs() {
                     continue;
                 }
             }
-            let taken = tokio::select! {
-                r = self.scheduled_backup(backups) => r,
-                _ = stopped(&mut stop) => return,
-            };
-            match taken {
+            if retry_at.is_some_and(|at| std::time::Instant::now() < at) {
+                continue;
+            }
+            match self.scheduled_backup(backups, stop.clone()).await {
                 Ok(Some(m)) => {
                     newest = Some(Some(m.taken_at_unix));
-                    if let Err(e) = backups.apply_retention(crate::backup::now_unix()).await {
-                        crate::catalogue::report!(
-                            warn,
-                            e,
-                            "retention failed; retried after the next backup"
-                        );
+                    (failures, retry_at) = (0, None);
+                    // A leader that lost its lock meanwhile leaves retention
+                    // to the next one.
+                    if self.is_leading() {
+                        if let Err(e) = backups.apply_retention(crate::backup::now_unix()).await {
+                            crate::catalogue::report!(
+                                warn,
+                                e,
+                                "retention failed; retried after the next backup"
+                            );
+                        }
                     }
                 }
                 Ok(None) => {}
-                Err(e) => crate::catalogue::report!(
-                    error,
-                    e,
-                    "scheduled backup failed; retried next period"
-                ),
+                Err(e) => {
+                    let wait = crate::backup::retry_delay(failures, interval);
+                    failures = failures.saturating_add(1);
+                    retry_at = Some(std::time::Instant::now() + wait);
+                    crate::catalogue::report!(
+                        error,
+                        e,
+                        retry_in_s = wait.as_secs(),
+                        "scheduled backup failed; retried after a back-off"
+                    );
+                }
             }
         }
     }
 
-    /// One scheduled backup, unless another holds the `backup` lock.
+    fn is_leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// One scheduled backup, unless another holds the `backup` lock. What it
+    /// needs is read before the lock is taken, so a failure there cannot
+    /// leave the lock held until its lease runs out.
     async fn scheduled_backup(
         &self,
         backups: &crate::backup::Backups,
+        stop: Stop,
     ) -> Result<Option<crate::backup::Manifest>, crate::backup::Error> {
-        let Some(guard) = self.ctx.locker.try_acquire(Purpose::Backup).await? else {
-            tracing::info!(
-                "another backup is running (the backup lock is held); this one is skipped"
-            );
-            return Ok(None);
-        };
         let settings = crate::etcd::Settings::from_config(&self.ctx.cfg);
         let own = settings.client_url(&self.ctx.identity.private_ip);
         let recorded =
@@ -370,10 +394,17 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         endpoints.extend(recorded.into_iter().filter(|e| *e != own));
         let generation = self.ctx.registry.state().await?.generation;
         let etcd = crate::etcd::Etcd::connect_any(&endpoints, &settings).await?;
+        let Some(guard) = self.ctx.locker.try_acquire(Purpose::Backup).await? else {
+            tracing::info!(
+                "another backup is running (the backup lock is held); this one is skipped"
+            );
+            return Ok(None);
+        };
         let source = crate::backup::Source {
             etcd: &etcd,
             endpoints,
             generation,
+            stop: Some(stop),
         };
         guard
             .scoped(async |g| {
@@ -416,6 +447,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             &self.instances,
             &self.ctx.identity.instance_id,
             &mut suspects,
+            self.before_removal(),
         )
         .instrument(telemetry::phase("reconcile"))
         .await

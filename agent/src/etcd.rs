@@ -458,6 +458,11 @@ impl Etcd {
         ))
     }
 
+    /// The client URLs this client reaches etcd through.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
     /// The member list, as etcd reports it.
     pub async fn members(&self) -> Result<Vec<Member>, Error> {
         let resp = self

@@ -148,6 +148,7 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
     instances: &Instances,
     leader: &str,
     suspects: &mut Suspects,
+    backups: Option<&crate::backup::Backups>,
 ) -> Result<Vec<Step>, Error> {
     let Some(guard) = locker.try_acquire(Purpose::Membership).await? else {
         tracing::debug!("membership lock busy; reconciling next turn");
@@ -187,6 +188,9 @@ pub async fn run_once<L: LockStore, R: RegistryStore>(
             match &step {
                 Step::Remove { target, why } => {
                     tracing::warn!(removing = %target, %why, "reconciler removes a member");
+                    if let Some(backups) = backups {
+                        crate::backup::before_removal(backups, locker, registry, &etcd).await;
+                    }
                     match membership::remove_locked(&etcd, registry, guard, target, false).await {
                         Ok(_) => done.push(step),
                         Err(e) => {

@@ -193,17 +193,22 @@ impl Bucket {
         Ok(())
     }
 
-    /// Aborts an upload: S3 drops its parts.
+    /// Aborts an upload: S3 drops its parts. One already gone (completed,
+    /// or aborted by another) is what an abort wants: done.
     pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), Error> {
-        self.client
+        match self
+            .client
             .abort_multipart_upload()
             .bucket(&self.name)
             .key(key)
             .upload_id(upload_id)
             .send()
             .await
-            .map_err(|e| Error::new("AbortMultipartUpload", &self.name, key, &e))?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_upload()) => Ok(()),
+            Err(e) => Err(Error::new("AbortMultipartUpload", &self.name, key, &e)),
+        }
     }
 
     /// The uploads under `prefix` that were started and never completed or aborted.

@@ -59,6 +59,8 @@ pub enum Error {
     TimedOut { after: Duration },
     #[error("the backup lock was lost mid-upload ({reason}); its upload was aborted")]
     LockLost { reason: String },
+    #[error("stopping (SIGTERM or Ctrl-C) mid-upload; the upload was aborted")]
+    Stopped,
     #[error(transparent)]
     Lock(#[from] crate::lock::Error),
     #[error(transparent)]
@@ -70,7 +72,9 @@ impl crate::catalogue::Coded for Error {
         use crate::catalogue as c;
         match self {
             Error::NoBucket => &c::BACKUP_NO_BUCKET,
-            Error::Etcd(_) | Error::TimedOut { .. } | Error::LockLost { .. } => &c::BACKUP_STREAM,
+            Error::Etcd(_) | Error::TimedOut { .. } | Error::LockLost { .. } | Error::Stopped => {
+                &c::BACKUP_STREAM
+            }
             Error::Storage(e) => e.entry(),
             Error::Damaged { .. } | Error::NotAsRecorded { .. } | Error::Manifest { .. } => {
                 &c::BACKUP_DAMAGED
@@ -126,6 +130,63 @@ pub struct Manifest {
     pub taken_at_unix: u64,
     pub duration_ms: u64,
     pub trigger: Trigger,
+}
+
+/// The longest a snapshot before a membership change may take: the removal
+/// waits for it, under the `membership` lock a joining control plane may be
+/// waiting for too.
+pub const BEFORE_REMOVAL_LIMIT: Duration = Duration::from_secs(5 * 60);
+
+/// A snapshot through `etcd` before the agent removes a member
+/// (`backup.before_membership_change`). Best effort: a removal is never held
+/// back by it (a terminating member must leave etcd before its instance
+/// goes), so a failure is logged and counted, and a backup already running
+/// (the `backup` lock is held) stands in for it.
+pub async fn before_removal<L: crate::lock::LockStore, R: crate::registry::RegistryStore>(
+    backups: &Backups,
+    locker: &crate::lock::Locker<L>,
+    registry: &crate::registry::Registry<R>,
+    etcd: &crate::etcd::Etcd,
+) {
+    let attempt = async {
+        let generation = registry.state().await?.generation;
+        let Some(guard) = locker.try_acquire(crate::lock::Purpose::Backup).await? else {
+            tracing::info!("a backup is already running (the backup lock is held); it stands for the snapshot before this membership change");
+            return Ok(None);
+        };
+        let limited = Backups {
+            timeout: backups.timeout.min(BEFORE_REMOVAL_LIMIT),
+            ..backups.clone()
+        };
+        let source = Source {
+            etcd,
+            endpoints: etcd.endpoints().to_vec(),
+            generation,
+            stop: None,
+        };
+        guard
+            .scoped(async |g| take(&limited, source, Trigger::MembershipChange, g).await)
+            .await
+            .map(Some)
+    };
+    if let Err(e) = attempt.await {
+        crate::catalogue::report!(
+            warn,
+            e,
+            "the snapshot before this membership change failed; the removal goes ahead"
+        );
+    }
+}
+
+/// How long the leader waits after its `failures`+1-th failed backup in a
+/// row: 5 minutes, doubling, at most `interval` (a damaged stream or a
+/// refusing bucket must not re-stream the database every period).
+pub fn retry_delay(failures: u32, interval: Duration) -> Duration {
+    let first = Duration::from_secs(5 * 60);
+    first
+        .checked_mul(1u32 << failures.min(16))
+        .unwrap_or(interval)
+        .min(interval)
 }
 
 /// Unix seconds now.
@@ -394,6 +455,16 @@ impl Backups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_backup_backs_off_from_five_minutes_up_to_the_interval() {
+        let hour = Duration::from_secs(3600);
+        let mins = |m: u64| Duration::from_secs(m * 60);
+        let waits: Vec<Duration> = (0..6).map(|n| retry_delay(n, hour)).collect();
+        assert_eq!(waits, [mins(5), mins(10), mins(20), mins(40), hour, hour]);
+        assert_eq!(retry_delay(u32::MAX, hour), hour);
+        assert_eq!(retry_delay(0, mins(5)), mins(5));
+    }
 
     #[test]
     fn a_key_carries_its_time_and_sorts_as_time_does() {

@@ -20,6 +20,17 @@ pub struct Source<'a> {
     pub endpoints: Vec<String>,
     /// The registry's cluster generation, recorded with the snapshot.
     pub generation: u64,
+    /// Shutdown (SIGTERM, Ctrl-C): the upload is aborted and the lock
+    /// released before the process goes, not left open.
+    pub stop: Option<crate::pacing::Stop>,
+}
+
+/// Resolves when `stop` says so; never without one.
+async fn stopping(stop: &mut Option<crate::pacing::Stop>) {
+    match stop {
+        Some(stop) => crate::pacing::stopped(stop).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Takes one backup while `guard` (the `backup` lock) is held; its manifest.
@@ -59,7 +70,7 @@ pub async fn take(
 
 async fn take_inner(
     backups: &Backups,
-    source: Source<'_>,
+    mut source: Source<'_>,
     trigger: Trigger,
     guard: &Guard,
     started: Instant,
@@ -98,6 +109,7 @@ async fn take_inner(
             r.unwrap_or(Err(Error::TimedOut { after: backups.timeout }))
         }
         _ = guard.lost() => Err(Error::LockLost { reason: guard.lost_reason() }),
+        _ = stopping(&mut source.stop) => Err(Error::Stopped),
     };
     let completed = match streamed {
         Ok((parts, sha256, size)) => backups

@@ -3,8 +3,8 @@
 
 use super::etcd::etcd_client;
 use super::{
-    aws_config, load, operator_locker, print, registry_for, BackupListArgs, BackupNowArgs,
-    BackupVerifyArgs, Cli, Output,
+    aws_config, load, operator_locker, print, registry_for, stop_on_signal, BackupListArgs,
+    BackupNowArgs, BackupVerifyArgs, Cli, Output,
 };
 use crate::backup::{Backups, Entry, Manifest, Source, Trigger};
 use crate::error::Error;
@@ -32,6 +32,7 @@ pub(super) async fn now(cli: &Cli, args: &BackupNowArgs) -> Result<ExitCode, Err
         etcd: &etcd,
         endpoints,
         generation,
+        stop: Some(stop_on_signal()?),
     };
     let manifest = guard
         .scoped(async |g| crate::backup::take(&backups, source, Trigger::Manual, g).await)

@@ -175,6 +175,7 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
         cfg,
         registry,
         locker,
+        backups,
         ..
     } = parts;
     let mut failures = Vec::new();
@@ -239,6 +240,9 @@ async fn clean_up<L: LockStore, R: RegistryStore>(
                     (*etcd, Target::Member(id))
                 }
             };
+            if let Some(backups) = backups {
+                crate::backup::before_removal(backups, locker, registry, &etcd).await;
+            }
             membership::remove_in(
                 &etcd,
                 registry,

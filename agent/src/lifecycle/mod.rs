@@ -46,6 +46,9 @@ pub struct Parts<'a, L: LockStore, R: RegistryStore> {
     pub registry: &'a Registry<R>,
     pub locker: &'a Locker<L>,
     pub hooks: &'a Hooks,
+    /// A snapshot before each removal, when backups and
+    /// `backup.before_membership_change` are on.
+    pub backups: Option<&'a crate::backup::Backups>,
 }
 
 impl<L: LockStore, R: RegistryStore> Clone for Parts<'_, L, R> {

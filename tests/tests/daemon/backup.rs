@@ -13,16 +13,13 @@ use kubeboot_tests::simcluster::{assert_ok, log_lines, SimCluster, SimNode};
 use kubeboot_tests::termination::wait_leader;
 use std::time::{Duration, Instant};
 
-/// Writes `n` keys through node 0's member.
-async fn write_keys(sim: &SimCluster, n: usize) {
+/// Writes `n` keys of about `size` bytes each through node 0's member.
+async fn write_keys(sim: &SimCluster, n: usize, size: usize) {
     let mut client = sim.etcd_client(0).await;
     for i in 0..n {
+        let value = format!("value-{i}-{}", "x".repeat(size));
         client
-            .put(
-                format!("/backup-test/key-{i:05}"),
-                format!("value-{i}"),
-                None,
-            )
+            .put(format!("/backup-test/key-{i:05}"), value, None)
             .await
             .expect("put");
     }
@@ -129,7 +126,8 @@ fn etcdctl_restores(file: &std::path::Path) -> Result<(), String> {
 async fn a_backup_streams_verifies_and_lists_and_a_damaged_or_cut_copy_is_refused() {
     let sim = SimCluster::start(3, 0).await;
     assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    write_keys(&sim, 2000).await;
+    // About 24 MiB: three parts of the upload (8 MiB each but the last).
+    write_keys(&sim, 2000, 12 * 1024).await;
     let node = &sim.nodes[1];
 
     let (code, stdout, stderr) = kubeboot(&sim, node, &["backup", "now", "--output", "json"]).await;
@@ -146,6 +144,23 @@ async fn a_backup_streams_verifies_and_lists_and_a_damaged_or_cut_copy_is_refuse
     assert_eq!(manifest["trigger"], "manual");
     assert_eq!(manifest["generation"], 1);
     assert_eq!(open_uploads(&sim).await, 0, "the upload was completed");
+    // A multipart object's ETag ends in its part count, as S3's does.
+    let head = sim
+        .moto
+        .s3()
+        .await
+        .head_object()
+        .bucket(sim.bucket())
+        .key(&key)
+        .send()
+        .await
+        .expect("head");
+    let parts: u32 = head
+        .e_tag()
+        .and_then(|t| t.trim_matches('"').rsplit_once('-'))
+        .and_then(|(_, n)| n.parse().ok())
+        .expect("a multipart ETag");
+    assert!(parts >= 3, "{parts} parts");
 
     // The object is etcd's snapshot, byte for byte as etcd's tools read it.
     let body = get_object(&sim, &key).await;
@@ -290,7 +305,7 @@ async fn retention_keeps_exactly_the_tiers_with_synthetic_timestamps() {
 async fn a_leader_killed_mid_upload_leaves_no_open_upload_and_the_next_leader_backs_up() {
     let sim = SimCluster::start(3, 0).await;
     assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
-    write_keys(&sim, 500).await;
+    write_keys(&sim, 500, 0).await;
     let daemon = |index: usize, stall: bool| {
         let mut cmd = sim.daemon_command(&sim.nodes[index]);
         cmd.env("KUBEBOOT_BACKUP_ENABLED", "true")
@@ -363,12 +378,156 @@ async fn a_leader_killed_mid_upload_leaves_no_open_upload_and_the_next_leader_ba
     // Its age is reported each period after.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let docs = sim.metrics_documents();
-    for metric in ["BackupDuration", "BackupSize", "BackupAge"] {
+    for metric in ["BackupDuration", "BackupSize"] {
         assert!(
             docs.iter().any(|d| d.get(metric).is_some()),
             "no {metric} in the EMF documents"
         );
     }
+    // The age: 0 from the backup itself, then the loop's report each period.
+    let ages = docs.iter().filter(|d| d.get("BackupAge").is_some()).count();
+    assert!(ages >= 2, "{ages} BackupAge documents");
     let _ = second.start_kill();
     let _ = second.wait().await;
+}
+
+/// Waits until `log` has a line with `message` (and `trigger`, when given);
+/// returns it.
+async fn wait_log_line(
+    log: &std::path::Path,
+    message: &str,
+    trigger: Option<&str>,
+    within: Duration,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = log_lines(&text)
+            .into_iter()
+            .find(|l| l["message"] == message && trigger.is_none_or(|t| l["trigger"] == t))
+        {
+            return line;
+        }
+        assert!(
+            started.elapsed() < within,
+            "no {message:?} ({trigger:?}) within {within:?}: {}",
+            kubeboot_tests::simcluster::tail(&text)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconciler_snapshots_etcd_before_it_removes_a_dead_member() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let log = sim.nodes[0].dir.join("daemon.log");
+    let mut daemon = sim
+        .daemon_command(&sim.nodes[0])
+        .env("KUBEBOOT_BACKUP_ENABLED", "true")
+        .env("KUBEBOOT_DAEMON_RECONCILE_GRACE", "10s")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("daemon");
+    // The first scheduled backup (none exists yet), then node 2's instance
+    // is lost with its etcd.
+    wait_log_line(
+        &log,
+        "etcd backup taken and verified",
+        Some("scheduled"),
+        Duration::from_secs(60),
+    )
+    .await;
+    let victim = &sim.nodes[2];
+    let pids = kubeboot_tests::standin::etcd_pids_for(&victim.dir.join("var/lib/etcd"));
+    kubeboot_tests::standin::stop_groups(&pids, Duration::ZERO);
+    aws_sdk_ec2::Client::new(&sim.moto.sdk_config().await)
+        .terminate_instances()
+        .instance_ids(victim.instance_id())
+        .send()
+        .await
+        .expect("terminate in moto");
+
+    let removed = wait_log_line(&log, "etcd member removed", None, Duration::from_secs(90)).await;
+    let before = wait_log_line(
+        &log,
+        "etcd backup taken and verified",
+        Some("membership-change"),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        before["timestamp"].as_str() <= removed["timestamp"].as_str(),
+        "the snapshot came after the removal: {before} / {removed}"
+    );
+    // Taken from a survivor, and verified in the bucket.
+    let manifest = kubeboot_tests::simcluster::log_line(
+        &std::fs::read_to_string(&log).expect("log"),
+        "etcd backup taken and verified",
+    );
+    assert!(manifest["uri"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("s3://")));
+    let node = &sim.nodes[0];
+    let (code, stdout, stderr) =
+        kubeboot(&sim, node, &["backup", "list", "--output", "json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let triggers: Vec<&str> = listed["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .filter_map(|s| s["manifest"]["trigger"].as_str())
+        .collect();
+    assert!(triggers.contains(&"membership-change"), "{triggers:?}");
+    let _ = daemon.start_kill();
+    let _ = daemon.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_part_s3_refuses_aborts_the_upload_and_writes_no_manifest() {
+    use kubeboot_tests::awsproxy::{AwsProxy, ProxyResponse};
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    write_keys(&sim, 100, 0).await;
+    // S3 answers every UploadPart with a 500 (the SDK retries, then gives up).
+    let proxy = AwsProxy::start(&sim.moto.endpoint()).await;
+    proxy.set_handler(std::sync::Arc::new(|req| {
+        req.query.contains("partNumber=").then(|| {
+            ProxyResponse::new(
+                500,
+                "application/xml",
+                "<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>",
+            )
+        })
+    }));
+    let out = sim
+        .command(&sim.nodes[0], &["backup", "now"])
+        .env("KUBEBOOT_AWS_ENDPOINTS_S3", proxy.endpoint())
+        .env("KUBEBOOT_AWS_MAX_ATTEMPTS", "2")
+        .output()
+        .await
+        .expect("kubeboot runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    sim.record_output(&stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("KB-BACKUP-003"), "{stderr}");
+    assert!(
+        stderr.contains("aborted the failed backup's upload"),
+        "{stderr}"
+    );
+    assert_eq!(open_uploads(&sim).await, 0, "no parts are left in S3");
+    let objects = sim
+        .moto
+        .s3()
+        .await
+        .list_objects_v2()
+        .bucket(sim.bucket())
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(objects.contents().len(), 0, "no snapshot and no manifest");
+    // The backup lock was released: the next backup goes ahead at once.
+    let (code, _, stderr) = kubeboot(&sim, &sim.nodes[0], &["backup", "now"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
 }
