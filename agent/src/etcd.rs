@@ -408,29 +408,13 @@ impl Etcd {
         endpoint: &str,
         stall: Duration,
     ) -> Result<(SnapshotSource, SnapshotStream), Error> {
-        let mut options = ConnectOptions::new().with_connect_timeout(self.settings.dial_timeout);
-        if let Some(tls) = &self.tls {
-            options = options.with_tls(tls.clone());
-        }
         let endpoints = [endpoint.to_string()];
         let timed_out = |operation: &'static str| Error::Request {
             operation,
             message: "timed out".into(),
             transient: true,
         };
-        let mut client = tokio::time::timeout(
-            self.settings.dial_timeout + self.settings.request_timeout,
-            Client::connect(&endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| Error::Connect {
-            endpoints: endpoints.to_vec(),
-            message: "timed out".into(),
-        })?
-        .map_err(|e| Error::Connect {
-            endpoints: endpoints.to_vec(),
-            message: e.to_string(),
-        })?;
+        let mut client = connect_with(&endpoints, &self.settings, self.tls.clone(), None).await?;
         let status = tokio::time::timeout(self.settings.request_timeout, client.status())
             .await
             .map_err(|_| timed_out("status"))?
@@ -726,9 +710,21 @@ async fn connect(
     settings: &Settings,
     tls: Option<TlsOptions>,
 ) -> Result<Client, Error> {
-    let mut options = ConnectOptions::new()
-        .with_connect_timeout(settings.dial_timeout)
-        .with_timeout(settings.request_timeout);
+    connect_with(endpoints, settings, tls, Some(settings.request_timeout)).await
+}
+
+/// [`connect`], with each request bounded by `request_timeout` (none for a
+/// stream that may run for minutes and is bounded piece by piece instead).
+async fn connect_with(
+    endpoints: &[String],
+    settings: &Settings,
+    tls: Option<TlsOptions>,
+    request_timeout: Option<Duration>,
+) -> Result<Client, Error> {
+    let mut options = ConnectOptions::new().with_connect_timeout(settings.dial_timeout);
+    if let Some(timeout) = request_timeout {
+        options = options.with_timeout(timeout);
+    }
     if let Some(tls) = tls {
         options = options.with_tls(tls);
     }

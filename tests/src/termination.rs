@@ -361,6 +361,18 @@ pub fn host_dies(sim: &SimCluster, index: usize) {
     standin::stop_groups(&pids, Duration::ZERO);
 }
 
+/// Node `index`'s instance is terminated with no lifecycle message: its
+/// etcd dies with its host, and EC2 (moto) reports it terminated.
+pub async fn instance_lost(sim: &SimCluster, index: usize) {
+    host_dies(sim, index);
+    aws_sdk_ec2::Client::new(&sim.moto.sdk_config().await)
+        .terminate_instances()
+        .instance_ids(sim.nodes[index].instance_id())
+        .send()
+        .await
+        .expect("terminate in moto");
+}
+
 /// Waits for a daemon started with `KBTEST_CRASH_AT=point` to die there.
 pub async fn crashes_at(child: &mut tokio::process::Child, point: &str) {
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())

@@ -70,6 +70,24 @@ async fn put_object(sim: &SimCluster, key: &str, body: Vec<u8>) {
         .expect("put");
 }
 
+/// Every object key in the bucket under `prefix`.
+async fn keys_in_bucket(sim: &SimCluster, prefix: &str) -> Vec<String> {
+    sim.moto
+        .s3()
+        .await
+        .list_objects_v2()
+        .bucket(sim.bucket())
+        .prefix(prefix)
+        .max_keys(1000)
+        .send()
+        .await
+        .expect("list")
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect()
+}
+
 async fn open_uploads(sim: &SimCluster) -> usize {
     sim.moto
         .s3()
@@ -281,21 +299,10 @@ async fn retention_keeps_exactly_the_tiers_with_synthetic_timestamps() {
     assert_eq!(left, want);
     assert_eq!(deleted.len(), ages.len() - want.len());
     // No manifest is left without its snapshot.
-    let objects = sim
-        .moto
-        .s3()
-        .await
-        .list_objects_v2()
-        .bucket(sim.bucket())
-        .prefix(&prefix)
-        .max_keys(1000)
-        .send()
-        .await
-        .expect("list");
-    let keys: Vec<&str> = objects.contents().iter().filter_map(|o| o.key()).collect();
+    let keys = keys_in_bucket(&sim, &prefix).await;
     for k in keys.iter().filter(|k| k.ends_with(".json")) {
         assert!(
-            keys.contains(&k.trim_end_matches(".json")),
+            keys.iter().any(|s| s == k.trim_end_matches(".json")),
             "{k} without its snapshot"
         );
     }
@@ -438,15 +445,7 @@ async fn the_reconciler_snapshots_etcd_before_it_removes_a_dead_member() {
         Duration::from_secs(60),
     )
     .await;
-    let victim = &sim.nodes[2];
-    let pids = kubeboot_tests::standin::etcd_pids_for(&victim.dir.join("var/lib/etcd"));
-    kubeboot_tests::standin::stop_groups(&pids, Duration::ZERO);
-    aws_sdk_ec2::Client::new(&sim.moto.sdk_config().await)
-        .terminate_instances()
-        .instance_ids(victim.instance_id())
-        .send()
-        .await
-        .expect("terminate in moto");
+    kubeboot_tests::termination::instance_lost(&sim, 2).await;
 
     let removed = wait_log_line(&log, "etcd member removed", None, Duration::from_secs(90)).await;
     let before = wait_log_line(
@@ -517,16 +516,11 @@ async fn a_part_s3_refuses_aborts_the_upload_and_writes_no_manifest() {
         "{stderr}"
     );
     assert_eq!(open_uploads(&sim).await, 0, "no parts are left in S3");
-    let objects = sim
-        .moto
-        .s3()
-        .await
-        .list_objects_v2()
-        .bucket(sim.bucket())
-        .send()
-        .await
-        .expect("list");
-    assert_eq!(objects.contents().len(), 0, "no snapshot and no manifest");
+    assert_eq!(
+        keys_in_bucket(&sim, "").await,
+        Vec::<String>::new(),
+        "no snapshot and no manifest"
+    );
     // The backup lock was released: the next backup goes ahead at once.
     let (code, _, stderr) = kubeboot(&sim, &sim.nodes[0], &["backup", "now"]).await;
     assert_eq!(code, Some(0), "{stderr}");

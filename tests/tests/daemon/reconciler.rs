@@ -3,7 +3,6 @@
 //! period (not before); an orphan learner goes at once.
 
 use kubeboot_tests::simcluster::{assert_ok, SimCluster};
-use kubeboot_tests::standin;
 use std::time::{Duration, Instant};
 
 async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
@@ -27,14 +26,7 @@ async fn an_instance_lost_without_a_message_is_removed_after_the_grace_period() 
 
     // Node 2's instance is terminated with no message: its etcd dies with it.
     let victim = &sim.nodes[2];
-    let pids = standin::etcd_pids_for(&victim.dir.join("var/lib/etcd"));
-    standin::stop_groups(&pids, Duration::ZERO);
-    aws_sdk_ec2::Client::new(&sim.moto.sdk_config().await)
-        .terminate_instances()
-        .instance_ids(victim.instance_id())
-        .send()
-        .await
-        .expect("terminate in moto");
+    kubeboot_tests::termination::instance_lost(&sim, 2).await;
     let lost = Instant::now();
 
     tokio::time::sleep(Duration::from_secs(5)).await;
