@@ -124,6 +124,8 @@ pub enum Error {
     Kubernetes(#[from] crate::kubernetes::Error),
     #[error(transparent)]
     Membership(#[from] crate::membership::Error),
+    #[error(transparent)]
+    Restore(#[from] crate::restore::Error),
     #[error("cannot use the checkpoint {}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
     #[error("the cluster is not ready for this node yet: {0}")]
@@ -689,7 +691,16 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             checkpoint.path = Some(Path::ControlPlaneJoin);
             return self.control_plane_join(checkpoint).await;
         }
-        let result = self.init(&guard, &state, checkpoint).await;
+        if let Some(snapshot) = &state.restored_from {
+            // An empty init now would lose the restored data for good.
+            let _ = guard.release().await;
+            return Err(crate::restore::Error::Unfinished {
+                snapshot: snapshot.clone(),
+                generation: state.generation,
+            }
+            .into());
+        }
+        let result = self.init(&guard, &state, checkpoint, None).await;
         match result {
             Ok(()) => {
                 // The cluster is initialized: a release lost to AWS weather
@@ -709,11 +720,53 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
     }
 
+    /// `kubeboot restore` on this control plane: under the `init` lock, a
+    /// new generation named for the snapshot (over an initialized one too),
+    /// this node reset, the backup laid down, then the rest of an init
+    /// (`kubeadm init` over the restored data, publish, confirm, record,
+    /// mark initialized). The other control planes join it as usual.
+    pub async fn restore(&self, prepared: &crate::restore::Prepared) -> Result<Checkpoint, Error> {
+        if self.ctx.cfg.node.role != Role::ControlPlane {
+            return Err(crate::restore::Error::NotControlPlane.into());
+        }
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
+        let mut checkpoint = Checkpoint {
+            run_id,
+            path: Some(Path::Init),
+            kubeadm_started: false,
+            joined: false,
+            done: false,
+        };
+        let guard = self.lock(Purpose::Init, "init-lock").await?;
+        guard
+            .scoped(async |guard| {
+                let state = self
+                    .step("read the cluster state", Bound::Lock, || async {
+                        Ok(self.ctx.registry.state().await?)
+                    })
+                    .await?;
+                tracing::warn!(
+                    generation = state.generation,
+                    phase = state.phase.as_str(),
+                    snapshot = %prepared.uri,
+                    "restoring: a new cluster generation replaces this one"
+                );
+                self.init(guard, &state, &mut checkpoint, Some(prepared))
+                    .await
+            })
+            .await?;
+        checkpoint.done = true;
+        self.save_checkpoint(&checkpoint)?;
+        Ok(checkpoint)
+    }
+
     async fn init(
         &self,
         guard: &Guard,
         state: &crate::registry::ClusterState,
         checkpoint: &mut Checkpoint,
+        restore: Option<&crate::restore::Prepared>,
     ) -> Result<(), Error> {
         let cfg = &self.ctx.cfg;
         let claim = InitClaim {
@@ -722,6 +775,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             endpoint: cfg.cluster.control_plane_endpoint.clone(),
             kubernetes_version: cfg.cluster.kubernetes_version.clone(),
             wall: SystemTime::now(),
+            restored_from: restore.map(|p| p.manifest.key.clone()),
         };
         let generation = self
             .step("start a new generation", Bound::Lock, || async {
@@ -761,10 +815,36 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             token_ttl: join_material::TOKEN_TTL,
             certificate_key: key.clone(),
         });
+        let mut ignore = None;
+        if let Some(prepared) = restore {
+            // Whatever this node ran before (an attempt, a member of the
+            // lost cluster) goes: kubeadm reset empties the data directory
+            // and pki/ the backup is laid into. The checkpoint says so
+            // first: a restore cut short leaves a node that is reset next.
+            checkpoint.kubeadm_started = true;
+            self.save_checkpoint(checkpoint)?;
+            self.guarded(guard, async { Ok(self.ctx.kubeadm.reset().await?) })
+                .await?;
+            let settings = self.etcd_settings();
+            let member = crate::restore::Member {
+                name: self.node().name,
+                peer_url: settings.peer_url(&self.ctx.identity.private_ip),
+            };
+            self.guarded(guard, async {
+                Ok(crate::restore::lay_down(prepared, cfg, &member).await?)
+            })
+            .instrument(telemetry::phase("restore"))
+            .await?;
+            ignore = Some(crate::restore::data_dir_check(&cfg.paths.etcd_data_dir));
+        }
         checkpoint.kubeadm_started = true;
         self.save_checkpoint(checkpoint)?;
         self.guarded(guard, async {
-            Ok(self.ctx.kubeadm.init(&rendered, &[&token, &key]).await?)
+            Ok(self
+                .ctx
+                .kubeadm
+                .init(&rendered, &[&token, &key], ignore.as_deref())
+                .await?)
         })
         .instrument(telemetry::phase("kubeadm-init"))
         .await?;
@@ -1165,6 +1245,7 @@ impl crate::catalogue::Coded for self::Error {
             E::Etcd(e) => e.entry(),
             E::Kubernetes(e) => e.entry(),
             E::Membership(e) => e.entry(),
+            E::Restore(e) => e.entry(),
             E::Checkpoint { .. } => &crate::catalogue::BOOT_CHECKPOINT,
             E::NotReady(_) => &crate::catalogue::BOOT_NOT_READY,
             // Stale material is what the wait for material retries; once it

@@ -50,6 +50,10 @@ pub const AREAS: &[(&str, &str)] = &[
     ("CERT", "kubeadm's certificates: expiry and renewal"),
     ("STACK", "signalling the CloudFormation stack"),
     ("BACKUP", "etcd backups in S3"),
+    (
+        "RESTORE",
+        "`kubeboot restore`: a cluster rebuilt from a snapshot",
+    ),
 ];
 
 /// Declares each entry as a `pub static` and lists them all in [`ENTRIES`],
@@ -378,6 +382,25 @@ catalogue! {
     BACKUP_NOT_FOUND = "KB-BACKUP-005", "no such snapshot",
         cause: "The key or URI names no object (deleted by retention, a typo, another bucket or cluster), `latest` found no snapshot with a manifest, or the bucket does not exist.",
         check: "`kubeboot backup list` for what exists; aws.backup_bucket and backup.prefix; a URI must name this cluster's bucket.";
+    BACKUP_NO_CERTIFICATES = "KB-BACKUP-006", "the snapshot has no certificates saved with it",
+        cause: "Each backup saves the cluster's certificate authorities (ca, sa, front-proxy-ca, etcd/ca) beside the snapshot, and this one's manifest records none: the node that took it had no kubeadm pki/ (a warning said so then). A cluster restored without them could not trust its own ServiceAccount tokens or kubelets. Nothing was restored or changed.",
+        check: "`kubeboot backup list`: restore from a snapshot taken by a control plane (its manifest has pki_sha256). `kubeboot backup now` on a control plane takes one.";
+
+    RESTORE_CLUSTER_ANSWERS = "KB-RESTORE-001", "the cluster still answers: restore refused",
+        cause: "A member the registry records (other than this node) still answers: with this node's etcd client certificate, it sees a leader; without one (a fresh instance), its client port takes connections. Restoring would start a new cluster beside it and replace it. Nothing was changed.",
+        check: "`kubeboot status` and `kubeboot etcd members`: is the cluster really lost? If so, terminate the old control planes (or stop their kubelet and etcd) first, as docs/RESTORE.md says, or pass --replace-answering-cluster if you mean to replace it while it runs.";
+    RESTORE_TOOL = "KB-RESTORE-002", "etcd's restore tool failed or is missing",
+        cause: "`etcdutl snapshot restore` (etcd 3.5+) or `etcdctl snapshot restore` (3.4) is not on PATH or at binaries.etcd_restore_tool, exited non-zero (its last lines are in the message), or ran longer than 15 minutes. The new generation was started and the node reset; nothing was published.",
+        check: "The tool's message; `etcdutl version`; free disk space under paths.etcd_data_dir. Fix it and run `kubeboot restore` again: it starts another generation from the same snapshot.";
+    RESTORE_LOCAL = "KB-RESTORE-003", "this node's files stand in the way of the restore",
+        cause: "A file or directory the restore writes could not be written: the download under paths.state_dir/restore (disk full, permissions), kubeadm's pki/, or the etcd data directory, which must be empty after kubeadm reset.",
+        check: "The path in the message: free space (`df`), permissions (run as root), or move a non-empty paths.etcd_data_dir aside. Then run `kubeboot restore` again.";
+    RESTORE_NOT_CONTROL_PLANE = "KB-RESTORE-004", "restore runs on a control plane only",
+        cause: "`kubeboot restore` ran on a node whose node.role is worker: only a control plane runs etcd and kubeadm init.",
+        check: "Run it on a control-plane instance (docs/RESTORE.md says which).";
+    RESTORE_UNFINISHED = "KB-RESTORE-005", "an unfinished restore holds the cluster",
+        cause: "`kubeboot restore` started a new generation from a snapshot and did not finish (it failed or its node died). Bootstrap will not initialize an empty cluster over it: that would lose the restored data for good.",
+        check: "`kubeboot status` names the snapshot; run `kubeboot restore --snapshot <it>` again on a control plane (docs/RESTORE.md). The control planes' bootstrap waits and is retried by systemd.";
 }
 
 /// An error with a catalogue entry. The advice an operator reads with an

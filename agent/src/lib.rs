@@ -30,6 +30,7 @@ pub mod quorum;
 pub mod reconciler;
 pub mod refresh;
 pub mod registry;
+pub mod restore;
 pub mod retry;
 pub mod secret;
 pub mod status;

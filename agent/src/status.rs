@@ -220,6 +220,9 @@ pub fn render_text(s: &Status) -> String {
             st.fence.map_or("?".to_string(), |f| f.to_string())
         ));
     }
+    if let Some(snapshot) = &st.restored_from {
+        out.push_str(&format!("  restored from {snapshot}\n"));
+    }
     out.push_str("locks:\n");
     for (purpose, item) in &s.locks {
         out.push_str(&lock_line(*purpose, item.as_ref(), s.observed_at));
@@ -417,6 +420,7 @@ mod tests {
                 initialized_by: Some("i-0abc/p1".into()),
                 init_run_id: Some("run-7".into()),
                 fence: Some(4),
+                restored_from: None,
                 updated_at: None,
             },
             locks: vec![

@@ -205,6 +205,7 @@ pub fn init_claim(run_id: &str, initialized_by: &str, endpoint: &str) -> InitCla
         endpoint: endpoint.into(),
         kubernetes_version: "1.31.2".into(),
         wall: SystemTime::now(),
+        restored_from: None,
     }
 }
 

@@ -458,10 +458,10 @@ impl RegistryStore for Handle {
     ) -> Result<WriteResult, StoreError> {
         let claim = claim.clone();
         self.fenced("begin init", fence, move |w| {
-            let ok = w
-                .state
-                .as_ref()
-                .is_none_or(|s| s.generation == expected && s.phase != Phase::Initialized);
+            let ok = w.state.as_ref().is_none_or(|s| {
+                s.generation == expected
+                    && (s.phase != Phase::Initialized || claim.restored_from.is_some())
+            });
             if ok {
                 w.state = Some(ClusterState {
                     phase: Phase::Initializing,
@@ -471,6 +471,7 @@ impl RegistryStore for Handle {
                     initialized_by: Some(claim.initialized_by),
                     init_run_id: Some(claim.run_id),
                     fence: Some(fence.value),
+                    restored_from: claim.restored_from,
                     updated_at: Some(claim.wall),
                 });
             }

@@ -301,6 +301,16 @@ impl SimCluster {
         cmd
     }
 
+    /// `kubeboot <args>` on one node for a command that runs kubeadm
+    /// (`restore`): with the stand-in's log and process bookkeeping, as
+    /// [`SimCluster::bootstrap_command`] has.
+    pub fn kubeadm_command(&self, node: &SimNode, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = self.command(node, args);
+        cmd.env(standin::LOG_ENV, &self.kubeadm_log)
+            .envs(self.standin.envs());
+        cmd
+    }
+
     /// The backup bucket (aws.backup_bucket of every node).
     pub fn bucket(&self) -> &str {
         &self.table
@@ -595,6 +605,49 @@ impl SimCluster {
         )
         .await
         .expect("etcd client")
+    }
+
+    /// Writes `n` keys `<prefix>key-00000`... of about `size` bytes each
+    /// through node `via`'s member, up to a hundred and 512 KiB to a
+    /// transaction (etcd's defaults refuse more than 128 operations or
+    /// 1.5 MiB in one request).
+    pub async fn put_keys(&self, via: usize, prefix: &str, n: usize, size: usize) {
+        let mut client = self.etcd_client(via).await;
+        let keys: Vec<usize> = (0..n).collect();
+        for batch in keys.chunks((512 * 1024 / size.max(1)).clamp(1, 100)) {
+            let puts: Vec<etcd_client::TxnOp> = batch
+                .iter()
+                .map(|i| {
+                    etcd_client::TxnOp::put(
+                        format!("{prefix}key-{i:05}"),
+                        format!("value-{i}-{}", "x".repeat(size)),
+                        None,
+                    )
+                })
+                .collect();
+            client
+                .txn(etcd_client::Txn::new().and_then(puts))
+                .await
+                .expect("put");
+        }
+    }
+
+    /// Every key under `prefix` with its value, through node `via`'s member.
+    pub async fn keys(&self, via: usize, prefix: &str) -> Vec<(String, String)> {
+        let mut client = self.etcd_client(via).await;
+        let got = client
+            .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        got.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect()
     }
 
     /// What a control-plane join that died right after `member add` leaves:

@@ -15,6 +15,7 @@
 //! Layout: `<backup.prefix>/<cluster>/<YYYYMMDDTHHMMSSZ>-<member>.db`.
 
 pub mod integrity;
+pub mod pki;
 pub mod retention;
 mod take;
 
@@ -55,6 +56,17 @@ pub enum Error {
     NotFound { what: String, uri: String },
     #[error("the manifest {uri} cannot be read: {message}")]
     Manifest { uri: String, message: String },
+    #[error(
+        "no certificates were saved with this snapshot ({uri} is not recorded in its manifest)"
+    )]
+    NoCertificates { uri: String },
+    #[error("{uri}: no bytes for 60 s; the download was given up")]
+    Stalled { uri: String },
+    #[error("{}: {message}", path.display())]
+    Local {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("the backup took longer than backup.timeout ({}); its upload was aborted", crate::config::value::format_duration(*after))]
     TimedOut { after: Duration },
     #[error("the backup lock was lost mid-upload ({reason}); its upload was aborted")]
@@ -79,6 +91,9 @@ impl crate::catalogue::Coded for Error {
             Error::Damaged { .. } | Error::NotAsRecorded { .. } | Error::Manifest { .. } => {
                 &c::BACKUP_DAMAGED
             }
+            Error::NoCertificates { .. } => &c::BACKUP_NO_CERTIFICATES,
+            Error::Stalled { .. } => &c::BACKUP_STORAGE,
+            Error::Local { .. } => &c::RESTORE_LOCAL,
             Error::NotFound { .. } => &c::BACKUP_NOT_FOUND,
             Error::Lock(e) => e.entry(),
             Error::Registry(e) => e.entry(),
@@ -130,6 +145,10 @@ pub struct Manifest {
     pub taken_at_unix: u64,
     pub duration_ms: u64,
     pub trigger: Trigger,
+    /// The sha256 of the certificates bundle saved beside it
+    /// (`<key>.pki.json`); absent when the node had none to save.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pki_sha256: Option<String>,
 }
 
 /// The longest a snapshot before a membership change may take: the removal
@@ -257,6 +276,8 @@ pub struct Backups {
     cluster: String,
     policy: retention::Policy,
     timeout: Duration,
+    /// kubeadm's certificates directory, whose authorities each backup keeps.
+    pki_dir: std::path::PathBuf,
 }
 
 impl Backups {
@@ -286,6 +307,7 @@ impl Backups {
                 keep_daily: cfg.backup.keep_daily,
             },
             timeout: cfg.backup.timeout,
+            pki_dir: cfg.paths.kubernetes_dir.join("pki"),
         }
     }
 
@@ -405,11 +427,84 @@ impl Backups {
     /// trailing sha256, and the manifest's hash and size.
     pub async fn verify(&self, key: &str) -> Result<Manifest, Error> {
         let manifest = self.manifest(key).await?;
-        let uri = self.bucket.uri(key);
-        let mut reader = self.bucket.open(key).await?;
+        self.read_checked(&manifest, |_| Ok(())).await?;
+        Ok(manifest)
+    }
+
+    /// Downloads snapshot `key` to `to`, checked as [`Backups::verify`]
+    /// checks it, with its certificates bundle (checked against the
+    /// manifest). The file appears only when everything verified (it is
+    /// written beside, as `<to>.partial`, and renamed); nothing is left
+    /// behind otherwise.
+    pub async fn download(
+        &self,
+        key: &str,
+        to: &std::path::Path,
+    ) -> Result<(Manifest, pki::Bundle), Error> {
+        use std::io::Write;
+        let manifest = self.manifest(key).await?;
+        let certificates = self.certificates(&manifest).await?;
+        let partial = to.with_extension("partial");
+        let local = |path: &std::path::Path, e: std::io::Error| Error::Local {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let written = async {
+            let mut file = std::fs::File::create(&partial).map_err(|e| local(&partial, e))?;
+            self.read_checked(&manifest, |piece| {
+                file.write_all(piece).map_err(|e| local(&partial, e))
+            })
+            .await?;
+            file.sync_all().map_err(|e| local(&partial, e))?;
+            std::fs::rename(&partial, to).map_err(|e| local(to, e))
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        Ok((manifest, certificates))
+    }
+
+    /// The certificates bundle saved with the snapshot `manifest` describes.
+    pub async fn certificates(&self, manifest: &Manifest) -> Result<pki::Bundle, Error> {
+        let key = pki::key_of(&manifest.key);
+        let uri = self.bucket.uri(&key);
+        let Some(want) = &manifest.pki_sha256 else {
+            return Err(Error::NoCertificates { uri });
+        };
+        let body = self.bucket.get_small(&key, pki::LIMIT).await?;
+        let got = pki::Bundle::sha256(&body);
+        if &got != want {
+            return Err(Error::NotAsRecorded {
+                uri,
+                what: format!("sha256 {got}, the manifest says {want}"),
+            });
+        }
+        pki::Bundle::parse(&body).map_err(|e| Error::NotAsRecorded {
+            uri,
+            what: e.to_string(),
+        })
+    }
+
+    /// Streams the snapshot `manifest` describes through `sink`, checking
+    /// its trailing sha256 and the manifest's hash and size; a stream that
+    /// stalls for [`STALL_TIMEOUT`] is given up.
+    async fn read_checked(
+        &self,
+        manifest: &Manifest,
+        mut sink: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let uri = self.bucket.uri(&manifest.key);
+        let mut reader = self.bucket.open(&manifest.key).await?;
         let mut hash = integrity::TrailingHash::new();
-        while let Some(piece) = reader.next().await? {
+        loop {
+            let piece = tokio::time::timeout(STALL_TIMEOUT, reader.next())
+                .await
+                .map_err(|_| Error::Stalled { uri: uri.clone() })??;
+            let Some(piece) = piece else { break };
             hash.update(&piece);
+            sink(&piece)?;
         }
         let size = hash.total();
         let sha256 = hash.finish().map_err(|mismatch| Error::Damaged {
@@ -425,7 +520,7 @@ impl Backups {
                 ),
             });
         }
-        Ok(manifest)
+        Ok(())
     }
 
     /// Deletes what retention says to (each snapshot with its manifest);
@@ -445,6 +540,7 @@ impl Backups {
             // The manifest first: a snapshot that lost its manifest is
             // unverified and goes next time, never the other way round.
             self.bucket.delete(&manifest_key(key)).await?;
+            self.bucket.delete(&pki::key_of(key)).await?;
             self.bucket.delete(key).await?;
             tracing::info!(uri = %self.bucket.uri(key), "retention deleted a snapshot");
         }

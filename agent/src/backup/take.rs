@@ -127,6 +127,7 @@ async fn take_inner(
             return Err(e);
         }
     };
+    let pki_sha256 = save_certificates(backups, &key).await?;
     let manifest = Manifest {
         key: key.clone(),
         cluster: backups.cluster.clone(),
@@ -140,6 +141,7 @@ async fn take_inner(
         taken_at_unix: taken_at,
         duration_ms: started.elapsed().as_millis() as u64,
         trigger,
+        pki_sha256,
     };
     let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     backups
@@ -147,6 +149,27 @@ async fn take_inner(
         .put_small(&super::manifest_key(&key), body, "application/json")
         .await?;
     Ok(manifest)
+}
+
+/// Saves the cluster's certificate authorities beside snapshot `key`; their
+/// sha256 for the manifest. A node without them (not a kubeadm control
+/// plane) saves none: the snapshot is still worth keeping, and a restore
+/// from it is refused with KB-BACKUP-006.
+async fn save_certificates(backups: &Backups, key: &str) -> Result<Option<String>, Error> {
+    let bundle = match super::pki::Bundle::read(&backups.pki_dir) {
+        Ok(bundle) => bundle,
+        Err(e) => {
+            tracing::warn!(error = %e, "this node has no certificate authorities to save with the snapshot; a restore from it will be refused");
+            return Ok(None);
+        }
+    };
+    let body = bundle.to_bytes();
+    let sha256 = super::pki::Bundle::sha256(&body);
+    backups
+        .bucket
+        .put_small(&super::pki::key_of(key), body, "application/json")
+        .await?;
+    Ok(Some(sha256))
 }
 
 /// Streams the snapshot into parts of [`PART_SIZE`] (the last one shorter),

@@ -91,6 +91,16 @@ pub enum Command {
     #[command(subcommand)]
     Backup(BackupCommand),
 
+    /// Rebuild the cluster from a snapshot on this control plane, when etcd
+    /// is lost (docs/RESTORE.md is the runbook). Downloads and verifies the
+    /// snapshot first (a damaged or missing one changes nothing), refuses
+    /// while a recorded member still answers, then under the `init` lock:
+    /// starts a new cluster generation, resets this node, lays down the
+    /// backup's certificate authorities and etcd data, runs `kubeadm init`
+    /// over them and publishes new join material. Other control planes and
+    /// workers join the new generation as usual.
+    Restore(RestoreArgs),
+
     /// Explain an error code from a log line (e.g. KB-LOCK-001): what failed,
     /// the probable cause and what to check. Needs no configuration.
     Explain(ExplainArgs),
@@ -295,6 +305,27 @@ pub struct BackupVerifyArgs {
     /// it, or `s3://<bucket>/<key>` in this cluster's bucket.
     #[arg(value_name = "SNAPSHOT", default_value = "latest")]
     pub snapshot: String,
+
+    #[command(flatten)]
+    pub sources: SourceArgs,
+
+    /// Output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Options of `kubeboot restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// `latest` (the newest verified snapshot), a key as `backup list` shows
+    /// it, or `s3://<bucket>/<key>` in this cluster's bucket.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub snapshot: String,
+
+    /// Restore even though a recorded etcd member still answers: the
+    /// running cluster is replaced by the snapshot's.
+    #[arg(long)]
+    pub replace_answering_cluster: bool,
 
     #[command(flatten)]
     pub sources: SourceArgs,

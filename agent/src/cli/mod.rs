@@ -13,6 +13,7 @@ mod daemon;
 mod etcd;
 mod explain;
 mod lock;
+mod restore;
 mod status;
 
 pub use args::*;
@@ -92,6 +93,7 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Error> {
         Command::Backup(BackupCommand::Now(args)) => backup::now(cli, args).await,
         Command::Backup(BackupCommand::List(args)) => backup::list(cli, args).await,
         Command::Backup(BackupCommand::Verify(args)) => backup::verify(cli, args).await,
+        Command::Restore(args) => restore::run(cli, args).await,
         Command::Bootstrap(args) => bootstrap::run(cli, args).await,
         Command::Daemon(args) => daemon::run(cli, args).await,
         Command::Explain(args) => explain::run(args),

@@ -244,6 +244,7 @@ pub struct Paths {
 #[serde(deny_unknown_fields)]
 pub struct Binaries {
     pub kubeadm: PathBuf,
+    pub etcd_restore_tool: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

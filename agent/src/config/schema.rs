@@ -239,6 +239,8 @@ pub const KEYS: &[Key] = &[
     key("paths.etcd_data_dir", Kind::AbsPath, Some("\"/var/lib/etcd\""), "Stacked etcd data directory."),
     // [binaries]
     key("binaries.kubeadm", Kind::AbsPath, Some("\"/usr/bin/kubeadm\""), "kubeadm executable."),
+    key("binaries.etcd_restore_tool", Kind::AbsPath, None,
+        "etcd's snapshot restore tool for `kubeboot restore`, told by its file name: `etcdutl` (etcd 3.5 and later; the revision is bumped and marked compacted) or `etcdctl` (3.4). Unset: `etcdutl`, then `etcdctl`, from PATH."),
     // [log]
     key("log.level", Kind::OneOf(&["trace", "debug", "info", "warn", "error"]), Some("\"info\""),
         "Log level."),

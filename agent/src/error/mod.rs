@@ -59,6 +59,9 @@ impl Error {
             Error::Telemetry(crate::telemetry::Error::Level(_)) => EXIT_USAGE,
             Error::Usage(_) | Error::UnknownCode(_) => EXIT_USAGE,
             Error::Backup(crate::backup::Error::NoBucket) => EXIT_USAGE,
+            Error::Bootstrap(crate::bootstrap::Error::Restore(
+                crate::restore::Error::NotControlPlane,
+            )) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }

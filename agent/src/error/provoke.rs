@@ -312,7 +312,7 @@ async fn an_unwritable_run_dir_has_its_code() {
     );
     let rendered = crate::secret::Secret::new("{}\n".to_string());
     let err = k
-        .init(&rendered, &[])
+        .init(&rendered, &[], None)
         .await
         .expect_err("run dir under a file");
     assert_eq!(err.code(), "KB-KUBEADM-002", "{err}");
@@ -567,4 +567,74 @@ async fn backup_failures_have_their_codes() {
             .expect("404"),
     );
     assert_eq!(err.code(), "KB-BACKUP-005", "{err}");
+}
+
+#[tokio::test]
+async fn restore_failures_on_this_node_have_their_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("k8s/pki");
+    let data = dir.path().join("etcd");
+    let k8s = dir.path().join("k8s").display().to_string();
+    let data_text = data.display().to_string();
+    let env = [
+        ("KUBEBOOT_NODE_ROLE", "control-plane"),
+        ("KUBEBOOT_PATHS_KUBERNETES_DIR", k8s.as_str()),
+        ("KUBEBOOT_PATHS_ETCD_DATA_DIR", data_text.as_str()),
+    ];
+    let loaded = load_text(
+        dir.path(),
+        &std::fs::read_to_string(examples().join("control-plane.toml")).expect("example"),
+        None,
+        &env,
+    )
+    .await
+    .expect("the control-plane example loads");
+    let files: std::collections::BTreeMap<&str, &str> = crate::backup::pki::SHARED
+        .iter()
+        .map(|n| (*n, "pem"))
+        .collect();
+    let bundle = crate::backup::pki::Bundle::parse(
+        serde_json::json!({ "files": files }).to_string().as_bytes(),
+    )
+    .expect("bundle");
+    let file = dir.path().join("snapshot.db");
+    std::fs::write(&file, b"not an etcd database").expect("write");
+    let prepared = crate::restore::Prepared {
+        uri: "s3://b/k.db".into(),
+        manifest: serde_json::from_value(serde_json::json!({
+            "key": "k.db", "cluster": "c", "generation": 1, "revision": 1,
+            "member": "00", "sha256": "00", "size": 1, "agent_version": "t",
+            "taken_at": "t", "taken_at_unix": 1, "duration_ms": 1, "trigger": "manual",
+        }))
+        .expect("manifest"),
+        file,
+        certificates: bundle,
+    };
+    let member = crate::restore::Member {
+        name: "cp-0".into(),
+        peer_url: "https://127.0.0.1:2380".into(),
+    };
+
+    // A data directory kubeadm reset left something in.
+    std::fs::create_dir_all(data.join("member")).expect("mkdir");
+    let err = crate::restore::lay_down(&prepared, &loaded.config, &member)
+        .await
+        .expect_err("not empty");
+    assert_eq!(err.code(), "KB-RESTORE-003", "{err}");
+    assert!(!pki.join("ca.key").exists(), "nothing laid down");
+    std::fs::remove_dir_all(&data).expect("rm");
+
+    // etcd's own tool refuses a file that is no snapshot.
+    let err = crate::restore::lay_down(&prepared, &loaded.config, &member)
+        .await
+        .expect_err("etcdctl refuses");
+    assert_eq!(err.code(), "KB-RESTORE-002", "{err}");
+    assert!(
+        matches!(err, crate::restore::Error::ToolFailed { .. }),
+        "{err}"
+    );
+
+    // No tool at all.
+    let err = crate::restore::Tool::find(None, Some(dir.path().as_os_str())).expect_err("none");
+    assert_eq!(err.code(), "KB-RESTORE-002", "{err}");
 }

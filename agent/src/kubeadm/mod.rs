@@ -65,6 +65,40 @@ fn timeout_key(command: &str) -> &'static str {
     }
 }
 
+/// The one way the agent starts a process (I7): a binary and an argv, never
+/// a shell; stdin closed, stdout and stderr captured, killed if dropped.
+/// systemd's notify socket is this unit's: a child (or anything it starts)
+/// must not say READY or feed the watchdog.
+fn argv_command<S: AsRef<OsStr>>(binary: &Path, args: &[S]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs another of the node's tools by argv (etcd's restore tool for
+/// `kubeboot restore`) through [`argv_command`], with `env` added; its
+/// output, or `None` when it ran past `timeout` and was killed.
+pub async fn run_tool<S: AsRef<OsStr>>(
+    binary: &Path,
+    args: &[S],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> std::io::Result<Option<std::process::Output>> {
+    let mut cmd = argv_command(binary, args);
+    cmd.envs(env.iter().copied());
+    match tokio::time::timeout(timeout, cmd.output()).await {
+        Ok(out) => out.map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Maps kubeadm's output to the likely cause; pure, so every pattern is tested.
 pub fn diagnose(output: &str) -> &'static str {
     const PATTERNS: &[(&[&str], &str)] = &[
@@ -180,20 +214,27 @@ impl Kubeadm {
         self
     }
 
-    /// `kubeadm init --config <file> --upload-certs`.
+    /// `kubeadm init --config <file> --upload-certs`, with
+    /// `--ignore-preflight-errors=<check>` when one is named (an init over
+    /// a restored etcd data directory).
     pub async fn init(
         &self,
         rendered: &config::Rendered,
         secrets: &[&Secret<String>],
+        ignore_preflight: Option<&str>,
     ) -> Result<Outcome, Error> {
         let file = self.write("kubeadm-init.yaml", rendered)?;
         let path = file.path();
-        let args = [
+        let ignore = ignore_preflight.map(|c| format!("--ignore-preflight-errors={c}"));
+        let mut args = vec![
             "init".as_ref(),
             "--config".as_ref(),
             path.as_os_str(),
             "--upload-certs".as_ref(),
         ];
+        if let Some(flag) = &ignore {
+            args.push(flag.as_ref());
+        }
         self.run("init", &args, self.init_timeout, secrets).await
     }
 
@@ -355,17 +396,7 @@ impl Kubeadm {
         let started = Instant::now();
         let _running = Running::new(&self.running);
         tracing::info!(command, binary = %self.binary.display(), timeout_s = timeout.as_secs(), "running kubeadm");
-        let mut child = tokio::process::Command::new(&self.binary)
-            .args(args)
-            // systemd's notify socket is this unit's, not kubeadm's: a child
-            // (or anything it starts) must not say READY or feed the watchdog.
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
+        let mut child = argv_command(&self.binary, args)
             .spawn()
             .map_err(|source| Error::Spawn {
                 binary: self.binary.clone(),
@@ -566,7 +597,7 @@ mod tests {
             dir.path().join("k8s"),
             Duration::from_secs(10),
         );
-        let out = k.init(&rendered(), &[]).await.unwrap();
+        let out = k.init(&rendered(), &[], None).await.unwrap();
         assert_eq!(out.stdout.trim(), "ok");
         let config = config_path(&dir.path().join("run"), "init");
         let args = std::fs::read_to_string(&log).unwrap();

@@ -149,13 +149,13 @@ impl RegistryStore for DynamoRegistryStore {
         expected_generation: u64,
         claim: &InitClaim,
     ) -> Result<WriteResult, StoreError> {
+        // A restore replaces whatever generation it read, initialized or
+        // not, and names its snapshot; an init never replaces an
+        // initialized generation, and clears the name.
+        const SET: &str = "SET #phase = :initializing, #gen = :next, #ep = :ep, #ver = :ver, #by = :by, #run = :run, #f = :fence, #at = :wall";
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(self.key(table::STATE_SK.into())))
-            .update_expression(
-                "SET #phase = :initializing, #gen = :next, #ep = :ep, #ver = :ver, #by = :by, #run = :run, #f = :fence, #at = :wall",
-            )
-            .condition_expression("attribute_not_exists(#pk) OR (#gen = :expected AND #phase <> :initialized)")
             .expression_attribute_names("#pk", table::PARTITION_KEY)
             .expression_attribute_names("#phase", "phase")
             .expression_attribute_names("#gen", "generation")
@@ -165,8 +165,8 @@ impl RegistryStore for DynamoRegistryStore {
             .expression_attribute_names("#run", "init_run_id")
             .expression_attribute_names("#f", "fence")
             .expression_attribute_names("#at", "updated_at")
+            .expression_attribute_names("#rf", "restored_from")
             .expression_attribute_values(":initializing", s(Phase::Initializing.as_str()))
-            .expression_attribute_values(":initialized", s(Phase::Initialized.as_str()))
             .expression_attribute_values(":next", n(expected_generation + 1))
             .expression_attribute_values(":expected", n(expected_generation))
             .expression_attribute_values(":ep", s(&claim.endpoint))
@@ -174,9 +174,20 @@ impl RegistryStore for DynamoRegistryStore {
             .expression_attribute_values(":by", s(&claim.initialized_by))
             .expression_attribute_values(":run", s(&claim.run_id))
             .expression_attribute_values(":fence", n(fence.value))
-            .expression_attribute_values(":wall", n(epoch_ms(claim.wall)))
-            .build()
-            .map_err(|e| invalid("begin init", &e))?;
+            .expression_attribute_values(":wall", n(epoch_ms(claim.wall)));
+        let update = match &claim.restored_from {
+            Some(snapshot) => update
+                .update_expression(format!("{SET}, #rf = :rf"))
+                .condition_expression("attribute_not_exists(#pk) OR #gen = :expected")
+                .expression_attribute_values(":rf", s(snapshot)),
+            None => update
+                .update_expression(format!("{SET} REMOVE #rf"))
+                .condition_expression(
+                    "attribute_not_exists(#pk) OR (#gen = :expected AND #phase <> :initialized)",
+                )
+                .expression_attribute_values(":initialized", s(Phase::Initialized.as_str())),
+        };
+        let update = update.build().map_err(|e| invalid("begin init", &e))?;
         self.transact(
             "begin init",
             fence,
@@ -458,6 +469,7 @@ fn parse_state(item: &Item) -> Result<ClusterState, StoreError> {
         initialized_by: text("initialized_by"),
         init_run_id: text("init_run_id"),
         fence: num("fence"),
+        restored_from: text("restored_from"),
         updated_at: num("updated_at").map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
     })
 }

@@ -60,6 +60,9 @@ pub struct ClusterState {
     pub init_run_id: Option<String>,
     /// The init lock's fence used for this generation.
     pub fence: Option<u64>,
+    /// The snapshot this generation was restored from (`kubeboot restore`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
     #[serde(skip)]
     pub updated_at: Option<SystemTime>,
 }
@@ -75,6 +78,7 @@ impl ClusterState {
             initialized_by: None,
             init_run_id: None,
             fence: None,
+            restored_from: None,
             updated_at: None,
         }
     }
@@ -88,6 +92,9 @@ pub struct InitClaim {
     pub endpoint: String,
     pub kubernetes_version: String,
     pub wall: SystemTime,
+    /// `kubeboot restore`: the snapshot's key. A restore may start a new
+    /// generation over an initialized one; an init may not.
+    pub restored_from: Option<String>,
 }
 
 /// A confirmed etcd member (written only after etcd reports it started, voting, healthy).
@@ -443,7 +450,7 @@ impl<S: RegistryStore> Registry<S> {
         current: &ClusterState,
         claim: &InitClaim,
     ) -> Result<u64, Error> {
-        if current.phase == Phase::Initialized {
+        if current.phase == Phase::Initialized && claim.restored_from.is_none() {
             return Err(Error::Conflict {
                 operation: "begin init",
                 reason: "the cluster is already initialized".into(),

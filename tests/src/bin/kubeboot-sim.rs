@@ -7,6 +7,10 @@
 //! `kubeboot status` sees it. Everything it starts stops when it exits.
 //!
 //! `KBSIM_CONTROL_PLANES` / `KBSIM_WORKERS` change the shape.
+//! `KBSIM_RESTORE=1` then shows a disaster and its runbook
+//! (docs/RESTORE.md): keys are written, `kubeboot backup now` takes a
+//! snapshot, every control plane is lost with its etcd, a fresh one runs
+//! `kubeboot restore --snapshot latest`, and the keys are counted back.
 
 use kubeboot_tests::simcluster::SimCluster;
 use kubeboot_tests::workspace::kubeboot_bin;
@@ -80,7 +84,7 @@ async fn main() -> ExitCode {
         "starting a simulated cluster: {cps} control planes, {workers} workers (agent {})",
         kubeboot_bin().display()
     ));
-    let sim = SimCluster::start(cps, workers).await;
+    let mut sim = SimCluster::start(cps, workers).await;
     t.say(format!(
         "moto_server (AWS) at {}, table {}",
         sim.moto.endpoint(),
@@ -180,6 +184,9 @@ async fn main() -> ExitCode {
             );
         }
     }
+    if std::env::var("KBSIM_RESTORE").is_ok_and(|v| v == "1") && failures == 0 {
+        failures += backup_disaster_restore(&t, &mut sim, cps).await;
+    }
     t.say("tearing down: etcd members, doubles, moto_server");
     drop(sim);
     t.say(if failures == 0 {
@@ -192,4 +199,72 @@ async fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Writes keys, backs up, loses every control plane, restores on a fresh
+/// one and counts the keys back; the number of problems.
+async fn backup_disaster_restore(t: &Timeline, sim: &mut SimCluster, cps: usize) -> usize {
+    const KEYS: usize = 10_000;
+    const PREFIX: &str = "/kbsim-restore/";
+    sim.put_keys(0, PREFIX, KEYS, 32).await;
+    t.say(format!(
+        "wrote {KEYS} keys under {PREFIX}; node-0 runs `kubeboot backup now`"
+    ));
+    let ok = |what: &str, out: std::io::Result<std::process::Output>| match out {
+        Ok(o) if o.status.success() => {
+            print!("{}", String::from_utf8_lossy(&o.stdout));
+            true
+        }
+        Ok(o) => {
+            eprintln!("{what} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+            false
+        }
+        Err(e) => {
+            eprintln!("cannot run {what}: {e}");
+            false
+        }
+    };
+    if !ok("backup now", run_on(sim, 0, &["backup", "now"]).await) {
+        return 1;
+    }
+    t.say(format!(
+        "disaster: all {cps} control planes are lost with their etcd"
+    ));
+    for i in 0..cps {
+        kubeboot_tests::termination::instance_lost(sim, i).await;
+    }
+    let fresh = sim.add_node("control-plane").await;
+    t.say(format!(
+        "node-{fresh} (a fresh control plane) runs `kubeboot restore --snapshot latest`"
+    ));
+    if !ok(
+        "restore",
+        run_on(sim, fresh, &["restore", "--snapshot", "latest"]).await,
+    ) {
+        return 1;
+    }
+    let back = sim.keys(fresh, PREFIX).await;
+    let intact = back.len() == KEYS
+        && back.iter().enumerate().all(|(i, (k, v))| {
+            *k == format!("{PREFIX}key-{i:05}") && v.starts_with(&format!("value-{i}-"))
+        });
+    t.say(format!(
+        "{} of {KEYS} keys are back through node-{fresh}'s etcd{}",
+        back.len(),
+        if intact {
+            ", every value intact"
+        } else {
+            ": NOT all back"
+        }
+    ));
+    usize::from(!intact)
+}
+
+/// `kubeboot <args>` on node `node`, as an operator runs it there.
+async fn run_on(
+    sim: &SimCluster,
+    node: usize,
+    args: &[&str],
+) -> std::io::Result<std::process::Output> {
+    sim.kubeadm_command(&sim.nodes[node], args).output().await
 }

@@ -14,19 +14,12 @@ use kubeboot_tests::termination::wait_leader;
 use std::time::{Duration, Instant};
 
 /// Writes `n` keys of about `size` bytes each through node 0's member.
-async fn write_keys(sim: &SimCluster, n: usize, size: usize) {
-    let mut client = sim.etcd_client(0).await;
-    for i in 0..n {
-        let value = format!("value-{i}-{}", "x".repeat(size));
-        client
-            .put(format!("/backup-test/key-{i:05}"), value, None)
-            .await
-            .expect("put");
-    }
+pub(crate) async fn write_keys(sim: &SimCluster, n: usize, size: usize) {
+    sim.put_keys(0, "/backup-test/", n, size).await;
 }
 
 /// Runs `kubeboot <args>` on a node; (exit code, stdout, stderr).
-async fn kubeboot(
+pub(crate) async fn kubeboot(
     sim: &SimCluster,
     node: &SimNode,
     args: &[&str],
@@ -43,7 +36,7 @@ async fn kubeboot(
     (out.status.code(), stdout, stderr)
 }
 
-async fn get_object(sim: &SimCluster, key: &str) -> Vec<u8> {
+pub(crate) async fn get_object(sim: &SimCluster, key: &str) -> Vec<u8> {
     let out = sim
         .moto
         .s3()
@@ -57,7 +50,7 @@ async fn get_object(sim: &SimCluster, key: &str) -> Vec<u8> {
     out.body.collect().await.expect("body").to_vec()
 }
 
-async fn put_object(sim: &SimCluster, key: &str, body: Vec<u8>) {
+pub(crate) async fn put_object(sim: &SimCluster, key: &str, body: Vec<u8>) {
     sim.moto
         .s3()
         .await
@@ -71,7 +64,7 @@ async fn put_object(sim: &SimCluster, key: &str, body: Vec<u8>) {
 }
 
 /// Every object key in the bucket under `prefix`.
-async fn keys_in_bucket(sim: &SimCluster, prefix: &str) -> Vec<String> {
+pub(crate) async fn keys_in_bucket(sim: &SimCluster, prefix: &str) -> Vec<String> {
     sim.moto
         .s3()
         .await
@@ -88,7 +81,7 @@ async fn keys_in_bucket(sim: &SimCluster, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-async fn open_uploads(sim: &SimCluster) -> usize {
+pub(crate) async fn open_uploads(sim: &SimCluster) -> usize {
     sim.moto
         .s3()
         .await

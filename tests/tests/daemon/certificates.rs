@@ -276,13 +276,28 @@ async fn a_renewal_that_would_cost_etcd_quorum_is_deferred_without_restarting_an
     for manifest in ["etcd.yaml", "kube-apiserver.yaml"] {
         assert!(k8s.join("manifests").join(manifest).exists(), "{manifest}");
     }
-    let deferral = log_lines(&stderr)
+    let deferrals: Vec<serde_json::Value> = log_lines(&stderr)
         .into_iter()
-        .find(|l| l["code"] == "KB-CERT-006")
-        .unwrap_or_else(|| panic!("no KB-CERT-006 line:\n{}", tail(&stderr)));
-    assert_eq!(deferral["level"], "WARN", "{deferral}");
-    let text = deferral.to_string();
-    assert!(text.contains("1 healthy of 3"), "{text}");
+        .filter(|l| l["code"] == "KB-CERT-006")
+        .collect();
+    assert!(
+        !deferrals.is_empty(),
+        "no KB-CERT-006 line:\n{}",
+        tail(&stderr)
+    );
+    assert!(
+        deferrals.iter().all(|d| d["level"] == "WARN"),
+        "{deferrals:?}"
+    );
+    // The first turn can come while the survivors elect a leader (node 2
+    // may have led): then no member is healthy. Once one leads, restarting
+    // node 1 would leave node 0 alone.
+    assert!(
+        deferrals
+            .iter()
+            .any(|d| d.to_string().contains("1 healthy of 3")),
+        "{deferrals:?}"
+    );
     assert!(metric_values(&sim, "CertificateRenewalFailures").is_empty());
     assert!(metric_values(&sim, "CertificateRenewalsDeferred").len() >= 2);
     // The cluster kept its quorum: both survivors still answer.

@@ -11,3 +11,4 @@ mod lifecycle;
 mod lifecycle_actions;
 mod lifecycle_deferral;
 mod reconciler;
+mod restore;

@@ -393,3 +393,27 @@ fn child_guard_kills_the_whole_group_even_if_sigterm_is_ignored() {
     );
     assert_all_dead(&pids);
 }
+
+/// The demo (`scripts/demo.sh` runs `kubeboot-sim`) with its restore act:
+/// a backup, every control plane lost, `kubeboot restore` on a fresh one,
+/// and every key counted back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_loses_its_control_planes_and_restores_every_key() {
+    let sim = kubeboot_tests::workspace::target_debug_dir().join("kubeboot-sim");
+    let out = tokio::process::Command::new(&sim)
+        .env("KBSIM_CONTROL_PLANES", "1")
+        .env("KBSIM_WORKERS", "1")
+        .env("KBSIM_RESTORE", "1")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("kubeboot-sim runs (cargo build --bins builds it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("10000 of 10000 keys are back") && stdout.contains("every value intact"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("demo OK"), "{stdout}");
+}
