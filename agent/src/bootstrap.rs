@@ -700,7 +700,10 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             }
             .into());
         }
-        let result = self.init(&guard, &state, checkpoint, None).await;
+        let result = self
+            .init(&guard, &state, checkpoint, None)
+            .await
+            .map(|_| ());
         match result {
             Ok(()) => {
                 // The cluster is initialized: a release lost to AWS weather
@@ -725,7 +728,11 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// this node reset, the backup laid down, then the rest of an init
     /// (`kubeadm init` over the restored data, publish, confirm, record,
     /// mark initialized). The other control planes join it as usual.
-    pub async fn restore(&self, prepared: &crate::restore::Prepared) -> Result<Checkpoint, Error> {
+    /// Returns the checkpoint and the new generation.
+    pub async fn restore(
+        &self,
+        prepared: &crate::restore::Prepared,
+    ) -> Result<(Checkpoint, u64), Error> {
         if self.ctx.cfg.node.role != Role::ControlPlane {
             return Err(crate::restore::Error::NotControlPlane.into());
         }
@@ -739,7 +746,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             done: false,
         };
         let guard = self.lock(Purpose::Init, "init-lock").await?;
-        guard
+        let generation = guard
             .scoped(async |guard| {
                 let state = self
                     .step("read the cluster state", Bound::Lock, || async {
@@ -758,7 +765,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .await?;
         checkpoint.done = true;
         self.save_checkpoint(&checkpoint)?;
-        Ok(checkpoint)
+        Ok((checkpoint, generation))
     }
 
     async fn init(
@@ -767,7 +774,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         state: &crate::registry::ClusterState,
         checkpoint: &mut Checkpoint,
         restore: Option<&crate::restore::Prepared>,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
         let cfg = &self.ctx.cfg;
         let claim = InitClaim {
             run_id: checkpoint.run_id.clone(),
@@ -877,7 +884,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         .await?;
         crash_point("init:after-mark");
         tracing::info!(generation, "cluster initialized");
-        Ok(())
+        Ok(generation)
     }
 
     /// I2: only a member etcd reports started, voting and healthy is recorded.

@@ -387,14 +387,14 @@ catalogue! {
         check: "`kubeboot backup list`: restore from a snapshot taken by a control plane (its manifest has pki_sha256). `kubeboot backup now` on a control plane takes one.";
 
     RESTORE_CLUSTER_ANSWERS = "KB-RESTORE-001", "the cluster still answers: restore refused",
-        cause: "A member the registry records (other than this node) still answers: with this node's etcd client certificate, it sees a leader; without one (a fresh instance), its client port takes connections. Restoring would start a new cluster beside it and replace it. Nothing was changed.",
+        cause: "A member the registry records (this node's own included: a restore that already finished answers) still answers: with this node's etcd client certificate, it sees a leader; without one (a fresh instance), its client port takes connections. Restoring would start a new cluster beside it and replace it. Nothing was changed.",
         check: "`kubeboot status` and `kubeboot etcd members`: is the cluster really lost? If so, terminate the old control planes (or stop their kubelet and etcd) first, as docs/RESTORE.md says, or pass --replace-answering-cluster if you mean to replace it while it runs.";
     RESTORE_TOOL = "KB-RESTORE-002", "etcd's restore tool failed or is missing",
         cause: "`etcdutl snapshot restore` (etcd 3.5+) or `etcdctl snapshot restore` (3.4) is not on PATH or at binaries.etcd_restore_tool, exited non-zero (its last lines are in the message), or ran longer than 15 minutes. The new generation was started and the node reset; nothing was published.",
         check: "The tool's message; `etcdutl version`; free disk space under paths.etcd_data_dir. Fix it and run `kubeboot restore` again: it starts another generation from the same snapshot.";
     RESTORE_LOCAL = "KB-RESTORE-003", "this node's files stand in the way of the restore",
-        cause: "A file or directory the restore writes could not be written: the download under paths.state_dir/restore (disk full, permissions), kubeadm's pki/, or the etcd data directory, which must be empty after kubeadm reset.",
-        check: "The path in the message: free space (`df`), permissions (run as root), or move a non-empty paths.etcd_data_dir aside. Then run `kubeboot restore` again.";
+        cause: "A file or directory the restore writes could not be written: the download under paths.state_dir/restore (disk full, permissions), kubeadm's pki/, or the etcd data directory (one left non-empty by kubeadm reset is moved aside to <dir>.replaced-<time>, never deleted).",
+        check: "The path in the message: free space (`df`), permissions (run as root). Then run `kubeboot restore` again.";
     RESTORE_NOT_CONTROL_PLANE = "KB-RESTORE-004", "restore runs on a control plane only",
         cause: "`kubeboot restore` ran on a node whose node.role is worker: only a control plane runs etcd and kubeadm init.",
         check: "Run it on a control-plane instance (docs/RESTORE.md says which).";

@@ -74,6 +74,8 @@ pub struct Prepared {
     pub manifest: Manifest,
     pub file: PathBuf,
     pub certificates: pki::Bundle,
+    /// etcd's restore tool, found before anything changed.
+    pub tool: Tool,
 }
 
 impl Drop for Prepared {
@@ -83,17 +85,27 @@ impl Drop for Prepared {
 }
 
 /// Resolves `which` (`latest`, a key or an `s3://` URI), downloads it into
-/// `<state_dir>/restore/` and checks it against etcd's trailing sha256, its
-/// manifest and this cluster. Nothing outside that directory is touched.
+/// `<state_dir>/restore/` (0700) and checks it against etcd's trailing
+/// sha256, its manifest and this cluster. Nothing outside that directory is
+/// touched. `tool` was found first ([`Tool::find`]): a node without one
+/// must fail before anything changes.
 pub async fn prepare(
     backups: &Backups,
     cfg: &Config,
     which: &str,
+    tool: Tool,
 ) -> Result<Prepared, crate::backup::Error> {
     let key = backups.resolve(which).await?;
     let uri = backups.bucket().uri(&key);
     let dir = cfg.paths.state_dir.join("restore");
-    std::fs::create_dir_all(&dir).map_err(|e| crate::backup::Error::Local {
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+    }
+    .map_err(|e| crate::backup::Error::Local {
         path: dir.clone(),
         message: e.to_string(),
     })?;
@@ -106,6 +118,7 @@ pub async fn prepare(
         manifest,
         file,
         certificates,
+        tool,
     };
     if prepared.manifest.cluster != cfg.cluster.name {
         return Err(crate::backup::Error::NotAsRecorded {
@@ -162,6 +175,33 @@ impl Tool {
         }
     }
 
+    /// Whether this tool takes `--bump-revision` and `--mark-compacted`:
+    /// `etcdutl` of an etcd recent enough to list them in its help (older
+    /// 3.5 releases do not have them); never etcdctl 3.4.
+    pub async fn bumps_revision(&self) -> bool {
+        let Tool::Etcdutl(path) = self else {
+            return false;
+        };
+        match crate::kubeadm::run_tool(
+            path,
+            &["snapshot", "restore", "--help"],
+            &[],
+            Duration::from_secs(30),
+        )
+        .await
+        {
+            Ok(Some(out)) => {
+                let help = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                help.contains("--bump-revision") && help.contains("--mark-compacted")
+            }
+            _ => false,
+        }
+    }
+
     pub fn binary(&self) -> &Path {
         match self {
             Tool::Etcdutl(p) | Tool::Etcdctl(p) => p,
@@ -177,8 +217,16 @@ pub struct Member {
     pub peer_url: String,
 }
 
-/// The restore tool's arguments (pure: tested without running it).
-pub fn tool_args(tool: &Tool, file: &Path, member: &Member, data_dir: &Path) -> Vec<OsString> {
+/// Where a data directory in the way goes: `<dir>.replaced-<unix seconds>`.
+fn aside_name(data_dir: &Path, now: u64) -> PathBuf {
+    let mut name = data_dir.as_os_str().to_os_string();
+    name.push(format!(".replaced-{now}"));
+    PathBuf::from(name)
+}
+
+/// The restore tool's arguments (pure: tested without running it); `bump`
+/// when the tool takes `--bump-revision` ([`Tool::bumps_revision`]).
+pub fn tool_args(file: &Path, member: &Member, data_dir: &Path, bump: bool) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["snapshot".into(), "restore".into(), file.into()];
     for (flag, value) in [
         ("--name", member.name.clone()),
@@ -193,7 +241,7 @@ pub fn tool_args(tool: &Tool, file: &Path, member: &Member, data_dir: &Path) -> 
     }
     args.push("--data-dir".into());
     args.push(data_dir.into());
-    if let Tool::Etcdutl(_) = tool {
+    if bump {
         args.push("--bump-revision".into());
         args.push(BUMP_REVISION.to_string().into());
         args.push("--mark-compacted".into());
@@ -219,19 +267,21 @@ pub async fn lay_down(prepared: &Prepared, cfg: &Config, member: &Member) -> Res
         path: path.to_path_buf(),
         message,
     };
-    // etcd's tool refuses an existing data directory; `kubeadm reset`
-    // empties it but may leave it.
+    // etcd's tool refuses an existing data directory. `kubeadm reset`
+    // empties it only when it finds this node's etcd configuration (a
+    // restore cut short before its `kubeadm init` leaves none): what is
+    // left is moved aside, never deleted.
     if data_dir.exists() {
         let entries = std::fs::read_dir(data_dir)
             .map_err(|e| local(data_dir, e.to_string()))?
             .count();
         if entries > 0 {
-            return Err(local(
-                data_dir,
-                "is not empty after kubeadm reset; move it aside and run restore again".into(),
-            ));
+            let aside = aside_name(data_dir, crate::backup::now_unix());
+            std::fs::rename(data_dir, &aside).map_err(|e| local(data_dir, e.to_string()))?;
+            tracing::warn!(data_dir = %data_dir.display(), moved_to = %aside.display(), "the etcd data directory was not empty after kubeadm reset; moved aside (delete it once the cluster is whole)");
+        } else {
+            std::fs::remove_dir(data_dir).map_err(|e| local(data_dir, e.to_string()))?;
         }
-        std::fs::remove_dir(data_dir).map_err(|e| local(data_dir, e.to_string()))?;
     }
     let pki_dir = cfg.paths.kubernetes_dir.join("pki");
     prepared
@@ -239,32 +289,26 @@ pub async fn lay_down(prepared: &Prepared, cfg: &Config, member: &Member) -> Res
         .write(&pki_dir)
         .map_err(|e| local(&pki_dir, e.to_string()))?;
     tracing::info!(pki = %pki_dir.display(), "laid down the cluster's certificate authorities from the backup");
-    let tool = Tool::find(
-        cfg.binaries.etcd_restore_tool.as_deref(),
-        std::env::var_os("PATH").as_deref(),
-    )?;
-    if let Tool::Etcdctl(_) = tool {
-        tracing::warn!("etcdctl (etcd 3.4) cannot bump the revision: after the restore, restart the kubelets and controllers so their watches relist (docs/RESTORE.md)");
+    let tool = &prepared.tool;
+    let bump = tool.bumps_revision().await;
+    if !bump {
+        tracing::warn!(tool = %tool.binary().display(), "this etcd restore tool cannot bump the revision: after the restore, restart the kubelets and controllers so their watches relist (docs/RESTORE.md)");
     }
-    run_tool(&tool, &tool_args(&tool, &prepared.file, member, data_dir)).await?;
+    run_tool(tool, &tool_args(&prepared.file, member, data_dir, bump)).await?;
     tracing::info!(data_dir = %data_dir.display(), tool = %tool.binary().display(), "restored the etcd data directory");
     Ok(())
 }
 
 async fn run_tool(tool: &Tool, args: &[OsString]) -> Result<(), Error> {
     let name = tool.binary().display().to_string();
-    let out = match crate::kubeadm::run_tool(
-        tool.binary(),
-        args,
-        &[("ETCDCTL_API", "3")],
-        TOOL_TIMEOUT,
-    )
-    .await
-    {
-        Err(e) => return Err(Error::NoTool(format!("{name}: {e}"))),
-        Ok(None) => return Err(Error::ToolTimedOut { tool: name }),
-        Ok(Some(out)) => out,
-    };
+    let out =
+        match crate::kubeadm::run_tool(tool.binary(), args, &[("ETCDCTL_API", "3")], TOOL_TIMEOUT)
+            .await
+        {
+            Err(e) => return Err(Error::NoTool(format!("{name}: {e}"))),
+            Ok(None) => return Err(Error::ToolTimedOut { tool: name }),
+            Ok(Some(out)) => out,
+        };
     if out.status.success() {
         return Ok(());
     }
@@ -281,20 +325,17 @@ async fn run_tool(tool: &Tool, args: &[OsString]) -> Result<(), Error> {
     })
 }
 
-/// Whether the recorded cluster still answers, other than this node: with
+/// Whether the recorded cluster still answers (this node's own member too:
+/// a restore run again over a finished one must not replace it): with
 /// kubeadm's etcd client certificate on this node, a member that sees a
 /// leader; without one (a fresh instance), any member's client port that
 /// takes a connection. Restoring over a cluster that answers would replace
 /// it, so it needs the operator's explicit word.
 pub async fn cluster_answers(
     records: &[crate::registry::MemberRecord],
-    own_ip: &str,
     settings: &crate::etcd::Settings,
 ) -> Option<(String, String)> {
-    let endpoints: Vec<String> = crate::etcd::recorded_endpoints(records, settings)
-        .into_iter()
-        .filter(|e| crate::etcd::host_of(e) != Some(own_ip))
-        .collect();
+    let endpoints = crate::etcd::recorded_endpoints(records, settings);
     let has_client_cert = settings.pki_dir.join("apiserver-etcd-client.key").exists();
     for endpoint in endpoints {
         if has_client_cert {
@@ -336,19 +377,14 @@ mod tests {
     }
 
     #[test]
-    fn etcdutl_bumps_the_revision_and_etcdctl_restores_plainly_as_this_node() {
+    fn a_tool_that_can_bumps_the_revision_and_one_that_cannot_restores_plainly_as_this_node() {
         let member = Member {
             name: "ip-10-0-1-5".into(),
             peer_url: "https://10.0.1.5:2380".into(),
         };
         let file = Path::new("/var/lib/kubeboot/restore/s.db");
         let dir = Path::new("/var/lib/etcd");
-        let plain = strings(&tool_args(
-            &Tool::Etcdctl("/usr/bin/etcdctl".into()),
-            file,
-            &member,
-            dir,
-        ));
+        let plain = strings(&tool_args(file, &member, dir, false));
         assert_eq!(
             plain,
             [
@@ -365,12 +401,7 @@ mod tests {
                 "/var/lib/etcd"
             ]
         );
-        let bumped = strings(&tool_args(
-            &Tool::Etcdutl("/usr/local/bin/etcdutl".into()),
-            file,
-            &member,
-            dir,
-        ));
+        let bumped = strings(&tool_args(file, &member, dir, true));
         assert_eq!(&bumped[..plain.len()], &plain[..]);
         assert_eq!(
             &bumped[plain.len()..],
@@ -407,6 +438,14 @@ mod tests {
             Tool::find(None, Some(&std::env::join_paths([&a]).unwrap())),
             Err(Error::NoTool(_))
         ));
+    }
+
+    #[test]
+    fn a_data_directory_in_the_way_is_moved_beside_itself() {
+        assert_eq!(
+            aside_name(Path::new("/var/lib/etcd"), 1_796_346_123),
+            Path::new("/var/lib/etcd.replaced-1796346123")
+        );
     }
 
     #[test]

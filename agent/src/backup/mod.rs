@@ -442,7 +442,14 @@ impl Backups {
         to: &std::path::Path,
     ) -> Result<(Manifest, pki::Bundle), Error> {
         use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let manifest = self.manifest(key).await?;
+        if manifest.key != key {
+            return Err(Error::NotAsRecorded {
+                uri: self.bucket.uri(&manifest_key(key)),
+                what: format!("the manifest describes {}, not {key}", manifest.key),
+            });
+        }
         let certificates = self.certificates(&manifest).await?;
         let partial = to.with_extension("partial");
         let local = |path: &std::path::Path, e: std::io::Error| Error::Local {
@@ -450,7 +457,14 @@ impl Backups {
             message: e.to_string(),
         };
         let written = async {
-            let mut file = std::fs::File::create(&partial).map_err(|e| local(&partial, e))?;
+            // The snapshot holds every Secret of the cluster: 0600.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&partial)
+                .map_err(|e| local(&partial, e))?;
             self.read_checked(&manifest, |piece| {
                 file.write_all(piece).map_err(|e| local(&partial, e))
             })

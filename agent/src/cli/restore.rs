@@ -14,12 +14,16 @@ pub(super) async fn run(cli: &Cli, args: &RestoreArgs) -> Result<ExitCode, Error
         return Err(crate::bootstrap::Error::from(crate::restore::Error::NotControlPlane).into());
     }
     let backups = Backups::from_config(&ctx.aws, &ctx.cfg)?;
-    let prepared = crate::restore::prepare(&backups, &ctx.cfg, &args.snapshot).await?;
+    // Everything that can refuse runs before anything changes.
+    let tool = crate::restore::Tool::find(
+        ctx.cfg.binaries.etcd_restore_tool.as_deref(),
+        std::env::var_os("PATH").as_deref(),
+    )
+    .map_err(crate::bootstrap::Error::from)?;
+    let prepared = crate::restore::prepare(&backups, &ctx.cfg, &args.snapshot, tool).await?;
     let records = ctx.registry.members().await?;
     let settings = crate::etcd::Settings::from_config(&ctx.cfg);
-    if let Some((endpoint, how)) =
-        crate::restore::cluster_answers(&records, &ctx.identity.private_ip, &settings).await
-    {
+    if let Some((endpoint, how)) = crate::restore::cluster_answers(&records, &settings).await {
         if !args.replace_answering_cluster {
             return Err(
                 crate::bootstrap::Error::from(crate::restore::Error::ClusterAnswers {
@@ -35,10 +39,9 @@ pub(super) async fn run(cli: &Cli, args: &RestoreArgs) -> Result<ExitCode, Error
     let bootstrap = crate::bootstrap::Bootstrap {
         ctx: ctx.with_stop(stop),
     };
-    let done = bootstrap.restore(&prepared).await?;
-    let state = bootstrap.ctx.registry.state().await?;
+    let (done, generation) = bootstrap.restore(&prepared).await?;
     let m = &prepared.manifest;
-    tracing::info!(snapshot = %prepared.uri, generation = state.generation, run_id = %done.run_id, revision = m.revision, "cluster restored");
+    tracing::info!(snapshot = %prepared.uri, generation = generation, run_id = %done.run_id, revision = m.revision, "cluster restored");
     print(&match args.output {
         Output::Text => format!(
             "restored {}\n  revision {} taken {} from member {}\n  cluster {} is generation {} (initialized by this node)\n  next: terminate the old control planes; new ones join this generation (docs/RESTORE.md)\n",
@@ -47,14 +50,14 @@ pub(super) async fn run(cli: &Cli, args: &RestoreArgs) -> Result<ExitCode, Error
             m.taken_at,
             m.member,
             bootstrap.ctx.cfg.cluster.name,
-            state.generation
+            generation
         ),
         Output::Json => format!(
             "{:#}\n",
             serde_json::json!({
                 "uri": prepared.uri,
                 "manifest": m,
-                "generation": state.generation,
+                "generation": generation,
                 "run_id": done.run_id,
             })
         ),

@@ -609,20 +609,26 @@ async fn restore_failures_on_this_node_have_their_codes() {
         .expect("manifest"),
         file,
         certificates: bundle,
+        tool: crate::restore::Tool::Etcdctl("/usr/bin/etcdctl".into()),
     };
     let member = crate::restore::Member {
         name: "cp-0".into(),
         peer_url: "https://127.0.0.1:2380".into(),
     };
 
-    // A data directory kubeadm reset left something in.
-    std::fs::create_dir_all(data.join("member")).expect("mkdir");
+    // kubeadm's certificates directory cannot be written (a file stands
+    // where pki/ goes).
+    std::fs::create_dir_all(dir.path().join("k8s")).expect("mkdir");
+    std::fs::write(&pki, b"not a directory").expect("write");
     let err = crate::restore::lay_down(&prepared, &loaded.config, &member)
         .await
-        .expect_err("not empty");
+        .expect_err("pki/ is a file");
     assert_eq!(err.code(), "KB-RESTORE-003", "{err}");
-    assert!(!pki.join("ca.key").exists(), "nothing laid down");
-    std::fs::remove_dir_all(&data).expect("rm");
+    std::fs::remove_file(&pki).expect("rm");
+
+    // A data directory kubeadm reset left something in is moved aside, not
+    // deleted, and not in the way.
+    std::fs::create_dir_all(data.join("member")).expect("mkdir");
 
     // etcd's own tool refuses a file that is no snapshot.
     let err = crate::restore::lay_down(&prepared, &loaded.config, &member)
@@ -633,6 +639,17 @@ async fn restore_failures_on_this_node_have_their_codes() {
         matches!(err, crate::restore::Error::ToolFailed { .. }),
         "{err}"
     );
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("etcd.replaced-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the old data directory moved aside");
+    assert!(aside[0].path().join("member").is_dir());
 
     // No tool at all.
     let err = crate::restore::Tool::find(None, Some(dir.path().as_os_str())).expect_err("none");

@@ -396,12 +396,13 @@ impl Kubeadm {
         let started = Instant::now();
         let _running = Running::new(&self.running);
         tracing::info!(command, binary = %self.binary.display(), timeout_s = timeout.as_secs(), "running kubeadm");
-        let mut child = argv_command(&self.binary, args)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                binary: self.binary.clone(),
-                source,
-            })?;
+        let mut child =
+            argv_command(&self.binary, args)
+                .spawn()
+                .map_err(|source| Error::Spawn {
+                    binary: self.binary.clone(),
+                    source,
+                })?;
         let stdout = tokio::spawn(read_tail(child.stdout.take()));
         let stderr = tokio::spawn(read_tail(child.stderr.take()));
         let mut stopped = false;

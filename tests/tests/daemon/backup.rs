@@ -24,11 +24,16 @@ pub(crate) async fn kubeboot(
     node: &SimNode,
     args: &[&str],
 ) -> (Option<i32>, String, String) {
-    let out = sim
-        .command(node, args)
-        .output()
-        .await
-        .expect("kubeboot runs");
+    run(sim, sim.command(node, args)).await
+}
+
+/// Runs `cmd` (a kubeboot command) to its end, its output kept with the
+/// test's; (exit code, stdout, stderr).
+pub(crate) async fn run(
+    sim: &SimCluster,
+    mut cmd: tokio::process::Command,
+) -> (Option<i32>, String, String) {
+    let out = cmd.output().await.expect("kubeboot runs");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     sim.record_output(&stdout);

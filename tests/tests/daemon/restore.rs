@@ -15,7 +15,7 @@
 //! - real etcd started over a restored data directory ignores its
 //!   `--initial-cluster` flags and serves the restored keys.
 
-use super::backup::{get_object, kubeboot, put_object, write_keys};
+use super::backup::{get_object, kubeboot, put_object, run, write_keys};
 use kubeboot_tests::simcluster::{assert_ok, log_lines, tail, SimCluster, SimNode};
 use kubeboot_tests::termination::instance_lost;
 
@@ -28,22 +28,25 @@ async fn restore(
 ) -> (Option<i32>, String, String) {
     let mut argv = vec!["restore"];
     argv.extend_from_slice(args);
-    let out = sim
-        .kubeadm_command(node, &argv)
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .expect("kubeboot runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    sim.record_output(&stdout);
-    sim.record_output(&stderr);
-    (out.status.code(), stdout, stderr)
+    let mut cmd = sim.kubeadm_command(node, &argv);
+    cmd.envs(env.iter().copied());
+    run(sim, cmd).await
 }
 
 /// Every key the test wrote, with its value, through node `via`.
 async fn keys_through(sim: &SimCluster, via: usize) -> Vec<(String, String)> {
     sim.keys(via, "/backup-test/").await
+}
+
+/// The cluster's certificate authorities as node `node` holds them.
+fn authorities(sim: &SimCluster, node: usize) -> Vec<Vec<u8>> {
+    ["ca.crt", "sa.pub", "etcd/ca.crt", "front-proxy-ca.crt"]
+        .iter()
+        .map(|f| {
+            std::fs::read(sim.nodes[node].dir.join("etc/kubernetes/pki").join(f))
+                .expect("a CA file")
+        })
+        .collect()
 }
 
 /// Whether anything of a restore reached `node`: its etcd data directory,
@@ -84,6 +87,7 @@ async fn a_lost_cluster_is_restored_with_every_key_and_nodes_join_its_new_genera
         "the certificates are saved with the snapshot: {taken}"
     );
     let before = sim.registry().await.state().await.expect("state");
+    let original = authorities(&sim, 0);
 
     // Every control plane is lost with its etcd; the worker stays.
     for i in 0..3 {
@@ -165,6 +169,21 @@ async fn a_lost_cluster_is_restored_with_every_key_and_nodes_join_its_new_genera
     let (code, stdout, _) = kubeboot(&sim, &sim.nodes[fresh], &["status"]).await;
     assert_eq!(code, Some(0));
     assert!(stdout.contains(&format!("restored from {key}")), "{stdout}");
+    // The cluster's authorities are the lost cluster's: its kubelets and
+    // ServiceAccount tokens stay valid.
+    assert!(
+        authorities(&sim, fresh) == original,
+        "the CAs were not restored"
+    );
+    // Run once more by mistake, it refuses: the restored member answers.
+    let (code, _, stderr) = restore(&sim, &sim.nodes[fresh], &["--snapshot", "latest"], &[]).await;
+    assert_eq!(code, Some(1), "{}", tail(&stderr));
+    assert!(stderr.contains("KB-RESTORE-001"), "{}", tail(&stderr));
+    assert_eq!(
+        sim.registry().await.state().await.expect("state"),
+        state,
+        "the refused run changed nothing"
+    );
 
     // The control plane refused before now joins, with another one and a
     // new worker; the restored keys are on every member.
@@ -203,6 +222,7 @@ async fn a_restore_that_cannot_be_trusted_or_is_not_needed_changes_nothing() {
     let (code, _, stderr) = restore(&sim, node, &["--snapshot", "latest"], &[]).await;
     assert_eq!(code, Some(1), "{}", tail(&stderr));
     assert!(stderr.contains("KB-RESTORE-001"), "{}", tail(&stderr));
+    untouched(node).unwrap();
     // A worker never restores.
     let (code, _, stderr) = restore(&sim, &sim.nodes[1], &["--snapshot", "latest"], &[]).await;
     assert_eq!(code, Some(2), "{}", tail(&stderr));
