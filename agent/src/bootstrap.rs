@@ -733,9 +733,6 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         &self,
         prepared: &crate::restore::Prepared,
     ) -> Result<(Checkpoint, u64), Error> {
-        if self.ctx.cfg.node.role != Role::ControlPlane {
-            return Err(crate::restore::Error::NotControlPlane.into());
-        }
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
         let mut checkpoint = Checkpoint {
@@ -822,14 +819,15 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             token_ttl: join_material::TOKEN_TTL,
             certificate_key: key.clone(),
         });
+        // Saved before kubeadm (or a restore's reset) touches the node: an
+        // attempt cut short leaves a node that is reset next.
+        checkpoint.kubeadm_started = true;
+        self.save_checkpoint(checkpoint)?;
         let mut ignore = None;
         if let Some(prepared) = restore {
             // Whatever this node ran before (an attempt, a member of the
             // lost cluster) goes: kubeadm reset empties the data directory
-            // and pki/ the backup is laid into. The checkpoint says so
-            // first: a restore cut short leaves a node that is reset next.
-            checkpoint.kubeadm_started = true;
-            self.save_checkpoint(checkpoint)?;
+            // and pki/ the backup is laid into.
             self.guarded(guard, async { Ok(self.ctx.kubeadm.reset().await?) })
                 .await?;
             let settings = self.etcd_settings();
@@ -844,8 +842,6 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             .await?;
             ignore = Some(crate::restore::data_dir_check(&cfg.paths.etcd_data_dir));
         }
-        checkpoint.kubeadm_started = true;
-        self.save_checkpoint(checkpoint)?;
         self.guarded(guard, async {
             Ok(self
                 .ctx

@@ -112,7 +112,7 @@ pub async fn prepare(
     let name = key.rsplit('/').next().unwrap_or("snapshot.db");
     let file = dir.join(name);
     tracing::info!(%uri, file = %file.display(), "downloading the snapshot and checking it");
-    let (manifest, certificates) = backups.download(&key, &file).await?;
+    let (manifest, certificates) = backups.download(&key, &cfg.cluster.name, &file).await?;
     let prepared = Prepared {
         uri,
         manifest,
@@ -120,15 +120,6 @@ pub async fn prepare(
         certificates,
         tool,
     };
-    if prepared.manifest.cluster != cfg.cluster.name {
-        return Err(crate::backup::Error::NotAsRecorded {
-            uri: prepared.uri.clone(),
-            what: format!(
-                "it is cluster {:?}'s, this node is in {:?}",
-                prepared.manifest.cluster, cfg.cluster.name
-            ),
-        });
-    }
     tracing::info!(uri = %prepared.uri, revision = prepared.manifest.revision, bytes = prepared.manifest.size, sha256 = %prepared.manifest.sha256, "the snapshot verifies");
     Ok(prepared)
 }

@@ -431,14 +431,16 @@ impl Backups {
         Ok(manifest)
     }
 
-    /// Downloads snapshot `key` to `to`, checked as [`Backups::verify`]
-    /// checks it, with its certificates bundle (checked against the
-    /// manifest). The file appears only when everything verified (it is
+    /// Downloads snapshot `key` of cluster `cluster` to `to`, checked as
+    /// [`Backups::verify`] checks it, with its certificates bundle (checked
+    /// against the manifest). The manifest is checked before any byte of
+    /// the snapshot is read. The file appears only when everything verified (it is
     /// written beside, as `<to>.partial`, and renamed); nothing is left
     /// behind otherwise.
     pub async fn download(
         &self,
         key: &str,
+        cluster: &str,
         to: &std::path::Path,
     ) -> Result<(Manifest, pki::Bundle), Error> {
         use std::io::Write;
@@ -448,6 +450,15 @@ impl Backups {
             return Err(Error::NotAsRecorded {
                 uri: self.bucket.uri(&manifest_key(key)),
                 what: format!("the manifest describes {}, not {key}", manifest.key),
+            });
+        }
+        if manifest.cluster != cluster {
+            return Err(Error::NotAsRecorded {
+                uri: self.bucket.uri(key),
+                what: format!(
+                    "it is cluster {:?}'s, this node is in {cluster:?}",
+                    manifest.cluster
+                ),
             });
         }
         let certificates = self.certificates(&manifest).await?;

@@ -1,6 +1,7 @@
 //! `kubeboot restore --snapshot <latest|key|s3-uri>`: checks before it
-//! changes anything (the snapshot verifies, it is this cluster's, no
-//! recorded member still answers), then runs
+//! changes anything, the cheap ones first (a control plane, etcd's restore
+//! tool, no recorded member still answers, then the snapshot downloaded and
+//! verified as this cluster's), then runs
 //! [`crate::bootstrap::Bootstrap::restore`] on this node's context.
 
 use super::{node_context, print, stop_on_signal, Cli, Output, RestoreArgs};
@@ -20,7 +21,6 @@ pub(super) async fn run(cli: &Cli, args: &RestoreArgs) -> Result<ExitCode, Error
         std::env::var_os("PATH").as_deref(),
     )
     .map_err(crate::bootstrap::Error::from)?;
-    let prepared = crate::restore::prepare(&backups, &ctx.cfg, &args.snapshot, tool).await?;
     let records = ctx.registry.members().await?;
     let settings = crate::etcd::Settings::from_config(&ctx.cfg);
     if let Some((endpoint, how)) = crate::restore::cluster_answers(&records, &settings).await {
@@ -35,6 +35,7 @@ pub(super) async fn run(cli: &Cli, args: &RestoreArgs) -> Result<ExitCode, Error
         }
         tracing::warn!(%endpoint, %how, "the recorded cluster still answers; replacing it as --replace-answering-cluster asks");
     }
+    let prepared = crate::restore::prepare(&backups, &ctx.cfg, &args.snapshot, tool).await?;
     let stop = stop_on_signal()?;
     let bootstrap = crate::bootstrap::Bootstrap {
         ctx: ctx.with_stop(stop),

@@ -176,9 +176,9 @@ async fn a_lost_cluster_is_restored_with_every_key_and_nodes_join_its_new_genera
         "the CAs were not restored"
     );
     // Run once more by mistake, it refuses: the restored member answers.
-    let (code, _, stderr) = restore(&sim, &sim.nodes[fresh], &["--snapshot", "latest"], &[]).await;
-    assert_eq!(code, Some(1), "{}", tail(&stderr));
-    assert!(stderr.contains("KB-RESTORE-001"), "{}", tail(&stderr));
+    let (code, _, refused) = restore(&sim, &sim.nodes[fresh], &["--snapshot", "latest"], &[]).await;
+    assert_eq!(code, Some(1), "{}", tail(&refused));
+    assert!(refused.contains("KB-RESTORE-001"), "{}", tail(&refused));
     assert_eq!(
         sim.registry().await.state().await.expect("state"),
         state,
