@@ -22,6 +22,7 @@ APT_PACKAGES=(
   shellcheck       # scripts are linted in scripts/test.sh
   python3-venv
   systemd          # systemd-analyze verify|security for the units in systemd/
+  packer           # packer validate on packer/kubeboot.pkr.hcl (Debian's 1.6.6, offline)
   ca-certificates
   curl
 )

@@ -3,7 +3,8 @@
 #
 #   scripts/test.sh
 #
-# Steps: setup (idempotent) -> rustfmt check -> shellcheck -> rust-version check
+# Steps: setup (idempotent) -> rustfmt check -> shellcheck (every script) ->
+# packer validate -> rust-version check
 # (scripts/check-msrv.sh) -> module graph check (scripts/modules.py) -> cfn-lint +
 # checkov on infra/ -> build the binaries the integration tests start and the
 # tests -> all tests (nextest) -> clippy -D warnings, which runs beside every
@@ -64,8 +65,12 @@ setsid nice -n 19 cargo clippy --workspace --all-targets --locked \
   --target-dir target/clippy -- -D warnings >"$clippy_log" 2>&1 &
 clippy_pid=$!
 
-step "shellcheck"
-shellcheck scripts/*.sh .ci/run bench/*.sh
+step "shellcheck: every shell script in the repo"
+mapfile -t shell_scripts < <(git ls-files -z | xargs -0 grep -lE '^#!(/usr/bin/env (ba)?sh|/bin/(ba)?sh)' 2>/dev/null | sort)
+shellcheck -x "${shell_scripts[@]}"
+
+step "packer validate (packer/)"
+scripts/lint-packer.sh
 
 step "rust-version covers the locked dependencies"
 scripts/check-msrv.sh

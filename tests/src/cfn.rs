@@ -17,6 +17,52 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "eu-west-1";
 
+/// Three distinct AZs, as the network stack requires.
+pub const AZS: [(&str, &str); 3] = [
+    ("AvailabilityZoneA", "eu-west-1a"),
+    ("AvailabilityZoneB", "eu-west-1b"),
+    ("AvailabilityZoneC", "eu-west-1c"),
+];
+
+/// The repo's `infra/<file>`, parsed.
+pub fn repo_template(file: &str) -> Value {
+    let path = crate::workspace::workspace_root().join("infra").join(file);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// A network stack (`template`: infra/network.json or an edit of it) at
+/// `stage` for the cluster `name`.
+pub fn network_stack(template: Value, stage: &str, name: &str) -> Stack {
+    let mut params = vec![("Stage", stage), ("ClusterName", name)];
+    params.extend(AZS);
+    Stack::new(template, &params)
+}
+
+/// A cluster stack (`template`: infra/cluster.json or an edit of it) at
+/// `stage` for `name`, importing the repo's network stack of the same stage
+/// and name (as CloudFormation resolves `Fn::ImportValue`). kubeboot's
+/// cluster name is `<stage>-<name>`.
+pub fn cluster_stack(template: Value, stage: &str, name: &str) -> Stack {
+    Stack::new(
+        template,
+        &[
+            ("Stage", stage),
+            ("ClusterName", name),
+            ("AlarmEmail", "oncall@example.com"),
+            ("ImageId", "ami-0123456789abcdef0"),
+        ],
+    )
+    .importing(network_stack(repo_template("network.json"), stage, name).exports())
+}
+
+/// The user-data an instance of `launch_template` is handed (EC2 decodes
+/// the template's `Fn::Base64`).
+pub fn launch_user_data(stack: &Stack, launch_template: &str) -> String {
+    scalar(&stack.prop(launch_template, "LaunchTemplateData")["UserData"])
+}
+
 /// A template with parameter values, ready to evaluate.
 #[derive(Debug, Clone)]
 pub struct Stack {

@@ -98,11 +98,14 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// The mounting done inside the namespaces, as their init, before it
 /// becomes systemd. Arguments: the host dir to mount the scratch tmpfs on,
 /// the console log file, the cgroup mode (`hybrid`, `legacy`, `unified`),
-/// then `ro|rw HOST GUEST` triples.
+/// the pre-boot script (run with the new root's path, still seeing the
+/// host's paths: it installs files, units, an image), the units the boot
+/// target wants besides the kubelet and journald, then `ro|rw HOST GUEST`
+/// triples.
 const SETUP: &str = r#"
 set -eu
-base=$1 console=$2 cgmode=$3
-shift 3
+base=$1 console=$2 cgmode=$3 preboot=$4 wants=$5
+shift 5
 mount -t tmpfs -o mode=0755 kbtest-machine "$base"
 mkdir "$base/upper" "$base/work" "$base/root"
 mount -t overlay -o lowerdir=/,upperdir="$base/upper",workdir="$base/work" kbtest-machine "$base/root"
@@ -166,10 +169,11 @@ while [ $# -ge 3 ]; do
   mount --bind "$host" "$root$guest"
   if [ "$mode" = ro ]; then mount -o remount,bind,ro "$root$guest"; fi
 done
-cat > "$root/etc/systemd/system/kubeboot-test.target" <<'UNIT'
+sh -eu "$preboot" "$root"
+cat > "$root/etc/systemd/system/kubeboot-test.target" <<UNIT
 [Unit]
 Description=kubeboot test machine
-Wants=kubelet.service systemd-journald.service
+Wants=kubelet.service systemd-journald.service $wants
 UNIT
 mkdir "$root/.kbtest-oldroot"
 cd "$root"
@@ -178,6 +182,33 @@ umount -l /.kbtest-oldroot
 rmdir /.kbtest-oldroot
 exec env -i container=kbtest /lib/systemd/systemd --unit=kubeboot-test.target --show-status=no
 "#;
+
+/// The pre-boot script: the options' files and units copied into the root
+/// (`$1`) from files in `dir`, then the [`Options::before_boot`] commands.
+fn preboot_script(dir: &Path, options: &Options) -> String {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut script = String::from("root=$1\n");
+    let staged = options.files.iter().cloned().chain(
+        options
+            .units
+            .iter()
+            .map(|(name, text)| (format!("/etc/systemd/system/{name}"), text.clone(), 0o644)),
+    );
+    for (n, (path, text, mode)) in staged.enumerate() {
+        let host = dir.join(format!("preboot-file-{n}"));
+        std::fs::write(&host, text).expect("pre-boot file");
+        script.push_str(&format!(
+            "install -D -m {mode:o} {} \"$root\"{}\n",
+            quote(&host.display().to_string()),
+            quote(&path)
+        ));
+    }
+    for argv in &options.preboot {
+        let words: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+        script.push_str(&format!("{} \"$root\"\n", words.join(" ")));
+    }
+    script
+}
 
 /// A host path handed to the machine.
 #[derive(Debug, Clone)]
@@ -193,6 +224,9 @@ pub struct Options {
     binds: Vec<Bind>,
     units: Vec<(String, String)>,
     files: Vec<(String, String, u32)>,
+    /// Host commands run before the boot with the machine's root appended.
+    preboot: Vec<Vec<String>>,
+    multi_user: bool,
 }
 
 impl Options {
@@ -201,14 +235,37 @@ impl Options {
     /// and the kubeadm stand-in (`/usr/bin/kubeadm`): the repo's units run
     /// unchanged.
     pub fn node() -> Options {
+        Options::packages().bind_ro(crate::workspace::kubeboot_bin(), "/usr/bin/kubeboot")
+    }
+
+    /// What a node image's packages provide, as doubles: the kubeadm
+    /// stand-in at `/usr/bin/kubeadm` and the kubelet double; no kubeboot
+    /// (an installer puts it in, [`Options::before_boot`]).
+    pub fn packages() -> Options {
         Options::default()
-            .bind_ro(crate::workspace::kubeboot_bin(), "/usr/bin/kubeboot")
             .bind_ro(crate::standin::kubeadm_bin(), "/usr/bin/kubeadm")
             .file(KUBELET_SCRIPT_PATH, KUBELET_SCRIPT, 0o755)
             .unit("kubelet.service", KUBELET_DOUBLE)
     }
 
-    /// A file written in the machine before the units are installed.
+    /// `argv` run before systemd starts, on the host's paths, with the
+    /// machine's root directory appended (an installer's `ROOT`): what it
+    /// writes is in the machine when systemd first reads its units.
+    pub fn before_boot(mut self, argv: &[&str]) -> Self {
+        self.preboot
+            .push(argv.iter().map(|a| a.to_string()).collect());
+        self
+    }
+
+    /// Boots to `multi-user.target` as well, as a node does: the units an
+    /// installer enabled (`WantedBy=multi-user.target`) start at boot.
+    /// Without it only the test target's units start.
+    pub fn multi_user(mut self) -> Self {
+        self.multi_user = true;
+        self
+    }
+
+    /// A file in the machine from its boot on.
     pub fn file(mut self, path: &str, text: &str, mode: u32) -> Self {
         self.files.push((path.to_string(), text.to_string(), mode));
         self
@@ -235,7 +292,7 @@ impl Options {
         self
     }
 
-    /// A unit installed in `/etc/systemd/system` before the boot.
+    /// A unit in `/etc/systemd/system` from the boot on.
     pub fn unit(mut self, name: &str, text: &str) -> Self {
         self.units.push((name.to_string(), text.to_string()));
         self
@@ -331,13 +388,21 @@ impl Machine {
             "exec unshare --pid --fork --mount --uts --cgroup --propagation private \
              --kill-child=SIGKILL sh -c \"$0\" kbtest-machine \"$@\"\n",
         );
+        let preboot = dir.path().join("preboot.sh");
+        std::fs::write(&preboot, preboot_script(dir.path(), &options)).expect("pre-boot script");
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(outer)
             .arg(SETUP)
             .arg(&base)
             .arg(&console)
-            .arg(mode.word());
+            .arg(mode.word())
+            .arg(&preboot)
+            .arg(if options.multi_user {
+                "multi-user.target"
+            } else {
+                ""
+            });
         for b in &options.binds {
             assert!(
                 b.host.exists(),
@@ -359,20 +424,6 @@ impl Machine {
         };
         machine.pid1 = machine.wait_pid1();
         machine.wait_manager();
-        for (path, text, mode) in &options.files {
-            machine.write_file(path, text.as_bytes(), *mode);
-        }
-        for (unit, text) in &options.units {
-            machine.write_file(
-                &format!("/etc/systemd/system/{unit}"),
-                text.as_bytes(),
-                0o644,
-            );
-        }
-        if !options.units.is_empty() {
-            machine.systemctl_ok(&["daemon-reload"]);
-            machine.systemctl_ok(&["start", TARGET]);
-        }
         machine.booted_in = started.elapsed();
         machine
     }

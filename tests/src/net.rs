@@ -209,3 +209,89 @@ pub async fn serve_local(
     });
     (addr, tx)
 }
+
+/// A TCP forwarder (a load balancer in front of one server): every
+/// connection to [`Forwarder::addr`] is piped to the target. Stops with the
+/// value.
+pub struct Forwarder {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// Listens on `listen` (panics if it cannot) and forwards to `to`.
+    pub async fn start(listen: SocketAddr, to: SocketAddr) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .unwrap_or_else(|e| panic!("forwarder cannot listen on {listen}: {e}"));
+        let addr = listener.local_addr().expect("forwarder address");
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Forwarder { addr, task }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP server collecting newline-delimited lines, as the CloudWatch
+/// agent's EMF listener receives them. Stops with the value.
+pub struct LineSink {
+    addr: SocketAddr,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LineSink {
+    /// Listens on 127.0.0.1, an ephemeral port.
+    pub async fn start() -> LineSink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("line sink listens");
+        let addr = listener.local_addr().expect("line sink address");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = lines.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncBufReadExt as _;
+                    let mut reader = tokio::io::BufReader::new(stream).lines();
+                    while let Ok(Some(line)) = reader.next_line().await {
+                        shared.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    }
+                });
+            }
+        });
+        LineSink { addr, lines, task }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every line received so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for LineSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

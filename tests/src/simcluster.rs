@@ -156,14 +156,27 @@ fn user_data(role: &str) -> Vec<u8> {
 impl SimCluster {
     /// Starts AWS, the API server and `control_planes + workers` node doubles.
     pub async fn start(control_planes: usize, workers: usize) -> SimCluster {
+        let name = format!("sim-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let table = format!("kubeboot-{name}");
+        SimCluster::start_named(control_planes, workers, &name, &table).await
+    }
+
+    /// [`SimCluster::start`] with the cluster and table names given (as
+    /// infra/'s templates name them, for a node reading its launch
+    /// template's user-data).
+    pub async fn start_named(
+        control_planes: usize,
+        workers: usize,
+        name: &str,
+        table: &str,
+    ) -> SimCluster {
+        let (name, table) = (name.to_string(), table.to_string());
         let work = tempfile::Builder::new()
             .prefix("kbtest-sim-")
             .tempdir()
             .expect("sim work dir");
         let moto = Moto::start().await;
         let kubeapi = KubeApi::start().await;
-        let name = format!("sim-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let table = format!("kubeboot-{name}");
         kubeboot::table::create(&moto.dynamodb().await, &table)
             .await
             .expect("create table");

@@ -9,7 +9,10 @@
 
 use kubeboot::config::model::Role;
 use kubeboot::iam::{self, Resource};
-use kubeboot_tests::cfn::{commands, find_all, scalar, Stack, ACCOUNT, REGION};
+use kubeboot_tests::cfn::{
+    cluster_stack as cluster_stack_at, commands, find_all, launch_user_data, network_stack,
+    repo_template, scalar, Stack, ACCOUNT, AZS, REGION,
+};
 use kubeboot_tests::workspace::{kubeboot_bin, workspace_root};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -18,10 +21,7 @@ const STAGES: [&str; 3] = ["dev", "staging", "production"];
 const NAME: &str = "blue";
 
 fn template(file: &str) -> Value {
-    let path = workspace_root().join("infra").join(file);
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+    repo_template(file)
 }
 
 /// kubeboot's cluster name for the stack under test (`<Stage>-<ClusterName>`).
@@ -33,32 +33,13 @@ fn cluster_stack(template: Value) -> Stack {
     staged(template, "production")
 }
 
-/// The cluster stack at `stage`, importing the network stack's exports of
-/// the same stage and name (as CloudFormation resolves `Fn::ImportValue`).
+/// The cluster stack at `stage` ([`cluster_stack_at`]).
 fn staged(template: Value, stage: &str) -> Stack {
-    Stack::new(
-        template,
-        &[
-            ("Stage", stage),
-            ("ClusterName", NAME),
-            ("AlarmEmail", "oncall@example.com"),
-            ("ImageId", "ami-0123456789abcdef0"),
-        ],
-    )
-    .importing(network(stage).exports())
+    cluster_stack_at(template, stage, NAME)
 }
 
-/// Three distinct AZs, as the network stack requires.
-const AZS: [(&str, &str); 3] = [
-    ("AvailabilityZoneA", "eu-west-1a"),
-    ("AvailabilityZoneB", "eu-west-1b"),
-    ("AvailabilityZoneC", "eu-west-1c"),
-];
-
 fn network_with(template: Value, stage: &str) -> Stack {
-    let mut params = vec![("Stage", stage), ("ClusterName", NAME)];
-    params.extend(AZS);
-    Stack::new(template, &params)
+    network_stack(template, stage, NAME)
 }
 
 /// The network stack at `stage`.
@@ -497,10 +478,9 @@ fn launch_template(role: Role) -> &'static str {
 }
 
 fn write_user_data(s: &Stack, role: Role) -> (tempfile::TempDir, std::path::PathBuf) {
-    let data = s.prop(launch_template(role), "LaunchTemplateData");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("user-data");
-    std::fs::write(&path, scalar(&data["UserData"])).expect("write user-data");
+    std::fs::write(&path, launch_user_data(s, launch_template(role))).expect("write user-data");
     (dir, path)
 }
 

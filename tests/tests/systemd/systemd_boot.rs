@@ -14,7 +14,7 @@ const BOOTSTRAP: &str = "kubeboot-bootstrap.service";
 const DAEMON: &str = "kubeboot.service";
 /// Where the machine sees the simulated cluster's directory (not under
 /// /tmp: the units have PrivateTmp=yes).
-const GUEST_SIM: &str = "/var/lib/kbtest-sim";
+pub(crate) const GUEST_SIM: &str = "/var/lib/kbtest-sim";
 
 /// Node `index`'s config as the machine needs it at
 /// /etc/kubeboot/config.toml: the kubeadm stand-in at /usr/bin/kubeadm, the
@@ -104,7 +104,7 @@ fn install_units(machine: &Machine, standin: &str, daemon_extra: &str) {
 /// Waits (two minutes at most) until the bootstrap unit is `settled`,
 /// records its journal for the cluster's scans, and returns how long that
 /// took and the journal; panics with the unit's state if it never settles.
-fn bootstrap_settles(
+pub(crate) fn bootstrap_settles(
     machine: &Machine,
     sim: &SimCluster,
     settled: impl Fn(&str, &str) -> bool,
@@ -228,7 +228,7 @@ async fn assert_voters(sim: &SimCluster, through: &[usize], count: usize) -> Vec
 }
 
 /// The stand-in's knobs for a unit, as a drop-in's `[Service]` lines.
-fn standin_environment(sim: &SimCluster) -> String {
+pub(crate) fn standin_environment(sim: &SimCluster) -> String {
     let log = sim
         .kubeadm_log
         .display()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# What kubeadm's preflight checks on every node that the image must settle:
+# no swap, the overlay and br_netfilter modules loaded at boot, packet
+# forwarding and bridged traffic through iptables, and the host tools the
+# kubelet and kubeadm call (conntrack, socat, ethtool, iptables, ip).
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+export DEBIAN_FRONTEND=noninteractive
+log "apt packages"
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+  ca-certificates curl jq conntrack socat ethtool iptables iproute2 ebtables kmod gnupg logrotate
+
+log "no swap (kubelet refuses to start with swap on by default; preflight Swap)"
+swapoff -a
+# Comment out swap lines of fstab (idempotent: commented lines are kept).
+sed -i -E 's@^([^#].*[[:space:]]swap[[:space:]].*)$@# kubeboot: no swap # \1@' /etc/fstab
+systemctl mask --quiet swap.target
+
+log "kernel modules and sysctls"
+install_file 0644 "$image_dir/files/modules-load.d/kubernetes.conf" /etc/modules-load.d/kubernetes.conf
+install_file 0644 "$image_dir/files/sysctl.d/90-kubernetes.conf" /etc/sysctl.d/90-kubernetes.conf
+while read -r module; do
+  case $module in '' | '#'*) continue ;; esac
+  modprobe "$module"
+done < /etc/modules-load.d/kubernetes.conf
+sysctl --quiet --system
+[ "$(sysctl -n net.ipv4.ip_forward)" = 1 ] || die "net.ipv4.ip_forward is not 1 after sysctl --system"
+[ "$(sysctl -n net.bridge.bridge-nf-call-iptables)" = 1 ] \
+  || die "net.bridge.bridge-nf-call-iptables is not 1 (br_netfilter loaded?)"

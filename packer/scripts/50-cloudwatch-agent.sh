@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The CloudWatch agent: it receives kubeboot's EMF metrics on
+# tcp://127.0.0.1:25888 (kubeboot's metrics.agent_endpoint) and ships
+# /var/log/kubeboot/kubeboot.log, kubeboot-journal.service's copy of the
+# kubeboot units' journal lines (the agent reads files, not the journal), to
+# the cluster's log group. That group is the cluster's, not the image's:
+# /usr/libexec/kubeboot/cloudwatch-agent-setup LOG_GROUP, run by the launch
+# templates' user-data, writes the config and starts the agent.
+#
+# The package is pinned by version and sha256 (packer/pins) and, as AWS
+# documents ("Verifying the signature of the CloudWatch agent package"),
+# by its GPG signature against the agent's key, whose fingerprint is
+# pinned here.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+key_fingerprint=937616F3450B7D806CBD9725D58167303B789C72
+key_url=https://amazoncloudwatch-agent.s3.amazonaws.com/assets/amazon-cloudwatch-agent.gpg
+
+deb=$(fetch cloudwatch-agent)
+read -r version _ url < <(pin cloudwatch-agent)
+url=${url//@VERSION@/$version}
+url=${url//@ARCH@/$ARCH}
+
+gnupg=$(mktemp -d)
+trap 'rm -rf "$gnupg"' EXIT
+curl --fail --silent --show-error --location --proto '=https' --connect-timeout 10 --max-time 120 \
+  --retry 5 --output "$gnupg/key.gpg" "$key_url" || die "download of $key_url failed"
+curl --fail --silent --show-error --location --proto '=https' --connect-timeout 10 --max-time 120 \
+  --retry 5 --output "$gnupg/agent.deb.sig" "$url.sig" || die "download of $url.sig failed"
+gpg --homedir "$gnupg" --quiet --import "$gnupg/key.gpg" 2> /dev/null
+gpg --homedir "$gnupg" --with-colons --fingerprint | grep -q "^fpr:::::::::$key_fingerprint:" \
+  || die "the CloudWatch agent key at $key_url is not $key_fingerprint: do not install"
+gpg --homedir "$gnupg" --quiet --trust-model always --verify "$gnupg/agent.deb.sig" "$deb" 2> /dev/null \
+  || die "$url: its GPG signature does not verify with key $key_fingerprint"
+
+dpkg -i "$deb"
+install_file 0644 "$image_dir/files/cloudwatch-agent.json" /usr/share/kubeboot/cloudwatch-agent.json
+install_file 0755 "$image_dir/files/cloudwatch-agent-setup" /usr/libexec/kubeboot/cloudwatch-agent-setup
+install_file 0644 "$image_dir/files/logrotate-kubeboot" /etc/logrotate.d/kubeboot
