@@ -386,6 +386,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         }
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
+        self.check_kubeadm_version().await?;
         if self.ctx.cfg.paths.kubernetes_dir != std::path::Path::new(KUBEADM_DIR) {
             tracing::warn!(kubernetes_dir = %self.ctx.cfg.paths.kubernetes_dir.display(), "paths.kubernetes_dir is not {KUBEADM_DIR}: kubeadm takes only its pki/ from it and writes its kubeconfigs to {KUBEADM_DIR} regardless (a setting for tests and the simulation)");
         }
@@ -446,6 +447,15 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         self.save_checkpoint(&checkpoint)?;
         tracing::info!(path = ?checkpoint.path, "bootstrap complete");
         Ok(checkpoint)
+    }
+
+    /// The image's kubeadm is the cluster's release, before any lock,
+    /// reset or kubeadm run (KB-KUBEADM-006 otherwise, exit 2).
+    pub(crate) async fn check_kubeadm_version(&self) -> Result<(), Error> {
+        let wanted = &self.ctx.cfg.cluster.kubernetes_version;
+        let printed = self.ctx.kubeadm.check_version(wanted).await?;
+        tracing::info!(kubeadm = %printed, "kubeadm is the cluster's Kubernetes version");
+        Ok(())
     }
 
     /// After a crash or a reboot mid-bootstrap: adopt this node's etcd
@@ -735,6 +745,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     ) -> Result<(Checkpoint, u64), Error> {
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
+        self.check_kubeadm_version().await?;
         let mut checkpoint = Checkpoint {
             run_id,
             path: Some(Path::Init),

@@ -285,6 +285,9 @@ catalogue! {
     KUBEADM_STOPPED = "KB-KUBEADM-005", "kubeadm was stopped because the agent was asked to stop",
         cause: "SIGTERM or SIGINT reached the agent while kubeadm ran (`systemctl stop`, a shutdown, Ctrl-C): kubeadm got SIGTERM, and SIGKILL if it had not exited within 10 s.",
         check: "Nothing when the stop was intended: the next start resets this node's unfinished attempt (`kubeadm reset`) and runs again. Otherwise, who stopped the unit (`journalctl -u kubeboot-bootstrap`).";
+    KUBEADM_VERSION = "KB-KUBEADM-006", "the image's kubeadm is not the cluster's Kubernetes version",
+        cause: "`kubeadm version -o short` names another release than cluster.kubernetes_version (or nothing kubeboot can read): the AMI was built for another Kubernetes version than the stack's KubernetesVersion, or binaries.kubeadm points at another kubeadm. kubeadm would install a control plane the image did not pre-pull, beside a kubelet of the image's version. Nothing was started; restarting cannot help (exit 2).",
+        check: "`kubeadm version -o short` on the node, the AMI's `kubeboot:k8s` tag and the stack's KubernetesVersion: build an AMI with `-var kubernetes_version=<the cluster's>` (packer/) or set KubernetesVersion to the AMI's.";
 
     ETCD_CERTIFICATE = "KB-ETCD-001", "cannot read the etcd client certificates",
         cause: "kubeadm's etcd CA or the API server's etcd client certificate is missing: init or join did not get that far, or paths.kubernetes_dir is wrong.",

@@ -62,6 +62,11 @@ impl Error {
             Error::Bootstrap(crate::bootstrap::Error::Restore(
                 crate::restore::Error::NotControlPlane,
             )) => EXIT_USAGE,
+            // The image and the cluster disagree: a restart changes neither.
+            Error::Bootstrap(crate::bootstrap::Error::Kubeadm(
+                crate::kubeadm::Error::VersionMismatch { .. }
+                | crate::kubeadm::Error::VersionUnknown { .. },
+            )) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }

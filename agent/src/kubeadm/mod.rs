@@ -53,6 +53,30 @@ pub enum Error {
         tail: String,
         hint: &'static str,
     },
+    #[error("{} is kubeadm {found}, but cluster.kubernetes_version is {wanted}: this image was built for another Kubernetes version", binary.display())]
+    VersionMismatch {
+        binary: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    #[error("cannot tell the version of {}: `kubeadm version -o short` printed {printed:?}", binary.display())]
+    VersionUnknown { binary: PathBuf, printed: String },
+}
+
+/// Longest `kubeadm version` may take (it reads nothing but itself).
+const VERSION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `v1.31.2` or `1.31.2` (a build suffix such as `-eks-1` or `+abc` is
+/// not part of the release) as `1.31.2`; `None` for anything else.
+pub fn release_of(version: &str) -> Option<String> {
+    let bare = version.trim().trim_start_matches('v');
+    let release = bare.split(['-', '+']).next().unwrap_or_default();
+    let parts: Vec<&str> = release.split('.').collect();
+    (parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())))
+    .then(|| release.to_string())
 }
 
 /// The `[timeouts]` key that bounds a kubeadm command (the leader's token
@@ -212,6 +236,36 @@ impl Kubeadm {
     pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
         self.stop = Some(stop);
         self
+    }
+
+    /// `kubeadm version -o short` must be the release `wanted`
+    /// (`cluster.kubernetes_version`): a kubeadm of another version installs
+    /// another control plane than the one the image pre-pulled, beside a
+    /// kubelet of the image's version, and fails (or half-works) far from
+    /// the cause. Returns what kubeadm printed.
+    pub async fn check_version(&self, wanted: &str) -> Result<String, Error> {
+        let timeout = self.join_timeout.min(VERSION_TIMEOUT);
+        let out = self
+            .run(
+                "version",
+                &["version".as_ref(), "-o".as_ref(), "short".as_ref()],
+                timeout,
+                &[],
+            )
+            .await?;
+        let printed = out.stdout.trim().to_string();
+        let found = release_of(&printed).ok_or_else(|| Error::VersionUnknown {
+            binary: self.binary.clone(),
+            printed: printed.clone(),
+        })?;
+        if release_of(wanted).as_deref() != Some(found.as_str()) {
+            return Err(Error::VersionMismatch {
+                binary: self.binary.clone(),
+                found: printed,
+                wanted: wanted.to_string(),
+            });
+        }
+        Ok(printed)
     }
 
     /// `kubeadm init --config <file> --upload-certs`, with
@@ -547,6 +601,9 @@ impl crate::catalogue::Coded for self::Error {
             E::TimedOut { .. } => &crate::catalogue::KUBEADM_TIMED_OUT,
             E::Failed { .. } => &crate::catalogue::KUBEADM_FAILED,
             E::Stopped { .. } => &crate::catalogue::KUBEADM_STOPPED,
+            E::VersionMismatch { .. } | E::VersionUnknown { .. } => {
+                &crate::catalogue::KUBEADM_VERSION
+            }
         }
     }
 
@@ -620,6 +677,61 @@ mod tests {
         );
         failing.join(&rendered(), &[]).await.unwrap_err();
         assert!(!config_path(&dir.path().join("run"), "join").exists());
+    }
+
+    #[test]
+    fn a_release_is_major_minor_patch_with_or_without_v_and_build_suffix() {
+        assert_eq!(release_of("v1.31.2").as_deref(), Some("1.31.2"));
+        assert_eq!(release_of("1.31.2\n").as_deref(), Some("1.31.2"));
+        assert_eq!(release_of("v1.31.2-eks-1").as_deref(), Some("1.31.2"));
+        assert_eq!(release_of("v1.31.2+abcdef").as_deref(), Some("1.31.2"));
+        for bad in [
+            "",
+            "v1.31",
+            "1.31.x",
+            "kubeadm version: &version.Info{}",
+            "v1..2",
+        ] {
+            assert_eq!(release_of(bad), None, "{bad:?}");
+        }
+    }
+
+    /// kubeadm's `version -o short` against cluster.kubernetes_version:
+    /// the same release passes, another one or an unreadable answer is
+    /// KB-KUBEADM-006, which the process exits 2 for (systemd does not
+    /// restart it: the image and the cluster disagree).
+    #[tokio::test]
+    async fn kubeadm_of_another_release_than_the_cluster_is_refused_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = |body: &str| {
+            Kubeadm::new(
+                fake(dir.path(), body),
+                dir.path().join("run"),
+                dir.path().join("k8s"),
+                Duration::from_secs(10),
+            )
+        };
+        let ok = k("[ \"$*\" = 'version -o short' ] && echo v1.31.2");
+        assert_eq!(ok.check_version("1.31.2").await.unwrap(), "v1.31.2");
+        assert_eq!(ok.check_version("v1.31.2").await.unwrap(), "v1.31.2");
+        let older = k("echo v1.31.1");
+        let err = older.check_version("1.31.2").await.unwrap_err();
+        assert!(matches!(err, Error::VersionMismatch { .. }), "{err}");
+        assert_eq!(err.code(), "KB-KUBEADM-006");
+        assert!(
+            err.to_string().contains("v1.31.1") && err.to_string().contains("1.31.2"),
+            "{err}"
+        );
+        let top: crate::error::Error = crate::bootstrap::Error::from(err).into();
+        assert_eq!(top.exit_code(), crate::error::EXIT_USAGE);
+        let garbled = k("echo 'not a version'");
+        let err = garbled.check_version("1.31.2").await.unwrap_err();
+        assert!(matches!(err, Error::VersionUnknown { .. }), "{err}");
+        assert_eq!(err.code(), "KB-KUBEADM-006");
+        // A kubeadm that fails is its failure, not a version problem.
+        let failing = k("exit 3");
+        let err = failing.check_version("1.31.2").await.unwrap_err();
+        assert!(matches!(err, Error::Failed { code: Some(3), .. }), "{err}");
     }
 
     #[tokio::test]

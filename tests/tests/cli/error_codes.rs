@@ -461,7 +461,8 @@ async fn node(role: &str, table: &str) -> Node {
              [node]\nrole = \"{role}\"\n[aws]\ntable = \"{table}\"\nregion = \"us-east-1\"\n\
              [etcd]\nscheme = \"http\"\n[timeouts]\njoin_material = \"5s\"\n[backup]\nenabled = false\n\
              [paths]\nkubernetes_dir = \"{d}/k8s\"\nstate_dir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
-             etcd_data_dir = \"{d}/etcd\"\n[binaries]\nkubeadm = \"{d}/no-kubeadm\"\n"
+             etcd_data_dir = \"{d}/etcd\"\n[binaries]\nkubeadm = \"{kubeadm}\"\n",
+            kubeadm = kubeboot_tests::standin::kubeadm_bin().display()
         ),
     )
     .expect("config");
@@ -522,6 +523,25 @@ async fn bootstrap_refusals_have_their_codes() {
         .await
         .expect_err("corrupt checkpoint");
     assert_eq!(err.code(), "KB-BOOT-001", "{err}");
+
+    // An image whose kubeadm (the stand-in: v1.31.2) is another release
+    // than the cluster's: refused before any lock or kubeadm run, exit 2.
+    let mut other = node("worker", "kubeboot-codes").await;
+    other.cfg.cluster.kubernetes_version = "1.31.3".into();
+    let err = bootstrap(&other, &store, fx.store_via(&fx.sdk), &fx.sdk)
+        .run()
+        .await
+        .expect_err("another release");
+    assert_eq!(err.code(), "KB-KUBEADM-006", "{err}");
+    assert!(err.to_string().contains("v1.31.2"), "{err}");
+    assert_eq!(
+        kubeboot::error::Error::from(err).exit_code(),
+        kubeboot::error::EXIT_USAGE
+    );
+    assert!(
+        !other.cfg.paths.state_dir.join("bootstrap.json").exists(),
+        "no checkpoint: nothing was started"
+    );
 
     // A worker of a cluster nobody initializes: no material within 5 s.
     let worker = node("worker", "kubeboot-codes").await;
