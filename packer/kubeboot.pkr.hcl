@@ -136,23 +136,30 @@ build {
     source      = "${path.root}/../systemd/kubeboot-journal.service"
     destination = "${local.staging}/systemd/kubeboot-journal.service"
   }
+  provisioner "file" {
+    source      = "${path.root}/../README.md"
+    destination = "${local.staging}/README.md"
+  }
 
+  # The staged scripts run where they were staged (each finds lib.sh and
+  # the pins beside it), as root, with the variables below: Packer passes
+  # environment_vars only through {{ .Vars }}.
   provisioner "shell" {
-    execute_command = "sudo -E bash '{{ .Path }}'"
+    execute_command = "sudo env {{ .Vars }} bash -eu '{{ .Path }}'"
     environment_vars = [
-      "KUBEBOOT_IMAGE_DIR=${local.staging}",
+      "IMAGE_DIR=${local.staging}",
       "KUBERNETES_VERSION=${var.kubernetes_version}",
       "ARCH=${var.arch}",
     ]
-    scripts = [
-      "${path.root}/scripts/10-base.sh",
-      "${path.root}/scripts/20-kubernetes.sh",
-      "${path.root}/scripts/30-containerd.sh",
-      "${path.root}/scripts/40-etcd-tools.sh",
-      "${path.root}/scripts/50-cloudwatch-agent.sh",
-      "${path.root}/scripts/60-images.sh",
-      "${path.root}/scripts/70-kubeboot.sh",
-      "${path.root}/scripts/90-cleanup.sh",
+    inline = [
+      "bash ${local.staging}/scripts/10-base.sh",
+      "bash ${local.staging}/scripts/20-kubernetes.sh",
+      "bash ${local.staging}/scripts/30-containerd.sh",
+      "bash ${local.staging}/scripts/40-etcd-tools.sh",
+      "bash ${local.staging}/scripts/50-cloudwatch-agent.sh",
+      "bash ${local.staging}/scripts/60-images.sh",
+      "bash ${local.staging}/scripts/70-kubeboot.sh",
+      "bash ${local.staging}/scripts/90-cleanup.sh",
     ]
   }
 }

@@ -450,7 +450,8 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     }
 
     /// The image's kubeadm is the cluster's release, before any lock,
-    /// reset or kubeadm run (KB-KUBEADM-006 otherwise, exit 2).
+    /// reset or kubeadm run (KB-KUBEADM-006 otherwise, exit 2). `restore`
+    /// checks the same among its refusals, before its download.
     pub(crate) async fn check_kubeadm_version(&self) -> Result<(), Error> {
         let wanted = &self.ctx.cfg.cluster.kubernetes_version;
         let printed = self.ctx.kubeadm.check_version(wanted).await?;
@@ -745,7 +746,6 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     ) -> Result<(Checkpoint, u64), Error> {
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         telemetry::set_context(telemetry::ContextKey::RunId, run_id.clone());
-        self.check_kubeadm_version().await?;
         let mut checkpoint = Checkpoint {
             run_id,
             path: Some(Path::Init),

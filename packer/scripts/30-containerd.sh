@@ -4,17 +4,21 @@
 # config uses the systemd cgroup driver (the kubelet's, which kubeadm sets)
 # and the pause image kubeadm of this Kubernetes version runs (kubeadm warns
 # on a mismatch, and the node would pull two sandbox images).
+set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
-tarball=$(fetch containerd)
-tar -C /usr/local -xzf "$tarball" bin/
-install_file 0755 "$(fetch runc)" /usr/local/sbin/runc
+containerd=$(fetch containerd)
+runc=$(fetch runc)
+cni_plugins=$(fetch cni-plugins)
+crictl=$(fetch crictl)
+tar -C /usr/local -xzf "$containerd" bin/
+install_file 0755 "$runc" /usr/local/sbin/runc
 mkdir -p /opt/cni/bin
-tar -C /opt/cni/bin -xzf "$(fetch cni-plugins)"
-tar -C /usr/local/bin -xzf "$(fetch crictl)" crictl
-install_file 0644 "$image_dir/files/crictl.yaml" /etc/crictl.yaml
-install_file 0644 "$image_dir/files/containerd.service" /usr/lib/systemd/system/containerd.service
+tar -C /opt/cni/bin -xzf "$cni_plugins"
+tar -C /usr/local/bin -xzf "$crictl" crictl
+install_file 0644 "$IMAGE_DIR/files/crictl.yaml" /etc/crictl.yaml
+install_file 0644 "$IMAGE_DIR/files/containerd.service" /usr/lib/systemd/system/containerd.service
 
 # The pause image kubeadm of this version runs (its constants, asked of the
 # kubeadm 20-kubernetes.sh installed): the sandbox image must be the same.

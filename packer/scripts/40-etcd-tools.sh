@@ -3,6 +3,7 @@
 # snapshot down (binaries.etcd_restore_tool in /etc/kubeboot/config.toml),
 # and etcdctl for an operator's hands. The etcd server itself is kubeadm's
 # static Pod, not installed here.
+set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 

@@ -4,6 +4,7 @@
 # pulled into containerd now so a node in a subnet without NAT still
 # initializes or joins. The tags are kubeadm's own for $KUBERNETES_VERSION;
 # containerd verifies every layer against its digest.
+set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 

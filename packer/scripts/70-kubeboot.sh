@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # kubeboot itself: install-kubeboot.sh (the same script the repo's image
 # test runs into a machine's root) with what the file provisioners staged.
+set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
-bash "$image_dir/scripts/install-kubeboot.sh" \
-  --binary "$image_dir/kubeboot" \
-  --units "$image_dir/systemd" \
-  --config "$image_dir/files/kubeboot/config.toml" \
+bash "$IMAGE_DIR/scripts/install-kubeboot.sh" \
+  --binary "$IMAGE_DIR/kubeboot" \
+  --units "$IMAGE_DIR/systemd" \
+  --config "$IMAGE_DIR/files/kubeboot/config.toml" \
+  --doc "$IMAGE_DIR/README.md" \
   /
 /usr/bin/kubeboot --version
 # The image's own settings must be well-formed: unknown keys or bad values

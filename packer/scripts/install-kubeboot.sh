@@ -5,10 +5,10 @@
 # runs it into a real-systemd machine's root before that machine boots.
 # Idempotent: a second run leaves ROOT as the first did.
 #
-#   install-kubeboot.sh [--binary FILE] [--units DIR] [--config FILE] ROOT
+#   install-kubeboot.sh [--binary FILE] [--units DIR] [--config FILE] [--doc FILE] ROOT
 #
 # Defaults are the repo's: target/release/kubeboot, systemd/,
-# packer/files/kubeboot/config.toml.
+# packer/files/kubeboot/config.toml, README.md (the units' Documentation=).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -18,7 +18,7 @@ config=$repo/packer/files/kubeboot/config.toml
 doc=$repo/README.md
 
 die() { printf 'install-kubeboot: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 root=
 while [ $# -gt 0 ]; do
@@ -26,8 +26,9 @@ while [ $# -gt 0 ]; do
     --binary) binary=${2:?--binary needs a file}; shift 2 ;;
     --units) units=${2:?--units needs a directory}; shift 2 ;;
     --config) config=${2:?--config needs a file}; shift 2 ;;
+    --doc) doc=${2:?--doc needs a file}; shift 2 ;;
     -h | --help) usage; exit 0 ;;
-    -*) die "unknown option '$1' (expected --binary, --units, --config or ROOT)" ;;
+    -*) die "unknown option '$1' (expected --binary, --units, --config, --doc or ROOT)" ;;
     *)
       [ -z "$root" ] || die "one ROOT only, got '$root' and '$1'"
       root=$1; shift ;;
@@ -37,6 +38,7 @@ done
 [ -d "$root" ] || die "ROOT '$root' is not a directory"
 [ -x "$binary" ] || die "--binary '$binary' is not an executable file (cargo build --release -p kubeboot)"
 [ -f "$config" ] || die "--config '$config' is not a file"
+[ -f "$doc" ] || die "--doc '$doc' is not a file"
 unit_names=(kubeboot-bootstrap.service kubeboot.service kubeboot-journal.service)
 for u in "${unit_names[@]}"; do
   [ -f "$units/$u" ] || die "--units '$units' has no $u"
@@ -55,9 +57,7 @@ install -o root -g root -m 0644 "$config" "$root/etc/kubeboot/config.toml"
 # agent (root) reads is not for other users either.
 install -d -o root -g root -m 0700 "$root/var/lib/kubeboot"
 install -d -o root -g root -m 0750 "$root/var/log/kubeboot"
-if [ -f "$doc" ]; then
-  install -D -o root -g root -m 0644 "$doc" "$root/usr/share/doc/kubeboot/README.md"
-fi
+install -D -o root -g root -m 0644 "$doc" "$root/usr/share/doc/kubeboot/README.md"
 # Enabled offline (no running systemd needed): the [Install] sections'
 # symlinks under ROOT/etc/systemd/system.
 systemctl --root="$root" --quiet enable "${unit_names[@]}"

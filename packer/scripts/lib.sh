@@ -4,13 +4,20 @@
 # twice, it leaves the image as once.
 #
 # Environment (the template sets it):
-#   KUBEBOOT_IMAGE_DIR  what the file provisioners staged (scripts, files, pins)
+#   IMAGE_DIR           what the file provisioners staged (scripts, files, pins)
 #   KUBERNETES_VERSION  e.g. 1.31.2 (no leading v)
 #   ARCH                amd64 | arm64
+#   CACHE_DIR           downloads (default /var/cache/kubeboot-image; removed
+#                       by 90-cleanup.sh)
+# Not KUBEBOOT_*: kubeboot reads every such variable as a setting, and
+# 70-kubeboot.sh runs it.
 set -euo pipefail
+# A failure inside $(...) fails the script too.
+shopt -s inherit_errexit
 
-image_dir=${KUBEBOOT_IMAGE_DIR:?KUBEBOOT_IMAGE_DIR is not set (the staged image files)}
-pins_file=$image_dir/pins
+IMAGE_DIR=${IMAGE_DIR:?IMAGE_DIR is not set (the directory the image files were staged in)}
+CACHE_DIR=${CACHE_DIR:-/var/cache/kubeboot-image}
+pins_file=$IMAGE_DIR/pins
 
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
@@ -36,15 +43,17 @@ pin() {
 }
 
 # fetch NAME [VERSION]: downloads NAME's pinned URL into the cache, checks
-# its sha256 and prints the file's path. A cached file is checked again.
+# its sha256 and prints the file's path. A cached file is used only if its
+# sha256 is the pin's. Call it as `file=$(fetch NAME)` on a line of its own:
+# an argument's $(...) failure would not stop the caller.
 fetch() {
   local name=$1 version=${2:-} ver sha url file
   read -r ver sha url < <(pin "$name" "$version")
   [[ $sha =~ ^[0-9a-f]{64}$ ]] || die "packer/pins: $name $ver $ARCH has no sha256 ('$sha')"
   url=${url//@VERSION@/$ver}
   url=${url//@ARCH@/$ARCH}
-  file=/var/cache/kubeboot-image/$name-$ver-$ARCH-$(basename "$url")
-  mkdir -p /var/cache/kubeboot-image
+  file=$CACHE_DIR/$name-$ver-$ARCH-$(basename "$url")
+  mkdir -p "$CACHE_DIR"
   if [ ! -f "$file" ] || ! printf '%s  %s\n' "$sha" "$file" | sha256sum --check --status; then
     log "downloading $name $ver ($ARCH)"
     curl --fail --silent --show-error --location --proto '=https' --tlsv1.2 \

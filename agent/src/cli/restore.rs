@@ -21,6 +21,10 @@ pub(super) async fn run(cli: &Cli, args: &RestoreArgs) -> Result<ExitCode, Error
         std::env::var_os("PATH").as_deref(),
     )
     .map_err(crate::bootstrap::Error::from)?;
+    ctx.kubeadm
+        .check_version(&ctx.cfg.cluster.kubernetes_version)
+        .await
+        .map_err(crate::bootstrap::Error::from)?;
     let records = ctx.registry.members().await?;
     let settings = crate::etcd::Settings::from_config(&ctx.cfg);
     if let Some((endpoint, how)) = crate::restore::cluster_answers(&records, &settings).await {

@@ -159,7 +159,23 @@ fn every_download_the_image_makes_is_pinned_with_a_checksum_for_both_architectur
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
-        if text.contains("curl --") {
+        // A download is a command: curl, wget or a language's HTTP client
+        // at the start of a command (an apt package list may name curl).
+        let downloads = text.lines().any(|l| {
+            let l = l.trim_start();
+            [
+                "curl ",
+                "wget ",
+                "python3 -c",
+                "perl -e",
+                "$(curl",
+                "| curl",
+            ]
+            .iter()
+            .any(|c| l.starts_with(c) || l.contains(&format!("$({c}")))
+                || l.contains("urllib")
+        });
+        if downloads {
             assert!(
                 ["lib.sh", "50-cloudwatch-agent.sh"].contains(&name.as_str()),
                 "{}: downloads outside lib.sh's fetch",
@@ -286,6 +302,336 @@ fn the_image_installs_the_kubernetes_version_the_agents_kubeadm_config_renders()
             "examples/{example} names another version than the image's {version}"
         );
     }
+}
+
+/// How Packer runs the scripts: each staged copy by path (so `$0`'s
+/// directory holds lib.sh and the pins), as root, with the template's
+/// variables, which Packer passes only through `{{ .Vars }}`; none is
+/// `KUBEBOOT_*` (kubeboot, which 70-kubeboot.sh runs, would read it as a
+/// setting and refuse it). Every file a script installs from the staging
+/// directory is in packer/files.
+#[test]
+fn the_template_runs_every_staged_script_in_order_with_its_variables() {
+    let template = packer_file("kubeboot.pkr.hcl");
+    let execute = template
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("execute_command = "))
+        .expect("an execute_command");
+    assert!(
+        execute.contains("{{ .Vars }}") && execute.contains("{{ .Path }}"),
+        "{execute}"
+    );
+    let block = &template[template
+        .find("environment_vars = [")
+        .expect("environment_vars")..];
+    let vars: Vec<&str> = block[..block.find(']').expect("end")]
+        .lines()
+        .skip(1)
+        .map(|l| l.trim().trim_end_matches(',').trim_matches('"'))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let names: Vec<&str> = vars.iter().filter_map(|v| v.split('=').next()).collect();
+    assert_eq!(
+        names,
+        ["IMAGE_DIR", "KUBERNETES_VERSION", "ARCH"],
+        "{vars:?}"
+    );
+    let mut numbered: Vec<String> = std::fs::read_dir(workspace_root().join("packer/scripts"))
+        .expect("scripts")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    numbered.sort();
+    let inline: Vec<String> = template
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("\"bash ${local.staging}/scripts/"))
+        .map(|l| l.trim_end_matches(',').trim_end_matches('"').to_string())
+        .collect();
+    assert_eq!(
+        inline, numbered,
+        "the template runs every numbered script, in order"
+    );
+    for name in &numbered {
+        let text = packer_file(&format!("scripts/{name}"));
+        let strict = text.find("set -euo pipefail").unwrap_or(usize::MAX);
+        let source = text
+            .find("source \"$(dirname \"$0\")/lib.sh\"")
+            .unwrap_or_else(|| panic!("{name} does not source lib.sh beside it"));
+        assert!(
+            strict < source,
+            "{name}: set -euo pipefail before sourcing (a failed source must stop it)"
+        );
+        for part in text.split("$IMAGE_DIR/files/").skip(1) {
+            let path: String = part
+                .chars()
+                .take_while(|c| !matches!(c, '"' | ' ' | '\n'))
+                .collect();
+            assert!(
+                workspace_root().join("packer/files").join(&path).is_file(),
+                "{name} installs files/{path}, which packer/files lacks"
+            );
+        }
+    }
+    assert!(packer_file("scripts/70-kubeboot.sh").contains("--doc \"$IMAGE_DIR/README.md\""));
+    assert!(
+        template.contains("${path.root}/../README.md"),
+        "the README is staged"
+    );
+}
+
+/// lib.sh's `pin` finds a row by name, version and architecture and names
+/// what is missing; `fetch` uses a cached file only when its sha256 is the
+/// pin's, and otherwise downloads (here: an unreachable URL, so it fails
+/// and says so instead of handing back the wrong file).
+#[test]
+fn lib_sh_finds_pins_and_uses_a_download_only_when_its_sha256_is_pinned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).expect("cache");
+    let content = b"a pinned artifact\n";
+    let sha = {
+        let out = Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin.take().expect("stdin").write_all(content)?;
+                c.wait_with_output()
+            })
+            .expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout)[..64].to_string()
+    };
+    std::fs::write(
+        dir.path().join("pins"),
+        format!(
+            "# name version arch sha256 url\n\
+             tool 1.0.0 amd64 {sha} https://127.0.0.1:9/tool-@VERSION@-@ARCH@\n\
+             tool 1.0.0 arm64 {sha} https://127.0.0.1:9/tool-@VERSION@-@ARCH@\n"
+        ),
+    )
+    .expect("pins");
+    let lib = workspace_root().join("packer/scripts/lib.sh");
+    let run = |script: &str| {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("source '{}'\n{script}", lib.display()))
+            .env("IMAGE_DIR", dir.path())
+            .env("CACHE_DIR", &cache)
+            .env("ARCH", "amd64")
+            .env("KUBERNETES_VERSION", "1.31.2")
+            .output()
+            .expect("bash")
+    };
+    let out = run("pin tool 1.0.0");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("1.0.0 {sha} https://127.0.0.1:9/tool-@VERSION@-@ARCH@")
+    );
+    let out = run("pin tool 2.0.0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no pin for tool 2.0.0 on amd64"),
+        "{stderr}"
+    );
+
+    // The cached file with the pinned hash is used as it is.
+    let cached = cache.join("tool-1.0.0-amd64-tool-1.0.0-amd64");
+    std::fs::write(&cached, content).expect("cached");
+    let out = run("f=$(fetch tool 1.0.0)\necho \"$f\"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        cached.display().to_string()
+    );
+    // A cached file that is not what was pinned is never handed back.
+    std::fs::write(&cached, b"tampered\n").expect("tamper");
+    let out = run("f=$(fetch tool 1.0.0)\necho \"used $f\"");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success(),
+        "a tampered download was used: {stdout}"
+    );
+    assert!(!stdout.contains("used"), "{stdout}");
+    assert!(
+        stderr.contains("download of https://127.0.0.1:9/tool-1.0.0-amd64 failed"),
+        "{stderr}"
+    );
+    // Bad environment is named with what is expected.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source '{}'", lib.display()))
+        .env("IMAGE_DIR", dir.path())
+        .env("ARCH", "sparc")
+        .env("KUBERNETES_VERSION", "1.31.2")
+        .output()
+        .expect("bash");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("ARCH='sparc': expected amd64 or arm64"),
+        "{stderr}"
+    );
+}
+
+/// The CloudWatch agent is pointed at the cluster's log group by the
+/// image, before bootstrap (a node whose bootstrap fails must be seen):
+/// `cloudwatch-agent-setup` reads metrics.log_group from kubeboot's merged
+/// configuration (here the worker launch template's user-data), renders
+/// the agent's config and queues its restart; when kubeboot refuses its
+/// configuration it fails with kubeboot's reasons and writes nothing. kubeboot sends EMF where the agent
+/// listens.
+#[test]
+fn the_cloudwatch_agent_is_pointed_at_the_stacks_log_group_before_bootstrap() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    let stack = cluster_stack(repo_template("cluster.json"), "dev", "blue");
+    let log_group = scalar(&stack.eval(&json!({"Ref": "LogGroup"})));
+    std::fs::write(
+        d.join("user-data"),
+        launch_user_data(&stack, "WorkerLaunchTemplate"),
+    )
+    .expect("user-data");
+    std::fs::write(d.join("no-cluster"), "[cluster]\nkubernetes_version = \"1.31.2\"\ncontrol_plane_endpoint = \"a.b:6443\"\n[node]\nrole = \"worker\"\n[aws]\ntable = \"kubeboot-dev-blue\"\n").expect("user-data");
+    let fake = |name: &str, body: &str| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = d.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("fake");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    };
+    let image_config = workspace_root().join("packer/files/kubeboot/config.toml");
+    let setup = |user_data: &str| {
+        let kubeboot = fake(
+            "kubeboot",
+            &format!(
+                "exec '{}' \"$@\" --config '{}' --user-data '{}'",
+                kubeboot_bin().display(),
+                image_config.display(),
+                d.join(user_data).display()
+            ),
+        );
+        let _ = std::fs::remove_file(d.join("calls"));
+        Command::new(workspace_root().join("packer/files/cloudwatch-agent-setup"))
+            .env("CWSETUP_KUBEBOOT", kubeboot)
+            .env(
+                "CWAGENT_TEMPLATE",
+                workspace_root().join("packer/files/cloudwatch-agent.json"),
+            )
+            .env("CWAGENT_CONFIG", d.join("etc/kubeboot.json"))
+            .env(
+                "CWAGENT_CTL",
+                fake(
+                    "ctl",
+                    &format!("echo ctl \"$*\" >> '{}'", d.join("calls").display()),
+                ),
+            )
+            .env(
+                "SYSTEMCTL",
+                fake(
+                    "systemctl",
+                    &format!("echo systemctl \"$*\" >> '{}'", d.join("calls").display()),
+                ),
+            )
+            .output()
+            .expect("cloudwatch-agent-setup")
+    };
+    let out = setup("user-data");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("etc/kubeboot.json")).expect("agent config"))
+            .expect("JSON");
+    let files = &rendered["logs"]["logs_collected"]["files"]["collect_list"][0];
+    assert_eq!(files["log_group_name"], json!(log_group));
+    assert_eq!(files["file_path"], "/var/log/kubeboot/kubeboot.log");
+    let calls = std::fs::read_to_string(d.join("calls")).expect("calls");
+    assert_eq!(
+        calls,
+        format!(
+            "ctl -a fetch-config -m ec2 -c file:{}\nsystemctl --no-block restart amazon-cloudwatch-agent.service\n",
+            d.join("etc/kubeboot.json").display()
+        )
+    );
+    std::fs::remove_file(d.join("etc/kubeboot.json")).expect("rm");
+    // metrics.log_group defaults to /kubeboot/<cluster>/metrics, so only
+    // a configuration kubeboot refuses leaves the agent without one.
+    let out = setup("no-cluster");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("cluster.name")
+            && stderr.contains("kubeboot cannot read its configuration"),
+        "{stderr}"
+    );
+    assert!(!d.join("etc/kubeboot.json").exists() && !d.join("calls").exists());
+
+    // Its unit runs before bootstrap, and systemd accepts it.
+    let unit = packer_file("files/kubeboot-cloudwatch.service");
+    let directive = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        directive("Before")
+            .split_whitespace()
+            .any(|u| u == BOOTSTRAP),
+        "{unit}"
+    );
+    assert_eq!(directive("Type"), "oneshot");
+    assert!(packer_file("scripts/50-cloudwatch-agent.sh")
+        .contains("systemctl enable kubeboot-cloudwatch.service"));
+    let staged = d.join("kubeboot-cloudwatch.service");
+    std::fs::write(
+        &staged,
+        unit.replace(
+            "/usr/libexec/kubeboot/cloudwatch-agent-setup",
+            &workspace_root()
+                .join("packer/files/cloudwatch-agent-setup")
+                .display()
+                .to_string(),
+        ),
+    )
+    .expect("stage");
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&staged)
+        .output()
+        .expect("verify");
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.status.success() && stderr.trim().is_empty(),
+        "{stderr}"
+    );
+
+    // kubeboot's EMF goes where the agent listens.
+    let agent: serde_json::Value =
+        serde_json::from_str(&packer_file("files/cloudwatch-agent.json")).expect("agent config");
+    let listens = agent["logs"]["metrics_collected"]["emf"]["service_address"]
+        .as_str()
+        .expect("service_address");
+    assert!(
+        packer_file("files/kubeboot/config.toml")
+            .contains(&format!("agent_endpoint = \"{listens}\"")),
+        "the image's metrics.agent_endpoint is not the agent's {listens}"
+    );
 }
 
 /// Path, mode, owner and content (or link target) of everything under `root`.
@@ -586,6 +932,28 @@ async fn an_image_from_the_install_script_boots_a_worker_from_its_launch_templat
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // A restart of the copy (or a reboot) resumes after its cursor: no
+    // line is copied twice.
+    machine.systemctl_ok(&["restart", JOURNAL]);
+    std::thread::sleep(Duration::from_secs(5));
+    let copied = String::from_utf8_lossy(
+        &machine
+            .read_file("/var/log/kubeboot/kubeboot.log")
+            .unwrap_or_default(),
+    )
+    .into_owned();
+    assert_eq!(
+        copied.matches("bootstrap complete").count(),
+        1,
+        "after a restart of {JOURNAL}:\n{}",
+        tail(&copied)
+    );
+    assert_eq!(
+        machine.show(JOURNAL, "ActiveState"),
+        "active",
+        "{}",
+        machine.report(JOURNAL)
+    );
     let emf = agent.lines();
     assert!(
         emf.iter().any(|l| l.contains(&log_group)),

@@ -215,7 +215,8 @@ async fn a_stopped_bootstrap_stops_kubeadm_first_and_releases_its_lock() {
     std::fs::write(
         &fake,
         format!(
-            "#!/bin/sh\ntrap 'echo yes > {}; exit 143' TERM\necho started > {}\n\
+            "#!/bin/sh\n[ \"$1\" = version ] && {{ echo v1.31.2; exit 0; }}\n\
+             trap 'echo yes > {}; exit 143' TERM\necho started > {}\n\
              echo '[init] Using Kubernetes version: v1.31.2'\nsleep 120 >/dev/null 2>&1 &\nwait\n",
             term_marker.display(),
             started_marker.display()
