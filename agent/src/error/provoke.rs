@@ -318,6 +318,30 @@ async fn an_unwritable_run_dir_has_its_code() {
     assert_eq!(err.code(), "KB-KUBEADM-002", "{err}");
 }
 
+/// A kubeadm of another release than the cluster's: KB-KUBEADM-006, exit 2
+/// (the image and the cluster disagree; systemd must not restart it).
+#[tokio::test]
+async fn a_kubeadm_of_another_release_exits_2() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("kubeadm");
+    std::fs::write(&bin, "#!/bin/sh\necho v1.30.9\n").expect("fake");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let k = crate::kubeadm::Kubeadm::new(
+        bin,
+        dir.path().join("run"),
+        dir.path().join("k8s"),
+        Duration::from_secs(10),
+    );
+    let err = k
+        .check_version("1.31.2")
+        .await
+        .expect_err("another release");
+    assert_eq!(err.code(), "KB-KUBEADM-006", "{err}");
+    let top: crate::error::Error = crate::bootstrap::Error::from(err).into();
+    assert_eq!(top.exit_code(), crate::error::EXIT_USAGE);
+}
+
 // ---------------------------------------------------------------------------
 // etcd (requests and confirmation need a real etcd: tests/tests/cli/error_codes.rs)
 
