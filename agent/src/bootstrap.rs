@@ -824,6 +824,7 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             pod_subnet: cfg.cluster.pod_subnet.clone(),
             service_subnet: cfg.cluster.service_subnet.clone(),
             dns_domain: cfg.cluster.dns_domain.clone(),
+            service_account_issuer: cfg.cluster.service_account_issuer.clone(),
             etcd_data_dir: cfg.paths.etcd_data_dir.display().to_string(),
             kubernetes_dir: cfg.paths.kubernetes_dir.display().to_string(),
             token: token.clone(),
@@ -891,7 +892,37 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         .await?;
         crash_point("init:after-mark");
         tracing::info!(generation, "cluster initialized");
+        self.publish_issuer().await;
         Ok(generation)
+    }
+
+    /// The service-account issuer's documents, right after init (or a
+    /// restore) so IAM roles for service accounts work from the start. A
+    /// failure does not fail the init: the leader's daemon publishes them
+    /// on its next turn.
+    async fn publish_issuer(&self) {
+        let Some(publisher) = crate::issuer::Publisher::from_config(&self.ctx.aws, &self.ctx.cfg)
+        else {
+            return;
+        };
+        match publisher
+            .publish()
+            .instrument(telemetry::phase("publish-issuer"))
+            .await
+        {
+            Ok(outcome) => {
+                tracing::info!(
+                    issuer = publisher.issuer(),
+                    ?outcome,
+                    "service-account issuer documents published"
+                )
+            }
+            Err(e) => crate::catalogue::report!(
+                warn,
+                e,
+                "cannot publish the service-account issuer's documents; the leader retries"
+            ),
+        }
     }
 
     /// I2: only a member etcd reports started, voting and healthy is recorded.

@@ -54,6 +54,10 @@ pub const AREAS: &[(&str, &str)] = &[
         "RESTORE",
         "`kubeboot restore`: a cluster rebuilt from a snapshot",
     ),
+    (
+        "OIDC",
+        "the service-account issuer's public documents (IAM roles for service accounts)",
+    ),
 ];
 
 /// Declares each entry as a `pub static` and lists them all in [`ENTRIES`],
@@ -404,6 +408,13 @@ catalogue! {
     RESTORE_UNFINISHED = "KB-RESTORE-005", "an unfinished restore holds the cluster",
         cause: "`kubeboot restore` started a new generation from a snapshot and did not finish (it failed or its node died). Bootstrap will not initialize an empty cluster over it: that would lose the restored data for good.",
         check: "`kubeboot status` names the snapshot; run `kubeboot restore --snapshot <it>` again on a control plane (docs/RESTORE.md). The control planes' bootstrap waits and is retried by systemd.";
+
+    OIDC_KEY = "KB-OIDC-001", "the service-account public key cannot be read or described",
+        cause: "<paths.kubernetes_dir>/pki/sa.pub (kubeadm writes it at init; a restore lays it down) is missing, unreadable, or holds a key the API server does not sign with (RSA, or ECDSA P-256/384/521, as PEM PUBLIC KEY blocks).",
+        check: "`ls -l /etc/kubernetes/pki/sa.pub` and `openssl pkey -pubin -in /etc/kubernetes/pki/sa.pub -noout -text` on a control plane. Until it is fixed, pods using IAM roles for service accounts cannot get credentials for tokens signed with a key not yet published.";
+    OIDC_PUBLISH = "KB-OIDC-002", "the issuer's documents cannot be published to S3",
+        cause: "GetObject or PutObject on aws.oidc_bucket failed after the SDK's retries: the bucket does not exist, the control-plane role may not write under the issuer's path, or S3 is unavailable. The leader retries every turn.",
+        check: "aws.oidc_bucket and cluster.service_account_issuer (its path is the objects' prefix), the control-plane role's OidcDocuments statement in infra/, and `aws s3 ls s3://<bucket>/<path>/`.";
 }
 
 /// An error with a catalogue entry. The advice an operator reads with an

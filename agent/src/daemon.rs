@@ -44,6 +44,8 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub backups: Option<crate::backup::Backups>,
     /// Whether this daemon holds the leader lock (read by the backup loop).
     pub leading: std::sync::atomic::AtomicBool,
+    /// The service-account issuer's publisher, when an issuer is set.
+    pub issuer: Option<crate::issuer::Publisher>,
 }
 
 impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
@@ -455,6 +457,25 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             crate::catalogue::report!(error, e, "reconciler turn failed; retried next turn");
         }
         drop(suspects);
+        if let Some(issuer) = &self.issuer {
+            match issuer
+                .publish()
+                .instrument(telemetry::phase("publish-issuer"))
+                .await
+            {
+                Ok(crate::issuer::Outcome::Published(objects)) => tracing::info!(
+                    issuer = issuer.issuer(),
+                    objects,
+                    "service-account issuer documents published (the signing keys changed)"
+                ),
+                Ok(_) => {}
+                Err(e) => crate::catalogue::report!(
+                    error,
+                    e,
+                    "cannot publish the service-account issuer's documents; retried next turn"
+                ),
+            }
+        }
         if let Some(queue) = &self.queue {
             if let Err(e) = crate::lifecycle::drain_queue(
                 self.lifecycle_parts(),

@@ -52,6 +52,9 @@ pub enum Resource {
     /// The KMS key the backups are encrypted with (the cluster key, the
     /// bucket's default), used by S3 on the caller's behalf.
     BackupKey,
+    /// The service-account issuer's two documents in the bucket that
+    /// serves them: `arn:aws:s3:::<aws.oidc_bucket>/<issuer path>/*`.
+    OidcDocuments,
 }
 
 /// One IAM permission: an action on one kind of resource.
@@ -298,9 +301,10 @@ pub const OPERATIONS: &[Operation] = &[
         grants: &[
             on("s3:PutObject", Resource::Backups),
             on("kms:GenerateDataKey", Resource::BackupKey),
+            on("s3:PutObject", Resource::OidcDocuments),
         ],
         control_plane_only: &[],
-        why: "a verified snapshot's manifest (backup)",
+        why: "a verified snapshot's manifest (backup); the service-account issuer's documents when the signing keys change (issuer)",
     },
     Operation {
         call: "s3:ListObjectsV2",
@@ -315,9 +319,10 @@ pub const OPERATIONS: &[Operation] = &[
         grants: &[
             on("s3:GetObject", Resource::Backups),
             on("kms:Decrypt", Resource::BackupKey),
+            on("s3:GetObject", Resource::OidcDocuments),
         ],
         control_plane_only: &[],
-        why: "manifests, and snapshots read back by `backup verify` and restore (backup)",
+        why: "manifests, and snapshots read back by `backup verify` and restore (backup); the issuer's published documents, compared before writing (issuer)",
     },
     Operation {
         call: "s3:DeleteObject",

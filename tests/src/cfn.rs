@@ -413,6 +413,9 @@ impl Stack {
             }
             ("AWS::SQS::Queue", "QueueName") => named("QueueName"),
             ("AWS::S3::Bucket", "Arn") => format!("arn:aws:s3:::{}", named("BucketName")),
+            ("AWS::S3::Bucket", "RegionalDomainName") => {
+                format!("{}.s3.{REGION}.amazonaws.com", named("BucketName"))
+            }
             ("AWS::KMS::Key", "Arn") => format!("arn:aws:kms:{REGION}:{ACCOUNT}:key/key-{id}"),
             ("AWS::Logs::LogGroup", "Arn") => format!(
                 "arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{}:*",

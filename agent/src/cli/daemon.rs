@@ -22,8 +22,12 @@ pub(super) async fn run(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error>
         && ctx.cfg.backup.enabled)
         .then(|| crate::backup::Backups::from_config(&ctx.aws, &ctx.cfg).ok())
         .flatten();
+    let issuer = (ctx.cfg.node.role == crate::config::Role::ControlPlane)
+        .then(|| crate::issuer::Publisher::from_config(&ctx.aws, &ctx.cfg))
+        .flatten();
     let daemon = crate::daemon::Daemon {
         backups,
+        issuer,
         leading: Default::default(),
         queue,
         hooks,

@@ -234,6 +234,17 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
             "aws.backup_bucket = \"<bucket>\", or backup.enabled = false",
         );
     }
+    if text("node.role") == Some("control-plane")
+        && set("cluster.service_account_issuer")
+        && !set("aws.oidc_bucket")
+    {
+        inconsistent(
+            "aws.oidc_bucket",
+            "cluster.service_account_issuer",
+            "control planes publish the issuer's documents but no bucket is set".into(),
+            "aws.oidc_bucket = \"<bucket>\" (the bucket serving the issuer's URL), or no issuer",
+        );
+    }
     stack_signal_rules(entries, problems);
 }
 

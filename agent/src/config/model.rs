@@ -44,6 +44,9 @@ pub struct Cluster {
     pub pod_subnet: String,
     pub service_subnet: String,
     pub dns_domain: String,
+    /// The service-account issuer published for IAM roles for service
+    /// accounts (see [`crate::oidc`]); `None`: kubeadm's default.
+    pub service_account_issuer: Option<String>,
 }
 
 /// What this node is.
@@ -88,6 +91,8 @@ pub struct Aws {
     pub cloudformation_stack: Option<String>,
     pub cloudformation_resource: Option<String>,
     pub backup_bucket: Option<String>,
+    /// Where the issuer's documents are published (control planes).
+    pub oidc_bucket: Option<String>,
     pub kms_key_id: Option<String>,
     pub s3_force_path_style: bool,
     pub max_attempts: u32,

@@ -24,6 +24,10 @@ pub enum Kind {
     AwsUrl,
     /// The instance metadata service: `http://` only (IMDS serves no TLS).
     ImdsUrl,
+    /// A service-account issuer published as an OIDC provider: `https://`
+    /// only (the API server and AWS STS refuse anything else), no trailing
+    /// `/` (the JWKS URI is `<issuer>/keys.json`).
+    IssuerUrl,
     /// Metrics sink address: `tcp://host:port` or `udp://host:port`.
     SocketUrl,
     /// Absolute filesystem path.
@@ -129,6 +133,8 @@ pub const KEYS: &[Key] = &[
     key("cluster.pod_subnet", Kind::Cidr, Some("\"10.244.0.0/16\""), "Pod network CIDR."),
     key("cluster.service_subnet", Kind::Cidr, Some("\"10.96.0.0/12\""), "Service network CIDR."),
     key("cluster.dns_domain", Kind::Text, Some("\"cluster.local\""), "Cluster DNS domain."),
+    key("cluster.service_account_issuer", Kind::IssuerUrl, None,
+        "The API server's service-account issuer as a public OIDC provider for IAM roles for service accounts, e.g. `https://<bucket>.s3.<region>.amazonaws.com/<cluster>`: kubeadm gets `--service-account-issuer` and `--service-account-jwks-uri` (`<issuer>/keys.json`), and control planes publish the discovery document and the JWKS to `aws.oidc_bucket` under the issuer's path. Unset: kubeadm's default issuer, nothing published."),
     // [node]
     required(key("node.role", Kind::OneOf(&["control-plane", "worker"]), None,
         "What this node is: `control-plane` (stacked etcd) or `worker`.")),
@@ -147,6 +153,8 @@ pub const KEYS: &[Key] = &[
     key("aws.lifecycle_hook", Kind::Text, Some("\"kubeboot-terminate\""),
         "Name of the ASGs' termination lifecycle hook, for a node completing its own action."),
     key("aws.backup_bucket", Kind::BucketName, None, "S3 bucket for etcd snapshots."),
+    key("aws.oidc_bucket", Kind::BucketName, None,
+        "S3 bucket serving `cluster.service_account_issuer`'s two documents (control planes write them); required with the issuer on control planes."),
     key("aws.kms_key_id", Kind::Text, None, "KMS key for SSE-KMS on backups; bucket default when unset."),
     key("aws.cloudformation_stack", Kind::StackName, None,
         "The CloudFormation stack that launched this control plane: signalled once bootstrap has confirmed its etcd member, so a rolling update replaces control planes one at a time (control planes only; with aws.cloudformation_resource)."),

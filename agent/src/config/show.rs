@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 pub(super) fn show_value(key: &Key, value: &toml::Value) -> String {
     match (key.secret, key.kind, value.as_str()) {
         (true, _, _) => REDACTED.to_string(),
-        (_, Kind::AwsUrl | Kind::ImdsUrl | Kind::SocketUrl, Some(url)) => {
+        (_, Kind::AwsUrl | Kind::ImdsUrl | Kind::SocketUrl | Kind::IssuerUrl, Some(url)) => {
             value::preview(&toml::Value::String(without_credentials(url)))
         }
         _ => value::preview(value),

@@ -41,6 +41,9 @@ pub fn expected_form(kind: Kind) -> String {
             (http:// only to a loopback host, e.g. \"http://127.0.0.1:5000\" for a local emulator), \
             with a host, an optional port 1-65535 and path, and no user:password@, query or fragment"
             .into(),
+        Kind::IssuerUrl => "an https:// URL such as \"https://kubeboot-oidc.s3.eu-west-1.amazonaws.com/prod-a\", \
+            with a host, an optional port and path, no trailing /, and no user:password@, query or fragment"
+            .into(),
         Kind::ImdsUrl => "an http:// URL (IMDS serves no TLS) such as \"http://169.254.169.254\" \
             or \"http://[fd00:ec2::254]\", with no user:password@, query or fragment"
             .into(),
@@ -125,6 +128,7 @@ fn string_ok(kind: Kind, s: &str) -> bool {
             parse_url(s).is_ok_and(|u| u.scheme == "https" || (u.scheme == "http" && u.loopback()))
         }
         Kind::ImdsUrl => parse_url(s).is_ok_and(|u| u.scheme == "http"),
+        Kind::IssuerUrl => parse_url(s).is_ok_and(|u| u.scheme == "https") && !s.ends_with('/'),
         Kind::SocketUrl => parse_url(s).is_ok_and(|u| {
             ["tcp", "udp"].contains(&u.scheme) && u.port.is_some() && u.path.is_empty()
         }),
@@ -342,7 +346,10 @@ pub fn parse_url(s: &str) -> Result<Url<'_>, &'static str> {
 
 /// What is wrong with a URL the key's kind refuses, for the message.
 pub fn url_fault(kind: Kind, s: &str) -> Option<String> {
-    if !matches!(kind, Kind::AwsUrl | Kind::ImdsUrl | Kind::SocketUrl) {
+    if !matches!(
+        kind,
+        Kind::AwsUrl | Kind::ImdsUrl | Kind::SocketUrl | Kind::IssuerUrl
+    ) {
         return None;
     }
     let url = match parse_url(s) {
@@ -353,7 +360,10 @@ pub fn url_fault(kind: Kind, s: &str) -> Option<String> {
         (Kind::AwsUrl, "http") if !url.loopback() => {
             Some("plain http:// to a host that is not this machine".into())
         }
-        (Kind::AwsUrl, "http" | "https") | (Kind::ImdsUrl, "http") => None,
+        (Kind::IssuerUrl, "https") if s.ends_with('/') => Some("a trailing /".into()),
+        (Kind::AwsUrl, "http" | "https") | (Kind::ImdsUrl, "http") | (Kind::IssuerUrl, "https") => {
+            None
+        }
         (Kind::SocketUrl, "tcp" | "udp") if url.port.is_none() => Some("no port".into()),
         (Kind::SocketUrl, "tcp" | "udp") if !url.path.is_empty() => Some("a path".into()),
         (Kind::SocketUrl, "tcp" | "udp") => None,

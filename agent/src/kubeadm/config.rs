@@ -90,6 +90,8 @@ struct Etcd {
 struct ApiServer {
     #[serde(rename = "certSANs")]
     cert_sans: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    extra_args: Vec<Arg>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -187,6 +189,10 @@ pub struct InitParams {
     pub pod_subnet: String,
     pub service_subnet: String,
     pub dns_domain: String,
+    /// `cluster.service_account_issuer`: the API server's only issuer (one,
+    /// not beside kubeadm's default: kubeadm 1.31 sorts repeated extraArgs,
+    /// so the default would sort first and sign, kubernetes/kubeadm#3261).
+    pub service_account_issuer: Option<String>,
     pub etcd_data_dir: String,
     /// `paths.kubernetes_dir`: certificates go to its `pki/`.
     pub kubernetes_dir: String,
@@ -266,6 +272,16 @@ pub fn render_init(p: &InitParams) -> Rendered {
         },
         api_server: ApiServer {
             cert_sans: vec![host.to_string()],
+            extra_args: p
+                .service_account_issuer
+                .as_deref()
+                .map(|issuer| {
+                    vec![
+                        arg("service-account-issuer", issuer),
+                        arg("service-account-jwks-uri", crate::oidc::jwks_uri(issuer)),
+                    ]
+                })
+                .unwrap_or_default(),
         },
     };
     Secret::new(documents(&[to_value(&init), to_value(&cluster)]))
@@ -413,12 +429,25 @@ mod tests {
             pod_subnet: "10.244.0.0/16".into(),
             service_subnet: "10.96.0.0/12".into(),
             dns_domain: "cluster.local".into(),
+            service_account_issuer: None,
             etcd_data_dir: "/var/lib/etcd".into(),
             kubernetes_dir: "/etc/kubernetes".into(),
             token: Secret::new(TOKEN.into()),
             token_ttl: Duration::from_secs(86_400),
             certificate_key: Secret::new("0f".repeat(32)),
         };
+        let with_issuer = InitParams {
+            service_account_issuer: Some("https://oidc.example.com/prod-a".into()),
+            ..p.clone()
+        };
+        let d = docs(&render_init(&with_issuer));
+        assert_eq!(
+            d[1]["apiServer"]["extraArgs"],
+            serde_json::json!([
+                {"name": "service-account-issuer", "value": "https://oidc.example.com/prod-a"},
+                {"name": "service-account-jwks-uri", "value": "https://oidc.example.com/prod-a/keys.json"},
+            ])
+        );
         let rendered = render_init(&p);
         assert!(
             !format!("{rendered:?}").contains(TOKEN),
@@ -455,6 +484,10 @@ mod tests {
             d[1]
         );
         assert_eq!(d[1]["apiServer"]["certSANs"][0], "api.prod-a.internal");
+        assert!(
+            d[1]["apiServer"].get("extraArgs").is_none(),
+            "no issuer: kubeadm's default"
+        );
         assert_eq!(d[1]["certificatesDir"], "/etc/kubernetes/pki");
     }
 

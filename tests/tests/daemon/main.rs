@@ -7,6 +7,7 @@
 mod backup;
 mod certificates;
 mod daemon_refresh;
+mod issuer;
 mod lifecycle;
 mod lifecycle_actions;
 mod lifecycle_deferral;

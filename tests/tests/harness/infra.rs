@@ -323,6 +323,26 @@ fn expected_resources(
         )]),
         // The bucket's default encryption key.
         Resource::BackupKey => set(&[scalar(&s.eval(&json!({"Fn::GetAtt": ["ClusterKey", "Arn"]})))]),
+        // The issuer's documents: the bucket aws.oidc_bucket names, under
+        // the issuer URL's path.
+        Resource::OidcDocuments => {
+            let issuer = cfg
+                .cluster
+                .service_account_issuer
+                .as_deref()
+                .expect("the control planes' user-data sets an issuer");
+            let (_, jwks) = kubeboot::oidc::object_keys(issuer);
+            let prefix = jwks.trim_end_matches(kubeboot::oidc::JWKS_PATH);
+            assert_eq!(
+                cfg.aws.oidc_bucket.as_deref(),
+                Some(scalar(&s.eval(&json!({"Ref": "OidcBucket"}))).as_str()),
+                "aws.oidc_bucket is the stack's OidcBucket"
+            );
+            set(&[format!(
+                "{}/{prefix}*",
+                scalar(&s.eval(&json!({"Fn::GetAtt": ["OidcBucket", "Arn"]})))
+            )])
+        }
     }
 }
 
@@ -385,6 +405,7 @@ fn iam_problems(s: &Stack) -> Vec<String> {
                 Resource::BackupBucket,
                 Resource::Backups,
                 Resource::BackupKey,
+                Resource::OidcDocuments,
             ]
             .into_iter()
             .find(|k| format!("{k:?}") == sid);

@@ -109,6 +109,7 @@ impl Scenario {
             pod_subnet: "10.244.0.0/16".into(),
             service_subnet: "10.96.0.0/12".into(),
             dns_domain: "cluster.local".into(),
+            service_account_issuer: None,
             etcd_data_dir: n.data_dir().display().to_string(),
             kubernetes_dir: n.k8s().display().to_string(),
             token: self.token.clone(),

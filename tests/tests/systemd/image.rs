@@ -7,7 +7,7 @@
 //! IMDS double), joins the simulated cluster, says READY, and the daemon
 //! starts after it; an image without its configuration fails loudly.
 
-use crate::systemd_boot::{bootstrap_settles, standin_environment, GUEST_SIM};
+use crate::systemd_boot::{bootstrap_becomes_active, standin_environment, GUEST_SIM};
 use kubeboot::config::model::Role;
 use kubeboot_tests::cfn::{cluster_stack, launch_user_data, repo_template, scalar};
 use kubeboot_tests::machine::{Machine, Options};
@@ -50,6 +50,15 @@ fn template_default(name: &str) -> String {
         .and_then(|l| l.trim().strip_prefix('='))
         .map(|v| v.trim().trim_matches('"').to_string())
         .unwrap_or_else(|| panic!("variable {name} has no default"))
+}
+
+/// `out` exited 0; its stderr otherwise.
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A row of packer/pins.
@@ -276,6 +285,7 @@ fn the_image_installs_the_kubernetes_version_the_agents_kubeadm_config_renders()
                 pod_subnet: "10.244.0.0/16".into(),
                 service_subnet: "10.96.0.0/12".into(),
                 dns_domain: "cluster.local".into(),
+                service_account_issuer: cfg.cluster.service_account_issuer.clone(),
                 etcd_data_dir: "/var/lib/etcd".into(),
                 kubernetes_dir: "/etc/kubernetes".into(),
                 token: kubeboot::secret::Secret::new("abcdef.0123456789abcdef".into()),
@@ -425,11 +435,7 @@ fn lib_sh_finds_pins_and_uses_a_download_only_when_its_sha256_is_pinned() {
             .expect("bash")
     };
     let out = run("pin tool 1.0.0");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("1.0.0 {sha} https://127.0.0.1:9/tool-@VERSION@-@ARCH@")
@@ -445,11 +451,7 @@ fn lib_sh_finds_pins_and_uses_a_download_only_when_its_sha256_is_pinned() {
     let cached = cache.join("tool-1.0.0-amd64-tool-1.0.0-amd64");
     std::fs::write(&cached, content).expect("cached");
     let out = run("f=$(fetch tool 1.0.0)\necho \"$f\"");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         cached.display().to_string()
@@ -549,11 +551,7 @@ fn the_cloudwatch_agent_is_pointed_at_the_stacks_log_group_before_bootstrap() {
             .expect("cloudwatch-agent-setup")
     };
     let out = setup("user-data");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let rendered: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("etc/kubeboot.json")).expect("agent config"))
             .expect("JSON");
@@ -694,11 +692,7 @@ fn run_install(args: &[&str]) -> std::process::Output {
 fn the_install_script_lays_kubeboot_down_with_its_modes_and_a_second_run_changes_nothing() {
     let root = tempfile::tempdir().expect("root");
     let out = run_install(&[&root.path().display().to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let first = tree(root.path());
     let mode = |p: &str| {
         first
@@ -722,11 +716,7 @@ fn the_install_script_lays_kubeboot_down_with_its_modes_and_a_second_run_changes
         );
     }
     let out = run_install(&[&root.path().display().to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(tree(root.path()), first, "a second run changed the tree");
 
     // Bad input: named, with what is expected, nothing installed.
@@ -867,16 +857,7 @@ async fn an_image_from_the_install_script_boots_a_worker_from_its_launch_templat
     }
 
     // Nobody started bootstrap: the boot did.
-    let (took, journal) = bootstrap_settles(&machine, &sim, |active, _| {
-        active == "active" || active == "failed"
-    });
-    assert_eq!(
-        machine.show(BOOTSTRAP, "ActiveState"),
-        "active",
-        "{}\n{}",
-        machine.report(BOOTSTRAP),
-        machine.report("kubelet.service")
-    );
+    let (took, journal) = bootstrap_becomes_active(&machine, &sim);
     eprintln!("the image's worker bootstrapped {took:?} after the boot");
     assert!(journal.contains("bootstrap complete"), "{}", tail(&journal));
     assert!(machine.read_file("/etc/kubernetes/kubelet.conf").is_some());

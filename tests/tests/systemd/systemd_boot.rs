@@ -121,6 +121,23 @@ pub(crate) fn bootstrap_settles(
     (took, journal)
 }
 
+/// Waits for the bootstrap unit to settle and requires it active (with
+/// both its and the kubelet's state otherwise): how long it took, and its
+/// journal.
+pub(crate) fn bootstrap_becomes_active(machine: &Machine, sim: &SimCluster) -> (Duration, String) {
+    let (took, journal) = bootstrap_settles(machine, sim, |active, _| {
+        active == "active" || active == "failed"
+    });
+    assert_eq!(
+        machine.show(BOOTSTRAP, "ActiveState"),
+        "active",
+        "{}\n{}",
+        machine.report(BOOTSTRAP),
+        machine.report("kubelet.service")
+    );
+    (took, journal)
+}
+
 /// Waits for the bootstrap unit to settle (active or failed) and the
 /// daemon to lead; panics with both units' state otherwise. Returns how
 /// long bootstrap took.
@@ -512,16 +529,7 @@ async fn a_worker_bootstraps_under_the_real_unit() {
     );
     let kubelet_before = machine.show("kubelet.service", "InvocationID");
     machine.systemctl_ok(&["start", "--no-block", BOOTSTRAP]);
-    let (took, journal) = bootstrap_settles(&machine, &sim, |active, _| {
-        active == "active" || active == "failed"
-    });
-    assert_eq!(
-        machine.show(BOOTSTRAP, "ActiveState"),
-        "active",
-        "{}\n{}",
-        machine.report(BOOTSTRAP),
-        machine.report("kubelet.service")
-    );
+    let (took, journal) = bootstrap_becomes_active(&machine, &sim);
     eprintln!("worker bootstrapped under systemd in {took:?}");
     assert_ne!(
         machine.show("kubelet.service", "InvocationID"),
