@@ -395,6 +395,11 @@ impl Stack {
             ),
             "AWS::SNS::Topic" => format!("arn:aws:sns:{REGION}:{ACCOUNT}:{}", named("TopicName")),
             "AWS::KMS::Key" => format!("key-{name}"),
+            // Ref of an IAM OIDC provider is its ARN: the issuer without https://.
+            "AWS::IAM::OIDCProvider" => format!(
+                "arn:aws:iam::{ACCOUNT}:oidc-provider/{}",
+                named("Url").trim_start_matches("https://")
+            ),
             _ => format!("{name}-id"),
         }
     }

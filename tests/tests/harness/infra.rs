@@ -2352,3 +2352,155 @@ fn cost_count_problems(text: &str) -> Vec<String> {
     }
     p
 }
+
+/// cluster-autoscaler's role (IAM roles for service accounts): only its
+/// ServiceAccount, `kube-system/cluster-autoscaler`, with tokens of this
+/// cluster's issuer for the audience STS checks, through the stack's OIDC
+/// provider, may assume it; the provider is for the issuer the control
+/// planes give the API server; it scales only groups tagged for this
+/// cluster and for autoscaling, which the worker group is and the control
+/// planes' is not.
+fn autoscaler_problems(s: &Stack) -> Vec<String> {
+    let mut p = Vec::new();
+    let issuer = node_config(s, Role::ControlPlane)
+        .cluster
+        .service_account_issuer
+        .expect("the control planes' user-data sets an issuer");
+    let provider = scalar(&s.eval(&json!({"Ref": "OidcProvider"})));
+    if scalar(&s.prop("OidcProvider", "Url")) != issuer {
+        p.push(format!("OidcProvider's Url is not the issuer {issuer}"));
+    }
+    if s.prop("OidcProvider", "ClientIdList") != json!(["sts.amazonaws.com"]) {
+        p.push("OidcProvider's audience is not sts.amazonaws.com alone".into());
+    }
+    let text = scalar(&s.prop("ClusterAutoscalerRole", "AssumeRolePolicyDocument"));
+    let trust: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("trust policy: {e}: {text}"));
+    let statements = trust["Statement"].as_array().cloned().unwrap_or_default();
+    if statements.len() != 1 {
+        p.push(format!(
+            "the trust policy has {} statements, not 1",
+            statements.len()
+        ));
+    }
+    let host = issuer.trim_start_matches("https://");
+    for st in &statements {
+        if st["Principal"] != json!({"Federated": provider}) {
+            p.push(format!(
+                "trusted principal {} is not the stack's OIDC provider {provider}",
+                st["Principal"]
+            ));
+        }
+        if st["Action"] != "sts:AssumeRoleWithWebIdentity" {
+            p.push(format!("trust action {}", st["Action"]));
+        }
+        let want = json!({"StringEquals": {
+            format!("{host}:sub"): "system:serviceaccount:kube-system:cluster-autoscaler",
+            format!("{host}:aud"): "sts.amazonaws.com",
+        }});
+        if st["Condition"] != want {
+            p.push(format!("trust condition {} is not {want}", st["Condition"]));
+        }
+    }
+    let policies = s.prop("ClusterAutoscalerRole", "Policies");
+    let mut scaling = Vec::new();
+    find_all(&policies, "Statement", &mut scaling);
+    for st in scaling
+        .iter()
+        .flat_map(|v| v.as_array().into_iter().flatten())
+    {
+        let actions = strings(&st["Action"]);
+        let changes = actions.iter().any(|a| {
+            [
+                "autoscaling:SetDesiredCapacity",
+                "autoscaling:TerminateInstanceInAutoScalingGroup",
+            ]
+            .contains(&a.as_str())
+        });
+        if actions.iter().any(|a| a.ends_with('*')) {
+            p.push(format!("a wildcard action: {actions:?}"));
+        }
+        if changes {
+            let tags = &st["Condition"]["StringEquals"];
+            if tags["aws:ResourceTag/kubeboot:cluster"] != json!(cluster(s))
+                || tags["aws:ResourceTag/k8s.io/cluster-autoscaler/enabled"] != "true"
+            {
+                p.push(format!(
+                    "scaling is not limited to this cluster's autoscaled groups: {}",
+                    st["Condition"]
+                ));
+            }
+        }
+    }
+    let tagged = |group: &str, key: &str, value: &str| {
+        s.prop(group, "Tags")
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| scalar(&t["Key"]) == key && scalar(&t["Value"]) == value)
+    };
+    if !tagged("WorkerGroup", "kubeboot:cluster", &cluster(s))
+        || !tagged("WorkerGroup", "k8s.io/cluster-autoscaler/enabled", "true")
+    {
+        p.push("the worker group lacks the tags the autoscaler may scale".into());
+    }
+    if tagged(
+        "ControlPlaneGroup",
+        "k8s.io/cluster-autoscaler/enabled",
+        "true",
+    ) {
+        p.push(
+            "the control planes' group is autoscaled: the autoscaler could break etcd's quorum"
+                .into(),
+        );
+    }
+    p
+}
+
+#[test]
+fn the_cluster_autoscaler_role_trusts_only_its_service_account_and_scales_only_worker_groups() {
+    for s in stacks() {
+        assert_none(autoscaler_problems(&s));
+    }
+    // Each condition matters: a trust policy without the subject (any
+    // ServiceAccount of the cluster could assume it), another audience, or
+    // a scaling grant without the cluster's tag is caught.
+    let t = template("cluster.json");
+    let trust = |t: &Value| {
+        scalar(
+            &t["Resources"]["ClusterAutoscalerRole"]["Properties"]["AssumeRolePolicyDocument"]
+                ["Fn::Sub"],
+        )
+    };
+    for (from, to) in [
+        (
+            "\"${OidcBucket.RegionalDomainName}/${Stage}-${ClusterName}:sub\":\"system:serviceaccount:kube-system:cluster-autoscaler\",",
+            "",
+        ),
+        ("sts.amazonaws.com", "example.com"),
+    ] {
+        let mut edited = t.clone();
+        let text = trust(&t).replacen(from, to, 1);
+        assert_ne!(text, trust(&t), "{from} is in the trust policy");
+        edited["Resources"]["ClusterAutoscalerRole"]["Properties"]["AssumeRolePolicyDocument"] =
+            json!({"Fn::Sub": text});
+        assert!(
+            !autoscaler_problems(&cluster_stack(edited)).is_empty(),
+            "{from} -> {to:?} not caught"
+        );
+    }
+    let mut edited = t.clone();
+    let statements = edited["Resources"]["ClusterAutoscalerRole"]["Properties"]["Policies"][0]
+        ["PolicyDocument"]["Statement"]
+        .as_array_mut()
+        .expect("statements");
+    for st in statements.iter_mut() {
+        if let Some(c) = st.get_mut("Condition") {
+            c["StringEquals"]
+                .as_object_mut()
+                .expect("StringEquals")
+                .remove("aws:ResourceTag/kubeboot:cluster");
+        }
+    }
+    assert!(!autoscaler_problems(&cluster_stack(edited)).is_empty());
+}
