@@ -40,16 +40,6 @@ impl crate::catalogue::Coded for Error {
     }
 }
 
-impl Error {
-    /// The S3 failure, when it is AWS weather a later turn may outlast.
-    pub fn class(&self) -> Option<crate::retry::RetryClass> {
-        match self {
-            Error::S3(e) => Some(e.class),
-            _ => None,
-        }
-    }
-}
-
 /// What a publication did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -52,6 +52,21 @@ fn openssl_kid(public_pem: &Path) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&der.stdout))
 }
 
+/// An RSA-2048 private key in PKCS#1 PEM at `path`, as kubeadm writes sa.key.
+fn rsa_key(path: &Path) {
+    let made = Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(path)
+        .arg("2048")
+        .output()
+        .expect("openssl genrsa");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_issuer_is_published_at_init_kept_and_republished_when_the_key_changes() {
     let sim = SimCluster::start(1, 0).await;
@@ -126,17 +141,7 @@ async fn the_issuer_is_published_at_init_kept_and_republished_when_the_key_chang
     // A key rotation (kubeadm's kind of key: RSA 2048, PKCS#1): the next
     // turn publishes it, JWKS first.
     let sa_key = node.dir.join("etc/kubernetes/pki/sa.key");
-    let made = Command::new("openssl")
-        .args(["genrsa", "-traditional", "-out"])
-        .arg(&sa_key)
-        .arg("2048")
-        .output()
-        .expect("openssl genrsa");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    rsa_key(&sa_key);
     let made = Command::new("openssl")
         .args(["rsa", "-pubout", "-in"])
         .arg(&sa_key)
@@ -212,14 +217,7 @@ async fn the_issuer_is_published_at_init_kept_and_republished_when_the_key_chang
     );
 
     let other = node.dir.join("other.key");
-    assert!(Command::new("openssl")
-        .args(["genrsa", "-traditional", "-out"])
-        .arg(&other)
-        .arg("2048")
-        .output()
-        .expect("openssl")
-        .status
-        .success());
+    rsa_key(&other);
     let forged = jsonwebtoken::encode(
         &header,
         &claims,
