@@ -140,6 +140,12 @@ build {
     source      = "${path.root}/../README.md"
     destination = "${local.staging}/README.md"
   }
+  # The cluster add-on manifests (docs/ADDONS.md): installed with kubeboot,
+  # their images pre-pulled.
+  provisioner "file" {
+    source      = "${path.root}/../addons"
+    destination = local.staging
+  }
 
   # The staged scripts run where they were staged (each finds lib.sh and
   # the pins beside it), as root, with the variables below: Packer passes

@@ -410,6 +410,17 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
                 && self.adopt_own_member(previous).await?
             {
                 checkpoint.path = previous.path;
+                if previous.path == Some(Path::Init) {
+                    // The attempt may have died between marking the cluster
+                    // initialized and applying the add-ons: nothing else
+                    // would apply them before the leader's first turn.
+                    let state = self
+                        .step("read the cluster state", Bound::Lock, || async {
+                            Ok(self.ctx.registry.state().await?)
+                        })
+                        .await?;
+                    self.apply_addons(state.generation).await;
+                }
                 checkpoint.done = true;
                 self.save_checkpoint(&checkpoint)?;
                 tracing::info!("an earlier attempt had finished joining; its member is adopted");
@@ -893,7 +904,31 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
         crash_point("init:after-mark");
         tracing::info!(generation, "cluster initialized");
         self.publish_issuer().await;
+        self.apply_addons(generation).await;
         Ok(generation)
+    }
+
+    /// The cluster add-ons, right after init: no Node is Ready before the
+    /// pod network runs. A failure does not fail the init (the cluster is
+    /// initialized and recorded): the leader's daemon applies them on its
+    /// next turn, and joining workers wait for the network meanwhile.
+    async fn apply_addons(&self, generation: u64) {
+        match crate::addons::apply_from_config(&self.ctx.cfg, &self.ctx.identity.region, generation)
+            .instrument(telemetry::phase("addons"))
+            .await
+        {
+            Ok(applied) => tracing::info!(
+                generation,
+                objects = applied.objects.len(),
+                addons = ?crate::addons::selected(&self.ctx.cfg),
+                "cluster add-ons applied"
+            ),
+            Err(e) => crate::catalogue::report!(
+                warn,
+                e,
+                "cannot apply the cluster add-ons; the leader retries on its next turn"
+            ),
+        }
     }
 
     /// The service-account issuer's documents, right after init (or a
@@ -1245,9 +1280,18 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
             self.ctx.cfg.timeouts.kube_api,
         )
         .await?;
+        let node = self.ctx.identity.hostname.clone();
+        let waiting = move |why: &str| {
+            tracing::info!(node = %node, why, "the Node waits for its pod network (applied by the control planes); waiting up to timeouts.pod_network");
+            crate::systemd::status(&format!(
+                "waiting for the pod network: node {node} NotReady ({why})"
+            ));
+        };
         api.wait_node_ready(
             &self.ctx.identity.hostname,
             self.ctx.cfg.timeouts.node_ready,
+            self.ctx.cfg.timeouts.pod_network,
+            &waiting,
         )
         .instrument(telemetry::phase("node-ready"))
         .await?;

@@ -58,6 +58,10 @@ pub const AREAS: &[(&str, &str)] = &[
         "OIDC",
         "the service-account issuer's public documents (IAM roles for service accounts)",
     ),
+    (
+        "ADDON",
+        "the cluster add-ons: the pod network, cluster-autoscaler",
+    ),
 ];
 
 /// Declares each entry as a `pub static` and lists them all in [`ENTRIES`],
@@ -318,6 +322,9 @@ catalogue! {
     KUBE_NODE_NOT_READY = "KB-KUBE-004", "the Node did not become Ready",
         cause: "The kubelet registered no Node or reports it not Ready within timeouts.node_ready: kubelet, container runtime or CNI plugin not working.",
         check: "`journalctl -u kubelet`, the CNI plugin's pods, `kubectl describe node` (the Ready condition's message); raise timeouts.node_ready if the node is just slow.";
+    KUBE_NO_NETWORK = "KB-KUBE-005", "no pod network ran on the Node",
+        cause: "The Node stayed NotReady for timeouts.pod_network only because its container runtime has no network (no CNI configuration in /etc/cni/net.d): the pod network add-on is not applied (a control plane's KB-ADDON-* errors), or its Pods cannot start on this node (image pull without NAT, a taint it does not tolerate, no pod CIDR).",
+        check: "On a control plane: `kubectl -n kube-flannel get ds,pods -o wide` and `journalctl -u kubeboot` (KB-ADDON-*); addons.pod_network; on this node: `crictl ps -a`, `ls /etc/cni/net.d`, `journalctl -u kubelet`.";
 
     LIFE_MESSAGE = "KB-LIFE-001", "a lifecycle queue message is not understood",
         cause: "The queue received a message that is neither an ASG lifecycle hook notification nor its EventBridge event; it is deleted.",
@@ -412,6 +419,15 @@ catalogue! {
     OIDC_KEY = "KB-OIDC-001", "the service-account public key cannot be read or described",
         cause: "<paths.kubernetes_dir>/pki/sa.pub (kubeadm writes it at init; a restore lays it down) is missing, unreadable, or holds a key the API server does not sign with (RSA, or ECDSA P-256/384/521, as PEM PUBLIC KEY blocks).",
         check: "`ls -l /etc/kubernetes/pki/sa.pub` and `openssl pkey -pubin -in /etc/kubernetes/pki/sa.pub -noout -text` on a control plane. Until it is fixed, pods using IAM roles for service accounts cannot get credentials for tokens signed with a key not yet published.";
+    ADDON_MANIFEST = "KB-ADDON-001", "an add-on manifest cannot be read or is not valid",
+        cause: "A manifest under addons.directory is missing, unreadable, not YAML, of a kind kubeboot does not apply, with a field its type does not have, or uses a variable with no value (cluster-autoscaler needs addons.cluster_autoscaler_role_arn). Nothing of that add-on was applied.",
+        check: "The file and document named in the message (`ls /usr/share/kubeboot/addons`; the image installs them), addons.pod_network and addons.cluster_autoscaler_role_arn; docs/ADDONS.md lists the kinds and variables.";
+    ADDON_APPLY = "KB-ADDON-002", "an add-on could not be applied through the API",
+        cause: "Server-side apply of an add-on object failed: the API server is not answering, admin.conf is missing or refused, or the server rejected the object. The leader applies the add-ons again on its next turn; until the pod network is applied, Nodes stay NotReady.",
+        check: "`kubectl --kubeconfig /etc/kubernetes/admin.conf get --raw /readyz` on a control plane, the object named in the message, and the API server's answer in it.";
+    ADDON_NEWER = "KB-ADDON-003", "an add-on object belongs to a newer cluster generation",
+        cause: "The object carries kubeboot.io/generation above the generation this node applies for: a newer generation (a restore) applied it, and this node works for an older one. Nothing is overwritten.",
+        check: "`kubeboot status` (the cluster's generation); a control plane of an abandoned generation should be terminated (docs/RESTORE.md).";
     OIDC_PUBLISH = "KB-OIDC-002", "the issuer's documents cannot be published to S3",
         cause: "GetObject or PutObject on aws.oidc_bucket failed after the SDK's retries: the bucket does not exist, the control-plane role may not write under the issuer's path, or S3 is unavailable. The leader retries every turn.",
         check: "aws.oidc_bucket and cluster.service_account_issuer (its path is the objects' prefix), the control-plane role's OidcDocuments statement in infra/, and `aws s3 ls s3://<bucket>/<path>/`.";

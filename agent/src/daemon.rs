@@ -46,6 +46,8 @@ pub struct Daemon<L: LockStore, R: RegistryStore> {
     pub leading: std::sync::atomic::AtomicBool,
     /// The service-account issuer's publisher, when an issuer is set.
     pub issuer: Option<crate::issuer::Publisher>,
+    /// What this leader last applied of the cluster add-ons, and when.
+    pub addons: tokio::sync::Mutex<crate::addons::Memo>,
 }
 
 impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
@@ -376,6 +378,61 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         }
     }
 
+    /// The cluster add-ons, when due ([`crate::addons::Memo::due`]): for
+    /// the generation the registry holds now, so a restored cluster gets
+    /// them stamped with its own.
+    async fn addons_turn(&self) {
+        let cfg = &self.ctx.cfg;
+        let vars = crate::addons::variables(cfg, &self.ctx.identity.region);
+        let addons = match crate::addons::load(cfg, &vars) {
+            Ok(addons) if addons.is_empty() => return,
+            Ok(addons) => addons,
+            Err(e) => {
+                crate::catalogue::report!(
+                    error,
+                    e,
+                    "the cluster add-ons cannot be loaded; retried next turn"
+                );
+                return;
+            }
+        };
+        let generation = match self.ctx.registry.state().await {
+            Ok(state) => state.generation,
+            Err(e) => {
+                crate::catalogue::report!(
+                    error,
+                    e,
+                    "cannot read the cluster generation for the add-ons; retried next turn"
+                );
+                return;
+            }
+        };
+        let digest = crate::addons::digest(&addons);
+        let mut memo = self.addons.lock().await;
+        if !memo.due(&digest, generation) {
+            return;
+        }
+        let outcome = match crate::addons::admin_client(cfg).await {
+            Ok(api) => crate::addons::apply(&api, &addons, generation).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(applied) => {
+                memo.record(digest, generation);
+                tracing::info!(
+                    generation,
+                    objects = applied.objects.len(),
+                    "cluster add-ons applied"
+                );
+            }
+            Err(e) => crate::catalogue::report!(
+                error,
+                e,
+                "cannot apply the cluster add-ons; retried next turn"
+            ),
+        }
+    }
+
     fn is_leading(&self) -> bool {
         self.leading.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -476,6 +533,9 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 ),
             }
         }
+        self.addons_turn()
+            .instrument(telemetry::phase("addons"))
+            .await;
         if let Some(queue) = &self.queue {
             if let Err(e) = crate::lifecycle::drain_queue(
                 self.lifecycle_parts(),

@@ -35,6 +35,12 @@ pub enum Error {
         waited: Duration,
         last: String,
     },
+    #[error("node {node} has no pod network after {}: {last}", crate::config::value::format_duration(*waited))]
+    NoNetwork {
+        node: String,
+        waited: Duration,
+        last: String,
+    },
 }
 
 impl Classify for Error {
@@ -47,7 +53,7 @@ impl Classify for Error {
                 Some(400 | 401 | 403 | 422) => RetryClass::Permanent,
                 _ => RetryClass::Transient,
             },
-            Error::Deadline { .. } => RetryClass::Permanent,
+            Error::Deadline { .. } | Error::NoNetwork { .. } => RetryClass::Permanent,
         }
     }
 }
@@ -58,6 +64,10 @@ pub enum Readiness {
     Ready,
     /// Registered, `Ready` is not `"True"`: the condition's reason and message.
     NotReady(String),
+    /// Not Ready only because the container runtime's network is not ready
+    /// (no CNI configuration yet: the pod network add-on does not run on
+    /// the node yet): the condition's reason and message.
+    AwaitingNetwork(String),
     /// Registered without a `Ready` condition yet (the kubelet has not reported).
     Unreported,
 }
@@ -72,6 +82,13 @@ pub fn readiness(node: &Node) -> Readiness {
     match condition {
         None => Readiness::Unreported,
         Some(c) if c.status == "True" => Readiness::Ready,
+        Some(c) if c.status == "False" && awaits_network(c.message.as_deref().unwrap_or("")) => {
+            Readiness::AwaitingNetwork(format!(
+                "Ready=False reason={} message={}",
+                c.reason.as_deref().unwrap_or("-"),
+                c.message.as_deref().unwrap_or("-")
+            ))
+        }
         Some(c) => Readiness::NotReady(format!(
             "Ready={} reason={} message={}",
             c.status,
@@ -79,6 +96,16 @@ pub fn readiness(node: &Node) -> Readiness {
             c.message.as_deref().unwrap_or("-")
         )),
     }
+}
+
+/// Whether a `Ready` condition's message says the node waits for nothing
+/// but its pod network: the kubelet's runtime-network error
+/// (`container runtime network not ready: NetworkReady=false ...`,
+/// pkg/kubelet/kubelet_network.go and the CRI's NetworkReady condition)
+/// and no other error joined to it (the kubelet joins its errors with `,`
+/// after "[" when there are several).
+pub fn awaits_network(message: &str) -> bool {
+    message.starts_with("container runtime network not ready: NetworkReady=false")
 }
 
 /// A client of the API server, with per-request timeouts.
@@ -120,36 +147,156 @@ impl Kubernetes {
         }
     }
 
-    /// Waits until the Node is `Ready`, polling with backoff, up to `deadline`.
-    pub async fn wait_node_ready(&self, name: &str, deadline: Duration) -> Result<(), Error> {
+    /// Waits until the Node is `Ready`, polling with backoff. A Node not
+    /// Ready for any reason but its pod network fails after `deadline`; one
+    /// that waits only for the network (the add-on is applied by the
+    /// control planes, and its Pods start on this node) is given
+    /// `network_deadline` from the start, and `waiting` is told the
+    /// reason each time it changes (the unit's status line).
+    pub async fn wait_node_ready(
+        &self,
+        name: &str,
+        deadline: Duration,
+        network_deadline: Duration,
+        waiting: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(), Error> {
+        let started = tokio::time::Instant::now();
+        let overall = deadline.max(network_deadline);
         let policy = WaitPolicy {
             first_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(10),
-            max_attempts: 100_000,
-            deadline: Some(deadline),
+            max_attempts: 1_000_000,
+            deadline: Some(overall),
         };
-        retry::with_retries("wait for the node to be Ready", &policy, || async {
-            match self.node_readiness(name).await? {
-                Readiness::Ready => Ok(()),
-                Readiness::NotReady(why) => Err(Error::NotReady {
+        let last_network = std::sync::Mutex::new(None::<String>);
+        let outcome = retry::with_retries("wait for the node to be Ready", &policy, || async {
+            let elapsed = started.elapsed();
+            let (why, network) = match self.node_readiness(name).await? {
+                Readiness::Ready => return Ok(()),
+                Readiness::AwaitingNetwork(why) => (why, true),
+                Readiness::NotReady(why) => (why, false),
+                Readiness::Unreported => (
+                    "the kubelet has not reported a Ready condition".into(),
+                    false,
+                ),
+            };
+            if network {
+                let mut last = last_network.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() != Some(why.as_str()) {
+                    waiting(&why);
+                    *last = Some(why.clone());
+                }
+                if elapsed >= network_deadline {
+                    return Err(Error::NoNetwork {
+                        node: name.to_string(),
+                        waited: network_deadline,
+                        last: why,
+                    });
+                }
+            } else if elapsed >= deadline {
+                return Err(Error::Deadline {
                     node: name.to_string(),
-                    why,
-                }),
-                Readiness::Unreported => Err(Error::NotReady {
-                    node: name.to_string(),
-                    why: "the kubelet has not reported a Ready condition".into(),
-                }),
+                    waited: deadline,
+                    last: why,
+                });
+            }
+            Err(Error::NotReady {
+                node: name.to_string(),
+                why,
+            })
+        })
+        .await;
+        outcome.map_err(|e| match e {
+            retry::RetryError::Failed(e) => e,
+            retry::RetryError::Deadline { last, .. } => {
+                let last = last.unwrap_or_else(|| "no answer".into());
+                if last_network
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some()
+                    && network_deadline >= deadline
+                {
+                    Error::NoNetwork {
+                        node: name.to_string(),
+                        waited: network_deadline,
+                        last,
+                    }
+                } else {
+                    Error::Deadline {
+                        node: name.to_string(),
+                        waited: deadline,
+                        last,
+                    }
+                }
             }
         })
-        .await
-        .map_err(|e| match e {
-            retry::RetryError::Failed(e) => e,
-            retry::RetryError::Deadline { last, .. } => Error::Deadline {
-                node: name.to_string(),
-                waited: deadline,
-                last: last.unwrap_or_else(|| "no answer".into()),
-            },
-        })
+    }
+
+    /// The object at `target`, if it exists.
+    pub async fn get_object(
+        &self,
+        target: &Target<'_>,
+    ) -> Result<Option<serde_json::Value>, Error> {
+        let api = self.dynamic(target);
+        match api.get_opt(target.name).await {
+            Ok(found) => Ok(found.map(|o| serde_json::to_value(o).unwrap_or_default())),
+            Err(e) => Err(api_error("get", &target.describe(), &e)),
+        }
+    }
+
+    /// Server-side apply of `body` to `target` as field manager `manager`,
+    /// forced: the caller owns the object's configuration (as the add-on
+    /// manager owns its add-ons), another writer's conflicting fields are
+    /// taken over. The API server writes nothing when nothing changes.
+    pub async fn apply(
+        &self,
+        target: &Target<'_>,
+        body: &serde_json::Value,
+        manager: &str,
+    ) -> Result<(), Error> {
+        let api = self.dynamic(target);
+        let params = kube::api::PatchParams::apply(manager).force();
+        api.patch(target.name, &params, &kube::api::Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error("apply", &target.describe(), &e))
+    }
+
+    fn dynamic(&self, target: &Target<'_>) -> kube::Api<kube::api::DynamicObject> {
+        let (group, version) = match target.api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", target.api_version),
+        };
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, target.kind);
+        let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, target.plural);
+        match target.namespace {
+            Some(ns) => kube::Api::namespaced_with(self.client.clone(), ns, &resource),
+            None => kube::Api::all_with(self.client.clone(), &resource),
+        }
+    }
+}
+
+/// One object of a known type, for [`Kubernetes::apply`].
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// `v1`, `apps/v1`, ...
+    pub api_version: &'a str,
+    pub kind: &'a str,
+    /// The resource's plural (`daemonsets`): kubeboot serves a fixed set of
+    /// kinds, so no discovery round trip is needed.
+    pub plural: &'a str,
+    /// `None` for cluster-scoped objects.
+    pub namespace: Option<&'a str>,
+    pub name: &'a str,
+}
+
+impl Target<'_> {
+    /// `kind namespace/name`, for messages.
+    pub fn describe(&self) -> String {
+        match self.namespace {
+            Some(ns) => format!("{} {ns}/{}", self.kind, self.name),
+            None => format!("{} {}", self.kind, self.name),
+        }
     }
 }
 
@@ -356,6 +503,7 @@ impl crate::catalogue::Coded for self::Error {
             E::Api { .. } => &crate::catalogue::KUBE_API,
             // Not Ready once is what the readiness wait retries.
             E::NotReady { .. } | E::Deadline { .. } => &crate::catalogue::KUBE_NODE_NOT_READY,
+            E::NoNetwork { .. } => &crate::catalogue::KUBE_NO_NETWORK,
         }
     }
 }

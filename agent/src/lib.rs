@@ -2,6 +2,7 @@
 //! Scaling Groups. The binary is a thin shell over [`cli::main`]; every
 //! concern lives in its own module, named for what it is.
 
+pub mod addons;
 pub mod aws;
 pub mod backup;
 pub mod bootstrap;

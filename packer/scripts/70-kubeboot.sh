@@ -10,6 +10,7 @@ bash "$IMAGE_DIR/scripts/install-kubeboot.sh" \
   --units "$IMAGE_DIR/systemd" \
   --config "$IMAGE_DIR/files/kubeboot/config.toml" \
   --doc "$IMAGE_DIR/README.md" \
+  --addons "$IMAGE_DIR/addons" \
   /
 /usr/bin/kubeboot --version
 # The image's own settings must be well-formed: unknown keys or bad values

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs kubeboot into ROOT: the binary, its systemd units (enabled), the
-# image's configuration and the directories, with their owners and modes.
+# image's configuration, the cluster add-on manifests and the directories,
+# with their owners and modes.
 # Packer runs it with ROOT=/ (scripts/70-kubeboot.sh); the repo's image test
 # runs it into a real-systemd machine's root before that machine boots.
 # Idempotent: a second run leaves ROOT as the first did.
 #
-#   install-kubeboot.sh [--binary FILE] [--units DIR] [--config FILE] [--doc FILE] ROOT
+#   install-kubeboot.sh [--binary FILE] [--units DIR] [--config FILE] [--doc FILE] [--addons DIR] ROOT
 #
 # Defaults are the repo's: target/release/kubeboot, systemd/,
-# packer/files/kubeboot/config.toml, README.md (the units' Documentation=).
+# packer/files/kubeboot/config.toml, README.md (the units' Documentation=), addons/.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -16,9 +17,10 @@ binary=$repo/target/release/kubeboot
 units=$repo/systemd
 config=$repo/packer/files/kubeboot/config.toml
 doc=$repo/README.md
+addons=$repo/addons
 
 die() { printf 'install-kubeboot: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 root=
 while [ $# -gt 0 ]; do
@@ -27,8 +29,9 @@ while [ $# -gt 0 ]; do
     --units) units=${2:?--units needs a directory}; shift 2 ;;
     --config) config=${2:?--config needs a file}; shift 2 ;;
     --doc) doc=${2:?--doc needs a file}; shift 2 ;;
+    --addons) addons=${2:?--addons needs a directory}; shift 2 ;;
     -h | --help) usage; exit 0 ;;
-    -*) die "unknown option '$1' (expected --binary, --units, --config, --doc or ROOT)" ;;
+    -*) die "unknown option '$1' (expected --binary, --units, --config, --doc, --addons or ROOT)" ;;
     *)
       [ -z "$root" ] || die "one ROOT only, got '$root' and '$1'"
       root=$1; shift ;;
@@ -39,6 +42,8 @@ done
 [ -x "$binary" ] || die "--binary '$binary' is not an executable file (cargo build --release -p kubeboot)"
 [ -f "$config" ] || die "--config '$config' is not a file"
 [ -f "$doc" ] || die "--doc '$doc' is not a file"
+# flannel is the default pod network (addons.pod_network): no image without it.
+[ -f "$addons/flannel.yaml" ] || die "--addons '$addons' has no flannel.yaml"
 unit_names=(kubeboot-bootstrap.service kubeboot.service kubeboot-journal.service)
 for u in "${unit_names[@]}"; do
   [ -f "$units/$u" ] || die "--units '$units' has no $u"
@@ -58,6 +63,9 @@ install -o root -g root -m 0644 "$config" "$root/etc/kubeboot/config.toml"
 install -d -o root -g root -m 0700 "$root/var/lib/kubeboot"
 install -d -o root -g root -m 0750 "$root/var/log/kubeboot"
 install -D -o root -g root -m 0644 "$doc" "$root/usr/share/doc/kubeboot/README.md"
+# The add-on manifests control planes apply (addons.directory's default).
+install -d -o root -g root -m 0755 "$root/usr/share/kubeboot/addons"
+install -o root -g root -m 0644 "$addons"/*.yaml "$root/usr/share/kubeboot/addons/"
 # Enabled offline (no running systemd needed): the [Install] sections'
 # symlinks under ROOT/etc/systemd/system.
 systemctl --root="$root" --quiet enable "${unit_names[@]}"

@@ -421,6 +421,10 @@ impl Stack {
             ("AWS::S3::Bucket", "RegionalDomainName") => {
                 format!("{}.s3.{REGION}.amazonaws.com", named("BucketName"))
             }
+            // No RoleName: CloudFormation names the role <stack>-<id>-<suffix>.
+            ("AWS::IAM::Role", "Arn") => {
+                format!("arn:aws:iam::{ACCOUNT}:role/kubeboot-{id}-A1B2C3D4E5F6")
+            }
             ("AWS::KMS::Key", "Arn") => format!("arn:aws:kms:{REGION}:{ACCOUNT}:key/key-{id}"),
             ("AWS::Logs::LogGroup", "Arn") => format!(
                 "arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{}:*",

@@ -53,6 +53,10 @@ pub const COMPLETE_ACTION: &str = "CompleteLifecycleAction";
 /// in which lifecycle state.
 pub const DESCRIBE_INSTANCES_ACTION: &str = "DescribeAutoScalingInstances";
 
+/// Query `Action` of cluster-autoscaler's scale-in call (and `aws
+/// autoscaling terminate-instance-in-auto-scaling-group`).
+pub const TERMINATE_INSTANCE_ACTION: &str = "TerminateInstanceInAutoScalingGroup";
+
 /// Query `Action` of the heartbeat call.
 pub const HEARTBEAT_ACTION: &str = "RecordLifecycleActionHeartbeat";
 
@@ -412,6 +416,9 @@ struct Inner {
     calls: Vec<LifecycleCall>,
     /// Instances declared `InService` in a group (instance → group).
     in_service: std::collections::BTreeMap<String, String>,
+    /// `TerminateInstanceInAutoScalingGroup` calls answered: group,
+    /// instance, `ShouldDecrementDesiredCapacity`.
+    scale_ins: Vec<(String, String, bool)>,
 }
 
 impl Inner {
@@ -477,6 +484,7 @@ impl LifecycleActions {
                 actions: Vec::new(),
                 calls: Vec::new(),
                 in_service: Default::default(),
+                scale_ins: Vec::new(),
             })),
         }
     }
@@ -550,6 +558,84 @@ impl LifecycleActions {
             .in_service
             .get(instance_id)
             .map(|asg| (asg.clone(), "InService".to_string()))
+    }
+
+    /// The scale-in calls answered so far: `(group, instance, decrement)`.
+    pub fn scale_ins(&self) -> Vec<(String, String, bool)> {
+        self.lock().scale_ins.clone()
+    }
+
+    /// `TerminateInstanceInAutoScalingGroup`, as AWS answers it for an
+    /// instance of a group: an `InProgress` activity, and, when the group
+    /// has a lifecycle hook, the instance held in `Terminating:Wait` with a
+    /// pending action (whose EventBridge event the test delivers, see
+    /// [`crate::termination::Terminations::scale_in`]). Refused as AWS
+    /// refuses it: both parameters are required, and an instance no group
+    /// holds is "not found".
+    fn terminate_instance(&self, req: &IncomingRequest) -> ProxyResponse {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let refuse = |message: String| {
+            let body = format!(
+                "<ErrorResponse xmlns=\"{NAMESPACE}\">\n  <Error>\n    <Type>Sender</Type>\n    <Code>{VALIDATION_ERROR}</Code>\n    <Message>{}</Message>\n  </Error>\n  <RequestId>{request_id}</RequestId>\n</ErrorResponse>\n",
+                xml_escape(&message)
+            );
+            ProxyResponse {
+                status: 400,
+                headers: vec![
+                    ("content-type".into(), "text/xml".into()),
+                    ("x-amzn-requestid".into(), request_id.clone()),
+                ],
+                body: body.into_bytes(),
+            }
+        };
+        let Some(instance_id) = req.param("InstanceId") else {
+            return refuse("1 validation error detected: Value null at 'instanceId' failed to satisfy constraint: Member must not be null".into());
+        };
+        let decrement = match req.param("ShouldDecrementDesiredCapacity") {
+            Some("true") => true,
+            Some("false") => false,
+            _ => return refuse("1 validation error detected: Value null at 'shouldDecrementDesiredCapacity' failed to satisfy constraint: Member must not be null".into()),
+        };
+        let Some((asg, state)) = self.lifecycle_state(instance_id) else {
+            return refuse(format!(
+                "Instance Id not found - No managed instance found for instance ID: {instance_id}"
+            ));
+        };
+        if state == "InService" {
+            let hook = self
+                .lock()
+                .hooks
+                .iter()
+                .find(|(g, _)| *g == asg)
+                .map(|(_, h)| h.clone());
+            match hook {
+                Some(hook) => {
+                    self.register(PendingAction::terminating(&asg, &hook, instance_id));
+                }
+                None => {
+                    self.lock().in_service.remove(instance_id);
+                }
+            }
+        }
+        self.lock()
+            .scale_ins
+            .push((asg.clone(), instance_id.to_string(), decrement));
+        let body = format!(
+            "<TerminateInstanceInAutoScalingGroupResponse xmlns=\"{NAMESPACE}\">\n  <TerminateInstanceInAutoScalingGroupResult>\n    <Activity>\n      <ActivityId>{}</ActivityId>\n      <AutoScalingGroupName>{}</AutoScalingGroupName>\n      <Description>Terminating EC2 instance: {}</Description>\n      <Cause>At 2026-12-04T00:00:00Z instance {} was taken out of service in response to a user request{}.</Cause>\n      <StartTime>2026-12-04T00:00:00Z</StartTime>\n      <StatusCode>InProgress</StatusCode>\n      <Progress>0</Progress>\n      <Details>{{}}</Details>\n    </Activity>\n  </TerminateInstanceInAutoScalingGroupResult>\n  <ResponseMetadata>\n    <RequestId>{request_id}</RequestId>\n  </ResponseMetadata>\n</TerminateInstanceInAutoScalingGroupResponse>\n",
+            uuid::Uuid::new_v4(),
+            xml_escape(&asg),
+            xml_escape(instance_id),
+            xml_escape(instance_id),
+            if decrement { ", shrinking the capacity" } else { "" },
+        );
+        ProxyResponse {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), "text/xml".into()),
+                ("x-amzn-requestid".into(), request_id),
+            ],
+            body: body.into_bytes(),
+        }
     }
 
     fn describe_instances(&self, req: &IncomingRequest) -> ProxyResponse {
@@ -694,6 +780,9 @@ impl LifecycleActions {
         }
         if req.param("Action")? == DESCRIBE_INSTANCES_ACTION {
             return Some(self.describe_instances(req));
+        }
+        if req.param("Action")? == TERMINATE_INSTANCE_ACTION {
+            return Some(self.terminate_instance(req));
         }
         let operation = LifecycleOperation::from_action(req.param("Action")?)?;
         let param = |name: &str| req.param(name).map(str::to_string);

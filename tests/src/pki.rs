@@ -290,7 +290,9 @@ pub fn ensure_authorities(pki: &Path) -> Result<Vec<String>, String> {
         said.push("[certs] Using the existing \"sa\" key".into());
     } else {
         said.push("[certs] Generating \"sa\" key and public key".into());
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        // RSA 2048, kubeadm's default encryption algorithm (RSA-2048): the
+        // issuer's JWKS must describe the key kind the API server signs with.
+        let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
         write_file(&sa_key, key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&sa_pub, key.public_key_pem().as_bytes(), 0o644)?;
     }

@@ -268,7 +268,8 @@ impl SimCluster {
                  [backup]\nenabled = false\n\n[metrics]\nsink = \"file\"\nfile = \"{d}/metrics.emf\"\n\n\
                  [paths]\nkubernetes_dir = \"{d}/etc/kubernetes\"\nstate_dir = \"{d}/var/lib/kubeboot\"\n\
                  run_dir = \"{d}/run/kubeboot\"\netcd_data_dir = \"{d}/var/lib/etcd\"\n\n\
-                 [binaries]\nkubeadm = \"{kubeadm}\"\n",
+                 [binaries]\nkubeadm = \"{kubeadm}\"\n\n\
+                 [addons]\ndirectory = \"{addons}\"\n",
                 name = self.name,
                 table = self.table,
                 api = self.kubeapi.endpoint(),
@@ -276,6 +277,7 @@ impl SimCluster {
                 imds = imds.endpoint(),
                 d = dir.display(),
                 kubeadm = standin::kubeadm_bin().display(),
+                addons = crate::workspace::workspace_root().join("addons").display(),
             ),
         )
         .expect("node config");

@@ -134,6 +134,46 @@ impl Terminations {
         )
     }
 
+    /// A scale-in as cluster-autoscaler makes it (its AWS provider's
+    /// `DeleteInstances`): `TerminateInstanceInAutoScalingGroup` with
+    /// `ShouldDecrementDesiredCapacity`, through the real SDK client, on an
+    /// instance `InService` in `asg`, whose termination hook holds it in
+    /// `Terminating:Wait`; then the EventBridge event AWS emits for that
+    /// action reaches the queue. Returns the action's token.
+    pub async fn scale_in(&self, sim: &SimCluster, asg: &str, instance_id: &str) -> String {
+        self.actions.declare_hook(asg, HOOK);
+        self.actions.in_service(asg, instance_id);
+        let sdk = sim
+            .moto
+            .sdk_config()
+            .await
+            .to_builder()
+            .endpoint_url(self.proxy.endpoint())
+            .build();
+        let activity = aws_sdk_autoscaling::Client::new(&sdk)
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(instance_id)
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await
+            .expect("TerminateInstanceInAutoScalingGroup")
+            .activity
+            .expect("an activity");
+        assert_eq!(
+            activity.status_code().map(|c| c.as_str()),
+            Some("InProgress")
+        );
+        let token = self
+            .actions
+            .statuses_for_instance(instance_id)
+            .into_iter()
+            .last()
+            .map(|s| s.action.token)
+            .expect("the hook holds the instance");
+        self.send(asg, instance_id, &token).await;
+        token
+    }
+
     /// Registers a pending termination and sends its EventBridge event.
     pub async fn terminate(&self, asg: &str, instance_id: &str) -> String {
         self.actions.declare_hook(asg, HOOK);

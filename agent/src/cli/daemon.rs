@@ -28,6 +28,7 @@ pub(super) async fn run(cli: &Cli, args: &DaemonArgs) -> Result<ExitCode, Error>
     let daemon = crate::daemon::Daemon {
         backups,
         issuer,
+        addons: Default::default(),
         leading: Default::default(),
         queue,
         hooks,

@@ -245,6 +245,17 @@ fn cross_check(entries: &BTreeMap<&'static str, Entry>, problems: &mut Vec<Probl
             "aws.oidc_bucket = \"<bucket>\" (the bucket serving the issuer's URL), or no issuer",
         );
     }
+    if text("node.role") == Some("control-plane")
+        && set("addons.cluster_autoscaler_role_arn")
+        && !set("cluster.service_account_issuer")
+    {
+        inconsistent(
+            "addons.cluster_autoscaler_role_arn",
+            "cluster.service_account_issuer",
+            "cluster-autoscaler assumes its role with service-account tokens, which AWS trusts only from a published issuer".into(),
+            "cluster.service_account_issuer = \"https://...\" (infra/'s ServiceAccountIssuer output), or no cluster-autoscaler role",
+        );
+    }
     stack_signal_rules(entries, problems);
 }
 

@@ -28,7 +28,7 @@ pub use load::{
     UserData, UserDataSource,
 };
 pub use merge::{merge, Loaded};
-pub use model::{Config, MetricsSink, Role};
+pub use model::{Config, MetricsSink, PodNetwork, Role};
 pub use parse::{parse_env, parse_toml};
 
 use schema::Key;

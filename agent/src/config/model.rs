@@ -19,6 +19,7 @@ pub struct Config {
     pub etcd: Etcd,
     pub lock: Lock,
     pub timeouts: Timeouts,
+    pub addons: Addons,
     pub daemon: Daemon,
     pub backup: Backup,
     pub metrics: Metrics,
@@ -182,6 +183,26 @@ pub struct Timeouts {
     pub drain: Duration,
     #[serde(deserialize_with = "duration")]
     pub kube_api: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub pod_network: Duration,
+}
+
+/// The cluster add-ons control planes apply ([`crate::addons`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Addons {
+    pub directory: PathBuf,
+    pub pod_network: PodNetwork,
+    pub cluster_autoscaler_role_arn: Option<String>,
+}
+
+/// Which pod network kubeboot applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodNetwork {
+    Flannel,
+    /// The operator installs one.
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -47,6 +47,8 @@ pub enum Kind {
     StackName,
     /// CloudFormation logical resource id: 1-255 letters and digits.
     LogicalId,
+    /// An IAM role ARN: `arn:<partition>:iam::<12 digits>:role/<path/name>`.
+    RoleArn,
     /// Whole number within bounds (inclusive).
     Int { min: i64, max: i64 },
     /// `true` or `false`.
@@ -210,6 +212,8 @@ pub const KEYS: &[Key] = &[
         "How long a joining node waits for usable join material (cluster initialized, token and certificate key not about to expire) before failing."),
     key("timeouts.drain", dur(5 * SEC, 2 * HOUR), Some("\"5m\""), "Deadline of a node drain."),
     key("timeouts.kube_api", dur(100, 5 * MIN), Some("\"30s\""), "Timeout of one Kubernetes API request."),
+    key("timeouts.pod_network", dur(5 * SEC, 6 * HOUR), Some("\"45m\""),
+        "How long a joined worker whose Node is NotReady only for want of a pod network (no CNI configuration yet: the control planes apply the add-on, then its Pod starts here) keeps waiting, from the end of its join; timeouts.node_ready bounds every other NotReady."),
     // [daemon]
     key("daemon.period", dur(SEC, HOUR), Some("\"30s\""), "Period of the daemon's loops."),
     key("daemon.jitter", dur(0, 10 * MIN), Some("\"5s\""), "Random extra delay per loop turn (< period)."),
@@ -229,6 +233,13 @@ pub const KEYS: &[Key] = &[
     key("backup.timeout", dur(MIN, DAY), Some("\"30m\""), "A snapshot not uploaded and verified within this is aborted (its upload too)."),
     key("backup.before_membership_change", Kind::Bool, Some("true"),
         "Snapshot before the agent removes an etcd member."),
+    // [addons]
+    key("addons.directory", Kind::AbsPath, Some("\"/usr/share/kubeboot/addons\""),
+        "Where the image keeps the add-on manifests (`<name>.yaml`, the repository's addons/); control planes apply them."),
+    key("addons.pod_network", Kind::OneOf(&["flannel", "none"]), Some("\"flannel\""),
+        "The pod network control planes apply after init and on leader turns: `flannel` (VXLAN, UDP 8472; its Network is cluster.pod_subnet), or `none` to install one yourself (Nodes stay NotReady until you do)."),
+    key("addons.cluster_autoscaler_role_arn", Kind::RoleArn, None,
+        "Set: control planes also apply cluster-autoscaler, assuming this role through the service-account issuer (infra/'s ClusterAutoscalerRoleArn output; needs cluster.service_account_issuer). Unset: no cluster-autoscaler."),
     // [metrics]
     key("metrics.sink", Kind::OneOf(&["agent", "file", "stdout", "off"]), Some("\"agent\""),
         "Where EMF metrics go: CloudWatch agent socket, a file, stdout, or nowhere."),

@@ -520,6 +520,7 @@ fn the_typed_model_mirrors_every_schema_key() {
             (None, Kind::Region) => "eu-west-1".into(),
             (None, Kind::AwsUrl) => "http://127.0.0.1:1".into(),
             (None, Kind::IssuerUrl) => "https://oidc.example.com/a".into(),
+            (None, Kind::RoleArn) => "arn:aws:iam::111122223333:role/a".into(),
             (None, Kind::AbsPath) => "/x".into(),
             (None, Kind::HostPort) => "h:1".into(),
             (None, Kind::KubeVersion) => "1.31.2".into(),

@@ -56,6 +56,7 @@ pub fn expected_form(kind: Kind) -> String {
         Kind::SecretName => "a Secrets Manager name: 1-512 characters [A-Za-z0-9/_+=.@-]".into(),
         Kind::StackName => "a CloudFormation stack name: a letter, then up to 127 letters, digits or '-', e.g. \"kubeboot-prod-a\"".into(),
         Kind::LogicalId => "a CloudFormation logical resource id: 1-255 letters and digits, e.g. \"ControlPlaneGroup\"".into(),
+        Kind::RoleArn => "an IAM role ARN like \"arn:aws:iam::111122223333:role/prod-a-cluster-autoscaler\"".into(),
         Kind::Int { min, max } => format!("a whole number from {min} to {max}"),
         Kind::Bool => "true or false".into(),
         Kind::Duration { min_ms, max_ms } => format!(
@@ -169,8 +170,40 @@ fn string_ok(kind: Kind, s: &str) -> bool {
         Kind::LogicalId => {
             (1..=255).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric())
         }
+        Kind::RoleArn => is_role_arn(s),
         Kind::Int { .. } | Kind::Bool | Kind::Duration { .. } | Kind::OneOf(_) => false,
     }
+}
+
+/// `arn:<partition>:iam::<account>:role/<path and name>`, as IAM names roles
+/// (name and path characters `[\w+=,.@/-]`, at most 64 + 512).
+fn is_role_arn(s: &str) -> bool {
+    let mut parts = s.splitn(6, ':');
+    let (Some("arn"), Some(partition), Some("iam"), Some(""), Some(account), Some(resource)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    let Some(role) = resource.strip_prefix("role/") else {
+        return false;
+    };
+    partition.starts_with("aws")
+        && partition
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '-')
+        && account.len() == 12
+        && account.chars().all(|c| c.is_ascii_digit())
+        && !role.is_empty()
+        && !role.ends_with('/')
+        && role.len() <= 576
+        && role
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@/-".contains(c))
 }
 
 fn is_dns_label(s: &str, max: usize) -> bool {
@@ -588,6 +621,28 @@ mod tests {
         assert!(!ok(Kind::LogicalId, &"A".repeat(256)));
         assert!(!ok(Kind::LogicalId, "Control-Plane"));
         assert!(!ok(Kind::LogicalId, ""));
+        assert!(ok(
+            Kind::RoleArn,
+            "arn:aws:iam::111122223333:role/prod-a-ca"
+        ));
+        assert!(ok(
+            Kind::RoleArn,
+            "arn:aws-cn:iam::111122223333:role/path/x.y@z"
+        ));
+        assert!(
+            !ok(Kind::RoleArn, "arn:aws:iam::11112222333:role/a"),
+            "11 digits"
+        );
+        assert!(
+            !ok(Kind::RoleArn, "arn:aws:iam::111122223333:user/a"),
+            "a user"
+        );
+        assert!(
+            !ok(Kind::RoleArn, "arn:aws:iam::111122223333:role/"),
+            "no name"
+        );
+        assert!(!ok(Kind::RoleArn, "arn:aws:sts::111122223333:role/a"));
+        assert!(!ok(Kind::RoleArn, "prod-a-ca"), "a name, not an ARN");
         assert!(!ok(Kind::ClusterName, "-a"));
         assert!(ok(Kind::KubeVersion, "1.31.2"));
         assert!(ok(Kind::KubeVersion, "v1.31.2"));

@@ -449,11 +449,53 @@ async fn kubernetes_api_failures_have_their_codes() {
         }),
     )
     .await;
+    let nothing = |_: &str| {};
     let err = not_ready
-        .wait_node_ready("n1", Duration::from_millis(300))
+        .wait_node_ready(
+            "n1",
+            Duration::from_millis(300),
+            Duration::from_millis(300),
+            &nothing,
+        )
         .await
         .expect_err("never Ready");
     assert_eq!(err.code(), "KB-KUBE-004", "{err}");
+
+    // NotReady only for want of a pod network: the longer bound applies,
+    // and the waiting is told the reason once.
+    let no_network = api(
+        dir.path(),
+        respond(|_, path| {
+            let node = serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": path.rsplit('/').next().unwrap_or("n1")},
+                "status": {"conditions": [{"type": "Ready", "status": "False",
+                    "reason": "KubeletNotReady", "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized"}]},
+            });
+            (200, "application/json", node.to_string().into_bytes())
+        }),
+    )
+    .await;
+    let told = std::sync::Mutex::new(Vec::<String>::new());
+    let waiting = |why: &str| told.lock().unwrap().push(why.to_string());
+    let started = std::time::Instant::now();
+    let err = no_network
+        .wait_node_ready(
+            "n1",
+            Duration::from_millis(100),
+            Duration::from_millis(1500),
+            &waiting,
+        )
+        .await
+        .expect_err("no network");
+    assert_eq!(err.code(), "KB-KUBE-005", "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the network bound, not timeouts.node_ready, ended the wait: {err}"
+    );
+    let told = told.lock().unwrap().clone();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(told[0].contains("cni plugin not initialized"), "{told:?}");
 }
 
 // ---------------------------------------------------------------------------

@@ -25,7 +25,6 @@ use serde_json::json;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
-use std::time::Duration;
 
 pub(super) async fn handle(
     State(s): State<Arc<Inner>>,
@@ -122,6 +121,9 @@ pub(super) fn respond(
         } => match *method {
             Method::GET => get(s, res, &ns, &name),
             Method::PUT => update(s, res, &ns, &name, body, false),
+            Method::PATCH if content_type(headers) == APPLY => {
+                apply(s, res, &ns, &name, query, body)
+            }
             Method::PATCH => patch(s, res, &ns, &name, headers, body, false),
             Method::DELETE => delete(s, res, &ns, &name, body),
             _ => Reply::method_not_allowed(method),
@@ -195,7 +197,7 @@ pub(super) fn list(s: &Arc<Inner>, res: &'static Resource, ns: &str, query: Opti
         })
         .collect();
     Reply::ok(json!({
-        "apiVersion": "v1",
+        "apiVersion": res.api_version(),
         "kind": format!("{}List", res.kind),
         "metadata": {"resourceVersion": store.revision.to_string()},
         "items": items,
@@ -227,7 +229,8 @@ pub(super) fn check_body(
             "the body of the request is not a JSON object".into(),
         ));
     };
-    for (field, expected) in [("apiVersion", "v1"), ("kind", res.kind)] {
+    let api_version = res.api_version();
+    for (field, expected) in [("apiVersion", api_version.as_str()), ("kind", res.kind)] {
         match obj.get(field).and_then(Value::as_str) {
             None => {
                 obj.insert(field.into(), json!(expected));
@@ -235,8 +238,8 @@ pub(super) fn check_body(
             Some(v) if v == expected => {}
             Some(v) => {
                 return Err(Reply::bad_request(format!(
-                    "{} in version \"v1\" cannot be handled as a {}: {field} {v:?} does not match the expected {expected:?}",
-                    res.kind, res.kind
+                    "{} in version \"{}\" cannot be handled as a {}: {field} {v:?} does not match the expected {expected:?}",
+                    res.kind, res.version, res.kind
                 )))
             }
         }
@@ -327,6 +330,9 @@ pub(super) fn create(s: &Arc<Inner>, res: &'static Resource, ns: &str, body: &[u
     };
     let mut store = lock(&s.store);
     run_controllers(&mut store);
+    if let Err(r) = namespace_exists(&store, res, ns) {
+        return r;
+    }
     let key = (res.plural, ns.to_string(), name.clone());
     if store.objects.contains_key(&key) {
         return Reply::status(
@@ -337,14 +343,13 @@ pub(super) fn create(s: &Arc<Inner>, res: &'static Resource, ns: &str, body: &[u
         );
     }
     obj["metadata"]["resourceVersion"] = json!(store.next_rv());
+    if res.kind == "Node" {
+        store
+            .registered
+            .insert(key.clone(), std::time::Instant::now());
+    }
     store.objects.insert(key, obj.clone());
     run_controllers(&mut store);
-    drop(store);
-    if res.kind == "Node" && ready_condition(&obj) == Some("False") {
-        let delay = *lock(&s.node_ready_delay);
-        let uid = obj["metadata"]["uid"].clone();
-        tokio::spawn(kubelet_reports_ready(s.clone(), name, uid, delay));
-    }
     Reply::created(obj)
 }
 
@@ -363,53 +368,6 @@ pub(super) fn check_name(name: &str) -> Result<(), &'static str> {
     } else {
         Err(RULE)
     }
-}
-
-pub(super) fn ready_condition(node: &Value) -> Option<&str> {
-    node["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Ready")?["status"]
-        .as_str()
-}
-
-/// The simulated kubelet: after `delay`, the Node (if it is still the same
-/// object) reports `Ready` = `"True"`, as a real kubelet does once its
-/// runtime and network are up.
-pub(super) async fn kubelet_reports_ready(
-    s: Arc<Inner>,
-    name: String,
-    uid: Value,
-    delay: Duration,
-) {
-    tokio::time::sleep(delay).await;
-    let mut store = lock(&s.store);
-    let key = ("nodes", String::new(), name);
-    let Some(mut node) = store.objects.get(&key).cloned() else {
-        return;
-    };
-    if node["metadata"]["uid"] != uid {
-        return;
-    }
-    let now = now_time();
-    let ready = json!({
-        "type": "Ready",
-        "status": "True",
-        "reason": "KubeletReady",
-        "message": "kubelet is posting ready status",
-        "lastHeartbeatTime": now,
-        "lastTransitionTime": now,
-    });
-    let conditions = node["status"]["conditions"].as_array_mut();
-    match conditions {
-        Some(list) => match list.iter_mut().find(|c| c["type"] == "Ready") {
-            Some(c) => *c = ready,
-            None => list.push(ready),
-        },
-        None => node["status"]["conditions"] = json!([ready]),
-    }
-    node["metadata"]["resourceVersion"] = json!(store.next_rv());
-    store.objects.insert(key, node);
 }
 
 /// Keeps what the client may not change (identity, creation, and for
@@ -538,8 +496,8 @@ pub(super) fn update(
 fn normalized(res: &Resource, obj: Value) -> Result<Value, Reply> {
     normalize(res.kind, obj).map_err(|e| {
         Reply::bad_request(format!(
-            "{} in version \"v1\" cannot be handled as a {}: {e}",
-            res.kind, res.kind
+            "{} in version \"{}\" cannot be handled as a {}: {e}",
+            res.kind, res.version, res.kind
         ))
     })
 }
@@ -565,15 +523,7 @@ pub(super) fn patch(
     body: &[u8],
     status_only: bool,
 ) -> Reply {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let content_type = content_type(headers);
     if !matches!(
         content_type.as_str(),
         "application/merge-patch+json" | "application/strategic-merge-patch+json"
@@ -582,7 +532,7 @@ pub(super) fn patch(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format ({content_type:?}) - accepted media types by this double: application/merge-patch+json, application/strategic-merge-patch+json"
+                "the body of the request was in an unknown format ({content_type:?}) - accepted media types by this double: application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
             ),
             None,
         );
@@ -598,7 +548,7 @@ pub(super) fn patch(
     let mut obj = old.clone();
     merge_patch(&mut obj, &patch_doc);
     carry_over(res, &old, &mut obj, status_only);
-    obj["apiVersion"] = json!("v1");
+    obj["apiVersion"] = json!(res.api_version());
     obj["kind"] = json!(res.kind);
     write_back(&mut store, res, key, obj)
 }
@@ -695,4 +645,258 @@ pub(super) fn evict(s: &Arc<Inner>, ns: &str, name: &str, body: &[u8]) -> Reply 
         o.remove("details");
     }
     Reply::created(status)
+}
+
+/// Server-side apply's media type.
+const APPLY: &str = "application/apply-patch+yaml";
+
+/// The request's media type, lowercased, without parameters.
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// A namespaced object needs its Namespace (404 otherwise, as the real
+/// server's NamespaceLifecycle admission answers).
+fn namespace_exists(store: &Store, res: &Resource, ns: &str) -> Result<(), Reply> {
+    if !res.namespaced
+        || store
+            .objects
+            .contains_key(&("namespaces", String::new(), ns.to_string()))
+    {
+        return Ok(());
+    }
+    let namespaces = resource("namespaces").unwrap_or(&RESOURCES[0]);
+    Err(Reply::status(
+        404,
+        "NotFound",
+        format!("namespaces \"{ns}\" not found"),
+        Some(details(namespaces, ns)),
+    ))
+}
+
+/// Removes from `obj` what the manager applied before (`previous`) and no
+/// longer applies (`now`): fields it owned alone go with it.
+fn prune(obj: &mut Value, previous: &Value, now: &Value) {
+    let (Some(prev), Some(target)) = (previous.as_object(), obj.as_object_mut()) else {
+        return;
+    };
+    for (k, v) in prev {
+        match now.get(k) {
+            None => {
+                target.remove(k);
+            }
+            Some(n) if v.is_object() && n.is_object() => {
+                if let Some(child) = target.get_mut(k) {
+                    prune(child, v, n);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Whether `config` sets a leaf to another value than `obj` holds.
+fn changes(obj: &Value, config: &Value) -> bool {
+    match (obj, config) {
+        (Value::Object(o), Value::Object(c)) => c
+            .iter()
+            .any(|(k, v)| o.get(k).is_none_or(|ov| changes(ov, v))),
+        (o, c) => o != c,
+    }
+}
+
+/// `PATCH` with `application/apply-patch+yaml`: server-side apply as the
+/// real server does it for one or more appliers, minus the per-field
+/// ownership of list items.
+///
+/// What the real server refuses, this refuses (handlers/patch.go, in its
+/// order): no `fieldManager` (422); a body without `apiVersion` or `kind`,
+/// or of another type than the URL (400 `invalid object type`), another
+/// name or namespace (400); a body it cannot decode (400); a namespace that does
+/// not exist (404); a `resourceVersion` that is not the stored one (409);
+/// another applier's object changed without `force=true` (409 Conflict).
+/// It creates the object when absent (201), merges the configuration into
+/// it otherwise, removes the fields this manager applied before and no
+/// longer does, bumps `metadata.generation` when the spec changes, and
+/// writes nothing (same `resourceVersion`) when nothing changes.
+pub(super) fn apply(
+    s: &Arc<Inner>,
+    res: &'static Resource,
+    ns: &str,
+    name: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Reply {
+    let params = query_params(query);
+    let Some(manager) = params.get("fieldManager").filter(|m| !m.is_empty()) else {
+        // PatchOptions validation (apimachinery's ValidatePatchOptions).
+        return Reply::status(
+            422,
+            "Invalid",
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch".into(),
+            Some(StatusDetails {
+                group: Some("meta.k8s.io".into()),
+                kind: Some("PatchOptions".into()),
+                causes: Some(vec![StatusCause {
+                    reason: Some("FieldValueRequired".into()),
+                    message: Some("Required value: is required for apply patch".into()),
+                    field: Some("fieldManager".into()),
+                }]),
+                ..StatusDetails::default()
+            }),
+        );
+    };
+    let force = params.get("force").is_some_and(|f| f == "true");
+    let mut config: Value = match serde_json::from_slice(body)
+        .map_err(|e| e.to_string())
+        .or_else(|_| serde_norway::from_slice::<Value>(body).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            return Reply::bad_request(format!("error decoding YAML: {e}"));
+        }
+    };
+    for field in ["apiVersion", "kind"] {
+        if config
+            .get(field)
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Reply::bad_request(format!(
+                "Object '{}' is missing in '{}'",
+                if field == "kind" {
+                    "Kind"
+                } else {
+                    "apiVersion"
+                },
+                String::from_utf8_lossy(body)
+            ));
+        }
+    }
+    let (api_version, kind) = (
+        config["apiVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        config["kind"].as_str().unwrap_or_default().to_string(),
+    );
+    if api_version != res.api_version() || kind != res.kind {
+        // The field manager's version check (managedfields versioncheck.go).
+        let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+        return Reply::bad_request(format!(
+            "invalid object type: {group}/{version}, Kind={kind}"
+        ));
+    }
+    if let Err(r) = check_body(res, ns, Some(name), &mut config) {
+        return r;
+    }
+    if let Err(r) = normalized(res, config.clone()) {
+        return r;
+    }
+    let mut store = lock(&s.store);
+    run_controllers(&mut store);
+    if let Err(r) = namespace_exists(&store, res, ns) {
+        return r;
+    }
+    let key: Key = (res.plural, ns.to_string(), name.to_string());
+    let entry = json!({
+        "manager": manager, "operation": "Apply", "apiVersion": res.api_version(),
+        "fieldsType": "FieldsV1", "fieldsV1": {}, "time": now_time(),
+    });
+    let Some(old) = store.objects.get(&key).cloned() else {
+        let mut obj = config.clone();
+        obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+        obj["metadata"]["creationTimestamp"] = now_time();
+        obj["metadata"]["managedFields"] = json!([entry]);
+        if obj.get("spec").is_some() && res.has_status {
+            obj["metadata"]["generation"] = json!(1);
+        }
+        if let Some(o) = obj.as_object_mut() {
+            if res.has_status {
+                o.remove("status");
+            }
+        }
+        let mut obj = match normalized(res, obj) {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        obj["metadata"]["resourceVersion"] = json!(store.next_rv());
+        if res.kind == "Node" {
+            store
+                .registered
+                .insert(key.clone(), std::time::Instant::now());
+        }
+        store.objects.insert(key.clone(), obj.clone());
+        store.applied.insert((key, manager.clone()), config);
+        run_controllers(&mut store);
+        return Reply::created(obj);
+    };
+    if let Err(r) = check_resource_version(res, name, &config, &old) {
+        return r;
+    }
+    let others: Vec<String> = store
+        .applied
+        .keys()
+        .filter(|(k, m)| *k == key && m != manager)
+        .map(|(_, m)| m.clone())
+        .collect();
+    let mut desired = config.clone();
+    if let Some(m) = desired["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
+    if !force && !others.is_empty() && changes(&old, &desired) {
+        return Reply::conflict(
+            res,
+            name,
+            &format!(
+                "Apply failed with {} conflict(s): conflict with {:?}",
+                others.len(),
+                others.join(", ")
+            ),
+        );
+    }
+    let mut obj = old.clone();
+    if let Some(previous) = store.applied.get(&(key.clone(), manager.clone())) {
+        prune(&mut obj, previous, &desired);
+    }
+    merge_patch(&mut obj, &desired);
+    carry_over(res, &old, &mut obj, false);
+    let mut managers: Vec<Value> = old["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e["manager"] != manager.as_str())
+        .collect();
+    let unchanged = {
+        let mut a = obj.clone();
+        let mut b = old.clone();
+        for v in [&mut a, &mut b] {
+            if let Some(m) = v["metadata"].as_object_mut() {
+                m.remove("managedFields");
+                m.remove("resourceVersion");
+                m.remove("generation");
+            }
+        }
+        normalize(res.kind, a).ok() == normalize(res.kind, b).ok()
+    };
+    store.applied.insert((key.clone(), manager.clone()), config);
+    if unchanged {
+        return Reply::ok(old);
+    }
+    managers.push(entry);
+    obj["metadata"]["managedFields"] = json!(managers);
+    if res.has_status && obj.get("spec") != old.get("spec") {
+        let generation = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+        obj["metadata"]["generation"] = json!(generation);
+    }
+    write_back(&mut store, res, key, obj)
 }

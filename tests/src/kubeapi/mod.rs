@@ -8,8 +8,17 @@
 //! the API server's paths, verbs, JSON shapes and error `Status` objects, plus
 //! the few controllers whose effects kubeadm relies on:
 //!
-//! - a *kubelet* that flips a freshly registered Node's `Ready` condition from
-//!   `"False"` to `"True"` after [`KubeApi::set_node_ready_delay`];
+//! - a *kubelet* as strict as the real one about the pod network: a Node
+//!   registers `Ready` = `"False"` ("cni plugin not initialized") and turns
+//!   `"True"` only once [`KubeApi::set_node_ready_delay`] has passed *and* a
+//!   pod network runs on it: a DaemonSet that installs a CNI configuration
+//!   (a hostPath volume at `/etc/cni/net.d`) whose Pods the node would
+//!   admit (node selector, required node affinity, tolerations of the
+//!   node's taints), whose service account and ConfigMaps exist, and, for
+//!   flannel (`net-conf.json`), whose `Network` holds the node's pod CIDR;
+//! - the *node IPAM controller* (`--allocate-node-cidrs`, which kubeadm turns
+//!   on with `networking.podSubnet`): each Node gets a `/24` of the
+//!   `kubeadm-config` podSubnet as `spec.podCIDR`;
 //! - the *bootstrap signer* that signs `kube-public/cluster-info` with every
 //!   signing bootstrap token (`jws-kubeconfig-<id>`), which is what joining
 //!   nodes verify their token against;
@@ -18,6 +27,10 @@
 //! Objects are round-tripped through `k8s-openapi`'s types on every write, so
 //! a body the real API server would reject as undecodable is rejected here
 //! (400) and unknown fields are dropped as the real server prunes them.
+//! Served groups: core `v1`, `apps/v1` (DaemonSets, Deployments) and
+//! `rbac.authorization.k8s.io/v1`, with create, get, list, update, merge
+//! patch, server-side apply (`application/apply-patch+yaml`, see
+//! [`handling`]) and delete. Namespaced objects need their Namespace.
 //! Plain HTTP, no authentication.
 
 mod controllers;
@@ -32,7 +45,9 @@ use crate::lock;
 use crate::net::serve_local;
 use axum::Router;
 use base64::Engine as _;
-pub use controllers::{compute_detached_jws, detached_jws_is_valid, hmac_sha256};
+pub use controllers::{
+    compute_detached_jws, detached_jws_is_valid, hmac_sha256, NETWORK_NOT_READY,
+};
 use controllers::{run_controllers, B64};
 use handling::handle;
 use routing::{route, Route};
@@ -70,6 +85,10 @@ pub const JWS_PREFIX: &str = "jws-kubeconfig-";
 /// One resource type the double serves.
 #[derive(Debug)]
 struct Resource {
+    /// API group, `""` for the core group (`/api/v1`), else served under
+    /// `/apis/<group>/<version>`.
+    group: &'static str,
+    version: &'static str,
     /// Plural path segment, e.g. `configmaps`.
     plural: &'static str,
     /// `kind`, e.g. `ConfigMap`.
@@ -82,47 +101,133 @@ struct Resource {
 
 const RESOURCES: &[Resource] = &[
     Resource {
+        group: "",
+        version: "v1",
         plural: "configmaps",
         kind: "ConfigMap",
         namespaced: true,
         has_status: false,
     },
     Resource {
+        group: "",
+        version: "v1",
         plural: "secrets",
         kind: "Secret",
         namespaced: true,
         has_status: false,
     },
     Resource {
+        group: "",
+        version: "v1",
         plural: "pods",
         kind: "Pod",
         namespaced: true,
         has_status: true,
     },
     Resource {
+        group: "",
+        version: "v1",
         plural: "services",
         kind: "Service",
         namespaced: true,
         has_status: true,
     },
     Resource {
+        group: "",
+        version: "v1",
         plural: "nodes",
         kind: "Node",
         namespaced: false,
         has_status: true,
     },
     Resource {
+        group: "",
+        version: "v1",
         plural: "namespaces",
         kind: "Namespace",
         namespaced: false,
         has_status: true,
     },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "serviceaccounts",
+        kind: "ServiceAccount",
+        namespaced: true,
+        has_status: false,
+    },
+    Resource {
+        group: "apps",
+        version: "v1",
+        plural: "daemonsets",
+        kind: "DaemonSet",
+        namespaced: true,
+        has_status: true,
+    },
+    Resource {
+        group: "apps",
+        version: "v1",
+        plural: "deployments",
+        kind: "Deployment",
+        namespaced: true,
+        has_status: true,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterroles",
+        kind: "ClusterRole",
+        namespaced: false,
+        has_status: false,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterrolebindings",
+        kind: "ClusterRoleBinding",
+        namespaced: false,
+        has_status: false,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "roles",
+        kind: "Role",
+        namespaced: true,
+        has_status: false,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "rolebindings",
+        kind: "RoleBinding",
+        namespaced: true,
+        has_status: false,
+    },
 ];
+
+impl Resource {
+    /// `apiVersion` of its objects: `v1`, `apps/v1`, ...
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+/// Namespaces the real API server creates at start (its system namespaces
+/// controller); every other namespace must be created before objects in it.
+pub const SYSTEM_NAMESPACES: &[&str] =
+    &["default", "kube-node-lease", "kube-public", "kube-system"];
 
 /// Decodes `value` as the typed object (what the real API server's decoder
 /// would refuse, this refuses) and re-encodes it, dropping unknown fields.
 fn normalize(kind: &str, mut value: Value) -> Result<Value, String> {
+    use k8s_openapi::api::apps::v1 as apps;
     use k8s_openapi::api::core::v1 as core;
+    use k8s_openapi::api::rbac::v1 as rbac;
     if kind == "Secret" {
         // The API server folds write-only `stringData` into `data`.
         if let Some(Value::Object(strings)) =
@@ -145,6 +250,13 @@ fn normalize(kind: &str, mut value: Value) -> Result<Value, String> {
         "Service" => rt::<core::Service>(value),
         "Node" => rt::<core::Node>(value),
         "Namespace" => rt::<core::Namespace>(value),
+        "ServiceAccount" => rt::<core::ServiceAccount>(value),
+        "DaemonSet" => rt::<apps::DaemonSet>(value),
+        "Deployment" => rt::<apps::Deployment>(value),
+        "ClusterRole" => rt::<rbac::ClusterRole>(value),
+        "ClusterRoleBinding" => rt::<rbac::ClusterRoleBinding>(value),
+        "Role" => rt::<rbac::Role>(value),
+        "RoleBinding" => rt::<rbac::RoleBinding>(value),
         other => Err(format!("no kind {other:?} is registered")),
     }
 }
@@ -170,6 +282,15 @@ struct Store {
     objects: BTreeMap<Key, Value>,
     /// Last resourceVersion handed out (one counter, like etcd's revision).
     revision: u64,
+    /// How long after its registration the simulated kubelet may first
+    /// report a Node ready.
+    node_ready_delay: Duration,
+    /// Server-side apply: the configuration each field manager last applied
+    /// to an object, so fields it stops applying are removed as the real
+    /// server's managed fields remove them.
+    applied: BTreeMap<(Key, String), Value>,
+    /// When each Node was created, for the kubelets' delay.
+    registered: BTreeMap<Key, std::time::Instant>,
 }
 
 impl Store {
@@ -183,7 +304,6 @@ impl Store {
 struct Inner {
     store: Mutex<Store>,
     unavailable: AtomicBool,
-    node_ready_delay: Mutex<Duration>,
     log: Mutex<Vec<KubeRequest>>,
 }
 
@@ -197,13 +317,37 @@ pub struct KubeApi {
 }
 
 impl KubeApi {
-    /// Starts an empty API server (no objects, not even namespaces: the
-    /// double does not require a namespace to exist before objects in it).
+    /// Starts an API server with only the system namespaces (`default`,
+    /// `kube-system`, `kube-public`, `kube-node-lease`); an object in any
+    /// other namespace is refused (404) until its Namespace exists, as the
+    /// real server refuses it.
     pub async fn start() -> Self {
+        let mut store = Store {
+            node_ready_delay: DEFAULT_NODE_READY_DELAY,
+            ..Store::default()
+        };
+        for ns in SYSTEM_NAMESPACES {
+            let namespace = json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {
+                    "name": ns,
+                    "uid": uuid::Uuid::new_v4().to_string(),
+                    "creationTimestamp": handling::now_time(),
+                    "labels": {"kubernetes.io/metadata.name": ns},
+                },
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            });
+            let rv = store.next_rv();
+            let mut namespace = namespace;
+            namespace["metadata"]["resourceVersion"] = json!(rv);
+            store
+                .objects
+                .insert(("namespaces", String::new(), ns.to_string()), namespace);
+        }
         let inner = Arc::new(Inner {
-            store: Mutex::new(Store::default()),
+            store: Mutex::new(store),
             unavailable: AtomicBool::new(false),
-            node_ready_delay: Mutex::new(DEFAULT_NODE_READY_DELAY),
             log: Mutex::new(Vec::new()),
         });
         let app = Router::new().fallback(handle).with_state(inner.clone());
@@ -300,6 +444,24 @@ impl KubeApi {
     /// How long the simulated kubelet takes to report a newly registered
     /// Node ready (applies to Nodes created afterwards).
     pub fn set_node_ready_delay(&self, delay: Duration) {
-        *lock(&self.inner.node_ready_delay) = delay;
+        lock(&self.inner.store).node_ready_delay = delay;
+    }
+
+    /// Lays a pod network into the store as if its add-on had been applied
+    /// (a DaemonSet writing `/etc/cni/net.d` on every node, its service
+    /// account and namespace), for scenarios about something else than how
+    /// the network got there. The agent's own add-on path is tested against
+    /// the repository's manifests.
+    pub fn install_pod_network(&self) {
+        let mut store = lock(&self.inner.store);
+        controllers::install_test_network(&mut store);
+    }
+
+    /// Why no pod network runs on `node` (each CNI DaemonSet's refusal), or
+    /// what runs: for a test's failure message.
+    pub fn network_report(&self, node: &str) -> String {
+        let mut store = lock(&self.inner.store);
+        run_controllers(&mut store);
+        controllers::network_report(&store, node)
     }
 }

@@ -94,6 +94,7 @@ pub(super) fn details(res: &Resource, name: &str) -> StatusDetails {
     StatusDetails {
         name: Some(name.to_string()),
         kind: Some(res.plural.to_string()),
+        group: (!res.group.is_empty()).then(|| res.group.to_string()),
         ..StatusDetails::default()
     }
 }

@@ -22,8 +22,16 @@ pub(super) enum Route {
     },
 }
 
+/// The core (`""`) resource named `plural`.
 pub(super) fn resource(plural: &str) -> Option<&'static Resource> {
-    RESOURCES.iter().find(|r| r.plural == plural)
+    resource_in("", "v1", plural)
+}
+
+/// The resource `plural` of a group version.
+fn resource_in(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
 pub(super) fn not_found_path() -> Reply {
@@ -44,7 +52,17 @@ pub(super) fn route(path: &str) -> Result<Route, Reply> {
         "/api/v1" => return Ok(Route::ResourceList),
         _ => {}
     }
-    let rest = path.strip_prefix("/api/v1/").ok_or_else(not_found_path)?;
+    let (group, version, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
+        ("", "v1", rest)
+    } else {
+        let rest = path.strip_prefix("/apis/").ok_or_else(not_found_path)?;
+        let mut parts = rest.splitn(3, '/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(g), Some(v), Some(rest)) => (g, v, rest),
+            _ => return Err(not_found_path()),
+        }
+    };
+    let resource = |plural: &str| resource_in(group, version, plural);
     let segs: Vec<&str> = rest.split('/').collect();
     let found = |plural: &str| resource(plural).ok_or_else(not_found_path);
     match segs.as_slice() {

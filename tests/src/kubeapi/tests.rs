@@ -80,7 +80,19 @@ fn paths_route_to_collections_objects_and_subresources() {
         matches!(route("/api/v1/namespaces/kube-system"), Ok(Route::Object { ns, name, .. }) if ns.is_empty() && name == "kube-system")
     );
     assert!(route("/api/v1/namespaces/x/nodes").is_err());
-    assert!(route("/apis/apps/v1/deployments").is_err());
+    assert!(
+        matches!(route("/apis/apps/v1/namespaces/kube-system/deployments/d"), Ok(Route::Object { ns, name, .. }) if ns == "kube-system" && name == "d")
+    );
+    assert!(matches!(
+        route("/apis/rbac.authorization.k8s.io/v1/clusterroles"),
+        Ok(Route::Collection { .. })
+    ));
+    assert!(
+        route("/apis/apps/v1/namespaces/x/configmaps").is_err(),
+        "core kinds are not in apps"
+    );
+    assert!(route("/apis/apps/v1/clusterroles").is_err());
+    assert!(route("/apis/batch/v1/jobs").is_err());
 }
 
 #[test]

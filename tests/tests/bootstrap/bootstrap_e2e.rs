@@ -202,14 +202,19 @@ async fn a_worker_whose_node_never_becomes_ready_fails_clearly_and_a_restart_onl
     assert_ok(&sim.bootstrap(&[0]).await);
     sim.kubeapi
         .set_node_ready_delay(std::time::Duration::from_secs(3600));
+    // The pod network is applied, yet the kubelet never finds a CNI
+    // configuration: past timeouts.pod_network (the bound while only the
+    // network is missing), the worker fails with what the kubelet reports.
     let mut cmd = sim.bootstrap_command(&sim.nodes[1]);
-    cmd.env("KUBEBOOT_TIMEOUTS_NODE_READY", "5s");
+    cmd.env("KUBEBOOT_TIMEOUTS_NODE_READY", "5s")
+        .env("KUBEBOOT_TIMEOUTS_POD_NETWORK", "8s");
     let out = cmd.output().await.expect("worker runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{}", tail(&stderr));
     assert!(
-        stderr.contains("did not become Ready within 5s")
-            && stderr.contains("cni plugin not initialized"),
+        stderr.contains("has no pod network after 8s")
+            && stderr.contains("cni plugin not initialized")
+            && stderr.contains("KB-KUBE-005"),
         "the error says what the kubelet reports:\n{}",
         tail(&stderr)
     );

@@ -5,6 +5,7 @@
 //! One test binary for the area (linking is most of the suite's cost): one
 //! module per former test file, `cargo nextest run -p kubeboot-tests --test bootstrap <module>::`.
 
+mod addons;
 mod agent_etcd;
 mod bootstrap_crash;
 mod bootstrap_e2e;

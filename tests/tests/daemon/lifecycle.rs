@@ -781,3 +781,65 @@ async fn a_node_etcd_cannot_be_asked_about_is_not_drained_as_a_worker_and_its_me
     let deferred = log_line(&stderr, "termination not completed; the message comes back");
     assert_eq!(deferred["code"], "KB-LIFE-006", "{deferred}");
 }
+
+/// cluster-autoscaler's scale-in is a termination like any other: its
+/// `TerminateInstanceInAutoScalingGroup` (decrementing the desired
+/// capacity, as its AWS provider's DeleteInstances does) puts the worker
+/// in `Terminating:Wait` under the group's hook, and the leader drains it,
+/// deletes its Node and completes the action once, through the same
+/// lifecycle path as a scale-in by hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_scaled_in_by_cluster_autoscaler_is_drained_removed_and_completed_once() {
+    use k8s_openapi::api::core::v1::Pod;
+    let sim = SimCluster::start(1, 1).await;
+    assert_ok(&sim.bootstrap(&[0, 1]).await);
+    let worker = &sim.nodes[1];
+    let node_name = sim
+        .kubeapi
+        .nodes()
+        .into_iter()
+        .find(|n| {
+            n["spec"]["providerID"]
+                .as_str()
+                .is_some_and(|p| p.ends_with(&worker.instance_id()))
+        })
+        .and_then(|n| n["metadata"]["name"].as_str().map(str::to_string))
+        .expect("the worker's Node");
+    let mut config = kube::Config::new(sim.kubeapi.url().parse().expect("url"));
+    config.default_retry = false;
+    let pods: kube::Api<Pod> =
+        kube::Api::namespaced(kube::Client::try_from(config).expect("client"), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"nodeName": node_name, "containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .expect("pod");
+    pods.create(&kube::api::PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+
+    let lifecycle = Lifecycle::start(&sim, "30s").await;
+    let token = lifecycle
+        .scale_in(&sim, "kb-workers", &worker.instance_id())
+        .await;
+    assert_eq!(
+        lifecycle.actions.scale_ins(),
+        vec![("kb-workers".to_string(), worker.instance_id(), true)]
+    );
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(60))
+        .await;
+    assert!(
+        pods.get_opt("web").await.expect("get").is_none(),
+        "the Pod was evicted"
+    );
+    assert!(
+        sim.kubeapi
+            .object(&format!("/api/v1/nodes/{node_name}"))
+            .is_none(),
+        "the Node is deleted"
+    );
+    assert_eq!(lifecycle.accepted_completions(&worker.instance_id()), 1);
+    let stderr = lifecycle.stop(&sim).await;
+    assert!(!stderr.contains("KB-LIFE-001"), "{}", tail(&stderr));
+}

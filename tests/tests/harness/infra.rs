@@ -562,6 +562,21 @@ fn user_data_problems(s: &Stack) -> Vec<String> {
             cfg.aws.backup_bucket.as_deref().unwrap_or(""),
             &scalar(&s.eval(&json!({"Ref": "BackupBucket"}))),
         );
+        // Control planes apply cluster-autoscaler with the stack's role.
+        let want_role = match role {
+            Role::ControlPlane => {
+                scalar(&s.eval(&json!({"Fn::GetAtt": ["ClusterAutoscalerRole", "Arn"]})))
+            }
+            Role::Worker => String::new(),
+        };
+        expect(
+            "addons.cluster_autoscaler_role_arn",
+            cfg.addons
+                .cluster_autoscaler_role_arn
+                .as_deref()
+                .unwrap_or(""),
+            &want_role,
+        );
         // Control planes signal the group's CreationPolicy/UpdatePolicy
         // (stack, logical id); workers do not.
         let (want_stack, want_resource) = match role {
@@ -2503,4 +2518,55 @@ fn the_cluster_autoscaler_role_trusts_only_its_service_account_and_scales_only_w
         }
     }
     assert!(!autoscaler_problems(&cluster_stack(edited)).is_empty());
+}
+
+/// The pod network the control planes apply (addons/flannel.yaml) can carry
+/// traffic: its backend's port is open between every pair of node groups,
+/// in both directions, and nowhere else.
+#[test]
+fn the_pod_networks_vxlan_port_is_open_between_all_nodes() {
+    let path = workspace_root().join("addons/flannel.yaml");
+    let text = std::fs::read_to_string(&path).expect("flannel.yaml");
+    let vars = kubeboot::addons::Variables {
+        cluster_name: "c".into(),
+        region: "us-east-1".into(),
+        pod_subnet: "10.244.0.0/16".into(),
+        cluster_autoscaler_role_arn: None,
+    };
+    let addon = kubeboot::addons::parse("flannel", &path, &text, &vars).expect("flannel");
+    let config = addon
+        .objects
+        .iter()
+        .find(|o| o.kind.kind == "ConfigMap")
+        .expect("kube-flannel-cfg");
+    let net: Value = serde_json::from_str(
+        config.body["data"]["net-conf.json"]
+            .as_str()
+            .expect("net-conf"),
+    )
+    .expect("JSON");
+    assert_eq!(net["Backend"]["Type"], "vxlan");
+    // flannel's VXLAN default on Linux (pkg/backend/vxlan: the kernel's
+    // IANA-less 8472, not 4789) unless the backend names a Port.
+    let port = net["Backend"]["Port"].as_u64().unwrap_or(8472);
+    for s in stacks() {
+        let mut pairs = BTreeSet::new();
+        for id in s.of_type("AWS::EC2::SecurityGroupIngress") {
+            let r = s.resource(&id)["Properties"].clone();
+            if r["IpProtocol"] == "udp"
+                && r["FromPort"] == json!(port)
+                && r["ToPort"] == json!(port)
+            {
+                let from = scalar(&r["SourceSecurityGroupId"]["Ref"]);
+                let to = scalar(&r["GroupId"]["Ref"]);
+                pairs.insert((from, to));
+            }
+        }
+        let groups = ["ControlPlaneSecurityGroup", "WorkerSecurityGroup"];
+        let want: BTreeSet<(String, String)> = groups
+            .iter()
+            .flat_map(|a| groups.iter().map(move |b| (a.to_string(), b.to_string())))
+            .collect();
+        assert_eq!(pairs, want, "UDP {port} between the node groups");
+    }
 }

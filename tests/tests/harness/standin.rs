@@ -258,8 +258,28 @@ fn secret_field(secret: &Value, field: &str) -> String {
     .expect("UTF-8")
 }
 
-/// Polls the double until the Node reports `Ready` = `"True"`.
+/// The Node waits for a pod network (the stand-in runs no add-on: the agent
+/// applies them), then, with one laid in, reports `Ready` = `"True"`.
 async fn wait_ready(api: &KubeApi, node: &str) {
+    let condition = |api: &KubeApi| {
+        api.object(&format!("/api/v1/nodes/{node}"))
+            .and_then(|n| {
+                n["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "Ready")
+                    .cloned()
+            })
+            .unwrap_or_default()
+    };
+    let before = condition(api);
+    assert_eq!(before["status"], "False", "{before}");
+    assert_eq!(
+        before["message"],
+        kubeboot_tests::kubeapi::NETWORK_NOT_READY,
+        "a kubelet without CNI configuration says why: {before}"
+    );
+    api.install_pod_network();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let ready = api
@@ -868,7 +888,8 @@ async fn the_api_double_serves_a_kube_client() {
     let nodes: Api<KNode> = Api::all(client.clone());
     let node: KNode = serde_json::from_value(json!({
         "metadata": {"name": "n1"},
-        "status": {"conditions": [{"type": "Ready", "status": "False"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady",
+            "message": kubeboot_tests::kubeapi::NETWORK_NOT_READY}]},
     }))
     .expect("node");
     let created = nodes
@@ -885,6 +906,25 @@ async fn the_api_double_serves_a_kube_client() {
         "{err:?}"
     );
     nodes.cordon("n1").await.expect("cordon (merge patch)");
+    // As strict as a kubelet: no pod network, no Ready, however long.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let waiting = nodes.get("n1").await.expect("get Node");
+    assert!(
+        waiting
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "False"),
+        "Ready without a pod network"
+    );
+    assert!(
+        api.network_report("n1")
+            .contains("no DaemonSet installs a CNI configuration"),
+        "{}",
+        api.network_report("n1")
+    );
+    api.install_pod_network();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let n = nodes.get("n1").await.expect("get Node");

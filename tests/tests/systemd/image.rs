@@ -384,6 +384,11 @@ fn the_template_runs_every_staged_script_in_order_with_its_variables() {
         }
     }
     assert!(packer_file("scripts/70-kubeboot.sh").contains("--doc \"$IMAGE_DIR/README.md\""));
+    assert!(packer_file("scripts/70-kubeboot.sh").contains("--addons \"$IMAGE_DIR/addons\""));
+    assert!(
+        template.contains("source      = \"${path.root}/../addons\""),
+        "the add-on manifests are staged"
+    );
     assert!(
         template.contains("${path.root}/../README.md"),
         "the README is staged"
@@ -705,6 +710,17 @@ fn the_install_script_lays_kubeboot_down_with_its_modes_and_a_second_run_changes
     assert!(mode("etc/kubeboot/config.d").starts_with("755 0:0 dir"));
     assert!(mode("var/lib/kubeboot").starts_with("700 0:0 dir"));
     assert!(mode("var/log/kubeboot").starts_with("750 0:0 dir"));
+    // The add-on manifests, where addons.directory's default looks.
+    assert!(mode("usr/share/kubeboot/addons").starts_with("755 0:0 dir"));
+    for manifest in ["flannel.yaml", "cluster-autoscaler.yaml"] {
+        assert!(mode(&format!("usr/share/kubeboot/addons/{manifest}")).starts_with("644 0:0 "));
+    }
+    let defaults = kubeboot::config::schema::KEYS
+        .iter()
+        .find(|k| k.path == "addons.directory")
+        .and_then(|k| k.default)
+        .expect("addons.directory has a default");
+    assert_eq!(defaults, "\"/usr/share/kubeboot/addons\"");
     for unit in UNITS {
         assert!(mode(&format!("usr/lib/systemd/system/{unit}")).starts_with("644 0:0 "));
         assert!(
@@ -730,6 +746,10 @@ fn the_install_script_lays_kubeboot_down_with_its_modes_and_a_second_run_changes
         (
             vec!["--frobnicate", "ROOT"],
             "unknown option '--frobnicate'",
+        ),
+        (
+            vec!["--addons", "/nonexistent", "ROOT"],
+            "has no flannel.yaml",
         ),
     ] {
         let args: Vec<String> = args
@@ -977,4 +997,52 @@ fn an_image_without_its_configuration_fails_at_boot_loudly() {
         "{}",
         machine.report(DAEMON)
     );
+}
+
+/// The AMI pre-pulls every image the add-on manifests run: the line of
+/// 60-images.sh that lists them, run over the repository's addons/, finds
+/// exactly the images of their Pods' containers and init containers.
+#[test]
+fn the_image_pre_pulls_every_add_on_image() {
+    let script = packer_file("scripts/60-images.sh");
+    let lister = script
+        .lines()
+        .find(|l| l.trim_start().starts_with("sed -nE"))
+        .expect("60-images.sh lists the add-on images with sed");
+    let out = Command::new("bash")
+        .args(["-c", &format!("set -euo pipefail; {lister} | sort -u")])
+        .env("IMAGE_DIR", workspace_root())
+        .output()
+        .expect("bash");
+    succeeded(&out);
+    let listed: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let vars = kubeboot::addons::Variables {
+        cluster_name: "c".into(),
+        region: "us-east-1".into(),
+        pod_subnet: "10.244.0.0/16".into(),
+        cluster_autoscaler_role_arn: Some("arn:aws:iam::123456789012:role/ca".into()),
+    };
+    let mut expected = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(workspace_root().join("addons")).expect("addons/") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("manifest");
+        let addon = kubeboot::addons::parse("a", &path, &text, &vars).expect("valid");
+        for object in addon.objects {
+            let pod = &object.body["spec"]["template"]["spec"];
+            for list in ["containers", "initContainers"] {
+                for c in pod[list].as_array().into_iter().flatten() {
+                    expected.insert(c["image"].as_str().expect("image").to_string());
+                }
+            }
+        }
+    }
+    assert_eq!(listed, expected);
+    assert!(expected.len() >= 3, "{expected:?}");
+    let docs = std::fs::read_to_string(workspace_root().join("docs/ADDONS.md")).expect("docs");
+    for image in &expected {
+        assert!(docs.contains(image), "docs/ADDONS.md does not name {image}");
+    }
 }

@@ -328,6 +328,25 @@ pub(crate) async fn init(args: &[String]) -> R<()> {
     println!("[kubelet-start] Writing kubelet environment file with flags to file \"/var/lib/kubelet/kubeadm-flags.env\"");
     println!("[kubelet-start] Starting the kubelet");
     try_start_kubelet("kubelet-start")?;
+    // The API server refuses these flags at start (kubernetes/kubernetes
+    // pkg/kubeapiserver/options/authentication.go, ServiceAccountAuthenticationOptions
+    // Validate): it never becomes healthy and kubeadm times out waiting.
+    let api_args = arg_list(
+        cluster.pointer("/apiServer/extraArgs"),
+        "ClusterConfiguration.apiServer.extraArgs",
+    )?;
+    if let Some((_, uri)) = api_args
+        .iter()
+        .find(|(k, _)| k == "service-account-jwks-uri")
+    {
+        if !uri.starts_with("https://") {
+            println!("[api-check] The API server is not healthy after 4m0s");
+            return Err(phase_err(
+                "wait-control-plane",
+                format!("kube-apiserver exited: service-account-jwks-uri requires https scheme, parsed as: {uri}"),
+            ));
+        }
+    }
     let state_dir = k8s.join(standin::STATE_DIR);
     let mut child =
         spawn_etcd(&member, &state_dir).map_err(|e| phase_err("wait-control-plane", e))?;
@@ -353,7 +372,7 @@ pub(crate) async fn init(args: &[String]) -> R<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let node_uid = register_node(&api, &node, &ip, false).await.map_err(|e| {
+    let node_uid = register_node(&api, &node, &ip).await.map_err(|e| {
         phase_err(
             "wait-control-plane",
             format!("error registering node {node:?}: {e}"),

@@ -539,7 +539,7 @@ pub(crate) fn write_kubelet_conf(
 
 /// `kubelet-start`: the kubelet registers the Node; returns its uid.
 pub(crate) async fn register(api: &Api, node: &str, ip: &IpAddr) -> R<String> {
-    register_node(api, node, ip, false).await.map_err(|e| {
+    register_node(api, node, ip).await.map_err(|e| {
         phase_err(
             "kubelet-start",
             format!("error registering node {node:?}: {e}"),

@@ -29,21 +29,17 @@ pub(crate) fn node_spec() -> Value {
     }
 }
 
-/// Registers the Node as a kubelet does (Ready "False" until the double's
-/// kubelet reports ready; already "True" with `ready`, for the no-op mode);
-/// an existing Node is kept. Returns its uid.
+/// Registers the Node as a kubelet does: `Ready` = `"False"` for want of a
+/// pod network (the API double's kubelets turn it `"True"` once one runs on
+/// the node, as a real kubelet does once a CNI configuration appears); an
+/// existing Node is kept. Returns its uid.
 pub(crate) async fn register_node(
     api: &Api,
     name: &str,
     ip: &IpAddr,
-    ready: bool,
 ) -> Result<String, ApiFailure> {
-    let ready_condition = if ready {
-        json!({"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status"})
-    } else {
-        json!({"type": "Ready", "status": "False", "reason": "KubeletNotReady",
-               "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized"})
-    };
+    let ready_condition = json!({"type": "Ready", "status": "False", "reason": "KubeletNotReady",
+        "message": kubeboot_tests::kubeapi::NETWORK_NOT_READY});
     let node = json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -81,13 +77,6 @@ pub(crate) async fn register_node(
         Ok(v) => v,
         Err(f) if f.code == 409 => {
             let labels = node["metadata"]["labels"].clone();
-            if ready {
-                api.merge_patch(
-                    &format!("/api/v1/nodes/{name}/status"),
-                    &json!({"status": {"conditions": node["status"]["conditions"].clone()}}),
-                )
-                .await?;
-            }
             api.merge_patch(
                 &format!("/api/v1/nodes/{name}"),
                 &json!({"metadata": {"labels": labels}}),

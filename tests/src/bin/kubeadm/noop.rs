@@ -44,7 +44,7 @@ pub(crate) async fn noop_init(args: &[String]) -> R<()> {
     Ok(())
 }
 
-/// `join` in no-op mode: `kubelet.conf` and a Node that is already `Ready`.
+/// `join` in no-op mode: `kubelet.conf` and a Node, NotReady until a pod network runs.
 pub(crate) async fn noop_join(args: &[String]) -> R<()> {
     let flags = parse_flags(args, &[("config", true), ("ignore-preflight-errors", true)])?;
     let (config, docs) = config_documents(&flags)?;
@@ -90,14 +90,12 @@ pub(crate) async fn noop_join(args: &[String]) -> R<()> {
     let kubelet_conf = k8s.join("kubelet.conf");
     write_file(&kubelet_conf, format!("{kubelet:#}\n").as_bytes(), 0o600)
         .map_err(|e| phase_err("kubelet-start", e))?;
-    register_node(&api, &node, &node_ip, true)
-        .await
-        .map_err(|e| {
-            phase_err(
-                "kubelet-start",
-                format!("error registering node {node:?}: {e}"),
-            )
-        })?;
+    register_node(&api, &node, &node_ip).await.map_err(|e| {
+        phase_err(
+            "kubelet-start",
+            format!("error registering node {node:?}: {e}"),
+        )
+    })?;
     println!(
         "[kbtest] no-op join ({NOOP_ENV}=1): wrote {}, registered node {node:?} Ready; no discovery, no etcd",
         kubelet_conf.display()
