@@ -1123,3 +1123,66 @@ async fn a_dead_member_fails_check_etcd_like_kubeadm() {
     assert!(kubeboot::kubeadm::diagnose(&text(&out).1).contains("stale member"));
     assert_eq!(s.members(&cp0).await.len(), 2, "nothing added");
 }
+
+/// The stand-in's control plane is as strict as kube-apiserver about the
+/// service-account flags kubeboot renders: a JWKS URI that is not https
+/// keeps the API server from starting (pkg/kubeapiserver/options/
+/// authentication.go), so init fails at wait-control-plane; and the `sa`
+/// key it generates is RSA, kubeadm's default, which the issuer's JWKS
+/// must describe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_jwks_uri_fails_init_and_the_sa_key_is_rsa() {
+    let s = Scenario::start().await;
+    let cp = s.node("cp0");
+    let cfg = s.init_config(&cp);
+    let rendered = std::fs::read_to_string(&cfg).expect("config");
+    let mut docs: Vec<serde_json::Value> = rendered
+        .split("\n---\n")
+        .map(|d| serde_json::from_str(d).expect("JSON document"))
+        .collect();
+    let cluster = docs
+        .iter_mut()
+        .find(|d| d["kind"] == "ClusterConfiguration")
+        .expect("ClusterConfiguration");
+    cluster["apiServer"]["extraArgs"] = json!([
+        {"name": "service-account-issuer", "value": "http://oidc.example.com/a"},
+        {"name": "service-account-jwks-uri", "value": "http://oidc.example.com/a/keys.json"},
+    ]);
+    let bad = cp.dir.join("run/kubeadm-init-http.yaml");
+    std::fs::write(
+        &bad,
+        docs.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n---\n"),
+    )
+    .expect("write");
+    let out = s
+        .kubeadm(&["init", "--config", path(&bad), "--upload-certs"], &[])
+        .await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("service-account-jwks-uri requires https scheme"),
+        "{stderr}"
+    );
+    assert!(s.procs.live_pids().is_empty(), "no etcd left running");
+
+    // (A failed init leaves its files, as kubeadm's does: another node.)
+    let good = s.node("cp1");
+    s.init(&good).await;
+    let key = std::fs::read_to_string(good.k8s().join("pki/sa.pub")).expect("sa.pub");
+    let der = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        key.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>(),
+    )
+    .expect("PEM");
+    // SubjectPublicKeyInfo with the rsaEncryption OID 1.2.840.113549.1.1.1.
+    let rsa_oid = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    assert!(
+        der.windows(rsa_oid.len()).any(|w| w == rsa_oid),
+        "sa.pub is not an RSA key"
+    );
+}

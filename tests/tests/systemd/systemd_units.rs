@@ -212,6 +212,19 @@ fn the_units_are_ordered_and_bounded_for_what_bootstrap_runs() {
         outer > longest,
         "TimeoutStartSec={start} is within the agent's own worst case ({longest:?})"
     );
+    // A worker's longest path: the lock it may wait for, its join, then
+    // the wait for its Node, which with only the pod network missing lasts
+    // up to timeouts.pod_network.
+    let worker = default("imds.deadline")
+        + default("etcd.promote_timeout")
+        + default("lock.acquire_timeout")
+        + default("timeouts.kubeadm_join")
+        + default("timeouts.node_ready").max(default("timeouts.pod_network"))
+        + default("aws.operation_timeout") * 15;
+    assert!(
+        outer > worker,
+        "TimeoutStartSec={start} is within a worker's own worst case ({worker:?})"
+    );
 
     // kubeadm token create / upload-certs (the leader's refresh) use netlink.
     let daemon = unit_text("kubeboot.service");
