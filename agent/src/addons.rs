@@ -30,6 +30,9 @@ pub const FIELD_MANAGER: &str = "kubeboot";
 pub const GENERATION_ANNOTATION: &str = "kubeboot.io/generation";
 /// How often the leader re-applies unchanged add-ons (drift repair).
 pub const REAPPLY: Duration = Duration::from_secs(600);
+/// The most a leader's add-on turn may take, so a slow API server cannot
+/// hold back the lifecycle queue behind it (hooks time out in 15 minutes).
+pub const TURN_BOUND: Duration = Duration::from_secs(120);
 /// Largest manifest read (flannel's is 5 KiB).
 const MAX_MANIFEST: u64 = 1024 * 1024;
 
@@ -50,6 +53,8 @@ pub enum Error {
         addon: String,
         source: crate::kubernetes::Error,
     },
+    #[error("the add-ons were not applied within {}s (the API answers slowly or not at all); the leader tries again next turn", .0.as_secs())]
+    Timeout(Duration),
     #[error("add-on {addon}: {object} was applied for cluster generation {theirs}, newer than this node's {ours}; not overwritten")]
     Newer {
         addon: String,
@@ -63,7 +68,7 @@ impl crate::catalogue::Coded for Error {
     fn entry(&self) -> &'static crate::catalogue::Entry {
         match self {
             Error::Manifest { .. } | Error::Invalid { .. } => &crate::catalogue::ADDON_MANIFEST,
-            Error::Api { .. } => &crate::catalogue::ADDON_APPLY,
+            Error::Api { .. } | Error::Timeout(_) => &crate::catalogue::ADDON_APPLY,
             Error::Newer { .. } => &crate::catalogue::ADDON_NEWER,
         }
     }
@@ -336,6 +341,11 @@ fn object(value: Value) -> Result<Object, String> {
         .ok_or_else(|| format!("{kind_name} without metadata.name"))?
         .to_string();
     let namespace = value["metadata"]["namespace"].as_str().map(str::to_string);
+    if namespace.as_deref() == Some("") {
+        return Err(format!(
+            "{kind_name} {name} has an empty metadata.namespace"
+        ));
+    }
     match (kind.namespaced, &namespace) {
         (true, None) => {
             return Err(format!(
@@ -348,6 +358,19 @@ fn object(value: Value) -> Result<Object, String> {
             ))
         }
         _ => {}
+    }
+    if matches!(kind.kind, "DaemonSet" | "Deployment") {
+        // The API server refuses a workload whose selector does not select
+        // its own Pods (apps validation: "`selector` does not match
+        // template `labels`").
+        let labels = &value["spec"]["template"]["metadata"]["labels"];
+        let selector = value["spec"]["selector"]["matchLabels"].as_object();
+        if selector.is_none_or(|m| m.is_empty() || m.iter().any(|(k, v)| labels[k.as_str()] != *v))
+        {
+            return Err(format!(
+                "{kind_name} {name}: spec.selector.matchLabels must be set and match spec.template.metadata.labels"
+            ));
+        }
     }
     let decoded = roundtrip(kind.kind, &value)?;
     if let Some(path) = dropped(&value, &decoded, String::new()) {
@@ -458,6 +481,14 @@ pub async fn apply(api: &Kubernetes, addons: &[AddOn], generation: u64) -> Resul
             let mut body = object.body.clone();
             body["metadata"]["annotations"][GENERATION_ANNOTATION] =
                 Value::String(generation.to_string());
+            // The version the fence was checked against: the apply is
+            // refused (409) if another writer changed the object since.
+            if let Some(version) = current
+                .as_ref()
+                .and_then(|c| c["metadata"]["resourceVersion"].as_str())
+            {
+                body["metadata"]["resourceVersion"] = Value::String(version.to_string());
+            }
             api.apply(&target, &body, FIELD_MANAGER)
                 .await
                 .map_err(api_error)?;
@@ -510,6 +541,9 @@ pub async fn admin_client(cfg: &Config) -> Result<Kubernetes, Error> {
 #[derive(Debug, Default)]
 pub struct Memo {
     last: Option<(String, u64, tokio::time::Instant)>,
+    /// The last failure's code and message, so an unchanged failure is
+    /// reported at error level once, not every turn.
+    failed: Option<String>,
 }
 
 impl Memo {
@@ -524,6 +558,14 @@ impl Memo {
 
     pub fn record(&mut self, digest: String, generation: u64) {
         self.last = Some((digest, generation, tokio::time::Instant::now()));
+        self.failed = None;
+    }
+
+    /// Records a failure; whether it is new (another than the last one).
+    pub fn failure_is_new(&mut self, failure: &str) -> bool {
+        let new = self.failed.as_deref() != Some(failure);
+        self.failed = Some(failure.to_string());
+        new
     }
 }
 
@@ -633,7 +675,7 @@ mod tests {
         let path = Path::new("/x/a.yaml");
         let refused = |text: &str| parse("a", path, text, &vars()).expect_err(text).to_string();
         let typo = refused(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d, namespace: a}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    spec:\n      containers: [{name: c, image: i, imagePullPolicyy: Always}]\n",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d, namespace: a}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers: [{name: c, image: i, imagePullPolicyy: Always}]\n",
         );
         assert!(typo.contains("document 2"), "{typo}");
         assert!(
@@ -657,6 +699,8 @@ mod tests {
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: a}\ndata: {a: [1]}\n",
         );
         assert!(wrong_type.contains("does not decode"), "{wrong_type}");
+        let unselected = refused("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d, namespace: a}\nspec:\n  selector: {matchLabels: {app: x}}\n  template:\n    metadata: {labels: {app: y}}\n    spec: {containers: [{name: c, image: i}]}\n");
+        assert!(unselected.contains("must be set and match"), "{unselected}");
         let empty = parse("a", path, "---\n", &vars()).expect_err("empty");
         assert!(empty.to_string().contains("no objects"), "{empty}");
     }
@@ -684,6 +728,14 @@ mod tests {
         assert!(!memo.due(&da, 1));
         assert!(memo.due(&db, 1));
         assert!(memo.due(&da, 2));
+        assert!(memo.failure_is_new("KB-ADDON-002: down"));
+        assert!(!memo.failure_is_new("KB-ADDON-002: down"), "reported once");
+        assert!(memo.failure_is_new("KB-ADDON-001: bad"));
+        memo.record(da.clone(), 1);
+        assert!(
+            memo.failure_is_new("KB-ADDON-001: bad"),
+            "new after a success"
+        );
     }
 
     #[test]

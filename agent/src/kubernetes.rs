@@ -147,12 +147,13 @@ impl Kubernetes {
         }
     }
 
-    /// Waits until the Node is `Ready`, polling with backoff. A Node not
-    /// Ready for any reason but its pod network fails after `deadline`; one
-    /// that waits only for the network (the add-on is applied by the
-    /// control planes, and its Pods start on this node) is given
-    /// `network_deadline` from the start, and `waiting` is told the
-    /// reason each time it changes (the unit's status line).
+    /// Waits until the Node is `Ready`, polling with backoff. While it
+    /// waits only for its pod network (the add-on is applied by the
+    /// control planes, then its Pod starts on this node) it is given
+    /// `network_deadline` from the start, and `waiting` is told the reason
+    /// each time it changes (the unit's status line). Any other NotReady
+    /// fails after `deadline`, counted from the start or from the last time
+    /// only the network was missing, whichever is later.
     pub async fn wait_node_ready(
         &self,
         name: &str,
@@ -161,44 +162,59 @@ impl Kubernetes {
         waiting: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(), Error> {
         let started = tokio::time::Instant::now();
-        let overall = deadline.max(network_deadline);
         let policy = WaitPolicy {
             first_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(10),
             max_attempts: 1_000_000,
-            deadline: Some(overall),
+            deadline: Some(network_deadline.saturating_add(deadline)),
         };
-        let last_network = std::sync::Mutex::new(None::<String>);
+        // The last network-only reason and when it was seen; whether the
+        // last answer was one.
+        let network = std::sync::Mutex::new((None::<String>, started, false));
         let outcome = retry::with_retries("wait for the node to be Ready", &policy, || async {
-            let elapsed = started.elapsed();
-            let (why, network) = match self.node_readiness(name).await? {
-                Readiness::Ready => return Ok(()),
-                Readiness::AwaitingNetwork(why) => (why, true),
-                Readiness::NotReady(why) => (why, false),
-                Readiness::Unreported => (
-                    "the kubelet has not reported a Ready condition".into(),
-                    false,
-                ),
-            };
-            if network {
-                let mut last = last_network.lock().unwrap_or_else(|p| p.into_inner());
-                if last.as_deref() != Some(why.as_str()) {
-                    waiting(&why);
-                    *last = Some(why.clone());
+            let readiness = self.node_readiness(name).await;
+            let mut seen = network.lock().unwrap_or_else(|p| p.into_inner());
+            let why = match readiness {
+                Err(e) => {
+                    seen.2 = false;
+                    return Err(e);
                 }
-                if elapsed >= network_deadline {
-                    return Err(Error::NoNetwork {
+                Ok(Readiness::Ready) => return Ok(()),
+                Ok(Readiness::AwaitingNetwork(why)) => {
+                    if seen.0.as_deref() != Some(why.as_str()) {
+                        waiting(&why);
+                        seen.0 = Some(why.clone());
+                    }
+                    seen.1 = tokio::time::Instant::now();
+                    seen.2 = true;
+                    if started.elapsed() >= network_deadline {
+                        return Err(Error::NoNetwork {
+                            node: name.to_string(),
+                            waited: network_deadline,
+                            last: why,
+                        });
+                    }
+                    why
+                }
+                Ok(Readiness::NotReady(why)) => {
+                    seen.2 = false;
+                    why
+                }
+                Ok(Readiness::Unreported) => {
+                    seen.2 = false;
+                    "the kubelet has not reported a Ready condition".into()
+                }
+            };
+            if !seen.2 {
+                // Not (only) the network: timeouts.node_ready, from the
+                // start or the network's arrival.
+                if seen.1.elapsed() >= deadline {
+                    return Err(Error::Deadline {
                         node: name.to_string(),
-                        waited: network_deadline,
+                        waited: deadline,
                         last: why,
                     });
                 }
-            } else if elapsed >= deadline {
-                return Err(Error::Deadline {
-                    node: name.to_string(),
-                    waited: deadline,
-                    last: why,
-                });
             }
             Err(Error::NotReady {
                 node: name.to_string(),
@@ -210,12 +226,7 @@ impl Kubernetes {
             retry::RetryError::Failed(e) => e,
             retry::RetryError::Deadline { last, .. } => {
                 let last = last.unwrap_or_else(|| "no answer".into());
-                if last_network
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some()
-                    && network_deadline >= deadline
-                {
+                if network.lock().unwrap_or_else(|p| p.into_inner()).2 {
                     Error::NoNetwork {
                         node: name.to_string(),
                         waited: network_deadline,

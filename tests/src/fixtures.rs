@@ -16,6 +16,17 @@ use kubeboot::registry::{InitClaim, Registry};
 
 use crate::moto::Moto;
 
+/// Values for the add-on manifests' variables, cluster-autoscaler's role
+/// included, as a control plane of cluster `addons` in us-east-1 has them.
+pub fn addon_variables() -> kubeboot::addons::Variables {
+    kubeboot::addons::Variables {
+        cluster_name: "addons".into(),
+        region: "us-east-1".into(),
+        pod_subnet: "10.244.0.0/16".into(),
+        cluster_autoscaler_role_arn: Some("arn:aws:iam::123456789012:role/ca".into()),
+    }
+}
+
 /// A fresh table name, `kubeboot-<uuid>`.
 pub fn unique_table() -> String {
     format!("kubeboot-{}", uuid::Uuid::new_v4().simple())

@@ -579,14 +579,7 @@ impl LifecycleActions {
                 "<ErrorResponse xmlns=\"{NAMESPACE}\">\n  <Error>\n    <Type>Sender</Type>\n    <Code>{VALIDATION_ERROR}</Code>\n    <Message>{}</Message>\n  </Error>\n  <RequestId>{request_id}</RequestId>\n</ErrorResponse>\n",
                 xml_escape(&message)
             );
-            ProxyResponse {
-                status: 400,
-                headers: vec![
-                    ("content-type".into(), "text/xml".into()),
-                    ("x-amzn-requestid".into(), request_id.clone()),
-                ],
-                body: body.into_bytes(),
-            }
+            xml_response(400, request_id.clone(), body)
         };
         let Some(instance_id) = req.param("InstanceId") else {
             return refuse("1 validation error detected: Value null at 'instanceId' failed to satisfy constraint: Member must not be null".into());
@@ -628,14 +621,7 @@ impl LifecycleActions {
             xml_escape(instance_id),
             if decrement { ", shrinking the capacity" } else { "" },
         );
-        ProxyResponse {
-            status: 200,
-            headers: vec![
-                ("content-type".into(), "text/xml".into()),
-                ("x-amzn-requestid".into(), request_id),
-            ],
-            body: body.into_bytes(),
-        }
+        xml_response(200, request_id, body)
     }
 
     fn describe_instances(&self, req: &IncomingRequest) -> ProxyResponse {
@@ -656,14 +642,7 @@ impl LifecycleActions {
         let body = format!(
             "<DescribeAutoScalingInstancesResponse xmlns=\"{NAMESPACE}\">\n  <DescribeAutoScalingInstancesResult>\n    <AutoScalingInstances>\n{members}    </AutoScalingInstances>\n  </DescribeAutoScalingInstancesResult>\n  <ResponseMetadata>\n    <RequestId>{request_id}</RequestId>\n  </ResponseMetadata>\n</DescribeAutoScalingInstancesResponse>\n"
         );
-        ProxyResponse {
-            status: 200,
-            headers: vec![
-                ("content-type".into(), "text/xml".into()),
-                ("x-amzn-requestid".into(), request_id),
-            ],
-            body: body.into_bytes(),
-        }
+        xml_response(200, request_id, body)
     }
 
     /// Puts an instance in the wait state: the action becomes pending from
@@ -992,6 +971,18 @@ fn xml_escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// An Auto Scaling Query answer: XML with its request id.
+fn xml_response(status: u16, request_id: String, body: String) -> ProxyResponse {
+    ProxyResponse {
+        status,
+        headers: vec![
+            ("content-type".into(), "text/xml".into()),
+            ("x-amzn-requestid".into(), request_id),
+        ],
+        body: body.into_bytes(),
+    }
 }
 
 #[cfg(test)]

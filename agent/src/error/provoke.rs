@@ -436,17 +436,19 @@ async fn kubernetes_api_failures_have_their_codes() {
     let err = failing.node_readiness("n1").await.expect_err("500");
     assert_eq!(err.code(), "KB-KUBE-003", "{err}");
 
+    // A Node whose Ready condition is False with `message`.
+    fn not_ready_node(path: &str, message: &str) -> (u16, &'static str, Vec<u8>) {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": path.rsplit('/').next().unwrap_or("n1")},
+            "status": {"conditions": [{"type": "Ready", "status": "False",
+                "reason": "KubeletNotReady", "message": message}]},
+        });
+        (200, "application/json", node.to_string().into_bytes())
+    }
     let not_ready = api(
         dir.path(),
-        respond(|_, path| {
-            let node = serde_json::json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": path.rsplit('/').next().unwrap_or("n1")},
-                "status": {"conditions": [{"type": "Ready", "status": "False",
-                    "reason": "KubeletNotReady", "message": "container runtime network not ready"}]},
-            });
-            (200, "application/json", node.to_string().into_bytes())
-        }),
+        respond(|_, path| not_ready_node(path, "container runtime network not ready")),
     )
     .await;
     let nothing = |_: &str| {};
@@ -466,13 +468,7 @@ async fn kubernetes_api_failures_have_their_codes() {
     let no_network = api(
         dir.path(),
         respond(|_, path| {
-            let node = serde_json::json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": path.rsplit('/').next().unwrap_or("n1")},
-                "status": {"conditions": [{"type": "Ready", "status": "False",
-                    "reason": "KubeletNotReady", "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized"}]},
-            });
-            (200, "application/json", node.to_string().into_bytes())
+            not_ready_node(path, "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized")
         }),
     )
     .await;

@@ -161,17 +161,24 @@ pub const NETWORK_NOT_READY: &str = "container runtime network not ready: Networ
 /// DaemonSet writes it through a hostPath volume.
 const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 
-/// Taints every DaemonSet Pod tolerates without asking (the DaemonSet
-/// controller adds these tolerations itself).
-const DAEMONSET_TOLERATED: &[&str] = &[
-    "node.kubernetes.io/not-ready",
-    "node.kubernetes.io/unreachable",
-    "node.kubernetes.io/disk-pressure",
-    "node.kubernetes.io/memory-pressure",
-    "node.kubernetes.io/pid-pressure",
-    "node.kubernetes.io/unschedulable",
-    "node.kubernetes.io/network-unavailable",
+/// Taints every DaemonSet Pod tolerates without asking, with their effect:
+/// what the DaemonSet controller adds (pkg/controller/daemon/util,
+/// `AddOrUpdateDaemonPodTolerations`); `network-unavailable` only for Pods
+/// on the host's network.
+const DAEMONSET_TOLERATED: &[(&str, &str)] = &[
+    ("node.kubernetes.io/not-ready", "NoExecute"),
+    ("node.kubernetes.io/unreachable", "NoExecute"),
+    ("node.kubernetes.io/disk-pressure", "NoSchedule"),
+    ("node.kubernetes.io/memory-pressure", "NoSchedule"),
+    ("node.kubernetes.io/pid-pressure", "NoSchedule"),
+    ("node.kubernetes.io/unschedulable", "NoSchedule"),
 ];
+const HOST_NETWORK_TOLERATED: (&str, &str) =
+    ("node.kubernetes.io/network-unavailable", "NoSchedule");
+
+/// The taint the node lifecycle controller keeps on a NotReady Node
+/// (TaintNodesByCondition).
+const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
 
 fn parse_v4_cidr(cidr: &str) -> Option<(u32, u32)> {
     let (ip, len) = cidr.split_once('/')?;
@@ -242,6 +249,11 @@ pub(super) fn allocate_pod_cidrs(store: &mut Store) {
 fn network_blocked(store: &Store, ds: &Value, node: &Value) -> Option<String> {
     let ns = ds["metadata"]["namespace"].as_str().unwrap_or_default();
     let pod = &ds["spec"]["template"]["spec"];
+    let host_network = pod["hostNetwork"] == true;
+    if !host_network {
+        // A Pod on the pod network needs the CNI it would install.
+        return Some("its Pods are not on the host network: their sandbox needs the CNI they would install (network plugin not ready)".into());
+    }
     let labels = &node["metadata"]["labels"];
     if let Some(selector) = pod["nodeSelector"].as_object() {
         if let Some((k, v)) = selector.iter().find(|(k, v)| labels[k.as_str()] != **v) {
@@ -281,7 +293,10 @@ fn network_blocked(store: &Store, ds: &Value, node: &Value) -> Option<String> {
             taint["key"].as_str().unwrap_or_default(),
             taint["effect"].as_str().unwrap_or_default(),
         );
-        if effect == "PreferNoSchedule" || DAEMONSET_TOLERATED.contains(&key) {
+        if effect == "PreferNoSchedule"
+            || DAEMONSET_TOLERATED.contains(&(key, effect))
+            || (host_network && HOST_NETWORK_TOLERATED == (key, effect))
+        {
             continue;
         }
         let tolerated = tolerations.iter().any(|t| {
@@ -369,6 +384,7 @@ fn installs_cni(ds: &Value) -> bool {
 /// carries [`NETWORK_NOT_READY`]) turns Ready once the delay since its
 /// registration has passed and a pod network runs on it.
 pub(super) fn run_kubelets(store: &mut Store, now: Timestamp) {
+    taint_by_readiness(store);
     let delay = store.node_ready_delay;
     let networks: Vec<Value> = store
         .objects
@@ -419,6 +435,55 @@ pub(super) fn run_kubelets(store: &mut Store, now: Timestamp) {
                 for c in list.iter_mut().filter(|c| c["type"] == "Ready") {
                     *c = ready.clone();
                 }
+            }
+            node["metadata"]["resourceVersion"] = json!(rv);
+        }
+    }
+}
+
+/// The node lifecycle controller: a NotReady Node carries
+/// `node.kubernetes.io/not-ready:NoSchedule`, a Ready one does not.
+fn taint_by_readiness(store: &mut Store) {
+    let keys: Vec<Key> = store
+        .objects
+        .keys()
+        .filter(|(p, _, _)| *p == "nodes")
+        .cloned()
+        .collect();
+    for key in keys {
+        let Some(node) = store.objects.get(&key) else {
+            continue;
+        };
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        let taints: Vec<Value> = node["spec"]["taints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let tainted = taints
+            .iter()
+            .any(|t| t["key"] == NOT_READY_TAINT && t["effect"] == "NoSchedule");
+        if ready != tainted {
+            continue;
+        }
+        let mut taints: Vec<Value> = taints
+            .into_iter()
+            .filter(|t| !(t["key"] == NOT_READY_TAINT && t["effect"] == "NoSchedule"))
+            .collect();
+        if !ready {
+            taints.push(json!({"key": NOT_READY_TAINT, "effect": "NoSchedule"}));
+        }
+        let rv = store.next_rv();
+        if let Some(node) = store.objects.get_mut(&key) {
+            if taints.is_empty() {
+                if let Some(spec) = node["spec"].as_object_mut() {
+                    spec.remove("taints");
+                }
+            } else {
+                node["spec"]["taints"] = Value::Array(taints);
             }
             node["metadata"]["resourceVersion"] = json!(rv);
         }

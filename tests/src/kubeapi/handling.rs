@@ -811,6 +811,9 @@ pub(super) fn apply(
         "manager": manager, "operation": "Apply", "apiVersion": res.api_version(),
         "fieldsType": "FieldsV1", "fieldsV1": {}, "time": now_time(),
     });
+    if let Some(r) = workload_invalid(res, name, &config) {
+        return r;
+    }
     let Some(old) = store.objects.get(&key).cloned() else {
         let mut obj = config.clone();
         obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
@@ -840,6 +843,9 @@ pub(super) fn apply(
         return Reply::created(obj);
     };
     if let Err(r) = check_resource_version(res, name, &config, &old) {
+        return r;
+    }
+    if let Some(r) = immutable_changed(res, name, &old, &config) {
         return r;
     }
     let others: Vec<String> = store
@@ -888,7 +894,9 @@ pub(super) fn apply(
         }
         normalize(res.kind, a).ok() == normalize(res.kind, b).ok()
     };
-    store.applied.insert((key.clone(), manager.clone()), config);
+    store
+        .applied
+        .insert((key.clone(), manager.clone()), desired);
     if unchanged {
         return Reply::ok(old);
     }
@@ -899,4 +907,43 @@ pub(super) fn apply(
         obj["metadata"]["generation"] = json!(generation);
     }
     write_back(&mut store, res, key, obj)
+}
+
+/// apps/v1 validation: a workload's selector must be set and select its
+/// own template's Pods (422 otherwise).
+fn workload_invalid(res: &Resource, name: &str, obj: &Value) -> Option<Reply> {
+    if !matches!(res.kind, "DaemonSet" | "Deployment") {
+        return None;
+    }
+    let labels = &obj["spec"]["template"]["metadata"]["labels"];
+    let selector = obj["spec"]["selector"]["matchLabels"].as_object();
+    let selects =
+        selector.is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k.as_str()] == *v));
+    (!selects).then(|| {
+        Reply::invalid(
+            res,
+            name,
+            "spec.template.metadata.labels: Invalid value: `selector` does not match template `labels`".into(),
+        )
+    })
+}
+
+/// Fields the API server refuses to change once set (422): a workload's
+/// `spec.selector`, a binding's `roleRef`.
+fn immutable_changed(res: &Resource, name: &str, old: &Value, new: &Value) -> Option<Reply> {
+    let (field, path) = match res.kind {
+        "DaemonSet" | "Deployment" => ("spec.selector", "/spec/selector"),
+        "RoleBinding" | "ClusterRoleBinding" => ("roleRef", "/roleRef"),
+        _ => return None,
+    };
+    let (Some(before), Some(after)) = (old.pointer(path), new.pointer(path)) else {
+        return None;
+    };
+    (before != after).then(|| {
+        Reply::invalid(
+            res,
+            name,
+            format!("{field}: Invalid value: field is immutable"),
+        )
+    })
 }

@@ -12,10 +12,15 @@
 //!   registers `Ready` = `"False"` ("cni plugin not initialized") and turns
 //!   `"True"` only once [`KubeApi::set_node_ready_delay`] has passed *and* a
 //!   pod network runs on it: a DaemonSet that installs a CNI configuration
-//!   (a hostPath volume at `/etc/cni/net.d`) whose Pods the node would
+//!   (a hostPath volume at `/etc/cni/net.d`) from the host's network (a Pod
+//!   on the pod network needs the CNI first), whose Pods the node would
 //!   admit (node selector, required node affinity, tolerations of the
-//!   node's taints), whose service account and ConfigMaps exist, and, for
+//!   node's taints, `not-ready:NoSchedule` included, with only the
+//!   tolerations the DaemonSet controller adds itself), whose service
+//!   account and ConfigMaps exist, and, for
 //!   flannel (`net-conf.json`), whose `Network` holds the node's pod CIDR;
+//! - the *node lifecycle controller*'s taint: `node.kubernetes.io/not-ready:NoSchedule`
+//!   on every NotReady Node, gone once it is Ready;
 //! - the *node IPAM controller* (`--allocate-node-cidrs`, which kubeadm turns
 //!   on with `networking.podSubnet`): each Node gets a `/24` of the
 //!   `kubeadm-config` podSubnet as `spec.podCIDR`;

@@ -27,12 +27,7 @@ const FLANNEL_DS: &str = "/apis/apps/v1/namespaces/kube-flannel/daemonsets/kube-
 const FLANNEL_CONFIG: &str = "/api/v1/namespaces/kube-flannel/configmaps/kube-flannel-cfg";
 
 fn vars() -> Variables {
-    Variables {
-        cluster_name: "addons".into(),
-        region: "us-east-1".into(),
-        pod_subnet: "10.244.0.0/16".into(),
-        cluster_autoscaler_role_arn: Some("arn:aws:iam::123456789012:role/ca".into()),
-    }
+    kubeboot_tests::fixtures::addon_variables()
 }
 
 fn repo_addon(name: &str) -> addons::AddOn {
@@ -414,4 +409,108 @@ async fn the_leader_applies_the_add_ons_init_could_not() {
         "{}",
         tail(&log)
     );
+}
+
+/// The double's kubelets refuse what real ones refuse: a CNI DaemonSet off
+/// the host network never starts (its sandbox needs the CNI), one that does
+/// not tolerate a NotReady node's `not-ready:NoSchedule` taint is never
+/// scheduled there, and flannel without a pod CIDR on the node fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_network_the_kubelet_could_not_run_leaves_the_node_not_ready() {
+    let api = KubeApi::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let kube = client(&api, dir.path()).await;
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "w1", "labels": {"kubernetes.io/os": "linux"}},
+        "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady",
+            "message": kubeboot_tests::kubeapi::NETWORK_NOT_READY}]}});
+    let created = http_request(
+        &api.url(),
+        "POST",
+        "/api/v1/nodes",
+        &[("content-type", "application/json")],
+        node.to_string().as_bytes(),
+    )
+    .await
+    .expect("create node");
+    assert_eq!(created.status, 201);
+    let taints = api.object("/api/v1/nodes/w1").expect("node")["spec"]["taints"].clone();
+    assert_eq!(
+        taints,
+        json!([{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}])
+    );
+
+    let flannel = repo_addon("flannel");
+    let variant = |edit: &dyn Fn(&mut Value)| {
+        let mut a = flannel.clone();
+        for o in a.objects.iter_mut().filter(|o| o.kind.kind == "DaemonSet") {
+            edit(&mut o.body);
+        }
+        a
+    };
+    // No pod CIDR yet (no kubeadm-config): flannel cannot run.
+    addons::apply(&kube, std::slice::from_ref(&flannel), 1)
+        .await
+        .expect("apply");
+    assert!(!ready(&api, "w1"));
+    assert!(
+        api.network_report("w1").contains("no pod CIDR"),
+        "{}",
+        api.network_report("w1")
+    );
+    let config = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "kubeadm-config", "namespace": "kube-system"},
+        "data": {"ClusterConfiguration": json!({"networking": {"podSubnet": "10.244.0.0/16"}}).to_string()}});
+    let made = http_request(
+        &api.url(),
+        "POST",
+        "/api/v1/namespaces/kube-system/configmaps",
+        &[("content-type", "application/json")],
+        config.to_string().as_bytes(),
+    )
+    .await
+    .expect("kubeadm-config");
+    assert_eq!(made.status, 201);
+
+    let off_host = variant(&|ds| {
+        ds["spec"]["template"]["spec"]["hostNetwork"] = json!(false);
+    });
+    addons::apply(&kube, &[off_host], 1).await.expect("apply");
+    assert!(!ready(&api, "w1"));
+    assert!(
+        api.network_report("w1").contains("not on the host network"),
+        "{}",
+        api.network_report("w1")
+    );
+
+    let intolerant = variant(&|ds| {
+        ds["spec"]["template"]["spec"]["tolerations"] = json!([]);
+    });
+    addons::apply(&kube, &[intolerant], 1).await.expect("apply");
+    assert!(!ready(&api, "w1"));
+    assert!(
+        api.network_report("w1")
+            .contains("node.kubernetes.io/not-ready:NoSchedule"),
+        "{}",
+        api.network_report("w1")
+    );
+
+    // A DaemonSet's selector is immutable, as the API server has it.
+    let reselected = variant(&|ds| {
+        ds["spec"]["selector"]["matchLabels"]["extra"] = json!("x");
+        ds["spec"]["template"]["metadata"]["labels"]["extra"] = json!("x");
+    });
+    let err = addons::apply(&kube, &[reselected], 1)
+        .await
+        .expect_err("immutable");
+    assert!(err.to_string().contains("field is immutable"), "{err}");
+
+    addons::apply(&kube, &[flannel], 1).await.expect("apply");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ready(&api, "w1") {
+        assert!(Instant::now() < deadline, "{}", api.network_report("w1"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let node = api.object("/api/v1/nodes/w1").expect("node");
+    assert_eq!(node["spec"]["podCIDR"], "10.244.0.0/24");
+    assert!(node["spec"].get("taints").is_none(), "{node}");
 }

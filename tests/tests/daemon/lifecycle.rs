@@ -13,6 +13,33 @@ use std::time::{Duration, Instant};
 
 const ASG: &str = "kb-control-plane";
 
+/// The name of node `index`'s Node, found by the providerID that names its
+/// instance.
+fn node_of(sim: &SimCluster, index: usize) -> String {
+    let instance = sim.nodes[index].instance_id();
+    sim.kubeapi
+        .nodes()
+        .into_iter()
+        .find(|n| {
+            n["spec"]["providerID"]
+                .as_str()
+                .is_some_and(|p| p.ends_with(&instance))
+        })
+        .and_then(|n| n["metadata"]["name"].as_str().map(str::to_string))
+        .expect("the Node carries its instance's providerID")
+}
+
+/// The `default` namespace's Pods, through a kube client of the API double
+/// (kube's own retries off, as the agent has them).
+fn default_pods(sim: &SimCluster) -> kube::Api<k8s_openapi::api::core::v1::Pod> {
+    let mut config = kube::Config::new(sim.kubeapi.url().parse().expect("url"));
+    config.default_retry = false;
+    kube::Api::namespaced(
+        kube::Client::try_from(config).expect("kube client"),
+        "default",
+    )
+}
+
 /// Three bootstrapped control planes and the terminations machinery, its
 /// leader daemon on node 0 draining for up to 30 s.
 async fn three_control_planes() -> (SimCluster, Lifecycle) {
@@ -168,22 +195,8 @@ async fn a_worker_is_drained_past_what_a_disruption_budget_allows_until_the_dead
     let sim = SimCluster::start(1, 1).await;
     assert_ok(&sim.bootstrap(&[0, 1]).await);
     let worker = &sim.nodes[1];
-    let node_name = sim
-        .kubeapi
-        .nodes()
-        .into_iter()
-        .find(|n| {
-            n["spec"]["providerID"]
-                .as_str()
-                .is_some_and(|p| p.ends_with(&worker.instance_id()))
-        })
-        .and_then(|n| n["metadata"]["name"].as_str().map(str::to_string))
-        .expect("the worker's Node carries its providerID");
-
-    let mut config = kube::Config::new(sim.kubeapi.url().parse().expect("url"));
-    config.default_retry = false;
-    let client = kube::Client::try_from(config).expect("kube client");
-    let pods: kube::Api<Pod> = kube::Api::namespaced(client, "default");
+    let node_name = node_of(&sim, 1);
+    let pods = default_pods(&sim);
     let pod = |name: &str, extra: serde_json::Value| -> Pod {
         let mut v = serde_json::json!({
             "metadata": {"name": name, "namespace": "default"},
@@ -794,21 +807,8 @@ async fn a_worker_scaled_in_by_cluster_autoscaler_is_drained_removed_and_complet
     let sim = SimCluster::start(1, 1).await;
     assert_ok(&sim.bootstrap(&[0, 1]).await);
     let worker = &sim.nodes[1];
-    let node_name = sim
-        .kubeapi
-        .nodes()
-        .into_iter()
-        .find(|n| {
-            n["spec"]["providerID"]
-                .as_str()
-                .is_some_and(|p| p.ends_with(&worker.instance_id()))
-        })
-        .and_then(|n| n["metadata"]["name"].as_str().map(str::to_string))
-        .expect("the worker's Node");
-    let mut config = kube::Config::new(sim.kubeapi.url().parse().expect("url"));
-    config.default_retry = false;
-    let pods: kube::Api<Pod> =
-        kube::Api::namespaced(kube::Client::try_from(config).expect("client"), "default");
+    let node_name = node_of(&sim, 1);
+    let pods = default_pods(&sim);
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "web", "namespace": "default"},
         "spec": {"nodeName": node_name, "containers": [{"name": "c", "image": "busybox"}]},
@@ -818,6 +818,16 @@ async fn a_worker_scaled_in_by_cluster_autoscaler_is_drained_removed_and_complet
         .await
         .expect("create pod");
 
+    // What cluster-autoscaler does before it calls AWS (its scale-down
+    // actuator): taint the node ToBeDeletedByClusterAutoscaler and cordon
+    // it; kubeboot's drain must take a node already cordoned.
+    sim.kubeapi
+        .patch_object(
+            &format!("/api/v1/nodes/{node_name}"),
+            &serde_json::json!({"spec": {"unschedulable": true, "taints": [
+                {"key": "ToBeDeletedByClusterAutoscaler", "value": "1733270400", "effect": "NoSchedule"}]}}),
+        )
+        .expect("taint and cordon");
     let lifecycle = Lifecycle::start(&sim, "30s").await;
     let token = lifecycle
         .scale_in(&sim, "kb-workers", &worker.instance_id())

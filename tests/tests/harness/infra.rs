@@ -2527,12 +2527,7 @@ fn the_cluster_autoscaler_role_trusts_only_its_service_account_and_scales_only_w
 fn the_pod_networks_vxlan_port_is_open_between_all_nodes() {
     let path = workspace_root().join("addons/flannel.yaml");
     let text = std::fs::read_to_string(&path).expect("flannel.yaml");
-    let vars = kubeboot::addons::Variables {
-        cluster_name: "c".into(),
-        region: "us-east-1".into(),
-        pod_subnet: "10.244.0.0/16".into(),
-        cluster_autoscaler_role_arn: None,
-    };
+    let vars = kubeboot_tests::fixtures::addon_variables();
     let addon = kubeboot::addons::parse("flannel", &path, &text, &vars).expect("flannel");
     let config = addon
         .objects

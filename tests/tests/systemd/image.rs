@@ -1019,12 +1019,7 @@ fn the_image_pre_pulls_every_add_on_image() {
         .lines()
         .map(str::to_string)
         .collect();
-    let vars = kubeboot::addons::Variables {
-        cluster_name: "c".into(),
-        region: "us-east-1".into(),
-        pod_subnet: "10.244.0.0/16".into(),
-        cluster_autoscaler_role_arn: Some("arn:aws:iam::123456789012:role/ca".into()),
-    };
+    let vars = kubeboot_tests::fixtures::addon_variables();
     let mut expected = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(workspace_root().join("addons")).expect("addons/") {
         let path = entry.expect("entry").path();

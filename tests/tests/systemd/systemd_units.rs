@@ -212,14 +212,15 @@ fn the_units_are_ordered_and_bounded_for_what_bootstrap_runs() {
         outer > longest,
         "TimeoutStartSec={start} is within the agent's own worst case ({longest:?})"
     );
-    // A worker's longest path: the lock it may wait for, its join, then
-    // the wait for its Node, which with only the pod network missing lasts
-    // up to timeouts.pod_network.
+    // A worker's longest path: instance metadata, the wait for join
+    // material, its join, then the wait for its Node: up to
+    // timeouts.pod_network while only the network is missing, then
+    // timeouts.node_ready for anything else.
     let worker = default("imds.deadline")
-        + default("etcd.promote_timeout")
-        + default("lock.acquire_timeout")
+        + default("timeouts.join_material")
         + default("timeouts.kubeadm_join")
-        + default("timeouts.node_ready").max(default("timeouts.pod_network"))
+        + default("timeouts.pod_network")
+        + default("timeouts.node_ready")
         + default("aws.operation_timeout") * 15;
     assert!(
         outer > worker,

@@ -97,7 +97,7 @@ pub(crate) async fn noop_join(args: &[String]) -> R<()> {
         )
     })?;
     println!(
-        "[kbtest] no-op join ({NOOP_ENV}=1): wrote {}, registered node {node:?} Ready; no discovery, no etcd",
+        "[kbtest] no-op join ({NOOP_ENV}=1): wrote {}, registered node {node:?} (NotReady until a pod network runs); no discovery, no etcd",
         kubelet_conf.display()
     );
     Ok(())
