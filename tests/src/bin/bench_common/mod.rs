@@ -254,6 +254,10 @@ pub async fn initialized_cluster(workers: usize) -> SimCluster {
             .join("\n")
     );
     warm_up_moto(&sim).await;
+    // The init applied flannel; the simulated kubelets then report a
+    // worker's Node Ready at once: their start-up delay is the
+    // simulation's, not the agent's, and would swamp the worker path.
+    sim.kubeapi.set_node_ready_delay(Duration::ZERO);
     sim
 }
 
