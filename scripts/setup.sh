@@ -54,6 +54,18 @@ install_apt() {
   fi
 }
 
+install_kubectl() {
+  # The add-on manifests go through kubectl's client-side dry run. Any
+  # kubectl on PATH does (this machine kind has one); else Debian's
+  # kubernetes-client (1.20), whose /usr/bin/kubectl another package may own.
+  if command -v kubectl >/dev/null 2>&1; then
+    log "kubectl present: $(command -v kubectl)"
+    return
+  fi
+  log "installing kubernetes-client (kubectl)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client
+}
+
 python_bin() {
   # Prefer the interpreter on PATH (pyenv on the dev machines), else Debian's.
   command -v python3
@@ -76,6 +88,7 @@ make_venv() { # name, pip requirement...
 }
 
 install_apt
+install_kubectl
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 make_venv moto "moto[server]==$MOTO_VERSION"
 make_venv lint "cfn-lint==$CFN_LINT_VERSION" "checkov==$CHECKOV_VERSION"

@@ -96,17 +96,24 @@ pub(super) fn respond(
             "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}],
         })),
-        Route::ResourceList => Reply::ok(json!({
-            "kind": "APIResourceList",
-            "groupVersion": "v1",
-            "resources": RESOURCES.iter().map(|r| json!({
-                "name": r.plural,
-                "singularName": r.kind.to_ascii_lowercase(),
-                "namespaced": r.namespaced,
-                "kind": r.kind,
-                "verbs": ["create", "delete", "get", "list", "patch", "update"],
-            })).collect::<Vec<_>>(),
-        })),
+        Route::ResourceList => resource_list("", "v1"),
+        Route::GroupResources { group, version } => resource_list(&group, &version),
+        Route::Groups => {
+            let mut groups: Vec<(&str, &str)> = RESOURCES
+                .iter()
+                .filter(|r| !r.group.is_empty())
+                .map(|r| (r.group, r.version))
+                .collect();
+            groups.dedup();
+            Reply::ok(json!({
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": groups.iter().map(|(g, v)| {
+                    let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+                    json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+                }).collect::<Vec<_>>(),
+            }))
+        }
         Route::Collection { res, ns } => match *method {
             Method::GET => list(s, res, &ns, query),
             Method::POST if res.namespaced && ns.is_empty() => Reply::method_not_allowed(method),
@@ -946,4 +953,25 @@ fn immutable_changed(res: &Resource, name: &str, old: &Value, new: &Value) -> Op
             format!("{field}: Invalid value: field is immutable"),
         )
     })
+}
+
+/// A group version's `APIResourceList` (legacy discovery).
+fn resource_list(group: &str, version: &str) -> Reply {
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Reply::ok(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": RESOURCES.iter().filter(|r| r.group == group && r.version == version).map(|r| json!({
+            "name": r.plural,
+            "singularName": r.kind.to_ascii_lowercase(),
+            "namespaced": r.namespaced,
+            "kind": r.kind,
+            "verbs": ["create", "delete", "get", "list", "patch", "update"],
+        })).collect::<Vec<_>>(),
+    }))
 }

@@ -9,6 +9,13 @@ pub(super) enum Route {
     Health,
     ApiVersions,
     ResourceList,
+    /// `/apis`: the group list (legacy discovery, as kubectl reads it).
+    Groups,
+    /// `/apis/<group>/<version>`: that group version's resources.
+    GroupResources {
+        group: String,
+        version: String,
+    },
     /// `ns` empty: cluster-scoped, or namespaced across all namespaces.
     Collection {
         res: &'static Resource,
@@ -50,7 +57,22 @@ pub(super) fn route(path: &str) -> Result<Route, Reply> {
         "/readyz" | "/livez" | "/healthz" => return Ok(Route::Health),
         "/api" => return Ok(Route::ApiVersions),
         "/api/v1" => return Ok(Route::ResourceList),
+        "/apis" => return Ok(Route::Groups),
         _ => {}
+    }
+    if let Some(gv) = path.strip_prefix("/apis/") {
+        if let Some((group, version)) = gv.split_once('/').filter(|(_, v)| !v.contains('/')) {
+            if RESOURCES
+                .iter()
+                .any(|r| r.group == group && r.version == version)
+            {
+                return Ok(Route::GroupResources {
+                    group: group.to_string(),
+                    version: version.to_string(),
+                });
+            }
+            return Err(not_found_path());
+        }
     }
     let (group, version, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
         ("", "v1", rest)

@@ -93,6 +93,14 @@ fn paths_route_to_collections_objects_and_subresources() {
     );
     assert!(route("/apis/apps/v1/clusterroles").is_err());
     assert!(route("/apis/batch/v1/jobs").is_err());
+    assert!(matches!(route("/apis"), Ok(Route::Groups)));
+    assert!(
+        matches!(route("/apis/apps/v1"), Ok(Route::GroupResources { group, version }) if group == "apps" && version == "v1")
+    );
+    assert!(
+        route("/apis/batch/v1").is_err(),
+        "no group the double does not serve"
+    );
 }
 
 #[test]

@@ -514,3 +514,53 @@ async fn a_pod_network_the_kubelet_could_not_run_leaves_the_node_not_ready() {
     assert_eq!(node["spec"]["podCIDR"], "10.244.0.0/24");
     assert!(node["spec"].get("taints").is_none(), "{node}");
 }
+
+/// kubectl, the real client, takes the repository's manifests as they are:
+/// a client-side dry run against the API double (which serves the legacy
+/// discovery kubectl maps kinds to resources with) reports every object
+/// "created (dry run)". The OpenAPI schema check is kubeboot's own, offline
+/// (`addons::parse`): the double serves no OpenAPI document, so kubectl's
+/// validation is off here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_takes_the_manifests_in_a_client_dry_run() {
+    let api = KubeApi::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    client(&api, dir.path()).await;
+    let kubeconfig = dir.path().join("admin.conf");
+    for name in ["flannel", "cluster-autoscaler"] {
+        let manifest = workspace_root().join("addons").join(format!("{name}.yaml"));
+        let out = tokio::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["apply", "--dry-run=client", "--validate=false", "-f"])
+            .arg(&manifest)
+            .env("HOME", dir.path())
+            .output()
+            .await
+            .expect("kubectl (scripts/setup.sh installs it)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let addon = repo_addon(name);
+        for object in &addon.objects {
+            let resource = format!("{}/{}", object.kind.kind.to_ascii_lowercase(), object.name);
+            let line = stdout
+                .lines()
+                .find(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with(&resource.to_ascii_lowercase())
+                        || l.contains(&format!("/{} ", object.name))
+                })
+                .unwrap_or_else(|| panic!("{name}: kubectl did not take {resource}:\n{stdout}"));
+            assert!(line.contains("dry run"), "{line}");
+        }
+        assert_eq!(stdout.lines().count(), addon.objects.len(), "{stdout}");
+    }
+    assert!(
+        api.request_log().iter().all(|r| r.method == "GET"),
+        "a client dry run writes nothing"
+    );
+}
