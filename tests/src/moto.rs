@@ -67,9 +67,12 @@ impl Moto {
                 if !process.is_running() {
                     break;
                 }
+                // Ours, not another test's moto that drew the same port
+                // (then ours fails to bind, exits, and is started again).
                 if http_request(&endpoint, "GET", "/moto-api/", &[], b"")
                     .await
                     .is_ok()
+                    && crate::process::listens_on(process.pid(), port)
                 {
                     return Self {
                         process,

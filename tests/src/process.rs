@@ -265,3 +265,50 @@ pub fn log_tail(path: &Path, n: usize) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
+
+/// Whether process `pid` itself holds a listening TCP socket on
+/// 127.0.0.1:`port` (its `/proc/<pid>/fd` socket inodes against
+/// `/proc/net/tcp`'s LISTEN rows). A server that answers on a port is not
+/// necessarily the one a test started: when two tests draw the same free
+/// port, the second server fails to bind and exits while the first one
+/// answers for it, until its own test ends.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: std::collections::BTreeSet<String> = fds
+        .filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().to_string();
+            t.strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string)
+        })
+        .collect();
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // local_address is "0100007F:PORT" (hex), st 0A is LISTEN, inode is field 9.
+    let want = format!(":{port:04X}");
+    table.lines().skip(1).any(|row| {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        f.len() > 9 && f[1].ends_with(&want) && f[3] == "0A" && inodes.contains(f[9])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listens_on;
+
+    #[test]
+    fn a_listener_is_found_on_its_own_process_only() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert!(listens_on(std::process::id(), port));
+        // Not another process's, not another port.
+        assert!(!listens_on(1, port) || std::process::id() == 1);
+        drop(listener);
+        assert!(!listens_on(std::process::id(), port));
+    }
+}
