@@ -30,8 +30,9 @@ pub const FIELD_MANAGER: &str = "kubeboot";
 pub const GENERATION_ANNOTATION: &str = "kubeboot.io/generation";
 /// How often the leader re-applies unchanged add-ons (drift repair).
 pub const REAPPLY: Duration = Duration::from_secs(600);
-/// The most a leader's add-on turn may take, so a slow API server cannot
-/// hold back the lifecycle queue behind it (hooks time out in 15 minutes).
+/// The most one application of the add-ons may take: a slow API server
+/// must not hold back the init's end or the leader's lifecycle queue (hooks
+/// time out in 15 minutes).
 pub const TURN_BOUND: Duration = Duration::from_secs(120);
 /// Largest manifest read (flannel's is 5 KiB).
 const MAX_MANIFEST: u64 = 1024 * 1024;
@@ -234,15 +235,7 @@ fn read(path: &Path) -> Result<String, Error> {
     let bytes =
         crate::config::input::read_file(path, MAX_MANIFEST).map_err(|e| Error::Manifest {
             path: path.to_path_buf(),
-            reason: match e {
-                crate::config::input::ReadError::Io(io) => io.to_string(),
-                crate::config::input::ReadError::NotRegular(kind) => {
-                    format!("not a regular file but {kind}")
-                }
-                crate::config::input::ReadError::TooLarge { limit } => {
-                    format!("larger than {limit} bytes")
-                }
-            },
+            reason: e.to_string(),
         })?;
     String::from_utf8(bytes).map_err(|_| Error::Manifest {
         path: path.to_path_buf(),
@@ -519,8 +512,22 @@ pub async fn apply_from_config(
     if addons.is_empty() {
         return Ok(Applied::default());
     }
-    let api = admin_client(cfg).await?;
-    apply(&api, &addons, generation).await
+    apply_bounded(cfg, &addons, generation).await
+}
+
+/// [`apply`] through `admin.conf`, the whole of it within [`TURN_BOUND`].
+pub async fn apply_bounded(
+    cfg: &Config,
+    addons: &[AddOn],
+    generation: u64,
+) -> Result<Applied, Error> {
+    let run = async {
+        let api = admin_client(cfg).await?;
+        apply(&api, addons, generation).await
+    };
+    tokio::time::timeout(TURN_BOUND, run)
+        .await
+        .unwrap_or(Err(Error::Timeout(TURN_BOUND)))
 }
 
 /// A client with the control plane's `admin.conf`.

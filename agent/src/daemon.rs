@@ -388,11 +388,18 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             Ok(addons) if addons.is_empty() => return,
             Ok(addons) => addons,
             Err(e) => {
-                crate::catalogue::report!(
-                    error,
-                    e,
-                    "the cluster add-ons cannot be loaded; retried next turn"
-                );
+                if self
+                    .addons
+                    .lock()
+                    .await
+                    .failure_is_new(&format!("{}: {e}", e.code()))
+                {
+                    crate::catalogue::report!(
+                        error,
+                        e,
+                        "the cluster add-ons cannot be loaded; retried every turn (reported again when the failure changes)"
+                    );
+                }
                 return;
             }
         };
@@ -412,11 +419,7 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
         if !memo.due(&digest, generation) {
             return;
         }
-        let outcome = match crate::addons::admin_client(cfg).await {
-            Ok(api) => crate::addons::apply(&api, &addons, generation).await,
-            Err(e) => Err(e),
-        };
-        match outcome {
+        match crate::addons::apply_bounded(cfg, &addons, generation).await {
             Ok(applied) => {
                 memo.record(digest, generation);
                 tracing::info!(
@@ -425,11 +428,16 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     "cluster add-ons applied"
                 );
             }
-            Err(e) => crate::catalogue::report!(
-                error,
-                e,
-                "cannot apply the cluster add-ons; retried next turn"
-            ),
+            Err(e) if memo.failure_is_new(&format!("{}: {e}", e.code())) => {
+                crate::catalogue::report!(
+                    error,
+                    e,
+                    "cannot apply the cluster add-ons; retried every turn (reported again when the failure changes)"
+                )
+            }
+            Err(e) => {
+                tracing::debug!(code = e.code(), error = %e, "the cluster add-ons still fail")
+            }
         }
     }
 
@@ -533,9 +541,6 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 ),
             }
         }
-        self.addons_turn()
-            .instrument(telemetry::phase("addons"))
-            .await;
         if let Some(queue) = &self.queue {
             if let Err(e) = crate::lifecycle::drain_queue(
                 self.lifecycle_parts(),
@@ -555,5 +560,9 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 );
             }
         }
+        // After the queue: a slow API server must not hold terminations back.
+        self.addons_turn()
+            .instrument(telemetry::phase("addons"))
+            .await;
     }
 }

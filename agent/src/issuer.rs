@@ -86,17 +86,7 @@ impl Publisher {
         let pem = crate::config::input::read_file(&self.key_file, MAX_KEY_FILE).map_err(|e| {
             Error::ReadKey {
                 path: self.key_file.clone(),
-                source: match e {
-                    crate::config::input::ReadError::Io(io) => io,
-                    crate::config::input::ReadError::NotRegular(kind) => std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("not a regular file but {kind}"),
-                    ),
-                    crate::config::input::ReadError::TooLarge { limit } => std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("larger than {limit} bytes"),
-                    ),
-                },
+                source: e.into_io(),
             }
         })?;
         let pem = String::from_utf8_lossy(&pem);

@@ -26,6 +26,31 @@ pub enum ReadError {
     Io(std::io::Error),
 }
 
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::NotRegular(kind) => write!(f, "not a regular file but {kind}"),
+            ReadError::TooLarge { limit } => write!(f, "larger than {limit} bytes"),
+            ReadError::Io(e) => e.fmt(f),
+        }
+    }
+}
+
+impl ReadError {
+    /// As an I/O error, for callers whose errors carry one.
+    pub fn into_io(self) -> std::io::Error {
+        match self {
+            ReadError::Io(e) => e,
+            ReadError::NotRegular(_) => {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, self.to_string())
+            }
+            ReadError::TooLarge { .. } => {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, self.to_string())
+            }
+        }
+    }
+}
+
 /// Reads a whole regular file of at most `limit` bytes. A FIFO or device is
 /// refused by its metadata before it is opened, and the handle is opened
 /// non-blocking and checked again (a path swapped in between cannot block).

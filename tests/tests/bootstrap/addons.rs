@@ -564,3 +564,28 @@ async fn kubectl_takes_the_manifests_in_a_client_dry_run() {
         "a client dry run writes nothing"
     );
 }
+
+/// A leader whose add-ons fail the same way every turn says so once at
+/// error level, not every turn (a one-second period here).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_reports_an_unchanged_add_on_failure_once() {
+    let sim = SimCluster::start(1, 0).await;
+    assert_ok(&sim.bootstrap(&[0]).await);
+    let mut daemon = sim
+        .daemon_command(&sim.nodes[0])
+        .env("KUBEBOOT_ADDONS_DIRECTORY", "/nonexistent/addons")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("daemon");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (_, log) = sigterm_and_wait(&mut daemon).await;
+    let turns = log_lines(&log)
+        .iter()
+        .filter(|l| l["message"] == "leader turn" || l["phase"] == "addons")
+        .count();
+    let reported: Vec<_> = log_lines(&log)
+        .into_iter()
+        .filter(|l| l["code"] == "KB-ADDON-001" && l["level"] == "ERROR")
+        .collect();
+    assert_eq!(reported.len(), 1, "turns seen: {turns}\n{}", tail(&log));
+}
