@@ -19,6 +19,13 @@ use crate::{systemd, telemetry};
 use std::time::Duration;
 use tracing::Instrument;
 
+/// A leader's turn: all of its tasks, or only lifecycle messages a long
+/// poll received between two whole turns.
+enum Turn {
+    Whole,
+    Lifecycle(Vec<crate::aws::sqs::Received>),
+}
+
 /// How long a stopped daemon lets the leader's current turn finish, so that
 /// locks taken inside it are released rather than left to expire. Within
 /// the unit's TimeoutStopSec (60 s) with the rest of the shutdown.
@@ -237,10 +244,22 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                 fence = guard.fence().map(|f| f.value).unwrap_or_default(),
                 "leading: this node runs the cluster-wide tasks"
             );
+            // What the next turn is: the whole turn, or only the lifecycle
+            // messages that arrived while waiting for it (then the whole
+            // turn stays due when it was).
+            let mut next = Turn::Whole;
+            let mut due = tokio::time::Instant::now();
             loop {
                 systemd::beat(LEADER_LOOP, allowance(&self.ctx.cfg));
+                let this = std::mem::replace(&mut next, Turn::Whole);
+                let whole = matches!(this, Turn::Whole);
                 let stopping = {
-                    let turn = self.leader_turn(&guard);
+                    let turn = async {
+                        match this {
+                            Turn::Whole => self.leader_turn(&guard).await,
+                            Turn::Lifecycle(first) => self.lifecycle_turn(first).await,
+                        }
+                    };
                     tokio::pin!(turn);
                     tokio::select! {
                         _ = &mut turn => false,
@@ -268,8 +287,15 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
                     tracing::warn!("lost the leader lock; competing again");
                     break;
                 }
+                if whole {
+                    due = tokio::time::Instant::now() + self.delay();
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(self.delay()) => {}
+                    arrived = self.between_turns(due) => {
+                        if !arrived.is_empty() {
+                            next = Turn::Lifecycle(arrived);
+                        }
+                    }
                     _ = guard.lost() => {
                         self.set_leading(false);
                         tracing::warn!("lost the leader lock; competing again");
@@ -542,27 +568,53 @@ impl<L: LockStore, R: RegistryStore> Daemon<L, R> {
             }
         }
         if let Some(queue) = &self.queue {
-            if let Err(e) = crate::lifecycle::drain_queue(
-                self.lifecycle_parts(),
-                queue,
-                crate::lifecycle::Ec2 {
-                    instances: &self.instances,
-                    leader: &self.ctx.identity.instance_id,
-                },
-            )
-            .instrument(telemetry::phase("lifecycle"))
-            .await
-            {
-                crate::catalogue::report!(
-                    error,
-                    e,
-                    "lifecycle queue turn failed; retried next turn"
-                );
-            }
+            self.drain(queue, Vec::new()).await;
         }
         // After the queue: a slow API server must not hold terminations back.
         self.addons_turn()
             .instrument(telemetry::phase("addons"))
             .await;
+    }
+
+    /// A turn for lifecycle messages that arrived between whole turns.
+    async fn lifecycle_turn(&self, first: Vec<crate::aws::sqs::Received>) {
+        if let Some(queue) = &self.queue {
+            tracing::info!(
+                messages = first.len(),
+                "lifecycle messages arrived between turns; handling them now"
+            );
+            self.drain(queue, first).await;
+        }
+    }
+
+    async fn drain(&self, queue: &crate::aws::sqs::Queue, first: Vec<crate::aws::sqs::Received>) {
+        if let Err(e) = crate::lifecycle::drain_queue(
+            self.lifecycle_parts(),
+            queue,
+            crate::lifecycle::Ec2 {
+                instances: &self.instances,
+                leader: &self.ctx.identity.instance_id,
+            },
+            first,
+        )
+        .instrument(telemetry::phase("lifecycle"))
+        .await
+        {
+            crate::catalogue::report!(error, e, "lifecycle queue turn failed; retried next turn");
+        }
+    }
+
+    /// Until the next whole turn is `due`, or until lifecycle messages
+    /// arrive (returned): the leader long-polls its queue meanwhile, so a
+    /// termination is handled seconds after its event, as the Lambda this
+    /// replaces was, rather than up to a period later.
+    async fn between_turns(&self, due: tokio::time::Instant) -> Vec<crate::aws::sqs::Received> {
+        match &self.queue {
+            Some(queue) => crate::lifecycle::wait_for_messages(queue, &self.ctx.cfg, due).await,
+            None => {
+                tokio::time::sleep_until(due).await;
+                Vec::new()
+            }
+        }
     }
 }

@@ -56,13 +56,26 @@ impl Queue {
         visibility: Duration,
         max: usize,
     ) -> Result<Vec<Received>, Error> {
+        self.receive_waiting(visibility, max, Duration::ZERO).await
+    }
+
+    /// [`Queue::receive_up_to`], but a long poll: when the queue is empty,
+    /// SQS holds the request up to `wait` (whole seconds, at most 20) and
+    /// answers as soon as a message arrives. `wait` must stay below the
+    /// SDK's attempt timeout.
+    pub async fn receive_waiting(
+        &self,
+        visibility: Duration,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Received>, Error> {
         let out = self
             .client
             .receive_message()
             .queue_url(&self.url)
             .max_number_of_messages(max.clamp(1, 10) as i32)
             .visibility_timeout(visibility.as_secs().clamp(1, 43_200) as i32)
-            .wait_time_seconds(0)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
             .message_system_attribute_names(
                 aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp,
             )

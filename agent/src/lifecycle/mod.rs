@@ -27,7 +27,9 @@ pub use message::{
     deferral, notice_deadline, parse_message, vet, Event, Verdict, MAX_HOOK_HEARTBEAT_TIMEOUT,
 };
 pub use own::{own_termination_due, OwnTermination};
-pub use queue::{drain_queue, Ec2, MESSAGES_PER_TURN, RECEIVES_PER_BATCH};
+pub use queue::{
+    drain_queue, long_poll_wait, wait_for_messages, Ec2, MESSAGES_PER_TURN, RECEIVES_PER_BATCH,
+};
 
 use crate::aws::autoscaling::{self, Action, Completion, Hooks};
 use crate::aws::ec2;

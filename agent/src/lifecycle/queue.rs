@@ -33,23 +33,26 @@ pub struct Ec2<'a> {
 }
 
 /// Receives until the queue answers empty (at most [`RECEIVES_PER_BATCH`]
-/// receives and `room` messages), deleting what is no termination. A
+/// receives and `room` messages), deleting what is no termination, after
+/// sorting `first` (messages a long poll already received) the same way. A
 /// receive that fails after the first is logged and ends the taking: what
 /// was taken is handled.
 async fn take(
     queue: &Queue,
     visibility: Duration,
     room: usize,
+    first: Vec<Received>,
 ) -> Result<Vec<(Received, Action)>, Error> {
     let mut batch = Vec::new();
-    let mut taken = 0;
+    let mut taken = first.len();
+    sort_in(queue, first, &mut batch).await?;
     for attempt in 0..RECEIVES_PER_BATCH {
         if taken >= room {
             break;
         }
         let messages = match queue.receive_up_to(visibility, room - taken).await {
             Ok(m) => m,
-            Err(e) if attempt == 0 => return Err(e.into()),
+            Err(e) if attempt == 0 && batch.is_empty() => return Err(e.into()),
             Err(e) => {
                 crate::catalogue::report!(
                     warn,
@@ -63,25 +66,88 @@ async fn take(
             break;
         }
         taken += messages.len();
-        for message in messages {
-            match parse_message(&message.body) {
-                Ok(Event::Terminating(action)) => batch.push((message, action)),
-                Ok(Event::Test) => {
-                    tracing::info!("lifecycle hook test notification");
-                    queue.delete(&message.receipt).await?;
-                }
-                Ok(Event::Ignored(transition)) => {
-                    tracing::info!(%transition, "lifecycle message ignored");
-                    queue.delete(&message.receipt).await?;
-                }
-                Err(e) => {
-                    tracing::warn!(code = e.code(), error = %e, "unreadable lifecycle message deleted");
-                    queue.delete(&message.receipt).await?;
-                }
+        sort_in(queue, messages, &mut batch).await?;
+    }
+    Ok(batch)
+}
+
+/// Terminations go into `batch`; test notifications, other transitions and
+/// unreadable messages are deleted.
+async fn sort_in(
+    queue: &Queue,
+    messages: Vec<Received>,
+    batch: &mut Vec<(Received, Action)>,
+) -> Result<(), Error> {
+    for message in messages {
+        match parse_message(&message.body) {
+            Ok(Event::Terminating(action)) => batch.push((message, action)),
+            Ok(Event::Test) => {
+                tracing::info!("lifecycle hook test notification");
+                queue.delete(&message.receipt).await?;
+            }
+            Ok(Event::Ignored(transition)) => {
+                tracing::info!(%transition, "lifecycle message ignored");
+                queue.delete(&message.receipt).await?;
+            }
+            Err(e) => {
+                tracing::warn!(code = e.code(), error = %e, "unreadable lifecycle message deleted");
+                queue.delete(&message.receipt).await?;
             }
         }
     }
-    Ok(batch)
+    Ok(())
+}
+
+/// How long one long poll between leader turns may wait, with `left` until
+/// the next turn: whole seconds, at most SQS's 20, and a second under the
+/// SDK's attempt timeout (a longer wait would be cut off as a timed-out
+/// attempt and retried). Zero when under 2 s are left: then a plain sleep
+/// is as good and keeps short test periods exact.
+pub fn long_poll_wait(left: Duration, attempt_timeout: Duration) -> Duration {
+    let secs = left
+        .as_secs()
+        .min(20)
+        .min(attempt_timeout.as_secs().saturating_sub(1));
+    if secs < 2 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(secs)
+    }
+}
+
+/// Between the leader's turns: waits on the queue (long polls) until a
+/// message arrives, returned at once so a termination is handled within
+/// seconds of its event, not at the next turn; or until `due`, then empty.
+/// A failed receive is reported and the rest of the time slept.
+pub async fn wait_for_messages(
+    queue: &Queue,
+    cfg: &Config,
+    due: tokio::time::Instant,
+) -> Vec<Received> {
+    loop {
+        let left = due.saturating_duration_since(tokio::time::Instant::now());
+        let wait = long_poll_wait(left, cfg.aws.attempt_timeout);
+        if wait.is_zero() {
+            tokio::time::sleep_until(due).await;
+            return Vec::new();
+        }
+        match queue
+            .receive_waiting(cfg.daemon.lifecycle_heartbeat, 10, wait)
+            .await
+        {
+            Ok(messages) if messages.is_empty() => continue,
+            Ok(messages) => return messages,
+            Err(e) => {
+                crate::catalogue::report!(
+                    warn,
+                    Error::from(e),
+                    "cannot wait on the lifecycle queue; it is read at the next turn"
+                );
+                tokio::time::sleep_until(due).await;
+                return Vec::new();
+            }
+        }
+    }
 }
 
 /// One pass over the queue: every message waiting is taken first (a
@@ -91,17 +157,21 @@ async fn take(
 /// message deleted once handled; messages that cannot be handled now come
 /// back. While a batch lasts, the queue is read again every heartbeat
 /// period, so a termination arriving meanwhile is heartbeated in time too.
+///
+/// `first` are messages already received (by [`wait_for_messages`]), with
+/// the same visibility: they are handled with the rest.
 pub async fn drain_queue<L: LockStore, R: RegistryStore>(
     parts: Parts<'_, L, R>,
     queue: &Queue,
     ec2: Ec2<'_>,
+    first: Vec<Received>,
 ) -> Result<Vec<Report>, Error> {
     let cfg = parts.cfg;
     // Short visibility, extended while a message is handled: if this leader
     // dies or stops leading, the next one sees the message again within one
     // heartbeat period.
     let visibility = cfg.daemon.lifecycle_heartbeat;
-    let batch = take(queue, visibility, MESSAGES_PER_TURN).await?;
+    let batch = take(queue, visibility, MESSAGES_PER_TURN, first).await?;
     if batch.is_empty() {
         return Ok(Vec::new());
     }
@@ -132,7 +202,7 @@ pub async fn drain_queue<L: LockStore, R: RegistryStore>(
             },
             _ = tokio::time::sleep_until(next_receive), if taken < MESSAGES_PER_TURN => {
                 next_receive = tokio::time::Instant::now() + visibility;
-                match take(queue, visibility, MESSAGES_PER_TURN - taken).await {
+                match take(queue, visibility, MESSAGES_PER_TURN - taken, Vec::new()).await {
                     Ok(more) if more.is_empty() => {}
                     Ok(more) => {
                         tracing::info!(messages = more.len(), "more terminations arrived during the batch");
@@ -306,5 +376,36 @@ async fn handle_unplaced<L: LockStore, R: RegistryStore>(
             crate::catalogue::report!(error, e, instance_id = %action.instance_id, "cleanup after a gone instance failed; the message comes back");
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::long_poll_wait;
+    use std::time::Duration;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn a_long_poll_waits_whole_seconds_within_sqs_and_the_attempt_timeout() {
+        // The default attempt timeout (10 s) bounds a 30 s period's wait.
+        assert_eq!(long_poll_wait(S(30), S(10)), S(9));
+        // SQS answers at most 20 s later.
+        assert_eq!(long_poll_wait(S(300), S(60)), S(20));
+        // Never past the next turn; fractions are dropped.
+        assert_eq!(long_poll_wait(Duration::from_millis(4_900), S(10)), S(4));
+    }
+
+    #[test]
+    fn under_two_seconds_left_or_a_short_attempt_timeout_means_a_plain_sleep() {
+        assert_eq!(
+            long_poll_wait(Duration::from_millis(1_999), S(10)),
+            Duration::ZERO
+        );
+        assert_eq!(long_poll_wait(S(30), S(2)), Duration::ZERO);
+        assert_eq!(
+            long_poll_wait(S(30), Duration::from_millis(500)),
+            Duration::ZERO
+        );
     }
 }

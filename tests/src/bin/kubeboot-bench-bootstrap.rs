@@ -23,40 +23,25 @@
 //! kubeboot-bench-bootstrap [--runs N] [--init-runs N] [--worker-runs N] [--out FILE] [--logs DIR]
 //! ```
 
+// Shared by the drivers; this one uses a part of it.
+#[allow(dead_code)]
 mod bench_common;
 
 use aws_sdk_dynamodb::types::AttributeValue;
+use bench_common::runs::{exec_times, start_node_etcd, timed_bootstrap, Proxies, Run};
 use bench_common::{
-    args, command_line, date_line, first_line, initialized_cluster, kept_and_succeeded, machine,
-    moto_version, ms, percentile, publish, shown, spread, timeline, warm_up_moto, Interference,
+    args, command_line, date_line, first_line, initialized_cluster, machine, moto_version, ms,
+    percentile, publish, shown, spread, warm_up_moto, Interference,
 };
 use kubeboot::registry::Phase;
 use kubeboot::table;
-use kubeboot_tests::awsproxy::{AwsProxy, ProxiedRequest};
-use kubeboot_tests::kubeapi::KubeRequest;
-use kubeboot_tests::process::ChildGuard;
-use kubeboot_tests::simcluster::{SimCluster, SimNode};
+use kubeboot_tests::simcluster::SimCluster;
 use kubeboot_tests::standin;
 use kubeboot_tests::workspace::kubeboot_bin;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
-
-/// Every service the agent has an endpoint override for, each behind its own
-/// proxy so any call is counted under its service (config key under
-/// `aws.endpoints`, name in the report); a service not called is not listed.
-const SERVICES: &[(&str, &str)] = &[
-    ("dynamodb", "DynamoDB"),
-    ("secretsmanager", "Secrets Manager"),
-    ("ssm", "SSM"),
-    ("ec2", "EC2"),
-    ("autoscaling", "Auto Scaling"),
-    ("sqs", "SQS"),
-    ("s3", "S3"),
-    ("sts", "STS"),
-];
+use std::time::{Duration, Instant};
 
 /// Round trips timed for the reference figure of one moto call.
 const REFERENCE_CALLS: usize = 50;
@@ -83,188 +68,6 @@ fn options() -> Options {
         worker_runs: a.counts.get("--worker-runs").copied().unwrap_or(runs),
         out: a.out,
         logs: a.logs,
-    }
-}
-
-/// The AWS proxies, one per service, in front of one moto.
-struct Proxies {
-    by_service: Vec<(&'static str, &'static str, AwsProxy)>,
-}
-
-impl Proxies {
-    async fn start(moto_endpoint: &str) -> Self {
-        let mut by_service = Vec::new();
-        for (key, name) in SERVICES {
-            by_service.push((*key, *name, AwsProxy::start(moto_endpoint).await));
-        }
-        Proxies { by_service }
-    }
-
-    /// `KUBEBOOT_AWS_ENDPOINTS_<SERVICE>` overrides pointing the agent at them.
-    fn envs(&self) -> Vec<(String, String)> {
-        self.by_service
-            .iter()
-            .map(|(key, _, p)| {
-                (
-                    format!("KUBEBOOT_AWS_ENDPOINTS_{}", key.to_uppercase()),
-                    p.endpoint(),
-                )
-            })
-            .collect()
-    }
-
-    /// Log lengths now, to slice one run's requests out afterwards.
-    fn marks(&self) -> Vec<usize> {
-        self.by_service
-            .iter()
-            .map(|(_, _, p)| p.log().len())
-            .collect()
-    }
-
-    /// Requests since `marks`, as (service, request).
-    fn since(&self, marks: &[usize]) -> Vec<(&'static str, ProxiedRequest)> {
-        self.by_service
-            .iter()
-            .zip(marks)
-            .flat_map(|((_, name, p), &m)| {
-                p.log()
-                    .into_iter()
-                    .skip(m)
-                    .map(move |r| (*name, r))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-}
-
-/// What one timed `kubeboot bootstrap` run produced.
-struct Run {
-    elapsed: Duration,
-    /// kubeadm's run time as the agent logged it (`kubeadm succeeded`).
-    kubeadm: Option<Duration>,
-    /// Agent log messages and when they were written, since the spawn.
-    timeline: Vec<(String, Duration)>,
-    /// (service, operation) → (calls, answered non-2xx).
-    aws: BTreeMap<(&'static str, String), (usize, usize)>,
-    imds: BTreeMap<String, usize>,
-    kube: BTreeMap<String, usize>,
-}
-
-fn kubeadm_elapsed(stderr: &str) -> Option<Duration> {
-    stderr.lines().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        (v["message"] == "kubeadm succeeded")
-            .then(|| v["elapsed_ms"].as_u64().map(Duration::from_millis))
-            .flatten()
-    })
-}
-
-/// Runs `kubeboot bootstrap` on `node` with the no-op stand-in and AWS
-/// through the proxies; panics (with the agent's log) unless it exits 0.
-async fn timed_bootstrap(
-    sim: &SimCluster,
-    node: &SimNode,
-    proxies: &Proxies,
-    what: &str,
-    logs: Option<&Path>,
-) -> Run {
-    let marks = proxies.marks();
-    let (imds_mark, kube_mark) = (
-        node.imds.request_log().len(),
-        sim.kubeapi.request_log().len(),
-    );
-    let mut cmd = sim.bootstrap_command(node);
-    // The no-op stand-in makes no PKI; the member it "started" is the
-    // bench's own plain-http etcd (`start_node_etcd`).
-    cmd.env("KBTEST_KUBEADM_NOOP", "1")
-        .env("KUBEBOOT_ETCD_SCHEME", "http")
-        .envs(proxies.envs());
-    let spawned = SystemTime::now();
-    let started = Instant::now();
-    let out = cmd.output().await.expect("kubeboot runs");
-    let elapsed = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    kept_and_succeeded(&out, logs, &what.replace(' ', "-"), what, elapsed);
-    let mut aws: BTreeMap<(&'static str, String), (usize, usize)> = BTreeMap::new();
-    for (service, r) in proxies.since(&marks) {
-        let e = aws.entry((service, r.operation.clone())).or_default();
-        e.0 += 1;
-        if !r.status.is_some_and(|s| (200..300).contains(&s)) {
-            e.1 += 1;
-        }
-    }
-    let mut imds = BTreeMap::new();
-    for r in node.imds.request_log().into_iter().skip(imds_mark) {
-        *imds.entry(format!("{} {}", r.method, r.path)).or_default() += 1;
-    }
-    let hostname = node.imds.identity().local_hostname();
-    let mut kube = BTreeMap::new();
-    for r in sim.kubeapi.request_log().into_iter().skip(kube_mark) {
-        let KubeRequest { method, path, .. } = r;
-        *kube
-            .entry(format!("{method} {}", path.replace(&hostname, "<node>")))
-            .or_default() += 1;
-    }
-    Run {
-        elapsed,
-        kubeadm: kubeadm_elapsed(&stderr),
-        timeline: timeline(&stderr, spawned),
-        aws,
-        imds,
-        kube,
-    }
-}
-
-/// A one-member etcd at the node's IP, standard ports, named like the node:
-/// the member the agent confirms after a (no-op) `kubeadm init`.
-async fn start_node_etcd(node: &SimNode) -> ChildGuard {
-    let ip = node.ip();
-    let name = node.imds.identity().local_hostname();
-    let dir = node.dir.join("bench-etcd");
-    std::fs::create_dir_all(&dir).expect("etcd dir");
-    let bin = std::env::var_os("KBTEST_ETCD_BIN").unwrap_or_else(|| "etcd".into());
-    let mut cmd = Command::new(bin);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ETCD") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.arg(format!("--name={name}"))
-        .arg(format!("--data-dir={}", dir.join("data").display()))
-        .arg(format!("--listen-client-urls=http://{ip}:2379"))
-        .arg(format!("--advertise-client-urls=http://{ip}:2379"))
-        .arg(format!("--listen-peer-urls=http://{ip}:2380"))
-        .arg(format!("--initial-advertise-peer-urls=http://{ip}:2380"))
-        .arg(format!("--initial-cluster={name}=http://{ip}:2380"))
-        .arg("--initial-cluster-state=new")
-        .arg(format!(
-            "--initial-cluster-token=kbbench-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-    let mut guard = ChildGuard::spawn("etcd", cmd, dir.join("etcd.log"))
-        .expect("start etcd")
-        .with_grace(Duration::from_millis(300));
-    let url = format!("http://{ip}:2379");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(
-            guard.is_running(),
-            "etcd at {ip} exited:\n{}",
-            guard.log_tail(20)
-        );
-        if let Ok(mut c) = kubeboot_tests::etcd::connect(std::slice::from_ref(&url)).await {
-            let ready = c.status().await.is_ok_and(|s| s.leader() != 0)
-                && c.get("kbbench-health", None).await.is_ok();
-            if ready {
-                return guard;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "etcd at {ip} not ready within 30s:\n{}",
-            guard.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -337,28 +140,6 @@ async fn worker_runs(n: usize, logs: Option<&Path>) -> (Vec<Run>, Vec<Duration>)
         reference.push(t.elapsed());
     }
     (runs, reference)
-}
-
-/// Wall time of `program args` from spawn to exit, `n` times: what exec and
-/// start-up of a debug binary cost before it does anything.
-async fn exec_baseline(program: &Path, args: &[&str], n: usize) -> Vec<Duration> {
-    let mut times = Vec::new();
-    for _ in 0..n {
-        let t = Instant::now();
-        let out = tokio::process::Command::new(program)
-            .args(args)
-            .output()
-            .await
-            .expect("baseline command runs");
-        times.push(t.elapsed());
-        assert!(
-            out.status.success(),
-            "{} {args:?} failed: {}",
-            program.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    times
 }
 
 /// Mean, min and max of a per-run count.
@@ -519,8 +300,8 @@ async fn main() {
     );
     let (init, warm_ups) = init_runs(opts.init_runs, opts.logs.as_deref()).await;
     let (worker, reference) = worker_runs(opts.worker_runs, opts.logs.as_deref()).await;
-    let agent_exec = exec_baseline(&agent, &["--version"], REFERENCE_CALLS).await;
-    let kubeadm_exec = exec_baseline(&kubeadm, &["version", "-o", "short"], REFERENCE_CALLS).await;
+    let agent_exec = exec_times(&agent, &["--version"], REFERENCE_CALLS).await;
+    let kubeadm_exec = exec_times(&kubeadm, &["version", "-o", "short"], REFERENCE_CALLS).await;
 
     let mut out = String::new();
     let _ = writeln!(out, "# Bootstrap benchmark\n");

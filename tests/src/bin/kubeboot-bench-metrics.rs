@@ -28,6 +28,8 @@
 //! kubeboot-bench-metrics [--runs N] [--out FILE] [--logs DIR]
 //! ```
 
+// Shared by the drivers; this one uses a part of it.
+#[allow(dead_code)]
 mod bench_common;
 
 use bench_common::{
@@ -316,7 +318,7 @@ async fn timed_bootstrap(bench: &Bench<'_>, node: &SimNode, mode: Mode, round: u
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     sim.record_output(&stderr);
     let name = format!("{}-{:03}", mode.name(), round + 1);
-    kept_and_succeeded(&out, logs, &name, &what, exit);
+    kept_and_succeeded(out.status, &out.stderr, logs, &name, &what, exit);
     let ready = ready.unwrap_or_else(|| {
         panic!(
             "{what}: no READY=1 on the notify socket; last log lines:\n{}",

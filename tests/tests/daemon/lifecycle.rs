@@ -99,6 +99,40 @@ async fn a_terminating_control_plane_leaves_etcd_and_its_action_is_completed_onc
     assert_eq!(sum(&docs, "LifecycleActionsFailed"), 0.0);
 }
 
+/// Between its turns the leader long-polls the queue: a termination is
+/// handled when its event arrives, not at the next turn (here 10 minutes
+/// away), as the Lambda this replaces ran on the event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_termination_is_handled_on_arrival_while_the_next_turn_is_minutes_away() {
+    let sim = SimCluster::start(3, 0).await;
+    assert_ok(&sim.bootstrap(&[0, 1, 2]).await);
+    let wiring = kubeboot_tests::termination::Wiring {
+        env: vec![
+            ("KUBEBOOT_DAEMON_PERIOD", "10m".into()),
+            ("KUBEBOOT_DAEMON_JITTER", "0s".into()),
+        ],
+        ..Default::default()
+    };
+    let lifecycle = Lifecycle::start_with(&sim, "30s", wiring).await;
+    wait_leader(&sim, 0).await;
+    // The first whole turn ran when it started leading; the next is 10
+    // minutes off. Give the first turn time to end (the wait starts then).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    host_dies(&sim, 2);
+    let token = lifecycle.terminate(ASG, &sim.nodes[2].instance_id()).await;
+    lifecycle
+        .wait_completed(&token, Duration::from_secs(90))
+        .await;
+    assert_removed_once(&sim, &lifecycle, 2, &[0, 1]).await;
+    let stderr = lifecycle.stop(&sim).await;
+    let arrived = log_lines(&stderr)
+        .into_iter()
+        .filter(|l| l["message"] == "lifecycle messages arrived between turns; handling them now")
+        .count();
+    assert_eq!(arrived, 1, "{}", tail(&stderr));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_notice_for_a_control_plane_in_service_is_refused_and_nothing_is_removed() {
     let sim = SimCluster::start(3, 0).await;

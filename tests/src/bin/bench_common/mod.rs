@@ -5,6 +5,8 @@
 //! driver; Cargo builds no binary from a directory without `main.rs`): the
 //! tests do not time things, so nothing here belongs in the harness.
 
+pub mod runs;
+
 use kubeboot_tests::simcluster::SimCluster;
 use kubeboot_tests::workspace::workspace_root;
 use std::collections::BTreeMap;
@@ -59,7 +61,8 @@ pub fn args(usage: &str, counts: &[&'static str]) -> Args {
 /// Keeps a run's agent log as `<logs>/<name>.log` when `logs` is given,
 /// then checks the run succeeded (its last log lines otherwise).
 pub fn kept_and_succeeded(
-    out: &std::process::Output,
+    status: std::process::ExitStatus,
+    stderr: &[u8],
     logs: Option<&Path>,
     name: &str,
     what: &str,
@@ -67,13 +70,13 @@ pub fn kept_and_succeeded(
 ) {
     if let Some(dir) = logs {
         std::fs::create_dir_all(dir).expect("logs directory");
-        std::fs::write(dir.join(format!("{name}.log")), &out.stderr).expect("write agent log");
+        std::fs::write(dir.join(format!("{name}.log")), stderr).expect("write agent log");
     }
     assert!(
-        out.status.success(),
+        status.success(),
         "{what}: kubeboot bootstrap exited {:?} after {took:?}; last log lines:\n{}",
-        out.status.code(),
-        tail(&String::from_utf8_lossy(&out.stderr), 30)
+        status.code(),
+        tail(&String::from_utf8_lossy(stderr), 30)
     );
 }
 
