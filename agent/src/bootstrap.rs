@@ -996,17 +996,16 @@ impl<L: LockStore, R: RegistryStore> Bootstrap<L, R> {
     /// never used: a refresh request is recorded for the leader and the
     /// answer is [`Error::StaleMaterial`], which callers wait out.
     async fn usable_material(&self, with_certs: bool) -> Result<JoinMaterial, Error> {
-        let state = self.ctx.registry.state().await?;
+        // Both reads at once: one round trip, not two (each is a consistent
+        // read of its own item either way; the pointer is what is used).
+        let (state, pointer) =
+            tokio::try_join!(self.ctx.registry.state(), self.ctx.registry.join_pointer())?;
         if state.phase != Phase::Initialized {
             return Err(Error::NotReady("the cluster is not initialized yet".into()));
         }
         note_generation(&state);
-        let pointer = self
-            .ctx
-            .registry
-            .join_pointer()
-            .await?
-            .ok_or_else(|| Error::NotReady("no join material has been published".into()))?;
+        let pointer =
+            pointer.ok_or_else(|| Error::NotReady("no join material has been published".into()))?;
         // A worker never reads the certificate key (its role cannot).
         let material = if with_certs {
             self.ctx.join.read(&pointer).await?

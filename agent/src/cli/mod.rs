@@ -34,8 +34,41 @@ use std::process::ExitCode;
 /// when they shared one file, so log queries and filters keep matching.
 const LOG_TARGET: &str = "kubeboot::cli";
 
+/// The system's CA bundle where the AMI's distributions keep it (Debian and
+/// Ubuntu; Amazon Linux, RHEL and Fedora).
+const CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
+/// Names the system's CA bundle in `SSL_CERT_FILE` unless the environment
+/// already chose (`SSL_CERT_FILE` or `SSL_CERT_DIR`). The TLS clients of
+/// the AWS SDK load the system's roots with rustls-native-certs, which,
+/// told nothing, reads the bundle *and* every file of `/etc/ssl/certs`:
+/// on Debian the same ~140 roots three times over, ~400 files, on every
+/// start (bench/REPORT.md measured it). Told the bundle, it reads one
+/// file; the roots are the same. Runs before any thread exists.
+fn prefer_ca_bundle() {
+    let chosen = |k| std::env::var_os(k).is_some();
+    if let Some(bundle) = ca_bundle(chosen("SSL_CERT_FILE") || chosen("SSL_CERT_DIR"), |p| {
+        std::path::Path::new(p).is_file()
+    }) {
+        std::env::set_var("SSL_CERT_FILE", bundle);
+    }
+}
+
+/// The bundle to name: none when the environment chose already, else the
+/// first of [`CA_BUNDLES`] that exists.
+fn ca_bundle(chosen: bool, exists: impl Fn(&str) -> bool) -> Option<&'static str> {
+    if chosen {
+        return None;
+    }
+    CA_BUNDLES.iter().copied().find(|p| exists(p))
+}
+
 /// Parses the process arguments, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
+    prefer_ca_bundle();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -194,4 +227,25 @@ fn print(s: &str) -> Result<(), Error> {
         .write_all(s.as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(Error::Output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ca_bundle;
+
+    #[test]
+    fn the_system_bundle_is_named_unless_the_environment_chose() {
+        assert_eq!(
+            ca_bundle(false, |_| true),
+            Some("/etc/ssl/certs/ca-certificates.crt")
+        );
+        assert_eq!(
+            ca_bundle(false, |p| p.starts_with("/etc/pki")),
+            Some("/etc/pki/tls/certs/ca-bundle.crt")
+        );
+        // SSL_CERT_FILE or SSL_CERT_DIR set: the operator's choice stands.
+        assert_eq!(ca_bundle(true, |_| true), None);
+        // No bundle: rustls-native-certs probes as before.
+        assert_eq!(ca_bundle(false, |_| false), None);
+    }
 }

@@ -163,13 +163,21 @@ impl JoinStore {
         guard.fence()?;
         material.validate()?;
         let seq = previous.map_or(0, |p| p.seq) + 1;
-        let version = self
-            .put_secret(Which::Token, &encode_wire(material)?, seq)
-            .await?;
-        let key_version = match (encode_key_wire(material)?, keep_key_version) {
-            (None, _) => None,
-            (Some(_), Some(kept)) => Some(kept),
-            (Some(body), None) => Some(self.put_secret(Which::Key, &body, seq).await?),
+        let token_body = encode_wire(material)?;
+        // The two secrets are independent: written at once when both change.
+        let (version, key_version) = match (encode_key_wire(material)?, keep_key_version) {
+            (None, _) => (self.put_secret(Which::Token, &token_body, seq).await?, None),
+            (Some(_), Some(kept)) => (
+                self.put_secret(Which::Token, &token_body, seq).await?,
+                Some(kept),
+            ),
+            (Some(body), None) => {
+                let (version, key) = tokio::try_join!(
+                    self.put_secret(Which::Token, &token_body, seq),
+                    self.put_secret(Which::Key, &body, seq)
+                )?;
+                (version, Some(key))
+            }
         };
         tracing::info!(secret = %self.secret_name, version = %version, key_version = key_version.as_deref(), "join material stored; not current until the pointer is published");
         Ok(material.pointer(version, key_version, seq, now))
@@ -309,9 +317,12 @@ impl JoinStore {
     async fn put_discovery(&self, pointer: &JoinPointer) -> Result<(), Error> {
         // Forget first: a write that fails half-way must be done again.
         self.set_written_seq(None);
-        self.put_parameter(SSM_ENDPOINT, &pointer.endpoint).await?;
-        self.put_parameter(SSM_CA_CERT_HASHES, &pointer.ca_cert_hashes.join(","))
-            .await?;
+        // Two parameters, two writes at once.
+        let hashes = pointer.ca_cert_hashes.join(",");
+        tokio::try_join!(
+            self.put_parameter(SSM_ENDPOINT, &pointer.endpoint),
+            self.put_parameter(SSM_CA_CERT_HASHES, &hashes)
+        )?;
         self.set_written_seq(Some(pointer.seq));
         Ok(())
     }
@@ -332,18 +343,22 @@ impl JoinStore {
     /// The material `pointer` names with its certificate key, for control
     /// planes (the only role that may read the key secret).
     pub async fn read(&self, pointer: &JoinPointer) -> Result<JoinMaterial, Error> {
-        let mut material = self.read_token(pointer).await?;
-        if let Some(key_version) = &pointer.key_version {
-            let body = self.get_secret(Which::Key, key_version).await?;
-            let (key, expires_at) =
-                decode_key_wire(body.expose()).map_err(|source| Error::Malformed {
-                    secret: self.key_secret_name.clone(),
-                    version: key_version.clone(),
-                    source,
-                })?;
-            material.certificate_key = Some(key);
-            material.certs_expire_at = Some(expires_at);
-        }
+        let Some(key_version) = &pointer.key_version else {
+            return self.read_token(pointer).await;
+        };
+        // Both secrets at once.
+        let (mut material, body) = tokio::try_join!(
+            self.read_token(pointer),
+            self.get_secret(Which::Key, key_version)
+        )?;
+        let (key, expires_at) =
+            decode_key_wire(body.expose()).map_err(|source| Error::Malformed {
+                secret: self.key_secret_name.clone(),
+                version: key_version.clone(),
+                source,
+            })?;
+        material.certificate_key = Some(key);
+        material.certs_expire_at = Some(expires_at);
         Ok(material)
     }
 

@@ -233,7 +233,8 @@ async fn main() {
     let _ = writeln!(r, "- Machine: {}", machine());
     let _ = writeln!(
         r,
-        "- Builds: the agent and this driver are debug builds (as the tests use); etcd {}; `etcdctl` {}; moto_server {} on loopback",
+        "- Agent: `{}`; etcd {}; `etcdctl` {}; moto_server {} on loopback",
+        shown(&kubeboot_tests::workspace::kubeboot_bin()),
         first_line("etcd", &["--version"]).trim_start_matches("etcd Version: "),
         first_line("etcdctl", &["version"]).trim_start_matches("etcdctl version: "),
         moto_version()
@@ -281,4 +282,34 @@ async fn main() {
         parsed.out.as_deref().map_or("stdout only".to_string(), shown)
     );
     publish(&r, parsed.out.as_deref());
+    // The headline for bench/run.sh's summary.
+    if let Some(path) = std::env::var_os("KBBENCH_JSON") {
+        let peak = rows
+            .iter()
+            .map(|row| row.0.peak_kib)
+            .chain([small.peak_kib])
+            .max()
+            .unwrap_or(0);
+        // Best of the rounds: (agent MiB/s, file way MiB/s).
+        let best = |agent: bool| {
+            rows.iter()
+                .map(|(a, size, saved, upload, file_size)| {
+                    if agent {
+                        mib(*size) / a.wall.as_secs_f64()
+                    } else {
+                        mib(*file_size) / (saved.wall + *upload).as_secs_f64()
+                    }
+                })
+                .fold(0.0f64, f64::max)
+        };
+        let json = serde_json::json!({
+            "backup_db_mib": mib(db_size).round(),
+            "backup_peak_rss_kib": peak,
+            "backup_small_db_peak_rss_kib": small.peak_kib,
+            "backup_agent_mib_per_s": (best(true) * 10.0).round() / 10.0,
+            "backup_file_way_mib_per_s": (best(false) * 10.0).round() / 10.0,
+            "backup_etcdctl_peak_rss_kib": rows.iter().map(|row| row.2.peak_kib).max().unwrap_or(0),
+        });
+        std::fs::write(path, json.to_string()).expect("write json");
+    }
 }

@@ -275,6 +275,12 @@ fn timing_row(out: &mut String, path: &str, runs: &[Run]) {
         runs.len(),
         spread(&total)
     );
+    let cpu: Vec<Duration> = runs.iter().map(|r| r.cpu).collect();
+    let _ = writeln!(
+        out,
+        "| | | agent CPU time (user + system, its own process) | {} |",
+        spread(&cpu)
+    );
     if kubeadm.len() == runs.len() {
         let _ = writeln!(
             out,

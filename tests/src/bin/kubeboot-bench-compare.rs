@@ -250,7 +250,7 @@ fn succeeded(done: &Finished, what: &str) {
 
 async fn reference_run(proxies: &Proxies, cmd: Command, scratch: &Path, what: &str) -> RefRun {
     let marks = proxies.marks();
-    let done = run_measured_async(cmd, scratch).await;
+    let done = run_measured_async(cmd, scratch, None).await;
     succeeded(&done, what);
     RefRun {
         elapsed: done.elapsed,
@@ -469,7 +469,7 @@ async fn storm(size: usize, reference: Option<&Reference>) -> Storm {
         };
         let scratch = node.dir.join("bench-output");
         tasks.push(tokio::spawn(async move {
-            let done = run_measured_async(cmd, &scratch).await;
+            let done = run_measured_async(cmd, &scratch, None).await;
             (start.elapsed(), done)
         }));
     }
@@ -716,6 +716,12 @@ async fn main() {
         if without.len() == pairs.len() {
             let _ = writeln!(out, "| | | agent − no-op kubeadm | {} |", spread(&without));
         }
+        let cpu: Vec<Duration> = pairs.iter().map(|p| p.agent.cpu).collect();
+        let _ = writeln!(
+            out,
+            "| | | agent CPU time (user + system, its own process) | {} |",
+            spread(&cpu)
+        );
         let _ = writeln!(out, "| | | reference | {} |", spread(&r));
         let (cells, p50) = ratio_cells(pairs);
         let _ = writeln!(
@@ -772,7 +778,7 @@ async fn main() {
     }
     let _ = writeln!(
         out,
-        "\n| who | nodes | failures | completion p50 | p90 | p99 | last | AWS calls per node | throttled requests | peak RSS per process, max | spawning all took |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "\n| who | nodes | failures | completion p50 | p90 | p99 | last | AWS calls per node | throttled requests | peak RSS per process with its no-op kubeadm (`wait4`), max | spawning all took |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for s in &storms {
         let pick = |p: f64| {
@@ -830,8 +836,8 @@ async fn main() {
     let _ = writeln!(out, "## Footprint\n");
     let mut version_sorted = version.clone();
     version_sorted.sort();
-    let rss_init: Vec<u64> = init.iter().map(|p| p.agent.peak_rss_kib).collect();
-    let rss_worker: Vec<u64> = worker.iter().map(|p| p.agent.peak_rss_kib).collect();
+    let rss_init: Vec<u64> = init.iter().map(|p| p.agent.own_peak_rss_kib).collect();
+    let rss_worker: Vec<u64> = worker.iter().map(|p| p.agent.own_peak_rss_kib).collect();
     let max_of = |v: &[u64]| v.iter().max().copied().unwrap_or(0);
     let idle_rss_max = idle.rss_kib.last().copied().unwrap_or(0);
     let _ = writeln!(out, "| figure | value |\n|---|---|");
@@ -847,7 +853,7 @@ async fn main() {
     );
     let _ = writeln!(
         out,
-        "| bootstrap peak RSS (`wait4` ru_maxrss), init path, max of {} | {} |",
+        "| bootstrap peak RSS (the agent's own `VmHWM`, sampled every 5 ms), init path, max of {} | {} |",
         rss_init.len(),
         mib(max_of(&rss_init))
     );

@@ -109,8 +109,14 @@ pub struct Finished {
     pub stderr: Vec<u8>,
     /// Spawn to reaped.
     pub elapsed: Duration,
-    /// `ru_maxrss` from `wait4`: the process's own peak resident set, KiB.
+    /// `ru_maxrss` from `wait4`, KiB: the largest peak resident set of the
+    /// process and of its children it reaped.
     pub peak_rss_kib: u64,
+    /// The process's own `VmHWM` (KiB), when sampled; else 0.
+    pub own_peak_rss_kib: u64,
+    /// User + system CPU time of the process itself (`wait4`), less
+    /// sensitive than wall time to what else the machine runs.
+    pub cpu: Duration,
 }
 
 impl Finished {
@@ -122,7 +128,10 @@ impl Finished {
 /// Runs `cmd` to its end with stdout and stderr in files under `scratch`,
 /// reaping it with `wait4` for its exact peak RSS (no sampling). Blocking:
 /// call from `spawn_blocking` in async code.
-pub fn run_measured(mut cmd: Command, scratch: &Path) -> Finished {
+///
+/// With `sample_every`, the process's own `VmHWM` is also sampled that often
+/// (a thread reading `/proc`: too costly for hundreds at once).
+pub fn run_measured(mut cmd: Command, scratch: &Path, sample_every: Option<Duration>) -> Finished {
     std::fs::create_dir_all(scratch).expect("scratch directory");
     let name = uuid::Uuid::new_v4().simple().to_string();
     let (out_path, err_path) = (
@@ -137,6 +146,22 @@ pub fn run_measured(mut cmd: Command, scratch: &Path) -> Finished {
     let started = Instant::now();
     let child = cmd.spawn().expect("the program starts");
     let pid = child.id() as libc::pid_t;
+    // The process's own high-water mark, sampled until it exits (wait4's
+    // ru_maxrss also counts its children: a stand-in kubeadm).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_every.map(|every| {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(hwm) = high_water(pid as u32) {
+                    peak = peak.max(hwm);
+                }
+                std::thread::sleep(every);
+            }
+            peak
+        })
+    });
     let mut status: libc::c_int = 0;
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -151,6 +176,8 @@ pub fn run_measured(mut cmd: Command, scratch: &Path) -> Finished {
         assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "wait4: {e}");
     }
     let elapsed = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let own_peak_rss_kib = sampler.map_or(0, |s| s.join().unwrap_or(0));
     // Reaped above: the handle must not wait again.
     std::mem::forget(child);
     let finished = Finished {
@@ -159,16 +186,36 @@ pub fn run_measured(mut cmd: Command, scratch: &Path) -> Finished {
         stderr: std::fs::read(&err_path).unwrap_or_default(),
         elapsed,
         peak_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+        own_peak_rss_kib,
+        cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
     };
     let _ = std::fs::remove_file(out_path);
     let _ = std::fs::remove_file(err_path);
     finished
 }
 
+fn timeval(t: libc::timeval) -> Duration {
+    Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+        + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+}
+
+/// `VmHWM` of `pid` in KiB, while it lives.
+fn high_water(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// [`run_measured`] from async code.
-pub async fn run_measured_async(cmd: Command, scratch: &Path) -> Finished {
+pub async fn run_measured_async(
+    cmd: Command,
+    scratch: &Path,
+    sample_every: Option<Duration>,
+) -> Finished {
     let scratch = scratch.to_path_buf();
-    tokio::task::spawn_blocking(move || run_measured(cmd, &scratch))
+    tokio::task::spawn_blocking(move || run_measured(cmd, &scratch, sample_every))
         .await
         .expect("the measured run's thread")
 }
@@ -177,6 +224,8 @@ pub async fn run_measured_async(cmd: Command, scratch: &Path) -> Finished {
 pub struct Run {
     pub elapsed: Duration,
     pub peak_rss_kib: u64,
+    pub own_peak_rss_kib: u64,
+    pub cpu: Duration,
     /// kubeadm's run time as the agent logged it (`kubeadm succeeded`).
     pub kubeadm: Option<Duration>,
     /// Agent log messages and when they were written, since the spawn.
@@ -231,7 +280,12 @@ pub async fn timed_bootstrap(
     );
     let cmd = bootstrap_command(sim, node, proxies);
     let spawned = SystemTime::now();
-    let done = run_measured_async(cmd, &node.dir.join("bench-output")).await;
+    let done = run_measured_async(
+        cmd,
+        &node.dir.join("bench-output"),
+        Some(Duration::from_millis(5)),
+    )
+    .await;
     let stderr = done.stderr_text();
     super::kept_and_succeeded(
         done.status,
@@ -257,6 +311,8 @@ pub async fn timed_bootstrap(
     Run {
         elapsed: done.elapsed,
         peak_rss_kib: done.peak_rss_kib,
+        own_peak_rss_kib: done.own_peak_rss_kib,
+        cpu: done.cpu,
         kubeadm: kubeadm_elapsed(&stderr),
         timeline: super::timeline(&stderr, spawned),
         aws,
