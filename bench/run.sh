@@ -48,7 +48,7 @@ if $quick; then
 else
   trap 'rm -rf "$work"' EXIT
   reports=bench
-  compare=(--init-pairs 10 --worker-pairs 20 --storm 100 --storm 300 --reference-storm 300)
+  compare=(--init-pairs 10 --worker-pairs 20 --storm 100 --storm 300 --reference-storm 100)
   lifecycle=(--runs 5 --failover-runs 3)
   backup=()
 fi

@@ -612,7 +612,9 @@ mod tests {
         for _ in 0..1000 {
             m.record(ETCD_MEMBERS, 3.0, &[]);
         }
-        assert!(started.elapsed() < Duration::from_millis(200));
+        // Waiting on the sink would take a SINK_TIMEOUT per record (over 4
+        // minutes); a loaded machine still records 1000 in well under 10 s.
+        assert!(started.elapsed() < 40 * SINK_TIMEOUT);
         assert!(m.dropped() >= 998, "dropped {}", m.dropped());
     }
 }

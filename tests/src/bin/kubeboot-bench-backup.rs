@@ -26,6 +26,7 @@
 #[allow(dead_code)]
 mod bench_common;
 
+use bench_common::runs::high_water;
 use bench_common::{
     args, command_line, date_line, first_line, machine, moto_version, publish, shown,
 };
@@ -43,15 +44,6 @@ struct Measured {
     peak_kib: u64,
     ok: bool,
     stderr: String,
-}
-
-/// `VmHWM` of `pid` in KiB, while it lives.
-fn high_water(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Runs `cmd` to its end, sampling its peak RSS.

@@ -457,6 +457,13 @@ async fn a_pod_network_the_kubelet_could_not_run_leaves_the_node_not_ready() {
         "{}",
         api.network_report("w1")
     );
+    // The broken variant replaces the good one before the pod CIDR comes:
+    // a good network and a CIDR never meet before the end (once Ready, a
+    // kubelet stays Ready while its running network Pod is replaced).
+    let off_host = variant(&|ds| {
+        ds["spec"]["template"]["spec"]["hostNetwork"] = json!(false);
+    });
+    addons::apply(&kube, &[off_host], 1).await.expect("apply");
     let config = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "kubeadm-config", "namespace": "kube-system"},
         "data": {"ClusterConfiguration": json!({"networking": {"podSubnet": "10.244.0.0/16"}}).to_string()}});
@@ -471,10 +478,6 @@ async fn a_pod_network_the_kubelet_could_not_run_leaves_the_node_not_ready() {
     .expect("kubeadm-config");
     assert_eq!(made.status, 201);
 
-    let off_host = variant(&|ds| {
-        ds["spec"]["template"]["spec"]["hostNetwork"] = json!(false);
-    });
-    addons::apply(&kube, &[off_host], 1).await.expect("apply");
     assert!(!ready(&api, "w1"));
     assert!(
         api.network_report("w1").contains("not on the host network"),

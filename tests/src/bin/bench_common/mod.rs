@@ -245,7 +245,29 @@ pub fn tail(text: &str, n: usize) -> String {
 /// (untimed) by the control plane with the full stand-in, and moto warmed
 /// up: what every timed worker run starts from.
 pub async fn initialized_cluster(workers: usize) -> SimCluster {
+    initialized_cluster_with(workers, &[]).await
+}
+
+/// [`initialized_cluster`] with settings added to every node's
+/// configuration file: `(section, key, TOML value as a string)`.
+pub async fn initialized_cluster_with(
+    workers: usize,
+    settings: &[(&str, &str, &str)],
+) -> SimCluster {
     let sim = SimCluster::start(1, workers).await;
+    for node in &sim.nodes {
+        let mut text = std::fs::read_to_string(&node.config).expect("node config");
+        for (section, key, value) in settings {
+            let header = format!("[{section}]\n");
+            assert!(
+                text.contains(&header),
+                "no [{section}] in {}",
+                node.config.display()
+            );
+            text = text.replacen(&header, &format!("{header}{key} = \"{value}\"\n"), 1);
+        }
+        std::fs::write(&node.config, text).expect("node config");
+    }
     let setup = sim.bootstrap(&[0]).await;
     assert!(
         setup.iter().all(|r| r.code == Some(0)),

@@ -200,7 +200,7 @@ fn timeval(t: libc::timeval) -> Duration {
 }
 
 /// `VmHWM` of `pid` in KiB, while it lives.
-fn high_water(pid: u32) -> Option<u64> {
+pub fn high_water(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -226,7 +226,8 @@ pub struct Run {
     pub peak_rss_kib: u64,
     pub own_peak_rss_kib: u64,
     pub cpu: Duration,
-    /// kubeadm's run time as the agent logged it (`kubeadm succeeded`).
+    /// kubeadm's run time as the agent logged it (`kubeadm succeeded`),
+    /// summed over its runs (`kubeadm version`, then `init` or `join`).
     pub kubeadm: Option<Duration>,
     /// Agent log messages and when they were written, since the spawn.
     pub timeline: Vec<(String, Duration)>,
@@ -236,12 +237,16 @@ pub struct Run {
 }
 
 pub fn kubeadm_elapsed(stderr: &str) -> Option<Duration> {
-    stderr.lines().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        (v["message"] == "kubeadm succeeded")
-            .then(|| v["elapsed_ms"].as_u64().map(Duration::from_millis))
-            .flatten()
-    })
+    let runs: Vec<Duration> = stderr
+        .lines()
+        .filter_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["message"] == "kubeadm succeeded")
+                .then(|| v["elapsed_ms"].as_u64().map(Duration::from_millis))
+                .flatten()
+        })
+        .collect();
+    (!runs.is_empty()).then(|| runs.iter().sum())
 }
 
 /// `kubeboot bootstrap` on `node` as the benchmarks run it: the no-op
