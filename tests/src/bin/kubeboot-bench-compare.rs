@@ -193,42 +193,34 @@ impl Reference {
         cmd
     }
 
+    /// The arguments both scripts take, `--out` a directory of the node's.
+    fn common_args(sim: &SimCluster, cluster: &str, node: &SimNode, out: &str) -> Vec<String> {
+        vec![
+            "--table".into(),
+            sim.table.clone(),
+            "--cluster".into(),
+            cluster.into(),
+            "--instance-id".into(),
+            node.instance_id(),
+            "--out".into(),
+            node.dir.join(out).display().to_string(),
+        ]
+    }
+
     fn init(&self, sim: &SimCluster, proxies: &Proxies, cluster: &str, node: &SimNode) -> Command {
-        self.command(
-            "init.sh",
-            proxies,
-            &[
-                "--table".into(),
-                sim.table.clone(),
-                "--cluster".into(),
-                cluster.into(),
-                "--instance-id".into(),
-                node.instance_id(),
-                "--out".into(),
-                node.dir.join("reference-init").display().to_string(),
-                "--pki-dir".into(),
-                self.pki.display().to_string(),
-                "--endpoint".into(),
-                sim.kubeapi.endpoint(),
-            ],
-        )
+        let mut args = Self::common_args(sim, cluster, node, "reference-init");
+        args.extend([
+            "--pki-dir".into(),
+            self.pki.display().to_string(),
+            "--endpoint".into(),
+            sim.kubeapi.endpoint(),
+        ]);
+        self.command("init.sh", proxies, &args)
     }
 
     fn join(&self, sim: &SimCluster, proxies: &Proxies, cluster: &str, node: &SimNode) -> Command {
-        self.command(
-            "worker-join.sh",
-            proxies,
-            &[
-                "--table".into(),
-                sim.table.clone(),
-                "--cluster".into(),
-                cluster.into(),
-                "--instance-id".into(),
-                node.instance_id(),
-                "--out".into(),
-                node.dir.join("reference-join").display().to_string(),
-            ],
-        )
+        let args = Self::common_args(sim, cluster, node, "reference-join");
+        self.command("worker-join.sh", proxies, &args)
     }
 }
 
