@@ -237,7 +237,7 @@ pub struct Run {
 }
 
 pub fn kubeadm_elapsed(stderr: &str) -> Option<Duration> {
-    let runs: Vec<Duration> = stderr
+    stderr
         .lines()
         .filter_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).ok()?;
@@ -245,8 +245,7 @@ pub fn kubeadm_elapsed(stderr: &str) -> Option<Duration> {
                 .then(|| v["elapsed_ms"].as_u64().map(Duration::from_millis))
                 .flatten()
         })
-        .collect();
-    (!runs.is_empty()).then(|| runs.iter().sum())
+        .reduce(|sum, run| sum + run)
 }
 
 /// `kubeboot bootstrap` on `node` as the benchmarks run it: the no-op
